@@ -1,0 +1,1 @@
+"""Actors: devices, models and their worker processes, placement, resilience, state."""

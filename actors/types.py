@@ -1,0 +1,139 @@
+"""Plain values that cross actor, process and transport boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Backend = Literal["gguf", "torch"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class TensorData:
+    """One tensor on the wire: raw little-endian bytes with dtype and shape (never a pickle)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    max_tokens: int = 50
+    temperature: float = 0.7
+    top_p: float = 0.9
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """One inference: exactly one of `prompt`, `messages` or `tensors` is set."""
+
+    model: str
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    tensors: tuple[TensorData, ...] | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InferResult:
+    text: str
+    tokens_generated: int
+    prompt_tokens: int
+    finish_reason: FinishReason
+    latency_ms: float
+    model_version: str
+    tensors: tuple[TensorData, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """A piece of streamed text; the stream ends with one InferResult."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRequest:
+    """Load a model by catalog name, or by path inside the model directories."""
+
+    name: str
+    path: str | None = None
+    backend: Backend | None = None
+    n_ctx: int | None = None
+    gpu_layers: int | None = None
+    pin: bool | None = None
+    quantization: str | None = None
+
+
+DeviceKind = Literal["nvml", "cpu", "simulated"]
+ModelState = Literal["available", "loading", "loaded", "unloading", "failed"]
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One device as the ledger sees it; memory in MiB."""
+
+    name: str
+    kind: DeviceKind
+    total_mb: float
+    used_mb: float  # measured by the probe
+    claimed_mb: float  # sum of the claims of the models placed here
+    free_mb: float  # min(measured free, total - claimed - reserve)
+    utilization_percent: float | None = None
+    temperature_c: float | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.kind == "simulated"
+
+    @property
+    def label(self) -> str:
+        """The name as every listing shows it: simulated devices say so."""
+        return f"{self.name} (simulated)" if self.simulated else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    backend: Backend
+    path: str
+    state: ModelState
+    device: str | None = None
+    estimate_mb: float | None = None
+    memory_mb: float | None = None  # measured after load
+    pinned: bool = False
+    in_flight: int = 0
+    queued: int = 0
+    last_used: float | None = None  # unix seconds
+    breaker: BreakerState = "closed"
+    version: str = ""
+    n_ctx: int | None = None
+    load_seconds: float | None = None
+    error: str | None = None
+
+
+HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentHealth:
+    status: HealthStatus
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    status: HealthStatus
+    components: dict[str, ComponentHealth]

@@ -1,0 +1,1 @@
+"""Cluster: SWIM + Lifeguard membership, fenced primary election, routing."""

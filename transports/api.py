@@ -1,0 +1,51 @@
+"""The node as the transports see it.
+
+Transports depend on this Protocol, never on `moc_node`; the Node facade implements it and is
+handed in at wiring time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from actors.types import (
+    DeviceInfo,
+    HealthReport,
+    InferRequest,
+    InferResult,
+    LoadRequest,
+    ModelInfo,
+    TokenChunk,
+)
+
+
+class NodeAPI(Protocol):
+    """Everything a client can ask of one node. Errors are `actors.errors.MocError` subclasses."""
+
+    async def load(self, req: LoadRequest) -> ModelInfo:
+        """Load a model (catalog name or allowed path); raise ModelAlreadyLoaded if loaded."""
+
+    async def unload(self, name: str) -> ModelInfo:
+        """Unload a loaded model; raise ModelNotLoaded if it is not."""
+
+    def models(self) -> list[ModelInfo]:
+        """List the catalog and loaded models with their state."""
+
+    def devices(self) -> list[DeviceInfo]:
+        """List the devices with the ledger's view of their memory."""
+
+    async def infer(self, req: InferRequest) -> InferResult:
+        """Run one request to the end; loads a cold catalog model first."""
+
+    def infer_stream(self, req: InferRequest) -> AsyncIterator[TokenChunk | InferResult]:
+        """Yield text pieces then one InferResult; closing the iterator cancels generation."""
+
+    def health(self) -> HealthReport:
+        """Report per-component health."""
+
+    def is_ready(self) -> bool:
+        """True once models are restored (and, with a cluster, the cluster is joined)."""
+
+    def status(self) -> dict[str, Any]:
+        """Describe the node (name, version, uptime, devices, models) as JSON-ready data."""
