@@ -1,0 +1,255 @@
+"""Cluster configuration: one frozen dataclass, the `[cluster]` TOML section.
+
+Defaults follow hashicorp/memberlist's `DefaultLANConfig` (see
+`shared/reference/gossip-anchors.md`); `local()` is the fast preset for tests on one host, built
+with `dataclasses.replace` as memberlist builds `DefaultLocalConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Every knob of membership, gossip and election, with LAN defaults."""
+
+    # --- identity and addresses -----------------------------------------------------------
+    name: str = ""
+    """Node id, unique in the cluster. Empty: the node uses its hostname. Ids are compared as
+    strings to pick the election candidate, so a stable, sortable name is best."""
+    bind: str = "0.0.0.0:7946"
+    """host:port of the gossip UDP socket (and the TCP push-pull listener on the same port).
+    7946 is memberlist's and Serf's port."""
+    advertise: str = ""
+    """host:port peers should use to reach this node. Empty: `bind`, which must then name a
+    concrete address (not 0.0.0.0)."""
+    peer_port: int = 7213
+    """TCP port of the peer RPC (ZMQ ROUTER) used to forward requests; gossiped in metadata."""
+    seeds: tuple[str, ...] = ()
+    """host:port of nodes to join at start. Any one live seed is enough: push-pull gives the
+    full view. Empty: start a new cluster."""
+    key_file: str = ""
+    """File of cluster keys, one per line (hex or base64, >= 16 bytes). The first signs, any
+    verifies (rotation: add the new key second, deploy, move it first, deploy, drop the old).
+    Empty: no key, which only tests may use."""
+    voters: tuple[str, ...] = ()
+    """Names of the nodes that vote in primary elections. Use 3 or 5: two voters cannot keep a
+    majority through a partition (add a witness-only voter). Empty: no primary is ever elected."""
+    witness: bool = False
+    """This node votes but never stands as a primary candidate nor serves models
+    (`moc-node run --witness`): the cheap third voter of a two-host cluster."""
+    profile: str = "lan"
+    """Preset the other fields start from: "lan" (production) or "local" (fast, one host)."""
+
+    # --- failure detection (SWIM) ---------------------------------------------------------
+    probe_interval_s: float = 1.0
+    """Seconds between probes of one random-ordered peer. Shorter: faster detection, more
+    packets (about 2 per member per interval)."""
+    probe_timeout_s: float = 0.5
+    """Seconds to wait for a direct ack before asking `indirect_checks` peers. Should exceed
+    the 99th percentile round trip; must be below `probe_interval_s`."""
+    indirect_checks: int = 3
+    """Peers asked to probe a silent target on our behalf. More: fewer false suspicions from
+    one bad path, more packets per failed probe."""
+    tcp_fallback: bool = True
+    """Also ping a silent target over the reliable (TCP) channel, which survives UDP loss
+    and catches a UDP-only misconfiguration."""
+    suspicion_mult: int = 4
+    """Suspicion timeout = mult * max(1, log10 N) * probe interval (4 s for N <= 10). Lifeguard's
+    confirmations expected = mult - 2. Higher: fewer false deaths, slower detection."""
+    suspicion_max_timeout_mult: int = 6
+    """The suspicion timer starts at this multiple of the minimum and shrinks to the minimum
+    as independent confirmations arrive (Lifeguard)."""
+    awareness_max_multiplier: int = 8
+    """Local health score caps at this - 1; the probe interval is stretched by (score + 1), so
+    a node that is itself slow accuses others less."""
+
+    # --- dissemination --------------------------------------------------------------------
+    gossip_interval_s: float = 0.2
+    """Seconds between gossip rounds that send queued broadcasts. Shorter: faster spread."""
+    gossip_nodes: int = 3
+    """Peers per gossip round (fanout)."""
+    gossip_to_the_dead_s: float = 30.0
+    """Dead or left members keep receiving gossip (so they learn they were declared dead and
+    refute) and stay listed this long before they are reaped."""
+    retransmit_mult: int = 4
+    """A broadcast is sent retransmit_mult * ceil(log10(N + 1)) times (4 for N <= 9)."""
+    push_pull_interval_s: float = 30.0
+    """Seconds between full-state syncs with one random peer over TCP; repairs what gossip
+    lost and heals partitions. Scaled up above 32 members. 0 disables."""
+    packet_bytes: int = 1400
+    """Largest datagram, all piggybacked messages and the HMAC included: under a 1500-byte
+    Ethernet MTU with IP/UDP headers to spare."""
+    max_meta_bytes: int = 512
+    """Largest node metadata (encoded), as memberlist and Serf tags; keeps an alive message
+    and a ping in one packet."""
+    max_stream_bytes: int = 4 * 1024 * 1024
+    """Largest push-pull frame accepted over TCP (the full state of thousands of members)."""
+
+    # --- primary election -----------------------------------------------------------------
+    lease_s: float = 5.0
+    """Lease a majority of voters grants the primary. Longer: slower failover after a crash,
+    fewer elections on a flaky network."""
+    lease_renew_s: float = 1.0
+    """The primary renews its lease this often; several renewals fit in one lease."""
+    lease_margin_s: float = 0.5
+    """The primary stops acting this long before its lease ends, covering clock-rate drift
+    and message delay between voters and primary."""
+    election_retry_s: float = 1.0
+    """A candidate that failed to win waits about this long (randomised) before retrying."""
+
+    def validate(self) -> ClusterConfig:
+        """Check ranges and relations between fields; raise ValueError naming the key."""
+        positive = (
+            "probe_interval_s",
+            "probe_timeout_s",
+            "gossip_interval_s",
+            "gossip_to_the_dead_s",
+            "lease_s",
+            "lease_renew_s",
+            "election_retry_s",
+        )
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise ValueError(f"cluster.{key}: must be > 0")
+        for key in ("suspicion_mult", "suspicion_max_timeout_mult", "awareness_max_multiplier"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"cluster.{key}: must be >= 1")
+        for key in ("indirect_checks", "gossip_nodes", "retransmit_mult"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"cluster.{key}: must be >= 0")
+        if self.push_pull_interval_s < 0:
+            raise ValueError("cluster.push_pull_interval_s: must be >= 0")
+        if self.probe_timeout_s >= self.probe_interval_s:
+            raise ValueError("cluster.probe_timeout_s: must be below probe_interval_s")
+        if self.packet_bytes < 576 or self.packet_bytes > 65000:
+            raise ValueError("cluster.packet_bytes: must be within 576..65000")
+        if not 0 < self.max_meta_bytes <= self.packet_bytes // 2:
+            raise ValueError("cluster.max_meta_bytes: must be within 1..packet_bytes/2")
+        if self.lease_margin_s + self.lease_renew_s >= self.lease_s:
+            raise ValueError("cluster.lease_margin_s: lease_renew_s + margin must be < lease_s")
+        if self.profile not in PROFILES:
+            raise ValueError(f"cluster.profile: must be one of {sorted(PROFILES)}")
+        for key in ("bind", "advertise"):
+            value = getattr(self, key)
+            if value:
+                parse_hostport(value, key)
+        for seed in self.seeds:
+            parse_hostport(seed, "seeds")
+        if not 0 < self.peer_port < 65536:
+            raise ValueError("cluster.peer_port: must be within 1..65535")
+        if len(set(self.voters)) != len(self.voters):
+            raise ValueError("cluster.voters: duplicate names")
+        return self
+
+    def suspicion_min_s(self, n: int) -> float:
+        """Return the minimum suspicion timeout for a cluster of n members."""
+        return suspicion_timeout(self.suspicion_mult, n, self.probe_interval_s)
+
+    def retransmit_limit(self, n: int) -> int:
+        """Return how often one broadcast is sent in a cluster of n members."""
+        return retransmit_limit(self.retransmit_mult, n)
+
+    def push_pull_scaled_s(self, n: int) -> float:
+        """Return the push-pull interval stretched for large clusters (memberlist pushPullScale)."""
+        return push_pull_scale(self.push_pull_interval_s, n)
+
+
+def suspicion_timeout(mult: int, n: int, interval_s: float) -> float:
+    """Return mult * max(1, log10 n) * interval (memberlist suspicionTimeout, ms precision)."""
+    node_scale = max(1.0, math.log10(max(1.0, float(n))))
+    return mult * math.floor(node_scale * 1000) * interval_s / 1000
+
+
+def retransmit_limit(mult: int, n: int) -> int:
+    """Return mult * ceil(log10(n + 1)) (memberlist retransmitLimit)."""
+    return mult * math.ceil(math.log10(n + 1))
+
+
+def push_pull_scale(interval_s: float, n: int) -> float:
+    """Return the interval multiplied by ceil(log2 n - log2 32) + 1 above 32 members."""
+    threshold = 32
+    if n <= threshold:
+        return interval_s
+    mult = math.ceil(math.log2(n) - math.log2(threshold)) + 1
+    return interval_s * mult
+
+
+def parse_hostport(value: str, key: str = "address") -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:7946"); raise ValueError naming the key."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"cluster.{key}: {value!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def lan() -> ClusterConfig:
+    """Return the LAN defaults (memberlist DefaultLANConfig)."""
+    return ClusterConfig()
+
+
+def local() -> ClusterConfig:
+    """Return a fast preset for clusters on one host and tests (20 ms gossip)."""
+    return dataclasses.replace(
+        lan(),
+        profile="local",
+        bind="127.0.0.1:7946",
+        probe_interval_s=0.2,
+        probe_timeout_s=0.1,
+        gossip_interval_s=0.02,
+        gossip_to_the_dead_s=3.0,
+        push_pull_interval_s=0.5,
+        lease_s=1.0,
+        lease_renew_s=0.2,
+        lease_margin_s=0.1,
+        election_retry_s=0.2,
+    )
+
+
+PROFILES = {"lan": lan, "local": local}
+
+_TYPES: dict[str, type] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "tuple[str, ...]": tuple,
+}
+
+
+def from_mapping(d: Mapping[str, Any]) -> ClusterConfig:
+    """Build a validated config from the `[cluster]` TOML table.
+
+    `profile` picks the preset; other keys override it. An unknown key or a value of the wrong
+    type raises ValueError naming the key.
+    """
+    profile = d.get("profile", "lan")
+    if profile not in PROFILES:
+        raise ValueError(f"cluster.profile: must be one of {sorted(PROFILES)}")
+    base = PROFILES[profile]()
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(ClusterConfig)}
+    changes: dict[str, Any] = {}
+    for key, value in d.items():
+        if key not in kinds:
+            raise ValueError(f"cluster.{key}: unknown key")
+        kind = kinds[key]
+        if kind == "tuple[str, ...]":
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"cluster.{key}: must be a list of strings")
+            value = tuple(value)
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"cluster.{key}: must be a number")
+            value = float(value)
+        elif kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"cluster.{key}: must be an integer")
+        elif not isinstance(value, _TYPES[kind]):
+            raise ValueError(f"cluster.{key}: must be {kind}")
+        changes[key] = value
+    return dataclasses.replace(base, **changes).validate()

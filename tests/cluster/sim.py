@@ -1,0 +1,294 @@
+"""A deterministic cluster simulator: N membership machines, a fake clock, a seeded RNG and an
+in-memory network with loss, delay, duplication, partitions, crashes and stalls.
+
+Everything runs in one thread from one event heap (FoundationDB-style), so a seed replays a run
+exactly. By default packets go through the real codec (msgpack + HMAC), so sizes and
+authentication are exercised; `wire=False` skips it for large benchmark runs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.codec import decode_packet, encode_packet
+from cluster.config import ClusterConfig
+from cluster.keyring import Keyring
+from cluster.membership import EventKind, MemberEvent, Membership, Outbound
+from cluster.messages import Address, MemberState, Message
+
+KEY = Keyring((b"simulated-cluster-key-0123456789",))
+
+
+@dataclass
+class SimNode:
+    """One simulated host: its membership machine and what the simulator knows about it."""
+
+    name: str
+    addr: Address
+    membership: Membership
+    up: bool = True
+    scheduled: float = float("inf")
+    stalled_until: float = 0.0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    packets_out: int = 0
+    # Optional extra machine fed the messages membership does not take (the election).
+    extra: Any = None
+
+
+@dataclass(order=True)
+class _Ev:
+    t: float
+    seq: int
+    kind: str = field(compare=False)
+    data: Any = field(compare=False)
+
+
+@dataclass
+class Network:
+    """Fault model: every datagram independently lost / duplicated; streams only partitioned."""
+
+    loss: float = 0.0
+    dup: float = 0.0
+    delay: tuple[float, float] = (0.0005, 0.002)
+    groups: dict[str, int] = field(default_factory=dict)
+    blocked: set[tuple[str, str]] = field(default_factory=set)
+
+    def connected(self, a: str, b: str) -> bool:
+        """Return whether a packet from a can reach b."""
+        if (a, b) in self.blocked:
+            return False
+        return self.groups.get(a, 0) == self.groups.get(b, 0)
+
+
+class Sim:
+    """Drive N membership machines in simulated time."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        seed: int = 0,
+        network: Network | None = None,
+        wire: bool = True,
+    ) -> None:
+        self.config = config
+        self.rng = random.Random(seed)
+        self.net = network or Network()
+        self.wire = wire
+        self.now = 0.0
+        self.nodes: dict[str, SimNode] = {}
+        self.by_addr: dict[Address, str] = {}
+        self.log: list[tuple[float, str, MemberEvent]] = []
+        self.on_event: Callable[[float, str, MemberEvent], None] | None = None
+        self._heap: list[_Ev] = []
+        self._seq = 0
+        self.delivered = 0
+        self.dropped = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def add_node(self, name: str, meta: bytes = b"", join: Iterable[str] = ()) -> SimNode:
+        """Create a node now; it joins through the named seeds."""
+        i = len(self.by_addr) + 1
+        addr: Address = (f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", 7946)
+        m = Membership(self.config, name, addr, random.Random(self.rng.random()), self.now, meta)
+        node = SimNode(name, addr, m)
+        self.nodes[name] = node
+        self.by_addr[addr] = name
+        seeds = [self.nodes[s].addr for s in join]
+        if seeds:
+            self._send(node, m.join(seeds, self.now))
+        self._reschedule(node)
+        return node
+
+    def add_cluster(self, n: int, prefix: str = "n") -> list[str]:
+        """Add n nodes that all join through the first one; return their names."""
+        width = len(str(n))
+        names = [f"{prefix}{i:0{width}d}" for i in range(n)]
+        self.add_node(names[0])
+        for name in names[1:]:
+            self.add_node(name, join=[names[0]])
+        return names
+
+    # ------------------------------------------------------------------ faults
+
+    def crash(self, name: str) -> None:
+        """Stop a node silently (kill -9): no more sends, receives or ticks."""
+        self.nodes[name].up = False
+
+    def restart(self, name: str, join: Iterable[str]) -> SimNode:
+        """Bring a crashed node back as a fresh process (incarnation starts over)."""
+        old = self.nodes[name]
+        m = Membership(
+            self.config, name, old.addr, random.Random(self.rng.random()), self.now, old.membership.meta
+        )
+        node = SimNode(name, old.addr, m)
+        self.nodes[name] = node
+        self._send(node, m.join([self.nodes[s].addr for s in join], self.now))
+        self._reschedule(node)
+        return node
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Split the network: nodes in different groups cannot talk; unlisted nodes form group 0."""
+        self.net.groups = {}
+        for gi, group in enumerate(groups, 1):
+            for name in group:
+                self.net.groups[name] = gi
+
+    def heal(self) -> None:
+        """Remove every partition."""
+        self.net.groups = {}
+        self.net.blocked = set()
+
+    def stall(self, name: str, duration: float) -> None:
+        """Freeze a node's event loop: its packets and timers wait until the stall ends."""
+        self.nodes[name].stalled_until = self.now + duration
+
+    # ------------------------------------------------------------------ running
+
+    def run_for(self, duration: float) -> None:
+        """Advance simulated time by `duration`."""
+        self.run_until(lambda: False, self.now + duration)
+
+    def run_until(self, done: Callable[[], bool], deadline: float, check_every: float = 0.05) -> bool:
+        """Run until `done()` (checked every `check_every` s of simulated time) or `deadline`."""
+        next_check = self.now
+        while self._heap:
+            if self.now >= next_check:
+                if done():
+                    return True
+                next_check = self.now + check_every
+            ev = self._heap[0]
+            if ev.t > deadline:
+                break
+            heapq.heappop(self._heap)
+            self.now = max(self.now, ev.t)
+            self._dispatch(ev)
+        self.now = max(self.now, deadline)
+        return done()
+
+    # ------------------------------------------------------------------ views
+
+    def up_names(self) -> list[str]:
+        """Return the names of running nodes."""
+        return [n for n, node in self.nodes.items() if node.up]
+
+    def view(self, observer: str) -> dict[str, MemberState]:
+        """Return observer's state for every member it knows."""
+        return {m.name: m.state for m in self.nodes[observer].membership.members()}
+
+    def converged(self, names: Iterable[str] | None = None) -> bool:
+        """Return whether every listed (default: running) node sees exactly them alive."""
+        group = set(names) if names is not None else set(self.up_names())
+        for n in group:
+            v = self.view(n)
+            alive = {k for k, s in v.items() if s == MemberState.ALIVE}
+            if alive != group:
+                return False
+        return True
+
+    def sees(self, observer: str, name: str, *states: MemberState) -> bool:
+        """Return whether observer holds `name` in one of `states` (absent counts as reaped)."""
+        m = self.nodes[observer].membership.member(name)
+        return m is not None and m.state in states
+
+    def events(self, kind: EventKind | None = None, about: str | None = None) -> list[tuple[float, str, MemberEvent]]:
+        """Return logged (time, observer, event) filtered by kind and subject."""
+        return [
+            (t, o, e)
+            for t, o, e in self.log
+            if (kind is None or e.kind == kind) and (about is None or e.name == about)
+        ]
+
+    # ------------------------------------------------------------------ internals
+
+    def _push(self, t: float, kind: str, data: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, _Ev(t, self._seq, kind, data))
+
+    def _reschedule(self, node: SimNode) -> None:
+        t = max(node.membership.next_deadline(), self.now)
+        if node.extra is not None:
+            t = min(t, max(node.extra.next_deadline(), self.now))
+        if t < node.scheduled or node.scheduled <= self.now:
+            node.scheduled = t
+            self._push(t, "tick", node)
+
+    def _dispatch(self, ev: _Ev) -> None:
+        if ev.kind == "tick":
+            node: SimNode = ev.data
+            if node is not self.nodes.get(node.name) or not node.up or ev.t != node.scheduled:
+                return
+            if node.stalled_until > self.now:
+                node.scheduled = node.stalled_until
+                self._push(node.stalled_until, "tick", node)
+                return
+            node.scheduled = float("inf")
+            out = node.membership.tick(self.now)
+            if node.extra is not None:
+                out.extend(node.extra.tick(self.now))
+            self._send(node, out)
+            self._collect(node)
+            self._reschedule(node)
+        else:
+            dst_name, src, payload, reliable = ev.data
+            node = self.nodes.get(dst_name)  # type: ignore[assignment]
+            if node is None or not node.up:
+                self.dropped += 1
+                return
+            if node.stalled_until > self.now:
+                self._push(node.stalled_until, "deliver", ev.data)
+                return
+            if self.wire:
+                limit = self.config.max_stream_bytes if reliable else self.config.packet_bytes
+                node.bytes_in += len(payload)
+                msgs: list[Message] = decode_packet(payload, KEY, limit)
+            else:
+                msgs = list(payload)
+            self.delivered += 1
+            out: list[Outbound] = []
+            for msg in msgs:
+                if node.extra is not None and node.extra.accepts(msg):
+                    out.extend(node.extra.handle(msg, src, self.now))
+                else:
+                    out.extend(node.membership.handle(msg, src, self.now, reliable))
+            self._send(node, out)
+            self._collect(node)
+            self._reschedule(node)
+
+    def _collect(self, node: SimNode) -> None:
+        for e in node.membership.events():
+            self.log.append((self.now, node.name, e))
+            if self.on_event is not None:
+                self.on_event(self.now, node.name, e)
+
+    def _send(self, node: SimNode, out: list[Outbound]) -> None:
+        if not node.up:
+            return
+        for ob in out:
+            dst = self.by_addr.get(ob.addr)
+            if self.wire:
+                limit = self.config.max_stream_bytes if ob.reliable else self.config.packet_bytes
+                payload: Any = encode_packet(ob.messages, KEY, limit)
+                node.bytes_out += len(payload)
+            else:
+                payload = ob.messages
+            node.packets_out += 1
+            if dst is None or not self.net.connected(node.name, dst):
+                self.dropped += 1
+                continue
+            copies = 1
+            if not ob.reliable:
+                if self.rng.random() < self.net.loss:
+                    self.dropped += 1
+                    continue
+                if self.net.dup and self.rng.random() < self.net.dup:
+                    copies = 2
+            for _ in range(copies):
+                lo, hi = self.net.delay
+                delay = lo + (hi - lo) * self.rng.random()
+                self._push(self.now + delay, "deliver", (dst, node.addr, payload, ob.reliable))
