@@ -122,6 +122,7 @@ class ModelInfo:
     n_ctx: int | None = None
     load_seconds: float | None = None
     error: str | None = None
+    pid: int | None = None  # the worker process
 
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]

@@ -1,0 +1,182 @@
+"""Configuration of the actors package: devices, models, resilience.
+
+One frozen dataclass per TOML section; `moc_node.config` composes them and checks types. Each
+`__post_init__` checks values and raises `ValueError("key: reason")` naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+DeviceMode = Literal["auto", "cpu", "simulated"]
+
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str | float | int) -> float | None:
+    """Parse an Ollama-style keep-alive ("5m", "30s", "1h", 0, -1) into seconds; None = forever."""
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(text)
+        if match is None:
+            raise ValueError(f"not a duration: {text!r} (use e.g. '5m', '30s', '-1')")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return None if seconds < 0 else seconds
+
+
+def _require(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedDevice:
+    """A device that exists only in config, for placement tests on machines without a GPU."""
+
+    name: str
+    """Device name; every listing shows it as "NAME (simulated)"."""
+    total_mb: int = 24576
+    """Memory of the simulated device in MiB."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name", "must not be empty")
+        _require(self.total_mb > 0, "total_mb", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ResourcesConfig:
+    """[resources]: which devices the node uses and how it budgets their memory."""
+
+    devices: DeviceMode = "auto"
+    """"auto" uses NVML GPUs and falls back to the CPU when NVML is absent; "cpu" forces the host
+    CPU with its RAM as the device memory; "simulated" uses the `simulated` list (tests, demos)."""
+    gpu_poll_interval: float = 5.0
+    """Seconds between measurements of each device. Shorter catches foreign memory use sooner at
+    the cost of NVML calls; 5 s is the legacy default."""
+    vram_soft_limit_mb: int = 0
+    """Per-device cap in MiB on what models may claim; 0 = no cap beyond the device's size."""
+    eviction_threshold_pct: float = 90.0
+    """Claims may fill at most this percent of a device; past it idle models are evicted first.
+    Leaves room for allocator fragmentation and other processes."""
+    reserve_mb: int = 512
+    """MiB kept free on every device for drivers and CUDA contexts (Ollama keeps a similar
+    per-GPU minimum)."""
+    simulated: tuple[SimulatedDevice, ...] = ()
+    """Devices used when `devices = "simulated"`."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.devices in ("auto", "cpu", "simulated"), "devices", "one of auto, cpu, simulated"
+        )
+        _require(self.gpu_poll_interval > 0, "gpu_poll_interval", "must be > 0 seconds")
+        _require(self.vram_soft_limit_mb >= 0, "vram_soft_limit_mb", "must be >= 0")
+        _require(
+            0 < self.eviction_threshold_pct <= 100, "eviction_threshold_pct", "must be in (0, 100]"
+        )
+        _require(self.reserve_mb >= 0, "reserve_mb", "must be >= 0")
+        _require(
+            self.devices != "simulated" or bool(self.simulated),
+            "simulated",
+            'devices = "simulated" needs at least one [[resources.simulated]] entry',
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """[[models.catalog]]: a model the node may serve, loaded on first use or preloaded."""
+
+    name: str
+    """Name clients use (`model_name`, OpenAI `model`)."""
+    path: str
+    """GGUF file, TorchScript `.pt` or torch.export `.pt2`; must lie inside `node.model_dirs`."""
+    backend: Literal["gguf", "torch"] = "gguf"
+    """Which worker backend runs it."""
+    n_ctx: int = 2048
+    """Context length in tokens; the KV cache grows linearly with it."""
+    gpu_layers: int = -1
+    """Layers offloaded to the GPU (-1 = all); ignored on the CPU device."""
+    preload: bool = False
+    """Load at start instead of on first request."""
+    pin: bool = False
+    """Never evict or expire this model."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", "non-empty, without '/'")
+        _require(bool(self.path), "path", "must not be empty")
+        _require(self.backend in ("gguf", "torch"), "backend", "one of gguf, torch")
+        _require(16 <= self.n_ctx <= 1_048_576, "n_ctx", "must be in 16..1048576")
+        _require(self.gpu_layers >= -1, "gpu_layers", "must be >= -1")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsConfig:
+    """[models]: how long models stay loaded and which ones exist."""
+
+    keep_alive: str = "5m"
+    """Idle time after which an unpinned model is unloaded ("5m", "30s", "0" = at once after each
+    request, "-1" = never). Ollama's default: long enough to keep a chat warm."""
+    max_loaded: int = 0
+    """Most models loaded at once; 0 = no count limit, memory decides."""
+    load_timeout: float = 300.0
+    """Seconds a model load may take before it is failed (Ollama: 5 m)."""
+    preload: tuple[str, ...] = ()
+    """Legacy key: catalog names to load at start (same as `preload = true` on the entry)."""
+    catalog: tuple[CatalogEntry, ...] = ()
+    """The models this node may serve."""
+
+    def __post_init__(self) -> None:
+        try:
+            parse_duration(self.keep_alive)
+        except ValueError as exc:
+            raise ValueError(f"keep_alive: {exc}") from None
+        _require(self.max_loaded >= 0, "max_loaded", "must be >= 0")
+        _require(self.load_timeout > 0, "load_timeout", "must be > 0 seconds")
+        names = [entry.name for entry in self.catalog]
+        _require(len(names) == len(set(names)), "catalog", "model names must be unique")
+        for name in self.preload:
+            _require(name in names, "preload", f"{name!r} is not in the catalog")
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        """Keep-alive in seconds; None means forever."""
+        return parse_duration(self.keep_alive)
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    """How a failing model worker is cut off and retried."""
+
+    failure_threshold: int = 4
+    """Consecutive worker failures that open the breaker."""
+    reset_timeout: float = 20.0
+    """Seconds the breaker stays open before one trial request (half-open)."""
+
+    def __post_init__(self) -> None:
+        _require(self.failure_threshold >= 1, "failure_threshold", "must be >= 1")
+        _require(self.reset_timeout > 0, "reset_timeout", "must be > 0 seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class BulkheadConfig:
+    """Per-model admission limits: past them a request is refused at once as overloaded."""
+
+    max_concurrent: int = 64
+    """Requests admitted to a model's actor at once (one decodes, the rest wait in its mailbox)."""
+    max_queue_size: int = 256
+    """Further requests allowed to wait for admission (e.g. while the model loads)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_concurrent >= 1, "max_concurrent", "must be >= 1")
+        _require(self.max_queue_size >= 0, "max_queue_size", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ResilienceConfig:
+    """[resilience]: circuit breaker and bulkhead settings, per model."""
+
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    bulkhead: BulkheadConfig = field(default_factory=BulkheadConfig)

@@ -1,0 +1,201 @@
+"""Wiring: build the actors and the Node from a Config, serve the transports, handle signals.
+
+The only place where production objects are chosen; everything else takes them as arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pykka
+
+from actors.config import CatalogEntry
+from actors.gpu import GPUActor
+from actors.ledger import Budget, Ledger
+from actors.manager import ManagerDeps, ModelBoard, ModelManager
+from actors.model import WorkerFactory, _default_worker
+from actors.probes import discover
+from actors.resilience import BulkheadRegistry
+from actors.store import StateStore
+from actors.ticker import Ticker
+from moc_node.config import Config, load_config
+from moc_node.node import Node
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "demo"
+
+
+class Server(Protocol):
+    """A transport the app starts after the node is built and stops before the node closes."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class Runtime:
+    """A built node with everything that must be stopped with it."""
+
+    config: Config
+    node: Node
+    manager: pykka.ActorRef
+    tickers: list[Ticker] = field(default_factory=list)
+    runtime_dir: Path | None = None
+
+    async def close(self) -> None:
+        """Unload the models (remembering them), stop the actors and timers."""
+        for ticker in self.tickers:
+            ticker.stop()
+        await self.node.close()
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def reload(self, config: Config) -> None:
+        """Adopt a new catalog and keep_alive (SIGHUP)."""
+        self.manager.proxy().reconfigure(config.models).get(timeout=10)
+        self.config = dataclasses.replace(self.config, models=config.models)
+
+
+def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_worker) -> Runtime:
+    """Start the actors for `config` and return the Node over them."""
+    state = config.node.state_path
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "models").mkdir(exist_ok=True)
+    # ipc:// socket paths must stay under ~100 bytes, so the workers' sockets live in /tmp.
+    runtime_dir = Path(tempfile.mkdtemp(prefix="moc-node-"))
+    resources = config.resources
+    budget = Budget(
+        resources.reserve_mb, resources.eviction_threshold_pct, resources.vram_soft_limit_mb
+    )
+    probes = discover(resources)
+    ledgers = {p.name: Ledger(p.name, p.kind, budget, p.read()) for p in probes}
+    gpu_refs = [GPUActor.start(p, ledgers[p.name]) for p in probes]
+    store = StateStore(state / "moc-node.db")
+    board = ModelBoard()
+    bulkheads = BulkheadRegistry(config.resilience.bulkhead)
+    abort = threading.Event()
+    manager = ModelManager.start(
+        ManagerDeps(
+            models=config.models,
+            ledgers=ledgers,
+            device_index={p.name: p.index for p in probes},
+            model_dirs=config.node.model_paths,
+            store=store,
+            bulkheads=bulkheads,
+            breaker=config.resilience.circuit_breaker,
+            runtime_dir=runtime_dir,
+            board=board,
+            abort=abort,
+            worker_factory=worker_factory,
+        )
+    )
+    gpu_proxies = [ref.proxy() for ref in gpu_refs]
+    manager_proxy = manager.proxy()
+    tickers = [
+        Ticker(
+            resources.gpu_poll_interval, lambda: [p.poll() for p in gpu_proxies], "gpu-poll"
+        ).start(),
+        Ticker(1.0, manager_proxy.expire_idle, "keep-alive").start(),
+    ]
+    node = Node(
+        name=config.node.name,
+        manager=manager,
+        board=board,
+        ledgers=ledgers,
+        gpu_actors=gpu_refs,
+        bulkheads=bulkheads,
+        store=store,
+        abort=abort,
+    )
+    return Runtime(config, node, manager, tickers, runtime_dir)
+
+
+def with_demo_model(config: Config) -> Config:
+    """Give a config with an empty catalog a generated demo model, so `make run` serves something."""
+    if config.models.catalog:
+        return config
+    from actors.gguf_synth import write_preset
+
+    path = config.node.state_path / "models" / f"{DEMO_MODEL}.gguf"
+    if not path.exists():
+        log.warning("no model configured: generating a demo GGUF (random weights) at %s", path)
+        write_preset(path, "small")
+    entry = CatalogEntry(name=DEMO_MODEL, path=str(path), n_ctx=512, preload=True)
+    models = dataclasses.replace(config.models, catalog=(entry,))
+    return dataclasses.replace(config, models=models)
+
+
+ServerFactory = Callable[[Node, Config], list[Server]]
+
+
+def default_servers(node: Node, config: Config) -> list[Server]:
+    """The legacy ZMQ server and the HTTP server."""
+    from transports.http import HttpServer
+    from transports.zmq_legacy import ZmqServer
+
+    return [HttpServer(node, config.server), ZmqServer(node, config.server)]
+
+
+async def serve(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    servers: ServerFactory = default_servers,
+    started: Callable[[Runtime], Awaitable[None] | None] | None = None,
+) -> int:
+    """Run a node until SIGTERM or SIGINT; SIGHUP reloads the catalog. Return the exit code."""
+    runtime = build_runtime(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(runtime, config_path))
+    fronts = servers(runtime.node, config)
+    try:
+        for front in fronts:  # up first, so /ready answers 503 while models are restored
+            await front.start()
+        await runtime.node.start()
+        log.info("node %s ready", config.node.name)
+        if started is not None:
+            maybe = started(runtime)
+            if maybe is not None:
+                await maybe
+        await stop.wait()
+        log.info("stopping: draining requests (up to %.0f s)", config.node.drain_timeout)
+        await runtime.node.drain(config.node.drain_timeout)
+    finally:
+        for front in reversed(fronts):
+            await front.stop()
+        await runtime.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
+
+
+def _reload(runtime: Runtime, config_path: str | None) -> None:
+    try:
+        config = with_demo_model(load_config(config_path))
+    except Exception as exc:  # a bad edit must not take the running node down
+        log.error("reload refused, keeping the running config: %s", exc)
+        return
+    runtime.reload(config)
+    log.info("configuration reloaded (catalog: %d models)", len(config.models.catalog))
+
+
+def run(config_path: str | None) -> int:
+    """Load the config and serve until stopped (the `moc-node run` command)."""
+    config = with_demo_model(load_config(config_path))
+    return asyncio.run(serve(config, config_path=config_path))

@@ -1,0 +1,202 @@
+"""The `moc-node` command: run a node, or talk to a running one over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_URL = "http://127.0.0.1:8008"
+
+
+class ClientError(Exception):
+    """The node answered with an error, or could not be reached."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run one command."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    console = Console()
+    try:
+        return int(args.handler(_Client(args.url, args.api_key), args, console))
+    except ClientError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moc-node", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a node in the foreground")
+    run.add_argument("--config", help="TOML config file (defaults are embedded)")
+    run.add_argument("--log-level", default=os.environ.get("MOC_LOG_LEVEL", "INFO"))
+
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--url", default=os.environ.get("MOC_URL", DEFAULT_URL))
+        p.add_argument("--api-key", default=os.environ.get("MOC_API_KEY"))
+        return p
+
+    client("status", "show the node's health, devices and models").set_defaults(handler=_status)
+    client("models", "list models and their state").set_defaults(handler=_models)
+    load = client("load", "load a model")
+    load.add_argument("name")
+    load.add_argument("--path", help="model file inside the node's model directories")
+    load.add_argument("--type", dest="model_type", help="gguf or torch")
+    load.set_defaults(handler=_load)
+    unload = client("unload", "unload a model")
+    unload.add_argument("name")
+    unload.set_defaults(handler=_unload)
+    infer = client("infer", "run one completion")
+    infer.add_argument("name")
+    infer.add_argument("text")
+    infer.add_argument("--max-tokens", type=int, default=50)
+    infer.add_argument("--temperature", type=float, default=0.7)
+    infer.set_defaults(handler=_infer)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from moc_node.app import run
+    from moc_node.config import ConfigError
+
+    try:
+        return run(args.config)
+    except ConfigError as exc:
+        print(f"moc-node: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+class _Client:
+    def __init__(self, url: str, api_key: str | None) -> None:
+        self._url = url.rstrip("/")
+        self._key = api_key
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self._url + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        if self._key:
+            request.add_header("X-API-Key", self._key)
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise ClientError(f"HTTP {exc.code}: {_error_text(exc.read())}") from None
+        except urllib.error.URLError as exc:
+            raise ClientError(f"cannot reach {self._url}: {exc.reason}") from None
+
+
+def _error_text(raw: bytes) -> str:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            return str(error.get("message", error))
+        if error:
+            return str(error)
+        if body.get("detail"):
+            return str(body["detail"])
+    return json.dumps(body)
+
+
+def _models_table(models: list[dict[str, Any]]) -> Table:
+    table = Table(title="models")
+    for column in ("name", "state", "device", "backend", "est MiB", "MiB", "pinned", "in flight"):
+        table.add_column(column)
+    for m in models:
+        table.add_row(
+            str(m.get("name")),
+            str(m.get("state")),
+            str(m.get("device") or "-"),
+            str(m.get("backend")),
+            _num(m.get("estimate_mb")),
+            _num(m.get("memory_mb")),
+            "yes" if m.get("pinned") else "",
+            str(m.get("in_flight", 0)),
+        )
+    return table
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.0f}"
+
+
+def _status(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    health = client.call("GET", "/health")
+    console.print(f"[bold]health:[/bold] {health.get('status')}")
+    for name, component in (health.get("components") or {}).items():
+        console.print(f"  {name}: {component}")
+    status = client.call("GET", "/status")
+    table = Table(title=f"devices of {status.get('name')}")
+    for column in ("device", "kind", "total MiB", "used MiB", "claimed MiB", "free MiB"):
+        table.add_column(column)
+    for d in status.get("devices", []):
+        table.add_row(
+            str(d["name"]),
+            str(d["kind"]),
+            _num(d["total_mb"]),
+            _num(d["used_mb"]),
+            _num(d["claimed_mb"]),
+            _num(d["free_mb"]),
+        )
+    console.print(table)
+    console.print(_models_table(status.get("models", [])))
+    return 0
+
+
+def _models(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    body = client.call("GET", "/models")
+    models = body.get("models", body) if isinstance(body, dict) else body
+    console.print(_models_table(models))
+    return 0
+
+
+def _load(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    payload: dict[str, Any] = {"model_name": args.name}
+    if args.path:
+        payload["model_path"] = args.path
+    if args.model_type:
+        payload["model_type"] = args.model_type
+    result = client.call("POST", "/models", payload)
+    console.print(result)
+    return 0
+
+
+def _unload(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    console.print(client.call("DELETE", f"/models/{args.name}"))
+    return 0
+
+
+def _infer(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    payload = {
+        "model_name": args.name,
+        "input_text": args.text,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+    }
+    result = client.call("POST", "/inference", payload)
+    body = result.get("result", result) if isinstance(result, dict) else result
+    console.print(body.get("output_text", body) if isinstance(body, dict) else body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

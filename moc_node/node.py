@@ -1,0 +1,361 @@
+"""The Node: one async API over the actors (load, unload, list, infer, status).
+
+Transports call it on the event loop. Nothing here blocks the loop: actor replies come back
+through callbacks that hop onto the loop with `call_soon_threadsafe`, and streamed tokens the same
+way, through an asyncio queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+import pykka
+
+import moc_node
+from actors import metrics
+from actors.errors import Cancelled, MocError, ModelNotLoaded, ShuttingDown
+from actors.ledger import Ledger
+from actors.manager import ModelBoard
+from actors.model import InferJob
+from actors.resilience import BulkheadRegistry
+from actors.store import StateStore
+from actors.types import (
+    ComponentHealth,
+    DeviceInfo,
+    HealthReport,
+    HealthStatus,
+    InferRequest,
+    InferResult,
+    LoadRequest,
+    ModelInfo,
+    TokenChunk,
+)
+
+log = logging.getLogger(__name__)
+
+StreamItem = TokenChunk | InferResult
+
+
+class _LoopSink:
+    """Carries one request's output from an actor thread onto the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.queue: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    def _put(self, item: StreamItem | BaseException) -> None:
+        # A closed loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def token(self, text: str) -> None:
+        self._put(TokenChunk(text))
+
+    def done(self, result: InferResult) -> None:
+        self._put(result)
+
+    def fail(self, error: Exception) -> None:
+        self._put(error)
+
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+def _reply_on_loop(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[asyncio.Future[Any], Callable[[Any, Exception | None], None]]:
+    """Return a loop future and a thread-safe callback `(value, error)` that settles it."""
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(value: Any, error: Exception | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def reply(value: Any, error: Exception | None) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, value, error)
+
+    return future, reply
+
+
+class Node:
+    """The single entry point the transports call (implements transports.api.NodeAPI)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        manager: pykka.ActorRef,
+        board: ModelBoard,
+        ledgers: Mapping[str, Ledger],
+        gpu_actors: Sequence[pykka.ActorRef],
+        bulkheads: BulkheadRegistry,
+        store: StateStore,
+        abort: threading.Event,
+        request_timeout: float = 600.0,
+    ) -> None:
+        self.name = name
+        self._manager = manager.proxy()
+        self._manager_ref = manager
+        self._board = board
+        self._ledgers = ledgers
+        self._gpu_actors = gpu_actors
+        self._bulkheads = bulkheads
+        self._store = store
+        self._abort = abort
+        self._request_timeout = request_timeout
+        self._proxies: dict[pykka.ActorRef, Any] = {}
+        self._ready = False
+        self._draining = False
+        self.closed = False
+        self._started = time.time()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore the models loaded before the last stop, preload configured ones, be ready."""
+        wanted: dict[str, LoadRequest] = {}
+        for record in self._store.loaded():
+            wanted[record.name] = LoadRequest(
+                name=record.name,
+                path=record.path,
+                backend=record.backend,  # type: ignore[arg-type]
+                n_ctx=record.n_ctx,
+                gpu_layers=record.gpu_layers,
+                pin=record.pinned,
+            )
+        loop = asyncio.get_running_loop()
+        preload: list[str] = await loop.run_in_executor(None, self._manager.preload_names().get)
+        for name in preload:
+            wanted.setdefault(name, LoadRequest(name=name))
+        results = await asyncio.gather(
+            *(self._acquire(req) for req in wanted.values()), return_exceptions=True
+        )
+        for req, result in zip(wanted.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("could not restore model %s: %s", req.name, result)
+            else:
+                log.info("model %s restored", req.name)
+        self._ready = True
+
+    def is_ready(self) -> bool:
+        return self._ready and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking requests and wait (up to `timeout`) for the in-flight ones to finish."""
+        self._draining = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._in_flight() > 0:
+            await asyncio.sleep(0.05)  # polling a condition with a deadline
+        if self._in_flight():
+            log.warning(
+                "%d request(s) still running after %.0f s: aborting them",
+                self._in_flight(),
+                timeout,
+            )
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Unload every model (remembering them for the next start) and stop the actors."""
+        if self.closed:
+            return
+        self.closed = True
+        self._draining = True
+        self._abort.set()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._manager.close().get)
+        await loop.run_in_executor(
+            None,
+            lambda: self._board.wait_until(
+                lambda models: all(
+                    m.state not in ("loaded", "loading", "unloading") for m in models
+                ),
+                timeout,
+            ),
+        )
+        self._manager_ref.stop()
+        for ref in self._gpu_actors:
+            ref.stop()
+        self._store.close()
+
+    def _in_flight(self) -> int:
+        return sum(self._bulkheads.in_flight(m.name) for m in self._board.snapshot(0.0))
+
+    # -- NodeAPI ----------------------------------------------------------------------------
+
+    async def load(self, req: LoadRequest) -> ModelInfo:
+        self._check_open()
+        await self._acquire(req, explicit=True)
+        return self._model_info(req.name)
+
+    async def unload(self, name: str) -> ModelInfo:
+        future, reply = _reply_on_loop(asyncio.get_running_loop())
+        self._manager.unload(name, reply)
+        info: ModelInfo = await future
+        return info
+
+    def models(self) -> list[ModelInfo]:
+        return [self._with_queue(m) for m in self._board.snapshot(time.monotonic())]
+
+    def devices(self) -> list[DeviceInfo]:
+        return [ledger.info() for ledger in self._ledgers.values()]
+
+    async def infer(self, req: InferRequest) -> InferResult:
+        async for item in self._run(req, stream=False):
+            if isinstance(item, InferResult):
+                return item
+        raise MocError("the model ended the request without a result")  # unreachable by contract
+
+    def infer_stream(self, req: InferRequest) -> AsyncIterator[StreamItem]:
+        return self._run(req, stream=True)
+
+    def health(self) -> HealthReport:
+        components: dict[str, ComponentHealth] = {}
+        devices = self.devices()
+        components["devices"] = ComponentHealth(
+            "healthy" if devices else "unhealthy",
+            ", ".join(f"{d.label}: {d.free_mb:.0f}/{d.total_mb:.0f} MiB free" for d in devices),
+        )
+        models = self.models()
+        broken = [m.name for m in models if m.state == "failed" or m.breaker != "closed"]
+        components["models"] = ComponentHealth(
+            "degraded" if broken else "healthy",
+            f"{sum(m.state == 'loaded' for m in models)} loaded"
+            + (f"; failing: {', '.join(broken)}" if broken else ""),
+        )
+        components["state_store"] = ComponentHealth("healthy", str(self._store.path))
+        components["node"] = ComponentHealth(
+            "degraded" if self._draining else "healthy",
+            "draining" if self._draining else ("ready" if self._ready else "starting"),
+        )
+        worst: HealthStatus = "healthy"
+        for component in components.values():
+            if component.status == "unhealthy":
+                worst = "unhealthy"
+            elif component.status == "degraded" and worst == "healthy":
+                worst = "degraded"
+        return HealthReport(worst, components)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": moc_node.__version__,
+            "uptime_s": round(time.time() - self._started, 1),
+            "ready": self.is_ready(),
+            "draining": self._draining,
+            "devices": [_device_json(d) for d in self.devices()],
+            "models": [_model_json(m) for m in self.models()],
+        }
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._draining:
+            raise ShuttingDown("the node is shutting down and takes no new requests")
+
+    async def _acquire(self, req: LoadRequest, explicit: bool = False) -> pykka.ActorRef:
+        future, reply = _reply_on_loop(asyncio.get_running_loop())
+        self._manager.acquire(req, reply, explicit)
+        ref: pykka.ActorRef = await future
+        return ref
+
+    def _proxy(self, ref: pykka.ActorRef) -> Any:
+        proxy = self._proxies.get(ref)
+        if proxy is None:
+            proxy = self._proxies[ref] = ref.proxy()
+            if len(self._proxies) > 256:  # forget proxies of models long gone
+                self._proxies = {r: p for r, p in self._proxies.items() if r.is_alive()}
+        return proxy
+
+    async def _run(self, req: InferRequest, *, stream: bool) -> AsyncIterator[StreamItem]:
+        self._check_open()
+        outcome = "error"
+        try:
+            async with self._bulkheads.get(req.model).slot():
+                sink = _LoopSink(asyncio.get_running_loop())
+                timeout = req.timeout_s or self._request_timeout
+                job = InferJob(req, sink, stream=stream, deadline=time.monotonic() + timeout)
+                await self._submit(req.model, job)
+                finished = False
+                try:
+                    while True:
+                        item = await sink.queue.get()
+                        if isinstance(item, BaseException):
+                            raise item
+                        if isinstance(item, InferResult):
+                            finished = True
+                            outcome = "success"
+                            yield item
+                            return
+                        yield item
+                finally:
+                    if not finished:
+                        sink.cancel()  # the client left: stop generating between tokens
+        except MocError as exc:
+            outcome = exc.code
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = Cancelled.code
+            raise
+        finally:
+            metrics.inference_requests_total.labels(req.model, outcome).inc()
+
+    async def _submit(self, model: str, job: InferJob) -> None:
+        """Hand the job to the model's actor, loading the model first if it is cold."""
+        for attempt in range(2):
+            ref = await self._acquire(LoadRequest(name=model))
+            try:
+                self._proxy(ref).infer(job)
+                return
+            except pykka.ActorDeadError:
+                # Unloaded between our acquire and our send: ask again (it reloads).
+                if attempt:
+                    raise ModelNotLoaded(
+                        f"model {model!r} was unloaded while the request was sent"
+                    ) from None
+
+    def _with_queue(self, info: ModelInfo) -> ModelInfo:
+        bulkhead = self._bulkheads.get(info.name)
+        return replace(info, in_flight=bulkhead.active, queued=bulkhead.waiting)
+
+    def _model_info(self, name: str) -> ModelInfo:
+        info = self._board.get(name)
+        if info is None:
+            raise ModelNotLoaded(f"model {name!r} is not loaded")
+        return self._with_queue(info)
+
+
+def _device_json(d: DeviceInfo) -> dict[str, Any]:
+    return {
+        "name": d.label,
+        "kind": d.kind,
+        "simulated": d.simulated,
+        "total_mb": d.total_mb,
+        "used_mb": d.used_mb,
+        "claimed_mb": d.claimed_mb,
+        "free_mb": d.free_mb,
+        "utilization_percent": d.utilization_percent,
+        "temperature_c": d.temperature_c,
+    }
+
+
+def _model_json(m: ModelInfo) -> dict[str, Any]:
+    return asdict(m)

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moc_node.config import ConfigError, load_config
+
+FULL = """
+[node]
+name = "gpu-01"
+state_dir = "/var/lib/moc-node"
+model_dirs = ["/models"]
+
+[server]
+host = "0.0.0.0"
+zmq_port = 7211
+rest_port = 8008
+max_workers = 16
+api_keys = []
+
+[resources]
+devices = "simulated"
+gpu_poll_interval = 5
+vram_soft_limit_mb = 0
+eviction_threshold_pct = 90
+reserve_mb = 512
+
+[[resources.simulated]]
+name = "sim0"
+total_mb = 24576
+
+[models]
+keep_alive = "5m"
+max_loaded = 0
+
+[[models.catalog]]
+name = "tiny"
+path = "/models/tiny.gguf"
+backend = "gguf"
+n_ctx = 2048
+gpu_layers = -1
+preload = false
+pin = false
+
+[resilience]
+circuit_breaker = { failure_threshold = 4, reset_timeout = 20 }
+bulkhead = { max_concurrent = 64, max_queue_size = 256 }
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_documented_example_config_loads(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL), env={})
+    assert config.node.name == "gpu-01"
+    assert config.resources.simulated[0].total_mb == 24576
+    assert config.resources.gpu_poll_interval == 5.0
+    assert config.models.catalog[0].name == "tiny"
+    assert config.models.keep_alive_seconds == 300
+    assert config.resilience.bulkhead.max_queue_size == 256
+    assert config.server.zmq_port == 7211
+
+
+def test_no_file_gives_working_defaults() -> None:
+    config = load_config(None, env={})
+    assert config.server.rest_port == 8008
+    assert config.resources.devices == "auto"
+    assert config.node.model_paths[-1] == config.node.state_path / "models"
+
+
+def test_environment_overrides_any_key() -> None:
+    env = {
+        "MOC_SERVER__REST_PORT": "9000",
+        "MOC_NODE__MODEL_DIRS": '["/a", "/b"]',
+        "MOC_RESILIENCE__BULKHEAD__MAX_CONCURRENT": "3",
+        "MOC_NODE__NAME": "box-7",
+        "UNRELATED": "x",
+    }
+    config = load_config(None, env=env)
+    assert config.server.rest_port == 9000
+    assert config.node.model_dirs == ("/a", "/b")
+    assert config.resilience.bulkhead.max_concurrent == 3
+    assert config.node.name == "box-7"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[node]\nnmae = 'x'\n", "node.nmae: unknown key"),
+        ("[server]\nrest_port = 'eighty'\n", "server.rest_port: expected an integer"),
+        ("[resources]\ndevices = 'tpu'\n", "resources.devices: expected one of"),
+        ("[resources]\neviction_threshold_pct = 150\n", "resources.eviction_threshold_pct"),
+        ("[models]\nkeep_alive = 'soon'\n", "models.keep_alive"),
+        ("[[models.catalog]]\nname = 'a'\n", "models.catalog[0]"),
+        (
+            "[[models.catalog]]\nname = 'a'\npath = 'a.gguf'\nbackend = 'onnx'\n",
+            "models.catalog[0].backend",
+        ),
+        ("[resilience]\nbulkhead = { max_concurrent = 0 }\n", "resilience.bulkhead.max_concurrent"),
+        ("[learning]\nmax_parallel_jobs = 2\n", "learning: this section is reserved"),
+        ("[bogus]\n", "bogus: unknown key"),
+        ("[node\n", "not valid TOML"),
+    ],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "bad-enum",
+        "out-of-range",
+        "bad-duration",
+        "missing-field",
+        "bad-backend",
+        "nested-range",
+        "reserved-section",
+        "unknown-section",
+        "broken-toml",
+    ],
+)
+def test_a_bad_config_stops_with_one_line_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), env={})
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_config_file_is_named() -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/moc.toml", env={})
