@@ -1,0 +1,265 @@
+"""Estimate the memory a GGUF model needs from its header, before loading it.
+
+The header is read with a small streaming parser (scalar metadata and tensor shapes; arrays such
+as the vocabulary are skipped), so an estimate costs milliseconds even for large files. The sum:
+
+- weights: the bytes of every tensor placed on the device. On the CPU that is all of them; on a
+  GPU the repeating layers up to `gpu_layers` and, when every layer is offloaded, the output head
+  (llama.cpp keeps the token embeddings on the host).
+- KV cache: f16 keys and values for `n_ctx` positions, 2 * n_layer * n_ctx * n_embd_kv * 2 bytes.
+- compute: llama.cpp's graph buffer for one micro-batch of `n_ubatch` tokens. Flash attention is
+  off (llama-cpp-python's default), so the attention scores n_ubatch * n_ctx * n_head f32 dominate
+  for long contexts, plus the activations and the logits of the micro-batch.
+- overhead: what the process allocates besides llama.cpp's buffers: llama-cpp-python's `scores`
+  array (n_batch * n_vocab f32) and token arrays, llama.cpp's output buffer, the graph metadata
+  and the vocabulary, plus a fixed cost measured on this build (see FIXED_OVERHEAD_MB).
+
+The test `tests/actors/test_estimate.py` loads three sizes through the worker and compares.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+MIB = 1024.0 * 1024.0
+
+# A fixed host cost of one loaded model beyond its sized buffers: the llama context and sampler
+# objects, the thread pool, the vocabulary maps and allocator slack. Fitted on llama-cpp-python
+# 0.3.36 (CPU build) by loading the synthetic tiny/small/medium models; see the module test.
+FIXED_OVERHEAD_MB = 6.0
+
+_GGUF_MAGIC = b"GGUF"
+# GGUF metadata value types; sizes of the fixed-width ones.
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GgufFormatError(ValueError):
+    """The file is not a GGUF model this estimator understands."""
+
+
+@dataclass(frozen=True, slots=True)
+class GgufHeader:
+    """The parts of a GGUF header the estimate needs."""
+
+    metadata: dict[str, object]  # scalar and string values; arrays are skipped
+    array_lengths: dict[str, int]  # length of each skipped array, e.g. tokenizer.ggml.tokens
+    tensors: dict[str, int]  # tensor name -> bytes in the file
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """The memory one loaded model needs on its device, in MiB."""
+
+    weights_mb: float
+    kv_mb: float
+    compute_mb: float
+    overhead_mb: float
+
+    @property
+    def total_mb(self) -> float:
+        """Return the sum of the parts."""
+        return self.weights_mb + self.kv_mb + self.compute_mb + self.overhead_mb
+
+
+class _Reader:
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+
+    def take(self, fmt: str) -> tuple[object, ...]:
+        size = struct.calcsize("<" + fmt)
+        raw = self.fh.read(size)
+        if len(raw) != size:
+            raise GgufFormatError("truncated GGUF header")
+        return struct.unpack("<" + fmt, raw)
+
+    def u32(self) -> int:
+        return int(self.take("I")[0])  # type: ignore[call-overload]
+
+    def u64(self) -> int:
+        return int(self.take("Q")[0])  # type: ignore[call-overload]
+
+    def string(self) -> str:
+        n = self.u64()
+        if n > 1 << 30:
+            raise GgufFormatError("implausible string length in GGUF header")
+        raw = self.fh.read(n)
+        if len(raw) != n:
+            raise GgufFormatError("truncated GGUF header")
+        return raw.decode("utf-8", errors="replace")
+
+    def skip(self, n: int) -> None:
+        self.fh.seek(n, 1)
+
+    def value(self, vtype: int) -> object:
+        if vtype in _SCALAR:
+            return self.take(_SCALAR[vtype])[0]
+        if vtype == _STRING:
+            return self.string()
+        raise GgufFormatError(f"unknown GGUF value type {vtype}")
+
+    def skip_array(self, itype: int, count: int) -> None:
+        if itype in _SCALAR:
+            self.skip(struct.calcsize("<" + _SCALAR[itype]) * count)
+        elif itype == _STRING:
+            for _ in range(count):
+                self.skip(self.u64())
+        elif itype == _ARRAY:
+            for _ in range(count):
+                inner, n = self.u32(), self.u64()
+                self.skip_array(inner, n)
+        else:
+            raise GgufFormatError(f"unknown GGUF array item type {itype}")
+
+
+def _tensor_bytes(ggml_type: int, dims: list[int]) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError) as exc:
+        raise GgufFormatError(f"unknown tensor type {ggml_type}") from exc
+    n = 1
+    for d in dims:
+        n *= d
+    return n * size // block
+
+
+def read_gguf_header(path: str | Path) -> GgufHeader:
+    """Read a GGUF file's metadata and tensor sizes without reading its tensor data."""
+    with open(path, "rb") as fh:
+        r = _Reader(fh)
+        if fh.read(4) != _GGUF_MAGIC:
+            raise GgufFormatError(f"{path} is not a GGUF file")
+        version = r.u32()
+        if version < 2:
+            raise GgufFormatError(f"GGUF version {version} is too old")
+        n_tensors, n_kv = r.u64(), r.u64()
+        metadata: dict[str, object] = {}
+        arrays: dict[str, int] = {}
+        for _ in range(n_kv):
+            key, vtype = r.string(), r.u32()
+            if vtype == _ARRAY:
+                itype, count = r.u32(), r.u64()
+                arrays[key] = count
+                r.skip_array(itype, count)
+            else:
+                metadata[key] = r.value(vtype)
+        tensors: dict[str, int] = {}
+        for _ in range(n_tensors):
+            name = r.string()
+            dims = [r.u64() for _ in range(r.u32())]
+            ggml_type = r.u32()
+            r.u64()  # offset
+            tensors[name] = _tensor_bytes(ggml_type, dims)
+    return GgufHeader(metadata, arrays, tensors)
+
+
+def _int(meta: dict[str, object], key: str, default: int | None = None) -> int:
+    value = meta.get(key, default)
+    if value is None:
+        raise GgufFormatError(f"GGUF metadata lacks {key}")
+    return int(value)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True, slots=True)
+class _Hparams:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_embd_kv: int
+    n_ff: int
+    n_vocab: int
+
+
+def _hparams(header: GgufHeader) -> _Hparams:
+    meta = header.metadata
+    arch = str(meta.get("general.architecture", "llama"))
+    n_embd = _int(meta, f"{arch}.embedding_length")
+    n_head = _int(meta, f"{arch}.attention.head_count")
+    n_head_kv = _int(meta, f"{arch}.attention.head_count_kv", n_head)
+    head_k = _int(meta, f"{arch}.attention.key_length", n_embd // n_head)
+    n_vocab = header.array_lengths.get("tokenizer.ggml.tokens") or _int(meta, f"{arch}.vocab_size")
+    return _Hparams(
+        n_layer=_int(meta, f"{arch}.block_count"),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_embd_kv=head_k * n_head_kv,
+        n_ff=_int(meta, f"{arch}.feed_forward_length", 4 * n_embd),
+        n_vocab=n_vocab,
+    )
+
+
+def split_weights(header: GgufHeader, n_layer: int, gpu_layers: int) -> tuple[int, int]:
+    """Return (device bytes, host bytes) of the weights when `gpu_layers` layers are offloaded.
+
+    llama.cpp offloads the last `gpu_layers` repeating layers, then the output head once all of
+    them are (n_gpu_layers > n_layer); token embeddings always stay on the host.
+    """
+    n_off = n_layer + 1 if gpu_layers < 0 else min(gpu_layers, n_layer + 1)
+    first_offloaded = n_layer - min(n_off, n_layer)
+    device = host = 0
+    for name, nbytes in header.tensors.items():
+        if name.startswith("blk."):
+            on_device = int(name.split(".")[1]) >= first_offloaded and n_off > 0
+        elif name.startswith("token_embd"):
+            on_device = False
+        else:  # output head and final norm
+            on_device = n_off > n_layer
+        if on_device:
+            device += nbytes
+        else:
+            host += nbytes
+    return device, host
+
+
+def estimate_gguf_memory(
+    path: str | Path,
+    *,
+    n_ctx: int,
+    gpu_layers: int = -1,
+    on_gpu: bool = False,
+    n_batch: int = 512,
+    n_ubatch: int = 512,
+) -> MemoryEstimate:
+    """Estimate the memory `path` needs with a context of `n_ctx` tokens.
+
+    On the CPU (`on_gpu` False) everything is counted on the host. On a GPU the estimate is
+    of device memory: offloaded weights, the KV cache and compute buffer of offloaded layers.
+    `n_batch`/`n_ubatch` are llama-cpp-python's defaults (both capped at n_ctx).
+    """
+    header = read_gguf_header(path)
+    hp = _hparams(header)
+    n_batch = min(n_batch, n_ctx)
+    n_ubatch = min(n_ubatch, n_batch)
+    device_w, host_w = split_weights(header, hp.n_layer, gpu_layers)
+    if on_gpu:
+        n_off = hp.n_layer if gpu_layers < 0 else min(gpu_layers, hp.n_layer)
+        weights, kv_layers = device_w, n_off
+    else:
+        weights, kv_layers = device_w + host_w, hp.n_layer
+    kv = 2 * kv_layers * n_ctx * hp.n_embd_kv * 2
+    compute = _compute_bytes(hp, n_ctx, n_ubatch) if (kv_layers or not on_gpu) else 0
+    overhead = 0.0
+    if not on_gpu:
+        scores = n_batch * hp.n_vocab * 4
+        output = hp.n_vocab * 4 + hp.n_embd * 4
+        overhead = (scores + output) / MIB + FIXED_OVERHEAD_MB
+    return MemoryEstimate(
+        weights_mb=weights / MIB,
+        kv_mb=kv / MIB,
+        compute_mb=compute / MIB,
+        overhead_mb=overhead,
+    )
+
+
+def _compute_bytes(hp: _Hparams, n_ctx: int, n_ubatch: int) -> int:
+    """Size llama.cpp's graph buffer for one micro-batch (flash attention off)."""
+    f32 = 4
+    scores = n_ubatch * n_ctx * hp.n_head * f32  # KQ, softmaxed in place
+    acts = n_ubatch * (4 * hp.n_embd + 2 * hp.n_embd_kv + 2 * hp.n_ff) * f32
+    logits = n_ubatch * hp.n_vocab * f32
+    return scores + acts + logits

@@ -1,0 +1,292 @@
+"""The model worker process: one model, one request at a time, driven by its supervisor over ZMQ.
+
+    python -m actors.worker --endpoint ipc:///run/moc/tiny-1f2e.sock --parent-pid 1234
+
+The worker connects a PAIR socket to the supervisor's endpoint, says Hello, loads what the Load
+message names, replies with what the load cost (measured, not estimated), then serves Infer
+messages until Shutdown. A watchdog thread ends the process as soon as its parent is gone, so a
+killed node leaves no orphan holding memory. Imports stay lean: the backend's library is imported
+only once the Load message says which one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from actors.backends import BackendError, BadRequest, Generation, LoadedModel, LoadSpec, load_model
+from actors.worker_protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Done,
+    Failed,
+    Hello,
+    Infer,
+    Load,
+    Loaded,
+    LoadFailed,
+    Message,
+    ProtocolError,
+    Shutdown,
+    Token,
+    decode,
+    encode,
+)
+
+# Exit codes, so the supervisor's log says why a worker went away.
+EXIT_OK = 0
+EXIT_LOAD_FAILED = 3
+EXIT_ORPHANED = 4
+EXIT_PROTOCOL = 5
+
+_POLL_MS = 200  # how often an idle worker wakes to notice a lost supervisor
+_WATCHDOG_S = 0.1
+
+
+def rss_mb() -> float:
+    """Return this process's resident set size in MiB, from /proc/self/status."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("VmRSS missing from /proc/self/status")
+
+
+def nvml_process_mb(device_index: int, pid: int) -> float | None:
+    """Return the GPU memory `pid` holds on the device, via NVML; None if NVML cannot say."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid and proc.usedGpuMemory is not None:
+                return float(proc.usedGpuMemory) / (1024.0 * 1024.0)
+        return None  # in another pid namespace NVML reports host pids: the caller falls back
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def nvml_used_mb(device_index: int) -> float | None:
+    """Return the memory in use on the whole device, via NVML; None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / (1024.0 * 1024.0)
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def import_backend_library(backend: str) -> None:
+    """Import the backend's native library up front, so its own pages do not count as the model's."""
+    if backend == "gguf":
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            pass  # the load reports it with a clear message
+    elif backend == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+
+
+def start_watchdog(parent_pid: int, exit_code: int = EXIT_ORPHANED) -> threading.Thread:
+    """End the process at once when its parent dies (it is re-parented, so getppid changes).
+
+    A thread, not the main loop, so that it also fires during a long native load or decode.
+    """
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(exit_code)
+            time.sleep(_WATCHDOG_S)
+
+    thread = threading.Thread(target=watch, name="parent-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+class Worker:
+    """The serving loop around one socket and one loaded model."""
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self.sock = sock
+        self.model: LoadedModel | None = None
+        self.shutdown = False
+
+    def send(self, msg: Message) -> None:
+        """Send one message to the supervisor."""
+        self.sock.send(encode(msg))
+
+    def recv(self, timeout_ms: int) -> Message | None:
+        """Return the next message, or None when none arrives within `timeout_ms`."""
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        return decode(self.sock.recv())
+
+    def load(self, msg: Load) -> bool:
+        """Load the model, measure what it cost and tell the supervisor; False on failure."""
+        on_gpu = msg.device_kind == "nvml"
+        spec = LoadSpec(
+            backend=msg.backend,
+            path=msg.path,
+            n_ctx=msg.n_ctx,
+            gpu_layers=msg.gpu_layers,
+            on_gpu=on_gpu,
+            device_index=msg.device_index,
+            seed=msg.seed,
+            lora_path=msg.lora_path,
+            n_threads=msg.n_threads,
+        )
+        import_backend_library(msg.backend)
+        device = msg.device_index or 0
+        rss_before = rss_mb()
+        gpu_before = nvml_used_mb(device) if on_gpu else None
+        started = time.monotonic()
+        try:
+            self.model = load_model(spec)
+        except BackendError as exc:
+            self.send(LoadFailed(str(exc)))
+            return False
+        except Exception as exc:  # a bug or an unexpected library error: still say why
+            self.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
+            return False
+        seconds = time.monotonic() - started
+        measured = max(0.0, rss_mb() - rss_before)
+        if on_gpu:
+            gpu = nvml_process_mb(device, os.getpid())
+            if gpu is None and gpu_before is not None:
+                after = nvml_used_mb(device)
+                gpu = None if after is None else max(0.0, after - gpu_before)
+            if gpu is not None:
+                measured = gpu
+        self.send(Loaded(os.getpid(), measured, seconds, self.model.version, self.model.n_ctx))
+        return True
+
+    def serve(self, msg: Infer) -> None:
+        """Run one request to completion, cancellation or failure, and answer it."""
+        assert self.model is not None
+        rid = msg.request_id
+        cancelled = False
+
+        def should_stop() -> bool:
+            nonlocal cancelled
+            # Drain whatever the supervisor sent meanwhile; only this request's Cancel counts.
+            while not cancelled and not self.shutdown:
+                incoming = self.recv(0)
+                if incoming is None:
+                    break
+                if isinstance(incoming, Cancel) and incoming.request_id == rid:
+                    cancelled = True
+                elif isinstance(incoming, Shutdown):
+                    self.shutdown = True
+            return cancelled or self.shutdown
+
+        emit: Callable[[str], None] = (
+            (lambda text: self.send(Token(rid, text))) if msg.stream else (lambda _text: None)
+        )
+        gen = Generation(
+            prompt=msg.prompt,
+            messages=msg.messages,
+            tensors=msg.tensors,
+            max_tokens=msg.max_tokens,
+            temperature=msg.temperature,
+            top_p=msg.top_p,
+            stop=msg.stop,
+            seed=msg.seed,
+        )
+        try:
+            out = self.model.run(gen, emit, should_stop)
+        except BadRequest as exc:
+            self.send(Failed(rid, "invalid_request", exc.field, exc.message))
+            return
+        except Exception as exc:
+            self.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"))
+            return
+        self.send(
+            Done(rid, out.text, out.tokens_generated, out.prompt_tokens, out.finish_reason, out.tensors)
+        )
+
+    def loop(self) -> int:
+        """Serve messages until Shutdown; return the exit code."""
+        while not self.shutdown:
+            try:
+                msg = self.recv(_POLL_MS)
+            except ProtocolError as exc:
+                print(f"moc worker: dropping a bad frame: {exc}", file=sys.stderr)
+                continue
+            if msg is None or isinstance(msg, Cancel):
+                continue  # a Cancel for a request that already finished
+            if isinstance(msg, Shutdown):
+                break
+            if isinstance(msg, Infer):
+                self.serve(msg)
+            else:
+                print(f"moc worker: unexpected {type(msg).__name__}", file=sys.stderr)
+        return EXIT_OK
+
+
+def run_worker(endpoint: str, parent_pid: int) -> int:
+    """Connect, load and serve; return the process exit code."""
+    start_watchdog(parent_pid)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.LINGER, 1000)  # let the last reply leave before the process exits
+    sock.connect(endpoint)
+    worker = Worker(sock)
+    try:
+        worker.send(Hello(PROTOCOL_VERSION, os.getpid()))
+        msg = None
+        while msg is None:
+            msg = worker.recv(_POLL_MS)
+        if isinstance(msg, Shutdown):
+            return EXIT_OK
+        if not isinstance(msg, Load):
+            print(f"moc worker: expected Load, got {type(msg).__name__}", file=sys.stderr)
+            return EXIT_PROTOCOL
+        if not worker.load(msg):
+            return EXIT_LOAD_FAILED
+        return worker.loop()
+    except ProtocolError as exc:
+        print(f"moc worker: protocol error: {exc}", file=sys.stderr)
+        return EXIT_PROTOCOL
+    finally:
+        if worker.model is not None:
+            worker.model.close()
+        sock.close()
+        ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the worker."""
+    parser = argparse.ArgumentParser(description="moc-node model worker (started by the node)")
+    parser.add_argument("--endpoint", required=True, help="ZMQ endpoint of the supervisor")
+    parser.add_argument("--parent-pid", type=int, default=os.getppid(), help="exit when it dies")
+    args = parser.parse_args(argv)
+    return run_worker(args.endpoint, args.parent_pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
