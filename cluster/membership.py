@@ -431,10 +431,16 @@ class Membership:
         if msg.target and msg.target != self.name:
             self.counters.drop("misdirected")
             return
+        reply: list[Message] = [Ack(msg.seq)]
+        # A pinger we suspect hears about it in our ack and can refute, instead of waiting
+        # for our probe round to come back to it (its suspicion broadcasts may have been lost).
+        pinger = self._members.get(msg.source)
+        if pinger is not None and pinger.state == MemberState.SUSPECT:
+            reply.append(Suspect(pinger.incarnation, pinger.name, self.name))
         if reliable:
-            out.append(Outbound(src, (Ack(msg.seq),), True))
+            out.append(Outbound(src, tuple(reply), True))
         else:
-            out.append(self._packet(src, [Ack(msg.seq)]))
+            out.append(self._packet(src, reply))
 
     def _on_ack(self, msg: Ack, now: float, out: list[Outbound]) -> None:
         p = self._probe
@@ -605,9 +611,11 @@ class Membership:
         if not msg.reply:
             states = tuple(self.local_state())
             out.append(Outbound(src, (PushPull(False, True, self.name, states),), True))
-        self._merge(msg.states, now, out)
+        self._merge(msg.states, msg.source, now, out)
 
-    def _merge(self, states: Iterable[PushNodeState], now: float, out: list[Outbound]) -> None:
+    def _merge(
+        self, states: Iterable[PushNodeState], source: str, now: float, out: list[Outbound]
+    ) -> None:
         for r in states:
             if len(r.meta) > self.config.max_meta_bytes:
                 self.counters.drop("meta_too_large")
@@ -617,8 +625,10 @@ class Membership:
             elif r.state == MemberState.LEFT:
                 self._on_dead(Dead(r.incarnation, r.name, r.name), now, out)
             else:
-                # A remote "dead" only makes us suspect: we let our own timer decide.
-                self._on_suspect(Suspect(r.incarnation, r.name, self.name), now, out)
+                # A remote "dead" only makes us suspect: we let our own timer decide. The sender
+                # is the accuser: counting ourselves would turn one stale view into fake
+                # independent confirmations that shrink other nodes' suspicion timers.
+                self._on_suspect(Suspect(r.incarnation, r.name, source), now, out)
 
     def _join_packets(self) -> list[Outbound]:
         states = tuple(self.local_state())
