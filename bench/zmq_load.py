@@ -1,0 +1,299 @@
+"""Load the legacy ZeroMQ front with many REQ client processes; compare with a bare echo server.
+
+Two phases in one run, same clients, same machine:
+
+1. anchor: a bare pyzmq ROUTER that decodes each JSON request and sends a JSON reply (no node);
+2. node: a real `moc-node run` process serving a generated tiny GGUF; the request mix is 40%
+   health, 20% list_models, 40% infer with max_tokens=1.
+
+Prints a table; `--json` adds one JSON object as the last line: rps, p99_ms, echo_rps,
+ratio_vs_echo (plus p50s and error counts). Targets 127.0.0.1 only.
+
+    .venv/bin/python bench/zmq_load.py --quick --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL = "tiny"
+MIX = (("health", 0.4), ("list_models", 0.2), ("infer", 0.4))
+
+
+@dataclass
+class Phase:
+    """What one phase measured."""
+
+    name: str
+    ok: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- the anchor: a bare pyzmq ROUTER JSON echo ----
+
+
+def echo_server(port: int, ready: Any) -> None:
+    """Answer each JSON request with a JSON reply carrying it back (runs in its own process)."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    ready.set()
+    while True:
+        frames = sock.recv_multipart()
+        request = json.loads(frames[-1])
+        reply = {"success": True, "result": request.get("payload"), "error": None,
+                 "request_id": request.get("request_id"), "latency_ms": 0.0}
+        sock.send_multipart([*frames[:-1], json.dumps(reply).encode()])
+
+
+# ---- the clients ----
+
+
+def client(endpoint: str, seed: int, ready: Any, go: Any, stop_at: Any, out: Any) -> None:
+    """Send the request mix on one REQ socket until the deadline; report latencies."""
+    import zmq
+
+    rng = random.Random(seed)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)
+    sock.connect(endpoint)
+    actions = [a for a, _ in MIX]
+    weights = [w for _, w in MIX]
+    latencies: list[float] = []
+    ok = errors = 0
+    ready.release()
+    go.wait()
+    deadline = stop_at.value
+    i = 0
+    while time.time() < deadline:
+        action = rng.choices(actions, weights)[0]
+        payload = {"model_name": MODEL, "input_text": "hello", "max_tokens": 1} if action == "infer" else {}
+        t0 = time.perf_counter()
+        sock.send_json({"action": action, "payload": payload, "request_id": f"{seed}-{i}",
+                        "timestamp": "2024-01-01T00:00:00Z"})
+        try:
+            reply = sock.recv_json()
+        except zmq.Again:
+            errors += 1
+            break  # a REQ socket without its reply cannot go on
+        latencies.append((time.perf_counter() - t0) * 1000.0)
+        if isinstance(reply, dict) and reply.get("success"):
+            ok += 1
+        else:
+            errors += 1
+        i += 1
+    sock.close()
+    ctx.term()
+    out.put((ok, errors, latencies))
+
+
+def run_phase(name: str, endpoint: str, clients: int, seconds: float) -> Phase:
+    """Run `clients` processes against `endpoint` for `seconds`; gather their figures."""
+    ctx = mp.get_context("spawn")
+    ready = ctx.Semaphore(0)
+    go = ctx.Event()
+    stop_at = ctx.Value("d", 0.0)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=client, args=(endpoint, i, ready, go, stop_at, out)) for i in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:  # every interpreter has imported zmq and connected
+        if not ready.acquire(timeout=120):
+            raise RuntimeError("a client process did not start")
+    start = time.time()
+    stop_at.value = start + seconds
+    go.set()
+    results = [out.get(timeout=seconds + 120) for _ in procs]
+    elapsed = time.time() - start
+    for p in procs:
+        p.join(timeout=30)
+    ok = sum(r[0] for r in results)
+    errors = sum(r[1] for r in results)
+    latencies = [x for r in results for x in r[2]]
+    return Phase(name, ok, errors, elapsed, latencies)
+
+
+# ---- the node ----
+
+
+def write_config(workdir: Path, zmq_port: int, rest_port: int) -> Path:
+    """Generate the tiny model and a TOML config serving it on loopback."""
+    from actors.gguf_synth import write_preset
+
+    models = workdir / "models"
+    models.mkdir()
+    path = write_preset(models / f"{MODEL}.gguf", "tiny", seed=1)
+    config = workdir / "node.toml"
+    config.write_text(
+        f"""
+[node]
+name = "bench"
+state_dir = "{workdir / 'state'}"
+model_dirs = ["{models}"]
+
+[server]
+host = "127.0.0.1"
+zmq_port = {zmq_port}
+rest_port = {rest_port}
+
+[resources]
+devices = "cpu"
+
+[[models.catalog]]
+name = "{MODEL}"
+path = "{path}"
+n_ctx = 256
+preload = true
+pin = true
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def start_node(config: Path, rest_port: int, log_path: Path, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+    """Start `moc-node run` and wait until /ready answers 200; raise with the log tail if not."""
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moc_node.cli", "run", "--config", str(config), "--log-level", "WARNING"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/ready", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    stop_node(proc)
+    tail = log_path.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"node not ready (exit code {proc.returncode}); log tail:\n{tail}")
+
+
+def stop_node(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---- main ----
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short phases (the whole run under two minutes)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, help="length of each phase")
+    args = parser.parse_args(argv)
+    seconds = args.seconds or (5.0 if args.quick else 20.0)
+
+    # The anchor.
+    ctx = mp.get_context("spawn")
+    echo_port = free_port()
+    ready = ctx.Event()
+    echo = ctx.Process(target=echo_server, args=(echo_port, ready), daemon=True)
+    echo.start()
+    ready.wait(30)
+    try:
+        anchor = run_phase("bare pyzmq ROUTER echo", f"tcp://127.0.0.1:{echo_port}", args.clients, seconds)
+    finally:
+        echo.terminate()
+        echo.join()
+
+    # The node.
+    node_phase: Phase | None = None
+    node_error = ""
+    with tempfile.TemporaryDirectory(prefix="moc-bench-") as tmp:
+        workdir = Path(tmp)
+        zmq_port, rest_port = free_port(), free_port()
+        try:
+            config = write_config(workdir, zmq_port, rest_port)
+            proc = start_node(config, rest_port, workdir / "node.log")
+        except Exception as exc:
+            node_error = str(exc)
+        else:
+            try:
+                node_phase = run_phase("moc-node legacy ZMQ", f"tcp://127.0.0.1:{zmq_port}", args.clients, seconds)
+            finally:
+                stop_node(proc)
+
+    print(f"zmq_load: {args.clients} client processes, {seconds:g} s per phase, "
+          f"mix 40% health / 20% list_models / 40% infer(max_tokens=1), {os.cpu_count()} CPUs")
+    print(f"{'phase':<26}{'ok':>9}{'errors':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    for phase in (anchor, node_phase):
+        if phase is not None:
+            print(f"{phase.name:<26}{phase.ok:>9}{phase.errors:>8}{phase.rps:>10.0f}"
+                  f"{phase.pct(0.5):>9.2f}{phase.pct(0.99):>9.2f}")
+    ratio = node_phase.rps / anchor.rps if node_phase and anchor.rps else None
+    if node_phase is None:
+        print(f"moc-node phase not run: {node_error.splitlines()[0] if node_error else 'unknown'}")
+        if node_error:
+            print(node_error, file=sys.stderr)
+    else:
+        print(f"ratio vs echo: {ratio:.3f}")
+    if args.json:
+        figures = {
+            "rps": round(node_phase.rps, 1) if node_phase else None,
+            "p99_ms": round(node_phase.pct(0.99), 3) if node_phase else None,
+            "p50_ms": round(node_phase.pct(0.5), 3) if node_phase else None,
+            "errors": node_phase.errors if node_phase else None,
+            "echo_rps": round(anchor.rps, 1),
+            "echo_p99_ms": round(anchor.pct(0.99), 3),
+            "ratio_vs_echo": round(ratio, 4) if ratio is not None else None,
+            "clients": args.clients,
+            "seconds": seconds,
+        }
+        print(json.dumps(figures))
+    return 0 if node_phase is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Validation of infer, load, completion and chat payloads (pure, table-driven)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from actors.errors import InvalidRequest
+from actors.types import ChatMessage, GenerationParams
+from transports import schema
+
+GOOD = {"model_name": "tiny", "input_text": "hello"}
+
+
+def test_an_infer_payload_with_only_required_fields_gets_the_legacy_defaults() -> None:
+    req = schema.parse_infer(GOOD)
+    assert req.model == "tiny"
+    assert req.prompt == "hello"
+    assert req.params == GenerationParams(max_tokens=50, temperature=0.7, top_p=0.9, stop=())
+
+
+def test_an_infer_payload_with_every_field_keeps_them() -> None:
+    req = schema.parse_infer(
+        {**GOOD, "max_tokens": 2048, "temperature": 0, "top_p": 1, "stop_sequences": ["\n", "END"]}
+    )
+    assert req.params == GenerationParams(max_tokens=2048, temperature=0.0, top_p=1.0, stop=("\n", "END"))
+
+
+BAD_INFER: list[tuple[str, dict[str, Any], str]] = [
+    ("missing model", {"input_text": "x"}, "model_name"),
+    ("empty model", {**GOOD, "model_name": " "}, "model_name"),
+    ("model not a string", {**GOOD, "model_name": 7}, "model_name"),
+    ("missing text", {"model_name": "tiny"}, "input_text"),
+    ("text not a string", {**GOOD, "input_text": ["a"]}, "input_text"),
+    ("text too long", {**GOOD, "input_text": "x" * 10_001}, "input_text"),
+    ("max_tokens zero", {**GOOD, "max_tokens": 0}, "max_tokens"),
+    ("max_tokens too large", {**GOOD, "max_tokens": 2049}, "max_tokens"),
+    ("max_tokens a float", {**GOOD, "max_tokens": 5.5}, "max_tokens"),
+    ("max_tokens a bool", {**GOOD, "max_tokens": True}, "max_tokens"),
+    ("max_tokens a string", {**GOOD, "max_tokens": "50"}, "max_tokens"),
+    ("temperature negative", {**GOOD, "temperature": -0.1}, "temperature"),
+    ("temperature above 2", {**GOOD, "temperature": 2.01}, "temperature"),
+    ("temperature NaN", {**GOOD, "temperature": float("nan")}, "temperature"),
+    ("temperature a string", {**GOOD, "temperature": "hot"}, "temperature"),
+    ("top_p above 1", {**GOOD, "top_p": 1.5}, "top_p"),
+    ("top_p infinite", {**GOOD, "top_p": float("inf")}, "top_p"),
+    ("stop not a list", {**GOOD, "stop_sequences": "END"}, "stop_sequences"),
+    ("eleven stops", {**GOOD, "stop_sequences": [str(i) for i in range(11)]}, "stop_sequences"),
+    ("stop not a string", {**GOOD, "stop_sequences": ["a", 3]}, "stop_sequences[1]"),
+    ("empty stop", {**GOOD, "stop_sequences": [""]}, "stop_sequences[0]"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field"), [c[1:] for c in BAD_INFER], ids=[c[0] for c in BAD_INFER])
+def test_a_bad_infer_payload_is_refused_naming_the_field(payload: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        schema.parse_infer(payload)
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ")
+
+
+def test_an_infer_payload_that_is_not_an_object_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        schema.parse_infer(["tiny"])  # type: ignore[arg-type]
+    assert caught.value.field == "payload"
+
+
+def test_a_load_payload_maps_legacy_names_onto_the_load_request() -> None:
+    req = schema.parse_load(
+        {"model_name": "m", "model_path": "/models/m.gguf", "model_type": "gguf",
+         "quantization": "Q4_K_M", "gpu_layers": -1}
+    )
+    assert (req.name, req.path, req.backend, req.quantization, req.gpu_layers) == (
+        "m", "/models/m.gguf", "gguf", "Q4_K_M", -1,
+    )
+
+
+BAD_LOAD: list[tuple[str, dict[str, Any], str]] = [
+    ("missing name", {}, "model_name"),
+    ("unknown type", {"model_name": "m", "model_type": "onnx"}, "model_type"),
+    ("path not a string", {"model_name": "m", "model_path": 3}, "model_path"),
+    ("layers below -1", {"model_name": "m", "gpu_layers": -2}, "gpu_layers"),
+    ("layers a string", {"model_name": "m", "gpu_layers": "all"}, "gpu_layers"),
+    ("pin not a bool", {"model_name": "m", "pin": "yes"}, "pin"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field"), [c[1:] for c in BAD_LOAD], ids=[c[0] for c in BAD_LOAD])
+def test_a_bad_load_payload_is_refused_naming_the_field(payload: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        schema.parse_load(payload)
+    assert caught.value.field == field
+
+
+def test_a_completion_body_accepts_one_prompt_in_a_list_and_a_single_stop_string() -> None:
+    req, stream = schema.parse_completion(
+        {"model": "tiny", "prompt": ["hi"], "stop": "\n", "max_tokens": 5, "stream": True, "seed": 3}
+    )
+    assert (req.prompt, req.params.stop, req.params.max_tokens, req.params.seed, stream) == (
+        "hi", ("\n",), 5, 3, True,
+    )
+
+
+BAD_OPENAI: list[tuple[str, dict[str, Any], str]] = [
+    ("no prompt", {"model": "tiny"}, "prompt"),
+    ("two prompts", {"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
+    ("n of 2", {"model": "tiny", "prompt": "a", "n": 2}, "n"),
+    ("stream not a bool", {"model": "tiny", "prompt": "a", "stream": "yes"}, "stream"),
+    ("no model", {"prompt": "a"}, "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), [c[1:] for c in BAD_OPENAI], ids=[c[0] for c in BAD_OPENAI])
+def test_a_bad_completion_body_is_refused_naming_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        schema.parse_completion(body)
+    assert caught.value.field == field
+
+
+def test_a_chat_body_keeps_the_messages_and_joins_text_parts() -> None:
+    req, stream = schema.parse_chat(
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+            ],
+            "max_completion_tokens": 7,
+        }
+    )
+    assert req.messages == (ChatMessage("system", "be brief"), ChatMessage("user", "hi there"))
+    assert req.params.max_tokens == 7
+    assert stream is False
+
+
+BAD_CHAT: list[tuple[str, dict[str, Any], str]] = [
+    ("no messages", {"model": "tiny"}, "messages"),
+    ("empty messages", {"model": "tiny", "messages": []}, "messages"),
+    ("message not an object", {"model": "tiny", "messages": ["hi"]}, "messages[0]"),
+    ("bad role", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ("content a number", {"model": "tiny", "messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
+    ("image part", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content[0]"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), [c[1:] for c in BAD_CHAT], ids=[c[0] for c in BAD_CHAT])
+def test_a_bad_chat_body_is_refused_naming_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        schema.parse_chat(body)
+    assert caught.value.field == field

@@ -1,0 +1,321 @@
+"""One action table and one error mapping, shared by the ZeroMQ and HTTP fronts.
+
+An action takes a validated payload, calls the node through `NodeAPI` and returns JSON-ready data.
+`classify` maps any exception to the (status, code, message) a client sees; both fronts use it, so
+an error reads the same on every transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from actors.errors import (
+    Cancelled,
+    InsufficientMemory,
+    InvalidRequest,
+    MocError,
+    ModelAlreadyLoaded,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotLoaded,
+    Overloaded,
+    PathNotAllowed,
+    RequestTimeout,
+    ShuttingDown,
+    WorkerCrashed,
+)
+from actors.types import (
+    DeviceInfo,
+    HealthReport,
+    InferRequest,
+    InferResult,
+    LoadRequest,
+    ModelInfo,
+)
+from transports import schema
+from transports.api import NodeAPI
+from transports.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class TransportError(MocError):
+    """Base of the errors the fronts themselves raise (as opposed to the node's)."""
+
+
+class Unauthorized(TransportError):
+    """The request carries no API key, or a key that is not accepted."""
+
+    code = "unauthorized"
+
+
+class UnknownAction(TransportError):
+    """The request names an action the table does not have."""
+
+    code = "unknown_action"
+
+
+class NotAvailable(TransportError):
+    """The action or route exists in the contract but its feature has not landed yet."""
+
+    code = "not_available"
+
+
+class BadFrame(TransportError):
+    """The peer sent bytes that are not one JSON or msgpack object."""
+
+    code = "bad_frame"
+
+
+class PayloadTooLarge(TransportError):
+    """The frame or body exceeds the configured size limit."""
+
+    code = "too_large"
+
+
+class ClientTimeout(TransportError):
+    """The client did not send its request within the read timeout."""
+
+    code = "client_timeout"
+
+
+# The status of each error class; subclasses inherit through the MRO walk in `classify`.
+STATUS: dict[type[BaseException], int] = {
+    InvalidRequest: 400,
+    BadFrame: 400,
+    UnknownAction: 400,
+    Unauthorized: 401,
+    PathNotAllowed: 403,
+    ModelNotFound: 404,
+    ModelNotLoaded: 404,
+    NotAvailable: 501,
+    ClientTimeout: 408,
+    ModelAlreadyLoaded: 409,
+    PayloadTooLarge: 413,
+    Cancelled: 499,  # nginx's "client closed request": the client is gone and sees nothing
+    WorkerCrashed: 500,
+    ModelLoadFailed: 500,
+    Overloaded: 503,  # CircuitOpen is an Overloaded: both tell the client to retry later
+    ShuttingDown: 503,
+    RequestTimeout: 504,
+    InsufficientMemory: 507,
+}
+
+# Retry hint for errors that carry none of their own (a draining node needs a few seconds).
+SHUTDOWN_RETRY_AFTER_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """What a client is told about one failure, whatever the transport."""
+
+    status: int
+    code: str
+    message: str
+    field: str | None = None
+    retry_after: float | None = None
+
+
+def classify(exc: BaseException) -> ErrorReply:
+    """Map an exception to the status, code and message a client sees."""
+    if not isinstance(exc, MocError):
+        # Unexpected bugs: log the detail here, show the client nothing internal.
+        log.error("internal error while serving a request", exc_info=exc)
+        return ErrorReply(500, "internal_error", "internal error")
+    status = next((STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS), 500)
+    retry_after: float | None = None
+    if isinstance(exc, Overloaded):
+        retry_after = exc.retry_after
+    elif isinstance(exc, ShuttingDown):
+        retry_after = SHUTDOWN_RETRY_AFTER_S
+    field = exc.field if isinstance(exc, InvalidRequest) else None
+    return ErrorReply(status, exc.code, str(exc) or exc.code, field, retry_after)
+
+
+Handler = Callable[["Dispatcher", Mapping[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One entry of the table."""
+
+    name: str
+    handler: Handler
+    calls_node: bool
+    """True when the handler waits on the node (infer, load, unload): those run as bounded tasks.
+    False when it answers at once from the node's state, so it never waits behind slow work."""
+
+
+class Dispatcher:
+    """Run table actions against one node, with the configured timeouts."""
+
+    def __init__(self, node: NodeAPI, config: ServerConfig) -> None:
+        self.node = node
+        self.config = config
+
+    def action(self, name: Any) -> Action:
+        """Return the table entry for `name`; raise UnknownAction or NotAvailable otherwise."""
+        return lookup_action(name)
+
+    async def call(self, name: str, payload: Mapping[str, Any]) -> Any:
+        """Run the action `name` with `payload` and return its JSON-ready result."""
+        return await lookup_action(name).handler(self, payload)
+
+    def with_deadline(self, req: InferRequest) -> InferRequest:
+        """Give `req` the configured request timeout unless it carries its own."""
+        if req.timeout_s is None:
+            return dataclasses.replace(req, timeout_s=self.config.request_timeout_s)
+        return req
+
+    async def infer(self, req: InferRequest) -> InferResult:
+        """Run one inference to the end within its deadline."""
+        req = self.with_deadline(req)
+        assert req.timeout_s is not None
+        return await _within(self.node.infer(req), req.timeout_s, "inference")
+
+    async def load(self, req: LoadRequest) -> ModelInfo:
+        """Load a model; past the load timeout the client gets 504 while the load goes on."""
+        return await _within(asyncio.shield(self.node.load(req)), self.config.load_timeout_s, "load")
+
+    async def unload(self, name: str) -> ModelInfo:
+        """Unload a model; past the load timeout the client gets 504 while the unload goes on."""
+        return await _within(
+            asyncio.shield(self.node.unload(name)), self.config.load_timeout_s, "unload"
+        )
+
+
+async def _within(aw: Awaitable[T], seconds: float, what: str) -> T:
+    try:
+        async with asyncio.timeout(seconds):
+            return await aw
+    except TimeoutError:
+        raise RequestTimeout(f"{what} did not finish within {seconds:g} s") from None
+
+
+# ---- JSON views of the domain values (the reply fields are part of the contract) ----
+
+
+def infer_result_view(result: InferResult) -> dict[str, Any]:
+    """Return the legacy infer result: output_text, tokens_generated, latency_ms, model_version."""
+    return {
+        "output_text": result.text,
+        "tokens_generated": result.tokens_generated,
+        "prompt_tokens": result.prompt_tokens,
+        "finish_reason": result.finish_reason,
+        "latency_ms": result.latency_ms,
+        "model_version": result.model_version,
+    }
+
+
+def model_view(info: ModelInfo) -> dict[str, Any]:
+    """Return one model as JSON, with the legacy names `model_name` and `memory_usage_mb`."""
+    view = dataclasses.asdict(info)
+    view["model_name"] = info.name
+    view["memory_usage_mb"] = info.memory_mb
+    return view
+
+
+def device_view(info: DeviceInfo) -> dict[str, Any]:
+    """Return one device as JSON; simulated devices say so in `label` and `simulated`."""
+    view = dataclasses.asdict(info)
+    view["label"] = info.label
+    view["simulated"] = info.simulated
+    return view
+
+
+def health_view(report: HealthReport, now: float | None = None) -> dict[str, Any]:
+    """Return the legacy health body: status, ISO-8601 timestamp, per-component status."""
+    stamp = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC)
+    return {
+        "status": report.status,
+        "timestamp": stamp.isoformat(),
+        "components": {
+            name: {"status": c.status, "detail": c.detail} for name, c in report.components.items()
+        },
+    }
+
+
+# ---- the table ----
+
+
+async def _infer(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return infer_result_view(await d.infer(schema.parse_infer(payload)))
+
+
+async def _load(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    info = await d.load(schema.parse_load(payload))
+    return {**model_view(info), "status": "loaded"}
+
+
+async def _unload(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    info = await d.unload(schema.parse_model_name(payload))
+    return {**model_view(info), "status": "unloaded"}
+
+
+async def _list_models(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return {"models": [model_view(m) for m in d.node.models()]}
+
+
+async def _list_devices(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return {"devices": [device_view(x) for x in d.node.devices()]}
+
+
+async def _health(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return health_view(d.node.health())
+
+
+async def _ready(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return {"ready": d.node.is_ready()}
+
+
+async def _status(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return d.node.status()
+
+
+ACTIONS: dict[str, Action] = {
+    a.name: a
+    for a in (
+        Action("infer", _infer, calls_node=True),
+        Action("load_model", _load, calls_node=True),
+        Action("unload_model", _unload, calls_node=True),
+        Action("list_models", _list_models, calls_node=False),
+        Action("health", _health, calls_node=False),
+        Action("status", _status, calls_node=False),
+        Action("list_devices", _list_devices, calls_node=False),
+        Action("ready", _ready, calls_node=False),
+    )
+}
+
+# Actions of the contract whose features land with later issues: answered with a clear error,
+# never with a made-up result.
+NOT_YET: dict[str, str] = {
+    "list_jobs": "learning jobs are not implemented yet",
+    "create_job": "learning jobs are not implemented yet",
+    "get_job": "learning jobs are not implemented yet",
+    "list_goals": "goals are not implemented yet",
+    "create_goal": "goals are not implemented yet",
+    "get_goal": "goals are not implemented yet",
+    "cluster": "the cluster is not implemented yet",
+}
+
+
+def lookup_action(name: Any) -> Action:
+    """Return the table entry for `name`; raise UnknownAction or NotAvailable otherwise."""
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("action", "is required and must be a string")
+    found = ACTIONS.get(name)
+    if found is not None:
+        return found
+    feature = NOT_YET.get(name)
+    if feature is not None:
+        raise NotAvailable(f"action {name!r} is not available yet on this node ({feature})")
+    raise UnknownAction(f"unknown action {name!r}; known actions: {', '.join(sorted(ACTIONS))}")

@@ -1,0 +1,91 @@
+"""Prometheus metrics of the transports (names are a contract: legacy dashboards query them).
+
+Defined once on the default registry, which every package shares; `/metrics` renders it whole.
+Labels are bounded: routes are route templates, actions are table names or "unknown", outcomes are
+error codes from a fixed set.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets from a 0.5 ms health check to a multi-minute generation.
+_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+REST_REQUESTS = Counter(
+    "moc_rest_requests_total",
+    "HTTP requests answered, by method, route template and status code.",
+    ["method", "route", "status"],
+)
+ZMQ_REQUESTS = Counter(
+    "moc_zmq_requests_total",
+    "Legacy ZeroMQ requests answered or dropped, by action and outcome (ok or an error code).",
+    ["action", "outcome"],
+)
+REQUEST_DURATION = Histogram(
+    "moc_request_duration_seconds",
+    "Time from receiving a request to its last reply byte, by transport, action and outcome.",
+    ["transport", "action", "outcome"],
+    buckets=_BUCKETS,
+)
+IN_FLIGHT = Gauge(
+    "moc_transport_in_flight_requests",
+    "Requests being handled now, by transport.",
+    ["transport"],
+)
+STREAMS_CLOSED_BY_CLIENT = Counter(
+    "moc_http_streams_closed_by_client_total",
+    "Streaming responses the client closed before the end (generation cancelled).",
+)
+
+
+def render() -> tuple[bytes, str]:
+    """Return the exposition text of the default registry and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class ZmqRecorder:
+    """Count and time ZMQ requests, caching label children (this path runs per request)."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._histograms: dict[tuple[str, str], Histogram] = {}
+
+    def record(self, action: str, outcome: str, seconds: float) -> None:
+        """Count one request and observe its duration."""
+        key = (action, outcome)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = ZMQ_REQUESTS.labels(action=action, outcome=outcome)
+            self._histograms[key] = REQUEST_DURATION.labels(
+                transport="zmq", action=action, outcome="ok" if outcome == "ok" else "error"
+            )
+        counter.inc()
+        self._histograms[key].observe(seconds)
+
+
+def record_http(method: str, route: str, status: int, seconds: float) -> None:
+    """Count one HTTP request and observe its duration."""
+    REST_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
+    REQUEST_DURATION.labels(
+        transport="http", action=f"{method} {route}", outcome="ok" if status < 400 else "error"
+    ).observe(seconds)

@@ -1,0 +1,253 @@
+"""Validate request payloads into `actors.types` values.
+
+Pure: no I/O. Every refusal is an `InvalidRequest(field, message)` naming the field, so a client
+learns what to fix. Limits are those of the legacy contract (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from actors.errors import InvalidRequest
+from actors.types import Backend, ChatMessage, GenerationParams, InferRequest, LoadRequest
+
+MAX_INPUT_CHARS = 10_000
+MAX_TOKENS_RANGE = (1, 2048)
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_P_RANGE = (0.0, 1.0)
+MAX_STOP_SEQUENCES = 10
+MAX_NAME_CHARS = 256
+DEFAULTS = GenerationParams()
+BACKENDS: tuple[Backend, ...] = ("gguf", "torch")
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+def require_object(value: Any, field: str) -> Mapping[str, Any]:
+    """Return `value` if it is a mapping with string keys, else refuse naming `field`."""
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(field, f"expected an object, got {_kind(value)}")
+    if not all(isinstance(k, str) for k in value):
+        raise InvalidRequest(field, "object keys must be strings")
+    return value
+
+
+def parse_infer(payload: Mapping[str, Any]) -> InferRequest:
+    """Validate a legacy infer payload (`model_name`, `input_text`, sampling fields)."""
+    payload = require_object(payload, "payload")
+    model = _model_name(payload, "model_name")
+    text = _required_str(payload, "input_text")
+    if len(text) > MAX_INPUT_CHARS:
+        raise InvalidRequest("input_text", f"is {len(text)} characters; the limit is {MAX_INPUT_CHARS}")
+    params = _params(
+        payload,
+        max_tokens_key="max_tokens",
+        stop=_stop_list(payload.get("stop_sequences"), "stop_sequences"),
+    )
+    return InferRequest(model=model, prompt=text, params=params)
+
+
+def parse_load(payload: Mapping[str, Any]) -> LoadRequest:
+    """Validate a legacy load payload (`model_name`, optional path, type, quantization, layers)."""
+    payload = require_object(payload, "payload")
+    name = _model_name(payload, "model_name")
+    path = _optional_str(payload, "model_path")
+    backend = _optional_str(payload, "model_type")
+    if backend is not None and backend not in BACKENDS:
+        raise InvalidRequest("model_type", f"must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    gpu_layers = _optional_int(payload, "gpu_layers", low=-1, high=100_000)
+    n_ctx = _optional_int(payload, "n_ctx", low=1, high=1 << 20)
+    pin = payload.get("pin")
+    if pin is not None and not isinstance(pin, bool):
+        raise InvalidRequest("pin", f"expected a boolean, got {_kind(pin)}")
+    return LoadRequest(
+        name=name,
+        path=path,
+        backend=backend,  # type: ignore[arg-type]  # checked against BACKENDS above
+        n_ctx=n_ctx,
+        gpu_layers=gpu_layers,
+        pin=pin,
+        quantization=_optional_str(payload, "quantization"),
+    )
+
+
+def parse_model_name(payload: Mapping[str, Any]) -> str:
+    """Validate a payload that only names a model (`model_name`), as unload does."""
+    return _model_name(require_object(payload, "payload"), "model_name")
+
+
+def parse_completion(body: Mapping[str, Any]) -> tuple[InferRequest, bool]:
+    """Validate an OpenAI `/v1/completions` body; return the request and whether to stream."""
+    body = require_object(body, "body")
+    model = _model_name(body, "model")
+    prompt = body.get("prompt")
+    # The OpenAI API also takes a list of prompts; one prompt per request is what we serve.
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise InvalidRequest("prompt", "exactly one prompt per request is supported")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequest("prompt", f"expected a string, got {_kind(prompt)}")
+    _single_choice(body)
+    params = _params(body, max_tokens_key="max_tokens", stop=_openai_stop(body))
+    return InferRequest(model=model, prompt=prompt, params=params), _stream_flag(body)
+
+
+def parse_chat(body: Mapping[str, Any]) -> tuple[InferRequest, bool]:
+    """Validate an OpenAI `/v1/chat/completions` body; return the request and whether to stream."""
+    body = require_object(body, "body")
+    model = _model_name(body, "model")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest("messages", "expected a non-empty list of messages")
+    messages = tuple(_chat_message(m, f"messages[{i}]") for i, m in enumerate(raw))
+    _single_choice(body)
+    # Newer clients send max_completion_tokens instead of max_tokens.
+    key = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
+    params = _params(body, max_tokens_key=key, stop=_openai_stop(body))
+    return InferRequest(model=model, messages=messages, params=params), _stream_flag(body)
+
+
+def _chat_message(value: Any, field: str) -> ChatMessage:
+    msg = require_object(value, field)
+    role = msg.get("role")
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        raise InvalidRequest(f"{field}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
+    content = msg.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):
+        # Content parts: only text parts can be served by a text model.
+        texts = []
+        for j, part in enumerate(content):
+            part_obj = require_object(part, f"{field}.content[{j}]")
+            if part_obj.get("type") != "text" or not isinstance(part_obj.get("text"), str):
+                raise InvalidRequest(f"{field}.content[{j}]", "only text parts are supported")
+            texts.append(part_obj["text"])
+        content = "".join(texts)
+    elif not isinstance(content, str):
+        raise InvalidRequest(f"{field}.content", f"expected a string, got {_kind(content)}")
+    return ChatMessage(role=role, content=content)
+
+
+def _params(body: Mapping[str, Any], *, max_tokens_key: str, stop: tuple[str, ...]) -> GenerationParams:
+    max_tokens = _optional_int(body, max_tokens_key, low=MAX_TOKENS_RANGE[0], high=MAX_TOKENS_RANGE[1])
+    temperature = _optional_float(body, "temperature", TEMPERATURE_RANGE)
+    top_p = _optional_float(body, "top_p", TOP_P_RANGE)
+    seed = _optional_int(body, "seed", low=-(1 << 63), high=(1 << 64) - 1)
+    return GenerationParams(
+        max_tokens=DEFAULTS.max_tokens if max_tokens is None else max_tokens,
+        temperature=DEFAULTS.temperature if temperature is None else temperature,
+        top_p=DEFAULTS.top_p if top_p is None else top_p,
+        stop=stop,
+        seed=seed,
+    )
+
+
+def _openai_stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    return _stop_list(stop, "stop")
+
+
+def _stop_list(value: Any, field: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise InvalidRequest(field, f"expected a list of strings, got {_kind(value)}")
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(field, f"has {len(value)} entries; the limit is {MAX_STOP_SEQUENCES}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise InvalidRequest(f"{field}[{i}]", "expected a non-empty string")
+        if len(item) > MAX_INPUT_CHARS:
+            raise InvalidRequest(f"{field}[{i}]", "is too long")
+    return tuple(value)
+
+
+def _single_choice(body: Mapping[str, Any]) -> None:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise InvalidRequest("n", "only n = 1 is supported")
+
+
+def _stream_flag(body: Mapping[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream", f"expected a boolean, got {_kind(stream)}")
+    return stream
+
+
+def _model_name(body: Mapping[str, Any], field: str) -> str:
+    name = _required_str(body, field)
+    if not name.strip():
+        raise InvalidRequest(field, "must not be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidRequest(field, f"is longer than {MAX_NAME_CHARS} characters")
+    return name
+
+
+def _required_str(body: Mapping[str, Any], field: str) -> str:
+    if field not in body or body[field] is None:
+        raise InvalidRequest(field, "is required")
+    value = body[field]
+    if not isinstance(value, str):
+        raise InvalidRequest(field, f"expected a string, got {_kind(value)}")
+    return value
+
+
+def _optional_str(body: Mapping[str, Any], field: str) -> str | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(field, f"expected a string, got {_kind(value)}")
+    return value
+
+
+def _optional_int(body: Mapping[str, Any], field: str, *, low: int, high: int) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    # bool is an int subclass; `true` is not a token count.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(field, f"expected an integer, got {_kind(value)}")
+    if not low <= value <= high:
+        raise InvalidRequest(field, f"must be between {low} and {high}; got {value}")
+    return value
+
+
+def _optional_float(body: Mapping[str, Any], field: str, bounds: tuple[float, float]) -> float | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(field, f"expected a number, got {_kind(value)}")
+    low, high = bounds
+    # The explicit isfinite check refuses NaN, which every comparison would let through.
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidRequest(field, f"must be between {low:g} and {high:g}; got {value}")
+    return float(value)
+
+
+def _kind(value: Any) -> str:
+    """Name a JSON-ish type for error messages without echoing the value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bytes):
+        return "bytes"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__

@@ -1,0 +1,381 @@
+"""The legacy ZeroMQ front: a ROUTER socket on the asyncio loop serving REQ clients.
+
+Wire contract (DESIGN §4): one frame per request, JSON when it starts with `{`, otherwise msgpack;
+the reply `{"success", "result", "error", "request_id", "latency_ms"}` goes back in the request's
+encoding. Every request is answered when a reply is possible (bad input included), counted in
+`moc_zmq_requests_total{action,outcome}`, and nothing a peer sends stops the server.
+
+Cheap actions (health, list_models, ...) are answered inside the receive loop; actions that wait on
+the node run as tasks, at most `max_workers` at once and `max_pending` more waiting, so a slow
+inference never delays a health check from another client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from actors.errors import InvalidRequest, Overloaded
+from transports.api import NodeAPI
+from transports.config import ServerConfig
+from transports.dispatch import (
+    ACTIONS,
+    NOT_YET,
+    Action,
+    BadFrame,
+    Dispatcher,
+    ErrorReply,
+    PayloadTooLarge,
+    classify,
+    lookup_action,
+)
+from transports.metrics import IN_FLIGHT, ZmqRecorder
+
+log = logging.getLogger(__name__)
+
+Encoding = Literal["json", "msgpack"]
+
+# First bytes of a msgpack map (fixmap, map16, map32): such frames skip the JSON attempt.
+_MSGPACK_MAP_HEADS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+# Label for frames too broken to name an action.
+NO_ACTION = "none"
+UNKNOWN_ACTION = "unknown"
+
+
+# ---- the codec: pure functions over bytes ----
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Split ROUTER frames into the routing envelope (kept for the reply) and the body frames.
+
+    A REQ peer's envelope ends with an empty delimiter frame; a DEALER peer may send none, and then
+    the envelope is just its identity.
+    """
+    for i in range(1, len(frames)):
+        if not frames[i]:
+            return frames[: i + 1], frames[i + 1 :]
+    return frames[:1], frames[1:]
+
+
+def guess_encoding(body: bytes) -> Encoding:
+    """Pick the reply encoding for a frame that may not decode at all."""
+    head = body.lstrip()[:1]
+    if head == b"{" or not head:
+        return "json"
+    return "msgpack" if head[0] >= 0x80 else "json"
+
+
+def decode_frame(body: bytes) -> tuple[Encoding, Any]:
+    """Decode one request frame; raise BadFrame when it is neither JSON nor msgpack."""
+    head = body[:1]
+    if head and head[0] in _MSGPACK_MAP_HEADS:
+        return "msgpack", _unpack(body)
+    try:
+        return "json", json.loads(body)
+    except (ValueError, RecursionError):
+        if head == b"{":
+            raise BadFrame("frame starts with '{' but is not valid JSON") from None
+    try:
+        return "msgpack", _unpack(body)
+    except BadFrame:
+        raise BadFrame("frame is neither JSON nor msgpack") from None
+
+
+def _unpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises many unrelated types (ExtraData, ValueError, TypeError...)
+        raise BadFrame("frame is not valid msgpack") from None
+
+
+def encode_reply(reply: Mapping[str, Any], encoding: Encoding) -> bytes:
+    """Encode a reply; raise TypeError or ValueError when a value cannot be encoded."""
+    if encoding == "json":
+        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    packed: bytes = msgpack.packb(reply, use_bin_type=True)
+    return packed
+
+
+def echo_id(value: Any, encoding: Encoding) -> Any:
+    """Return the request_id to echo: the client's own when the reply encoding can carry it."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, bytes) and encoding == "msgpack":
+        return value
+    return None
+
+
+def success_reply(result: Any, request_id: Any, latency_ms: float) -> dict[str, Any]:
+    """Build the legacy reply for a success."""
+    return {
+        "success": True,
+        "result": result,
+        "error": None,
+        "request_id": request_id,
+        "latency_ms": latency_ms,
+    }
+
+
+def error_reply(err: ErrorReply, request_id: Any, latency_ms: float) -> dict[str, Any]:
+    """Build the legacy reply for a failure; `error_code` and `retry_after` are additions."""
+    overloaded = err.retry_after is not None and err.status == 503 and err.code != "shutting_down"
+    reply: dict[str, Any] = {
+        "success": False,
+        "result": None,
+        # Legacy clients match the literal "overloaded" (issue 3); the detail goes alongside.
+        "error": "overloaded" if overloaded else err.message,
+        "request_id": request_id,
+        "latency_ms": latency_ms,
+        "error_code": err.code,
+        "detail": err.message,
+    }
+    if err.field is not None:
+        reply["field"] = err.field
+    if err.retry_after is not None:
+        reply["retry_after"] = err.retry_after
+    return reply
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One decoded request, ready for the table."""
+
+    action: Action
+    payload: Mapping[str, Any]
+    request_id: Any
+
+
+def parse_request(obj: Any, encoding: Encoding) -> tuple[Any, Request | BaseException]:
+    """Return the request_id to echo and either the request or the error to answer with."""
+    if not isinstance(obj, dict):
+        return None, InvalidRequest("request", "expected an object")
+    request_id = echo_id(obj.get("request_id"), encoding)
+    name = obj.get("action")
+    try:
+        action = lookup_action(name)
+    except Exception as exc:
+        return request_id, exc
+    payload = obj.get("payload")
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        return request_id, InvalidRequest("payload", "expected an object")
+    return request_id, Request(action, payload, request_id)
+
+
+def action_label(obj: Any) -> str:
+    """Name the action for metrics without letting a client invent label values."""
+    if not isinstance(obj, dict):
+        return NO_ACTION
+    name = obj.get("action")
+    if isinstance(name, str) and (name in ACTIONS or name in NOT_YET):
+        return name
+    return UNKNOWN_ACTION if name is not None else NO_ACTION
+
+
+# ---- the server ----
+
+
+class ZmqServer:
+    """Serve the legacy actions on a ROUTER socket until stopped."""
+
+    def __init__(
+        self,
+        node: NodeAPI,
+        config: ServerConfig,
+        *,
+        dispatcher: Dispatcher | None = None,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self._dispatcher = dispatcher or Dispatcher(node, config)
+        self._config = config
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.asyncio.Context()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._workers = asyncio.Semaphore(config.max_workers)
+        self._pending = 0
+        self._recorder = ZmqRecorder()
+        self._in_flight = IN_FLIGHT.labels(transport="zmq")
+        self.endpoint = ""
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (useful when the config asked for port 0)."""
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    async def start(self) -> None:
+        """Bind the socket and start serving."""
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # libzmq drops a peer whose message exceeds this, without buffering it.
+        sock.setsockopt(zmq.MAXMSGSIZE, self._config.zmq_max_msg_bytes)
+        host = self._config.host
+        if ":" in host:
+            sock.setsockopt(zmq.IPV6, 1)
+            host = f"[{host}]"
+        port = self._config.zmq_port or "*"
+        try:
+            sock.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self._socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._loop_task = asyncio.create_task(self._receive_loop(), name="zmq-legacy-receive")
+        log.info("legacy ZeroMQ server listening on %s", self.endpoint)
+
+    async def stop(self) -> None:
+        """Stop reading, let in-flight requests finish within the grace period, then close."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=self._config.shutdown_timeout_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._own_context:
+            self._context.term()
+
+    async def __aenter__(self) -> ZmqServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        sock = self._socket
+        while True:
+            try:
+                frames = await sock.recv_multipart(copy=True)
+            except zmq.ZMQError as exc:
+                if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                    return
+                log.warning("ZeroMQ receive failed: %s", exc)
+                continue
+            try:
+                await self._on_message(frames, time.perf_counter())
+            except Exception:
+                # A bug in handling one message must not stop the server for everyone else.
+                log.exception("failed to handle a ZeroMQ message")
+
+    async def _on_message(self, frames: list[bytes], t0: float) -> None:
+        envelope, body = split_envelope(frames)
+        if len(body) != 1:
+            encoding = guess_encoding(body[0]) if body else "json"
+            err = BadFrame(f"expected one body frame, got {len(body)}")
+            await self._answer(envelope, encoding, NO_ACTION, None, t0, error=err)
+            return
+        frame = body[0]
+        if len(frame) > self._config.max_frame_bytes:
+            err = PayloadTooLarge(
+                f"frame of {len(frame)} bytes exceeds the limit of {self._config.max_frame_bytes}"
+            )
+            await self._answer(envelope, guess_encoding(frame), NO_ACTION, None, t0, error=err)
+            return
+        try:
+            encoding, obj = decode_frame(frame)
+        except BadFrame as exc:
+            await self._answer(envelope, guess_encoding(frame), NO_ACTION, None, t0, error=exc)
+            return
+        label = action_label(obj)
+        request_id, parsed = parse_request(obj, encoding)
+        if isinstance(parsed, BaseException):
+            await self._answer(envelope, encoding, label, request_id, t0, error=parsed)
+            return
+        if not parsed.action.calls_node:
+            await self._execute(envelope, encoding, label, parsed, t0)
+            return
+        if self._pending >= self._config.max_workers + self._config.max_pending:
+            err = Overloaded("too many ZeroMQ requests in progress", retry_after=1.0)
+            await self._answer(envelope, encoding, label, request_id, t0, error=err)
+            return
+        self._pending += 1
+        task = asyncio.create_task(self._bounded(envelope, encoding, label, parsed, t0))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _bounded(
+        self, envelope: list[bytes], encoding: Encoding, label: str, req: Request, t0: float
+    ) -> None:
+        self._in_flight.inc()
+        try:
+            async with self._workers:
+                await self._execute(envelope, encoding, label, req, t0)
+        finally:
+            self._pending -= 1
+            self._in_flight.dec()
+
+    async def _execute(
+        self, envelope: list[bytes], encoding: Encoding, label: str, req: Request, t0: float
+    ) -> None:
+        try:
+            result = await req.action.handler(self._dispatcher, req.payload)
+        except Exception as exc:
+            await self._answer(envelope, encoding, label, req.request_id, t0, error=exc)
+        else:
+            await self._answer(envelope, encoding, label, req.request_id, t0, result=result)
+
+    async def _answer(
+        self,
+        envelope: list[bytes],
+        encoding: Encoding,
+        label: str,
+        request_id: Any,
+        t0: float,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        if error is None:
+            reply = success_reply(result, request_id, latency_ms)
+            outcome = "ok"
+        else:
+            err = classify(error)
+            reply = error_reply(err, request_id, latency_ms)
+            outcome = err.code
+        try:
+            data = encode_reply(reply, encoding)
+        except (TypeError, ValueError, OverflowError):
+            log.exception("cannot encode the reply to action %s", label)
+            err = ErrorReply(500, "internal_error", "internal error: reply not encodable")
+            data = encode_reply(error_reply(err, None, latency_ms), encoding)
+            outcome = err.code
+        self._recorder.record(label, outcome, time.perf_counter() - t0)
+        if self._socket is None:
+            return
+        try:
+            await self._socket.send_multipart([*envelope, data], copy=False)
+        except zmq.ZMQError as exc:
+            # The peer may be gone; that costs it its reply, never the server.
+            log.debug("ZeroMQ reply not sent: %s", exc)
+
+
+async def serve_zmq(
+    node: NodeAPI, config: ServerConfig, *, dispatcher: Dispatcher | None = None
+) -> ZmqServer:
+    """Start the legacy ZeroMQ server for `node`; call `await server.stop()` to end it."""
+    server = ZmqServer(node, config, dispatcher=dispatcher)
+    await server.start()
+    return server
