@@ -123,6 +123,10 @@ def build(cls: type[Any], values: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in values:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{f.name}: required key is missing")
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:

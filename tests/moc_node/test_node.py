@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -33,7 +34,7 @@ Factory = Callable[..., Runtime]
 
 
 def request(model: str, text: str = "hello", **params: object) -> InferRequest:
-    p = GenerationParams(**{**GREEDY.__dict__, **params}) if params else GREEDY  # type: ignore[arg-type]
+    p = dataclasses.replace(GREEDY, **params)  # type: ignore[arg-type]
     return InferRequest(model=model, prompt=text, params=p)
 
 
@@ -289,7 +290,7 @@ async def test_a_full_bulkhead_answers_overloaded_at_once(
     config = make_config(
         tmp_path,
         model_root,
-        catalog=catalog_of(model_root, "a"),
+        catalog=catalog_of(model_root, "a", n_ctx=4096),
         bulkhead=BulkheadConfig(max_concurrent=1, max_queue_size=0),
     )
     node = (await started(runtime_factory, config)).node
