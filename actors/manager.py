@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pykka
 
@@ -39,7 +40,7 @@ from actors.worker_client import LoadedInfo, WorkerSpec
 
 log = logging.getLogger(__name__)
 
-Acquired = Callable[[pykka.ActorRef | None, Exception | None], None]
+Acquired = Callable[[pykka.ActorRef[Any] | None, Exception | None], None]
 Unloaded = Callable[[ModelInfo | None, Exception | None], None]
 MIB = 1024 * 1024
 
@@ -54,7 +55,7 @@ class Slot:
     device: str | None = None
     estimate_mb: float | None = None
     measured_mb: float | None = None
-    actor: pykka.ActorRef | None = None
+    actor: pykka.ActorRef[Any] | None = None
     breaker: CircuitBreaker | None = None
     load_waiters: list[Acquired] = field(default_factory=list)
     unload_waiters: list[Unloaded] = field(default_factory=list)
@@ -428,10 +429,10 @@ class ModelManager(pykka.ThreadingActor):
         slot.pid = None
         slot.measured_mb = None
         self._refresh_loaded_gauge()
-        unload_waiters, slot.unload_waiters = slot.unload_waiters, []
+        unloaded, slot.unload_waiters = slot.unload_waiters, []
         info = self._info(slot)
-        for reply in unload_waiters:
-            reply(info, None)
+        for answer in unloaded:
+            answer(info, None)
         self._unblock(name)
         waiting, slot.load_waiters = slot.load_waiters, []
         if not slot.in_catalog and not waiting:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pykka
 
@@ -50,7 +50,7 @@ class Runtime:
 
     config: Config
     node: Node
-    manager: pykka.ActorRef
+    manager: pykka.ActorRef[Any]
     tickers: list[Ticker] = field(default_factory=list)
     runtime_dir: Path | None = None
 
@@ -104,9 +104,7 @@ def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_wo
     gpu_proxies = [ref.proxy() for ref in gpu_refs]
     manager_proxy = manager.proxy()
     tickers = [
-        Ticker(
-            resources.gpu_poll_interval, lambda: [p.poll() for p in gpu_proxies], "gpu-poll"
-        ).start(),
+        Ticker(resources.gpu_poll_interval, lambda: _poll_all(gpu_proxies), "gpu-poll").start(),
         Ticker(1.0, manager_proxy.expire_idle, "keep-alive").start(),
     ]
     node = Node(
@@ -120,6 +118,11 @@ def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_wo
         abort=abort,
     )
     return Runtime(config, node, manager, tickers, runtime_dir)
+
+
+def _poll_all(gpu_proxies: list[Any]) -> None:
+    for proxy in gpu_proxies:
+        proxy.poll()
 
 
 def with_demo_model(config: Config) -> Config:

@@ -92,7 +92,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     for name in RESERVED_SECTIONS:
         if name in data:
             raise ConfigError(f"{name}: this section is reserved for a feature not available yet")
-    return build(Config, data, "")
+    config: Config = build(Config, data, "")
+    return config
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:

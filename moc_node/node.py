@@ -100,10 +100,10 @@ class Node:
         self,
         *,
         name: str,
-        manager: pykka.ActorRef,
+        manager: pykka.ActorRef[Any],
         board: ModelBoard,
         ledgers: Mapping[str, Ledger],
-        gpu_actors: Sequence[pykka.ActorRef],
+        gpu_actors: Sequence[pykka.ActorRef[Any]],
         bulkheads: BulkheadRegistry,
         store: StateStore,
         abort: threading.Event,
@@ -119,7 +119,7 @@ class Node:
         self._store = store
         self._abort = abort
         self._request_timeout = request_timeout
-        self._proxies: dict[pykka.ActorRef, Any] = {}
+        self._proxies: dict[pykka.ActorRef[Any], Any] = {}
         self._ready = False
         self._draining = False
         self.closed = False
@@ -271,13 +271,13 @@ class Node:
         if self._draining:
             raise ShuttingDown("the node is shutting down and takes no new requests")
 
-    async def _acquire(self, req: LoadRequest, explicit: bool = False) -> pykka.ActorRef:
+    async def _acquire(self, req: LoadRequest, explicit: bool = False) -> pykka.ActorRef[Any]:
         future, reply = _reply_on_loop(asyncio.get_running_loop())
         self._manager.acquire(req, reply, explicit)
-        ref: pykka.ActorRef = await future
+        ref: pykka.ActorRef[Any] = await future
         return ref
 
-    def _proxy(self, ref: pykka.ActorRef) -> Any:
+    def _proxy(self, ref: pykka.ActorRef[Any]) -> Any:
         proxy = self._proxies.get(ref)
         if proxy is None:
             proxy = self._proxies[ref] = ref.proxy()
