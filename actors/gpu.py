@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 
 import pykka
 
 from actors import metrics
 from actors.ledger import Ledger
-from actors.probes import DeviceProbe
+from actors.probes import DeviceProbe, DeviceReading
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +57,30 @@ class GPUActor(pykka.ThreadingActor):
     def healthy(self) -> bool:
         """True while the last measurement succeeded."""
         return not self._failing
+
+
+_NEVER_SET = threading.Event()  # its wait() is a pause that a test can replace
+
+
+def wait_for_release(
+    read: Callable[[], DeviceReading],
+    used_before_mb: float,
+    released_mb: float,
+    *,
+    timeout: float = 5.0,
+    interval: float = 0.25,
+    clock: Callable[[], float] = time.monotonic,
+    pause: Callable[[float], object] = _NEVER_SET.wait,
+) -> bool:
+    """Poll the device until most of a stopped model's memory is back; False on timeout.
+
+    GPU drivers free memory some time after the process exits. Like Ollama, count the memory as
+    back once 75% of it shows as free, and give up after a few seconds rather than hang a load.
+    """
+    deadline = clock() + timeout
+    while True:
+        if used_before_mb - read().used_mb >= 0.75 * released_mb:
+            return True
+        if clock() >= deadline:
+            return False
+        pause(interval)

@@ -33,6 +33,7 @@ from actors.ledger import Ledger
 from actors.model import ModelActor, WorkerFactory, _default_worker
 from actors.paths import resolve_model_path
 from actors.placement import DeviceRoom, Resident, plan
+from actors.probes import DeviceProbe
 from actors.resilience import BulkheadRegistry, CircuitBreaker
 from actors.store import LoadedRecord, StateStore
 from actors.types import Backend, LoadRequest, ModelInfo, ModelState
@@ -125,6 +126,7 @@ class ManagerDeps:
     runtime_dir: Path
     board: ModelBoard
     abort: threading.Event
+    probes: Mapping[str, DeviceProbe] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
     worker_factory: WorkerFactory = _default_worker
 
@@ -293,6 +295,7 @@ class ModelManager(pykka.ThreadingActor):
             events=self.actor_ref.proxy(),
             breaker=slot.breaker,
             abort=self._deps.abort,
+            gpu_probe=self._deps.probes.get(device) if ledger.kind == "nvml" else None,
             load_timeout=self._models_config.load_timeout,
             worker_factory=self._deps.worker_factory,
         )

@@ -26,6 +26,8 @@ from actors.errors import (
     ShuttingDown,
     WorkerCrashed,
 )
+from actors.gpu import wait_for_release
+from actors.probes import DeviceProbe
 from actors.resilience import CircuitBreaker
 from actors.types import InferRequest, InferResult
 from actors.worker_client import LoadedInfo, WorkerProcess, WorkerSpec
@@ -89,6 +91,7 @@ class ModelActor(pykka.ThreadingActor):
         events: ModelEvents,
         breaker: CircuitBreaker,
         abort: threading.Event | None = None,
+        gpu_probe: DeviceProbe | None = None,
         load_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         worker_factory: WorkerFactory = _default_worker,
@@ -99,6 +102,8 @@ class ModelActor(pykka.ThreadingActor):
         self._events = events
         self._breaker = breaker
         self._abort = abort or threading.Event()
+        self._gpu_probe = gpu_probe  # only for NVML devices: wait for the memory to come back
+        self._measured_mb = 0.0
         self._load_timeout = load_timeout
         self._clock = clock
         self._worker_factory = worker_factory
@@ -115,6 +120,7 @@ class ModelActor(pykka.ThreadingActor):
             log.warning("loading %s failed: %s", self.spec.name, error)
             self._events.model_load_failed(self.spec.name, error)
             return
+        self._measured_mb = info.measured_mb
         self._events.model_loaded(self.spec.name, info)
 
     def infer(self, job: InferJob) -> None:
@@ -177,8 +183,17 @@ class ModelActor(pykka.ThreadingActor):
     # -- lifecycle ------------------------------------------------------------------------
 
     def on_stop(self) -> None:
-        self._worker.stop()
+        self._stop_worker()
         self._events.model_stopped(self.spec.name)
+
+    def _stop_worker(self) -> None:
+        """Stop the worker; on a GPU, wait (a few seconds at most) until its memory is back."""
+        probe = self._gpu_probe
+        before = probe.read().used_mb if probe is not None else 0.0
+        self._worker.stop()
+        back = probe is None or wait_for_release(probe.read, before, self._measured_mb)
+        if not back and probe is not None:
+            log.warning("%s: memory of %s not back after 5 s", probe.name, self.spec.name)
 
     def on_failure(self, *args: object) -> None:
         self._worker.stop(timeout=1.0)
@@ -194,5 +209,6 @@ class ModelActor(pykka.ThreadingActor):
             self._breaker.record_failure(self._clock())
             log.error("restarting the worker for %s failed: %s", self.spec.name, exc)
             return False
+        self._measured_mb = info.measured_mb
         self._events.model_loaded(self.spec.name, info)
         return True

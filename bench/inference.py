@@ -75,12 +75,18 @@ async def through_node(path: Path, state: Path, tokens: int, runs: int) -> dict[
         for _ in range(runs):
             start = time.perf_counter()
             stamps: list[float] = []
-            async for item in runtime.node.infer_stream(InferRequest("m", prompt=PROMPT, params=params)):
+            async for item in runtime.node.infer_stream(
+                InferRequest("m", prompt=PROMPT, params=params)
+            ):
                 if isinstance(item, TokenChunk):
                     stamps.append(time.perf_counter())
             ttfts.append(stamps[0] - start)
             rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        return {"load_s": load_s, "ttft_s": statistics.median(ttfts), "tok_s": statistics.median(rates)}
+        return {
+            "load_s": load_s,
+            "ttft_s": statistics.median(ttfts),
+            "tok_s": statistics.median(rates),
+        }
     finally:
         await runtime.close()
 
@@ -89,7 +95,11 @@ async def estimates(models: dict[str, Path], state: Path) -> dict[str, tuple[flo
     """Return (estimate, measured) MiB per size, loading each through the node."""
     catalog = tuple(CatalogEntry(name=n, path=str(p), n_ctx=N_CTX) for n, p in models.items())
     config = Config(
-        node=NodeConfig(name="bench", state_dir=str(state), model_dirs=(str(next(iter(models.values())).parent),)),
+        node=NodeConfig(
+            name="bench",
+            state_dir=str(state),
+            model_dirs=(str(next(iter(models.values())).parent),),
+        ),
         resources=ResourcesConfig(devices="cpu"),
         models=ModelsConfig(catalog=catalog),
     )
@@ -122,7 +132,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="moc-bench-") as tmp:
         root = Path(tmp) / "models"
         root.mkdir()
-        models = {size: write_preset(root / f"{size}.gguf", size) for size in ("tiny", "small", "medium50m")}
+        models = {
+            size: write_preset(root / f"{size}.gguf", size)
+            for size in ("tiny", "small", "medium50m")
+        }
         big = models["medium50m"]
         direct = direct_llama(big, tokens, runs)
         node = asyncio.run(through_node(big, Path(tmp) / "state1", tokens, runs))
@@ -136,12 +149,20 @@ def main() -> int:
     errors = {n: abs(e - m) / m * 100 for n, (e, m) in memory.items() if m > 0}
     params = SIZES["medium50m"].n_params()
 
-    print(f"model: generated llama, {params / 1e6:.1f}M params, f32, n_ctx {N_CTX}, CPU, {tokens} tokens x {runs} runs")
+    print(
+        f"model: generated llama, {params / 1e6:.1f}M params, f32, n_ctx {N_CTX}, CPU, {tokens} tokens x {runs} runs"
+    )
     print(f"{'measure':32} {'direct':>10} {'node':>10} {'ratio':>8}")
-    print(f"{'decode tokens/s':32} {direct['tok_s']:10.1f} {node['tok_s']:10.1f} {decode_ratio:8.3f}")
-    print(f"{'time to first token (ms)':32} {direct['ttft_s'] * 1000:10.1f} {node['ttft_s'] * 1000:10.1f} {'+' + format(ttft_overhead_ms, '.1f'):>8}")
+    print(
+        f"{'decode tokens/s':32} {direct['tok_s']:10.1f} {node['tok_s']:10.1f} {decode_ratio:8.3f}"
+    )
+    print(
+        f"{'time to first token (ms)':32} {direct['ttft_s'] * 1000:10.1f} {node['ttft_s'] * 1000:10.1f} {'+' + format(ttft_overhead_ms, '.1f'):>8}"
+    )
     print(f"{'cold load (s)':32} {direct['load_s']:10.3f} {node['load_s']:10.3f} {load_ratio:8.2f}")
-    print(f"{'  less process start (s)':32} {'':10} {node['load_s'] - start_s:10.3f} {load_ratio_less_start:8.2f}")
+    print(
+        f"{'  less process start (s)':32} {'':10} {node['load_s'] - start_s:10.3f} {load_ratio_less_start:8.2f}"
+    )
     print(f"{'process start (s)':32} {'':10} {start_s:10.3f}")
     print(f"\n{'size':12} {'estimate MiB':>14} {'measured MiB':>14} {'error %':>8}")
     for name, (est, meas) in memory.items():

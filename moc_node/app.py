@@ -98,6 +98,7 @@ def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_wo
             runtime_dir=runtime_dir,
             board=board,
             abort=abort,
+            probes={p.name: p for p in probes},
             worker_factory=worker_factory,
         )
     )
