@@ -29,8 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The repository root, so `actors` imports without an installed package.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 MODEL = "tiny"
-MIX = (("health", 0.4), ("list_models", 0.2), ("infer", 0.4))
+MIX: tuple[tuple[str, float], ...] = (("health", 0.4), ("list_models", 0.2), ("infer", 0.4))
 
 
 @dataclass
@@ -74,15 +79,28 @@ def echo_server(port: int, ready: Any) -> None:
     while True:
         frames = sock.recv_multipart()
         request = json.loads(frames[-1])
-        reply = {"success": True, "result": request.get("payload"), "error": None,
-                 "request_id": request.get("request_id"), "latency_ms": 0.0}
+        reply = {
+            "success": True,
+            "result": request.get("payload"),
+            "error": None,
+            "request_id": request.get("request_id"),
+            "latency_ms": 0.0,
+        }
         sock.send_multipart([*frames[:-1], json.dumps(reply).encode()])
 
 
 # ---- the clients ----
 
 
-def client(endpoint: str, seed: int, ready: Any, go: Any, stop_at: Any, out: Any) -> None:
+def client(
+    endpoint: str,
+    seed: int,
+    mix: tuple[tuple[str, float], ...],
+    ready: Any,
+    go: Any,
+    stop_at: Any,
+    out: Any,
+) -> None:
     """Send the request mix on one REQ socket until the deadline; report latencies."""
     import zmq
 
@@ -92,8 +110,8 @@ def client(endpoint: str, seed: int, ready: Any, go: Any, stop_at: Any, out: Any
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 30_000)
     sock.connect(endpoint)
-    actions = [a for a, _ in MIX]
-    weights = [w for _, w in MIX]
+    actions = [a for a, _ in mix]
+    weights = [w for _, w in mix]
     latencies: list[float] = []
     ok = errors = 0
     ready.release()
@@ -102,10 +120,20 @@ def client(endpoint: str, seed: int, ready: Any, go: Any, stop_at: Any, out: Any
     i = 0
     while time.time() < deadline:
         action = rng.choices(actions, weights)[0]
-        payload = {"model_name": MODEL, "input_text": "hello", "max_tokens": 1} if action == "infer" else {}
+        payload = (
+            {"model_name": MODEL, "input_text": "hello", "max_tokens": 1}
+            if action == "infer"
+            else {}
+        )
         t0 = time.perf_counter()
-        sock.send_json({"action": action, "payload": payload, "request_id": f"{seed}-{i}",
-                        "timestamp": "2024-01-01T00:00:00Z"})
+        sock.send_json(
+            {
+                "action": action,
+                "payload": payload,
+                "request_id": f"{seed}-{i}",
+                "timestamp": "2024-01-01T00:00:00Z",
+            }
+        )
         try:
             reply = sock.recv_json()
         except zmq.Again:
@@ -122,7 +150,9 @@ def client(endpoint: str, seed: int, ready: Any, go: Any, stop_at: Any, out: Any
     out.put((ok, errors, latencies))
 
 
-def run_phase(name: str, endpoint: str, clients: int, seconds: float) -> Phase:
+def run_phase(
+    name: str, endpoint: str, clients: int, seconds: float, mix: tuple[tuple[str, float], ...] = MIX
+) -> Phase:
     """Run `clients` processes against `endpoint` for `seconds`; gather their figures."""
     ctx = mp.get_context("spawn")
     ready = ctx.Semaphore(0)
@@ -130,7 +160,8 @@ def run_phase(name: str, endpoint: str, clients: int, seconds: float) -> Phase:
     stop_at = ctx.Value("d", 0.0)
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=client, args=(endpoint, i, ready, go, stop_at, out)) for i in range(clients)
+        ctx.Process(target=client, args=(endpoint, i, mix, ready, go, stop_at, out))
+        for i in range(clients)
     ]
     for p in procs:
         p.start()
@@ -165,7 +196,7 @@ def write_config(workdir: Path, zmq_port: int, rest_port: int) -> Path:
         f"""
 [node]
 name = "bench"
-state_dir = "{workdir / 'state'}"
+state_dir = "{workdir / "state"}"
 model_dirs = ["{models}"]
 
 [server]
@@ -188,14 +219,25 @@ pin = true
     return config
 
 
-def start_node(config: Path, rest_port: int, log_path: Path, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+def start_node(
+    config: Path, rest_port: int, log_path: Path, timeout: float = 120.0
+) -> subprocess.Popen[bytes]:
     """Start `moc-node run` and wait until /ready answers 200; raise with the log tail if not."""
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moc_node.cli", "run", "--config", str(config), "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "moc_node.cli",
+            "run",
+            "--config",
+            str(config),
+            "--log-level",
+            "WARNING",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -227,12 +269,24 @@ def stop_node(proc: subprocess.Popen[bytes]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short phases (the whole run under two minutes)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="short phases (the whole run under two minutes)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object as the last line"
+    )
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, help="length of each phase")
+    parser.add_argument(
+        "--mix", help="diagnostics: another request mix, e.g. health:1 or health:0.5,infer:0.5"
+    )
     args = parser.parse_args(argv)
+    mix = MIX
+    if args.mix:
+        mix = tuple((a, float(w)) for a, w in (part.split(":") for part in args.mix.split(",")))
     seconds = args.seconds or (5.0 if args.quick else 20.0)
 
     # The anchor.
@@ -243,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     echo.start()
     ready.wait(30)
     try:
-        anchor = run_phase("bare pyzmq ROUTER echo", f"tcp://127.0.0.1:{echo_port}", args.clients, seconds)
+        anchor = run_phase(
+            "bare pyzmq ROUTER echo", f"tcp://127.0.0.1:{echo_port}", args.clients, seconds
+        )
     finally:
         echo.terminate()
         echo.join()
@@ -261,17 +317,24 @@ def main(argv: list[str] | None = None) -> int:
             node_error = str(exc)
         else:
             try:
-                node_phase = run_phase("moc-node legacy ZMQ", f"tcp://127.0.0.1:{zmq_port}", args.clients, seconds)
+                node_phase = run_phase(
+                    "moc-node legacy ZMQ", f"tcp://127.0.0.1:{zmq_port}", args.clients, seconds, mix
+                )
             finally:
                 stop_node(proc)
 
-    print(f"zmq_load: {args.clients} client processes, {seconds:g} s per phase, "
-          f"mix 40% health / 20% list_models / 40% infer(max_tokens=1), {os.cpu_count()} CPUs")
+    print(
+        f"zmq_load: {args.clients} client processes, {seconds:g} s per phase, "
+        f"mix {' / '.join(f'{w:.0%} {a}' for a, w in mix)} (infer: max_tokens=1), "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'phase':<26}{'ok':>9}{'errors':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
     for phase in (anchor, node_phase):
         if phase is not None:
-            print(f"{phase.name:<26}{phase.ok:>9}{phase.errors:>8}{phase.rps:>10.0f}"
-                  f"{phase.pct(0.5):>9.2f}{phase.pct(0.99):>9.2f}")
+            print(
+                f"{phase.name:<26}{phase.ok:>9}{phase.errors:>8}{phase.rps:>10.0f}"
+                f"{phase.pct(0.5):>9.2f}{phase.pct(0.99):>9.2f}"
+            )
     ratio = node_phase.rps / anchor.rps if node_phase and anchor.rps else None
     if node_phase is None:
         print(f"moc-node phase not run: {node_error.splitlines()[0] if node_error else 'unknown'}")

@@ -29,6 +29,7 @@ from actors.errors import (
 from actors.types import (
     ComponentHealth,
     DeviceInfo,
+    FinishReason,
     HealthReport,
     HealthStatus,
     InferRequest,
@@ -50,8 +51,15 @@ class FakeNode:
 
     def __init__(self, *, capacity: int = 1000) -> None:
         self._models: dict[str, ModelInfo] = {
-            "tiny": ModelInfo("tiny", "gguf", f"{MODEL_DIR}/tiny.gguf", "loaded", device="cpu",
-                              memory_mb=42.0, version="tiny-v1"),
+            "tiny": ModelInfo(
+                "tiny",
+                "gguf",
+                f"{MODEL_DIR}/tiny.gguf",
+                "loaded",
+                device="cpu",
+                memory_mb=42.0,
+                version="tiny-v1",
+            ),
             "small": ModelInfo("small", "gguf", f"{MODEL_DIR}/small.gguf", "available"),
             "huge": ModelInfo("huge", "gguf", f"{MODEL_DIR}/huge.gguf", "available"),
         }
@@ -62,6 +70,8 @@ class FakeNode:
         after the first piece)."""
         self.fail: MocError | None = None
         """When set, every inference raises it."""
+        self.tokens: tuple[str, ...] = TOKENS
+        """The pieces the "model" cycles through."""
         self.ready = True
         self.health_status: HealthStatus = "healthy"
         self.in_flight = 0
@@ -84,8 +94,16 @@ class FakeNode:
         if req.name.startswith("huge"):
             raise InsufficientMemory(f"model {req.name!r} needs 90000 MB; 8000 MB free")
         path = req.path or (current.path if current else "")
-        info = ModelInfo(req.name, req.backend or "gguf", path, "loaded", device="cpu",
-                         memory_mb=64.0, version=f"{req.name}-v1", pinned=bool(req.pin))
+        info = ModelInfo(
+            req.name,
+            req.backend or "gguf",
+            path,
+            "loaded",
+            device="cpu",
+            memory_mb=64.0,
+            version=f"{req.name}-v1",
+            pinned=bool(req.pin),
+        )
         self._models[req.name] = info
         return info
 
@@ -170,31 +188,35 @@ class FakeNode:
             self._models[req.model] = dataclasses.replace(info, state="loaded", device="cpu")
         self.requests.append(req)
         self.in_flight += 1
-        return generate(req)
+        return generate(req, self.tokens)
 
     def _result(self, req: InferRequest, pieces: list[str]) -> InferResult:
         text = "".join(pieces)
-        finish = "length" if len(pieces) == req.params.max_tokens else "stop"
-        prompt = req.prompt if req.prompt is not None else " ".join(
-            m.content for m in req.messages or ()
+        finish: FinishReason = "length" if len(pieces) == req.params.max_tokens else "stop"
+        prompt = (
+            req.prompt
+            if req.prompt is not None
+            else " ".join(m.content for m in req.messages or ())
         )
         return InferResult(text, len(pieces), len(prompt.split()), finish, 1.5, f"{req.model}-v1")
 
 
-def generate(req: InferRequest) -> list[str]:
+def generate(req: InferRequest, tokens: tuple[str, ...] = TOKENS) -> list[str]:
     """Return the pieces the fake model emits: the token cycle, cut at a stop sequence."""
+    cycle = [tokens[i % len(tokens)] for i in range(req.params.max_tokens)]
+    if not req.params.stop:
+        return cycle
     pieces: list[str] = []
     text = ""
-    for i in range(req.params.max_tokens):
-        candidate = text + TOKENS[i % len(TOKENS)]
-        for stop in req.params.stop:
-            cut = candidate.find(stop)
-            if cut >= 0:
-                tail = candidate[len(text):cut]
-                if tail:
-                    pieces.append(tail)
-                return pieces
-        pieces.append(TOKENS[i % len(TOKENS)])
+    for piece in cycle:
+        candidate = text + piece
+        cuts = [cut for cut in (candidate.find(stop) for stop in req.params.stop) if cut >= 0]
+        if cuts:
+            tail = candidate[len(text) : min(cuts)]
+            if tail:
+                pieces.append(tail)
+            return pieces
+        pieces.append(piece)
         text = candidate
     return pieces
 
@@ -222,7 +244,7 @@ async def start_zmq() -> AsyncIterator[Callable[..., Awaitable[ZmqServer]]]:
     servers: list[ZmqServer] = []
 
     async def start(node: FakeNode, **overrides: Any) -> ZmqServer:
-        server = await serve_zmq(node, test_config(**overrides))  # type: ignore[arg-type]
+        server = await serve_zmq(node, test_config(**overrides))
         servers.append(server)
         return server
 
@@ -237,7 +259,7 @@ async def start_http() -> AsyncIterator[Callable[..., Awaitable[HttpServer]]]:
     servers: list[HttpServer] = []
 
     async def start(node: FakeNode, **overrides: Any) -> HttpServer:
-        server = await serve_http(node, test_config(**overrides))  # type: ignore[arg-type]
+        server = await serve_http(node, test_config(**overrides))
         servers.append(server)
         return server
 
@@ -283,7 +305,9 @@ def legacy_call(
         sock.close()
 
 
-def request(action: str, payload: dict[str, Any] | None = None, request_id: str = "r-1") -> dict[str, Any]:
+def request(
+    action: str, payload: dict[str, Any] | None = None, request_id: str = "r-1"
+) -> dict[str, Any]:
     """Build a legacy request message."""
     return {
         "action": action,

@@ -35,12 +35,18 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("keys not a list", {"api_keys": "secret"}, "server.api_keys:"),
     ("empty key", {"api_keys": [""]}, "server.api_keys:"),
     ("relative open path", {"open_paths": ["health"]}, "server.open_paths:"),
-    ("hard limit below soft", {"max_frame_bytes": 100, "zmq_max_msg_bytes": 10}, "server.zmq_max_msg_bytes:"),
+    (
+        "hard limit below soft",
+        {"max_frame_bytes": 100, "zmq_max_msg_bytes": 10},
+        "server.zmq_max_msg_bytes:",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("table", "start"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
-def test_a_bad_value_stops_the_start_with_a_message_naming_the_key(table: dict[str, Any], start: str) -> None:
+def test_a_bad_value_stops_the_start_with_a_message_naming_the_key(
+    table: dict[str, Any], start: str
+) -> None:
     with pytest.raises(ConfigError) as caught:
         from_mapping(table)
     assert str(caught.value).startswith(start)
@@ -59,7 +65,9 @@ def test_an_unreadable_key_file_is_refused_without_showing_contents(tmp_path: Pa
     assert "server.api_key_file" in str(caught.value)
 
 
-def test_an_empty_key_file_is_refused_rather_than_silently_opening_the_server(tmp_path: Path) -> None:
+def test_an_empty_key_file_is_refused_rather_than_silently_opening_the_server(
+    tmp_path: Path,
+) -> None:
     key_file = tmp_path / "keys"
     key_file.write_text("# nothing yet\n", encoding="utf-8")
     with pytest.raises(ConfigError):

@@ -62,7 +62,9 @@ STATUS_TABLE = [
 @pytest.mark.parametrize(
     ("exc", "status", "code"), [c[1:] for c in STATUS_TABLE], ids=[c[0] for c in STATUS_TABLE]
 )
-def test_each_error_class_maps_to_its_status_and_code(exc: BaseException, status: int, code: str) -> None:
+def test_each_error_class_maps_to_its_status_and_code(
+    exc: BaseException, status: int, code: str
+) -> None:
     reply = classify(exc)
     assert (reply.status, reply.code) == (status, code)
 
@@ -101,7 +103,9 @@ async def test_infer_returns_the_legacy_result_fields(node: FakeNode) -> None:
     assert node.requests[-1].timeout_s == d.config.request_timeout_s
 
 
-async def test_an_inference_past_its_deadline_is_cancelled_and_answered_as_a_timeout(node: FakeNode) -> None:
+async def test_an_inference_past_its_deadline_is_cancelled_and_answered_as_a_timeout(
+    node: FakeNode,
+) -> None:
     node.gate = asyncio.Event()  # never set: the "model" hangs
     d = Dispatcher(node, test_config(request_timeout_s=0.05))
     with pytest.raises(RequestTimeout):
@@ -128,4 +132,7 @@ async def test_unload_then_list_shows_the_model_available(node: FakeNode) -> Non
 
 async def test_devices_say_when_they_are_simulated(node: FakeNode) -> None:
     devices = (await Dispatcher(node, test_config()).call("list_devices", {}))["devices"]
-    assert [(d["label"], d["simulated"]) for d in devices] == [("cpu", False), ("sim0 (simulated)", True)]
+    assert [(d["label"], d["simulated"]) for d in devices] == [
+        ("cpu", False),
+        ("sim0 (simulated)", True),
+    ]

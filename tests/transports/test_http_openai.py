@@ -19,8 +19,12 @@ KEY = "client-key"
 @pytest.fixture
 async def client(http_server: HttpServer) -> AsyncIterator[openai.AsyncOpenAI]:
     # No retries: the tests check what the server answered, not the client's persistence.
-    c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_server.port}/v1", api_key="unused",
-                           max_retries=0, timeout=30)
+    c = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{http_server.port}/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=30,
+    )
     yield c
     await c.close()
 
@@ -31,22 +35,32 @@ async def test_models_lists_every_model_of_the_node(client: openai.AsyncOpenAI) 
     assert (await client.models.retrieve("tiny")).id == "tiny"
 
 
-async def test_a_completion_returns_text_usage_and_finish_reason(client: openai.AsyncOpenAI) -> None:
+async def test_a_completion_returns_text_usage_and_finish_reason(
+    client: openai.AsyncOpenAI,
+) -> None:
     done = await client.completions.create(model="tiny", prompt="say hi", max_tokens=3)
     assert done.choices[0].text == "Hello, world"
     assert done.choices[0].finish_reason == "length"
     assert done.usage is not None
-    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (2, 3, 5)
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (
+        2,
+        3,
+        5,
+    )
     assert done.object == "text_completion"
 
 
-async def test_a_stop_sequence_ends_the_completion_with_reason_stop(client: openai.AsyncOpenAI) -> None:
+async def test_a_stop_sequence_ends_the_completion_with_reason_stop(
+    client: openai.AsyncOpenAI,
+) -> None:
     done = await client.completions.create(model="tiny", prompt="x", max_tokens=20, stop=["!"])
     assert done.choices[0].text == "Hello, world"
     assert done.choices[0].finish_reason == "stop"
 
 
-async def test_a_chat_completion_answers_as_the_assistant(client: openai.AsyncOpenAI, node: FakeNode) -> None:
+async def test_a_chat_completion_answers_as_the_assistant(
+    client: openai.AsyncOpenAI, node: FakeNode
+) -> None:
     done = await client.chat.completions.create(
         model="tiny",
         messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
@@ -61,7 +75,9 @@ async def test_a_chat_completion_answers_as_the_assistant(client: openai.AsyncOp
     assert (sent.params.temperature, sent.params.seed) == (0.2, 7)
 
 
-async def test_a_streamed_completion_yields_the_same_text_as_the_whole_one(client: openai.AsyncOpenAI) -> None:
+async def test_a_streamed_completion_yields_the_same_text_as_the_whole_one(
+    client: openai.AsyncOpenAI,
+) -> None:
     whole = await client.completions.create(model="tiny", prompt="x", max_tokens=6)
     stream = await client.completions.create(model="tiny", prompt="x", max_tokens=6, stream=True)
     pieces = [chunk.choices[0].text async for chunk in stream]
@@ -69,9 +85,14 @@ async def test_a_streamed_completion_yields_the_same_text_as_the_whole_one(clien
     assert "".join(pieces) == whole.choices[0].text
 
 
-async def test_a_streamed_chat_yields_deltas_then_a_finish_reason_and_usage(client: openai.AsyncOpenAI) -> None:
+async def test_a_streamed_chat_yields_deltas_then_a_finish_reason_and_usage(
+    client: openai.AsyncOpenAI,
+) -> None:
     stream = await client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True,
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = [chunk async for chunk in stream]
@@ -94,13 +115,17 @@ async def test_an_unknown_model_is_a_not_found_error(client: openai.AsyncOpenAI)
         )
 
 
-async def test_an_out_of_range_parameter_is_a_bad_request_naming_it(client: openai.AsyncOpenAI) -> None:
+async def test_an_out_of_range_parameter_is_a_bad_request_naming_it(
+    client: openai.AsyncOpenAI,
+) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await client.completions.create(model="tiny", prompt="x", temperature=3.5)
     assert caught.value.param == "temperature"
 
 
-async def test_overload_reaches_the_client_as_a_503(client: openai.AsyncOpenAI, node: FakeNode) -> None:
+async def test_overload_reaches_the_client_as_a_503(
+    client: openai.AsyncOpenAI, node: FakeNode
+) -> None:
     node.capacity = 0
     with pytest.raises(openai.InternalServerError) as caught:
         await client.completions.create(model="tiny", prompt="x")
@@ -123,7 +148,9 @@ async def test_with_keys_the_client_needs_the_right_one(node: FakeNode, start_ht
 
 async def test_concurrent_streams_are_served_side_by_side(client: openai.AsyncOpenAI) -> None:
     async def one() -> str:
-        stream = await client.completions.create(model="tiny", prompt="x", max_tokens=5, stream=True)
+        stream = await client.completions.create(
+            model="tiny", prompt="x", max_tokens=5, stream=True
+        )
         return "".join([c.choices[0].text async for c in stream])
 
     assert await asyncio.gather(*(one() for _ in range(8))) == ["Hello, world! How"] * 8

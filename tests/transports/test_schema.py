@@ -24,7 +24,9 @@ def test_an_infer_payload_with_every_field_keeps_them() -> None:
     req = schema.parse_infer(
         {**GOOD, "max_tokens": 2048, "temperature": 0, "top_p": 1, "stop_sequences": ["\n", "END"]}
     )
-    assert req.params == GenerationParams(max_tokens=2048, temperature=0.0, top_p=1.0, stop=("\n", "END"))
+    assert req.params == GenerationParams(
+        max_tokens=2048, temperature=0.0, top_p=1.0, stop=("\n", "END")
+    )
 
 
 BAD_INFER: list[tuple[str, dict[str, Any], str]] = [
@@ -52,8 +54,12 @@ BAD_INFER: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("payload", "field"), [c[1:] for c in BAD_INFER], ids=[c[0] for c in BAD_INFER])
-def test_a_bad_infer_payload_is_refused_naming_the_field(payload: dict[str, Any], field: str) -> None:
+@pytest.mark.parametrize(
+    ("payload", "field"), [c[1:] for c in BAD_INFER], ids=[c[0] for c in BAD_INFER]
+)
+def test_a_bad_infer_payload_is_refused_naming_the_field(
+    payload: dict[str, Any], field: str
+) -> None:
     with pytest.raises(InvalidRequest) as caught:
         schema.parse_infer(payload)
     assert caught.value.field == field
@@ -68,11 +74,20 @@ def test_an_infer_payload_that_is_not_an_object_is_refused() -> None:
 
 def test_a_load_payload_maps_legacy_names_onto_the_load_request() -> None:
     req = schema.parse_load(
-        {"model_name": "m", "model_path": "/models/m.gguf", "model_type": "gguf",
-         "quantization": "Q4_K_M", "gpu_layers": -1}
+        {
+            "model_name": "m",
+            "model_path": "/models/m.gguf",
+            "model_type": "gguf",
+            "quantization": "Q4_K_M",
+            "gpu_layers": -1,
+        }
     )
     assert (req.name, req.path, req.backend, req.quantization, req.gpu_layers) == (
-        "m", "/models/m.gguf", "gguf", "Q4_K_M", -1,
+        "m",
+        "/models/m.gguf",
+        "gguf",
+        "Q4_K_M",
+        -1,
     )
 
 
@@ -86,8 +101,12 @@ BAD_LOAD: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("payload", "field"), [c[1:] for c in BAD_LOAD], ids=[c[0] for c in BAD_LOAD])
-def test_a_bad_load_payload_is_refused_naming_the_field(payload: dict[str, Any], field: str) -> None:
+@pytest.mark.parametrize(
+    ("payload", "field"), [c[1:] for c in BAD_LOAD], ids=[c[0] for c in BAD_LOAD]
+)
+def test_a_bad_load_payload_is_refused_naming_the_field(
+    payload: dict[str, Any], field: str
+) -> None:
     with pytest.raises(InvalidRequest) as caught:
         schema.parse_load(payload)
     assert caught.value.field == field
@@ -95,10 +114,21 @@ def test_a_bad_load_payload_is_refused_naming_the_field(payload: dict[str, Any],
 
 def test_a_completion_body_accepts_one_prompt_in_a_list_and_a_single_stop_string() -> None:
     req, stream = schema.parse_completion(
-        {"model": "tiny", "prompt": ["hi"], "stop": "\n", "max_tokens": 5, "stream": True, "seed": 3}
+        {
+            "model": "tiny",
+            "prompt": ["hi"],
+            "stop": "\n",
+            "max_tokens": 5,
+            "stream": True,
+            "seed": 3,
+        }
     )
     assert (req.prompt, req.params.stop, req.params.max_tokens, req.params.seed, stream) == (
-        "hi", ("\n",), 5, 3, True,
+        "hi",
+        ("\n",),
+        5,
+        3,
+        True,
     )
 
 
@@ -111,8 +141,12 @@ BAD_OPENAI: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("body", "field"), [c[1:] for c in BAD_OPENAI], ids=[c[0] for c in BAD_OPENAI])
-def test_a_bad_completion_body_is_refused_naming_the_field(body: dict[str, Any], field: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "field"), [c[1:] for c in BAD_OPENAI], ids=[c[0] for c in BAD_OPENAI]
+)
+def test_a_bad_completion_body_is_refused_naming_the_field(
+    body: dict[str, Any], field: str
+) -> None:
     with pytest.raises(InvalidRequest) as caught:
         schema.parse_completion(body)
     assert caught.value.field == field
@@ -124,7 +158,10 @@ def test_a_chat_body_keeps_the_messages_and_joins_text_parts() -> None:
             "model": "tiny",
             "messages": [
                 {"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}],
+                },
             ],
             "max_completion_tokens": 7,
         }
@@ -138,10 +175,21 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str]] = [
     ("no messages", {"model": "tiny"}, "messages"),
     ("empty messages", {"model": "tiny", "messages": []}, "messages"),
     ("message not an object", {"model": "tiny", "messages": ["hi"]}, "messages[0]"),
-    ("bad role", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ("content a number", {"model": "tiny", "messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
-    ("image part", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "messages[0].content[0]"),
+    (
+        "bad role",
+        {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
+        "messages[0].role",
+    ),
+    (
+        "content a number",
+        {"model": "tiny", "messages": [{"role": "user", "content": 1}]},
+        "messages[0].content",
+    ),
+    (
+        "image part",
+        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        "messages[0].content[0]",
+    ),
 ]
 
 

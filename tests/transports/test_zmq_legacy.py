@@ -40,9 +40,10 @@ def test_a_frame_starting_with_a_brace_is_json_and_a_map_head_is_msgpack() -> No
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_either_decode_or_raise_bad_frame(data: bytes) -> None:
     try:
-        decode_frame(data)
+        encoding, _ = decode_frame(data)
     except BadFrame:
-        pass
+        return
+    assert encoding in ("json", "msgpack")
 
 
 # ---- over real sockets ----
@@ -69,8 +70,16 @@ async def test_a_plain_req_client_does_every_legacy_action(
     loaded = await call(
         zmq_context,
         zmq_server,
-        request("load_model", {"model_name": "custom", "model_path": "/models/custom.gguf",
-                               "model_type": "gguf", "quantization": "Q4_0", "gpu_layers": 10}),
+        request(
+            "load_model",
+            {
+                "model_name": "custom",
+                "model_path": "/models/custom.gguf",
+                "model_type": "gguf",
+                "quantization": "Q4_0",
+                "gpu_layers": 10,
+            },
+        ),
     )
     assert loaded["success"] is True
     assert loaded["result"]["memory_usage_mb"] == 64.0
@@ -78,8 +87,18 @@ async def test_a_plain_req_client_does_every_legacy_action(
     inferred = await call(
         zmq_context,
         zmq_server,
-        request("infer", {"model_name": "custom", "input_text": "hi", "max_tokens": 4,
-                          "temperature": 0.1, "top_p": 0.5, "stop_sequences": ["?"]}, "i-9"),
+        request(
+            "infer",
+            {
+                "model_name": "custom",
+                "input_text": "hi",
+                "max_tokens": 4,
+                "temperature": 0.1,
+                "top_p": 0.5,
+                "stop_sequences": ["?"],
+            },
+            "i-9",
+        ),
     )
     assert inferred["success"] is True
     assert inferred["request_id"] == "i-9"
@@ -89,7 +108,9 @@ async def test_a_plain_req_client_does_every_legacy_action(
     assert result["model_version"] == "custom-v1"
     assert isinstance(result["latency_ms"], float)
 
-    unloaded = await call(zmq_context, zmq_server, request("unload_model", {"model_name": "custom"}))
+    unloaded = await call(
+        zmq_context, zmq_server, request("unload_model", {"model_name": "custom"})
+    )
     assert unloaded["success"] is True
     again = await call(zmq_context, zmq_server, request("unload_model", {"model_name": "custom"}))
     assert again["success"] is False
@@ -109,8 +130,13 @@ async def test_a_msgpack_request_is_answered_in_msgpack(
         sock.setsockopt(zmq.RCVTIMEO, 10_000)
         try:
             sock.connect(zmq_server.endpoint)
-            sock.send(msgpack.packb(request("infer", {"model_name": "tiny", "input_text": "x",
-                                                      "max_tokens": 2}, "m-1")))
+            sock.send(
+                msgpack.packb(
+                    request(
+                        "infer", {"model_name": "tiny", "input_text": "x", "max_tokens": 2}, "m-1"
+                    )
+                )
+            )
             raw = sock.recv()
         finally:
             sock.close()
@@ -142,7 +168,9 @@ async def test_fifty_concurrent_req_clients_are_all_served(
 
     loop = asyncio.get_running_loop()
     with concurrent.futures.ThreadPoolExecutor(max_workers=clients) as pool:
-        results = await asyncio.gather(*(loop.run_in_executor(pool, client, i) for i in range(clients)))
+        results = await asyncio.gather(
+            *(loop.run_in_executor(pool, client, i) for i in range(clients))
+        )
     replies = [pair for per_client in results for pair in per_client]
     assert len(replies) == clients * 4
     for rid, reply in replies:
@@ -157,7 +185,8 @@ def _raw_exchange(ctx: zmq.Context[Any], endpoint: str, frames: list[bytes]) -> 
     try:
         sock.connect(endpoint)
         sock.send_multipart(frames)
-        return sock.recv()
+        reply: bytes = sock.recv()
+        return reply
     finally:
         sock.close()
 
@@ -176,8 +205,20 @@ BAD_INPUTS: list[tuple[str, list[bytes], str, str, str]] = [
     ("msgpack not an object", [msgpack.packb([1, 2])], "msgpack", "none", "invalid_request"),
     ("missing action", [b'{"payload": {}}'], "json", "none", "invalid_request"),
     ("unknown action", [b'{"action": "make_coffee"}'], "json", "unknown", "unknown_action"),
-    ("action not yet available", [b'{"action": "list_jobs"}'], "json", "list_jobs", "not_available"),
-    ("payload not an object", [b'{"action": "infer", "payload": [1]}'], "json", "infer", "invalid_request"),
+    (
+        "action not yet available",
+        [b'{"action": "list_jobs"}'],
+        "json",
+        "list_jobs",
+        "not_available",
+    ),
+    (
+        "payload not an object",
+        [b'{"action": "infer", "payload": [1]}'],
+        "json",
+        "infer",
+        "invalid_request",
+    ),
     ("wrong type", [_infer(max_tokens="50")], "json", "infer", "invalid_request"),
     ("out of range", [_infer(temperature=9)], "json", "infer", "invalid_request"),
     ("text too long", [_infer(input_text="x" * 10_001)], "json", "infer", "invalid_request"),
@@ -266,9 +307,11 @@ async def test_a_slow_inference_does_not_delay_health_from_another_client(
 ) -> None:
     server: ZmqServer = await start_zmq(node, max_workers=1)
     node.gate = asyncio.Event()
-    slow = asyncio.create_task(call(zmq_context, server, request("infer", {"model_name": "tiny",
-                                                                         "input_text": "x"}, "slow"))
-                               )
+    slow = asyncio.create_task(
+        call(
+            zmq_context, server, request("infer", {"model_name": "tiny", "input_text": "x"}, "slow")
+        )
+    )
     await asyncio.wait_for(node.started.wait(), 10)
 
     # The only worker slot is taken and the inference hangs; health still comes back.
