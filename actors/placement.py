@@ -49,15 +49,16 @@ def choose_device(need_mb: float, devices: Sequence[DeviceRoom]) -> str | None:
     return best.name
 
 
-def eviction_score(resident: Resident) -> float:
-    """Return how cheap a resident is to evict: long idle and quick to reload scores high."""
-    return resident.idle_seconds / (1.0 + resident.reload_seconds)
+def eviction_cost(resident: Resident) -> float:
+    """Return what evicting a resident is likely to cost: its reload time, discounted the longer
+    it has sat idle (a model unused for long is less likely to be asked for again soon)."""
+    return (1.0 + resident.reload_seconds) / (1.0 + resident.idle_seconds)
 
 
 def evictable(residents: Sequence[Resident]) -> list[Resident]:
     """Return the residents that may be evicted, cheapest first."""
     candidates = [r for r in residents if r.idle and not r.pinned]
-    return sorted(candidates, key=lambda r: (-eviction_score(r), r.name))
+    return sorted(candidates, key=lambda r: (eviction_cost(r), r.name))
 
 
 def plan(
@@ -87,7 +88,7 @@ def plan(
                 break
             evicted.append(resident.name)
             freed += resident.claimed_mb
-            cost += resident.reload_seconds
+            cost += eviction_cost(resident)
             slot_freed = True
         if room.headroom_mb + freed >= need_mb and slot_freed:
             options.append((cost, len(evicted), room.name, tuple(evicted)))
@@ -112,4 +113,4 @@ def _free_slot_elsewhere(
         for d in devices
     ]
     device = choose_device(need_mb, rooms)
-    return [] if device is None else [(victim.reload_seconds, 1, device, (victim.name,))]
+    return [] if device is None else [(eviction_cost(victim), 1, device, (victim.name,))]

@@ -184,7 +184,9 @@ class Dispatcher:
 
     async def load(self, req: LoadRequest) -> ModelInfo:
         """Load a model; past the load timeout the client gets 504 while the load goes on."""
-        return await _within(asyncio.shield(self.node.load(req)), self.config.load_timeout_s, "load")
+        return await _within(
+            asyncio.shield(self.node.load(req)), self.config.load_timeout_s, "load"
+        )
 
     async def unload(self, name: str) -> ModelInfo:
         """Unload a model; past the load timeout the client gets 504 while the unload goes on."""

@@ -205,7 +205,9 @@ def openai_error_type(status: int) -> str:
     return "invalid_request_error"
 
 
-def _json(body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+def _json(
+    body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
     return web.json_response(body, status=status, headers=headers, dumps=_dumps)
 
 
@@ -218,14 +220,14 @@ async def read_json(request: web.Request) -> Any:
     config = request.app[CONFIG_KEY]
     length = request.content_length
     if length is not None and length > config.max_body_bytes:
-        raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {config.max_body_bytes}")
+        raise PayloadTooLarge(
+            f"body of {length} bytes exceeds the limit of {config.max_body_bytes}"
+        )
     try:
         async with asyncio.timeout(config.body_read_timeout_s):
             raw = await request.read()
     except TimeoutError:
-        raise ClientTimeout(
-            f"body not received within {config.body_read_timeout_s:g} s"
-        ) from None
+        raise ClientTimeout(f"body not received within {config.body_read_timeout_s:g} s") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"body exceeds the limit of {config.max_body_bytes} bytes") from None
     if not raw:
@@ -329,7 +331,11 @@ class _Shape:
     model: str
 
     def body(self, result: InferResult) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": result.finish_reason}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": result.finish_reason,
+        }
         if self.chat:
             choice["message"] = {"role": "assistant", "content": result.text}
         else:

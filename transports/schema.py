@@ -39,7 +39,9 @@ def parse_infer(payload: Mapping[str, Any]) -> InferRequest:
     model = _model_name(payload, "model_name")
     text = _required_str(payload, "input_text")
     if len(text) > MAX_INPUT_CHARS:
-        raise InvalidRequest("input_text", f"is {len(text)} characters; the limit is {MAX_INPUT_CHARS}")
+        raise InvalidRequest(
+            "input_text", f"is {len(text)} characters; the limit is {MAX_INPUT_CHARS}"
+        )
     params = _params(
         payload,
         max_tokens_key="max_tokens",
@@ -64,7 +66,7 @@ def parse_load(payload: Mapping[str, Any]) -> LoadRequest:
     return LoadRequest(
         name=name,
         path=path,
-        backend=backend,  # type: ignore[arg-type]  # checked against BACKENDS above
+        backend=backend,
         n_ctx=n_ctx,
         gpu_layers=gpu_layers,
         pin=pin,
@@ -131,8 +133,12 @@ def _chat_message(value: Any, field: str) -> ChatMessage:
     return ChatMessage(role=role, content=content)
 
 
-def _params(body: Mapping[str, Any], *, max_tokens_key: str, stop: tuple[str, ...]) -> GenerationParams:
-    max_tokens = _optional_int(body, max_tokens_key, low=MAX_TOKENS_RANGE[0], high=MAX_TOKENS_RANGE[1])
+def _params(
+    body: Mapping[str, Any], *, max_tokens_key: str, stop: tuple[str, ...]
+) -> GenerationParams:
+    max_tokens = _optional_int(
+        body, max_tokens_key, low=MAX_TOKENS_RANGE[0], high=MAX_TOKENS_RANGE[1]
+    )
     temperature = _optional_float(body, "temperature", TEMPERATURE_RANGE)
     top_p = _optional_float(body, "top_p", TOP_P_RANGE)
     seed = _optional_int(body, "seed", low=-(1 << 63), high=(1 << 64) - 1)
@@ -221,7 +227,9 @@ def _optional_int(body: Mapping[str, Any], field: str, *, low: int, high: int) -
     return value
 
 
-def _optional_float(body: Mapping[str, Any], field: str, bounds: tuple[float, float]) -> float | None:
+def _optional_float(
+    body: Mapping[str, Any], field: str, bounds: tuple[float, float]
+) -> float | None:
     value = body.get(field)
     if value is None:
         return None
