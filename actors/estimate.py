@@ -7,12 +7,21 @@ as the vocabulary are skipped), so an estimate costs milliseconds even for large
   GPU the repeating layers up to `gpu_layers` and, when every layer is offloaded, the output head
   (llama.cpp keeps the token embeddings on the host).
 - KV cache: f16 keys and values for `n_ctx` positions, 2 * n_layer * n_ctx * n_embd_kv * 2 bytes.
-- compute: llama.cpp's graph buffer for one micro-batch of `n_ubatch` tokens. Flash attention is
-  off (llama-cpp-python's default), so the attention scores n_ubatch * n_ctx * n_head f32 dominate
-  for long contexts, plus the activations and the logits of the micro-batch.
-- overhead: what the process allocates besides llama.cpp's buffers: llama-cpp-python's `scores`
-  array (n_batch * n_vocab f32) and token arrays, llama.cpp's output buffer, the graph metadata
-  and the vocabulary, plus a fixed cost measured on this build (see FIXED_OVERHEAD_MB).
+- compute: llama.cpp's graph buffer for one micro-batch of `n_ubatch` tokens at a full context.
+  Flash attention is off (llama-cpp-python's default), so the attention scores and mask,
+  n_ubatch * n_ctx * (n_head + 1) f32, dominate for long contexts, plus the activations and
+  logits of the micro-batch. On the CPU add ggml's work buffer, where the attention weights are
+  converted to f16 for the product with V (n_ubatch * n_ctx * n_head * 2 bytes).
+- overhead: host allocations besides those buffers: llama-cpp-python's batch (one seq-id array
+  of n_ctx int32 per batch slot), llama.cpp's output buffer, and a fixed cost (FIXED_OVERHEAD_MB).
+  llama-cpp-python's `scores` array (n_batch * n_vocab f32) is *not* counted: it is allocated
+  uninitialised and only written with `logits_all=True`, which the worker never sets, so its
+  pages never become resident.
+
+What this estimates is the working size: the memory resident once a prompt has filled the
+context. Right after a CPU load less is resident (the compute buffer is reserved but its pages
+are touched only by long prompts); the worker reports its memory after every request so the
+supervisor can follow the real peak.
 
 The test `tests/actors/test_estimate.py` loads three sizes through the worker and compares.
 """
@@ -22,18 +31,31 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 MIB = 1024.0 * 1024.0
 
 # A fixed host cost of one loaded model beyond its sized buffers: the llama context and sampler
 # objects, the thread pool, the vocabulary maps and allocator slack. Fitted on llama-cpp-python
-# 0.3.36 (CPU build) by loading the synthetic tiny/small/medium models; see the module test.
-FIXED_OVERHEAD_MB = 6.0
+# 0.3.36 (CPU build) with the synthetic tiny, small and medium models at n_ctx 512 and 1024: the
+# residue after the sized parts ranged 1.5-3.3 MiB. See tests/actors/test_estimate.py.
+FIXED_OVERHEAD_MB = 3.0
 
 _GGUF_MAGIC = b"GGUF"
 # GGUF metadata value types; sizes of the fixed-width ones.
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALAR = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -69,7 +91,7 @@ class _Reader:
     def __init__(self, fh: BinaryIO) -> None:
         self.fh = fh
 
-    def take(self, fmt: str) -> tuple[object, ...]:
+    def take(self, fmt: str) -> tuple[Any, ...]:
         size = struct.calcsize("<" + fmt)
         raw = self.fh.read(size)
         if len(raw) != size:
@@ -77,10 +99,10 @@ class _Reader:
         return struct.unpack("<" + fmt, raw)
 
     def u32(self) -> int:
-        return int(self.take("I")[0])  # type: ignore[call-overload]
+        return int(self.take("I")[0])
 
     def u64(self) -> int:
-        return int(self.take("Q")[0])  # type: ignore[call-overload]
+        return int(self.take("Q")[0])
 
     def string(self) -> str:
         n = self.u64()
@@ -160,9 +182,9 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
 
 def _int(meta: dict[str, object], key: str, default: int | None = None) -> int:
     value = meta.get(key, default)
-    if value is None:
-        raise GgufFormatError(f"GGUF metadata lacks {key}")
-    return int(value)  # type: ignore[call-overload]
+    if not isinstance(value, int | float):
+        raise GgufFormatError(f"GGUF metadata lacks a number for {key}")
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,9 +267,12 @@ def estimate_gguf_memory(
     compute = _compute_bytes(hp, n_ctx, n_ubatch) if (kv_layers or not on_gpu) else 0
     overhead = 0.0
     if not on_gpu:
-        scores = n_batch * hp.n_vocab * 4
+        compute += n_ubatch * n_ctx * hp.n_head * 2  # ggml-cpu's f16 copy of the attention weights
+        # Each of n_batch seq-id arrays is a malloc of n_ctx int32; past one page only its first
+        # page (the chunk header's) is touched.
+        batch = n_batch * min(n_ctx * 4, 4096)
         output = hp.n_vocab * 4 + hp.n_embd * 4
-        overhead = (scores + output) / MIB + FIXED_OVERHEAD_MB
+        overhead = (batch + output) / MIB + FIXED_OVERHEAD_MB
     return MemoryEstimate(
         weights_mb=weights / MIB,
         kv_mb=kv / MIB,
@@ -257,9 +282,9 @@ def estimate_gguf_memory(
 
 
 def _compute_bytes(hp: _Hparams, n_ctx: int, n_ubatch: int) -> int:
-    """Size llama.cpp's graph buffer for one micro-batch (flash attention off)."""
+    """Size llama.cpp's graph buffer for one micro-batch at a full context (flash attention off)."""
     f32 = 4
-    scores = n_ubatch * n_ctx * hp.n_head * f32  # KQ, softmaxed in place
-    acts = n_ubatch * (4 * hp.n_embd + 2 * hp.n_embd_kv + 2 * hp.n_ff) * f32
+    scores = n_ubatch * n_ctx * (hp.n_head + 1) * f32  # KQ (softmaxed in place) and the mask
+    acts = n_ubatch * (2 * hp.n_embd + 2 * hp.n_ff) * f32
     logits = n_ubatch * hp.n_vocab * f32
     return scores + acts + logits

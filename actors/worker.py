@@ -12,6 +12,8 @@ only once the Load message says which one.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import sys
 import threading
@@ -20,7 +22,15 @@ from collections.abc import Callable
 
 import zmq
 
-from actors.backends import BackendError, BadRequest, Generation, LoadedModel, LoadSpec, load_model
+from actors.backends import (
+    BackendError,
+    BadRequest,
+    Generation,
+    LoadedModel,
+    LoadSpec,
+    check_model_file,
+    load_model,
+)
 from actors.worker_protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -98,17 +108,14 @@ def nvml_used_mb(device_index: int) -> float | None:
 
 
 def import_backend_library(backend: str) -> None:
-    """Import the backend's native library up front, so its own pages do not count as the model's."""
-    if backend == "gguf":
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            pass  # the load reports it with a clear message
-    elif backend == "torch":
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            pass
+    """Import the backend's native library up front, so its own pages do not count as the model's.
+
+    A missing library is ignored here: the load itself reports it with a clear message.
+    """
+    module = {"gguf": "llama_cpp", "torch": "torch"}.get(backend)
+    if module is not None:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
 
 
 def start_watchdog(parent_pid: int, exit_code: int = EXIT_ORPHANED) -> threading.Thread:
@@ -135,6 +142,14 @@ class Worker:
         self.sock = sock
         self.model: LoadedModel | None = None
         self.shutdown = False
+        self.rss_before = 0.0
+        self.gpu_mb: float | None = None  # measured once: GPU buffers are all allocated at load
+
+    def memory_mb(self) -> float:
+        """Return the model's memory now: its GPU share, or the RSS growth since before load."""
+        if self.gpu_mb is not None:
+            return self.gpu_mb
+        return max(0.0, rss_mb() - self.rss_before)
 
     def send(self, msg: Message) -> None:
         """Send one message to the supervisor."""
@@ -160,12 +175,13 @@ class Worker:
             lora_path=msg.lora_path,
             n_threads=msg.n_threads,
         )
-        import_backend_library(msg.backend)
         device = msg.device_index or 0
-        rss_before = rss_mb()
-        gpu_before = nvml_used_mb(device) if on_gpu else None
         started = time.monotonic()
         try:
+            check_model_file(spec)
+            import_backend_library(msg.backend)
+            self.rss_before = rss_mb()
+            gpu_before = nvml_used_mb(device) if on_gpu else None
             self.model = load_model(spec)
         except BackendError as exc:
             self.send(LoadFailed(str(exc)))
@@ -174,14 +190,13 @@ class Worker:
             self.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
             return False
         seconds = time.monotonic() - started
-        measured = max(0.0, rss_mb() - rss_before)
         if on_gpu:
             gpu = nvml_process_mb(device, os.getpid())
             if gpu is None and gpu_before is not None:
                 after = nvml_used_mb(device)
                 gpu = None if after is None else max(0.0, after - gpu_before)
-            if gpu is not None:
-                measured = gpu
+            self.gpu_mb = gpu  # None: NVML cannot say, so fall back to host RSS
+        measured = self.memory_mb()
         self.send(Loaded(os.getpid(), measured, seconds, self.model.version, self.model.n_ctx))
         return True
 
@@ -226,7 +241,15 @@ class Worker:
             self.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"))
             return
         self.send(
-            Done(rid, out.text, out.tokens_generated, out.prompt_tokens, out.finish_reason, out.tensors)
+            Done(
+                rid,
+                out.text,
+                out.tokens_generated,
+                out.prompt_tokens,
+                out.finish_reason,
+                out.tensors,
+                self.memory_mb(),
+            )
         )
 
     def loop(self) -> int:

@@ -110,6 +110,8 @@ class WorkerProcess:
         self.spec = spec
         self.runtime_dir = Path(runtime_dir)
         self.version = ""
+        self.memory_mb: float | None = None  # measured after the load, then after each request
+        self.peak_memory_mb: float | None = None
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: zmq.Socket[bytes] | None = None
@@ -145,7 +147,7 @@ class WorkerProcess:
         sock_dir = _socket_dir(self.runtime_dir, f"{tag}.sock")
         self._sock_path = sock_dir / f"{tag}.sock"
         self._log_path = self.runtime_dir / f"{tag}.log"
-        sock = zmq.Context.instance().socket(zmq.PAIR)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(f"ipc://{self._sock_path}")
         self._sock = sock
@@ -200,7 +202,17 @@ class WorkerProcess:
             )
         s = self.spec
         self._send(
-            Load(s.backend, s.path, s.n_ctx, s.gpu_layers, s.device_kind, s.device_index, s.seed, s.lora_path, s.n_threads)
+            Load(
+                s.backend,
+                s.path,
+                s.n_ctx,
+                s.gpu_layers,
+                s.device_kind,
+                s.device_index,
+                s.seed,
+                s.lora_path,
+                s.n_threads,
+            )
         )
         reply = self._wait_load_step(deadline, timeout, "loading")
         if isinstance(reply, LoadFailed):
@@ -208,7 +220,10 @@ class WorkerProcess:
         if not isinstance(reply, Loaded):
             raise ModelLoadFailed(f"worker for {s.name} answered Load with {type(reply).__name__}")
         self.version = reply.version
-        return LoadedInfo(reply.pid, reply.measured_mb, reply.load_seconds, reply.version, reply.n_ctx)
+        self._note_memory(reply.measured_mb)
+        return LoadedInfo(
+            reply.pid, reply.measured_mb, reply.load_seconds, reply.version, reply.n_ctx
+        )
 
     def _wait_load_step(self, deadline: float, timeout: float, doing: str) -> Message:
         while True:
@@ -222,7 +237,9 @@ class WorkerProcess:
                     + self._log_tail()
                 )
             if time.monotonic() >= deadline:
-                raise ModelLoadFailed(f"worker for {self.spec.name} did not load within {timeout:g} s")
+                raise ModelLoadFailed(
+                    f"worker for {self.spec.name} did not load within {timeout:g} s"
+                )
 
     # -- requests -------------------------------------------------------------------------
 
@@ -263,7 +280,18 @@ class WorkerProcess:
         p = req.params
         started = time.monotonic()
         self._send(
-            Infer(rid, on_token is not None, req.prompt, req.messages, req.tensors, p.max_tokens, p.temperature, p.top_p, tuple(p.stop), p.seed)
+            Infer(
+                rid,
+                on_token is not None,
+                req.prompt,
+                req.messages,
+                req.tensors,
+                p.max_tokens,
+                p.temperature,
+                p.top_p,
+                tuple(p.stop),
+                p.seed,
+            )
         )
         cancel_sent_at: float | None = None
         timed_out = False
@@ -273,13 +301,16 @@ class WorkerProcess:
                 if on_token is not None:
                     on_token(msg.text)
             elif isinstance(msg, Done) and msg.request_id == rid:
+                self._note_memory(msg.memory_mb)
                 if timed_out:
                     raise RequestTimeout(f"request to {self.spec.name} passed its deadline")
                 return InferResult(
                     text=msg.text,
                     tokens_generated=msg.tokens_generated,
                     prompt_tokens=msg.prompt_tokens,
-                    finish_reason="cancelled" if msg.finish_reason == "cancelled" else ("stop" if msg.finish_reason == "stop" else "length"),
+                    finish_reason="cancelled"
+                    if msg.finish_reason == "cancelled"
+                    else ("stop" if msg.finish_reason == "stop" else "length"),
                     latency_ms=(time.monotonic() - started) * 1000.0,
                     model_version=self.version,
                     tensors=msg.tensors,
@@ -287,7 +318,9 @@ class WorkerProcess:
             elif isinstance(msg, Failed) and msg.request_id == rid:
                 if msg.kind == "invalid_request":
                     raise InvalidRequest(msg.field or "request", msg.message)
-                raise WorkerCrashed(f"worker for {self.spec.name} failed the request: {msg.message}")
+                raise WorkerCrashed(
+                    f"worker for {self.spec.name} failed the request: {msg.message}"
+                )
             now = time.monotonic()
             if cancel_sent_at is None:
                 if deadline is not None and now >= deadline:
@@ -301,6 +334,10 @@ class WorkerProcess:
                 raise RequestTimeout(
                     f"worker for {self.spec.name} ignored a cancel for {_CANCEL_GRACE_S:g} s and was killed"
                 )
+
+    def _note_memory(self, mb: float) -> None:
+        self.memory_mb = mb
+        self.peak_memory_mb = mb if self.peak_memory_mb is None else max(self.peak_memory_mb, mb)
 
     # -- stop -----------------------------------------------------------------------------
 

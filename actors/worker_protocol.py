@@ -117,7 +117,11 @@ class Token:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """Worker -> supervisor: the request finished; `text` is the whole output."""
+    """Worker -> supervisor: the request finished; `text` is the whole output.
+
+    `memory_mb` lets the supervisor track the peak: llama.cpp's compute buffer becomes resident
+    only as long prompts use it, so memory measured at load is not yet the working size.
+    """
 
     request_id: int
     text: str
@@ -125,6 +129,7 @@ class Done:
     prompt_tokens: int
     finish_reason: str
     tensors: tuple[TensorData, ...] | None
+    memory_mb: float  # the worker's memory now, measured as in Loaded (CPU: RSS growth)
 
 
 FailureKind = Literal["invalid_request", "internal"]
@@ -205,7 +210,9 @@ def tensor_data(dtype: object, shape: tuple[object, ...], data: object) -> Tenso
     for d in shape:
         count *= int(d)  # type: ignore[call-overload]
     if count * itemsize != len(data):
-        raise ProtocolError(f"tensor of {dtype}{list(shape)} needs {count * itemsize} bytes, got {len(data)}")
+        raise ProtocolError(
+            f"tensor of {dtype}{list(shape)} needs {count * itemsize} bytes, got {len(data)}"
+        )
     return TensorData(dtype, tuple(int(d) for d in shape), data)  # type: ignore[call-overload]
 
 

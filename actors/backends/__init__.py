@@ -107,6 +107,20 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     raise BackendError(f"unknown backend {spec.backend!r} (expected 'gguf' or 'torch')")
 
 
+def check_model_file(spec: LoadSpec) -> None:
+    """Check the file's format cheaply, before the backend's library is imported."""
+    if spec.backend == "gguf":
+        from actors.backends.gguf import check_gguf_file
+
+        check_gguf_file(spec.path)
+    elif spec.backend == "torch":
+        from actors.backends.torch import check_torch_file
+
+        check_torch_file(spec.path)
+    else:
+        raise BackendError(f"unknown backend {spec.backend!r} (expected 'gguf' or 'torch')")
+
+
 def file_version(path: str, label: str) -> str:
     """Build a version string from a label and the file's size and mtime (cheap, no hashing)."""
     import hashlib

@@ -115,7 +115,9 @@ class GgufModel:
             llm = llama_cpp.Llama(**kwargs)
         except Exception as exc:
             detail = log.errors()
-            raise BackendError(f"llama.cpp could not load {spec.path}: {exc}" + (f" ({detail})" if detail else "")) from exc
+            raise BackendError(
+                f"llama.cpp could not load {spec.path}: {exc}" + (f" ({detail})" if detail else "")
+            ) from exc
         name = llm.metadata.get("general.name") or Path(spec.path).stem
         return cls(llm, llama_cpp, file_version(spec.path, name), spec.seed)
 
@@ -148,7 +150,7 @@ class GgufModel:
                 eos_token=model.token_get_text(eos) if eos != -1 else "",
                 bos_token=model.token_get_text(bos) if bos != -1 else "",
             )
-        messages = [{"role": m.role, "content": m.content} for m in gen.messages or ()]
+        messages: list[Any] = [{"role": m.role, "content": m.content} for m in gen.messages or ()]
         try:
             rendered = self._chat(messages=messages)
         except Exception as exc:  # jinja2 errors and the template's raise_exception

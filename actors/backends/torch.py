@@ -49,7 +49,7 @@ def from_torch(value: Any) -> TensorData:
     t = value.detach().to("cpu").contiguous()
     dtype = str(t.dtype).removeprefix("torch.")
     # bfloat16 has no numpy twin: move its bytes as int16, which has the same layout.
-    raw = t.view(getattr(__import__("torch"), "int16")) if dtype == "bfloat16" else t
+    raw = t.view(_import_torch().int16) if dtype == "bfloat16" else t
     return TensorData(dtype, tuple(int(d) for d in t.shape), raw.numpy().tobytes())
 
 
@@ -71,6 +71,26 @@ def _is_torchscript(path: Path) -> bool:
     return any("/code/" in n or n.startswith("code/") for n in names)
 
 
+def check_torch_file(path: str) -> None:
+    """Raise BackendError unless `path` is an exported program or a TorchScript archive.
+
+    Cheap (no torch import), so a wrong file fails fast; anything else, a pickle above all,
+    is refused before torch ever sees it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise BackendError(f"model file {path} does not exist or is not a file")
+    if p.suffix == ".pt2":
+        if not zipfile.is_zipfile(p):
+            raise BackendError(f"{path} is not an exported program archive (.pt2 is a zip file)")
+        return
+    if not _is_torchscript(p):
+        raise BackendError(
+            f"{path} is neither a TorchScript archive (.pt) nor an exported "
+            "program (.pt2); pickled modules are refused"
+        )
+
+
 class TorchModel:
     """A TorchScript or torch.export program loaded on one device."""
 
@@ -83,9 +103,8 @@ class TorchModel:
     @classmethod
     def load(cls, spec: LoadSpec) -> TorchModel:
         """Load a `.pt` TorchScript or `.pt2` exported program; raise BackendError on failure."""
+        check_torch_file(spec.path)
         path = Path(spec.path)
-        if not path.is_file():
-            raise BackendError(f"model file {spec.path} does not exist or is not a file")
         torch = _import_torch()
         device = f"cuda:{spec.device_index or 0}" if spec.on_gpu else "cpu"
         if spec.n_threads > 0:
@@ -93,20 +112,12 @@ class TorchModel:
         torch.manual_seed(spec.seed)
         try:
             if path.suffix == ".pt2":
-                program = torch.export.load(str(path))
-                module = program.module()
+                module = torch.export.load(str(path)).module()
                 fn: Callable[..., Any] = module.to(device) if spec.on_gpu else module
-            elif _is_torchscript(path):
+            else:
                 scripted = torch.jit.load(str(path), map_location=device)
                 scripted.eval()
                 fn = scripted
-            else:
-                raise BackendError(
-                    f"{spec.path} is neither a TorchScript archive (.pt) nor an exported "
-                    "program (.pt2); pickled modules are refused"
-                )
-        except BackendError:
-            raise
         except Exception as exc:
             raise BackendError(f"torch could not load {spec.path}: {exc}") from exc
         return cls(fn, torch, device, file_version(spec.path, path.stem))

@@ -45,7 +45,13 @@ def test_greedy_decoding_runs_to_max_tokens_in_printable_ascii(tiny_gguf: Path) 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_half_and_q8_models_load_and_generate(tmp_path: Path, dtype: str) -> None:
     path = write_llama_gguf(
-        tmp_path / f"m-{dtype}.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=2, n_ff=96, dtype=dtype  # type: ignore[arg-type]
+        tmp_path / f"m-{dtype}.gguf",
+        n_layer=1,
+        n_embd=64,
+        n_head=2,
+        n_head_kv=2,
+        n_ff=96,
+        dtype=dtype,  # type: ignore[arg-type]
     )
     llm = load(path)
     try:
@@ -71,7 +77,9 @@ def test_bad_shapes_are_refused(tmp_path: Path) -> None:
         write_llama_gguf(tmp_path / "x.gguf", n_layer=1, n_embd=30, n_head=4, n_head_kv=4, n_ff=8)
 
 
-def test_the_command_line_writes_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command_line_writes_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "demo" / "tiny.gguf"
     assert main([str(out), "--size", "tiny", "--dtype", "f16"]) == 0
     assert out.read_bytes()[:4] == b"GGUF"

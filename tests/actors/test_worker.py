@@ -54,7 +54,9 @@ def shared_runtime() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_worker(tiny_gguf: Path, shared_runtime: Path) -> Iterator[tuple[WorkerProcess, LoadedInfo]]:
+def tiny_worker(
+    tiny_gguf: Path, shared_runtime: Path
+) -> Iterator[tuple[WorkerProcess, LoadedInfo]]:
     """One worker on the tiny model, shared by the tests that leave it running."""
     w = WorkerProcess(
         WorkerSpec(name="tiny", path=str(tiny_gguf), backend="gguf", n_ctx=N_CTX, n_threads=1),
@@ -70,8 +72,13 @@ def direct_llama(tiny_gguf: Path) -> Any:
     """llama.cpp in this process, loaded the same way, for byte-for-byte comparisons."""
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(
-        model_path=str(tiny_gguf), n_ctx=N_CTX, seed=0, n_threads=1, n_threads_batch=1,
-        use_mmap=False, verbose=False,
+        model_path=str(tiny_gguf),
+        n_ctx=N_CTX,
+        seed=0,
+        n_threads=1,
+        n_threads_batch=1,
+        use_mmap=False,
+        verbose=False,
     )
     yield llm
     llm.close()
@@ -114,7 +121,9 @@ def test_streamed_pieces_concatenate_to_the_whole_text(
     w, _ = tiny_worker
     whole = w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(40)))
     pieces: list[str] = []
-    streamed = w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(40)), on_token=pieces.append)
+    streamed = w.run(
+        InferRequest(model="tiny", prompt=PROMPT, params=greedy(40)), on_token=pieces.append
+    )
     assert len(pieces) == 40
     assert "".join(pieces) == streamed.text == whole.text
 
@@ -188,7 +197,9 @@ def test_tensors_sent_to_a_gguf_model_are_an_invalid_request(
     assert err.value.field == "tensors"
 
 
-def test_cancel_stops_a_stream_between_tokens(tiny_worker: tuple[WorkerProcess, LoadedInfo]) -> None:
+def test_cancel_stops_a_stream_between_tokens(
+    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+) -> None:
     w, _ = tiny_worker
     pieces: list[str] = []
     result = w.run(
@@ -203,7 +214,9 @@ def test_cancel_stops_a_stream_between_tokens(tiny_worker: tuple[WorkerProcess, 
     assert w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(3))).tokens_generated == 3
 
 
-def test_a_passed_deadline_raises_request_timeout(tiny_worker: tuple[WorkerProcess, LoadedInfo]) -> None:
+def test_a_passed_deadline_raises_request_timeout(
+    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+) -> None:
     w, _ = tiny_worker
     with pytest.raises(RequestTimeout):
         w.run(
@@ -226,8 +239,13 @@ def test_kill_9_mid_request_raises_worker_crashed_promptly_and_leaves_no_zombie(
             os.kill(pid, signal.SIGKILL)
             killed_at.append(time.monotonic())
 
-    with pytest.raises(WorkerCrashed, match=r"worker for victim died \(signal 9 \(SIGKILL\)\) during the request"):
-        w.run(InferRequest(model="victim", prompt=PROMPT, params=greedy(1000)), on_token=kill_on_first_token)
+    with pytest.raises(
+        WorkerCrashed, match=r"worker for victim died \(signal 9 \(SIGKILL\)\) during the request"
+    ):
+        w.run(
+            InferRequest(model="victim", prompt=PROMPT, params=greedy(1000)),
+            on_token=kill_on_first_token,
+        )
     noticed = time.monotonic() - killed_at[0]
     assert noticed < 2.0  # polls every 50 ms; generous for a loaded CI machine
     assert not os.path.exists(f"/proc/{pid}")  # reaped, not a zombie
@@ -248,7 +266,9 @@ def test_stop_leaves_no_process_and_no_socket(tiny_gguf: Path, runtime_dir: Path
         w.run(InferRequest(model="w", prompt="x", params=greedy(1)))
 
 
-def test_stop_from_another_thread_ends_a_running_request(small_gguf: Path, runtime_dir: Path) -> None:
+def test_stop_from_another_thread_ends_a_running_request(
+    small_gguf: Path, runtime_dir: Path
+) -> None:
     w = start_worker(small_gguf, runtime_dir, name="busy")
     first = threading.Event()
 
@@ -264,7 +284,9 @@ def test_stop_from_another_thread_ends_a_running_request(small_gguf: Path, runti
     assert list(runtime_dir.glob("*.sock")) == []
 
 
-def test_the_worker_exits_by_itself_when_its_supervisor_dies(tiny_gguf: Path, runtime_dir: Path) -> None:
+def test_the_worker_exits_by_itself_when_its_supervisor_dies(
+    tiny_gguf: Path, runtime_dir: Path
+) -> None:
     script = textwrap.dedent(
         f"""
         import sys, threading
@@ -279,7 +301,9 @@ def test_the_worker_exits_by_itself_when_its_supervisor_dies(tiny_gguf: Path, ru
     )
     root = str(Path(__file__).resolve().parents[2])
     supervisor = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=root,
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        cwd=root,
         env={**os.environ, "PYTHONPATH": root},
     )
     try:
@@ -300,7 +324,9 @@ def test_a_file_that_is_not_gguf_fails_to_load_with_a_clear_message(
 ) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"PK\x03\x04 definitely not a model" * 10)
-    w = WorkerProcess(WorkerSpec(name="bad", path=str(bad), backend="gguf"), runtime_dir=runtime_dir)
+    w = WorkerProcess(
+        WorkerSpec(name="bad", path=str(bad), backend="gguf"), runtime_dir=runtime_dir
+    )
     with pytest.raises(ModelLoadFailed, match=r"cannot load bad: .*bad.gguf is not a GGUF file"):
         w.start(timeout=60)
     assert not w.alive
@@ -311,7 +337,9 @@ def test_a_truncated_gguf_fails_to_load_with_llama_cpps_reason(
 ) -> None:
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny_gguf.read_bytes()[:20000])
-    w = WorkerProcess(WorkerSpec(name="cut", path=str(cut), backend="gguf"), runtime_dir=runtime_dir)
+    w = WorkerProcess(
+        WorkerSpec(name="cut", path=str(cut), backend="gguf"), runtime_dir=runtime_dir
+    )
     with pytest.raises(ModelLoadFailed, match=r"cannot load cut: llama.cpp could not load") as err:
         w.start(timeout=60)
     assert str(cut) in str(err.value)
@@ -322,7 +350,8 @@ def test_a_truncated_gguf_fails_to_load_with_llama_cpps_reason(
 
 def test_a_missing_file_fails_to_load(tmp_path: Path, runtime_dir: Path) -> None:
     w = WorkerProcess(
-        WorkerSpec(name="gone", path=str(tmp_path / "nope.gguf"), backend="gguf"), runtime_dir=runtime_dir
+        WorkerSpec(name="gone", path=str(tmp_path / "nope.gguf"), backend="gguf"),
+        runtime_dir=runtime_dir,
     )
     with pytest.raises(ModelLoadFailed, match="does not exist"):
         w.start(timeout=60)
