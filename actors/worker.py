@@ -118,6 +118,22 @@ def import_backend_library(backend: str) -> None:
             importlib.import_module(module)
 
 
+def check_generation(gen: Generation) -> None:
+    """Refuse parameters no backend can honour; BadRequest names the field."""
+    given = [name for name in ("prompt", "messages", "tensors") if getattr(gen, name) is not None]
+    if len(given) != 1:
+        raise BadRequest(
+            "prompt", f"exactly one of prompt, messages, tensors is needed, got {given or 'none'}"
+        )
+    if gen.tensors is None:
+        if gen.max_tokens < 1:
+            raise BadRequest("max_tokens", f"must be at least 1, got {gen.max_tokens}")
+        if not 0.0 <= gen.temperature <= 100.0:
+            raise BadRequest("temperature", f"must be between 0 and 100, got {gen.temperature}")
+        if not 0.0 <= gen.top_p <= 1.0:
+            raise BadRequest("top_p", f"must be between 0 and 1, got {gen.top_p}")
+
+
 def start_watchdog(parent_pid: int, exit_code: int = EXIT_ORPHANED) -> threading.Thread:
     """End the process at once when its parent dies (it is re-parented, so getppid changes).
 
@@ -233,6 +249,7 @@ class Worker:
             seed=msg.seed,
         )
         try:
+            check_generation(gen)
             out = self.model.run(gen, emit, should_stop)
         except BadRequest as exc:
             self.send(Failed(rid, "invalid_request", exc.field, exc.message))

@@ -295,13 +295,19 @@ class WorkerProcess:
         )
         cancel_sent_at: float | None = None
         timed_out = False
+        sink_error: Exception | None = None  # on_token failed: stop the worker, then re-raise
         while True:
             msg = self._recv_or_crash(_POLL_S)
             if isinstance(msg, Token) and msg.request_id == rid:
-                if on_token is not None:
-                    on_token(msg.text)
+                if on_token is not None and sink_error is None:
+                    try:
+                        on_token(msg.text)
+                    except Exception as exc:
+                        sink_error = exc
             elif isinstance(msg, Done) and msg.request_id == rid:
                 self._note_memory(msg.memory_mb)
+                if sink_error is not None:
+                    raise sink_error
                 if timed_out:
                     raise RequestTimeout(f"request to {self.spec.name} passed its deadline")
                 return InferResult(
@@ -325,7 +331,7 @@ class WorkerProcess:
             if cancel_sent_at is None:
                 if deadline is not None and now >= deadline:
                     timed_out = True
-                if timed_out or cancelled():
+                if timed_out or sink_error is not None or cancelled():
                     self._send(Cancel(rid))
                     cancel_sent_at = now
             elif now - cancel_sent_at > _CANCEL_GRACE_S:

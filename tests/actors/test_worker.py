@@ -364,3 +364,43 @@ def test_a_long_runtime_dir_still_gets_a_working_socket(tiny_gguf: Path, tmp_pat
         assert w.run(InferRequest(model="deep", prompt="a", params=greedy(2))).tokens_generated == 2
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (
+            InferRequest(model="tiny", prompt="a", params=GenerationParams(max_tokens=0)),
+            "max_tokens",
+        ),
+        (
+            InferRequest(model="tiny", prompt="a", params=GenerationParams(temperature=-1.0)),
+            "temperature",
+        ),
+        (InferRequest(model="tiny", prompt="a", params=GenerationParams(top_p=1.5)), "top_p"),
+        (InferRequest(model="tiny"), "prompt"),
+        (InferRequest(model="tiny", prompt="a", messages=(ChatMessage("user", "b"),)), "prompt"),
+    ],
+    ids=["max-tokens-zero", "negative-temperature", "top-p-above-one", "no-input", "two-inputs"],
+)
+def test_malformed_parameters_are_refused_naming_the_field(
+    tiny_worker: tuple[WorkerProcess, LoadedInfo], request_: InferRequest, field: str
+) -> None:
+    w, _ = tiny_worker
+    with pytest.raises(InvalidRequest) as err:
+        w.run(request_)
+    assert err.value.field == field
+
+
+def test_a_failing_token_callback_stops_the_request_and_is_raised(
+    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+) -> None:
+    w, _ = tiny_worker
+
+    def broken(_text: str) -> None:
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(900)), on_token=broken)
+    # The worker was told to stop, so the next request is served at once and in full.
+    assert w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(4))).tokens_generated == 4
