@@ -120,7 +120,10 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
             exc.status, "http_error"
         )
-        return _error_response(request, ErrorReply(exc.status, code, exc.reason))
+        response = _error_response(request, ErrorReply(exc.status, code, exc.reason))
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception as exc:
         return _error_response(request, classify(exc))
 

@@ -351,6 +351,27 @@ async def test_a_client_that_disconnects_mid_stream_closes_the_node_stream(
     )
 
 
+async def test_a_client_that_hangs_up_during_a_whole_inference_cancels_it(
+    node: FakeNode, http_server: HttpServer
+) -> None:
+    node.gate = asyncio.Event()  # the "model" never finishes on its own
+    request = asyncio.create_task(fetch(http_server, "POST", "/inference", INFER))
+    await asyncio.wait_for(node.started.wait(), 10)
+
+    request.cancel()  # closes the client's connection
+
+    await asyncio.wait_for(node.inference_cancelled.wait(), 10)
+    await wait_for(lambda: node.in_flight == 0)
+
+
+async def test_a_wrong_method_is_a_json_405_that_names_the_allowed_ones(
+    http_server: HttpServer,
+) -> None:
+    status, headers, body = await fetch(http_server, "PUT", "/inference", {})
+    assert (status, body["code"]) == (405, "method_not_allowed")
+    assert "POST" in headers["Allow"]
+
+
 async def test_a_client_that_stops_reading_mid_stream_is_dropped_and_generation_stops(
     node: FakeNode, start_http: Any
 ) -> None:
