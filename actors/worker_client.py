@@ -31,7 +31,7 @@ import zmq
 
 import actors
 from actors.errors import InvalidRequest, ModelLoadFailed, RequestTimeout, WorkerCrashed
-from actors.types import Backend, DeviceKind, InferRequest, InferResult
+from actors.types import Backend, DeviceKind, FinishReason, InferRequest, InferResult
 from actors.worker_protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -94,6 +94,15 @@ def describe_exit(returncode: int) -> str:
             return f"signal {-returncode}"
         return f"signal {-returncode} ({name})"
     return f"exit code {returncode}"
+
+
+def _finish_reason(wire: str) -> FinishReason:
+    """Map the wire's finish reason onto the domain's (unknown ones read as "length")."""
+    if wire == "stop":
+        return "stop"
+    if wire == "cancelled":
+        return "cancelled"
+    return "length"
 
 
 def _socket_dir(runtime_dir: Path, filename: str) -> Path:
@@ -314,9 +323,7 @@ class WorkerProcess:
                     text=msg.text,
                     tokens_generated=msg.tokens_generated,
                     prompt_tokens=msg.prompt_tokens,
-                    finish_reason="cancelled"
-                    if msg.finish_reason == "cancelled"
-                    else ("stop" if msg.finish_reason == "stop" else "length"),
+                    finish_reason=_finish_reason(msg.finish_reason),
                     latency_ms=(time.monotonic() - started) * 1000.0,
                     model_version=self.version,
                     tensors=msg.tensors,
