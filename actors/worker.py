@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -290,6 +291,9 @@ class Worker:
 
 def run_worker(endpoint: str, parent_pid: int) -> int:
     """Connect, load and serve; return the process exit code."""
+    # Ctrl-C in a terminal reaches the whole process group: the node drains its requests and
+    # then stops us, so a SIGINT must not kill the worker under an in-flight request.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     start_watchdog(parent_pid)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)

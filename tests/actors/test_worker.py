@@ -404,3 +404,13 @@ def test_a_failing_token_callback_stops_the_request_and_is_raised(
         w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(900)), on_token=broken)
     # The worker was told to stop, so the next request is served at once and in full.
     assert w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(4))).tokens_generated == 4
+
+
+def test_a_terminal_ctrl_c_does_not_kill_the_worker(
+    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+) -> None:
+    w, _ = tiny_worker
+    assert w.pid is not None
+    os.kill(w.pid, signal.SIGINT)  # what the terminal sends to the whole process group
+    assert w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(3))).tokens_generated == 3
+    assert w.alive
