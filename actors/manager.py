@@ -446,6 +446,16 @@ class ModelManager(pykka.ThreadingActor):
         for reply in waiting:  # requests that came while it was unloading: load it again
             self.acquire(LoadRequest(name=name, path=slot.entry.path), reply)
 
+    def model_memory(self, name: str, mb: float) -> None:
+        """Adopt a model's grown working size as its claim."""
+        slot = self._slots.get(name)
+        if slot is None or slot.state != "loaded" or slot.device is None:
+            return
+        slot.measured_mb = mb
+        self._deps.ledgers[slot.device].claim(name, mb)
+        metrics.model_memory_usage_mb.labels(name, self._device_label(slot.device)).set(mb)
+        self._publish(name)
+
     def model_used(self, name: str) -> None:
         slot = self._slots.get(name)
         if slot is not None:

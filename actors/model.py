@@ -62,6 +62,8 @@ class ModelEvents(Protocol):
 
     def model_used(self, name: str) -> object: ...
 
+    def model_memory(self, name: str, mb: float) -> object: ...
+
 
 @dataclass(frozen=True, slots=True)
 class InferJob:
@@ -173,7 +175,15 @@ class ModelActor(pykka.ThreadingActor):
         metrics.inference_latency_seconds.labels(name).observe(time.perf_counter() - started)
         metrics.inference_tokens_generated_total.labels(name).inc(result.tokens_generated)
         self._events.model_used(name)
+        self._note_growth()
         job.sink.done(result)
+
+    def _note_growth(self) -> None:
+        """Raise the model's claim when its working size grew (buffers allocated on first use)."""
+        peak = self._worker.peak_memory_mb
+        if peak is not None and peak > self._measured_mb * 1.02:
+            self._measured_mb = peak
+            self._events.model_memory(self.spec.name, peak)
 
     @property
     def worker(self) -> WorkerProcess:
