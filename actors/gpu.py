@@ -54,6 +54,10 @@ class GPUActor(pykka.ThreadingActor):
         if info.temperature_c is not None:
             metrics.gpu_temperature_celsius.labels(*labels).set(info.temperature_c)
 
+    def ping(self) -> bool:
+        """Answer True: the watchdog's proof that this actor still takes messages."""
+        return True
+
     def healthy(self) -> bool:
         """True while the last measurement succeeded."""
         return not self._failing

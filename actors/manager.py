@@ -164,6 +164,10 @@ class ModelManager(pykka.ThreadingActor):
                     del self._slots[name]
                     self._deps.board.remove(name)
 
+    def ping(self) -> bool:
+        """Answer True: the watchdog's proof that this actor still takes messages."""
+        return True
+
     def preload_names(self) -> list[str]:
         """Return catalog names to load at start."""
         cfg = self._models_config

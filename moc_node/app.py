@@ -30,6 +30,7 @@ from actors.store import StateStore
 from actors.ticker import Ticker
 from moc_node.config import Config, load_config
 from moc_node.node import Node
+from moc_node.sdnotify import Notifier, watchdog
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Runtime:
 
     def reload(self, config: Config) -> None:
         """Adopt a new catalog and keep_alive (SIGHUP)."""
-        self.manager.proxy().reconfigure(config.models).get(timeout=10)
+        self.manager.proxy().reconfigure(config.models)  # not awaited: the loop never blocks
         self.config = dataclasses.replace(self.config, models=config.models)
 
 
@@ -160,43 +161,59 @@ async def serve(
     started: Callable[[Runtime], Awaitable[None] | None] | None = None,
 ) -> int:
     """Run a node until SIGTERM or SIGINT; SIGHUP reloads the catalog. Return the exit code."""
+    notifier = Notifier()
     runtime = build_runtime(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(runtime, config_path))
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(runtime, config_path, notifier))
     fronts = servers(runtime.node, config)
+    watchdog_task: asyncio.Task[None] | None = None
+    if notifier.watchdog_interval:
+        # Half the interval, as sd_watchdog_enabled(3) advises: one late ping is not a restart.
+        interval = notifier.watchdog_interval / 2
+        watchdog_task = asyncio.create_task(watchdog(notifier, runtime.node.actors_alive, interval))
     try:
         for front in fronts:  # up first, so /ready answers 503 while models are restored
             await front.start()
+        notifier.status("restoring models")
         await runtime.node.start()
+        loaded = sum(m.state == "loaded" for m in runtime.node.models())
+        notifier.ready(f"ready: {loaded} model(s) loaded")
         log.info("node %s ready", config.node.name)
         if started is not None:
             maybe = started(runtime)
             if maybe is not None:
                 await maybe
         await stop.wait()
+        notifier.stopping()
         log.info("stopping: draining requests (up to %.0f s)", config.node.drain_timeout)
         await runtime.node.drain(config.node.drain_timeout)
     finally:
         for front in reversed(fronts):
             await front.stop()
+        if watchdog_task is not None:
+            watchdog_task.cancel()
         await runtime.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        notifier.close()
     log.info("stopped")
     return 0
 
 
-def _reload(runtime: Runtime, config_path: str | None) -> None:
+def _reload(runtime: Runtime, config_path: str | None, notifier: Notifier) -> None:
+    notifier.reloading()
     try:
         config = with_demo_model(load_config(config_path))
     except Exception as exc:  # a bad edit must not take the running node down
         log.error("reload refused, keeping the running config: %s", exc)
+        notifier.ready("reload refused: running config kept")
         return
     runtime.reload(config)
     log.info("configuration reloaded (catalog: %d models)", len(config.models.catalog))
+    notifier.ready(f"reloaded: {len(config.models.catalog)} model(s) in the catalog")
 
 
 def run(config_path: str | None) -> int:

@@ -153,6 +153,13 @@ class Node:
                 log.info("model %s restored", req.name)
         self._ready = True
 
+    async def actors_alive(self, timeout: float = 2.0) -> bool:
+        """Return True if the manager and every device actor answer a ping within `timeout`."""
+        pings = [self._manager.ping()] + [ref.proxy().ping() for ref in self._gpu_actors]
+        loop = asyncio.get_running_loop()
+        answers = await loop.run_in_executor(None, lambda: [p.get(timeout=timeout) for p in pings])
+        return all(answers)
+
     def is_ready(self) -> bool:
         return self._ready and not self._draining
 
