@@ -179,4 +179,6 @@ class ResilienceConfig:
     """[resilience]: circuit breaker and bulkhead settings, per model."""
 
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    """Per-model breaker around the worker process (an inline table)."""
     bulkhead: BulkheadConfig = field(default_factory=BulkheadConfig)
+    """Per-model admission limits (an inline table)."""
