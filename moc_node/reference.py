@@ -43,7 +43,7 @@ def _default(f: dataclasses.Field[Any]) -> str:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
         if not isinstance(f.default_factory, type):  # e.g. socket.gethostname: machine-specific
-            return f"({f.default_factory.__name__}())"
+            return f"({getattr(f.default_factory, '__name__', 'computed')}())"
         value = f.default_factory()
         if dataclasses.is_dataclass(value):
             return "(table)"
