@@ -48,7 +48,11 @@ class BroadcastQueue:
         return self.retransmit_mult * math.ceil(math.log10(n + 1))
 
     def take(
-        self, budget: int, n: int, per_message_overhead: int = 0, accept: Callable[[str], bool] | None = None
+        self,
+        budget: int,
+        n: int,
+        per_message_overhead: int = 0,
+        accept: Callable[[str], bool] | None = None,
     ) -> list[Message]:
         """Return messages fitting in `budget` bytes and count one transmit for each.
 
@@ -58,9 +62,7 @@ class BroadcastQueue:
         if not self._entries or budget <= 0:
             return []
         limit = self.limit(n)
-        ranked = sorted(
-            self._entries.values(), key=lambda e: (e.transmits, -e.size, -e.order)
-        )
+        ranked = sorted(self._entries.values(), key=lambda e: (e.transmits, -e.size, -e.order))
         out: list[Message] = []
         used = 0
         for entry in ranked:

@@ -40,9 +40,9 @@ class ClusterConfig:
     voters: tuple[str, ...] = ()
     """Names of the nodes that vote in primary elections. Use 3 or 5: two voters cannot keep a
     majority through a partition (add a witness-only voter). Empty: no primary is ever elected."""
-    witness: bool = False
-    """This node votes but never stands as a primary candidate nor serves models
-    (`moc-node run --witness`): the cheap third voter of a two-host cluster."""
+    witnesses: tuple[str, ...] = ()
+    """Voters that vote but never stand as primary (nor serve models): the cheap third voter
+    of a two-host cluster (`moc-node run --witness`). Must be listed in `voters` too."""
     profile: str = "lan"
     """Preset the other fields start from: "lan" (production) or "local" (fast, one host)."""
 
@@ -145,6 +145,8 @@ class ClusterConfig:
             raise ValueError("cluster.peer_port: must be within 1..65535")
         if len(set(self.voters)) != len(self.voters):
             raise ValueError("cluster.voters: duplicate names")
+        if not set(self.witnesses) <= set(self.voters):
+            raise ValueError("cluster.witnesses: every witness must also be a voter")
         return self
 
     def suspicion_min_s(self, n: int) -> float:

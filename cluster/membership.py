@@ -318,8 +318,14 @@ class Membership:
             self._tick_probe(now, out)
         if now >= self._next_gossip_at:
             self._gossip(now, out)
-            self._next_gossip_at = _advance(self._next_gossip_at, self.config.gossip_interval_s, now)
-        if not self._leaving and self.config.push_pull_interval_s > 0 and now >= self._next_push_pull_at:
+            self._next_gossip_at = _advance(
+                self._next_gossip_at, self.config.gossip_interval_s, now
+            )
+        if (
+            not self._leaving
+            and self.config.push_pull_interval_s > 0
+            and now >= self._next_push_pull_at
+        ):
             self._push_pull_round(now, out)
             interval = self.config.push_pull_scaled_s(len(self._members))
             self._next_push_pull_at = _advance(self._next_push_pull_at, interval, now)

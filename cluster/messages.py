@@ -155,16 +155,7 @@ class LeaseReply:
 
 
 Message = (
-    Ping
-    | IndirectPing
-    | Ack
-    | Nack
-    | Suspect
-    | Alive
-    | Dead
-    | PushPull
-    | LeaseRequest
-    | LeaseReply
+    Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull | LeaseRequest | LeaseReply
 )
 
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {

@@ -36,6 +36,8 @@ class SimNode:
     bytes_out: int = 0
     bytes_in: int = 0
     packets_out: int = 0
+    last_tick: float = -1.0
+    ticks_at_same_time: int = 0
     # Optional extra machine fed the messages membership does not take (the election).
     extra: Any = None
 
@@ -124,13 +126,25 @@ class Sim:
         """Bring a crashed node back as a fresh process (incarnation starts over)."""
         old = self.nodes[name]
         m = Membership(
-            self.config, name, old.addr, random.Random(self.rng.random()), self.now, old.membership.meta
+            self.config,
+            name,
+            old.addr,
+            random.Random(self.rng.random()),
+            self.now,
+            old.membership.meta,
         )
         node = SimNode(name, old.addr, m)
         self.nodes[name] = node
         self._send(node, m.join([self.nodes[s].addr for s in join], self.now))
         self._reschedule(node)
         return node
+
+    def attach(self, name: str, machine: Any) -> None:
+        """Give a node an extra machine (an Election) fed the messages membership declines."""
+        node = self.nodes[name]
+        node.extra = machine
+        node.scheduled = self.now
+        self._push(self.now, "tick", node)
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Split the network: nodes in different groups cannot talk; unlisted nodes form group 0."""
@@ -154,7 +168,9 @@ class Sim:
         """Advance simulated time by `duration`."""
         self.run_until(lambda: False, self.now + duration)
 
-    def run_until(self, done: Callable[[], bool], deadline: float, check_every: float = 0.05) -> bool:
+    def run_until(
+        self, done: Callable[[], bool], deadline: float, check_every: float = 0.05
+    ) -> bool:
         """Run until `done()` (checked every `check_every` s of simulated time) or `deadline`."""
         next_check = self.now
         while self._heap:
@@ -196,7 +212,9 @@ class Sim:
         m = self.nodes[observer].membership.member(name)
         return m is not None and m.state in states
 
-    def events(self, kind: EventKind | None = None, about: str | None = None) -> list[tuple[float, str, MemberEvent]]:
+    def events(
+        self, kind: EventKind | None = None, about: str | None = None
+    ) -> list[tuple[float, str, MemberEvent]]:
         """Return logged (time, observer, event) filtered by kind and subject."""
         return [
             (t, o, e)
@@ -228,6 +246,17 @@ class Sim:
                 self._push(node.stalled_until, "tick", node)
                 return
             node.scheduled = float("inf")
+            # A machine whose deadline never moves past `now` would spin here forever.
+            if self.now == node.last_tick:
+                node.ticks_at_same_time += 1
+                if node.ticks_at_same_time > 1000:
+                    raise RuntimeError(
+                        f"{node.name}: next_deadline() is stuck at {self.now}: "
+                        f"membership {node.membership.next_deadline()}, "
+                        f"extra {node.extra.next_deadline() if node.extra else None}"
+                    )
+            else:
+                node.last_tick, node.ticks_at_same_time = self.now, 0
             out = node.membership.tick(self.now)
             if node.extra is not None:
                 out.extend(node.extra.tick(self.now))

@@ -67,8 +67,16 @@ def test_each_message_round_trips_through_a_signed_packet(msg: object) -> None:
 def test_message_type_numbers_are_the_wire_contract() -> None:
     # Append only: changing a number breaks every running node.
     assert [(t.name, int(t)) for t in MessageType] == [
-        ("PING", 1), ("INDIRECT_PING", 2), ("ACK", 3), ("NACK", 4), ("SUSPECT", 5),
-        ("ALIVE", 6), ("DEAD", 7), ("PUSH_PULL", 8), ("LEASE_REQUEST", 9), ("LEASE_REPLY", 10),
+        ("PING", 1),
+        ("INDIRECT_PING", 2),
+        ("ACK", 3),
+        ("NACK", 4),
+        ("SUSPECT", 5),
+        ("ALIVE", 6),
+        ("DEAD", 7),
+        ("PUSH_PULL", 8),
+        ("LEASE_REQUEST", 9),
+        ("LEASE_REPLY", 10),
     ]
 
 
@@ -90,7 +98,9 @@ def test_a_key_from_the_ring_verifies_during_rotation() -> None:
     old = Keyring((K1,))
     rotating = Keyring((K2, K1))
     assert decode_packet(encode_packet([Ack(1)], old, 1400), rotating, 1400) == [Ack(1)]
-    assert decode_packet(encode_packet([Ack(1)], rotating, 1400), Keyring((K1, K2)), 1400) == [Ack(1)]
+    assert decode_packet(encode_packet([Ack(1)], rotating, 1400), Keyring((K1, K2)), 1400) == [
+        Ack(1)
+    ]
 
 
 def test_a_packet_signed_with_an_unknown_key_is_unauthenticated() -> None:
@@ -144,8 +154,19 @@ def _signed(body: bytes) -> bytes:
         msgpack.packb([[8, True, False, "a", [["a", ["h", 1], 1, 9, b""]]]]),
         msgpack.packb([[3, 1]]) + b"trailing",
     ],
-    ids=["garbage", "empty", "map", "unknown-type", "missing-field", "negative", "bool-as-int",
-         "wrong-type", "bad-port", "bad-state", "trailing-bytes"],
+    ids=[
+        "garbage",
+        "empty",
+        "map",
+        "unknown-type",
+        "missing-field",
+        "negative",
+        "bool-as-int",
+        "wrong-type",
+        "bad-port",
+        "bad-state",
+        "trailing-bytes",
+    ],
 )
 def test_malformed_bodies_raise_malformed_packet(body: bytes) -> None:
     with pytest.raises(MalformedPacket):
@@ -159,7 +180,10 @@ def test_truncated_or_foreign_packets_are_malformed() -> None:
 
 
 def test_every_peer_error_carries_a_drop_reason() -> None:
-    reasons = {cls.reason for cls in (MalformedPacket, OversizedPacket, Unauthenticated, UnsupportedVersion)}
+    reasons = {
+        cls.reason
+        for cls in (MalformedPacket, OversizedPacket, Unauthenticated, UnsupportedVersion)
+    }
     assert reasons == {"malformed", "oversized", "unauthenticated", "version"}
     assert all(issubclass(c, PeerProtocolError) for c in (MalformedPacket, Unauthenticated))
 

@@ -42,7 +42,9 @@ def test_suspicion_minimum_follows_the_log10_formula(n: int, expected_s: float) 
     assert suspicion_timeout(4, n, 1.0) == pytest.approx(expected_s, abs=1e-3)
 
 
-@pytest.mark.parametrize(("n", "expected"), [(1, 4), (9, 4), (10, 8), (99, 8), (100, 12), (200, 12)])
+@pytest.mark.parametrize(
+    ("n", "expected"), [(1, 4), (9, 4), (10, 8), (99, 8), (100, 12), (200, 12)]
+)
 def test_retransmit_limit_is_mult_times_ceil_log10_n_plus_1(n: int, expected: int) -> None:
     assert retransmit_limit(4, n) == expected
 
@@ -74,8 +76,18 @@ def test_from_mapping_applies_the_profile_then_overrides() -> None:
         ({"voters": ["a", "a"]}, "voters"),
         ({"lease_margin_s": 4.5}, "lease_margin_s"),
     ],
-    ids=["unknown", "str-for-float", "float-for-int", "str-for-list", "int-for-bool",
-         "timeout-above-interval", "bad-profile", "bad-address", "duplicate-voter", "margin"],
+    ids=[
+        "unknown",
+        "str-for-float",
+        "float-for-int",
+        "str-for-list",
+        "int-for-bool",
+        "timeout-above-interval",
+        "bad-profile",
+        "bad-address",
+        "duplicate-voter",
+        "margin",
+    ],
 )
 def test_from_mapping_rejects_bad_values_naming_the_key(table: dict[str, object], key: str) -> None:
     with pytest.raises(ValueError, match=f"cluster.{key}"):

@@ -131,7 +131,9 @@ def test_push_pull_merges_unknown_alive_members_and_left_ones() -> None:
     )
     m.handle(PushPull(True, False, "p0", states), addr("p0"), 1.0, reliable=True)
     assert {v.name for v in m.members()} == {"a", "p0", "p1"}
-    m.handle(PushPull(False, True, "p0", (PushNodeState("p1", addr("p1"), 2, 3, b""),)), addr("p0"), 2.0)
+    m.handle(
+        PushPull(False, True, "p0", (PushNodeState("p1", addr("p1"), 2, 3, b""),)), addr("p0"), 2.0
+    )
     assert m.member("p1").state == MemberState.LEFT  # type: ignore[union-attr]
 
 
@@ -191,7 +193,7 @@ def _ticks(m: Membership, start: float, end: float, step: float = 0.01) -> list[
 def test_a_probe_without_ack_goes_indirect_with_a_tcp_fallback_then_suspects() -> None:
     m = node("a", peers=4)
     t0, out = _first_probe(m)
-    (target_addr, ping, _), = [x for x in sent(out, Ping) if not x[2]]
+    ((target_addr, ping, _),) = [x for x in sent(out, Ping) if not x[2]]
     out = _ticks(m, t0 + 0.01, t0 + 0.55)
     indirect = sent(out, IndirectPing)
     assert len(indirect) == 3  # indirect_checks = 3 of the 3 other peers
@@ -212,7 +214,7 @@ def test_a_probe_without_ack_goes_indirect_with_a_tcp_fallback_then_suspects() -
 def test_an_ack_relayed_by_an_indirect_prober_prevents_suspicion() -> None:
     m = node("a", peers=4)
     t0, out = _first_probe(m)
-    (_, ping, _), = [x for x in sent(out, Ping) if not x[2]]
+    ((_, ping, _),) = [x for x in sent(out, Ping) if not x[2]]
     _ticks(m, t0 + 0.01, t0 + 0.5)
     m.handle(Ack(ping.seq), addr("p0"), t0 + 0.7)  # type: ignore[attr-defined]
     _ticks(m, t0 + 0.71, t0 + 1.0)
@@ -224,7 +226,7 @@ def test_a_direct_ack_lowers_the_health_score() -> None:
     m = node("a", peers=1)
     m.awareness.apply_delta(3)
     t0, out = _first_probe(m)
-    (_, ping, _), = sent(out, Ping)
+    ((_, ping, _),) = sent(out, Ping)
     m.handle(Ack(ping.seq), addr("p0"), t0 + 0.1)  # type: ignore[attr-defined]
     assert m.awareness.score == 2
 
@@ -232,7 +234,7 @@ def test_a_direct_ack_lowers_the_health_score() -> None:
 def test_an_indirect_prober_relays_the_ack_or_sends_a_nack_on_timeout() -> None:
     m = node("a", peers=2)
     out = m.handle(IndirectPing(41, "p1", addr("p1"), True, "p0"), addr("p0"), 1.0)
-    (to, ping, _), = sent(out, Ping)
+    ((to, ping, _),) = sent(out, Ping)
     assert to == addr("p1")
     out = m.handle(Ack(ping.seq), addr("p1"), 1.1)  # type: ignore[attr-defined]
     assert sent(out, Ack) == [(addr("p0"), Ack(41), False)]

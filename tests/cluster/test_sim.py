@@ -16,9 +16,11 @@ FAILED = (MemberState.DEAD, MemberState.LEFT)
 
 
 def everyone_sees(sim: Sim, name: str, *states: MemberState) -> bool:
-    return all(sim.sees(o, name, *states) or (
-        sim.nodes[o].membership.member(name) is None and MemberState.DEAD in states
-    ) for o in sim.up_names())
+    return all(
+        sim.sees(o, name, *states)
+        or (sim.nodes[o].membership.member(name) is None and MemberState.DEAD in states)
+        for o in sim.up_names()
+    )
 
 
 def test_a_replay_with_the_same_seed_is_identical() -> None:

@@ -7,10 +7,19 @@ from cluster.suspicion import Suspicion, remaining_suspicion_time
 
 @pytest.mark.parametrize(
     ("n", "k", "elapsed", "expected"),
-    [(0, 3, 0, 30.0), (1, 3, 2, 14.0), (2, 3, 3, 4.81), (3, 3, 4, -2.0), (4, 3, 5, -3.0), (5, 3, 10, -8.0)],
+    [
+        (0, 3, 0, 30.0),
+        (1, 3, 2, 14.0),
+        (2, 3, 3, 4.81),
+        (3, 3, 4, -2.0),
+        (4, 3, 5, -3.0),
+        (5, 3, 10, -8.0),
+    ],
     ids=["none", "one", "two", "all", "beyond-k", "late"],
 )
-def test_remaining_time_matches_memberlists_table(n: int, k: int, elapsed: float, expected: float) -> None:
+def test_remaining_time_matches_memberlists_table(
+    n: int, k: int, elapsed: float, expected: float
+) -> None:
     # memberlist suspicion_test.go TestSuspicion_remainingSuspicionTime (min 2 s, max 30 s).
     assert remaining_suspicion_time(n, k, elapsed, 2.0, 30.0) == pytest.approx(expected, abs=1e-9)
 
@@ -27,7 +36,9 @@ def test_remaining_time_matches_memberlists_table(n: int, k: int, elapsed: float
     ],
     ids=["no-confirmation", "one", "repeats-ignored", "two", "three", "beyond-k"],
 )
-def test_timer_shrinks_with_distinct_confirmations(confirmers: tuple[str, ...], expected: float) -> None:
+def test_timer_shrinks_with_distinct_confirmations(
+    confirmers: tuple[str, ...], expected: float
+) -> None:
     # memberlist TestSuspicion_Timer: k=3, min 500 ms, max 2 s; the accuser "me" never counts.
     s = Suspicion("me", 3, 0.5, 2.0, start=100.0)
     for i, who in enumerate(confirmers):
