@@ -1,0 +1,179 @@
+"""Gossip benchmarks in the deterministic simulator, against the anchors of
+`shared/reference/gossip-anchors.md` (Serf convergence table, memberlist/Lifeguard targets).
+
+Measured here (simulated time, LAN profile, the real membership code):
+- dissemination: time for one metadata change to reach every node, p50/p99 over trials, at
+  0/20/50% datagram loss (Serf: 2.0/2.6/4.0 s for N <= 200; goal: at or under);
+- detection: time from a crash until every node holds the node dead (goal: median <= 8 s at N=10,
+  <= 12 s at N=100);
+- false deaths over a simulated stretch with 5% loss (goal 0);
+- idle bytes per second per node, real encoded packets (goal <= 1 KB/s at N=200).
+
+Not measured here: join16_ms and forward_overhead_ms need real processes and the node.
+
+Usage: python -m bench.gossip [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.config import lan  # noqa: E402
+from cluster.membership import EventKind  # noqa: E402
+from cluster.messages import MemberState  # noqa: E402
+from tests.cluster.sim import Network, Sim  # noqa: E402
+
+SERF_P9999_S = {0: 2.0, 20: 2.6, 50: 4.0}
+
+
+def pct(values: list[float], q: float) -> float:
+    """Return the q-quantile (nearest rank) of values."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def dissemination(n: int, loss: float, trials: int, seed: int) -> list[float]:
+    """Return, per trial, seconds until a metadata change is seen by every node."""
+    sim = Sim(lan(), seed=seed, wire=False)
+    names = sim.add_cluster(n)
+    sim.run_until(sim.converged, 60.0, check_every=0.5)
+    sim.net.loss = loss
+    results = []
+    for trial in range(trials):
+        origin = names[(trial * 7919) % n]
+        meta = f"gen={trial}".encode()
+        seen: set[str] = {origin}
+        t0 = sim.now
+
+        def on_event(
+            t: float,
+            observer: str,
+            e: object,
+            origin: str = origin,
+            meta: bytes = meta,
+            seen: set[str] = seen,
+        ) -> None:
+            if getattr(e, "name", None) == origin and getattr(e, "meta", None) == meta:
+                seen.add(observer)
+
+        sim.on_event = on_event
+        sim.nodes[origin].membership.set_meta(meta, sim.now)
+        sim.run_until(lambda seen=seen: len(seen) == n, t0 + 60, check_every=0.01)
+        results.append(sim.now - t0)
+        sim.run_for(5.0)
+    sim.on_event = None
+    return results
+
+
+def detection(n: int, trials: int, seed: int) -> list[float]:
+    """Return, per trial, seconds from a crash until every live node holds it dead."""
+    out = []
+    for trial in range(trials):
+        sim = Sim(lan(), seed=seed + trial, wire=False)
+        names = sim.add_cluster(n)
+        sim.run_until(sim.converged, 60.0, check_every=0.5)
+        sim.run_for(3.0 + trial % 3)
+        victim = names[(trial * 31 + 1) % n]
+        sim.crash(victim)
+        t0 = sim.now
+
+        def everyone(v: str = victim, sim: Sim = sim) -> bool:
+            return all(
+                (m := sim.nodes[o].membership.member(v)) is None or m.state == MemberState.DEAD
+                for o in sim.up_names()
+            )
+
+        sim.run_until(everyone, t0 + 120, check_every=0.05)
+        out.append(sim.now - t0)
+    return out
+
+
+def false_deaths(n: int, loss: float, seconds: float, seed: int) -> tuple[int, int, int]:
+    """Return (false deaths, suspicions, refutes) over `seconds` of lossy running."""
+    sim = Sim(lan(), seed=seed, network=Network(loss=0.0), wire=False)
+    sim.add_cluster(n)
+    sim.run_until(sim.converged, 60.0, check_every=0.5)
+    sim.net.loss = loss
+    start = len(sim.log)
+    sim.run_for(seconds)
+    log = sim.log[start:]
+    deaths = sum(1 for _, _, e in log if e.kind == EventKind.DEAD)
+    suspicions = sum(1 for _, _, e in log if e.kind == EventKind.SUSPECT)
+    refutes = sum(node.membership.counters.refutes for node in sim.nodes.values())
+    return deaths, suspicions, refutes
+
+
+def idle_bytes(n: int, seconds: float, seed: int) -> float:
+    """Return the mean bytes sent per second per node once the cluster is quiet."""
+    sim = Sim(lan(), seed=seed, wire=True)
+    sim.add_cluster(n)
+    sim.run_until(sim.converged, 60.0, check_every=0.5)
+    sim.run_for(30.0)  # let the join broadcasts drain
+    before = sum(node.bytes_out for node in sim.nodes.values())
+    sim.run_for(seconds)
+    after = sum(node.bytes_out for node in sim.nodes.values())
+    return (after - before) / seconds / n
+
+
+def main() -> None:
+    """Run the benchmarks and print a table (and a JSON line with --json)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a run under two minutes")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = ap.parse_args()
+    if args.quick:
+        sizes, trials, det_sizes, det_trials = [10, 100], 5, [10, 100], 5
+        fd_n, fd_s, idle_n, idle_s = 100, 600.0, 100, 60.0
+    else:
+        sizes, trials, det_sizes, det_trials = [10, 100, 1000], 20, [10, 100], 20
+        fd_n, fd_s, idle_n, idle_s = 100, 3600.0, 200, 120.0
+    wall = time.monotonic()
+    figures: dict[str, object] = {}
+    print("dissemination of one change to all nodes (simulated s; Serf 99.99% anchor)")
+    print(f"{'N':>6} {'loss':>5} {'p50':>7} {'p99':>7} {'anchor':>7}")
+    largest: dict[str, float] = {}
+    for n in sizes:
+        for loss in (0, 20, 50):
+            times = dissemination(n, loss / 100, trials, seed=n + loss)
+            p50, p99 = statistics.median(times), pct(times, 0.99)
+            print(f"{n:>6} {loss:>4}% {p50:>7.2f} {p99:>7.2f} {SERF_P9999_S[loss]:>7.1f}")
+            if n == sizes[-1]:
+                largest[str(loss)] = round(p99, 3)
+    figures["dissemination_p99_s"] = largest
+    figures["dissemination_n"] = sizes[-1]
+    print("\ncrash -> dead everywhere (simulated s)")
+    det: dict[int, float] = {}
+    for n in det_sizes:
+        times = detection(n, det_trials, seed=1000 + n)
+        det[n] = statistics.median(times)
+        print(
+            f"N={n:>4}: median {det[n]:.2f} s, p99 {pct(times, 0.99):.2f} s, max {max(times):.2f} s "
+            f"(goal median <= {8 if n <= 10 else 12} s)"
+        )
+    figures["detection_median_s"] = round(det[det_sizes[0]], 3)
+    figures["detection_median_s_by_n"] = {str(k): round(v, 3) for k, v in det.items()}
+    deaths, suspicions, refutes = false_deaths(fd_n, 0.05, fd_s, seed=7)
+    print(
+        f"\nfalse deaths, N={fd_n}, 5% loss, {fd_s:.0f} simulated s: {deaths} "
+        f"(suspicion events {suspicions}, refutes {refutes}; goal 0)"
+    )
+    figures["false_deaths"] = deaths
+    figures["false_deaths_sim_s"] = fd_s
+    bps = idle_bytes(idle_n, idle_s, seed=3)
+    print(f"\nidle bytes/s per node, N={idle_n}: {bps:.0f} B/s (goal <= 1024)")
+    figures["idle_bytes_per_s"] = round(bps, 1)
+    figures["idle_n"] = idle_n
+    figures["wall_s"] = round(time.monotonic() - wall, 1)
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
