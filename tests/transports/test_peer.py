@@ -1,0 +1,167 @@
+"""Peer RPC over real ZMQ sockets on loopback, against a small in-memory handler."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from actors.errors import InvalidRequest, ModelNotFound, Overloaded
+from actors.types import (
+    GenerationParams,
+    InferRequest,
+    InferResult,
+    LoadRequest,
+    ModelInfo,
+    TokenChunk,
+)
+from cluster.keyring import Keyring
+from transports.peer import PeerClient, PeerServer, peer_dropped_total
+from transports.peer_wire import Envelope, Op, PeerUnavailable, seal
+
+KEY = Keyring((b"k" * 32,))
+OTHER_KEY = Keyring((b"x" * 32,))
+
+
+class Handler:
+    """Serves model "m"; "slow" streams until cancelled; anything else is not found."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+        self.loads: list[tuple[str, int | None]] = []
+
+    async def peer_infer(self, req: InferRequest) -> InferResult:
+        if req.model == "busy":
+            raise Overloaded("model 'busy' is overloaded", retry_after=3.0)
+        if req.params.max_tokens > 100:
+            raise InvalidRequest("max_tokens", "too many")
+        if req.model != "m":
+            raise ModelNotFound(f"model {req.model!r} is not here")
+        return InferResult(req.prompt or "", 1, 1, "length", 1.0, "v1")
+
+    async def peer_infer_stream(self, req: InferRequest) -> AsyncIterator[TokenChunk | InferResult]:
+        try:
+            for i in range(1_000_000 if req.model == "slow" else 3):
+                yield TokenChunk(f"t{i} ")
+                await asyncio.sleep(0)
+            yield InferResult("t0 t1 t2 ", 3, 1, "length", 1.0, "v1")
+        finally:
+            self.closed.set()
+
+    async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo:
+        self.loads.append((req.name, term))
+        return ModelInfo(name=req.name, backend="gguf", path="/m", state="loaded")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Handler, PeerServer, PeerClient]]:
+    handler = Handler()
+    server = PeerServer(handler, KEY, host="127.0.0.1", port=0)
+    await server.start()
+    client = PeerClient(KEY, ack_timeout=2.0)
+    yield handler, server, client
+    client.close()
+    await server.stop()
+
+
+def req(model: str = "m", text: str = "hi", max_tokens: int = 5) -> InferRequest:
+    return InferRequest(model=model, prompt=text, params=GenerationParams(max_tokens=max_tokens))
+
+
+async def test_an_inference_round_trips(served: tuple[Handler, PeerServer, PeerClient]) -> None:
+    _, server, client = served
+    result = await client.infer(f"127.0.0.1:{server.port}", req(text="echo"), timeout=5)
+    assert result.text == "echo" and result.model_version == "v1"
+    assert await client.ping(f"127.0.0.1:{server.port}") < 1.0
+
+
+async def test_a_stream_arrives_piece_by_piece(
+    served: tuple[Handler, PeerServer, PeerClient],
+) -> None:
+    _, server, client = served
+    items = [i async for i in client.stream(f"127.0.0.1:{server.port}", req(), timeout=5)]
+    assert [i.text for i in items if isinstance(i, TokenChunk)] == ["t0 ", "t1 ", "t2 "]
+    assert isinstance(items[-1], InferResult)
+
+
+async def test_errors_come_back_as_the_same_domain_errors(
+    served: tuple[Handler, PeerServer, PeerClient],
+) -> None:
+    _, server, client = served
+    address = f"127.0.0.1:{server.port}"
+    with pytest.raises(ModelNotFound, match="not here"):
+        await client.infer(address, req("other"), timeout=5)
+    with pytest.raises(Overloaded) as overloaded:
+        await client.infer(address, req("busy"), timeout=5)
+    assert overloaded.value.retry_after == 3.0
+    with pytest.raises(InvalidRequest) as invalid:
+        await client.infer(address, req(max_tokens=500), timeout=5)
+    assert invalid.value.field == "max_tokens"
+
+
+async def test_closing_a_stream_cancels_the_work_on_the_peer(
+    served: tuple[Handler, PeerServer, PeerClient],
+) -> None:
+    handler, server, client = served
+    stream = client.stream(f"127.0.0.1:{server.port}", req("slow"), timeout=5)
+    async for _ in stream:
+        break
+    await stream.aclose()
+    await asyncio.wait_for(handler.closed.wait(), 5)
+
+
+async def test_a_load_carries_the_primarys_term(
+    served: tuple[Handler, PeerServer, PeerClient],
+) -> None:
+    handler, server, client = served
+    await client.load(f"127.0.0.1:{server.port}", LoadRequest(name="x"), term=7, timeout=5)
+    assert handler.loads == [("x", 7)]
+
+
+async def test_a_dead_peer_is_reported_unavailable_quickly() -> None:
+    client = PeerClient(KEY, ack_timeout=0.3)
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as hole:
+        port = hole.bind_to_random_port("tcp://127.0.0.1")  # bound, never answers
+        began = time.monotonic()
+        with pytest.raises(PeerUnavailable):
+            await client.infer(f"127.0.0.1:{port}", req(), timeout=5)
+        assert time.monotonic() - began < 2.0
+    client.close()
+
+
+def dropped(reason: str) -> float:
+    return peer_dropped_total.labels(reason)._value.get()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("reason", "frames"),
+    [
+        ("unauthenticated", lambda: seal(OTHER_KEY, Envelope(Op.PING, "a", time.time(), None))),
+        ("unauthenticated", lambda: [seal(KEY, Envelope(Op.PING, "b", time.time(), None))[0], b""]),
+        ("stale", lambda: seal(KEY, Envelope(Op.PING, "c", time.time() - 3600, None))),
+        ("malformed", lambda: [b"\xc1garbage", KEY.sign(b"\xc1garbage")]),
+        ("malformed", lambda: [b"one frame only"]),
+    ],
+    ids=["wrong-key", "unsigned", "replayed-stale", "not-msgpack", "wrong-frame-count"],
+)
+async def test_forged_stale_and_malformed_frames_are_counted_and_dropped(
+    served: tuple[Handler, PeerServer, PeerClient], reason: str, frames: object
+) -> None:
+    _, server, client = served
+    before = dropped(reason)
+    ctx = zmq.asyncio.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"127.0.0.1:{server.port}".join(["tcp://", ""]))
+    await sock.send_multipart(frames())  # type: ignore[operator]
+    deadline = time.monotonic() + 5
+    while dropped(reason) == before:
+        assert time.monotonic() < deadline, "the frame was not counted as dropped"
+        await asyncio.sleep(0.01)
+    assert not await sock.poll(100)  # and nothing was answered
+    sock.close(linger=0)
+    # the server keeps serving
+    assert (await client.infer(f"127.0.0.1:{server.port}", req(), timeout=5)).text == "hi"

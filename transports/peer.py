@@ -1,0 +1,312 @@
+"""Peer RPC: how nodes forward requests to each other (ZMQ ROUTER server, DEALER clients).
+
+Every request is acknowledged at once, so a caller can tell "the peer is down" (no ack within
+`ack_timeout`: try another holder) from "the peer is working on it". Streams send one TOKEN frame
+per piece and end with RESULT or ERROR; a CANCEL stops the peer's generation. Frames that fail
+authentication, are stale or malformed are counted and dropped, never answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+from prometheus_client import Counter
+
+from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
+from cluster.keyring import Keyring
+from transports.peer_wire import (
+    Envelope,
+    Kind,
+    Op,
+    PeerUnavailable,
+    PeerWireError,
+    error_from_wire,
+    error_to_wire,
+    load_from_wire,
+    load_to_wire,
+    open_frames,
+    request_from_wire,
+    request_to_wire,
+    result_from_wire,
+    result_to_wire,
+    seal,
+    token_from_wire,
+)
+
+log = logging.getLogger(__name__)
+
+peer_requests_total = Counter(
+    "moc_peer_requests_total",
+    "Peer RPC requests served, by operation and outcome",
+    ["op", "outcome"],
+)
+peer_dropped_total = Counter(
+    "moc_peer_messages_dropped_total", "Peer RPC frames refused, by reason", ["reason"]
+)
+
+
+class PeerHandler(Protocol):
+    """What a node does for its peers: serve locally (never forward again: one hop at most)."""
+
+    async def peer_infer(self, req: InferRequest) -> InferResult: ...
+
+    def peer_infer_stream(self, req: InferRequest) -> AsyncIterator[TokenChunk | InferResult]: ...
+
+    async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo: ...
+
+
+class PeerServer:
+    """Serve peer requests on tcp://host:port until stopped."""
+
+    def __init__(
+        self,
+        handler: PeerHandler,
+        keyring: Keyring,
+        *,
+        host: str,
+        port: int,
+        clock: Callable[[], float] = time.time,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self._handler = handler
+        self._keyring = keyring
+        self._address = f"tcp://{host}:{port}"
+        self._clock = clock
+        self._context = context or zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: dict[tuple[bytes, str], asyncio.Task[None]] = {}
+        self.port = port
+
+    async def start(self) -> None:
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        if self.port == 0:
+            self.port = sock.bind_to_random_port(self._address.rsplit(":", 1)[0])
+        else:
+            sock.bind(self._address)
+        self._socket = sock
+        self._loop_task = asyncio.create_task(self._serve(), name="peer-server")
+        log.info("peer RPC listening on port %d", self.port)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    async def _serve(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart()
+            if len(frames) < 2:
+                peer_dropped_total.labels("malformed").inc()
+                continue
+            ident, rest = frames[0], frames[1:]
+            try:
+                env = open_frames(self._keyring, rest, self._clock())
+            except PeerWireError as exc:
+                peer_dropped_total.labels(exc.reason).inc()
+                log.debug("dropped a peer frame: %s", exc)
+                continue
+            self._accept(ident, env)
+
+    def _accept(self, ident: bytes, env: Envelope) -> None:
+        key = (ident, env.request_id)
+        if env.code == Op.CANCEL:
+            task = self._tasks.get(key)
+            if task is not None:
+                task.cancel()
+            return
+        try:
+            op = Op(env.code)
+        except ValueError:
+            peer_dropped_total.labels("unknown_op").inc()
+            return
+        self._send(ident, Envelope(Kind.ACK, env.request_id, self._clock(), None))
+        task = asyncio.create_task(self._run(ident, op, env))
+        self._tasks[key] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(key, None))
+
+    async def _run(self, ident: bytes, op: Op, env: Envelope) -> None:
+        rid = env.request_id
+        outcome = "success"
+        try:
+            if op == Op.PING:
+                self._reply(ident, Kind.PONG, rid, None)
+            elif op == Op.INFER:
+                result = await self._handler.peer_infer(request_from_wire(env.body))
+                self._reply(ident, Kind.RESULT, rid, result_to_wire(result))
+            elif op == Op.STREAM:
+                async for item in self._handler.peer_infer_stream(request_from_wire(env.body)):
+                    if isinstance(item, TokenChunk):
+                        self._reply(ident, Kind.TOKEN, rid, item.text)
+                    else:
+                        self._reply(ident, Kind.RESULT, rid, result_to_wire(item))
+            elif op == Op.LOAD:
+                info = await self._handler.peer_load(load_from_wire(env.body), env.term)
+                self._reply(ident, Kind.RESULT, rid, {"name": info.name, "state": info.state})
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as exc:
+            outcome = getattr(exc, "code", "internal_error")
+            self._reply(ident, Kind.ERROR, rid, error_to_wire(exc))
+        finally:
+            peer_requests_total.labels(op.name.lower(), outcome).inc()
+
+    def _reply(self, ident: bytes, kind: Kind, rid: str, body: Any) -> None:
+        self._send(ident, Envelope(kind, rid, self._clock(), body))
+
+    def _send(self, ident: bytes, env: Envelope) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.send_multipart([ident, *seal(self._keyring, env)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the peer went away: nothing to tell it
+            log.debug("peer reply lost: %s", exc)
+
+
+class _Connection:
+    """One DEALER socket to one peer, with a reader task routing replies to waiting requests."""
+
+    def __init__(self, client: PeerClient, address: str) -> None:
+        self.client = client
+        self.socket = client.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        self.socket.connect(f"tcp://{address}")
+        self.pending: dict[str, asyncio.Queue[Envelope]] = {}
+        self.reader = asyncio.create_task(self._read(), name=f"peer-client-{address}")
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.socket.recv_multipart()
+            try:
+                env = open_frames(self.client.keyring, frames, self.client.clock())
+            except PeerWireError as exc:
+                peer_dropped_total.labels(exc.reason).inc()
+                continue
+            queue = self.pending.get(env.request_id)
+            if queue is not None:
+                queue.put_nowait(env)
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.socket.close(linger=0)
+
+
+class PeerClient:
+    """Send requests to peers by `host:port`; one connection per peer, reused."""
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        ack_timeout: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.keyring = keyring
+        self.ack_timeout = ack_timeout
+        self.clock = clock
+        self.context = context or zmq.asyncio.Context.instance()
+        self._connections: dict[str, _Connection] = {}
+
+    def close(self) -> None:
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
+
+    async def ping(self, address: str) -> float:
+        """Return the round trip to `address` in seconds."""
+        began = time.perf_counter()
+        async for _ in self._call(address, Op.PING, None, None):
+            pass
+        return time.perf_counter() - began
+
+    async def infer(self, address: str, req: InferRequest, timeout: float) -> InferResult:
+        """Run a whole inference on the peer."""
+        async for env in self._call(address, Op.INFER, request_to_wire(req), None, timeout):
+            return result_from_wire(env.body)
+        raise PeerUnavailable(f"peer {address} ended the request without a result")
+
+    async def stream(
+        self, address: str, req: InferRequest, timeout: float
+    ) -> AsyncIterator[TokenChunk | InferResult]:
+        """Stream an inference from the peer; closing the iterator cancels it there."""
+        async for env in self._call(address, Op.STREAM, request_to_wire(req), None, timeout):
+            if env.code == Kind.TOKEN:
+                yield token_from_wire(env.body)
+            else:
+                yield result_from_wire(env.body)
+
+    async def load(self, address: str, req: LoadRequest, term: int | None, timeout: float) -> None:
+        """Ask the peer to load a model under the primary's `term` (a fencing token)."""
+        async for _ in self._call(address, Op.LOAD, load_to_wire(req), term, timeout):
+            return
+
+    async def _call(
+        self, address: str, op: Op, body: Any, term: int | None, timeout: float = 10.0
+    ) -> AsyncIterator[Envelope]:
+        """Send one request; yield TOKEN envelopes and the final RESULT/PONG; raise on ERROR."""
+        connection = self._connections.get(address)
+        if connection is None:
+            connection = self._connections[address] = _Connection(self, address)
+        rid = uuid.uuid4().hex
+        queue: asyncio.Queue[Envelope] = asyncio.Queue()
+        connection.pending[rid] = queue
+        finished = False
+        try:
+            frames = seal(self.keyring, Envelope(op, rid, self.clock(), body, term))
+            await connection.socket.send_multipart(frames)
+            try:
+                ack = await asyncio.wait_for(queue.get(), self.ack_timeout)
+            except TimeoutError:
+                # No ack: the peer is down or cut off. Drop the socket so a later call reconnects.
+                connection.close()
+                self._connections.pop(address, None)
+                raise PeerUnavailable(
+                    f"peer {address} did not answer within {self.ack_timeout} s"
+                ) from None
+            if ack.code != Kind.ACK:
+                queue.put_nowait(ack)  # a reply overtook its ack: keep it
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    env = await asyncio.wait_for(queue.get(), max(0.0, remaining))
+                except TimeoutError:
+                    raise PeerUnavailable(
+                        f"peer {address} went silent for {timeout:.0f} s"
+                    ) from None
+                if env.code == Kind.ERROR:
+                    finished = True
+                    raise error_from_wire(env.body)
+                if env.code in (Kind.RESULT, Kind.PONG):
+                    finished = True
+                    yield env
+                    return
+                if env.code == Kind.TOKEN:
+                    yield env
+        finally:
+            connection.pending.pop(rid, None)
+            if not finished and address in self._connections:
+                # The caller left (or timed out): tell the peer to stop working for nobody.
+                with contextlib.suppress(zmq.ZMQError):
+                    cancel = seal(self.keyring, Envelope(Op.CANCEL, rid, self.clock(), None))
+                    await connection.socket.send_multipart(cancel, flags=zmq.NOBLOCK)

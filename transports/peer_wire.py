@@ -1,0 +1,220 @@
+"""The peer RPC's wire format: msgpack envelopes signed with the cluster key.
+
+A frame is `[payload, tag]` where `tag = HMAC-SHA256(payload)` under the cluster keyring (first key
+signs, any key verifies). The payload is a msgpack map with a protocol version, an operation or
+reply kind, a request id, a timestamp (stale or far-future frames are refused: replay defence) and
+a body. Domain values (InferRequest, InferResult, LoadRequest) are converted here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from actors import errors as domain_errors
+from actors.errors import MocError
+from actors.types import (
+    ChatMessage,
+    GenerationParams,
+    InferRequest,
+    InferResult,
+    LoadRequest,
+    TensorData,
+    TokenChunk,
+)
+from cluster.keyring import TAG_BYTES, Keyring
+
+PEER_PROTOCOL = 1
+MAX_SKEW_S = 30.0
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+
+
+class Op(enum.IntEnum):
+    """Requests. Append only: these numbers are on the wire."""
+
+    PING = 1
+    INFER = 2
+    STREAM = 3
+    LOAD = 4
+    CANCEL = 5
+
+
+class Kind(enum.IntEnum):
+    """Replies. Append only: these numbers are on the wire."""
+
+    ACK = 1
+    TOKEN = 2
+    RESULT = 3
+    ERROR = 4
+    PONG = 5
+
+
+class PeerWireError(Exception):
+    """A frame from a peer was refused; `reason` labels the drop in metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PeerUnavailable(MocError):
+    """The peer did not acknowledge the request in time (it is down or unreachable)."""
+
+    code = "peer_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One decoded frame."""
+
+    code: int  # an Op for requests, a Kind for replies
+    request_id: str
+    ts: float
+    body: Any
+    term: int | None = None
+
+
+def seal(keyring: Keyring, env: Envelope) -> list[bytes]:
+    """Encode and sign an envelope into frames."""
+    payload = msgpack.packb(
+        {
+            "v": PEER_PROTOCOL,
+            "c": env.code,
+            "id": env.request_id,
+            "ts": env.ts,
+            "b": env.body,
+            "t": env.term,
+        },
+        use_bin_type=True,
+    )
+    tag = keyring.sign(payload) if keyring.enabled else b""
+    return [payload, tag]
+
+
+def open_frames(keyring: Keyring, frames: list[bytes], now: float) -> Envelope:
+    """Verify and decode frames; raise PeerWireError naming why a frame is refused."""
+    if len(frames) != 2:
+        raise PeerWireError("malformed", f"expected 2 frames, got {len(frames)}")
+    payload, tag = frames
+    if len(payload) > MAX_FRAME_BYTES:
+        raise PeerWireError("oversized", "frame larger than the peer limit")
+    if keyring.enabled and (len(tag) != TAG_BYTES or not keyring.verify(payload, tag)):
+        raise PeerWireError("unauthenticated", "bad or missing signature")
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types for garbage
+        raise PeerWireError("malformed", f"not msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise PeerWireError("malformed", "payload is not a map")
+    if obj.get("v") != PEER_PROTOCOL:
+        raise PeerWireError("version", f"unsupported peer protocol {obj.get('v')!r}")
+    code, rid, ts, term = obj.get("c"), obj.get("id"), obj.get("ts"), obj.get("t")
+    if not isinstance(code, int) or not isinstance(rid, str) or not isinstance(ts, int | float):
+        raise PeerWireError("malformed", "missing code, id or timestamp")
+    if abs(now - ts) > MAX_SKEW_S:
+        raise PeerWireError("stale", f"timestamp {now - ts:+.1f} s off")
+    if term is not None and not isinstance(term, int):
+        raise PeerWireError("malformed", "term is not an integer")
+    return Envelope(code, rid, float(ts), obj.get("b"), term)
+
+
+# -- domain values <-> plain data -----------------------------------------------------------
+
+
+def request_to_wire(req: InferRequest) -> dict[str, Any]:
+    return dataclasses.asdict(req)
+
+
+def request_from_wire(body: Any) -> InferRequest:
+    """Rebuild an InferRequest from a peer's body; PeerWireError if it does not fit."""
+    try:
+        params = GenerationParams(**{**body["params"], "stop": tuple(body["params"]["stop"])})
+        messages = body.get("messages")
+        tensors = body.get("tensors")
+        return InferRequest(
+            model=str(body["model"]),
+            prompt=body.get("prompt"),
+            messages=None if messages is None else tuple(ChatMessage(**m) for m in messages),
+            tensors=None if tensors is None else tuple(_tensor(t) for t in tensors),
+            params=params,
+            timeout_s=body.get("timeout_s"),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PeerWireError("malformed", f"bad inference request: {exc!r}") from None
+
+
+def _tensor(t: dict[str, Any]) -> TensorData:
+    return TensorData(str(t["dtype"]), tuple(int(d) for d in t["shape"]), bytes(t["data"]))
+
+
+def result_to_wire(result: InferResult) -> dict[str, Any]:
+    return dataclasses.asdict(result)
+
+
+def result_from_wire(body: Any) -> InferResult:
+    try:
+        tensors = body.get("tensors")
+        return InferResult(
+            **{**body, "tensors": None if tensors is None else tuple(_tensor(t) for t in tensors)}
+        )
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise PeerWireError("malformed", f"bad inference result: {exc!r}") from None
+
+
+def token_from_wire(body: Any) -> TokenChunk:
+    if not isinstance(body, str):
+        raise PeerWireError("malformed", "token body is not text")
+    return TokenChunk(body)
+
+
+def load_to_wire(req: LoadRequest) -> dict[str, Any]:
+    return dataclasses.asdict(req)
+
+
+def load_from_wire(body: Any) -> LoadRequest:
+    try:
+        return LoadRequest(**body)
+    except TypeError as exc:
+        raise PeerWireError("malformed", f"bad load request: {exc}") from None
+
+
+def error_to_wire(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, MocError):
+        return {
+            "code": exc.code,
+            "message": str(exc),
+            "retry_after": getattr(exc, "retry_after", None),
+            "field": getattr(exc, "field", None),
+        }
+    return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def _codes() -> dict[str, type[MocError]]:
+    table: dict[str, type[MocError]] = {}
+    stack: list[type[MocError]] = [MocError]
+    while stack:
+        cls = stack.pop()
+        table.setdefault(cls.code, cls)
+        stack.extend(cls.__subclasses__())
+    return table
+
+
+def error_from_wire(body: Any) -> MocError:
+    """Rebuild the peer's error as the same domain error class (by its code)."""
+    if not isinstance(body, dict):
+        return MocError("the peer sent a malformed error")
+    code = str(body.get("code", "internal_error"))
+    message = str(body.get("message", code))
+    cls = _codes().get(code, MocError)
+    if issubclass(cls, domain_errors.InvalidRequest):
+        return cls(str(body.get("field") or "request"), message.partition(": ")[2] or message)
+    if issubclass(cls, domain_errors.Overloaded):
+        return cls(message, retry_after=float(body.get("retry_after") or 1.0))
+    try:
+        return cls(message)
+    except TypeError:
+        return MocError(message)
