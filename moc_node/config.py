@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from actors.config import ModelsConfig, ResilienceConfig, ResourcesConfig
 from cluster.config import ClusterConfig
+from cluster.config import from_mapping as cluster_from_mapping
 from transports.config import ServerConfig
 
 ENV_PREFIX = "MOC_"
@@ -92,8 +93,20 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     for name in RESERVED_SECTIONS:
         if name in data:
             raise ConfigError(f"{name}: this section is reserved for a feature not available yet")
+    # Sections with presets build themselves: `profile` picks the base the other keys override.
+    loaders = {"cluster": cluster_from_mapping}
+    custom: dict[str, Any] = {}
+    for name, loader in loaders.items():
+        if name in data:
+            table = data.pop(name)
+            if not isinstance(table, dict):
+                raise ConfigError(f"{name}: expected a table")
+            try:
+                custom[name] = loader(table)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     config: Config = build(Config, data, "")
-    return config
+    return dataclasses.replace(config, **custom) if custom else config
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:

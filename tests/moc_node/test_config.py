@@ -132,3 +132,15 @@ def test_a_bad_config_stops_with_one_line_naming_the_key(
 def test_a_missing_config_file_is_named() -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/moc.toml", env={})
+
+
+def test_the_cluster_section_applies_its_profile_then_the_overrides(tmp_path: Path) -> None:
+    text = '[cluster]\nprofile = "local"\nvoters = ["a", "b", "c"]\n'
+    config = load_config(write(tmp_path, text), env={})
+    assert config.cluster.voters == ("a", "b", "c")
+    assert config.cluster.probe_interval_s < 1.0  # the local preset, not the LAN default
+
+
+def test_a_bad_cluster_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cluster.bogus"):
+        load_config(write(tmp_path, "[cluster]\nbogus = 1\n"), env={})
