@@ -1,0 +1,9 @@
+"""Learning jobs: LoRA, full fine-tuning, DPO and distillation on the GGUF models the node serves.
+
+The pieces, one concern each: `gguf_io` reads and dequantizes a GGUF's tensors, `tokenizer`
+tokenizes with the model's own vocabulary through llama.cpp, `llama_torch` is a torch forward
+pass with llama.cpp's arithmetic, `lora` adds low-rank adapters, `export` writes adapters and
+whole models back as GGUF, `datasets` validates JSONL, `trainers` run the loops, `jobs` persists
+jobs in SQLite and `actor` schedules them. torch is imported only by the modules that need it
+(the optional extra `moc-node[torch]`).
+"""
