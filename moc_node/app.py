@@ -150,7 +150,8 @@ def default_servers(node: Node, config: Config) -> list[Server]:
     from transports.http import HttpServer
     from transports.zmq_legacy import ZmqServer
 
-    return [HttpServer(node, config.server), ZmqServer(node, config.server)]
+    static = Path(__file__).with_name("static")
+    return [HttpServer(node, config.server, static_dir=static), ZmqServer(node, config.server)]
 
 
 async def serve(

@@ -272,6 +272,30 @@ class Node:
             "models": [_model_json(m) for m in self.models()],
         }
 
+    def cluster_view(self) -> dict[str, Any]:
+        """Describe the cluster; a node without one reports itself as the only member."""
+        models = self.models()
+        me = {
+            "name": self.name,
+            "state": "leaving" if self._draining else "alive",
+            "incarnation": 0,
+            "devices": [_device_json(d) for d in self.devices()],
+            "models": [
+                {"name": m.name, "state": m.state, "in_flight": m.in_flight, "queued": m.queued}
+                for m in models
+                if m.state in ("loaded", "loading")
+            ],
+        }
+        holders = {m.name: [self.name] for m in models if m.state == "loaded"}
+        return {
+            "enabled": False,
+            "self": self.name,
+            "primary": None,
+            "term": 0,
+            "members": [me],
+            "models": holders,
+        }
+
     # -- internals --------------------------------------------------------------------------
 
     def _check_open(self) -> None:

@@ -49,3 +49,10 @@ class NodeAPI(Protocol):
 
     def status(self) -> dict[str, Any]:
         """Describe the node (name, version, uptime, devices, models) as JSON-ready data."""
+
+    def cluster_view(self) -> dict[str, Any]:
+        """Describe the cluster as this node sees it: members, primary and term, model holders.
+
+        Keys: `enabled`, `self`, `primary` ({name, term} or None), `term`, `members` (each with
+        name, state, incarnation, devices, models), `models` (model -> holder names).
+        """

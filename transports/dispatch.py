@@ -283,6 +283,10 @@ async def _status(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return d.node.status()
 
 
+async def _cluster(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return d.node.cluster_view()
+
+
 ACTIONS: dict[str, Action] = {
     a.name: a
     for a in (
@@ -294,6 +298,7 @@ ACTIONS: dict[str, Action] = {
         Action("status", _status, calls_node=False),
         Action("list_devices", _list_devices, calls_node=False),
         Action("ready", _ready, calls_node=False),
+        Action("cluster", _cluster, calls_node=False),
     )
 }
 
@@ -306,7 +311,6 @@ NOT_YET: dict[str, str] = {
     "list_goals": "goals are not implemented yet",
     "create_goal": "goals are not implemented yet",
     "get_goal": "goals are not implemented yet",
-    "cluster": "the cluster is not implemented yet",
 }
 
 

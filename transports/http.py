@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -52,6 +53,7 @@ def build_app(
     *,
     dispatcher: Dispatcher | None = None,
     api_keys: frozenset[str] | None = None,
+    static_dir: Path | None = None,
 ) -> web.Application:
     """Build the aiohttp application serving `node` (keys default to those of `config`)."""
     keys = load_api_keys(config) if api_keys is None else api_keys
@@ -75,7 +77,15 @@ def build_app(
     r.add_delete("/models/{model_name}", _unload_model)
     for path in ("/learning/jobs", "/learning/jobs/{job_id}", "/goals", "/goals/{goal_id}"):
         r.add_route("*", path, _not_yet)
-    r.add_get("/cluster", _not_yet)
+    r.add_get("/cluster", _cluster)
+    if static_dir is not None:
+        index = static_dir / "index.html"
+
+        async def _index(request: web.Request) -> web.FileResponse:
+            return web.FileResponse(index)
+
+        r.add_get("/", _index)
+        r.add_static("/static/", static_dir)
     r.add_get("/v1/models", _v1_models)
     r.add_get("/v1/models/{model}", _v1_model)
     r.add_post("/v1/completions", _v1_completions)
@@ -135,7 +145,9 @@ def _auth_middleware(keys: frozenset[str], config: ServerConfig) -> Any:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if digests and request.path not in open_paths:
+        # The cluster page's own files hold no data (the page sends a key for /cluster).
+        page = request.path == "/" or request.path.startswith("/static/")
+        if digests and request.path not in open_paths and not page:
             presented = presented_key(request.headers)
             if presented is None or not key_matches(presented, digests):
                 reason = "missing API key" if presented is None else "invalid API key"
@@ -289,6 +301,10 @@ async def _load_model(request: web.Request) -> web.Response:
 async def _unload_model(request: web.Request) -> web.Response:
     name = request.match_info["model_name"]
     return _json(await _dispatcher(request).call("unload_model", {"model_name": name}))
+
+
+async def _cluster(request: web.Request) -> web.Response:
+    return _json(await _dispatcher(request).call("cluster", {}))
 
 
 async def _not_yet(request: web.Request) -> web.Response:
@@ -535,8 +551,11 @@ class HttpServer:
         *,
         dispatcher: Dispatcher | None = None,
         api_keys: frozenset[str] | None = None,
+        static_dir: Path | None = None,
     ) -> None:
-        self.app = build_app(node, config, dispatcher=dispatcher, api_keys=api_keys)
+        self.app = build_app(
+            node, config, dispatcher=dispatcher, api_keys=api_keys, static_dir=static_dir
+        )
         self._config = config
         self._runner: web.AppRunner | None = None
         self.port = 0

@@ -173,6 +173,24 @@ class FakeNode:
             "models": [m.name for m in self._models.values() if m.state == "loaded"],
         }
 
+    def cluster_view(self) -> dict[str, Any]:
+        loaded = [m.name for m in self._models.values() if m.state == "loaded"]
+        member = {
+            "name": "fake-node",
+            "state": "alive",
+            "incarnation": 0,
+            "devices": [],
+            "models": [{"name": n, "state": "loaded"} for n in loaded],
+        }
+        return {
+            "enabled": False,
+            "self": "fake-node",
+            "primary": None,
+            "term": 0,
+            "members": [member],
+            "models": {n: ["fake-node"] for n in loaded},
+        }
+
     # ---- the "model" ----
 
     def _begin(self, req: InferRequest) -> list[str]:

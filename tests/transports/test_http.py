@@ -108,7 +108,6 @@ async def test_the_model_lifecycle_uses_the_legacy_status_codes(http_server: Htt
         ("POST", "/learning/jobs"),
         ("GET", "/goals"),
         ("POST", "/goals"),
-        ("GET", "/cluster"),
     ],
 )
 async def test_features_not_landed_yet_answer_501_never_a_fake_result(
@@ -117,6 +116,13 @@ async def test_features_not_landed_yet_answer_501_never_a_fake_result(
     status, _, body = await fetch(http_server, method, path, {})
     assert status == 501
     assert "not available yet" in body["error"]
+
+
+async def test_cluster_describes_the_members_and_model_holders(http_server: HttpServer) -> None:
+    status, _, body = await fetch(http_server, "GET", "/cluster")
+    assert status == 200
+    assert body["self"] == "fake-node" and body["primary"] is None
+    assert [m["name"] for m in body["members"]] == ["fake-node"]
 
 
 async def test_status_and_devices_describe_the_node(http_server: HttpServer) -> None:
