@@ -236,8 +236,9 @@ def _optional_float(
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(field, f"expected a number, got {_kind(value)}")
     low, high = bounds
-    # The explicit isfinite check refuses NaN, which every comparison would let through.
-    if not math.isfinite(value) or not low <= value <= high:
+    # Range first: an integer too large for a float (JSON allows 10**400) makes isfinite raise
+    # OverflowError; NaN fails every comparison, so the range check refuses it too.
+    if not low <= value <= high or not math.isfinite(value):
         raise InvalidRequest(field, f"must be between {low:g} and {high:g}; got {value}")
     return float(value)
 
