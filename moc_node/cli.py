@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
 
     client("status", "show the node's health, devices and models").set_defaults(handler=_status)
     client("models", "list models and their state").set_defaults(handler=_models)
+    client("cluster", "show the cluster: members, primary, models").set_defaults(handler=_cluster)
+    top = client("top", "watch the cluster live (Ctrl-C to quit)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--iterations", type=int, default=0, help="stop after N refreshes (0: never)")
+    top.set_defaults(handler=_top)
     load = client("load", "load a model")
     load.add_argument("name")
     load.add_argument("--path", help="model file inside the node's model directories")
@@ -160,6 +166,53 @@ def _status(client: _Client, args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     console.print(_models_table(status.get("models", [])))
     return 0
+
+
+def cluster_table(view: dict[str, Any]) -> Table:
+    """Render a /cluster view: one row per member with its devices and models."""
+    primary = view.get("primary") or {}
+    title = (
+        f"primary {primary['name']} (term {primary['term']})" if primary else "no primary"
+    ) + ("" if view.get("enabled") else " · single node")
+    table = Table(title=title)
+    for column in ("member", "state", "inc", "devices (claimed / used / total MiB)", "models"):
+        table.add_column(column)
+    for m in view.get("members", []):
+        devices = "\n".join(
+            f"{d['name']}: {_num(d.get('claimed_mb'))} / {_num(d.get('used_mb'))} / "
+            f"{_num(d.get('total_mb'))}"
+            for d in m.get("devices", [])
+        )
+        models = "\n".join(
+            f"{x['name']} {x.get('state', '')} q={x.get('queued', 0)}" for x in m.get("models", [])
+        )
+        name = m["name"] + (" *" if primary.get("name") == m["name"] else "")
+        table.add_row(name, str(m.get("state")), str(m.get("incarnation", 0)), devices, models)
+    return table
+
+
+def _cluster(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    console.print(cluster_table(client.call("GET", "/cluster")))
+    return 0
+
+
+def _top(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    from rich.live import Live
+
+    done = 0
+    with Live(console=console, refresh_per_second=4, screen=False) as live:
+        while True:
+            try:
+                live.update(cluster_table(client.call("GET", "/cluster")))
+            except ClientError as exc:
+                live.update(f"[red]{exc}[/red]")
+            done += 1
+            if args.iterations and done >= args.iterations:
+                return 0
+            try:
+                time.sleep(args.interval)  # the refresh period of a terminal view
+            except KeyboardInterrupt:
+                return 0
 
 
 def _models(client: _Client, args: argparse.Namespace, console: Console) -> int:
