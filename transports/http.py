@@ -491,6 +491,12 @@ async def _stream(
             if request.transport is not None:
                 request.transport.close()
             return response
+        except asyncio.CancelledError:
+            # A hang-up cancels the handler (handler_cancellation) with the transport gone; a
+            # server shutdown cancels it with the transport still open: only count the first.
+            if request.transport is None or request.transport.is_closing():
+                STREAMS_CLOSED_BY_CLIENT.inc()
+            raise
         except Exception as exc:
             # Headers are gone: report the error in the stream, as OpenAI does.
             err = classify(exc)

@@ -355,8 +355,9 @@ async def test_without_keys_every_route_is_open(start_node: StartNode) -> None:
                 continue
             async with session.get(served.url + path) as resp:
                 assert resp.status != 401, path
-                expected = 501 if path in ("/learning/jobs", "/goals", "/cluster") else 200
-                assert resp.status == expected, path
+                # Features landing with later issues answer 501 until then, never 401.
+                later = path in ("/learning/jobs", "/goals", "/cluster")
+                assert resp.status in ((200, 501) if later else (200,)), path
         async with session.post(f"{served.url}/inference", json=infer_payload()) as resp:
             assert resp.status == 200
 
@@ -370,6 +371,7 @@ async def test_a_client_hanging_up_mid_stream_stops_the_generation(
     served = await start_node()
     cancelled_before = metric("moc_inference_requests_total", model=MODEL, outcome="cancelled")
     tokens_before = metric("moc_inference_tokens_generated_total", model=MODEL)
+    closed_before = metric("moc_http_streams_closed_by_client_total")
     async with aiohttp.ClientSession() as session:
         resp, first = await open_stream(session, served, LONG)
         assert first["choices"][0]["finish_reason"] is None
@@ -387,6 +389,7 @@ async def test_a_client_hanging_up_mid_stream_stops_the_generation(
     assert done.usage is not None and done.usage.completion_tokens == 4
     generated = metric("moc_inference_tokens_generated_total", model=MODEL) - tokens_before
     assert generated < LONG, "the worker generated the whole stream for nobody"
+    assert metric("moc_http_streams_closed_by_client_total") == closed_before + 1
     assert served.in_flight() == 0
 
 
