@@ -20,7 +20,7 @@ from actors.errors import InvalidRequest
 from actors.types import GenerationParams, InferRequest
 from transports import schema
 
-SETTINGS = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 
 scalars = st.one_of(
     st.none(),
