@@ -1,0 +1,538 @@
+"""Drive the membership and election machines over real sockets (asyncio).
+
+The runner decides nothing about the protocol: it decodes what arrives, hands each message to
+`Election` (lease messages) or `Membership` (everything else), sends the `Outbound`s they return
+(datagrams, or one TCP exchange when `reliable`; a reliable message's replies go back on its
+stream), and calls `tick` when `next_deadline` comes. Garbage from peers is counted by reason and
+dropped. Around that it polls the node's metadata, publishes it when `should_publish` says so,
+and keeps the placement `Fence` at the highest term seen.
+
+Use:
+
+    runner = ClusterRunner(config, "gpu-a", keyring, term_store, node_meta)
+    await runner.start()            # binds, joins config.seeds
+    runner.members(); runner.primary(); runner.is_primary(); runner.fence.admit(term)
+    await runner.leave(timeout=2.0) # graceful: peers record "left", not "failed"
+    await runner.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.registry import CollectorRegistry
+
+from cluster import metrics
+from cluster.codec import decode_packet, encode_packet
+from cluster.config import ClusterConfig, parse_hostport
+from cluster.election import Election, Fence, TermStore
+from cluster.errors import LocalUsageError, PeerProtocolError
+from cluster.keyring import Keyring
+from cluster.membership import EventKind, Membership, Outbound
+from cluster.messages import Address, MemberState, Message
+from cluster.meta import BadMeta, NodeMeta, decode_meta, encode_meta, should_publish
+from cluster.routing import ClusterMember
+from cluster.udp import (
+    FRAME_HEADER_BYTES,
+    Endpoints,
+    frame,
+    open_endpoints,
+    peer_address,
+    read_frame,
+    stream_exchange,
+)
+
+log = logging.getLogger(__name__)
+
+MetaProvider = Callable[[], NodeMeta]
+Clock = Callable[[], float]
+
+MAX_INBOUND_STREAMS = 64
+"""Concurrent inbound TCP exchanges; more are refused (counted as "stream_busy")."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterEvent:
+    """A member change, with the member's metadata decoded (None if absent or garbage)."""
+
+    kind: EventKind
+    name: str
+    addr: Address
+    incarnation: int
+    meta: NodeMeta | None
+
+
+EventHook = Callable[[ClusterEvent], None]
+
+
+@dataclass(slots=True)
+class _Traffic:
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    stream_failures: int = 0
+
+
+class ClusterRunner:
+    """One node's membership and election on a UDP socket plus a TCP listener on the same port."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        name: str,
+        keyring: Keyring,
+        term_store: TermStore,
+        meta_provider: MetaProvider | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        on_event: EventHook | None = None,
+        registry: CollectorRegistry | None = None,
+        meta_poll_s: float = 0.1,
+    ) -> None:
+        """Prepare a runner; nothing is bound until `start`.
+
+        `config.bind` may use port 0 (tests): both sockets then share a free port. `registry`,
+        when given, receives the `moc_cluster_*` / `moc_gossip_*` collector at start.
+        """
+        if not name:
+            raise LocalUsageError("a cluster node needs a name")
+        self.config = config
+        self.name = name
+        self.keyring = keyring
+        self.term_store = term_store
+        self.meta_provider = meta_provider or NodeMeta
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_event = on_event
+        self.registry = registry
+        self.meta_poll_s = meta_poll_s
+        self.fence = Fence(term_store)
+        """Admit or refuse placement commands by term; kept at the highest term seen."""
+        self.traffic = _Traffic()
+        self._dropped: dict[str, int] = {}
+        self._endpoints: Endpoints | None = None
+        self._membership: Membership | None = None
+        self._election: Election | None = None
+        self._collector: metrics.ClusterCollector | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inbound = 0
+        self._published: NodeMeta | None = None
+        self._published_at: float | None = None
+        self._next_meta_poll = 0.0
+        self._meta_cache: dict[bytes, NodeMeta | None] = {}
+        self._leaving = False
+        self._left = asyncio.Event()
+        self._stopped = False
+        self._stream_timeout = max(10 * config.probe_timeout_s, 1.0)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind both sockets, start the machines and join `config.seeds`."""
+        host, port = _split_bind(self.config.bind)
+        self._endpoints = await open_endpoints(host, port, self._on_datagram, self._on_stream)
+        addr = self._advertise(self._endpoints.addr)
+        now = self.clock()
+        meta = self._poll_meta(now)
+        self._membership = Membership(
+            self.config, self.name, addr, self.rng, now, encode_meta(meta)
+        )
+        self._published, self._published_at = meta, now
+        self._election = Election(
+            self.config, self.name, self.term_store, self._membership, self.rng, now
+        )
+        if self.registry is not None:
+            self._collector = metrics.register(self.stats, self.registry)
+        log.info("cluster node %s listening on %s:%d", self.name, *addr)
+        if self.config.seeds:
+            await self.join(self.config.seeds)
+        self._schedule()
+
+    async def join(self, seeds: Sequence[str]) -> None:
+        """Join (or re-join) through `host:port` seeds; names are resolved once, here."""
+        loop = asyncio.get_running_loop()
+        resolved: list[Address] = []
+        for seed in seeds:
+            host, port = parse_hostport(seed, "seeds")
+            try:
+                infos = await loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
+            except OSError as exc:
+                log.warning("cluster seed %s does not resolve: %s", seed, exc)
+                continue
+            resolved.append((str(infos[0][4][0]), port))
+        self._send(self._m.join(resolved, self.clock()))
+        self._after_step()
+
+    async def leave(self, timeout: float) -> bool:
+        """Announce a graceful leave and wait until it has been gossiped or `timeout` passes.
+
+        Return whether the leave broadcast was used up in time. The node stops acting as
+        primary at once (its lease runs out on its own) and no longer probes anyone.
+        """
+        if self._membership is None or self._stopped:
+            return False
+        if not self._leaving:
+            self._leaving = True
+            self._send(self._m.leave(self.clock()))
+            self._after_step()
+        try:
+            await asyncio.wait_for(self._left.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Close the sockets and cancel pending exchanges (no goodbye: use `leave` first)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._endpoints is not None:
+            await self._endpoints.close()
+        if self._collector is not None and self.registry is not None:
+            self.registry.unregister(self._collector)
+            self._collector = None
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def addr(self) -> Address:
+        """Return the (host, port) peers reach this node at."""
+        return self._m.addr
+
+    @property
+    def membership(self) -> Membership:
+        """Return the membership machine (read-only use: counters, raw views)."""
+        return self._m
+
+    @property
+    def election(self) -> Election:
+        """Return the election machine (read-only use: counters, lease windows)."""
+        assert self._election is not None, "start() first"
+        return self._election
+
+    def members(self) -> list[ClusterMember]:
+        """Return every known member (this node included) with its decoded metadata."""
+        return [
+            ClusterMember(v.name, v.addr, v.state, v.incarnation, self._decode(v.meta))
+            for v in self._m.members()
+        ]
+
+    def member(self, name: str) -> ClusterMember | None:
+        """Return one member, or None if unknown (or reaped)."""
+        v = self._m.member(name)
+        if v is None:
+            return None
+        return ClusterMember(v.name, v.addr, v.state, v.incarnation, self._decode(v.meta))
+
+    def is_primary(self) -> bool:
+        """Return whether this node may act as primary now (lease held, margin kept)."""
+        if self._election is None or self._leaving or self._stopped:
+            return False
+        return self._election.is_primary(self.clock())
+
+    @property
+    def term(self) -> int:
+        """Return the highest term this node has seen (votes, leases, fenced commands)."""
+        e = self._election.highest_term if self._election is not None else 0
+        return max(e, self.fence.highest)
+
+    def primary(self) -> tuple[str, int] | None:
+        """Return (name, term) of the acting primary as far as this node knows, or None.
+
+        This node's own lease is exact; another node's claim comes from its gossiped metadata
+        (alive members only, and not older than the highest term seen here), so it can lag by
+        a gossip round. A placement command still carries its term through the `Fence`.
+        """
+        if self.is_primary():
+            return self.name, self.election.term
+        best: tuple[int, str] | None = None
+        for v in self._m.members():
+            if v.name == self.name or v.state != MemberState.ALIVE:
+                continue
+            meta = self._decode(v.meta)
+            if meta is None or meta.primary_term == 0 or meta.primary_term < self.term:
+                continue
+            if best is None or meta.primary_term > best[0]:
+                best = (meta.primary_term, v.name)
+        return None if best is None else (best[1], best[0])
+
+    def dropped(self) -> dict[str, int]:
+        """Return dropped messages by reason: decoding here plus the machines' own drops."""
+        out = dict(self._dropped)
+        for reason, n in self._m.counters.dropped.items():
+            out[reason] = out.get(reason, 0) + n
+        return out
+
+    def stats(self) -> metrics.ClusterStats:
+        """Return the snapshot the metrics report."""
+        by_state: dict[str, int] = {}
+        for v in self._m.members():
+            key = v.state.name.lower()
+            by_state[key] = by_state.get(key, 0) + 1
+        c = self._m.counters
+        t = self.traffic
+        return metrics.ClusterStats(
+            members=by_state,
+            primary=self.is_primary(),
+            term=self.term,
+            elections=self.election.counters.elections_started,
+            suspicions=c.suspicions,
+            refutes=c.refutes,
+            bytes_in=t.bytes_in,
+            bytes_out=t.bytes_out,
+            packets_in=t.packets_in,
+            packets_out=t.packets_out,
+            dropped=self.dropped(),
+        )
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_datagram(self, data: bytes, src: Address) -> None:
+        if self._stopped or self._membership is None:
+            return
+        self.traffic.packets_in += 1
+        self.traffic.bytes_in += len(data)
+        try:
+            msgs = decode_packet(data, self.keyring, self.config.packet_bytes)
+        except PeerProtocolError as exc:
+            self._drop(exc.reason)
+            return
+        self._send(self._dispatch(msgs, src, reliable=False))
+        self._after_step()
+
+    async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stopped or self._membership is None or self._inbound >= MAX_INBOUND_STREAMS:
+            self._drop("stream_busy")
+            writer.close()
+            return
+        self._inbound += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        src = peer_address(writer)
+        try:
+            async with asyncio.timeout(self._stream_timeout):
+                data = await read_frame(reader, self.config.max_stream_bytes)
+                if data is None:
+                    return
+                self.traffic.packets_in += 1
+                self.traffic.bytes_in += FRAME_HEADER_BYTES + len(data)
+                msgs = decode_packet(data, self.keyring, self.config.max_stream_bytes)
+                out = self._dispatch(msgs, src, reliable=True)
+                back = [ob for ob in out if ob.reliable and ob.addr == src]
+                self._send([ob for ob in out if not (ob.reliable and ob.addr == src)])
+                for ob in back:
+                    packet = self._encode(ob, self.config.max_stream_bytes)
+                    if packet is not None:
+                        writer.write(frame(packet))
+                        self.traffic.packets_out += 1
+                        self.traffic.bytes_out += FRAME_HEADER_BYTES + len(packet)
+                await writer.drain()
+                self._after_step()
+        except PeerProtocolError as exc:
+            self._drop(exc.reason)
+        except (OSError, TimeoutError):
+            self.traffic.stream_failures += 1
+        finally:
+            self._inbound -= 1
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+
+    def _dispatch(self, msgs: Sequence[Message], src: Address, reliable: bool) -> list[Outbound]:
+        now = self.clock()
+        out: list[Outbound] = []
+        e = self.election
+        for msg in msgs:
+            if e.accepts(msg):
+                out.extend(e.handle(msg, src, now))
+            else:
+                out.extend(self._m.handle(msg, src, now, reliable))
+        return out
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, out: Sequence[Outbound]) -> None:
+        if self._stopped or self._endpoints is None:
+            return
+        for ob in out:
+            if ob.reliable:
+                self._spawn(self._stream_request(ob))
+                continue
+            packet = self._encode(ob, self.config.packet_bytes)
+            if packet is None:
+                continue
+            self._endpoints.sendto(packet, ob.addr)
+            self.traffic.packets_out += 1
+            self.traffic.bytes_out += len(packet)
+
+    def _encode(self, ob: Outbound, limit: int) -> bytes | None:
+        try:
+            return encode_packet(ob.messages, self.keyring, limit)
+        except LocalUsageError:
+            # The machines size their packets; reaching this is a bug worth a log line.
+            log.exception("cluster: cannot encode a packet for %s", ob.addr)
+            self._drop("unsendable")
+            return None
+
+    async def _stream_request(self, ob: Outbound) -> None:
+        packet = self._encode(ob, self.config.max_stream_bytes)
+        if packet is None:
+            return
+        self.traffic.packets_out += 1
+        self.traffic.bytes_out += FRAME_HEADER_BYTES + len(packet)
+
+        def on_reply(data: bytes) -> None:
+            self.traffic.packets_in += 1
+            try:
+                msgs = decode_packet(data, self.keyring, self.config.max_stream_bytes)
+            except PeerProtocolError as exc:
+                self._drop(exc.reason)
+                return
+            self._send(self._dispatch(msgs, ob.addr, reliable=True))
+            self._after_step()
+
+        try:
+            got = await stream_exchange(
+                ob.addr, packet, self.config.max_stream_bytes, self._stream_timeout, on_reply
+            )
+            self.traffic.bytes_in += got
+        except PeerProtocolError as exc:
+            self._drop(exc.reason)
+        except (OSError, TimeoutError):
+            # A dead or partitioned peer: the protocol's own timers handle it.
+            self.traffic.stream_failures += 1
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ timers
+
+    def _schedule(self) -> None:
+        if self._stopped or self._membership is None:
+            return
+        at = min(self._m.next_deadline(), self._next_meta_poll)
+        if not self._leaving:
+            at = min(at, self.election.next_deadline())
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        delay = max(0.0, at - self.clock())
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        if self._stopped:
+            return
+        try:
+            now = self.clock()
+            out = self._m.tick(now)
+            if not self._leaving:
+                out.extend(self.election.tick(now))
+            if now >= self._next_meta_poll:
+                self._next_meta_poll = now + self.meta_poll_s
+                self._maybe_publish(now)
+            self._send(out)
+        except Exception:
+            # A bug in a machine must not stop the node's gossip for good: log, keep ticking.
+            log.exception("cluster: tick failed")
+        self._after_step()
+
+    def _after_step(self) -> None:
+        """Deliver events, keep the fence current, notice a finished leave, re-arm the timer."""
+        m = self._m
+        for ev in m.events():
+            if self.on_event is None:
+                continue
+            event = ClusterEvent(ev.kind, ev.name, ev.addr, ev.incarnation, self._decode(ev.meta))
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("cluster: event hook failed")
+        if self._election is not None and self._election.highest_term > self.fence.highest:
+            self.fence.admit(self._election.highest_term)
+        if self._leaving and m.leave_broadcast_done():
+            self._left.set()
+        self._schedule()
+
+    # ------------------------------------------------------------------ metadata
+
+    def _poll_meta(self, now: float) -> NodeMeta:
+        meta = self.meta_provider()
+        term = self.election.term if self.is_primary() else 0
+        return dataclasses.replace(meta, primary_term=term)
+
+    def _maybe_publish(self, now: float) -> None:
+        if self._leaving:
+            return  # a new Alive after our leave would bring us back in everyone's view
+        try:
+            meta = self._poll_meta(now)
+        except Exception:
+            log.exception("cluster: metadata provider failed")
+            return
+        if should_publish(self._published, meta, self._published_at, now):
+            self._m.set_meta(encode_meta(meta, self.config.max_meta_bytes), now)
+            self._published, self._published_at = meta, now
+
+    def _decode(self, data: bytes) -> NodeMeta | None:
+        if not data:
+            return None
+        if data in self._meta_cache:
+            return self._meta_cache[data]
+        try:
+            meta: NodeMeta | None = decode_meta(data)
+        except BadMeta:
+            meta = None
+            self._drop(BadMeta.reason)
+        if len(self._meta_cache) > 4096:
+            self._meta_cache.clear()
+        self._meta_cache[data] = meta
+        return meta
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def _m(self) -> Membership:
+        assert self._membership is not None, "start() first"
+        return self._membership
+
+    def _drop(self, reason: str) -> None:
+        self._dropped[reason] = self._dropped.get(reason, 0) + 1
+
+    def _advertise(self, bound: Address) -> Address:
+        if self.config.advertise:
+            return parse_hostport(self.config.advertise, "advertise")
+        if bound[0] in ("0.0.0.0", "::"):
+            raise LocalUsageError("cluster.advertise: required when bind is a wildcard address")
+        return bound
+
+
+def _split_bind(bind: str) -> tuple[str, int]:
+    """Split `config.bind`, allowing port 0 (pick a free port) unlike seeds and advertise."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise LocalUsageError(f"cluster.bind: {bind!r} is not host:port")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,236 @@
+"""ClusterRunner over real sockets on 127.0.0.1: several runners in one process and event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from cluster.codec import encode_packet
+from cluster.config import ClusterConfig, local
+from cluster.election import MemoryTermStore
+from cluster.keyring import Keyring
+from cluster.membership import EventKind
+from cluster.messages import MemberState, Ping
+from cluster.meta import DeviceMeta, ModelMeta, NodeMeta
+from cluster.runner import ClusterEvent, ClusterRunner
+from cluster.udp import frame
+
+KEY = Keyring((b"runner-test-cluster-key-01234567",))
+WRONG = Keyring((b"some-other-clusters-key-76543210",))
+LOCAL = dataclasses.replace(local(), bind="127.0.0.1:0")
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll `cond` until it holds; fail with `what` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.01)
+
+
+def states(r: ClusterRunner) -> dict[str, MemberState]:
+    return {m.name: m.state for m in r.members()}
+
+
+def alive(r: ClusterRunner) -> set[str]:
+    return {n for n, s in states(r).items() if s == MemberState.ALIVE}
+
+
+class Cluster:
+    """Runners started in this loop, stopped at teardown."""
+
+    def __init__(self) -> None:
+        self.runners: dict[str, ClusterRunner] = {}
+
+    async def add(
+        self,
+        name: str,
+        config: ClusterConfig = LOCAL,
+        meta: Callable[[], NodeMeta] | None = None,
+        **kw: Any,
+    ) -> ClusterRunner:
+        if self.runners and not config.seeds:
+            seed = next(iter(self.runners.values())).addr
+            config = dataclasses.replace(config, seeds=(f"{seed[0]}:{seed[1]}",))
+        r = ClusterRunner(config, name, KEY, MemoryTermStore(), meta, **kw)
+        await r.start()
+        self.runners[name] = r
+        return r
+
+    def converged(self, names: set[str] | None = None) -> bool:
+        group = names if names is not None else set(self.runners)
+        return all(alive(self.runners[n]) == group for n in group)
+
+    async def close(self) -> None:
+        for r in self.runners.values():
+            await r.stop()
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_five_runners_in_one_process_converge_with_their_metadata(cluster: Cluster) -> None:
+    for i in range(5):
+        meta = NodeMeta(loaded=(ModelMeta(f"model-{i}"),), peer=f"127.0.0.1:{7300 + i}")
+        await cluster.add(f"n{i}", meta=lambda meta=meta: meta)
+    await until(cluster.converged, what="5 nodes seeing 5 alive")
+    view = {m.name: m for m in cluster.runners["n3"].members()}
+    assert view["n1"].meta is not None
+    assert view["n1"].meta.model_names == {"model-1"}
+    assert view["n4"].meta is not None and view["n4"].meta.peer == "127.0.0.1:7304"
+    # Push-pull over TCP ran (the join), and both directions of UDP carried traffic.
+    r = cluster.runners["n0"]
+    assert r.membership.counters.push_pulls + r.traffic.packets_in > 0
+    assert r.traffic.bytes_in > 0 and r.traffic.bytes_out > 0
+
+
+async def test_a_silent_runner_is_declared_dead_and_a_leaving_one_is_left(
+    cluster: Cluster,
+) -> None:
+    for i in range(5):
+        await cluster.add(f"n{i}")
+    await until(cluster.converged, what="convergence")
+    await cluster.runners["n4"].stop()  # no goodbye, like kill -9
+    assert await cluster.runners["n3"].leave(timeout=5.0)
+    rest = ["n0", "n1", "n2"]
+    await until(
+        lambda: all(
+            states(cluster.runners[o]).get("n4") == MemberState.DEAD
+            and states(cluster.runners[o]).get("n3") == MemberState.LEFT
+            for o in rest
+        ),
+        timeout=15.0,
+        what="n4 dead and n3 left everywhere",
+    )
+    assert not cluster.runners["n3"].is_primary()
+
+
+async def test_metadata_changes_reach_the_peers(cluster: Cluster) -> None:
+    current = NodeMeta(devices=(DeviceMeta("cuda:0", 1000, 900, 0),))
+    a = await cluster.add("a", meta=lambda: current)
+    b = await cluster.add("b")
+    await until(cluster.converged)
+    current = dataclasses.replace(current, loaded=(ModelMeta("m", 2),))
+
+    def b_sees_m() -> bool:
+        seen = b.member("a")
+        return seen is not None and seen.meta is not None and seen.meta.queue_of("m") == 2
+
+    await until(b_sees_m, what="b seeing a's new model")
+    assert a.membership.incarnation > 1
+
+
+async def test_member_events_reach_the_hook_with_decoded_metadata(cluster: Cluster) -> None:
+    events: list[ClusterEvent] = []
+    await cluster.add("a", on_event=events.append)
+    await cluster.add("b", meta=lambda: NodeMeta(http="127.0.0.1:8008"))
+    await until(lambda: any(e.kind == EventKind.JOINED and e.name == "b" for e in events))
+    joined = next(e for e in events if e.name == "b")
+    assert joined.meta is not None and joined.meta.http == "127.0.0.1:8008"
+
+
+def _send_raw(addr: tuple[str, int], payloads: list[bytes]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for p in payloads:
+            s.sendto(p, addr)
+
+
+async def test_unsigned_forged_garbage_and_oversized_datagrams_are_counted_and_dropped(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await until(cluster.converged)
+    ping = [Ping(1, "a", "mallory")]
+    _send_raw(
+        a.addr,
+        [
+            encode_packet(ping, Keyring(()), 1400),  # unsigned
+            encode_packet(ping, WRONG, 1400),  # signed with another cluster's key
+            encode_packet(ping, WRONG, 1400),
+            b"\x00garbage",
+            b"\xc5\x01\x01" + b"x" * 2000,  # over the 1400-byte datagram limit
+        ],
+    )
+    # And a stream frame cut short, then one too large to read.
+    for bad in (frame(b"\xc5\x01")[:-1], (10**9).to_bytes(4, "big")):
+        _, w = await asyncio.open_connection(*a.addr)
+        w.write(bad)
+        await w.drain()
+        w.close()
+    await until(
+        lambda: (
+            a.dropped().get("unauthenticated", 0) == 3
+            and a.dropped().get("malformed", 0) == 2
+            and a.dropped().get("oversized", 0) == 2
+        ),
+        what="drop counters",
+    )
+    # Nothing of it reached the machines or broke the loop: b still gets acks.
+    probes = b.membership.counters.probes
+    await until(lambda: b.membership.counters.probes > probes + 2)
+    assert b.membership.counters.probe_failures == 0
+    assert "mallory" not in states(a)
+
+
+async def test_three_voters_over_real_sockets_elect_exactly_one_primary(cluster: Cluster) -> None:
+    config = dataclasses.replace(LOCAL, voters=("v0", "v1", "v2"))
+    for i in range(3):
+        await cluster.add(f"v{i}", config=config)
+    rs = list(cluster.runners.values())
+    await until(lambda: sum(r.is_primary() for r in rs) == 1, what="one primary")
+    # Hold for several lease lengths: never two acting, and every view names the same one.
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 3 * config.lease_s
+    agreed = False
+    while loop.time() < end:
+        assert sum(r.is_primary() for r in rs) <= 1
+        views = {r.primary() for r in rs}
+        agreed = agreed or (len(views) == 1 and None not in views)
+        await asyncio.sleep(0.01)
+    assert agreed
+    (primary,) = [r for r in rs if r.is_primary()]
+    term = primary.election.term
+    assert term >= 1
+    # The fences of the other voters know the term: an older command is refused.
+    await until(lambda: all(r.fence.highest >= term for r in rs))
+    assert not rs[0].fence.admit(term - 1)
+    assert rs[0].fence.admit(term)
+
+
+async def test_metrics_report_members_primary_and_traffic(cluster: Cluster) -> None:
+    registry = CollectorRegistry()
+    a = await cluster.add("a", registry=registry)
+    await cluster.add("b")
+    await until(cluster.converged)
+    _send_raw(a.addr, [b"\x00junk"])
+    await until(lambda: a.dropped().get("malformed", 0) == 1)
+    text = generate_latest(registry).decode()
+    assert 'moc_cluster_members{state="alive"} 2.0' in text
+    assert "moc_cluster_primary 0.0" in text
+    assert 'moc_gossip_messages_dropped_total{reason="malformed"} 1.0' in text
+    for name in (
+        'moc_gossip_bytes_total{direction="in"}',
+        'moc_gossip_packets_total{direction="out"}',
+        "moc_cluster_term",
+        "moc_cluster_elections_total",
+        "moc_gossip_suspicions_total",
+        "moc_gossip_refutes_total",
+    ):
+        assert name in text
+    await a.stop()
+    assert "moc_cluster_members" not in generate_latest(registry).decode()
