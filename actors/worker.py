@@ -58,6 +58,7 @@ EXIT_PROTOCOL = 5
 
 _POLL_MS = 200  # how often an idle worker wakes to notice a lost supervisor
 _WATCHDOG_S = 0.1
+_SEND_TIMEOUT_MS = 30_000  # a supervisor that takes no message for this long has abandoned us
 
 
 def rss_mb() -> float:
@@ -169,8 +170,13 @@ class Worker:
         return max(0.0, rss_mb() - self.rss_before)
 
     def send(self, msg: Message) -> None:
-        """Send one message to the supervisor."""
-        self.sock.send(encode(msg))
+        """Send one message to the supervisor; exit if it has stopped listening for long."""
+        try:
+            self.sock.send(encode(msg))
+        except zmq.Again:
+            # Its socket is gone while it lives on (SNDTIMEO passed): nobody will read us.
+            print("moc worker: the supervisor stopped reading; exiting", file=sys.stderr)
+            raise SystemExit(EXIT_ORPHANED) from None
 
     def recv(self, timeout_ms: int) -> Message | None:
         """Return the next message, or None when none arrives within `timeout_ms`."""
@@ -298,6 +304,7 @@ def run_worker(endpoint: str, parent_pid: int) -> int:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 1000)  # let the last reply leave before the process exits
+    sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
     sock.connect(endpoint)
     worker = Worker(sock)
     try:

@@ -210,7 +210,7 @@ class WorkerProcess:
                 f"expected {PROTOCOL_VERSION}"
             )
         s = self.spec
-        self._send(
+        sent = self._send(
             Load(
                 s.backend,
                 s.path,
@@ -223,6 +223,8 @@ class WorkerProcess:
                 s.n_threads,
             )
         )
+        if not sent:
+            raise ModelLoadFailed(f"worker for {s.name} went away before it could load")
         reply = self._wait_load_step(deadline, timeout, "loading")
         if isinstance(reply, LoadFailed):
             raise ModelLoadFailed(f"cannot load {s.name}: {reply.error}")
@@ -288,7 +290,7 @@ class WorkerProcess:
         rid = next(self._ids)
         p = req.params
         started = time.monotonic()
-        self._send(
+        sent = self._send(
             Infer(
                 rid,
                 on_token is not None,
@@ -302,6 +304,9 @@ class WorkerProcess:
                 p.seed,
             )
         )
+        if not sent:
+            self._recv_or_crash(0.5)  # says how the worker died, if it did
+            raise WorkerCrashed(f"worker for {self.spec.name} is not taking requests")
         cancel_sent_at: float | None = None
         timed_out = False
         sink_error: Exception | None = None  # on_token failed: stop the worker, then re-raise
@@ -339,7 +344,7 @@ class WorkerProcess:
                 if deadline is not None and now >= deadline:
                     timed_out = True
                 if timed_out or sink_error is not None or cancelled():
-                    self._send(Cancel(rid))
+                    self._send(Cancel(rid))  # if the worker is gone, the next poll says so
                     cancel_sent_at = now
             elif now - cancel_sent_at > _CANCEL_GRACE_S:
                 # The worker is stuck inside one native call: only a kill frees it.
@@ -364,9 +369,7 @@ class WorkerProcess:
                 if self._busy:
                     proc.send_signal(signal.SIGTERM)  # the socket belongs to run() right now
                 else:
-                    try:
-                        self._send(Shutdown())
-                    except zmq.ZMQError:
+                    if not self._send(Shutdown()):
                         proc.send_signal(signal.SIGTERM)
         if proc is not None:
             try:
@@ -399,9 +402,18 @@ class WorkerProcess:
 
     # -- socket helpers -------------------------------------------------------------------
 
-    def _send(self, msg: Message) -> None:
-        assert self._sock is not None
-        self._sock.send(encode(msg))
+    def _send(self, msg: Message) -> bool:
+        """Send without blocking; False when the worker is not there to take it.
+
+        A PAIR socket whose peer has gone blocks a send forever: never wait on one.
+        """
+        if self._sock is None:
+            return False
+        try:
+            self._sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
     def _recv(self, timeout_s: float) -> Message | None:
         sock = self._sock
