@@ -374,7 +374,9 @@ class ModelManager(pykka.ThreadingActor):
         slot.pid = info.pid
         slot.last_used = self._deps.clock()
         slot.last_used_wall = time.time()
-        self._deps.ledgers[slot.device].claim(name, info.measured_mb)
+        # At load time llama.cpp has reserved its compute buffers but not touched them, so the
+        # measurement is below the working size: claim the larger of it and the estimate.
+        self._deps.ledgers[slot.device].claim(name, max(info.measured_mb, slot.estimate_mb or 0.0))
         device_label = self._device_label(slot.device)
         metrics.model_memory_usage_mb.labels(name, device_label).set(info.measured_mb)
         if first:
@@ -456,7 +458,7 @@ class ModelManager(pykka.ThreadingActor):
         if slot is None or slot.state != "loaded" or slot.device is None:
             return
         slot.measured_mb = mb
-        self._deps.ledgers[slot.device].claim(name, mb)
+        self._deps.ledgers[slot.device].claim(name, max(mb, slot.estimate_mb or 0.0))
         metrics.model_memory_usage_mb.labels(name, self._device_label(slot.device)).set(mb)
         self._publish(name)
 
