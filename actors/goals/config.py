@@ -65,7 +65,7 @@ class GoalsConfig:
             "one of lora, fine_tune, rlhf, distillation",
         )
         _require(self.eval_max_tokens >= 1, "eval_max_tokens", "must be >= 1")
-        _require(self.eval_n_ctx >= 8, "eval_n_ctx", "must be >= 8 tokens")
+        _require(self.eval_n_ctx >= 64, "eval_n_ctx", "must be >= 64 tokens")
         _require(self.eval_timeout_s > 0, "eval_timeout_s", "must be > 0 seconds")
         _require(self.eval_threads >= 0, "eval_threads", "must be >= 0")
         _require(1 <= self.max_plan_steps <= 1000, "max_plan_steps", "must be in 1..1000")
