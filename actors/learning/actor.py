@@ -117,7 +117,7 @@ class LearningActor(pykka.ThreadingActor):
         def tick() -> None:
             while not self._stopping.wait(self.config.retry_interval_s):
                 try:
-                    proxy._tick()
+                    proxy.tick()
                 except pykka.ActorDeadError:
                     return
 
@@ -216,7 +216,8 @@ class LearningActor(pykka.ThreadingActor):
             raise ModelNotFound(f"{field_name}: model {name!r} has no file at {path}")
         return path
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
+        """Retry waiting jobs (sent by the ticker thread)."""
         self._schedule()
 
     def _schedule(self) -> None:
@@ -292,14 +293,15 @@ class LearningActor(pykka.ThreadingActor):
                 result = exc
             # When the actor is gone, stop_all joined this thread and recorded the state.
             with contextlib.suppress(pykka.ActorDeadError):
-                proxy._job_ended(job_id, result)
+                proxy.job_ended(job_id, result)
 
         run.thread = threading.Thread(target=body, name=f"learning-{job_id}", daemon=True)
         self._running[job_id] = run
         metrics.jobs_running.set(len(self._running))
         run.thread.start()
 
-    def _job_ended(self, job_id: str, result: JobResult | Exception) -> None:
+    def job_ended(self, job_id: str, result: JobResult | Exception) -> None:
+        """Record how a job thread ended, release its memory and start what can run next."""
         run = self._running.pop(job_id, None)
         job = self._store.get(job_id, history=False)
         self._release_claim(job_id)
