@@ -97,3 +97,9 @@ class Cancelled(MocError):
     """The request was cancelled by its client."""
 
     code = "cancelled"
+
+
+class FeatureUnavailable(MocError):
+    """The feature is not enabled on this node (e.g. learning without torch installed)."""
+
+    code = "not_available"

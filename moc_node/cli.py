@@ -171,9 +171,9 @@ def _status(client: _Client, args: argparse.Namespace, console: Console) -> int:
 def cluster_table(view: dict[str, Any]) -> Table:
     """Render a /cluster view: one row per member with its devices and models."""
     primary = view.get("primary") or {}
-    title = (
-        f"primary {primary['name']} (term {primary['term']})" if primary else "no primary"
-    ) + ("" if view.get("enabled") else " · single node")
+    title = (f"primary {primary['name']} (term {primary['term']})" if primary else "no primary") + (
+        "" if view.get("enabled") else " · single node"
+    )
     table = Table(title=title)
     for column in ("member", "state", "inc", "devices (claimed / used / total MiB)", "models"):
         table.add_column(column)

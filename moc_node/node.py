@@ -20,7 +20,7 @@ import pykka
 
 import moc_node
 from actors import metrics
-from actors.errors import Cancelled, MocError, ModelNotLoaded, ShuttingDown
+from actors.errors import Cancelled, FeatureUnavailable, MocError, ModelNotLoaded, ShuttingDown
 from actors.ledger import Ledger
 from actors.manager import ModelBoard
 from actors.model import InferJob
@@ -108,6 +108,8 @@ class Node:
         store: StateStore,
         abort: threading.Event,
         request_timeout: float = 600.0,
+        learning: pykka.ActorRef[Any] | None = None,
+        goals: pykka.ActorRef[Any] | None = None,
     ) -> None:
         self.name = name
         self._manager = manager.proxy()
@@ -120,6 +122,8 @@ class Node:
         self._abort = abort
         self._request_timeout = request_timeout
         self._proxies: dict[pykka.ActorRef[Any], Any] = {}
+        self._learning = learning.proxy() if learning is not None else None
+        self._goals = goals.proxy() if goals is not None else None
         self._ready = False
         self._draining = False
         self.closed = False
@@ -272,6 +276,57 @@ class Node:
             "models": [_model_json(m) for m in self.models()],
         }
 
+    # -- learning jobs and goals (actors of their own; asked off the loop) --------------------
+
+    async def list_jobs(self) -> list[dict[str, Any]]:
+        jobs: list[dict[str, Any]] = await _ask(self._learning_or_fail().list_jobs())
+        return jobs
+
+    async def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
+        self._check_open()
+        learning = self._learning_or_fail()
+        job_id = await _ask(learning.submit(spec))
+        job: dict[str, Any] = await _ask(learning.get(job_id))
+        return job
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = await _ask(self._learning_or_fail().get(job_id))
+        return job
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = await _ask(self._learning_or_fail().cancel(job_id))
+        return job
+
+    async def list_goals(self) -> list[dict[str, Any]]:
+        goals: list[dict[str, Any]] = await _ask(self._goals_or_fail().list_goals())
+        return goals
+
+    async def create_goal(self, spec: dict[str, Any]) -> dict[str, Any]:
+        self._check_open()
+        goal: dict[str, Any] = await _ask(self._goals_or_fail().create(spec))
+        return goal
+
+    async def get_goal(self, goal_id: str) -> dict[str, Any]:
+        goal: dict[str, Any] = await _ask(self._goals_or_fail().get(goal_id))
+        return goal
+
+    async def cancel_goal(self, goal_id: str) -> dict[str, Any]:
+        goal: dict[str, Any] = await _ask(self._goals_or_fail().cancel(goal_id))
+        return goal
+
+    def _learning_or_fail(self) -> Any:
+        if self._learning is None:
+            raise FeatureUnavailable(
+                "learning is not enabled on this node: install the torch extra "
+                "(pip install 'moc-node[torch]') and restart"
+            )
+        return self._learning
+
+    def _goals_or_fail(self) -> Any:
+        if self._goals is None:
+            raise FeatureUnavailable("goals are not enabled on this node (they need learning)")
+        return self._goals
+
     def cluster_view(self) -> dict[str, Any]:
         """Describe the cluster; a node without one reports itself as the only member."""
         models = self.models()
@@ -372,6 +427,11 @@ class Node:
         if info is None:
             raise ModelNotLoaded(f"model {name!r} is not loaded")
         return self._with_queue(info)
+
+
+async def _ask(future: Any) -> Any:
+    """Wait for a pykka future off the event loop (its get() blocks)."""
+    return await asyncio.get_running_loop().run_in_executor(None, future.get)
 
 
 def _device_json(d: DeviceInfo) -> dict[str, Any]:

@@ -50,6 +50,30 @@ class NodeAPI(Protocol):
     def status(self) -> dict[str, Any]:
         """Describe the node (name, version, uptime, devices, models) as JSON-ready data."""
 
+    async def list_jobs(self) -> list[dict[str, Any]]:
+        """List learning jobs, newest first."""
+
+    async def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Queue a learning job; return it (with its `job_id`)."""
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        """Return one learning job with status, progress and loss history."""
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel a learning job at any stage; return it."""
+
+    async def list_goals(self) -> list[dict[str, Any]]:
+        """List goals with their steps and progress."""
+
+    async def create_goal(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Create a goal (legacy shape or explicit steps); return it."""
+
+    async def get_goal(self, goal_id: str) -> dict[str, Any]:
+        """Return one goal."""
+
+    async def cancel_goal(self, goal_id: str) -> dict[str, Any]:
+        """Cancel a goal and the jobs it started; return it."""
+
     def cluster_view(self) -> dict[str, Any]:
         """Describe the cluster as this node sees it: members, primary and term, model holders.
 

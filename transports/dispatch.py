@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from actors.errors import (
     Cancelled,
+    FeatureUnavailable,
     InsufficientMemory,
     InvalidRequest,
     MocError,
@@ -108,6 +109,17 @@ STATUS: dict[type[BaseException], int] = {
     ShuttingDown: 503,
     RequestTimeout: 504,
     InsufficientMemory: 507,
+    FeatureUnavailable: 501,
+}
+
+# Errors of the learning and goals packages, by code (so the fronts need not import them).
+STATUS_BY_CODE: dict[str, int] = {
+    "job_not_found": 404,
+    "goal_not_found": 404,
+    "dataset_not_allowed": 403,
+    "insufficient_memory": 507,
+    "torch_missing": 501,
+    "unsupported_model": 400,
 }
 
 # Retry hint for errors that carry none of their own (a draining node needs a few seconds).
@@ -131,7 +143,9 @@ def classify(exc: BaseException) -> ErrorReply:
         # Unexpected bugs: log the detail here, show the client nothing internal.
         log.error("internal error while serving a request", exc_info=exc)
         return ErrorReply(500, "internal_error", "internal error")
-    status = next((STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS), 500)
+    status = STATUS_BY_CODE.get(exc.code) or next(
+        (STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS), 500
+    )
     retry_after: float | None = None
     if isinstance(exc, Overloaded):
         retry_after = exc.retry_after
@@ -287,6 +301,45 @@ async def _cluster(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return d.node.cluster_view()
 
 
+def _id(payload: Mapping[str, Any], field: str) -> str:
+    value = payload.get(field)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(field, "is required and must be a non-empty string")
+    return value
+
+
+async def _list_jobs(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return {"jobs": await d.node.list_jobs()}
+
+
+async def _create_job(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return await d.node.create_job(dict(payload))
+
+
+async def _get_job(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return await d.node.get_job(_id(payload, "job_id"))
+
+
+async def _cancel_job(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return await d.node.cancel_job(_id(payload, "job_id"))
+
+
+async def _list_goals(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return {"goals": await d.node.list_goals()}
+
+
+async def _create_goal(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return await d.node.create_goal(dict(payload))
+
+
+async def _get_goal(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return await d.node.get_goal(_id(payload, "goal_id"))
+
+
+async def _cancel_goal(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+    return await d.node.cancel_goal(_id(payload, "goal_id"))
+
+
 ACTIONS: dict[str, Action] = {
     a.name: a
     for a in (
@@ -299,19 +352,20 @@ ACTIONS: dict[str, Action] = {
         Action("list_devices", _list_devices, calls_node=False),
         Action("ready", _ready, calls_node=False),
         Action("cluster", _cluster, calls_node=False),
+        Action("list_jobs", _list_jobs, calls_node=False),
+        Action("create_job", _create_job, calls_node=True),
+        Action("get_job", _get_job, calls_node=False),
+        Action("cancel_job", _cancel_job, calls_node=True),
+        Action("list_goals", _list_goals, calls_node=False),
+        Action("create_goal", _create_goal, calls_node=True),
+        Action("get_goal", _get_goal, calls_node=False),
+        Action("cancel_goal", _cancel_goal, calls_node=True),
     )
 }
 
 # Actions of the contract whose features land with later issues: answered with a clear error,
 # never with a made-up result.
-NOT_YET: dict[str, str] = {
-    "list_jobs": "learning jobs are not implemented yet",
-    "create_job": "learning jobs are not implemented yet",
-    "get_job": "learning jobs are not implemented yet",
-    "list_goals": "goals are not implemented yet",
-    "create_goal": "goals are not implemented yet",
-    "get_goal": "goals are not implemented yet",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def lookup_action(name: Any) -> Action:

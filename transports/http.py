@@ -31,7 +31,6 @@ from transports.dispatch import (
     ClientTimeout,
     Dispatcher,
     ErrorReply,
-    NotAvailable,
     PayloadTooLarge,
     classify,
     health_view,
@@ -75,8 +74,16 @@ def build_app(
     r.add_get("/models", _list_models)
     r.add_post("/models", _load_model)
     r.add_delete("/models/{model_name}", _unload_model)
-    for path in ("/learning/jobs", "/learning/jobs/{job_id}", "/goals", "/goals/{goal_id}"):
-        r.add_route("*", path, _not_yet)
+    r.add_get("/learning/jobs", _collection("list_jobs"))
+    r.add_post("/learning/jobs", _create("create_job"))
+    r.add_get("/learning/jobs/{job_id}", _item("get_job", "job_id"))
+    r.add_post("/learning/jobs/{job_id}/cancel", _item("cancel_job", "job_id"))
+    r.add_delete("/learning/jobs/{job_id}", _item("cancel_job", "job_id"))
+    r.add_get("/goals", _collection("list_goals"))
+    r.add_post("/goals", _create("create_goal"))
+    r.add_get("/goals/{goal_id}", _item("get_goal", "goal_id"))
+    r.add_post("/goals/{goal_id}/cancel", _item("cancel_goal", "goal_id"))
+    r.add_delete("/goals/{goal_id}", _item("cancel_goal", "goal_id"))
     r.add_get("/cluster", _cluster)
     if static_dir is not None:
         index = static_dir / "index.html"
@@ -307,9 +314,26 @@ async def _cluster(request: web.Request) -> web.Response:
     return _json(await _dispatcher(request).call("cluster", {}))
 
 
-async def _not_yet(request: web.Request) -> web.Response:
-    what = "the cluster" if request.path.startswith("/cluster") else request.path.split("/")[1]
-    raise NotAvailable(f"{what} is not available yet on this node")
+def _collection(action: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        return _json(await _dispatcher(request).call(action, {}))
+
+    return handle
+
+
+def _create(action: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        body = schema.require_object(await read_json(request), "body")
+        return _json(await _dispatcher(request).call(action, body), status=201)
+
+    return handle
+
+
+def _item(action: str, key: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        return _json(await _dispatcher(request).call(action, {key: request.match_info[key]}))
+
+    return handle
 
 
 # ---- OpenAI-compatible ----

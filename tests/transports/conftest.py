@@ -18,6 +18,7 @@ import zmq
 from prometheus_client import REGISTRY
 
 from actors.errors import (
+    FeatureUnavailable,
     InsufficientMemory,
     MocError,
     ModelAlreadyLoaded,
@@ -172,6 +173,33 @@ class FakeNode:
             "uptime_s": 1.0,
             "models": [m.name for m in self._models.values() if m.state == "loaded"],
         }
+
+    async def _unavailable(self, what: str) -> Any:
+        raise FeatureUnavailable(f"{what} is not available yet on this fake node")
+
+    async def list_jobs(self) -> list[dict[str, Any]]:
+        return await self._unavailable("learning")  # type: ignore[no-any-return]
+
+    async def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return await self._unavailable("learning")  # type: ignore[no-any-return]
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        return await self._unavailable("learning")  # type: ignore[no-any-return]
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return await self._unavailable("learning")  # type: ignore[no-any-return]
+
+    async def list_goals(self) -> list[dict[str, Any]]:
+        return await self._unavailable("goals")  # type: ignore[no-any-return]
+
+    async def create_goal(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return await self._unavailable("goals")  # type: ignore[no-any-return]
+
+    async def get_goal(self, goal_id: str) -> dict[str, Any]:
+        return await self._unavailable("goals")  # type: ignore[no-any-return]
+
+    async def cancel_goal(self, goal_id: str) -> dict[str, Any]:
+        return await self._unavailable("goals")  # type: ignore[no-any-return]
 
     def cluster_view(self) -> dict[str, Any]:
         loaded = [m.name for m in self._models.values() if m.state == "loaded"]

@@ -9,6 +9,7 @@ import pytest
 from actors.errors import (
     Cancelled,
     CircuitOpen,
+    FeatureUnavailable,
     InsufficientMemory,
     InvalidRequest,
     MocError,
@@ -84,13 +85,15 @@ def test_an_invalid_request_names_its_field() -> None:
     assert classify(InvalidRequest("top_p", "must be between 0 and 1")).field == "top_p"
 
 
-def test_unknown_and_not_yet_available_actions_are_told_apart() -> None:
+def test_unknown_actions_and_disabled_features_are_told_apart() -> None:
     with pytest.raises(UnknownAction):
         lookup_action("make_coffee")
-    with pytest.raises(NotAvailable, match="not available yet"):
-        lookup_action("list_jobs")
     with pytest.raises(InvalidRequest):
         lookup_action(None)
+    assert lookup_action("list_jobs").name == "list_jobs"
+    disabled = classify(FeatureUnavailable("learning is not enabled"))
+    assert (disabled.status, disabled.code) == (501, "not_available")
+    assert classify(NotAvailable("x")).status == 501
 
 
 async def test_infer_returns_the_legacy_result_fields(node: FakeNode) -> None:
