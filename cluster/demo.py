@@ -4,7 +4,8 @@
 
 It prints JSON lines on stdout: `{"event": "ready", "addr": "host:port", ...}` once bound, then
 `{"event": "view", "t": <time.monotonic()>, "members": {name: state}, "primary": [name, term] |
-null, "is_primary": bool, "term": int, "dropped": {...}}` whenever any of those changes, and
+null, "is_primary": bool, "term": int, "dropped": {...}, "windows": [[term, start, end], ...]}`
+(the exact acting windows of this node's leases, monotonic clock) whenever any of those changes, and
 `{"event": "left", "ok": bool}` after a leave. CLOCK_MONOTONIC is system-wide, so a parent can
 compare `t` with its own clock.
 
@@ -52,10 +53,20 @@ class _Reporter:
             "is_primary": r.is_primary(),
             "term": r.term,
             "dropped": r.dropped(),
+            "windows": _windows(r),
         }
         if view != self.last:
             self.last = view
             _emit({"event": "view", "t": time.monotonic(), "name": r.name, **view})
+
+
+def _windows(r: ClusterRunner) -> list[list[float]]:
+    """Return this node's acting windows as [term, first start, last end], one per term."""
+    merged: dict[int, list[float]] = {}
+    for start, end, term in r.election.windows:
+        w = merged.setdefault(term, [float(term), start, end])
+        w[1], w[2] = min(w[1], start), max(w[2], end)
+    return sorted(merged.values())
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -258,8 +258,9 @@ class ClusterRunner:
         """Return (name, term) of the acting primary as far as this node knows, or None.
 
         This node's own lease is exact; another node's claim comes from its gossiped metadata
-        (alive members only, and not older than the highest term seen here), so it can lag by
-        a gossip round. A placement command still carries its term through the `Fence`.
+        (alive members only; the highest term wins), so it can lag by a gossip round: a
+        primary that lost its lease publishes term 0 within `MIN_PUBLISH_INTERVAL_S`. A
+        placement command still carries its term through the `Fence`.
         """
         if self.is_primary():
             return self.name, self.election.term
@@ -268,7 +269,7 @@ class ClusterRunner:
             if v.name == self.name or v.state != MemberState.ALIVE:
                 continue
             meta = self._decode(v.meta)
-            if meta is None or meta.primary_term == 0 or meta.primary_term < self.term:
+            if meta is None or meta.primary_term == 0:
                 continue
             if best is None or meta.primary_term > best[0]:
                 best = (meta.primary_term, v.name)

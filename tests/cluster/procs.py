@@ -129,3 +129,43 @@ def all_see(procs: Sequence[DemoProc], expected: dict[str, str], timeout: float)
 
     deadline = time.monotonic() + timeout
     return all(p.wait(ok, max(0.0, deadline - time.monotonic())) for p in procs)
+
+
+def poll_until(cond: Callable[[], bool], timeout: float, every: float = 0.02) -> bool:
+    """Re-check `cond` every `every` seconds until it holds or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        tick.wait(every)
+    return True
+
+
+def acting(p: DemoProc) -> bool:
+    """Return whether the process last reported acting as primary."""
+    with p.cond:
+        return bool(p.view and p.view["is_primary"])
+
+
+def agreed_primary(group: Sequence[DemoProc], timeout: float) -> tuple[str, int]:
+    """Wait until every process names the same primary and that one acts; return (name, term)."""
+    found: list[tuple[str, int]] = []
+
+    def ok() -> bool:
+        named = set()
+        for p in group:
+            with p.cond:
+                primary = p.view["primary"] if p.view else None
+            named.add(tuple(primary) if primary else None)
+        if len(named) != 1 or None in named:
+            return False
+        ((name, term),) = named  # type: ignore[misc]
+        if not any(p.name == name and acting(p) for p in group):
+            return False
+        found[:] = [(str(name), int(term))]
+        return True
+
+    if not poll_until(ok, timeout):
+        raise AssertionError([p.diagnostics() for p in group])
+    return found[0]

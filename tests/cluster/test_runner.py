@@ -86,7 +86,11 @@ async def cluster() -> AsyncIterator[Cluster]:
 async def test_five_runners_in_one_process_converge_with_their_metadata(cluster: Cluster) -> None:
     for i in range(5):
         meta = NodeMeta(loaded=(ModelMeta(f"model-{i}"),), peer=f"127.0.0.1:{7300 + i}")
-        await cluster.add(f"n{i}", meta=lambda meta=meta: meta)
+
+        def provider(meta: NodeMeta = meta) -> NodeMeta:
+            return meta
+
+        await cluster.add(f"n{i}", meta=provider)
     await until(cluster.converged, what="5 nodes seeing 5 alive")
     view = {m.name: m for m in cluster.runners["n3"].members()}
     assert view["n1"].meta is not None

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.cluster.procs import DemoProc, all_see
+from tests.cluster.procs import DemoProc, agreed_primary, all_see
 
 VOTERS = "n0,n1,n2"
 
@@ -23,24 +22,6 @@ def procs() -> Iterator[list[DemoProc]]:
     finally:
         for p in started:
             p.close()
-
-
-def _primary(p: DemoProc) -> Any:
-    return p.view["primary"] if p.view else None
-
-
-def _agree_on_primary(group: list[DemoProc], timeout: float) -> tuple[str, int]:
-    """Wait until every process names the same primary, and that one says it acts."""
-    first = group[0]
-    assert first.wait(lambda p: _primary(p) is not None, timeout), first.diagnostics()
-    for _ in range(50):
-        target = _primary(first)
-        if all(p.wait(lambda p, t=target: _primary(p) == t, timeout / 5) for p in group):
-            name, term = target
-            holder = next(p for p in group if p.name == name)
-            if holder.wait(lambda p: bool(p.view and p.view["is_primary"]), timeout / 5):
-                return name, term
-    raise AssertionError([p.diagnostics() for p in group])
 
 
 def test_five_processes_converge_detect_a_kill_record_a_leave_and_fail_over(
@@ -59,7 +40,7 @@ def test_five_processes_converge_detect_a_kill_record_a_leave_and_fail_over(
     names = [p.name for p in procs]
     assert all_see(procs, {n: "alive" for n in names}, 20.0), [p.diagnostics() for p in procs]
 
-    name, term = _agree_on_primary(procs, 20.0)
+    name, term = agreed_primary(procs, 20.0)
     assert name == "n0"  # the lowest-named healthy voter stands and wins
 
     n0, n1, n2, n3, n4 = procs
@@ -73,7 +54,7 @@ def test_five_processes_converge_detect_a_kill_record_a_leave_and_fail_over(
     assert all_see(rest, {"n0": "dead", "n4": "left", "n1": "alive"}, 20.0), [
         p.diagnostics() for p in rest
     ]
-    new_name, new_term = _agree_on_primary(rest, 20.0)
+    new_name, new_term = agreed_primary(rest, 20.0)
     assert new_name == "n1"
     assert new_term > term
     # Nobody but the real nodes was ever seen, and no datagram was dropped as forged.
