@@ -229,21 +229,24 @@ class LearningActor(pykka.ThreadingActor):
         for job in queued:
             if len(self._running) >= self.config.max_parallel_jobs:
                 break
-            if not self._try_claim(job.id, job.memory_mb, job.job_type):
+            outcome = self._try_claim(job.id, job.memory_mb, job.job_type)
+            if outcome == "wait":
                 break  # strict order: lower priorities wait behind a job waiting for memory
-            self._start(job.id)
+            if outcome == "claimed":
+                self._start(job.id)
         metrics.jobs_running.set(len(self._running))
 
-    def _try_claim(self, job_id: str, mb: float, job_type: str) -> bool:
+    def _try_claim(self, job_id: str, mb: float, job_type: str) -> str:
+        """Claim a job's memory: "claimed", "wait" (retry later) or "failed" (job failed)."""
         now = time.monotonic()
         try:
             ok = self._claim(job_id, mb)
         except Exception as exc:  # the ledger refused outright (e.g. larger than any device)
             self._fail(job_id, job_type, JobMemoryUnavailable(f"cannot claim {mb:.0f} MiB: {exc}"))
-            return True  # the job is gone from the queue: look at the next one
+            return "failed"
         if ok:
             self._waiting_since.pop(job_id, None)
-            return True
+            return "claimed"
         since = self._waiting_since.setdefault(job_id, now)
         if now - since >= self.config.memory_wait_s:
             self._waiting_since.pop(job_id, None)
@@ -255,9 +258,9 @@ class LearningActor(pykka.ThreadingActor):
                     f"{now - since:.0f} s (learning.memory_wait_s)"
                 ),
             )
-            return True
+            return "failed"
         self._store.set_detail(job_id, f"waiting for {mb:.0f} MiB of device memory", self._clock())
-        return False
+        return "wait"
 
     def _fail(self, job_id: str, job_type: str, error: Exception) -> None:
         if self._store.finish(job_id, "failed", self._clock(), error=str(error)):

@@ -1,0 +1,250 @@
+"""The LearningActor: jobs end to end, priority then age, max_parallel_jobs, cancel, memory claims."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+
+from actors.errors import MocError, ModelNotFound
+from actors.learning.actor import LearningActor
+from actors.learning.config import LearningConfig
+from actors.learning.errors import DatasetInvalid, DatasetNotAllowed, InvalidJobSpec, JobNotFound
+from actors.learning.jobs import FINAL
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@dataclass
+class Harness:
+    """A started actor plus what its callbacks saw; `gates` hold jobs at their start."""
+
+    proxy: Any
+    registered: list[tuple[str, Path, str | None]] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)
+    claims: dict[str, float] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+    hold_all: bool = False
+    memory_ok: bool = True
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.proxy.get(job_id).get()  # type: ignore[no-any-return]
+
+    def wait_status(self, job_id: str, *statuses: str) -> dict[str, Any]:
+        wait_for(lambda: self.job(job_id)["status"] in statuses)
+        return self.job(job_id)
+
+
+@pytest.fixture
+def start(tiny_gguf: Path, dataset_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    refs: list[pykka.ActorRef[Any]] = []
+    harnesses: list[Harness] = []
+
+    def make(**overrides: Any) -> Harness:
+        config = LearningConfig(
+            job_store=str(tmp_path / "jobs.db"),
+            output_dir=str(tmp_path / "out"),
+            dataset_dirs=(str(dataset_dir),),
+            checkpoint_every=5,
+            retry_interval_s=0.02,
+            **overrides,
+        )
+        h = Harness(proxy=None)
+
+        def claim(job_id: str, mb: float) -> bool:
+            if h.memory_ok:
+                h.claims[job_id] = mb
+            return h.memory_ok
+
+        def on_progress(event: dict[str, Any]) -> None:
+            if event["event"] == "started":
+                h.started.append(event["job_id"])
+                if h.hold_all:
+                    gate = h.gates.setdefault(event["job_id"], threading.Event())
+                    assert gate.wait(60)
+
+        ref = LearningActor.start(
+            config,
+            claim=claim,
+            release=h.released.append,
+            resolve_model=lambda name: {"tiny": tiny_gguf}[name],
+            register=lambda name, path, base: h.registered.append((name, path, base)),
+            on_progress=on_progress,
+        )
+        refs.append(ref)
+        h.proxy = ref.proxy()
+        harnesses.append(h)
+        return h
+
+    yield make
+    for h in harnesses:
+        for gate in h.gates.values():
+            gate.set()
+    for ref in refs:
+        ref.stop()
+
+
+def spec(dataset_dir: Path, **kw: Any) -> dict[str, Any]:
+    params = {
+        "steps": 6,
+        "seq_len": 32,
+        "batch_size": 2,
+        "lr": 5e-3,
+        **kw.pop("training_params", {}),
+    }
+    return {
+        "job_type": "lora",
+        "model_name": "tiny",
+        "dataset_path": str(dataset_dir / "text.jsonl"),
+        "training_params": params,
+        **kw,
+    }
+
+
+def test_a_lora_job_runs_to_the_end_and_its_adapter_is_registered_against_the_base(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start()
+    job_id = h.proxy.submit(spec(dataset_dir, training_params={"steps": 12})).get()
+    job = h.wait_status(job_id, *FINAL)
+    assert job["status"] == "completed", job["error"]
+    assert job["step"] == 12 and job["progress"] == 1.0
+    assert [s for s, _ in job["loss_history"]] == list(range(1, 13))
+    assert job["metrics"]["after"]["eval_loss"] < job["metrics"]["before"]["eval_loss"]
+    name, path, base = h.registered[0]
+    assert name == f"tiny@{job_id}" == job["output_name"] and base == "tiny"
+    assert path.is_file() and str(path) == job["output_path"]
+    assert job_id in h.claims and h.claims[job_id] > 64 and h.released == [job_id]
+    assert [j["job_id"] for j in h.proxy.list_jobs().get()] == [job_id]
+
+
+def test_jobs_start_by_priority_then_age_one_at_a_time(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start(max_parallel_jobs=1)
+    h.hold_all = True
+    blocker = h.proxy.submit(spec(dataset_dir, priority="low")).get()
+    wait_for(lambda: h.started == [blocker])
+    low = h.proxy.submit(spec(dataset_dir, priority="low")).get()
+    high1 = h.proxy.submit(spec(dataset_dir, priority="high")).get()
+    medium = h.proxy.submit(spec(dataset_dir, priority="medium")).get()
+    high2 = h.proxy.submit(spec(dataset_dir, priority="high")).get()
+    critical = h.proxy.submit(spec(dataset_dir, priority="critical")).get()
+    assert {h.job(j)["status"] for j in (low, high1, medium, high2, critical)} == {"queued"}
+    h.hold_all = False
+    h.gates[blocker].set()
+    for j in (critical, high1, high2, medium, low):
+        h.wait_status(j, "completed")
+    assert h.started == [blocker, critical, high1, high2, medium, low]
+
+
+def test_no_more_than_max_parallel_jobs_run_at_once(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start(max_parallel_jobs=2)
+    h.hold_all = True
+    ids = [h.proxy.submit(spec(dataset_dir)).get() for _ in range(3)]
+    wait_for(lambda: len(h.started) == 2)
+    assert [h.job(j)["status"] for j in ids] == ["running", "running", "queued"]
+    assert len(h.claims) == 2
+    h.gates[ids[0]].set()
+    wait_for(lambda: len(h.started) == 3)
+    assert set(h.started[:2]) == set(ids[:2]) and h.started[2] == ids[2]  # the first two race
+    for gate_id in ids[1:]:
+        h.gates[gate_id].set()
+    for j in ids:
+        h.wait_status(j, "completed")
+
+
+def test_cancel_works_while_queued_while_running_and_while_waiting_for_memory(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start(max_parallel_jobs=1)
+    long = h.proxy.submit(spec(dataset_dir, training_params={"steps": 100_000})).get()
+    queued = h.proxy.submit(spec(dataset_dir)).get()
+    wait_for(lambda: h.job(long)["step"] >= 2)
+    assert h.proxy.cancel(queued).get()["status"] == "cancelled"
+    assert h.proxy.cancel(long).get()["status"] in ("cancelling", "cancelled")
+    job = h.wait_status(long, "cancelled")
+    assert 2 <= job["step"] < 100_000 and job["output_path"] is None
+    wait_for(lambda: long in h.released)
+    assert h.registered == []
+    h.memory_ok = False
+    waiting = h.proxy.submit(spec(dataset_dir)).get()
+    wait_for(lambda: (h.job(waiting)["detail"] or "").startswith("waiting for"))
+    assert h.proxy.cancel(waiting).get()["status"] == "cancelled"
+    assert h.proxy.cancel(waiting).get()["status"] == "cancelled"  # idempotent
+    with pytest.raises(JobNotFound):
+        h.proxy.cancel("nope").get()
+
+
+def test_a_job_waits_for_memory_then_runs_or_fails_with_a_clear_error(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start(memory_wait_s=30.0)
+    h.memory_ok = False
+    job_id = h.proxy.submit(spec(dataset_dir)).get()
+    wait_for(lambda: "MiB of device memory" in (h.job(job_id)["detail"] or ""))
+    assert h.job(job_id)["status"] == "queued"
+    h.memory_ok = True
+    assert h.wait_status(job_id, *FINAL)["status"] == "completed"
+
+
+def test_a_job_that_never_gets_its_memory_fails_naming_the_wait(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start(memory_wait_s=0.1)
+    h.memory_ok = False
+    job = h.wait_status(h.proxy.submit(spec(dataset_dir)).get(), *FINAL)
+    assert job["status"] == "failed"
+    assert "MiB of device memory" in job["error"] and "memory_wait_s" in job["error"]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "words"),
+    [
+        ({"job_type": "sleep"}, InvalidJobSpec, "job_type"),
+        ({"model_name": ""}, InvalidJobSpec, "model_name"),
+        ({"model_name": "ghost"}, ModelNotFound, "ghost"),
+        ({"priority": "urgent"}, InvalidJobSpec, "priority"),
+        ({"training_params": {"steps": 0}}, InvalidJobSpec, "training_params.steps"),
+        ({"training_params": {"epochs_x": 1}}, InvalidJobSpec, "training_params.epochs_x"),
+        ({"dataset_path": "/etc/passwd"}, DatasetNotAllowed, "outside the dataset directories"),
+        ({"job_type": "rlhf"}, DatasetInvalid, "line 1"),
+    ],
+    ids=[
+        "job-type",
+        "no-model",
+        "unknown-model",
+        "priority",
+        "steps",
+        "unknown-param",
+        "outside",
+        "wrong-kind",
+    ],
+)
+def test_bad_specs_are_refused_with_a_message_naming_the_field(
+    start: Callable[..., Harness],
+    dataset_dir: Path,
+    change: dict[str, Any],
+    error: type[MocError],
+    words: str,
+) -> None:
+    h = start()
+    s = spec(dataset_dir)
+    s.update(change)
+    with pytest.raises(error, match=words):
+        h.proxy.submit(s).get()
+    assert h.proxy.list_jobs().get() == []
