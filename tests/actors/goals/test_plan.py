@@ -338,19 +338,24 @@ def test_a_gate_without_an_evaluation_fails() -> None:
     assert not gate_verdict(GateStep(min_improvement=0.0), None).passed
 
 
-def test_a_failed_step_fails_the_goal_with_the_steps_reason() -> None:
-    goal = _legacy_goal(
-        [StepState(i, s) for i, s in enumerate(("train", "evaluate", "gate", "deploy"))]
+def _fresh_states() -> tuple[StepState, ...]:
+    return (
+        StepState(0, "train"),
+        StepState(1, "evaluate"),
+        StepState(2, "gate"),
+        StepState(3, "deploy"),
     )
+
+
+def test_a_failed_step_fails_the_goal_with_the_steps_reason() -> None:
+    goal = _legacy_goal(list(_fresh_states()))
     transition = after_step(goal, 0, ok=False, error="learning job abc failed: NaN loss")
     assert transition.status == "failed"
     assert transition.error == "step 0 (train) failed: learning job abc failed: NaN loss"
 
 
 def test_a_finished_last_step_completes_the_goal_and_others_move_it_on() -> None:
-    goal = _legacy_goal(
-        [StepState(i, s) for i, s in enumerate(("train", "evaluate", "gate", "deploy"))]
-    )
+    goal = _legacy_goal(list(_fresh_states()))
     assert after_step(goal, 1, ok=True, error=None).current_step == 2
     assert after_step(goal, 1, ok=True, error=None).status == "running"
     assert after_step(goal, 3, ok=True, error=None).status == "completed"
