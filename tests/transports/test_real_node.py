@@ -17,9 +17,11 @@ import msgpack
 import openai
 import pytest
 import zmq
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.config import BulkheadConfig
+from actors.types import GenerationParams, InferRequest
 from tests.transports.conftest import legacy_call, metric, request, wait_for
 from tests.transports.real_node import (  # noqa: F401  (fixtures)
     MODEL,
@@ -60,6 +62,17 @@ def infer_payload(**overrides: Any) -> dict[str, Any]:
 
 def openai_client(served: RealNode, key: str = "unused") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def inference_count(model: str = MODEL) -> float:
+    """Requests the node counted for `model`, whatever their outcome."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "moc_inference_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels.get("model") == model
+    )
 
 
 def check_envelope(reply: Any, request_id: str, *, success: bool) -> None:
@@ -320,6 +333,7 @@ async def test_with_keys_every_protected_route_needs_the_right_key(
     start_node: StartNode,
 ) -> None:
     served = await start_node(api_keys=(KEY, "other-key"))
+    reached = inference_count()
     async with aiohttp.ClientSession() as session:
         for method, path, body in PROTECTED:
             for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
@@ -327,6 +341,7 @@ async def test_with_keys_every_protected_route_needs_the_right_key(
                     method, served.url + path, json=body, headers=headers
                 ) as resp:
                     assert resp.status == 401, (method, path, headers)
+        assert inference_count() == reached  # no refused request reached the model
         for path in ("/health", "/metrics"):  # open for probes and Prometheus
             async with session.get(served.url + path) as resp:
                 assert resp.status == 200, path
@@ -337,7 +352,6 @@ async def test_with_keys_every_protected_route_needs_the_right_key(
             assert (await resp.json())["tokens_generated"] == 4
         async with session.get(f"{served.url}/ready", headers={"X-API-Key": "other-key"}) as resp:
             assert resp.status == 200
-    assert served.in_flight() == 0  # no refused request reached the model
 
     async with openai_client(served, key="wrong") as client:
         with pytest.raises(openai.AuthenticationError):
@@ -390,7 +404,8 @@ async def test_a_client_hanging_up_mid_stream_stops_the_generation(
     generated = metric("moc_inference_tokens_generated_total", model=MODEL) - tokens_before
     assert generated < LONG, "the worker generated the whole stream for nobody"
     assert metric("moc_http_streams_closed_by_client_total") == closed_before + 1
-    assert served.in_flight() == 0
+    # Not at once: a finished request frees its slot a loop turn late (the xfail test below).
+    await wait_for(lambda: served.in_flight() == 0)
 
 
 async def test_past_the_bulkhead_requests_get_503_or_overloaded_until_the_stream_ends(
@@ -425,8 +440,33 @@ async def test_past_the_bulkhead_requests_get_503_or_overloaded_until_the_stream
 
         async with session.post(f"{served.url}/v1/completions", json=body) as resp:
             assert resp.status == 200
+    await wait_for(lambda: served.in_flight() == 0)  # see the xfail test below
     reply = await zcall(zctx, served, request("infer", infer_payload(), "after"))
     check_envelope(reply, "after", success=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="moc_node/node.py Node.infer returns from inside `async for` over _run, leaving the "
+    "generator suspended: its bulkhead slot is freed, and the request counted, only when the "
+    "abandoned generator is finalized, and then as 'cancelled' (GeneratorExit at its last yield)",
+)
+async def test_a_finished_inference_has_freed_its_slot_and_counts_as_a_success(
+    start_node: StartNode,
+) -> None:
+    served = await start_node(bulkhead=BulkheadConfig(max_concurrent=1, max_queue_size=0))
+    success = metric("moc_inference_requests_total", model=MODEL, outcome="success")
+    cancelled = metric("moc_inference_requests_total", model=MODEL, outcome="cancelled")
+    params = GenerationParams(max_tokens=2, temperature=0.0)
+    await served.node.infer(InferRequest(MODEL, prompt="hi", params=params))
+    freed_on_return = served.in_flight() == 0
+    await wait_for(lambda: served.in_flight() == 0)
+    counted = (
+        metric("moc_inference_requests_total", model=MODEL, outcome="success") - success,
+        metric("moc_inference_requests_total", model=MODEL, outcome="cancelled") - cancelled,
+    )
+    assert freed_on_return, "a client sending its next request at once would get 503"
+    assert counted == (1, 0)
 
 
 # ---- metrics ----
