@@ -179,8 +179,11 @@ class GoalActor(pykka.ThreadingActor):
         run = self._runs.get(goal_id)
         if run is not None and run.index == index:
             del self._runs[goal_id]
-        if outcome.status == "interrupted":
-            return  # the node is stopping: the step stays running and resumes after a restart
+        if outcome.status == "interrupted" or (self._stopping and outcome.status == "failed"):
+            # The node is stopping: the step stays running and resumes after a restart. A
+            # failure now may be the shutdown itself (a collaborator stopped first), so it is
+            # not held against the goal; a real one recurs when the step runs again.
+            return
         now = self._clock()
         goal = self._store.get(goal_id)
         if goal is None:

@@ -113,8 +113,8 @@ class Interrupt:
                 self.reason = reason
         self._event.set()
 
-    def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds; return True if interrupted."""
+    def wait(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` seconds (None: until interrupted); return True if interrupted."""
         return self._event.wait(timeout)
 
     def is_set(self) -> bool:
@@ -195,6 +195,8 @@ class TrainExecutor:
                 return _let_go(ctx)
             try:
                 job_id = self._learning.submit({**dict(step.job), "output_name": output})
+            except pykka.ActorDeadError:
+                return self._learning_gone(ctx, None)
             except Exception as exc:
                 return StepOutcome.failed(f"the learning job was refused: {exc}")
         if job_id != ctx.handle:
@@ -221,6 +223,19 @@ class TrainExecutor:
                 return str(job["job_id"])
         return None
 
+    @staticmethod
+    def _learning_gone(ctx: StepContext, job_id: str | None) -> StepOutcome:
+        """Wait for the stop that follows the learning actor's own (the node is shutting down).
+
+        Failing here would fail the goal for a shutdown race; the step resumes after the restart.
+        """
+        log.warning("goal %s: the learning actor is gone; waiting for the stop", ctx.goal_id)
+        ctx.interrupt.wait(None)
+        return StepOutcome(
+            "interrupted" if ctx.interrupt.reason == "stop" else "cancelled",
+            {"job_id": job_id} if job_id else {},
+        )
+
     def _follow(self, job_id: str, ctx: StepContext) -> StepOutcome:
         while True:
             if ctx.interrupt.is_set():
@@ -233,6 +248,8 @@ class TrainExecutor:
                 return _let_go(ctx, job_id=job_id)
             try:
                 job = self._learning.get(job_id)
+            except pykka.ActorDeadError:
+                return self._learning_gone(ctx, job_id)
             except Exception as exc:
                 return StepOutcome.failed(f"learning job {job_id} cannot be read: {exc}")
             status = job.get("status")

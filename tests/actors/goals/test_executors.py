@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pykka
 import pytest
 
 from actors.goals.executors import (
@@ -17,6 +19,7 @@ from actors.goals.executors import (
     GateExecutor,
     Interrupt,
     StepContext,
+    StepOutcome,
     TrainExecutor,
 )
 from actors.goals.model import EvaluateStep, GateStep, TrainStep
@@ -195,3 +198,30 @@ def test_a_cancelled_evaluation_stops_its_helper_process(tiny_gguf: Path, eval_s
         _ctx(inputs=StepInputs(base="a", candidate="b"), interrupt=interrupt),
     )
     assert outcome.status == "cancelled"
+
+
+class GoneLearning(SqliteLearning):
+    """A learning service whose actor has stopped (the node is shutting down)."""
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        raise pykka.ActorDeadError("LearningActor stopped")
+
+
+def test_a_train_step_outliving_the_learning_actor_waits_for_the_stop_instead_of_failing() -> None:
+    learning = GoneLearning()
+    job_id = learning.submit(JOB)
+    interrupt = Interrupt()
+    outcomes: list[StepOutcome] = []
+    thread = threading.Thread(
+        target=lambda: outcomes.append(
+            TrainExecutor(learning, 0.01).run(
+                TrainStep(job=JOB), _ctx(handle=job_id, interrupt=interrupt)
+            )
+        )
+    )
+    thread.start()
+    thread.join(0.2)
+    assert thread.is_alive() and outcomes == []  # neither failed nor finished
+    interrupt.fire("stop")
+    thread.join(10)
+    assert [o.status for o in outcomes] == ["interrupted"]
