@@ -5,7 +5,8 @@
 It prints JSON lines on stdout: `{"event": "ready", "addr": "host:port", ...}` once bound, then
 `{"event": "view", "t": <time.monotonic()>, "members": {name: state}, "primary": [name, term] |
 null, "is_primary": bool, "term": int, "dropped": {...}, "windows": [[term, start, end], ...]}`
-(the exact acting windows of this node's leases, monotonic clock) whenever any of those changes, and
+(the exact acting windows of this node's leases, monotonic clock) whenever any of those but the
+drop counters changes, and
 `{"event": "left", "ok": bool}` after a leave. CLOCK_MONOTONIC is system-wide, so a parent can
 compare `t` with its own clock.
 
@@ -55,8 +56,10 @@ class _Reporter:
             "dropped": r.dropped(),
             "windows": _windows(r),
         }
-        if view != self.last:
-            self.last = view
+        # Drop counters alone change all the time (stale acks): they ride along, never trigger.
+        key = {k: v for k, v in view.items() if k != "dropped"}
+        if key != self.last:
+            self.last = key
             _emit({"event": "view", "t": time.monotonic(), "name": r.name, **view})
 
 
@@ -104,7 +107,7 @@ async def _main(args: argparse.Namespace) -> int:
     async def poll() -> None:
         while True:
             reporter.check()
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)  # member changes report at once via the event hook
 
     poller = asyncio.create_task(poll())
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import random
 import time
@@ -165,6 +166,9 @@ class ClusterRunner:
         resolved: list[Address] = []
         for seed in seeds:
             host, port = parse_hostport(seed, "seeds")
+            if _is_ip(host):
+                resolved.append((host, port))
+                continue
             try:
                 infos = await loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
             except OSError as exc:
@@ -529,6 +533,14 @@ class ClusterRunner:
         if bound[0] in ("0.0.0.0", "::"):
             raise LocalUsageError("cluster.advertise: required when bind is a wildcard address")
         return bound
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _split_bind(bind: str) -> tuple[str, int]:
