@@ -45,6 +45,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def is_worker(pid: int) -> bool:
+    """Tell whether `pid` is still a model worker (pids are reused)."""
+    try:
+        return b"actors.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll `predicate` until it holds; fail naming `what` past the deadline."""
     deadline = time.monotonic() + timeout
@@ -198,7 +206,7 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
             node.proc.kill()
             node.proc.wait(timeout=30)
         for pid in node.pids_seen:  # a worker the test left behind must not outlive it
-            if pid_alive(pid):
+            if pid_alive(pid) and is_worker(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
