@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import logging
 import random
@@ -143,7 +144,7 @@ class ClusterRunner:
         """Bind both sockets, start the machines and join `config.seeds`."""
         host, port = _split_bind(self.config.bind)
         self._endpoints = await open_endpoints(host, port, self._on_datagram, self._on_stream)
-        addr = self._advertise(self._endpoints.addr)
+        addr = await self._advertise(self._endpoints.addr)
         now = self.clock()
         meta = self._poll_meta(now)
         self._membership = Membership(
@@ -382,6 +383,11 @@ class ClusterRunner:
             if ob.reliable:
                 self._spawn(self._stream_request(ob))
                 continue
+            if not _is_ip(ob.addr[0]):
+                # A name would make sendto resolve it, blocking the loop: addresses on the
+                # wire are IPs (advertise is resolved at start), so this is a peer's garbage.
+                self._drop("bad_address")
+                continue
             packet = self._encode(ob, self.config.packet_bytes)
             if packet is None:
                 continue
@@ -527,14 +533,19 @@ class ClusterRunner:
     def _drop(self, reason: str) -> None:
         self._dropped[reason] = self._dropped.get(reason, 0) + 1
 
-    def _advertise(self, bound: Address) -> Address:
+    async def _advertise(self, bound: Address) -> Address:
         if self.config.advertise:
-            return parse_hostport(self.config.advertise, "advertise")
+            host, port = parse_hostport(self.config.advertise, "advertise")
+            if not _is_ip(host):
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=2)
+                host = str(infos[0][4][0])
+            return host, port
         if bound[0] in ("0.0.0.0", "::"):
             raise LocalUsageError("cluster.advertise: required when bind is a wildcard address")
         return bound
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -238,3 +238,46 @@ async def test_metrics_report_members_primary_and_traffic(cluster: Cluster) -> N
         assert name in text
     await a.stop()
     assert "moc_cluster_members" not in generate_latest(registry).decode()
+
+
+async def test_random_and_signed_nonsense_never_stops_the_loop(cluster: Cluster) -> None:
+    import random
+
+    from cluster.messages import Alive, IndirectPing
+
+    a = await cluster.add("a")
+    b = await cluster.add("b")
+    await until(cluster.converged)
+    rng = random.Random(4)
+    junk = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 300))) for _ in range(200)]
+    # Correctly signed headers over random bodies reach msgpack and the field checks.
+    header = b"\xc5\x01\x01"
+    signed = [header + KEY.sign(header + body) + body for body in junk[:100]]
+    # Well-formed, signed, but pointing at a host name: must not make sendto resolve it.
+    odd = [
+        encode_packet([IndirectPing(9, "x", ("no-such-host.invalid", 9), True, "m")], KEY, 1400),
+        encode_packet([Alive(5, "ghost", ("no-such-host.invalid", 9), b"\xc1")], KEY, 1400),
+    ]
+    payloads = junk + signed
+
+    def decode_drops() -> int:
+        d = a.dropped()
+        return sum(d.get(r, 0) for r in ("malformed", "version", "unauthenticated", "oversized"))
+
+    # In batches, so the kernel's socket buffer never overflows and every datagram arrives.
+    for i in range(0, len(payloads), 25):
+        batch = payloads[i : i + 25]
+        sent = i + len(batch)
+        _send_raw(a.addr, batch)
+        await until(lambda sent=sent: decode_drops() >= sent, what=f"{sent} drops")
+    assert decode_drops() == len(payloads)
+    _send_raw(a.addr, odd)
+    await until(lambda: a.dropped().get("bad_address", 0) >= 1, what="the host name refused")
+    # The ghost's metadata is garbage: it is listed without metadata, counted once.
+    await until(lambda: a.member("ghost") is not None)
+    ghost = a.member("ghost")
+    assert ghost is not None and ghost.meta is None
+    assert a.dropped().get("bad_meta") == 1
+    probes = b.membership.counters.probes
+    await until(lambda: b.membership.counters.probes > probes + 2)
+    assert states(b)["a"] == MemberState.ALIVE
