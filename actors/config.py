@@ -103,6 +103,9 @@ class CatalogEntry:
     """Load at start instead of on first request."""
     pin: bool = False
     """Never evict or expire this model."""
+    lora: str = ""
+    """A GGUF LoRA adapter llama.cpp applies on top of `path` (learning jobs register these);
+    empty for none."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", "non-empty, without '/'")

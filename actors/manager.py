@@ -35,7 +35,7 @@ from actors.paths import resolve_model_path
 from actors.placement import DeviceRoom, Resident, plan
 from actors.probes import DeviceProbe
 from actors.resilience import BulkheadRegistry, CircuitBreaker
-from actors.store import LoadedRecord, StateStore
+from actors.store import LoadedRecord, RegisteredRecord, StateStore
 from actors.types import Backend, LoadRequest, ModelInfo, ModelState
 from actors.worker_client import LoadedInfo, WorkerSpec
 
@@ -52,6 +52,7 @@ class Slot:
 
     entry: CatalogEntry
     in_catalog: bool
+    registered: bool = False  # produced by a learning job, kept across catalog reloads
     state: ModelState = "available"
     device: str | None = None
     estimate_mb: float | None = None
@@ -141,6 +142,11 @@ class ModelManager(pykka.ThreadingActor):
         self._slots: dict[str, Slot] = {}
         self._closing = False
         self.reconfigure(deps.models)
+        for record in deps.store.registered():
+            backend: Backend = "torch" if record.backend == "torch" else "gguf"
+            self._add_registered(
+                CatalogEntry(record.name, record.path, backend, record.n_ctx, lora=record.lora)
+            )
 
     # -- configuration --------------------------------------------------------------------
 
@@ -158,7 +164,7 @@ class ModelManager(pykka.ThreadingActor):
                     slot.entry = entry
             self._publish(entry.name)
         for name, slot in list(self._slots.items()):
-            if slot.in_catalog and name not in names:
+            if slot.in_catalog and not slot.registered and name not in names:
                 slot.in_catalog = False
                 if slot.state in ("available", "failed"):
                     del self._slots[name]
@@ -167,6 +173,23 @@ class ModelManager(pykka.ThreadingActor):
     def ping(self) -> bool:
         """Answer True: the watchdog's proof that this actor still takes messages."""
         return True
+
+    def register(self, entry: CatalogEntry) -> None:
+        """Add a model a learning job produced to the catalog, durably."""
+        self._deps.store.record_registered(
+            RegisteredRecord(entry.name, entry.path, entry.lora, entry.backend, entry.n_ctx)
+        )
+        self._add_registered(entry)
+
+    def _add_registered(self, entry: CatalogEntry) -> None:
+        slot = self._slots.get(entry.name)
+        if slot is None:
+            self._slots[entry.name] = Slot(entry=entry, in_catalog=True, registered=True)
+        else:
+            slot.in_catalog = slot.registered = True
+            if slot.state in ("available", "failed"):
+                slot.entry = entry
+        self._publish(entry.name)
 
     def preload_names(self) -> list[str]:
         """Return catalog names to load at start."""
@@ -219,6 +242,7 @@ class ModelManager(pykka.ThreadingActor):
                 if request.gpu_layers is not None
                 else (base.gpu_layers if base else -1),
                 pin=request.pin if request.pin is not None else (base.pin if base else False),
+                lora=base.lora if base is not None and request.path is None else "",
             )
         except ValueError as exc:
             field_name, _, message = str(exc).partition(": ")
@@ -291,6 +315,7 @@ class ModelManager(pykka.ThreadingActor):
             gpu_layers=entry.gpu_layers if ledger.kind == "nvml" else 0,
             device_kind=ledger.kind,
             device_index=self._deps.device_index.get(device),
+            lora_path=entry.lora or None,
         )
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
         slot.actor = ModelActor.start(
@@ -509,6 +534,7 @@ class ModelManager(pykka.ThreadingActor):
             load_seconds=slot.load_seconds,
             error=slot.error,
             pid=slot.pid,
+            adapter=entry.lora or None,
         )
 
     def _publish(self, name: str) -> None:

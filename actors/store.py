@@ -23,6 +23,13 @@ CREATE TABLE IF NOT EXISTS loaded_models (
     loaded_at   REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS registered_models (
+    name        TEXT PRIMARY KEY,
+    path        TEXT NOT NULL,
+    lora        TEXT NOT NULL,
+    backend     TEXT NOT NULL,
+    n_ctx       INTEGER NOT NULL
+);
 """
 
 
@@ -36,6 +43,17 @@ class LoadedRecord:
     n_ctx: int
     gpu_layers: int
     pinned: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredRecord:
+    """A model produced on this node (a fine-tuned GGUF, or a base plus a LoRA adapter)."""
+
+    name: str
+    path: str
+    lora: str
+    backend: str
+    n_ctx: int
 
 
 class StateStore:
@@ -78,6 +96,50 @@ class StateStore:
             ).fetchall()
         return [LoadedRecord(r[0], r[1], r[2], int(r[3]), int(r[4]), bool(r[5])) for r in rows]
 
+    def record_registered(self, record: RegisteredRecord) -> None:
+        """Remember a model a learning job produced, so it stays servable after a restart."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO registered_models VALUES (?, ?, ?, ?, ?)",
+                (record.name, record.path, record.lora, record.backend, record.n_ctx),
+            )
+
+    def registered(self) -> list[RegisteredRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, path, lora, backend, n_ctx FROM registered_models ORDER BY name"
+            ).fetchall()
+        return [RegisteredRecord(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def next_generation(self) -> int:
+        """Count this start: peers tell a restarted node's state from its old one by it."""
+        generation = int(self.get_meta("generation") or 0) + 1
+        self.set_meta("generation", str(generation))
+        return generation
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class TermStore:
+    """The highest election term seen, kept in the state file (cluster.election.TermStore)."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    def load(self) -> int:
+        return int(self._store.get_meta("term") or 0)
+
+    def save(self, term: int) -> None:
+        # isolation_level=None: each statement commits at once, so the term is durable here.
+        self._store.set_meta("term", str(term))

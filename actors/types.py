@@ -123,6 +123,7 @@ class ModelInfo:
     load_seconds: float | None = None
     error: str | None = None
     pid: int | None = None  # the worker process
+    adapter: str | None = None  # a LoRA adapter applied on top of `path`
 
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]

@@ -19,6 +19,9 @@ class ClusterConfig:
     """Every knob of membership, gossip and election, with LAN defaults."""
 
     # --- identity and addresses -----------------------------------------------------------
+    enabled: bool = False
+    """Join a cluster at all. False (the default): a single node, with no gossip socket and no
+    peer RPC port; every request is served locally."""
     name: str = ""
     """Node id, unique in the cluster. Empty: the node uses its hostname. Ids are compared as
     strings to pick the election candidate, so a stable, sortable name is best."""

@@ -26,11 +26,14 @@ from actors.manager import ManagerDeps, ModelBoard, ModelManager
 from actors.model import WorkerFactory, _default_worker
 from actors.probes import discover
 from actors.resilience import BulkheadRegistry
-from actors.store import StateStore
+from actors.store import StateStore, TermStore
 from actors.ticker import Ticker
+from cluster.keyring import Keyring, read_key_file
+from moc_node.cluster_link import ClusterLink
 from moc_node.config import Config, load_config
 from moc_node.node import Node
 from moc_node.sdnotify import Notifier, watchdog
+from moc_node.services import Services, learning_output_dir, start_services
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +55,49 @@ class Runtime:
     config: Config
     node: Node
     manager: pykka.ActorRef[Any]
+    store: StateStore
     tickers: list[Ticker] = field(default_factory=list)
     runtime_dir: Path | None = None
+    link: ClusterLink | None = None
+    services: Services | None = None
+
+    async def join_cluster(self, http_port: int, zmq_port: int) -> None:
+        """Start gossip and the peer RPC (when `[cluster] enabled`), and route through them."""
+        cluster = self.config.cluster
+        if not cluster.enabled:
+            return
+        if cluster.key_file:
+            keyring = read_key_file(cluster.key_file)
+        else:
+            log.warning("cluster without key_file: gossip and peer RPC are NOT authenticated")
+            keyring = Keyring(())
+        self.link = ClusterLink(
+            self.node,
+            cluster,
+            name=cluster.name or self.config.node.name,
+            keyring=keyring,
+            term_store=TermStore(self.store),
+            generation=self.store.next_generation(),
+            http_port=http_port,
+            zmq_port=zmq_port,
+            request_timeout=self.config.server.request_timeout_s,
+        )
+        await self.link.start()
+        self.node.attach_cluster(self.link)
+
+    async def leave_cluster(self) -> None:
+        """Announce the leave (peers stop routing here), after the drain has begun."""
+        if self.link is not None:
+            await self.link.leave()
 
     async def close(self) -> None:
         """Unload the models (remembering them), stop the actors and timers."""
+        if self.link is not None:
+            await self.link.stop()
+            self.link = None
+        if self.services is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.services.stop)
+            self.services = None
         for ticker in self.tickers:
             ticker.stop()
         await self.node.close()
@@ -92,7 +133,8 @@ def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_wo
             models=config.models,
             ledgers=ledgers,
             device_index={p.name: p.index for p in probes},
-            model_dirs=config.node.model_paths,
+            # Models that learning jobs write are servable too.
+            model_dirs=(*config.node.model_paths, learning_output_dir(config)),
             store=store,
             bulkheads=bulkheads,
             breaker=config.resilience.circuit_breaker,
@@ -119,7 +161,11 @@ def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_wo
         store=store,
         abort=abort,
     )
-    return Runtime(config, node, manager, tickers, runtime_dir)
+    runtime = Runtime(config, node, manager, store, tickers, runtime_dir)
+    runtime.services = start_services(
+        config, node, board, manager, ledgers, asyncio.get_running_loop()
+    )
+    return runtime
 
 
 def _poll_all(gpu_proxies: list[Any]) -> None:
@@ -178,6 +224,8 @@ async def serve(
     try:
         for front in fronts:  # up first, so /ready answers 503 while models are restored
             await front.start()
+        notifier.status("joining the cluster")
+        await runtime.join_cluster(_port(fronts, "HttpServer"), _port(fronts, "ZmqServer"))
         notifier.status("restoring models")
         await runtime.node.start()
         loaded = sum(m.state == "loaded" for m in runtime.node.models())
@@ -190,7 +238,9 @@ async def serve(
         await stop.wait()
         notifier.stopping()
         log.info("stopping: draining requests (up to %.0f s)", config.node.drain_timeout)
-        await runtime.node.drain(config.node.drain_timeout)
+        drained = asyncio.create_task(runtime.node.drain(config.node.drain_timeout))
+        await runtime.leave_cluster()
+        await drained
     finally:
         for front in reversed(fronts):
             await front.stop()
@@ -201,6 +251,13 @@ async def serve(
             loop.remove_signal_handler(sig)
         notifier.close()
     log.info("stopped")
+    return 0
+
+
+def _port(fronts: list[Server], kind: str) -> int:
+    for front in fronts:
+        if type(front).__name__ == kind:
+            return int(getattr(front, "port", 0))
     return 0
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from actors.config import ModelsConfig, ResilienceConfig, ResourcesConfig
+from actors.goals.config import GoalsConfig
+from actors.learning.config import LearningConfig
 from cluster.config import ClusterConfig
 from cluster.config import from_mapping as cluster_from_mapping
 from transports.config import ServerConfig
@@ -73,10 +75,12 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    goals: GoalsConfig = field(default_factory=GoalsConfig)
 
 
-# Sections whose issues have not landed: named so that a file using them gets a clear error.
-RESERVED_SECTIONS = ("learning", "goals")
+# Sections whose features have not landed: named so that a file using them gets a clear error.
+RESERVED_SECTIONS: tuple[str, ...] = ()
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:

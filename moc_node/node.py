@@ -12,15 +12,16 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
 import moc_node
 from actors import metrics
 from actors.errors import Cancelled, FeatureUnavailable, MocError, ModelNotLoaded, ShuttingDown
+from actors.estimate import estimate_gguf_memory
 from actors.ledger import Ledger
 from actors.manager import ModelBoard
 from actors.model import InferJob
@@ -37,6 +38,9 @@ from actors.types import (
     ModelInfo,
     TokenChunk,
 )
+
+if TYPE_CHECKING:
+    from moc_node.cluster_link import ClusterLink
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +112,6 @@ class Node:
         store: StateStore,
         abort: threading.Event,
         request_timeout: float = 600.0,
-        learning: pykka.ActorRef[Any] | None = None,
-        goals: pykka.ActorRef[Any] | None = None,
     ) -> None:
         self.name = name
         self._manager = manager.proxy()
@@ -122,10 +124,11 @@ class Node:
         self._abort = abort
         self._request_timeout = request_timeout
         self._proxies: dict[pykka.ActorRef[Any], Any] = {}
-        self._learning = learning.proxy() if learning is not None else None
-        self._goals = goals.proxy() if goals is not None else None
+        self._learning: Any | None = None
+        self._goals: Any | None = None
         self._ready = False
         self._draining = False
+        self._cluster: ClusterLink | None = None
         self.closed = False
         self._started = time.time()
 
@@ -230,12 +233,13 @@ class Node:
         return [ledger.info() for ledger in self._ledgers.values()]
 
     async def infer(self, req: InferRequest) -> InferResult:
-        async for item in self._run(req, stream=False):
-            if isinstance(item, InferResult):
-                return item
+        async with contextlib.aclosing(self._run(req, stream=False)) as items:
+            async for item in items:
+                if isinstance(item, InferResult):
+                    return item
         raise MocError("the model ended the request without a result")  # unreachable by contract
 
-    def infer_stream(self, req: InferRequest) -> AsyncIterator[StreamItem]:
+    def infer_stream(self, req: InferRequest) -> AsyncGenerator[StreamItem, None]:
         return self._run(req, stream=True)
 
     def health(self) -> HealthReport:
@@ -329,6 +333,8 @@ class Node:
 
     def cluster_view(self) -> dict[str, Any]:
         """Describe the cluster; a node without one reports itself as the only member."""
+        if self._cluster is not None:
+            return self._cluster.view()
         models = self.models()
         me = {
             "name": self.name,
@@ -371,7 +377,61 @@ class Node:
                 self._proxies = {r: p for r, p in self._proxies.items() if r.is_alive()}
         return proxy
 
-    async def _run(self, req: InferRequest, *, stream: bool) -> AsyncIterator[StreamItem]:
+    def attach_services(self, learning: pykka.ActorRef[Any], goals: pykka.ActorRef[Any]) -> None:
+        """Serve learning jobs and goals through these actors."""
+        self._learning = learning.proxy()
+        self._goals = goals.proxy()
+
+    def attach_cluster(self, link: ClusterLink) -> None:
+        """Route requests for models this node does not hold through `link`."""
+        self._cluster = link
+
+    def in_catalog(self, model: str) -> bool:
+        """Return whether this node knows `model` (catalog or loaded)."""
+        return self._board.get(model) is not None
+
+    def model_info(self, name: str) -> ModelInfo | None:
+        info = self._board.get(name)
+        return None if info is None else self._with_queue(info)
+
+    def estimate_mb(self, model: str) -> float | None:
+        """Estimate the memory `model` needs, if this node has its file."""
+        info = self._board.get(model)
+        if info is None:
+            return None
+        if info.estimate_mb is not None:
+            return info.estimate_mb
+        if info.backend != "gguf":
+            return None
+        try:
+            return float(estimate_gguf_memory(info.path, n_ctx=info.n_ctx or 2048).total_mb)
+        except Exception:  # an unreadable file: the primary then places by free memory alone
+            return None
+
+    def _holds(self, model: str) -> bool:
+        info = self._board.get(model)
+        return info is not None and info.state in ("loaded", "loading")
+
+    async def _run(self, req: InferRequest, *, stream: bool) -> AsyncGenerator[StreamItem, None]:
+        """Serve a client's request: here if this node holds the model, else through a peer."""
+        link = self._cluster
+        if link is not None:
+            # Draining, a node hands requests to peers that hold the model; otherwise a model
+            # it does not hold is served wherever the cluster has (or places) it.
+            elsewhere = link.holds_elsewhere(req.model) if self._draining else False
+            if elsewhere or (not self._draining and not self._holds(req.model)):
+                async with contextlib.aclosing(link.serve_remote(req, stream=stream)) as items:
+                    async for item in items:
+                        yield item
+                return
+        async with contextlib.aclosing(self.serve_local(req, stream=stream)) as items:
+            async for item in items:
+                yield item
+
+    async def serve_local(
+        self, req: InferRequest, *, stream: bool
+    ) -> AsyncGenerator[StreamItem, None]:
+        """Serve a request with this node's own model actors (never forwarded)."""
         self._check_open()
         outcome = "error"
         try:
@@ -399,7 +459,8 @@ class Node:
             outcome = exc.code
             raise
         except (GeneratorExit, asyncio.CancelledError):
-            outcome = Cancelled.code
+            if outcome != "success":  # closed after its result: a success, not a cancel
+                outcome = Cancelled.code
             raise
         finally:
             metrics.inference_requests_total.labels(req.model, outcome).inc()

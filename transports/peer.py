@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
 import zmq
@@ -58,9 +58,15 @@ class PeerHandler(Protocol):
 
     async def peer_infer(self, req: InferRequest) -> InferResult: ...
 
-    def peer_infer_stream(self, req: InferRequest) -> AsyncIterator[TokenChunk | InferResult]: ...
+    def peer_infer_stream(
+        self, req: InferRequest
+    ) -> AsyncGenerator[TokenChunk | InferResult, None]: ...
 
     async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo: ...
+
+    async def peer_place(self, model: str) -> str:
+        """As the primary: make sure `model` is loaded somewhere; return the holder's name."""
+        ...
 
 
 class PeerServer:
@@ -152,14 +158,22 @@ class PeerServer:
                 result = await self._handler.peer_infer(request_from_wire(env.body))
                 self._reply(ident, Kind.RESULT, rid, result_to_wire(result))
             elif op == Op.STREAM:
-                async for item in self._handler.peer_infer_stream(request_from_wire(env.body)):
-                    if isinstance(item, TokenChunk):
-                        self._reply(ident, Kind.TOKEN, rid, item.text)
-                    else:
-                        self._reply(ident, Kind.RESULT, rid, result_to_wire(item))
+                async with contextlib.aclosing(
+                    self._handler.peer_infer_stream(request_from_wire(env.body))
+                ) as items:
+                    async for item in items:
+                        if isinstance(item, TokenChunk):
+                            self._reply(ident, Kind.TOKEN, rid, item.text)
+                        else:
+                            self._reply(ident, Kind.RESULT, rid, result_to_wire(item))
             elif op == Op.LOAD:
                 info = await self._handler.peer_load(load_from_wire(env.body), env.term)
                 self._reply(ident, Kind.RESULT, rid, {"name": info.name, "state": info.state})
+            elif op == Op.PLACE:
+                if not isinstance(env.body, str):
+                    raise PeerWireError("malformed", "place body is not a model name")
+                holder = await self._handler.peer_place(env.body)
+                self._reply(ident, Kind.RESULT, rid, holder)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -247,7 +261,7 @@ class PeerClient:
 
     async def stream(
         self, address: str, req: InferRequest, timeout: float
-    ) -> AsyncIterator[TokenChunk | InferResult]:
+    ) -> AsyncGenerator[TokenChunk | InferResult, None]:
         """Stream an inference from the peer; closing the iterator cancels it there."""
         async for env in self._call(address, Op.STREAM, request_to_wire(req), None, timeout):
             if env.code == Kind.TOKEN:
@@ -259,6 +273,14 @@ class PeerClient:
         """Ask the peer to load a model under the primary's `term` (a fencing token)."""
         async for _ in self._call(address, Op.LOAD, load_to_wire(req), term, timeout):
             return
+
+    async def place(self, address: str, model: str, timeout: float) -> str:
+        """Ask the primary at `address` to place `model`; return the node that holds it."""
+        async for env in self._call(address, Op.PLACE, model, None, timeout):
+            if not isinstance(env.body, str):
+                raise PeerUnavailable(f"primary {address} answered a placement without a node")
+            return env.body
+        raise PeerUnavailable(f"primary {address} ended the placement without an answer")
 
     async def _call(
         self, address: str, op: Op, body: Any, term: int | None, timeout: float = 10.0

@@ -41,6 +41,7 @@ class Op(enum.IntEnum):
     STREAM = 3
     LOAD = 4
     CANCEL = 5
+    PLACE = 6
 
 
 class Kind(enum.IntEnum):

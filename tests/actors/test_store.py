@@ -26,3 +26,17 @@ def test_the_store_uses_write_ahead_logging(tmp_path: Path) -> None:
     mode = sqlite3.connect(tmp_path / "s.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     store.close()
+
+
+def test_the_term_and_generation_survive_a_reopen(tmp_path: Path) -> None:
+    from actors.store import TermStore
+
+    store = StateStore(tmp_path / "s.db")
+    assert TermStore(store).load() == 0
+    TermStore(store).save(7)
+    assert store.next_generation() == 1
+    store.close()
+    reopened = StateStore(tmp_path / "s.db")
+    assert TermStore(reopened).load() == 7
+    assert reopened.next_generation() == 2
+    reopened.close()

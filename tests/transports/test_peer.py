@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 import zmq
@@ -43,7 +43,9 @@ class Handler:
             raise ModelNotFound(f"model {req.model!r} is not here")
         return InferResult(req.prompt or "", 1, 1, "length", 1.0, "v1")
 
-    async def peer_infer_stream(self, req: InferRequest) -> AsyncIterator[TokenChunk | InferResult]:
+    async def peer_infer_stream(
+        self, req: InferRequest
+    ) -> AsyncGenerator[TokenChunk | InferResult, None]:
         try:
             for i in range(1_000_000 if req.model == "slow" else 3):
                 yield TokenChunk(f"t{i} ")
@@ -51,6 +53,9 @@ class Handler:
             yield InferResult("t0 t1 t2 ", 3, 1, "length", 1.0, "v1")
         finally:
             self.closed.set()
+
+    async def peer_place(self, model: str) -> str:
+        return f"holder-of-{model}"
 
     async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo:
         self.loads.append((req.name, term))
@@ -120,6 +125,7 @@ async def test_a_load_carries_the_primarys_term(
     handler, server, client = served
     await client.load(f"127.0.0.1:{server.port}", LoadRequest(name="x"), term=7, timeout=5)
     assert handler.loads == [("x", 7)]
+    assert await client.place(f"127.0.0.1:{server.port}", "m", timeout=5) == "holder-of-m"
 
 
 async def test_a_dead_peer_is_reported_unavailable_quickly() -> None:

@@ -404,7 +404,6 @@ async def test_a_client_hanging_up_mid_stream_stops_the_generation(
     generated = metric("moc_inference_tokens_generated_total", model=MODEL) - tokens_before
     assert generated < LONG, "the worker generated the whole stream for nobody"
     assert metric("moc_http_streams_closed_by_client_total") == closed_before + 1
-    # Not at once: a finished request frees its slot a loop turn late (the xfail test below).
     await wait_for(lambda: served.in_flight() == 0)
 
 
@@ -440,17 +439,11 @@ async def test_past_the_bulkhead_requests_get_503_or_overloaded_until_the_stream
 
         async with session.post(f"{served.url}/v1/completions", json=body) as resp:
             assert resp.status == 200
-    await wait_for(lambda: served.in_flight() == 0)  # see the xfail test below
+    await wait_for(lambda: served.in_flight() == 0)
     reply = await zcall(zctx, served, request("infer", infer_payload(), "after"))
     check_envelope(reply, "after", success=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="moc_node/node.py Node.infer returns from inside `async for` over _run, leaving the "
-    "generator suspended: its bulkhead slot is freed, and the request counted, only when the "
-    "abandoned generator is finalized, and then as 'cancelled' (GeneratorExit at its last yield)",
-)
 async def test_a_finished_inference_has_freed_its_slot_and_counts_as_a_success(
     start_node: StartNode,
 ) -> None:

@@ -1,0 +1,337 @@
+"""Join a Node to the cluster: gossip its state, route requests to peers, serve peers' requests.
+
+Decisions come from `cluster.routing` (pure); this module only gathers the inputs, acts on the
+answer and moves requests over the peer RPC. A request is forwarded at most once: requests that
+arrive from a peer are always served locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+from actors.errors import InsufficientMemory, MocError, ModelAlreadyLoaded, ModelNotFound
+from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
+from cluster.config import ClusterConfig
+from cluster.election import TermStore
+from cluster.keyring import Keyring
+from cluster.meta import DeviceMeta, ModelMeta, NodeMeta
+from cluster.routing import ClusterMember, Route, RouteKind, choose_load_target, route, takes_work
+from cluster.runner import ClusterRunner
+from transports.peer import PeerClient, PeerServer
+from transports.peer_wire import PeerUnavailable
+
+if TYPE_CHECKING:
+    from moc_node.node import Node
+
+log = logging.getLogger(__name__)
+
+StreamItem = TokenChunk | InferResult
+
+
+class StaleTerm(MocError):
+    """A placement command carried an older term than this node has seen: a deposed primary."""
+
+    code = "stale_term"
+
+
+class NoPrimary(MocError):
+    """No primary is known (this side of a partition has no majority): nothing can be placed."""
+
+    code = "no_primary"
+
+
+class ClusterLink:
+    """The node's membership in the cluster and its peer RPC, client and server."""
+
+    def __init__(
+        self,
+        node: Node,
+        config: ClusterConfig,
+        *,
+        name: str,
+        keyring: Keyring,
+        term_store: TermStore,
+        generation: int,
+        http_port: int,
+        zmq_port: int,
+        request_timeout: float = 120.0,
+    ) -> None:
+        self.node = node
+        self.config = config
+        self.name = name
+        self._generation = generation
+        self._http_port = http_port
+        self._zmq_port = zmq_port
+        self._timeout = request_timeout
+        self.runner = ClusterRunner(config, name, keyring, term_store, self._meta)
+        host = config.bind.rsplit(":", 1)[0]
+        self.server = PeerServer(self, keyring, host=host, port=config.peer_port)
+        self.client = PeerClient(keyring, ack_timeout=max(0.5, 4 * config.probe_timeout_s))
+        self._placing: dict[str, asyncio.Future[str]] = {}
+        advertised = (config.advertise or config.bind).rsplit(":", 1)[0]
+        # Peers dial this host for the HTTP, ZMQ and peer ports; a wildcard bind needs advertise.
+        self._host = "127.0.0.1" if advertised in ("", "0.0.0.0") else advertised
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.runner.start()
+
+    async def leave(self, timeout: float = 2.0) -> None:
+        """Tell the peers this node is leaving (they stop routing to it), before draining."""
+        await self.runner.leave(timeout)
+
+    async def stop(self) -> None:
+        await self.runner.stop()
+        self.client.close()
+        await self.server.stop()
+
+    def _meta(self) -> NodeMeta:
+        """This node's state as gossiped metadata (devices, models, queues, addresses)."""
+        host = self._host
+        models = self.node.models()
+        return NodeMeta(
+            devices=tuple(
+                DeviceMeta(d.label, int(d.total_mb), int(d.free_mb), int(d.claimed_mb))
+                for d in self.node.devices()
+            ),
+            loaded=tuple(
+                ModelMeta(m.name, m.in_flight + m.queued) for m in models if m.state == "loaded"
+            ),
+            loading=tuple(m.name for m in models if m.state == "loading"),
+            zmq=f"{host}:{self._zmq_port}",
+            http=f"{host}:{self._http_port}",
+            peer=f"{host}:{self.server.port}",
+            generation=self._generation,
+            leaving=self.node.draining,
+        )
+
+    # -- routing (called by the Node for requests from its own clients) -------------------
+
+    def members(self) -> list[ClusterMember]:
+        return self.runner.members()
+
+    def route(self, model: str) -> Route:
+        return route(self.members(), model, self.name)
+
+    def holds_elsewhere(self, model: str) -> bool:
+        """Return whether a peer (alive, not leaving) holds `model`."""
+        return self.route(model).kind == RouteKind.FORWARD
+
+    async def serve_remote(
+        self, req: InferRequest, *, stream: bool
+    ) -> AsyncGenerator[StreamItem, None]:
+        """Serve a request for a model this node does not hold: forward, or place then forward."""
+        decision = self.route(req.model)
+        if decision.kind == RouteKind.WAIT:
+            decision = await self._await_load(req.model, decision)
+        if decision.kind == RouteKind.LOAD:
+            holder = await self._place(req.model)
+            decision = Route(RouteKind.FORWARD, (holder,))
+        if decision.nodes == (self.name,):
+            async with contextlib.aclosing(self.node.serve_local(req, stream=stream)) as items:
+                async for item in items:
+                    yield item
+            return
+        async with contextlib.aclosing(self._forward(req, decision.nodes, stream=stream)) as items:
+            async for item in items:
+                yield item
+
+    async def _forward(
+        self, req: InferRequest, holders: tuple[str, ...], *, stream: bool
+    ) -> AsyncGenerator[StreamItem, None]:
+        """Send to the first holder that acknowledges; one that fails before answering is
+        replaced by the next (tenacity), one that fails later ends the request with its error."""
+        candidates = [h for h in holders if h != self.name] or list(holders)
+        order = iter(candidates)
+        started = False
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(PeerUnavailable),
+            stop=stop_after_attempt(len(candidates)),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                holder = next(order)
+                address = self._peer_address(holder)
+                if not stream:
+                    result = await self.client.infer(address, req, timeout=self._timeout)
+                    started = True
+                    yield result
+                    return
+                async with contextlib.aclosing(
+                    self.client.stream(address, req, timeout=self._timeout)
+                ) as items:
+                    async for item in items:
+                        started = True
+                        yield item
+                return
+        assert started
+
+    def _peer_address(self, name: str) -> str:
+        member = self.runner.member(name)
+        if member is None or member.meta is None or not member.meta.peer:
+            raise PeerUnavailable(f"node {name} is not known or has no peer address")
+        return member.meta.peer
+
+    async def _await_load(self, model: str, decision: Route) -> Route:
+        """Wait (with the request timeout) for a peer's load in progress, then route again."""
+        deadline = time.monotonic() + self._timeout
+        while decision.kind == RouteKind.WAIT and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling the gossiped state with a deadline
+            decision = self.route(model)
+        return decision
+
+    async def _place(self, model: str) -> str:
+        """Ask the primary where `model` goes (one load cluster-wide); return the holder."""
+        primary = self.runner.primary()
+        if primary is None:
+            if self.node.in_catalog(model):
+                log.info("no primary: loading %s locally", model)
+                return self.name
+            raise NoPrimary(
+                f"model {model!r} is loaded nowhere and no primary can place it "
+                "(this side of the cluster has no majority)"
+            )
+        name, _term = primary
+        if name == self.name:
+            return await self.peer_place(model)
+        return await self.client.place(self._peer_address(name), model, timeout=self._timeout)
+
+    # -- the peer RPC handler: requests from other nodes ----------------------------------
+
+    async def peer_infer(self, req: InferRequest) -> InferResult:
+        async with contextlib.aclosing(self.node.serve_local(req, stream=False)) as items:
+            async for item in items:
+                if isinstance(item, InferResult):
+                    return item
+        raise MocError("the model ended the request without a result")
+
+    def peer_infer_stream(self, req: InferRequest) -> AsyncGenerator[StreamItem, None]:
+        return self.node.serve_local(req, stream=True)
+
+    async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo:
+        """Load on the primary's command, refusing commands from a deposed primary's term."""
+        if term is None or not self.runner.fence.admit(term):
+            raise StaleTerm(
+                f"placement of {req.name!r} carries term {term}, older than "
+                f"{self.runner.fence.highest}: refused"
+            )
+        try:
+            return await self.node.load(req)
+        except ModelAlreadyLoaded:
+            info = self.node.model_info(req.name)
+            assert info is not None
+            return info
+
+    async def peer_place(self, model: str) -> str:
+        """As the primary: have `model` loaded on the best node, once however many ask."""
+        running = self._placing.get(model)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._placing[model] = future
+        try:
+            holder = await self._place_once(model)
+            future.set_result(holder)
+            return holder
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it; no "never retrieved" warning
+            raise
+        finally:
+            del self._placing[model]
+
+    async def _place_once(self, model: str) -> str:
+        decision = self.route(model)
+        if decision.kind in (RouteKind.LOCAL, RouteKind.FORWARD):
+            return decision.nodes[0]
+        if decision.kind == RouteKind.WAIT:
+            decision = await self._await_load(model, decision)
+            if decision.kind in (RouteKind.LOCAL, RouteKind.FORWARD):
+                return decision.nodes[0]
+        if not self.runner.is_primary():
+            raise NoPrimary("this node is no longer the primary: ask again")
+        term = self.runner.election.term
+        need = self.node.estimate_mb(model) or 0.0
+        tried: set[str] = set()
+        while True:
+            members = [m for m in self.members() if takes_work(m)]
+            target = choose_load_target(int(need), members, exclude=tried)
+            if target is None:
+                raise InsufficientMemory(
+                    f"model {model!r} needs about {need:.0f} MiB and no node has a device "
+                    f"with that much free (tried: {', '.join(sorted(tried)) or 'none'})"
+                )
+            tried.add(target.node)
+            log.info("placing %s on %s/%s (term %d)", model, target.node, target.device, term)
+            try:
+                if target.node == self.name:
+                    await self.peer_load(LoadRequest(name=model), term)
+                else:
+                    address = self._peer_address(target.node)
+                    await self.client.load(address, LoadRequest(name=model), term, self._timeout)
+                return target.node
+            except (ModelNotFound, PeerUnavailable, InsufficientMemory) as exc:
+                log.info(
+                    "placing %s on %s failed (%s); trying another node", model, target.node, exc
+                )
+
+    # -- the view ---------------------------------------------------------------------------
+
+    def view(self) -> dict[str, object]:
+        """The /cluster document: members, primary and term, who holds which model."""
+        primary = self.runner.primary()
+        members = []
+        holders: dict[str, list[str]] = {}
+        for m in sorted(self.members(), key=lambda m: m.name):
+            meta = m.meta
+            for model in meta.loaded if meta is not None else ():
+                holders.setdefault(model.name, []).append(m.name)
+            members.append(
+                {
+                    "name": m.name,
+                    "state": "leaving"
+                    if meta is not None and meta.leaving and m.state.name == "ALIVE"
+                    else m.state.name.lower(),
+                    "incarnation": m.incarnation,
+                    "address": f"{m.addr[0]}:{m.addr[1]}",
+                    "generation": meta.generation if meta else None,
+                    "http": meta.http if meta else None,
+                    "devices": [
+                        {
+                            "name": d.name,
+                            "total_mb": d.total_mb,
+                            "free_mb": d.free_mb,
+                            "claimed_mb": d.claimed_mb,
+                            "used_mb": d.total_mb - d.free_mb,
+                        }
+                        for d in (meta.devices if meta else ())
+                    ],
+                    "models": [
+                        {"name": x.name, "state": "loaded", "queued": x.queue}
+                        for x in (meta.loaded if meta else ())
+                    ]
+                    + [
+                        {"name": x, "state": "loading", "queued": 0}
+                        for x in (meta.loading if meta else ())
+                    ],
+                }
+            )
+        return {
+            "enabled": True,
+            "self": self.name,
+            "primary": None if primary is None else {"name": primary[0], "term": primary[1]},
+            "term": self.runner.term,
+            "members": members,
+            "models": holders,
+            "dropped": self.runner.dropped(),
+        }
