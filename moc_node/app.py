@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import prometheus_client
 import pykka
 
 from actors.config import CatalogEntry
@@ -29,8 +30,9 @@ from actors.resilience import BulkheadRegistry
 from actors.store import StateStore, TermStore
 from actors.ticker import Ticker
 from cluster.keyring import Keyring, read_key_file
+from cluster.runner import ClusterRunner
 from moc_node.cluster_link import ClusterLink
-from moc_node.config import Config, load_config
+from moc_node.config import Config, ConfigError, load_config
 from moc_node.node import Node
 from moc_node.sdnotify import Notifier, watchdog
 from moc_node.services import Services, learning_output_dir, start_services
@@ -66,11 +68,7 @@ class Runtime:
         cluster = self.config.cluster
         if not cluster.enabled:
             return
-        if cluster.key_file:
-            keyring = read_key_file(cluster.key_file)
-        else:
-            log.warning("cluster without key_file: gossip and peer RPC are NOT authenticated")
-            keyring = Keyring(())
+        keyring = keyring_for(self.config)
         self.link = ClusterLink(
             self.node,
             cluster,
@@ -274,7 +272,56 @@ def _reload(runtime: Runtime, config_path: str | None, notifier: Notifier) -> No
     notifier.ready(f"reloaded: {len(config.models.catalog)} model(s) in the catalog")
 
 
-def run(config_path: str | None) -> int:
+def keyring_for(config: Config) -> Keyring:
+    """Read the cluster keys (or run unauthenticated, loudly, when none are configured)."""
+    if config.cluster.key_file:
+        return read_key_file(config.cluster.key_file)
+    log.warning("cluster without key_file: gossip and peer RPC are NOT authenticated")
+    return Keyring(())
+
+
+async def serve_witness(config: Config) -> int:
+    """Run only a voter: it gossips and votes in elections, never serves or holds models.
+
+    The third voter of a two-host cluster, so that one host plus the witness keep a majority
+    through a partition (see README, "Partitions").
+    """
+    name = config.cluster.name or config.node.name
+    if name not in config.cluster.voters:
+        log.warning("witness %s is not in [cluster] voters: it will not vote", name)
+    store = StateStore(config.node.state_path / "witness.db")
+    runner = ClusterRunner(
+        config.cluster,
+        name,
+        keyring_for(config),
+        TermStore(store),
+        registry=prometheus_client.REGISTRY,
+    )
+    notifier = Notifier()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await runner.start()
+    notifier.ready(f"witness {name} voting")
+    log.info("witness %s voting in the cluster", name)
+    try:
+        await stop.wait()
+        notifier.stopping()
+        await runner.leave(timeout=2.0)
+    finally:
+        await runner.stop()
+        store.close()
+        notifier.close()
+    return 0
+
+
+def run(config_path: str | None, *, witness: bool = False) -> int:
     """Load the config and serve until stopped (the `moc-node run` command)."""
+    if witness:
+        config = load_config(config_path)
+        if not config.cluster.enabled:
+            raise ConfigError("cluster.enabled: a witness needs [cluster] enabled = true")
+        return asyncio.run(serve_witness(config))
     config = with_demo_model(load_config(config_path))
     return asyncio.run(serve(config, config_path=config_path))

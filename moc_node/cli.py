@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a node in the foreground")
     run.add_argument("--config", help="TOML config file (defaults are embedded)")
     run.add_argument("--log-level", default=os.environ.get("MOC_LOG_LEVEL", "INFO"))
+    run.add_argument(
+        "--witness",
+        action="store_true",
+        help="only vote in primary elections (the third voter of a two-host cluster)",
+    )
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
@@ -51,6 +56,25 @@ def _parser() -> argparse.ArgumentParser:
     client("status", "show the node's health, devices and models").set_defaults(handler=_status)
     client("models", "list models and their state").set_defaults(handler=_models)
     client("cluster", "show the cluster: members, primary, models").set_defaults(handler=_cluster)
+    jobs = client("jobs", "list learning jobs, or submit / watch / cancel one")
+    jobs.add_argument(
+        "op", nargs="?", choices=["list", "submit", "watch", "cancel"], default="list"
+    )
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--type", dest="job_type", default="lora")
+    jobs.add_argument("--model", dest="model_name")
+    jobs.add_argument("--dataset", dest="dataset_path")
+    jobs.add_argument("--steps", type=int)
+    jobs.add_argument("--output-name")
+    jobs.set_defaults(handler=_jobs)
+    goals = client("goals", "list goals, or create / cancel one")
+    goals.add_argument("op", nargs="?", choices=["list", "create", "cancel"], default="list")
+    goals.add_argument("goal_id", nargs="?")
+    goals.add_argument("--title")
+    goals.add_argument("--priority", default="medium")
+    goals.add_argument("--model", dest="model_name")
+    goals.add_argument("--dataset", dest="dataset_path")
+    goals.set_defaults(handler=_goals)
     top = client("top", "watch the cluster live (Ctrl-C to quit)")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     top.add_argument("--iterations", type=int, default=0, help="stop after N refreshes (0: never)")
@@ -81,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     from moc_node.config import ConfigError
 
     try:
-        return run(args.config)
+        return run(args.config, witness=args.witness)
     except ConfigError as exc:
         print(f"moc-node: config error: {exc}", file=sys.stderr)
         return 2
@@ -193,6 +217,107 @@ def cluster_table(view: dict[str, Any]) -> Table:
 
 def _cluster(client: _Client, args: argparse.Namespace, console: Console) -> int:
     console.print(cluster_table(client.call("GET", "/cluster")))
+    return 0
+
+
+def _jobs(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    if args.op == "submit":
+        spec: dict[str, Any] = {
+            "job_type": args.job_type,
+            "model_name": args.model_name,
+            "dataset_path": args.dataset_path,
+            "training_params": {"steps": args.steps} if args.steps else {},
+        }
+        if args.output_name:
+            spec["output_name"] = args.output_name
+        job = client.call("POST", "/learning/jobs", spec)
+        console.print(f"job {job['job_id']} {job['status']}")
+        args.job_id = job["job_id"]
+        return _watch_job(client, args.job_id, console)
+    if args.op in ("watch", "cancel") and not args.job_id:
+        raise ClientError(f"jobs {args.op} needs a job id")
+    if args.op == "watch":
+        return _watch_job(client, args.job_id, console)
+    if args.op == "cancel":
+        job = client.call("POST", f"/learning/jobs/{args.job_id}/cancel", {})
+        console.print(f"job {job['job_id']} {job['status']}")
+        return 0
+    table = Table(title="learning jobs")
+    for column in ("job", "type", "model", "status", "step", "loss", "output"):
+        table.add_column(column)
+    for j in client.call("GET", "/learning/jobs")["jobs"]:
+        loss = j.get("loss")
+        table.add_row(
+            j["job_id"],
+            j["job_type"],
+            j["model_name"],
+            j["status"],
+            f"{j.get('step', 0)}/{j.get('total_steps', '?')}",
+            "-" if loss is None else f"{loss:.3f}",
+            str(j.get("output_name") or ""),
+        )
+    console.print(table)
+    return 0
+
+
+def _watch_job(client: _Client, job_id: str, console: Console) -> int:
+    """Show a live progress bar until the job ends; exit 0 only if it completed."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"job {job_id}", total=1.0, info="")
+        while True:
+            job = client.call("GET", f"/learning/jobs/{job_id}")
+            loss = job.get("loss")
+            info = f"{job['status']} step {job.get('step', 0)}/{job.get('total_steps', '?')}"
+            if loss is not None:
+                info += f" loss {loss:.3f}"
+            progress.update(task, completed=float(job.get("progress") or 0.0), info=info)
+            if job["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.5)  # the refresh period of a terminal view
+    if job["status"] != "completed":
+        console.print(f"[red]job {job['status']}:[/red] {job.get('error') or ''}")
+        return 1
+    console.print(f"job completed: model {job.get('output_name')} is servable")
+    return 0
+
+
+def _goals(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    if args.op == "create":
+        body = {
+            "title": args.title or f"improve {args.model_name}",
+            "priority": args.priority,
+            "metadata": {"model_name": args.model_name, "dataset_path": args.dataset_path},
+        }
+        goal = client.call("POST", "/goals", body)
+        console.print(f"goal {goal['goal_id']} {goal['status']}")
+        return 0
+    if args.op == "cancel":
+        if not args.goal_id:
+            raise ClientError("goals cancel needs a goal id")
+        goal = client.call("POST", f"/goals/{args.goal_id}/cancel", {})
+        console.print(f"goal {goal['goal_id']} {goal['status']}")
+        return 0
+    table = Table(title="goals")
+    for column in ("goal", "title", "priority", "status", "step", "error"):
+        table.add_column(column)
+    for g in client.call("GET", "/goals")["goals"]:
+        table.add_row(
+            g["goal_id"],
+            g.get("title", ""),
+            str(g.get("priority")),
+            g["status"],
+            str(g.get("current_step", "")),
+            str(g.get("error") or ""),
+        )
+    console.print(table)
     return 0
 
 

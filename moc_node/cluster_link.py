@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
+import prometheus_client
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from actors.errors import InsufficientMemory, MocError, ModelAlreadyLoaded, ModelNotFound
@@ -70,7 +71,9 @@ class ClusterLink:
         self._http_port = http_port
         self._zmq_port = zmq_port
         self._timeout = request_timeout
-        self.runner = ClusterRunner(config, name, keyring, term_store, self._meta)
+        self.runner = ClusterRunner(
+            config, name, keyring, term_store, self._meta, registry=prometheus_client.REGISTRY
+        )
         host = config.bind.rsplit(":", 1)[0]
         self.server = PeerServer(self, keyring, host=host, port=config.peer_port)
         self.client = PeerClient(keyring, ack_timeout=max(0.5, 4 * config.probe_timeout_s))

@@ -99,20 +99,27 @@ async def test_bad_job_specs_and_incomplete_legacy_goals_are_refused_naming_what
     api: tuple[Runtime, str, Path],
 ) -> None:
     _, url, data = api
-    status, body = await call("POST", url + "/learning/jobs", {"job_type": "dream", "model_name": "a"})
+    status, body = await call(
+        "POST", url + "/learning/jobs", {"job_type": "dream", "model_name": "a"}
+    )
     assert status == 400 and "job_type" in json.dumps(body)
     status, body = await call(
-        "POST", url + "/learning/jobs",
+        "POST",
+        url + "/learning/jobs",
         {"job_type": "lora", "model_name": "a", "dataset_path": "/etc/passwd"},
     )
     assert status in (400, 403), body
-    status, body = await call("POST", url + "/goals", {"title": "t", "metadata": {"model_name": "a"}})
+    status, body = await call(
+        "POST", url + "/goals", {"title": "t", "metadata": {"model_name": "a"}}
+    )
     assert status == 400 and "dataset_path" in json.dumps(body)
     status, body = await call("GET", url + "/learning/jobs/nope")
     assert status == 404
 
 
-async def test_a_legacy_goal_trains_evaluates_gates_and_deploys(api: tuple[Runtime, str, Path]) -> None:
+async def test_a_legacy_goal_trains_evaluates_gates_and_deploys(
+    api: tuple[Runtime, str, Path],
+) -> None:
     runtime, url, data = api
     goal = {
         "title": "teach a about cats",
@@ -136,3 +143,32 @@ async def test_a_legacy_goal_trains_evaluates_gates_and_deploys(api: tuple[Runti
     assert done["status"] == "completed", done.get("error")
     deployed = [m.name for m in runtime.node.models() if m.state == "loaded" and "@goal-" in m.name]
     assert deployed, "the gated candidate was not deployed"
+
+
+async def test_the_cli_submits_watches_and_lists_jobs_and_goals(
+    api: tuple[Runtime, str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moc_node.cli import main
+
+    _, url, data = api
+    loop = asyncio.get_running_loop()
+    argv = [
+        "jobs",
+        "submit",
+        "--model",
+        "a",
+        "--dataset",
+        str(data / "text.jsonl"),
+        "--steps",
+        "6",
+        "--output-name",
+        "a-cli",
+        "--url",
+        url,
+    ]
+    assert await loop.run_in_executor(None, main, argv) == 0
+    assert "job completed: model a-cli is servable" in capsys.readouterr().out
+    assert await loop.run_in_executor(None, main, ["jobs", "--url", url]) == 0
+    assert "a-cli" in capsys.readouterr().out
+    assert await loop.run_in_executor(None, main, ["goals", "--url", url]) == 0
+    assert "goals" in capsys.readouterr().out
