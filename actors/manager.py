@@ -79,20 +79,36 @@ class ModelBoard:
         self._lock = threading.Lock()
         self._models: dict[str, ModelInfo] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._actors: dict[str, pykka.ActorRef[Any]] = {}
         self.changed = threading.Condition(self._lock)
 
-    def put(self, info: ModelInfo, breaker: CircuitBreaker | None) -> None:
+    def put(
+        self,
+        info: ModelInfo,
+        breaker: CircuitBreaker | None,
+        actor: pykka.ActorRef[Any] | None = None,
+    ) -> None:
         with self._lock:
             self._models[info.name] = info
             if breaker is not None:
                 self._breakers[info.name] = breaker
+            if info.state == "loaded" and actor is not None:
+                self._actors[info.name] = actor
+            else:
+                self._actors.pop(info.name, None)
             self.changed.notify_all()
 
     def remove(self, name: str) -> None:
         with self._lock:
             self._models.pop(name, None)
             self._breakers.pop(name, None)
+            self._actors.pop(name, None)
             self.changed.notify_all()
+
+    def actor(self, name: str) -> pykka.ActorRef[Any] | None:
+        """Return the actor of a loaded model: requests to it need not ask the manager."""
+        with self._lock:
+            return self._actors.get(name)
 
     def snapshot(self, now: float) -> list[ModelInfo]:
         with self._lock:
@@ -540,7 +556,7 @@ class ModelManager(pykka.ThreadingActor):
     def _publish(self, name: str) -> None:
         slot = self._slots.get(name)
         if slot is not None:
-            self._deps.board.put(self._info(slot), slot.breaker)
+            self._deps.board.put(self._info(slot), slot.breaker, slot.actor)
 
 
 def _backend_for(path: Path) -> Backend:

@@ -90,6 +90,10 @@ class ElectionCounters:
     renewals_failed: int = 0
 
 
+WINDOWS_KEPT = 1000
+"""Acting windows remembered for audits and tests (one per renewal, so bounded)."""
+
+
 def majority(n_voters: int) -> int:
     """Return how many voters make a majority."""
     return n_voters // 2 + 1
@@ -126,6 +130,7 @@ class Election:
         self._lease_until = 0.0  # end of our acting window
         self._next_attempt = now + rng.random() * config.election_retry_s
         self._next_renew = float("inf")
+        self._won_term = False
         self.windows: list[tuple[float, float, int]] = []
         """(start, end, term) of every acting window obtained, for tests and audits."""
 
@@ -200,9 +205,14 @@ class Election:
         self._next_attempt = now + self.config.election_retry_s * (1 + self.rng.random())
         if self.candidate() != self.name:
             return out
-        # Our own vote (cast first, in _send_round) records the new term durably.
-        term = self._highest + 1
+        # Our own vote (cast first, in _send_round) records the new term durably. A round that
+        # found no majority is retried with the same term while nobody has gone higher, so a
+        # candidate cut off from the voters does not inflate the term on every retry (safe: a
+        # voter grants one term to one candidate only).
+        retry_same = self._term > 0 and self._term == self._highest and not self._won_term
+        term = self._term if retry_same else self._highest + 1
         self._term = term
+        self._won_term = False
         self.counters.elections_started += 1
         self._send_round(term, now, out)
         return out
@@ -253,9 +263,16 @@ class Election:
         return LeaseReply(self._highest, self.name, req.candidate, req.seq, ok)
 
     def _on_reply(self, rep: LeaseReply, now: float) -> None:
-        if rep.term > self._term and not rep.granted:
-            # A newer term exists: whoever holds it will win once grants allow.
+        if rep.term > self._term:
+            # A newer term exists. Fences everywhere will refuse our older term, so acting on it
+            # is useless: stop now, and stand again (above it) at the next tick.
             self._observe(rep.term)
+            if self.is_primary(now):
+                self._lease_until = now
+                self._next_renew = float("inf")
+                self._next_attempt = now
+            self._round = None
+            return
         r = self._round
         if r is None or rep.candidate != self.name or rep.seq != r.seq or not rep.granted:
             return
@@ -270,7 +287,9 @@ class Election:
                 self.counters.elections_won += 1
                 self._next_renew = r.sent + self.config.lease_renew_s
             self._lease_until = end
+            self._won_term = True
             self.windows.append((now, end, r.term))
+            del self.windows[:-WINDOWS_KEPT]
 
     def _observe(self, term: int) -> None:
         if term > self._highest:

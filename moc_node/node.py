@@ -468,7 +468,10 @@ class Node:
     async def _submit(self, model: str, job: InferJob) -> None:
         """Hand the job to the model's actor, loading the model first if it is cold."""
         for attempt in range(2):
-            ref = await self._acquire(LoadRequest(name=model))
+            # Fast path: a loaded model's actor is on the board; only cold ones ask the manager.
+            ref = self._board.actor(model) if attempt == 0 else None
+            if ref is None:
+                ref = await self._acquire(LoadRequest(name=model))
             try:
                 self._proxy(ref).infer(job)
                 return

@@ -1,12 +1,9 @@
 """The fence the runner hands out must admit the acting primary's commands.
 
-Known failure, reported against `cluster/election.py` (not owned here): a candidate that cannot
-win (the cut-off side of a partition, or the lowest-named voter after a heal while another
-primary renews) bumps and persists its term on every retry through its own vote, and the acting
-primary keeps renewing its older term after replies tell it of a newer one. Every node's fence
-then sits at the inflated term and refuses the acting primary's commands. The simulator shows
-it deterministically; the test turns green when the election steps down on a higher term (or
-uses a pre-vote).
+A candidate that cannot win (the cut-off side of a partition) used to bump its term on every
+retry, and the acting primary kept renewing an older term after replies told it of a newer one:
+every fence then refused the primary's placements. Now a failed round is retried with the same
+term, and a primary that learns of a newer term steps down and stands again above it.
 """
 
 from __future__ import annotations
@@ -14,17 +11,11 @@ from __future__ import annotations
 import dataclasses
 import random
 
-import pytest
-
 from cluster.config import local
 from cluster.election import Election, Fence, MemoryTermStore
 from tests.cluster.sim import Sim
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="election.py: failed candidacies inflate the term; the primary does not step down",
-)
 def test_after_a_partition_heals_every_fence_admits_the_acting_primarys_term() -> None:
     cfg = dataclasses.replace(local(), voters=("n0", "n1", "n2"))
     sim = Sim(cfg, seed=3)
