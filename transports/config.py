@@ -1,17 +1,14 @@
 """The `[server]` section: where the transports listen and how much they accept.
 
-One frozen dataclass; `moc_node`'s config loader composes it. `from_mapping` turns the TOML table
-into a `ServerConfig`, naming the key of the first bad value, so the loader can stop the start with
-one line.
+One frozen dataclass; `moc_node`'s config loader composes it and checks the types; the values
+are checked here, each error naming its key, so a bad file stops the start with one line.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 SECTION = "server"
 
@@ -127,61 +124,6 @@ class ServerConfig:
         """True when a key list or key file is set, so requests need a key."""
         return bool(self.api_keys) or self.api_key_file is not None
 
-
-_INT_FIELDS = {
-    "zmq_port",
-    "rest_port",
-    "max_workers",
-    "max_pending",
-    "max_body_bytes",
-    "max_frame_bytes",
-    "zmq_max_msg_bytes",
-}
-_FLOAT_FIELDS = {
-    "request_timeout_s",
-    "load_timeout_s",
-    "body_read_timeout_s",
-    "stream_write_timeout_s",
-    "shutdown_timeout_s",
-}
-_STR_LIST_FIELDS = {"api_keys", "open_paths"}
-
-
-def from_mapping(data: Mapping[str, Any]) -> ServerConfig:
-    """Build a ServerConfig from a TOML `[server]` table; unknown keys and bad types raise."""
-    known = {f.name for f in fields(ServerConfig)}
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(f"{SECTION}.{key}: unknown key")
-        values[key] = _coerce(key, value)
-    try:
-        return ServerConfig(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{SECTION}.{exc}") from None
-
-
-def _coerce(key: str, value: Any) -> Any:
-    where = f"{SECTION}.{key}"
-    if key in _INT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if key in _FLOAT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number of seconds, got {value!r}")
-        return float(value)
-    if key in _STR_LIST_FIELDS:
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings")
-        return tuple(value)
-    if key == "api_key_file":
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a path string")
-        return value or None
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
 
 
 def load_api_keys(config: ServerConfig) -> frozenset[str]:

@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from transports.config import ConfigError, ServerConfig, from_mapping, load_api_keys
+from moc_node.config import ConfigError as LoadError
+from moc_node.config import build
+from transports.config import ConfigError, ServerConfig, load_api_keys
+
+
+def from_mapping(table: dict[str, Any]) -> ServerConfig:
+    config: ServerConfig = build(ServerConfig, table, "server")
+    return config
 
 
 def test_the_defaults_keep_the_legacy_ports_and_worker_count() -> None:
@@ -47,7 +54,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
 def test_a_bad_value_stops_the_start_with_a_message_naming_the_key(
     table: dict[str, Any], start: str
 ) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(LoadError) as caught:
         from_mapping(table)
     assert str(caught.value).startswith(start)
 
