@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_log import AccessLogger
 
 from actors.errors import InvalidRequest, MocError, ModelNotFound, RequestTimeout
 from actors.types import InferRequest, InferResult, TokenChunk
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+COUNTED_KEY = web.RequestKey("counted", bool)
+"""Set on every request the metrics middleware counts; `RefusalCounter` counts the others."""
 DISPATCHER_KEY = web.AppKey("dispatcher", Dispatcher)
 CONFIG_KEY = web.AppKey("config", ServerConfig)
 OPENAI_PREFIX = "/v1/"
@@ -106,6 +110,7 @@ def build_app(
 @web.middleware
 async def _metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     t0 = time.perf_counter()
+    request[COUNTED_KEY] = True
     status = 500
     gauge = IN_FLIGHT.labels(transport="http")
     gauge.inc()
@@ -123,7 +128,42 @@ async def _metrics_middleware(request: web.Request, handler: Handler) -> web.Str
         gauge.dec()
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        record_http(request.method, route, status, time.perf_counter() - t0)
+        record_http(method_label(request.method), route, status, time.perf_counter() - t0)
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+UNPARSED_ROUTE = "unparsed"
+"""Route label of requests refused by aiohttp's parser (bad request line, headers too long)."""
+
+
+def method_label(method: str) -> str:
+    """Name the method for metrics without letting a client invent label values."""
+    return method if method in METHODS else "other"
+
+
+class RefusalCounter(AbstractAccessLogger):
+    """Count the requests aiohttp refuses before the app sees them; write the access log.
+
+    aiohttp answers a malformed request (request line, method token, headers too large) with 400
+    from its protocol handler, bypassing the middlewares; its access log hook still sees it, so
+    every answer is counted in `moc_rest_requests_total`, refusals included.
+    """
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self._access = AccessLogger(logger, log_format)
+
+    @property
+    def enabled(self) -> bool:
+        """Return True: counting must not depend on the access log's level."""
+        return True
+
+    def log(self, request: Any, response: web.StreamResponse, time: float) -> None:
+        """Count `request` unless the middleware did, then log it if access logging is on."""
+        if not request.get(COUNTED_KEY):
+            record_http(method_label(request.method), UNPARSED_ROUTE, response.status, time)
+        if self._access.enabled:
+            self._access.log(request, response, time)
 
 
 @web.middleware
@@ -595,7 +635,10 @@ class HttpServer:
         # handler_cancellation: a client that hangs up cancels its handler, which closes the
         # node's stream or cancels the inference instead of generating for nobody.
         runner = web.AppRunner(
-            self.app, handler_cancellation=True, shutdown_timeout=self._config.shutdown_timeout_s
+            self.app,
+            handler_cancellation=True,
+            shutdown_timeout=self._config.shutdown_timeout_s,
+            access_log_class=RefusalCounter,
         )
         await runner.setup()
         site = web.TCPSite(runner, self._config.host, self._config.rest_port)
