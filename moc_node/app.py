@@ -222,7 +222,8 @@ async def serve(
     try:
         for front in fronts:  # up first, so /ready answers 503 while models are restored
             await front.start()
-        notifier.status("joining the cluster")
+        if config.cluster.enabled:
+            notifier.status("joining the cluster")
         await runtime.join_cluster(_port(fronts, "HttpServer"), _port(fronts, "ZmqServer"))
         notifier.status("restoring models")
         await runtime.node.start()

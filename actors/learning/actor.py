@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
@@ -44,9 +44,10 @@ from actors.learning.errors import (
 )
 from actors.learning.gguf_io import read_params
 from actors.learning.jobs import FINAL, JobStore, queue_order
-from actors.learning.runner import JobContext, JobResult, run_job
 from actors.learning.spec import parse_spec
-from actors.learning.trainers import estimate_memory_mb
+
+if TYPE_CHECKING:
+    from actors.learning.runner import JobResult
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ class LearningActor(pykka.ThreadingActor):
                 self._resolve_checked("training_params.teacher", job.params.teacher)
             )
         params = _model_params(base)
+        from actors.learning.trainers import estimate_memory_mb  # torch: imported on first use
+
         memory = estimate_memory_mb(params, job.job_type, job.params, teacher)
         job_id = uuid.uuid4().hex[:12]
         output = job.output_name or f"{job.model_name}@{job_id}"
@@ -272,6 +275,8 @@ class LearningActor(pykka.ThreadingActor):
         self._store.mark_running(job_id, self._clock())
         job = self._store.get(job_id, history=False)
         assert job is not None
+        from actors.learning.runner import JobContext, run_job  # torch: on first job only
+
         run = _Running(thread=threading.Thread(), started=time.monotonic())
         ctx = JobContext(
             job=job,
