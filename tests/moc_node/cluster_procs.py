@@ -30,15 +30,25 @@ KEY = "6d6f632d6e6f64652d746573742d6b65792d3332"
 
 
 def free_ports(n: int) -> list[int]:
-    """Return n distinct ports that were free on loopback (UDP and TCP use the same numbers)."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """Return n distinct ports free on loopback for both UDP and TCP (gossip uses both)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            socks.append(udp)
+            port = udp.getsockname()[1]
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(tcp)
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken for TCP: keep both held so the next pick differs
+            ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
     return ports
 
 
