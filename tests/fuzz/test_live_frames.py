@@ -37,7 +37,8 @@ from moc_node.app import Runtime, build_runtime
 from tests.moc_node.conftest import make_config
 from tests.transports.conftest import test_config
 from transports import zmq_legacy as zl
-from transports.dispatch import BadFrame
+from transports.config import ServerConfig
+from transports.dispatch import ACTIONS, NOT_YET, BadFrame
 from transports.http import METHODS, UNPARSED_ROUTE, HttpServer
 from transports.zmq_legacy import ZmqServer
 
@@ -59,6 +60,7 @@ class Served:
     runtime: Runtime
     http: HttpServer
     zmq: ZmqServer
+    config: ServerConfig
 
 
 @pytest.fixture
@@ -77,7 +79,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     await zmq_server.start()
     try:
         await runtime.node.start()
-        yield Served(runtime, http, zmq_server)
+        yield Served(runtime, http, zmq_server, config.server)
     finally:
         await http.stop()
         await zmq_server.stop()
@@ -227,7 +229,7 @@ async def test_random_and_mutated_zmq_frames_are_answered_counted_and_do_not_dis
     bad = good = 0
     try:
         # One frame over the size limit (below libzmq's hard ceiling, so it is read and answered).
-        too_large = await over_req(b"{" + b" " * served.zmq._config.max_frame_bytes + b"}")
+        too_large = await over_req(b"{" + b" " * served.config.max_frame_bytes + b"}")
         assert too_large["error_code"] == "too_large"
         answered[False] += 1
         for i in range(ZMQ_FRAMES):
@@ -263,6 +265,8 @@ async def test_random_and_mutated_zmq_frames_are_answered_counted_and_do_not_dis
     assert sum(n for outcome, n in delta.items() if outcome != "ok") == answered[False]
     assert answered[False] >= bad > ZMQ_FRAMES // 2  # the stream was mostly garbage
     assert good == ZMQ_FRAMES // (GOOD_EVERY + 1)
+    for labels in label_sets("moc_zmq_requests_total"):
+        assert labels["action"] in {*ACTIONS, *NOT_YET, zl.NO_ACTION, zl.UNKNOWN_ACTION}
     assert worker_pid(served) == pid  # the model's worker never crashed or restarted
     assert served.runtime.node.health().status != "unhealthy"
 
