@@ -101,6 +101,9 @@ def _run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # aiohttp logs each malformed request with a traceback: junk from anyone would flood the
+    # log. Refusals are answered and counted in moc_rest_requests_total instead.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     from moc_node.app import run
     from moc_node.config import ConfigError
 
