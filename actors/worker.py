@@ -61,13 +61,20 @@ _WATCHDOG_S = 0.1
 _SEND_TIMEOUT_MS = 30_000  # a supervisor that takes no message for this long has abandoned us
 
 
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
+
+
 def rss_mb() -> float:
-    """Return this process's resident set size in MiB, from /proc/self/status."""
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("VmRSS missing from /proc/self/status")
+    """Return this process's resident set size in MiB.
+
+    Read from /proc/self/statm (one short line) rather than /proc/self/status: it is read after
+    every request, and parsing the longer file was a tenth of a one-token request's time.
+    """
+    fd = os.open("/proc/self/statm", os.O_RDONLY)
+    try:
+        return int(os.read(fd, 128).split()[1]) * _PAGE_MB
+    finally:
+        os.close(fd)
 
 
 def nvml_process_mb(device_index: int, pid: int) -> float | None:
