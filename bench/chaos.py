@@ -766,7 +766,7 @@ def under_load(nodes: Mapping[str, NodeProc], rate: float) -> Iterator[tuple[Loa
 def loopback_part(root: Path, args: argparse.Namespace, report: dict[str, Any]) -> Run:
     """Baseline, worker kill, node kill and SIGSTOP on a loopback cluster."""
     settle = 2.0 if args.quick else 15.0
-    learn = torch_available()
+    learn = torch_available() and not args.no_learning
     extra = LEARNING.format(data=write_dataset(root)) if learn else ""
     with start_cluster(root, extra=extra) as nodes:
         healthy(nodes)
@@ -788,7 +788,7 @@ def loopback_part(root: Path, args: argparse.Namespace, report: dict[str, Any]) 
         if learn:
             report["work"] = count_lost(nodes, made)
         else:
-            report["work"] = {"skipped": "torch is not installed"}
+            report["work"] = {"skipped": "--no-learning or torch not installed"}
     return Run(phases, outcomes, samples)
 
 
@@ -890,14 +890,24 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     ap.add_argument("--rate", type=float, default=30.0, help="requests per second, all nodes")
     ap.add_argument("--no-netns", action="store_true", help="skip the partition")
+    ap.add_argument("--partition-only", action="store_true", help="only the partition")
+    ap.add_argument("--no-learning", action="store_true", help="no jobs and goals")
+    ap.add_argument("--keep", metavar="DIR", help="keep configs and node logs under DIR")
     args = ap.parse_args()
     wall = time.monotonic()
     report: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="moc-chaos-") as tmp:
-        root = Path(tmp)
-        (root / "loop").mkdir()
-        rows += evaluate(loopback_part(root / "loop", args, report))
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            root = Path(args.keep)
+            root.mkdir(parents=True, exist_ok=True)
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moc-chaos-")))
+        if args.partition_only:
+            report["work"] = {"skipped": "--partition-only"}
+        else:
+            (root / "loop").mkdir()
+            rows += evaluate(loopback_part(root / "loop", args, report))
         reason = "skipped: --no-netns" if args.no_netns else netns_unavailable()
         if reason is None:
             (root / "ns").mkdir()
