@@ -27,7 +27,8 @@ to a "cluster" bridge (gossip, peer RPC) and one to a "control" bridge (the benc
 fault sets the target's cluster link down, so the bench still sees both sides. It needs root
 and `ip netns`; otherwise it is reported as skipped.
 
-Usage: python bench/chaos.py [--quick] [--json] [--rate R] [--no-netns]
+Usage: python bench/chaos.py [--quick] [--json] [--rate R] [--no-netns] [--partition-only]
+       [--no-learning] [--keep DIR]   (DIR keeps the configs and node logs for a post-mortem)
 """
 
 from __future__ import annotations
