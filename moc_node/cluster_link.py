@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -22,6 +23,7 @@ from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, Toke
 from cluster.config import ClusterConfig
 from cluster.election import TermStore
 from cluster.keyring import Keyring
+from cluster.messages import MemberState
 from cluster.meta import DeviceMeta, ModelMeta, NodeMeta
 from cluster.routing import ClusterMember, Route, RouteKind, choose_load_target, route, takes_work
 from cluster.runner import ClusterRunner
@@ -120,7 +122,11 @@ class ClusterLink:
     # -- routing (called by the Node for requests from its own clients) -------------------
 
     def members(self) -> list[ClusterMember]:
-        return self.runner.members()
+        """Return the members; this node's own entry with its live state, not its last gossip."""
+        members = self.runner.members()
+        return [
+            dataclasses.replace(m, meta=self._meta()) if m.name == self.name else m for m in members
+        ]
 
     def route(self, model: str) -> Route:
         return route(self.members(), model, self.name)
@@ -195,19 +201,41 @@ class ClusterLink:
 
     async def _place(self, model: str) -> str:
         """Ask the primary where `model` goes (one load cluster-wide); return the holder."""
-        primary = self.runner.primary()
+        primary = await self._await_primary()
         if primary is None:
+            if self._has_majority():
+                # A majority is here, so a primary is about to be elected: placing now would
+                # break "one load per model". The client retries shortly.
+                raise NoPrimary(f"no primary yet to place {model!r}: retry in a moment")
             if self.node.in_catalog(model):
-                log.info("no primary: loading %s locally", model)
+                log.info("no majority on this side: loading %s locally", model)
                 return self.name
             raise NoPrimary(
                 f"model {model!r} is loaded nowhere and no primary can place it "
-                "(this side of the cluster has no majority)"
+                "(this side of the cluster has no majority of the voters)"
             )
         name, _term = primary
         if name == self.name:
             return await self.peer_place(model)
         return await self.client.place(self._peer_address(name), model, timeout=self._timeout)
+
+    async def _await_primary(self) -> tuple[str, int] | None:
+        """Wait (about one lease and two election rounds) for a primary to be known."""
+        patience = self.config.lease_s + 2 * self.config.election_retry_s
+        deadline = time.monotonic() + patience
+        primary = self.runner.primary()
+        while primary is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling the election's state with a deadline
+            primary = self.runner.primary()
+        return primary
+
+    def _has_majority(self) -> bool:
+        """Return whether this node sees a majority of the voters alive (itself included)."""
+        voters = set(self.config.voters)
+        if not voters:
+            return False
+        alive = {m.name for m in self.members() if m.state == MemberState.ALIVE} | {self.name}
+        return len(voters & alive) > len(voters) // 2
 
     # -- the peer RPC handler: requests from other nodes ----------------------------------
 

@@ -125,7 +125,6 @@ class ServerConfig:
         return bool(self.api_keys) or self.api_key_file is not None
 
 
-
 def load_api_keys(config: ServerConfig) -> frozenset[str]:
     """Return every accepted key: the configured ones plus those of `api_key_file`."""
     keys = set(config.api_keys)

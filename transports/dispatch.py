@@ -120,6 +120,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "insufficient_memory": 507,
     "torch_missing": 501,
     "unsupported_model": 400,
+    # The cluster: a peer that did not answer, no primary yet, a deposed primary's command.
+    "peer_unavailable": 503,
+    "no_primary": 503,
+    "stale_term": 409,
 }
 
 # Retry hint for errors that carry none of their own (a draining node needs a few seconds).
@@ -151,6 +155,8 @@ def classify(exc: BaseException) -> ErrorReply:
         retry_after = exc.retry_after
     elif isinstance(exc, ShuttingDown):
         retry_after = SHUTDOWN_RETRY_AFTER_S
+    if status == 503 and retry_after is None:
+        retry_after = 1.0  # worth a retry soon: another holder, or a primary, will be there
     field = exc.field if isinstance(exc, InvalidRequest) else None
     return ErrorReply(status, exc.code, str(exc) or exc.code, field, retry_after)
 

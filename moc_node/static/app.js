@@ -28,10 +28,10 @@ function deviceBar(d) {
 
 function modelTable(models) {
   const table = el("table", {}, el("tr", {}, el("th", {}, "model"), el("th", {}, "state"),
-    el("th", {}, "in flight"), el("th", {}, "queued")));
+    el("th", {}, "queue")));
   for (const m of models) {
     table.append(el("tr", { class: "model" }, el("td", {}, m.name), el("td", {}, m.state),
-      el("td", {}, String(m.in_flight ?? 0)), el("td", {}, String(m.queued ?? 0))));
+      el("td", {}, String(m.queued ?? 0))));
   }
   return table;
 }
