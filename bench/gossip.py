@@ -15,7 +15,8 @@ instant; the figure is the time until the last node sees all 16 (alive or suspec
 memberlist's NumMembers counts; its integration-test anchor: 250 ms). Each process stamps the moment with CLOCK_MONOTONIC, which is
 system-wide, so no pipe latency is counted.
 
-Not measured here: forward_overhead_ms needs the node's peer RPC.
+Measured for real too: forward_overhead_ms, two nodes on loopback, a 1-token completion sent
+to the holder vs sent to a peer that forwards it.
 
 Usage: python -m bench.gossip [--quick] [--json] [--real-only]
 """
@@ -177,6 +178,35 @@ def join16(trials: int) -> list[float]:
         return [join_real(16, str(key)) for _ in range(trials)]
 
 
+def forward_overhead(requests: int) -> tuple[float, float]:
+    """Return p50 ms of 1-token completions sent to B directly and sent to A, forwarded to B.
+
+    Two real nodes on loopback; the model is loaded on B only, so A forwards every request over
+    the peer RPC. Requests alternate between the two paths so load affects both alike.
+    """
+    from tests.moc_node.cluster_procs import start_cluster, wait_until
+
+    direct: list[float] = []
+    forwarded: list[float] = []
+    body = {"model": "m", "prompt": "hi", "max_tokens": 1}
+    with (
+        tempfile.TemporaryDirectory(prefix="moc-forward-") as tmp,
+        start_cluster(Path(tmp), names=("node-a", "node-b")) as nodes,
+    ):
+        a, b = nodes["node-a"], nodes["node-b"]
+        status, _ = b.post("/models", {"model_name": "m"})
+        assert status == 201, status
+        wait_until(lambda: a.get("/cluster")["models"].get("m") == ["node-b"], 30, "gossip")
+        for i in range(requests + 20):
+            for node, out in ((b, direct), (a, forwarded)):
+                began = time.perf_counter()
+                status, _ = node.post("/v1/completions", body)
+                assert status == 200, status
+                if i >= 20:  # warm-up: connections, caches
+                    out.append((time.perf_counter() - began) * 1000)
+    return statistics.median(direct), statistics.median(forwarded)
+
+
 def main() -> None:
     """Run the benchmarks and print a table (and a JSON line with --json)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -193,6 +223,13 @@ def main() -> None:
         f"join of 16 real processes on loopback (local profile): median "
         f"{figures['join16_ms']} ms over {len(runs)} run(s), max {max(runs):.1f} ms "
         f"(memberlist anchor {MEMBERLIST_JOIN16_MS:.0f} ms)\n"
+    )
+    direct_ms, forwarded_ms = forward_overhead(100 if args.quick else 500)
+    figures["forward_overhead_ms"] = round(forwarded_ms - direct_ms, 2)
+    print(
+        f"forwarding: 1-token completion p50 {direct_ms:.2f} ms sent to the holder, "
+        f"{forwarded_ms:.2f} ms sent to a peer that forwards: +{forwarded_ms - direct_ms:.2f} ms "
+        "(goal +1 ms)\n"
     )
     if args.real_only:
         figures["wall_s"] = round(time.monotonic() - wall, 1)

@@ -21,7 +21,7 @@ Term persistence is the caller's: `TermStore.save` must be durable before it ret
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster.config import ClusterConfig
@@ -78,6 +78,7 @@ class _Round:
     sent: float
     until: float
     grants: set[str]
+    heard: set[str] = field(default_factory=set)  # other voters that answered at all
 
 
 @dataclass(slots=True)
@@ -131,6 +132,7 @@ class Election:
         self._next_attempt = now + rng.random() * config.election_retry_s
         self._next_renew = float("inf")
         self._won_term = False
+        self._heard_last_round = False
         self.windows: list[tuple[float, float, int]] = []
         """(start, end, term) of every acting window obtained, for tests and audits."""
 
@@ -193,6 +195,7 @@ class Election:
         """Start or renew a lease when due."""
         out: list[Outbound] = []
         if self._round is not None and now >= self._round.until:
+            self._heard_last_round = bool(self._round.heard)
             self._round = None  # replies this late are not worth acting on
         if self.is_primary(now):
             if now >= self._next_renew:
@@ -205,11 +208,17 @@ class Election:
         self._next_attempt = now + self.config.election_retry_s * (1 + self.rng.random())
         if self.candidate() != self.name:
             return out
-        # Our own vote (cast first, in _send_round) records the new term durably. A round that
-        # found no majority is retried with the same term while nobody has gone higher, so a
-        # candidate cut off from the voters does not inflate the term on every retry (safe: a
-        # voter grants one term to one candidate only).
-        retry_same = self._term > 0 and self._term == self._highest and not self._won_term
+        # Our own vote (cast first, in _send_round) records the new term durably. A round no
+        # other voter answered is retried with the same term, so a candidate cut off from the
+        # voters does not inflate the term on every retry (safe: a voter grants one term to one
+        # candidate only). A refused round goes one higher, or two candidates that split the
+        # vote on one term would retry it forever.
+        retry_same = (
+            self._term > 0
+            and self._term == self._highest
+            and not self._won_term
+            and not self._heard_last_round  # refused by a voter: maybe a split vote, go higher
+        )
         term = self._term if retry_same else self._highest + 1
         self._term = term
         self._won_term = False
@@ -274,7 +283,11 @@ class Election:
             self._round = None
             return
         r = self._round
-        if r is None or rep.candidate != self.name or rep.seq != r.seq or not rep.granted:
+        if r is None or rep.candidate != self.name or rep.seq != r.seq:
+            return
+        if rep.voter != self.name:
+            r.heard.add(rep.voter)
+        if not rep.granted:
             return
         if rep.voter not in self.voters:
             return
