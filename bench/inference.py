@@ -42,7 +42,7 @@ def direct_llama(path: Path, tokens: int, runs: int) -> dict[str, float]:
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
     ttfts, rates = [], []
     for _ in range(runs):
-        llm.reset()
+        # No reset: like the worker, llama-cpp-python reuses the KV cache of a shared prefix.
         start = time.perf_counter()
         stamps: list[float] = []
         for _token in llm.generate(prompt, top_k=40, top_p=0.9, temp=0.0, repeat_penalty=1.0):
@@ -108,12 +108,31 @@ async def estimates(models: dict[str, Path], state: Path) -> dict[str, tuple[flo
     try:
         await runtime.node.start()
         for name in models:
-            info = await runtime.node.load(LoadRequest(name=name))
+            await runtime.node.load(LoadRequest(name=name))
+            # The working size: a prompt that fills the context touches every buffer, as the
+            # estimate assumes; the worker reports its memory after each request.
+            filling = InferRequest(name, prompt="x" * (N_CTX - 16), params=FILL)  # 1 byte, 1 token
+            await runtime.node.infer(filling)
+            info = await _settled(runtime, name)
             out[name] = (info.estimate_mb or 0.0, info.memory_mb or 0.0)
             await runtime.node.unload(name)
     finally:
         await runtime.close()
     return out
+
+
+FILL = GenerationParams(max_tokens=4, temperature=0.0)
+
+
+async def _settled(runtime: Any, name: str) -> Any:
+    """Return the model's info once the post-request memory report has reached the board."""
+    before = runtime.node.model_info(name)
+    for _ in range(40):  # the report travels actor -> manager -> board: a few ms
+        await asyncio.sleep(0.05)
+        info = runtime.node.model_info(name)
+        if info.memory_mb != before.memory_mb:
+            return info
+    return runtime.node.model_info(name)
 
 
 def process_start_s() -> float:
