@@ -199,6 +199,23 @@ class ClusterLink:
             decision = self.route(model)
         return decision
 
+    async def place(self, model: str) -> str:
+        """Make sure `model` is loaded somewhere in the cluster; return the holder's name.
+
+        Nodes without the model's file are skipped by the primary (their load fails), so a
+        model a learning job wrote on one node ends up there unless another has the file too.
+        """
+        decision = self.route(model)
+        if decision.kind in (RouteKind.LOCAL, RouteKind.FORWARD):
+            return decision.nodes[0]
+        holder = await self._place(model)
+        if holder == self.name and self.node.model_info(model) is not None:
+            info = self.node.model_info(model)
+            if info is not None and info.state != "loaded":
+                with contextlib.suppress(ModelAlreadyLoaded):  # the fallback: load it here
+                    await self.node.load(LoadRequest(name=model))
+        return holder
+
     async def _place(self, model: str) -> str:
         """Ask the primary where `model` goes (one load cluster-wide); return the holder."""
         primary = await self._await_primary()

@@ -382,6 +382,11 @@ class Node:
         self._learning = learning.proxy()
         self._goals = goals.proxy()
 
+    @property
+    def cluster(self) -> ClusterLink | None:
+        """The cluster this node belongs to, if any."""
+        return self._cluster
+
     def attach_cluster(self, link: ClusterLink) -> None:
         """Route requests for models this node does not hold through `link`."""
         self._cluster = link

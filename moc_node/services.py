@@ -120,6 +120,10 @@ def start_services(
         log.info("registered %s (%s)", name, f"LoRA on {base}" if base else "new GGUF")
 
     def load(name: str) -> object:
+        """Deploy: through the primary when in a cluster (one load cluster-wide), else here."""
+        link = node.cluster
+        if link is not None:
+            return asyncio.run_coroutine_threadsafe(link.place(name), loop).result()
         return asyncio.run_coroutine_threadsafe(node.load(LoadRequest(name=name)), loop).result()
 
     def unload(name: str) -> object:
