@@ -25,7 +25,15 @@ from cluster.election import TermStore
 from cluster.keyring import Keyring
 from cluster.messages import MemberState
 from cluster.meta import DeviceMeta, ModelMeta, NodeMeta
-from cluster.routing import ClusterMember, Route, RouteKind, choose_load_target, route, takes_work
+from cluster.routing import (
+    ClusterMember,
+    Route,
+    RouteKind,
+    choose_load_target,
+    holders,
+    route,
+    takes_work,
+)
 from cluster.runner import ClusterRunner
 from transports.peer import PeerClient, PeerServer
 from transports.peer_wire import PeerUnavailable
@@ -139,7 +147,10 @@ class ClusterLink:
         self, req: InferRequest, *, stream: bool
     ) -> AsyncGenerator[StreamItem, None]:
         """Serve a request for a model this node does not hold: forward, or place then forward."""
-        decision = self.route(req.model)
+        # The hot path of forwarding: the node has just checked its own board, so only the
+        # peers' gossip is read here (building this node's live metadata costs more).
+        peers = holders(self.runner.members(), req.model, exclude=self.name)
+        decision = Route(RouteKind.FORWARD, tuple(peers)) if peers else self.route(req.model)
         if decision.kind == RouteKind.WAIT:
             decision = await self._await_load(req.model, decision)
         if decision.kind == RouteKind.LOAD:
@@ -155,11 +166,11 @@ class ClusterLink:
                 yield item
 
     async def _forward(
-        self, req: InferRequest, holders: tuple[str, ...], *, stream: bool
+        self, req: InferRequest, nodes: tuple[str, ...], *, stream: bool
     ) -> AsyncGenerator[StreamItem, None]:
         """Send to the first holder that acknowledges; one that fails before answering is
         replaced by the next (tenacity), one that fails later ends the request with its error."""
-        candidates = [h for h in holders if h != self.name] or list(holders)
+        candidates = [n for n in nodes if n != self.name] or list(nodes)
         order = iter(candidates)
         started = False
         retrying = AsyncRetrying(
@@ -339,11 +350,11 @@ class ClusterLink:
         """The /cluster document: members, primary and term, who holds which model."""
         primary = self.runner.primary()
         members = []
-        holders: dict[str, list[str]] = {}
+        held: dict[str, list[str]] = {}
         for m in sorted(self.members(), key=lambda m: m.name):
             meta = m.meta
             for model in meta.loaded if meta is not None else ():
-                holders.setdefault(model.name, []).append(m.name)
+                held.setdefault(model.name, []).append(m.name)
             members.append(
                 {
                     "name": m.name,
@@ -380,6 +391,6 @@ class ClusterLink:
             "primary": None if primary is None else {"name": primary[0], "term": primary[1]},
             "term": self.runner.term,
             "members": members,
-            "models": holders,
+            "models": held,
             "dropped": self.runner.dropped(),
         }

@@ -297,7 +297,9 @@ class PeerClient:
             frames = seal(self.keyring, Envelope(op, rid, self.clock(), body, term))
             await connection.socket.send_multipart(frames)
             try:
-                ack = await asyncio.wait_for(queue.get(), self.ack_timeout)
+                # asyncio.timeout, not wait_for: no task per wait on this hot path.
+                async with asyncio.timeout(self.ack_timeout):
+                    ack = await queue.get()
             except TimeoutError:
                 # No ack: the peer is down or cut off. Drop the socket so a later call reconnects.
                 connection.close()
@@ -311,7 +313,8 @@ class PeerClient:
             while True:
                 remaining = deadline - time.monotonic()
                 try:
-                    env = await asyncio.wait_for(queue.get(), max(0.0, remaining))
+                    async with asyncio.timeout(max(0.0, remaining)):
+                        env = await queue.get()
                 except TimeoutError:
                     raise PeerUnavailable(
                         f"peer {address} went silent for {timeout:.0f} s"
