@@ -22,8 +22,8 @@ function deviceBar(d) {
   return el("div", { class: "device" },
     el("div", { class: "label" },
       el("span", {}, d.name),
-      el("span", {}, `claimed ${mb(d.claimed_mb)} · measured ${mb(d.used_mb)} / ${mb(d.total_mb)}`)),
-    el("div", { class: "bar", title: "top: measured use, bottom: claims" }, used, claimed));
+      el("span", {}, `claimed ${mb(d.claimed_mb)} · in use ${mb(d.used_mb)} / ${mb(d.total_mb)}`)),
+    el("div", { class: "bar", title: "top: memory in use (measured, or held back), bottom: claims" }, used, claimed));
 }
 
 function modelTable(models) {
