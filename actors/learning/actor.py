@@ -1,12 +1,20 @@
 """The LearningActor: accepts job specs, queues them, runs up to `max_parallel_jobs` at once.
 
-Each running job trains in its own thread of the node process, not a child process: torch
-releases the GIL inside its kernels, so threads train in parallel; a job starts at once (no
-interpreter and torch import per job, ~2 s); progress, checkpoints and cancels need no IPC; and
-the job store is already shared. The price is isolation: a crash inside torch's native code
-would take the node down, which we accept because torch on the CPU is not the native code that
-crashes (llama.cpp, which does, runs in worker processes). Cancel is cooperative and takes
-effect before the next optimizer step, i.e. within one step.
+Each running job trains in a child process of its own (`job_supervisor.JobProcess` running
+`python -m actors.learning.job_process`), not in a thread of the node: a training loop in the
+node's interpreter held the GIL often enough to delay the node's gossip acks and peer RPC, and
+a crash inside torch would have taken the node down. The price is the child's start-up (an
+interpreter and the torch import, a few seconds per job). The child opens the same job store
+(SQLite WAL) and writes progress, losses, metrics and checkpoints there, so `get` and
+`list_jobs` read the truth from the store as before; its progress events come back over a pipe
+for `on_progress`.
+
+Cancel marks the job "cancelling" and sends SIGTERM: the child stops before its next step; one
+that does not exit within `stop_grace_s` is killed. Either way the job ends "cancelled". Node
+shutdown (`stop_all`) does the same but leaves the jobs queued, to resume from their last
+checkpoint. A child that dies on its own (a signal, an exit code) fails its job with an error
+naming how it ended. `register` (making the output servable) and the memory `claim`/`release`
+stay here in the node: the actor calls them when the child's end is reported.
 
 Memory: before a job starts it claims its estimated peak memory through `claim(job_id, mb)`
 (the node maps it onto the device ledger, so a serving model is never pushed out or OOMed by
@@ -14,8 +22,8 @@ training); a refused claim leaves the job queued and retried every `retry_interv
 `memory_wait_s` it fails with a clear error. The queue is strict: a job that waits for memory
 holds back the lower-priority jobs behind it, so a large urgent job is not starved.
 
-The actor itself never blocks: job threads report back with messages (`_job_ended`), and a
-ticker thread sends `_tick` to retry waiting claims.
+The actor itself never blocks on a job: supervisor threads report ends with messages
+(`job_ended`), and a ticker thread sends `tick` to retry waiting claims.
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import pykka
 
@@ -43,11 +51,10 @@ from actors.learning.errors import (
     UnsupportedModel,
 )
 from actors.learning.gguf_io import read_params
+from actors.learning.job_process import describe_error
+from actors.learning.job_supervisor import JobExit, JobProcess
 from actors.learning.jobs import FINAL, JobStore, queue_order
-from actors.learning.spec import parse_spec
-
-if TYPE_CHECKING:
-    from actors.learning.runner import JobResult
+from actors.learning.spec import TrainParams, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +67,29 @@ OnProgress = Callable[[dict[str, Any]], None]
 
 @dataclass
 class _Running:
-    thread: threading.Thread
-    cancel: threading.Event = field(default_factory=threading.Event)
-    started: float = 0.0
+    process: JobProcess
+    started: float
+    cancelled: bool = False
+
+
+Settlement = Literal["complete", "cancel", "requeue", "fail"]
+
+
+def settle(ended: JobExit, *, cancelled: bool, stopping: bool) -> Settlement:
+    """Decide what a job's end means for its row.
+
+    A completed run completes even when a cancel raced it (the output exists). A stopped or
+    killed run is a cancel when the client asked for one, and otherwise waits in the queue to
+    resume from its checkpoint (node shutdown, or a SIGTERM from outside the node). A run that
+    failed or died on its own fails, unless a cancel or a shutdown was already under way.
+    """
+    if ended.ending == "completed":
+        return "complete"
+    if cancelled:
+        return "cancel"
+    if ended.ending == "stopped" or stopping:
+        return "requeue"
+    return "fail"
 
 
 def _model_params(path: Path) -> Any:
@@ -106,10 +133,6 @@ class LearningActor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         """Requeue jobs a crash interrupted, start the ticker, start what can run."""
-        if self.config.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.config.torch_threads)
         resumed = self._store.recover(self._clock())
         if resumed:
             log.info("resuming %d interrupted learning job(s): %s", len(resumed), resumed)
@@ -132,15 +155,25 @@ class LearningActor(pykka.ThreadingActor):
         self._store.close()
 
     def stop_all(self, timeout: float = 30.0) -> None:
-        """Stop every running job and wait for their threads; they stay queued for a restart."""
+        """Stop every running job's process and wait for it; the jobs stay queued for a restart.
+
+        Children get SIGTERM and stop before their next step; one still there after
+        `stop_grace_s` (or `timeout`, if shorter) is killed. A job that completed meanwhile
+        is recorded as completed.
+        """
         self._stopping.set()
+        grace = min(self.config.stop_grace_s, timeout)
         for run in self._running.values():
-            run.cancel.set()  # observed as "stop", since self._stopping is set
+            run.process.terminate(grace)
         deadline = time.monotonic() + timeout
         for job_id, run in list(self._running.items()):
-            run.thread.join(max(0.0, deadline - time.monotonic()))
-            self._store.set_status(job_id, "queued", self._clock(), only_from=("running",))
-            self._release_claim(job_id)
+            run.process.join(deadline - time.monotonic())
+            ended = run.process.outcome
+            if ended is None:  # its supervisor is stuck (in on_progress): the row says "running"
+                self._store.set_status(job_id, "queued", self._clock(), only_from=("running",))
+                self._release_claim(job_id)
+            else:
+                self._record_end(job_id, run, ended)
         self._running.clear()
 
     # -- the API ------------------------------------------------------------------------------
@@ -202,7 +235,8 @@ class LearningActor(pykka.ThreadingActor):
             run = self._running.get(job_id)
             self._store.set_status(job_id, "cancelling", now, only_from=("running",))
             if run is not None:
-                run.cancel.set()
+                run.cancelled = True
+                run.process.terminate(self.config.stop_grace_s)
         self._schedule()
         return self.get(job_id)
 
@@ -272,71 +306,83 @@ class LearningActor(pykka.ThreadingActor):
     def _start(self, job_id: str) -> None:
         job = self._store.get(job_id, history=False)
         assert job is not None
+        try:  # the resolver is the node's: the child gets the files it names
+            models = {job.model_name: self._resolve_checked("model_name", job.model_name)}
+            teacher = TrainParams(**job.spec["training_params"]).teacher
+            if teacher is not None:
+                models[teacher] = self._resolve_checked("training_params.teacher", teacher)
+        except Exception as exc:
+            self._release_claim(job_id)
+            self._fail(job_id, job.job_type, Exception(describe_error(exc)))
+            return
         self._store.mark_running(job_id, self._clock())
-        job = self._store.get(job_id, history=False)
-        assert job is not None
-        from actors.learning.runner import JobContext, run_job  # torch: on first job only
-
-        run = _Running(thread=threading.Thread(), started=time.monotonic())
-        ctx = JobContext(
-            job=job,
-            config=self.config,
-            store=self._store,
-            resolve_model=self._resolve,
-            cancel=run.cancel,
-            stop=self._stopping,
-            on_progress=self._on_progress,
-            clock=self._clock,
-        )
         proxy = self.actor_ref.proxy()
 
-        def body() -> None:
-            result: JobResult | Exception
-            try:
-                result = run_job(ctx)
-                if result.ending == "completed" and result.output_path is not None:
-                    self._register(job.output_name, result.output_path, result.lora_base)
-            except Exception as exc:
-                log.exception("learning job %s failed", job_id)
-                result = exc
-            # When the actor is gone, stop_all joined this thread and recorded the state.
+        def on_exit(ended: JobExit) -> None:
+            # When the actor is gone, stop_all waited for this process and recorded its end.
             with contextlib.suppress(pykka.ActorDeadError):
-                proxy.job_ended(job_id, result)
+                proxy.job_ended(job_id, ended)
 
-        run.thread = threading.Thread(target=body, name=f"learning-{job_id}", daemon=True)
-        self._running[job_id] = run
+        process = JobProcess(
+            job_id, self.config, models, on_event=self._relay_progress, on_exit=on_exit
+        )
+        try:
+            process.start()
+        except OSError as exc:
+            self._release_claim(job_id)
+            self._fail(job_id, job.job_type, Exception(f"cannot start the training process: {exc}"))
+            return
+        self._running[job_id] = _Running(process=process, started=time.monotonic())
         metrics.jobs_running.set(len(self._running))
-        run.thread.start()
 
-    def job_ended(self, job_id: str, result: JobResult | Exception) -> None:
-        """Record how a job thread ended, release its memory and start what can run next."""
+    def _relay_progress(self, event: dict[str, Any]) -> None:
+        """Pass a child's progress event on (called on the job's supervisor thread)."""
+        if self._on_progress is not None:
+            self._on_progress(event)
+
+    def job_ended(self, job_id: str, ended: JobExit) -> None:
+        """Record how a job's process ended, release its memory and start what can run next."""
         run = self._running.pop(job_id, None)
+        if run is None:  # stop_all already recorded it
+            return
+        self._record_end(job_id, run, ended)
+        self._schedule()
+
+    def _record_end(self, job_id: str, run: _Running, ended: JobExit) -> None:
         job = self._store.get(job_id, history=False)
-        self._release_claim(job_id)
-        if job is None or run is None:
+        if job is None:
+            self._release_claim(job_id)
             return
         now = self._clock()
         duration = time.monotonic() - run.started
-        if isinstance(result, Exception):
-            detail = (
-                str(result)
-                if isinstance(result, MocError)
-                else f"{type(result).__name__}: {result}"
-            )
-            self._fail(
-                job_id, job.job_type, result if isinstance(result, MocError) else Exception(detail)
-            )
+        outcome = settle(ended, cancelled=run.cancelled, stopping=self._stopping.is_set())
+        if outcome == "complete":
+            assert ended.output_path is not None
+            try:
+                self._register(job.output_name, ended.output_path, ended.lora_base)
+            except Exception as exc:
+                log.exception("registering the output of learning job %s failed", job_id)
+                self._fail(job_id, job.job_type, Exception(f"cannot register the output: {exc}"))
+            else:
+                if self._store.finish(job_id, "completed", now, output_path=str(ended.output_path)):
+                    metrics.jobs_completed_total.labels(job.job_type).inc()
             metrics.job_duration_seconds.labels(job.job_type).observe(duration)
-        elif result.ending == "completed":
-            if self._store.finish(job_id, "completed", now, output_path=str(result.output_path)):
-                metrics.jobs_completed_total.labels(job.job_type).inc()
-            metrics.job_duration_seconds.labels(job.job_type).observe(duration)
-        elif result.ending == "cancelled":
-            if self._store.finish(job_id, "cancelled", now):
+        elif outcome == "cancel":
+            note = (
+                f"did not stop within {self.config.stop_grace_s:g} s of the cancel and was "
+                f"{ended.error}"
+                if ended.killed
+                else None
+            )
+            if self._store.finish(job_id, "cancelled", now, error=note):
                 metrics.jobs_cancelled_total.labels(job.job_type).inc()
-        else:  # stopped for shutdown: keep it queued for the restart
+        elif outcome == "requeue":
             self._store.set_status(job_id, "queued", now, only_from=("running", "cancelling"))
-        self._schedule()
+        else:
+            log.error("learning job %s failed: %s", job_id, ended.error)
+            self._fail(job_id, job.job_type, Exception(ended.error or "failed"))
+            metrics.job_duration_seconds.labels(job.job_type).observe(duration)
+        self._release_claim(job_id)
 
     def _release_claim(self, job_id: str) -> None:
         try:

@@ -16,8 +16,9 @@ class LearningConfig:
     """[learning]: where jobs, datasets and results live, and how many jobs run at once."""
 
     max_parallel_jobs: int = 2
-    """Jobs trained at the same time (legacy default 2). Each runs in a thread of the node and
-    shares the CPU threads torch uses; more jobs finish sooner only when the device has room."""
+    """Jobs trained at the same time (legacy default 2). Each runs in a process of its own
+    (torch threads each, see `torch_threads`); more jobs finish sooner only when the device
+    has room."""
     job_store: str = "learning/jobs.db"
     """SQLite file (WAL) holding every job, its progress and loss history. A relative path is
     resolved against `node.state_dir` (see `resolved`)."""
@@ -36,8 +37,12 @@ class LearningConfig:
     error. Serving models keep their memory; training waits rather than evicting them."""
     retry_interval_s: float = 1.0
     """Seconds between attempts to claim memory for a waiting job."""
+    stop_grace_s: float = 15.0
+    """Seconds a job's process has to stop after a cancel or a node shutdown (it stops before
+    its next optimizer step) before it is killed. Longer than one step of the largest job, or
+    a slow step is killed; a kill loses at most the steps since the last checkpoint."""
     torch_threads: int = 0
-    """CPU threads torch uses (process-wide); 0 keeps torch's default (the physical cores).
+    """CPU threads torch uses in each job's process; 0 keeps torch's default (the physical cores).
     Fixing it also fixes the summation order, which makes resumed runs bit-identical."""
     default_steps: int = 100
     """Optimizer steps of a job whose `training_params` give no `steps`."""
@@ -51,6 +56,7 @@ class LearningConfig:
         _require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 step")
         _require(self.memory_wait_s >= 0, "memory_wait_s", "must be >= 0 seconds")
         _require(self.retry_interval_s > 0, "retry_interval_s", "must be > 0 seconds")
+        _require(self.stop_grace_s >= 0, "stop_grace_s", "must be >= 0 seconds")
         _require(self.torch_threads >= 0, "torch_threads", "must be >= 0")
         _require(
             1 <= self.default_steps <= self.max_steps, "default_steps", "must be in 1..max_steps"

@@ -3,8 +3,9 @@
     python -m tests.actors.learning.harness CONFIG_JSON [--submit SPEC_JSON] [--block-at N --marker F]
 
 Starts the actor on the config, optionally submits one job, and, with --block-at, freezes the
-job thread after step N (once its progress is stored) and touches MARKER, so the test can kill
-the process at a known point. Prints the job id after submitting, and when every job is final
+job's process (SIGSTOP) once it reports step N and writes that process's pid to MARKER, so the
+test can kill this process while the job is mid-run (the test resumes the frozen child with
+SIGCONT and sees it exit by itself, its parent gone). Prints the job id after submitting, and when every job is final
 prints one JSON line per job: {"job_id", "status", "loss_history", "metrics"}.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -37,10 +40,15 @@ def main() -> int:
     config = LearningConfig(**raw)
     models = {k: Path(v) for k, v in json.loads(args.models).items()}
     frozen = threading.Event()
+    pids: dict[str, int] = {}
 
     def on_progress(event: dict[str, Any]) -> None:
+        if event.get("event") == "started":
+            pids[event["job_id"]] = event["pid"]
         if args.block_at and event.get("event") == "step" and event["step"] == args.block_at:
-            Path(args.marker).write_text(str(event["step"]))
+            pid = pids[event["job_id"]]
+            os.kill(pid, signal.SIGSTOP)
+            Path(args.marker).write_text(str(pid))
             frozen.wait()  # never set: the test kills this process
 
     actor = LearningActor.start(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,9 +15,10 @@ import pykka
 import pytest
 
 from actors.errors import MocError, ModelNotFound
-from actors.learning.actor import LearningActor
+from actors.learning.actor import LearningActor, settle
 from actors.learning.config import LearningConfig
 from actors.learning.errors import DatasetInvalid, DatasetNotAllowed, InvalidJobSpec, JobNotFound
+from actors.learning.job_supervisor import JobExit
 from actors.learning.jobs import FINAL
 
 
@@ -33,6 +36,7 @@ class Harness:
     proxy: Any
     registered: list[tuple[str, Path, str | None]] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
+    pids: dict[str, int] = field(default_factory=dict)
     claims: dict[str, float] = field(default_factory=dict)
     released: list[str] = field(default_factory=list)
     gates: dict[str, threading.Event] = field(default_factory=dict)
@@ -59,7 +63,7 @@ def start(tiny_gguf: Path, dataset_dir: Path, tmp_path: Path) -> Iterator[Callab
             dataset_dirs=(str(dataset_dir),),
             checkpoint_every=5,
             retry_interval_s=0.02,
-            **overrides,
+            **{"torch_threads": 1, **overrides},  # the children do not inherit the fixture's
         )
         h = Harness(proxy=None)
 
@@ -70,6 +74,7 @@ def start(tiny_gguf: Path, dataset_dir: Path, tmp_path: Path) -> Iterator[Callab
 
         def on_progress(event: dict[str, Any]) -> None:
             if event["event"] == "started":
+                h.pids[event["job_id"]] = event["pid"]
                 h.started.append(event["job_id"])
                 if h.hold_all:
                     gate = h.gates.setdefault(event["job_id"], threading.Event())
@@ -248,3 +253,95 @@ def test_bad_specs_are_refused_with_a_message_naming_the_field(
     with pytest.raises(error, match=words):
         h.proxy.submit(s).get()
     assert h.proxy.list_jobs().get() == []
+
+
+def test_a_job_trains_in_a_child_process_not_in_the_node(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start()
+    job_id = h.proxy.submit(spec(dataset_dir)).get()
+    assert h.wait_status(job_id, *FINAL)["status"] == "completed"
+    assert h.pids[job_id] != os.getpid()  # the actor runs in this process
+
+
+def test_a_job_whose_process_is_killed_fails_naming_the_signal(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start()
+    job_id = h.proxy.submit(spec(dataset_dir, training_params={"steps": 100_000})).get()
+    wait_for(lambda: h.job(job_id)["step"] >= 2)
+    os.kill(h.pids[job_id], signal.SIGKILL)
+    job = h.wait_status(job_id, *FINAL)
+    assert job["status"] == "failed"
+    assert "training process died (signal 9 (SIGKILL))" in job["error"]
+    wait_for(lambda: job_id in h.released)
+    assert h.registered == []
+
+
+def test_a_cancelled_job_whose_process_does_not_stop_is_killed_after_the_grace_period(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start(stop_grace_s=0.5)
+    job_id = h.proxy.submit(spec(dataset_dir, training_params={"steps": 100_000})).get()
+    wait_for(lambda: h.job(job_id)["step"] >= 2)
+    os.kill(h.pids[job_id], signal.SIGSTOP)  # a stopped process cannot act on SIGTERM
+    assert h.proxy.cancel(job_id).get()["status"] == "cancelling"
+    job = h.wait_status(job_id, *FINAL)
+    assert job["status"] == "cancelled"
+    assert "did not stop within 0.5 s of the cancel" in job["error"]
+    assert "SIGKILL" in job["error"]
+    wait_for(lambda: job_id in h.released)
+
+
+def test_stop_all_stops_the_processes_and_leaves_the_jobs_queued_to_resume(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start()
+    job_id = h.proxy.submit(spec(dataset_dir, training_params={"steps": 100_000})).get()
+    wait_for(lambda: h.job(job_id)["checkpoint_step"] >= 5)
+    pid = h.pids[job_id]
+    h.proxy.stop_all().get()
+    job = h.job(job_id)
+    assert job["status"] == "queued" and job["checkpoint_step"] >= 5
+    assert job_id in h.released
+    with pytest.raises(ProcessLookupError):  # reaped, not only signalled
+        os.kill(pid, 0)
+
+
+_DONE = JobExit("completed", Path("/out.gguf"), returncode=0)
+_STOPPED = JobExit("stopped", returncode=0)
+_KILLED = JobExit("stopped", error="killed (signal 9 (SIGKILL))", killed=True, returncode=-9)
+_DIED = JobExit("failed", error="the training process died", returncode=-11)
+
+
+@pytest.mark.parametrize(
+    ("ended", "cancelled", "stopping", "outcome"),
+    [
+        (_DONE, False, False, "complete"),
+        (_DONE, True, False, "complete"),
+        (_STOPPED, True, False, "cancel"),
+        (_KILLED, True, True, "cancel"),
+        (_DIED, True, False, "cancel"),
+        (_STOPPED, False, True, "requeue"),
+        (_KILLED, False, True, "requeue"),
+        (_STOPPED, False, False, "requeue"),
+        (_DIED, False, True, "requeue"),
+        (_DIED, False, False, "fail"),
+    ],
+    ids=[
+        "completed",
+        "completed-despite-a-late-cancel",
+        "cancelled",
+        "cancelled-and-killed",
+        "died-while-cancelling",
+        "stopped-for-shutdown",
+        "killed-at-shutdown",
+        "sigterm-from-outside",
+        "died-during-shutdown",
+        "died",
+    ],
+)
+def test_how_a_job_process_ended_decides_the_jobs_status(
+    ended: JobExit, cancelled: bool, stopping: bool, outcome: str
+) -> None:
+    assert settle(ended, cancelled=cancelled, stopping=stopping) == outcome

@@ -1,4 +1,5 @@
-"""kill -9 of the process running the LearningActor mid-job: the job resumes and ends the same.
+"""kill -9 of the process running the LearningActor mid-job: the job's process exits by itself,
+and the job resumes and ends the same.
 
 Tolerance: with torch on one thread the summation order is fixed, batches are a function of
 (seed, step) and the checkpoint holds the adapters and the Adam state exactly, so a resumed run
@@ -8,6 +9,7 @@ the held-out loss, which only a change of BLAS kernel between the two runs could
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,9 +52,18 @@ def finish(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+def gone(pid: int) -> bool:
+    """Say whether a process has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not (path.exists() and path.read_text()):
         if proc.poll() is not None:
             raise AssertionError(f"harness exited early: {proc.communicate()[1][-3000:]}")
         assert time.monotonic() < deadline, "the job never reached the blocking step"
@@ -93,9 +104,16 @@ def test_a_job_killed_mid_run_resumes_from_its_checkpoint_and_ends_with_the_same
         str(marker),
     )
     wait_for_file(marker, first)
+    child = int(marker.read_text())
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     assert first.returncode == -signal.SIGKILL
+    with contextlib.suppress(ProcessLookupError):  # it may have finished before the SIGSTOP
+        os.kill(child, signal.SIGCONT)  # the frozen job process: its watchdog finds no parent
+    deadline = time.monotonic() + 30
+    while not gone(child):
+        assert time.monotonic() < deadline, "the orphaned job process did not exit"
+        time.sleep(0.02)
 
     from actors.learning.jobs import JobStore
 
