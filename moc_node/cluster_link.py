@@ -16,7 +16,6 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 import prometheus_client
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from actors.errors import InsufficientMemory, MocError, ModelAlreadyLoaded, ModelNotFound
 from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
@@ -147,54 +146,72 @@ class ClusterLink:
         self, req: InferRequest, *, stream: bool
     ) -> AsyncGenerator[StreamItem, None]:
         """Serve a request for a model this node does not hold: forward, or place then forward."""
-        # The hot path of forwarding: the node has just checked its own board, so only the
-        # peers' gossip is read here (building this node's live metadata costs more).
-        peers = holders(self.runner.members(), req.model, exclude=self.name)
-        decision = Route(RouteKind.FORWARD, tuple(peers)) if peers else self.route(req.model)
-        if decision.kind == RouteKind.WAIT:
-            decision = await self._await_load(req.model, decision)
-        if decision.kind == RouteKind.LOAD:
-            holder = await self._place(req.model)
-            decision = Route(RouteKind.FORWARD, (holder,))
-        if decision.nodes == (self.name,):
-            async with contextlib.aclosing(self.node.serve_local(req, stream=stream)) as items:
+        if not stream:
+            yield await self.infer_remote(req)
+            return
+        nodes = await self._destination(req.model)
+        if nodes == (self.name,):
+            async with contextlib.aclosing(self.node.serve_local(req, stream=True)) as items:
                 async for item in items:
                     yield item
             return
-        async with contextlib.aclosing(self._forward(req, decision.nodes, stream=stream)) as items:
+        async with contextlib.aclosing(self._forward_stream(req, nodes)) as items:
             async for item in items:
                 yield item
 
-    async def _forward(
-        self, req: InferRequest, nodes: tuple[str, ...], *, stream: bool
+    async def infer_remote(self, req: InferRequest) -> InferResult:
+        """Run a whole inference for a model this node does not hold (forward or place)."""
+        # A coroutine, not serve_remote's generator: the non-streaming hot path of forwarding.
+        nodes = await self._destination(req.model)
+        if nodes == (self.name,):
+            return await self.peer_infer(req)
+        candidates = self._candidates(nodes)
+        for attempt, holder in enumerate(candidates, 1):
+            try:
+                return await self.client.infer(
+                    self._peer_address(holder), req, timeout=self._timeout
+                )
+            except PeerUnavailable:
+                if attempt == len(candidates):
+                    raise
+        raise AssertionError("unreachable: candidates is never empty")
+
+    async def _destination(self, model: str) -> tuple[str, ...]:
+        """Return the holders to try in order (this node alone if it was placed here)."""
+        # The hot path of forwarding: the node has just checked its own board, so only the
+        # peers' gossip is read here (building this node's live metadata costs more).
+        peers = holders(self.runner.members(), model, exclude=self.name)
+        if peers:
+            return tuple(peers)
+        decision = self.route(model)
+        if decision.kind == RouteKind.WAIT:
+            decision = await self._await_load(model, decision)
+        if decision.kind == RouteKind.LOAD:
+            return (await self._place(model),)
+        return decision.nodes
+
+    def _candidates(self, nodes: tuple[str, ...]) -> list[str]:
+        return [n for n in nodes if n != self.name] or list(nodes)
+
+    async def _forward_stream(
+        self, req: InferRequest, nodes: tuple[str, ...]
     ) -> AsyncGenerator[StreamItem, None]:
-        """Send to the first holder that acknowledges; one that fails before answering is
-        replaced by the next (tenacity), one that fails later ends the request with its error."""
-        candidates = [n for n in nodes if n != self.name] or list(nodes)
-        order = iter(candidates)
-        started = False
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(PeerUnavailable),
-            stop=stop_after_attempt(len(candidates)),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                holder = next(order)
-                address = self._peer_address(holder)
-                if not stream:
-                    result = await self.client.infer(address, req, timeout=self._timeout)
-                    started = True
-                    yield result
-                    return
+        """Stream from the first holder that acknowledges; one that fails before its first
+        item is replaced by the next, one that fails later ends the request with its error."""
+        candidates = self._candidates(nodes)
+        for attempt, holder in enumerate(candidates, 1):
+            started = False
+            try:
                 async with contextlib.aclosing(
-                    self.client.stream(address, req, timeout=self._timeout)
+                    self.client.stream(self._peer_address(holder), req, timeout=self._timeout)
                 ) as items:
                     async for item in items:
                         started = True
                         yield item
                 return
-        assert started
+            except PeerUnavailable:
+                if started or attempt == len(candidates):
+                    raise
 
     def _peer_address(self, name: str) -> str:
         member = self.runner.member(name)

@@ -233,7 +233,10 @@ class Node:
         return [ledger.info() for ledger in self._ledgers.values()]
 
     async def infer(self, req: InferRequest) -> InferResult:
-        async with contextlib.aclosing(self._run(req, stream=False)) as items:
+        link = self._cluster
+        if link is not None and self._goes_remote(link, req.model):
+            return await link.infer_remote(req)  # a coroutine: no generator layers to forward
+        async with contextlib.aclosing(self.serve_local(req, stream=False)) as items:
             async for item in items:
                 if isinstance(item, InferResult):
                     return item
@@ -417,18 +420,22 @@ class Node:
         info = self._board.get(model)
         return info is not None and info.state in ("loaded", "loading")
 
+    def _goes_remote(self, link: ClusterLink, model: str) -> bool:
+        """Return whether a client's request for `model` is served through the cluster."""
+        # Draining, a node hands requests to peers that hold the model; otherwise a model it
+        # does not hold is served wherever the cluster has (or places) it.
+        if self._draining:
+            return link.holds_elsewhere(model)
+        return not self._holds(model)
+
     async def _run(self, req: InferRequest, *, stream: bool) -> AsyncGenerator[StreamItem, None]:
         """Serve a client's request: here if this node holds the model, else through a peer."""
         link = self._cluster
-        if link is not None:
-            # Draining, a node hands requests to peers that hold the model; otherwise a model
-            # it does not hold is served wherever the cluster has (or places) it.
-            elsewhere = link.holds_elsewhere(req.model) if self._draining else False
-            if elsewhere or (not self._draining and not self._holds(req.model)):
-                async with contextlib.aclosing(link.serve_remote(req, stream=stream)) as items:
-                    async for item in items:
-                        yield item
-                return
+        if link is not None and self._goes_remote(link, req.model):
+            async with contextlib.aclosing(link.serve_remote(req, stream=stream)) as items:
+                async for item in items:
+                    yield item
+            return
         async with contextlib.aclosing(self.serve_local(req, stream=stream)) as items:
             async for item in items:
                 yield item

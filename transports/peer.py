@@ -255,9 +255,23 @@ class PeerClient:
 
     async def infer(self, address: str, req: InferRequest, timeout: float) -> InferResult:
         """Run a whole inference on the peer."""
-        async for env in self._call(address, Op.INFER, request_to_wire(req), None, timeout):
-            return result_from_wire(env.body)
-        raise PeerUnavailable(f"peer {address} ended the request without a result")
+        # A coroutine, not a walk over _call: no async generator to finalise per request.
+        connection, rid, queue = await self._send_request(
+            address, Op.INFER, request_to_wire(req), None
+        )
+        finished = False
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                env = await self._next_reply(address, queue, deadline, timeout)
+                if env.code == Kind.ERROR:
+                    finished = True
+                    raise error_from_wire(env.body)
+                if env.code in (Kind.RESULT, Kind.PONG):
+                    finished = True
+                    return result_from_wire(env.body)
+        finally:
+            await self._settle(address, connection, rid, finished)
 
     async def stream(
         self, address: str, req: InferRequest, timeout: float
@@ -286,13 +300,34 @@ class PeerClient:
         self, address: str, op: Op, body: Any, term: int | None, timeout: float = 10.0
     ) -> AsyncIterator[Envelope]:
         """Send one request; yield TOKEN envelopes and the final RESULT/PONG; raise on ERROR."""
+        connection, rid, queue = await self._send_request(address, op, body, term)
+        finished = False
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                env = await self._next_reply(address, queue, deadline, timeout)
+                if env.code == Kind.ERROR:
+                    finished = True
+                    raise error_from_wire(env.body)
+                if env.code in (Kind.RESULT, Kind.PONG):
+                    finished = True
+                    yield env
+                    return
+                if env.code == Kind.TOKEN:
+                    yield env
+        finally:
+            await self._settle(address, connection, rid, finished)
+
+    async def _send_request(
+        self, address: str, op: Op, body: Any, term: int | None
+    ) -> tuple[_Connection, str, asyncio.Queue[Envelope]]:
+        """Send one request and wait for its ack; PeerUnavailable if none comes in time."""
         connection = self._connections.get(address)
         if connection is None:
             connection = self._connections[address] = _Connection(self, address)
         rid = uuid.uuid4().hex
         queue: asyncio.Queue[Envelope] = asyncio.Queue()
         connection.pending[rid] = queue
-        finished = False
         try:
             frames = seal(self.keyring, Envelope(op, rid, self.clock(), body, term))
             await connection.socket.send_multipart(frames)
@@ -307,31 +342,31 @@ class PeerClient:
                 raise PeerUnavailable(
                     f"peer {address} did not answer within {self.ack_timeout} s"
                 ) from None
-            if ack.code != Kind.ACK:
-                queue.put_nowait(ack)  # a reply overtook its ack: keep it
-            deadline = time.monotonic() + timeout
-            while True:
-                remaining = deadline - time.monotonic()
-                try:
-                    async with asyncio.timeout(max(0.0, remaining)):
-                        env = await queue.get()
-                except TimeoutError:
-                    raise PeerUnavailable(
-                        f"peer {address} went silent for {timeout:.0f} s"
-                    ) from None
-                if env.code == Kind.ERROR:
-                    finished = True
-                    raise error_from_wire(env.body)
-                if env.code in (Kind.RESULT, Kind.PONG):
-                    finished = True
-                    yield env
-                    return
-                if env.code == Kind.TOKEN:
-                    yield env
-        finally:
-            connection.pending.pop(rid, None)
-            if not finished and address in self._connections:
-                # The caller left (or timed out): tell the peer to stop working for nobody.
-                with contextlib.suppress(zmq.ZMQError):
-                    cancel = seal(self.keyring, Envelope(Op.CANCEL, rid, self.clock(), None))
-                    await connection.socket.send_multipart(cancel, flags=zmq.NOBLOCK)
+        except BaseException:
+            await self._settle(address, connection, rid, False)
+            raise
+        if ack.code != Kind.ACK:
+            queue.put_nowait(ack)  # a reply overtook its ack: keep it
+        return connection, rid, queue
+
+    async def _next_reply(
+        self, address: str, queue: asyncio.Queue[Envelope], deadline: float, timeout: float
+    ) -> Envelope:
+        """Return the request's next reply; PeerUnavailable once the deadline has passed."""
+        if not queue.empty():  # already here: no timeout to arm
+            return queue.get_nowait()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await queue.get()
+        except TimeoutError:
+            raise PeerUnavailable(f"peer {address} went silent for {timeout:.0f} s") from None
+
+    async def _settle(
+        self, address: str, connection: _Connection, rid: str, finished: bool
+    ) -> None:
+        """Forget the request; if it did not finish, tell the peer to stop working for nobody."""
+        connection.pending.pop(rid, None)
+        if not finished and address in self._connections:
+            with contextlib.suppress(zmq.ZMQError):
+                cancel = seal(self.keyring, Envelope(Op.CANCEL, rid, self.clock(), None))
+                await connection.socket.send_multipart(cancel, flags=zmq.NOBLOCK)

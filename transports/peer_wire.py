@@ -127,7 +127,28 @@ def open_frames(keyring: Keyring, frames: list[bytes], now: float) -> Envelope:
 
 
 def request_to_wire(req: InferRequest) -> dict[str, Any]:
-    return dataclasses.asdict(req)
+    """Return the request as a map (what dataclasses.asdict gives, built without its deep copy)."""
+    p = req.params
+    return {
+        "model": req.model,
+        "prompt": req.prompt,
+        "messages": None
+        if req.messages is None
+        else tuple({"role": m.role, "content": m.content} for m in req.messages),
+        "tensors": None if req.tensors is None else tuple(_tensor_to_wire(t) for t in req.tensors),
+        "params": {
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "stop": p.stop,
+            "seed": p.seed,
+        },
+        "timeout_s": req.timeout_s,
+    }
+
+
+def _tensor_to_wire(t: TensorData) -> dict[str, Any]:
+    return {"dtype": t.dtype, "shape": t.shape, "data": t.data}
 
 
 def request_from_wire(body: Any) -> InferRequest:
@@ -153,7 +174,18 @@ def _tensor(t: dict[str, Any]) -> TensorData:
 
 
 def result_to_wire(result: InferResult) -> dict[str, Any]:
-    return dataclasses.asdict(result)
+    """Return the result as a map (what dataclasses.asdict gives, built without its deep copy)."""
+    return {
+        "text": result.text,
+        "tokens_generated": result.tokens_generated,
+        "prompt_tokens": result.prompt_tokens,
+        "finish_reason": result.finish_reason,
+        "latency_ms": result.latency_ms,
+        "model_version": result.model_version,
+        "tensors": None
+        if result.tensors is None
+        else tuple(_tensor_to_wire(t) for t in result.tensors),
+    }
 
 
 def result_from_wire(body: Any) -> InferResult:
