@@ -285,11 +285,7 @@ class ClusterLink:
     # -- the peer RPC handler: requests from other nodes ----------------------------------
 
     async def peer_infer(self, req: InferRequest) -> InferResult:
-        async with contextlib.aclosing(self.node.serve_local(req, stream=False)) as items:
-            async for item in items:
-                if isinstance(item, InferResult):
-                    return item
-        raise MocError("the model ended the request without a result")
+        return await self.node.infer_local(req)
 
     def peer_infer_stream(self, req: InferRequest) -> AsyncGenerator[StreamItem, None]:
         return self.node.serve_local(req, stream=True)

@@ -236,11 +236,7 @@ class Node:
         link = self._cluster
         if link is not None and self._goes_remote(link, req.model):
             return await link.infer_remote(req)  # a coroutine: no generator layers to forward
-        async with contextlib.aclosing(self.serve_local(req, stream=False)) as items:
-            async for item in items:
-                if isinstance(item, InferResult):
-                    return item
-        raise MocError("the model ended the request without a result")  # unreachable by contract
+        return await self.infer_local(req)
 
     def infer_stream(self, req: InferRequest) -> AsyncGenerator[StreamItem, None]:
         return self._run(req, stream=True)
@@ -252,7 +248,8 @@ class Node:
             "healthy" if devices else "unhealthy",
             ", ".join(f"{d.label}: {d.free_mb:.0f}/{d.total_mb:.0f} MiB free" for d in devices),
         )
-        models = self.models()
+        # The board's snapshot: health needs no queue figures (models() adds them per model).
+        models = self._board.snapshot(time.monotonic())
         broken = [m.name for m in models if m.state == "failed" or m.breaker != "closed"]
         components["models"] = ComponentHealth(
             "degraded" if broken else "healthy",
@@ -473,6 +470,40 @@ class Node:
         except (GeneratorExit, asyncio.CancelledError):
             if outcome != "success":  # closed after its result: a success, not a cancel
                 outcome = Cancelled.code
+            raise
+        finally:
+            metrics.inference_requests_total.labels(req.model, outcome).inc()
+
+    async def infer_local(self, req: InferRequest) -> InferResult:
+        """Run a whole inference with this node's own model actors (never forwarded).
+
+        serve_local(stream=False) as a coroutine: the hot path of one-shot inferences, without
+        an async generator to drive and close per request.
+        """
+        self._check_open()
+        outcome = "error"
+        try:
+            async with self._bulkheads.get(req.model).slot():
+                sink = _LoopSink(asyncio.get_running_loop())
+                timeout = req.timeout_s or self._request_timeout
+                job = InferJob(req, sink, stream=False, deadline=time.monotonic() + timeout)
+                await self._submit(req.model, job)
+                try:
+                    while True:
+                        item = await sink.queue.get()
+                        if isinstance(item, BaseException):
+                            raise item
+                        if isinstance(item, InferResult):
+                            outcome = "success"
+                            return item
+                finally:
+                    if outcome != "success":
+                        sink.cancel()  # the caller left: stop generating between tokens
+        except MocError as exc:
+            outcome = exc.code
+            raise
+        except asyncio.CancelledError:
+            outcome = Cancelled.code
             raise
         finally:
             metrics.inference_requests_total.labels(req.model, outcome).inc()

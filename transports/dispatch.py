@@ -238,9 +238,15 @@ def infer_result_view(result: InferResult) -> dict[str, Any]:
     }
 
 
+# Every field of ModelInfo and DeviceInfo is a scalar, so reading the fields gives what
+# dataclasses.asdict gives, without its recursive deep copy (list_models is a hot action).
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelInfo))
+_DEVICE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceInfo))
+
+
 def model_view(info: ModelInfo) -> dict[str, Any]:
     """Return one model as JSON, with the legacy names `model_name` and `memory_usage_mb`."""
-    view = dataclasses.asdict(info)
+    view = {name: getattr(info, name) for name in _MODEL_FIELDS}
     view["model_name"] = info.name
     view["memory_usage_mb"] = info.memory_mb
     return view
@@ -248,7 +254,7 @@ def model_view(info: ModelInfo) -> dict[str, Any]:
 
 def device_view(info: DeviceInfo) -> dict[str, Any]:
     """Return one device as JSON; simulated devices say so in `label` and `simulated`."""
-    view = dataclasses.asdict(info)
+    view = {name: getattr(info, name) for name in _DEVICE_FIELDS}
     view["label"] = info.label
     view["simulated"] = info.simulated
     return view

@@ -100,10 +100,14 @@ def _unpack(body: bytes) -> Any:
         raise BadFrame("frame is not valid msgpack") from None
 
 
+# One encoder for every reply: json.dumps with options builds a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_reply(reply: Mapping[str, Any], encoding: Encoding) -> bytes:
     """Encode a reply; raise TypeError or ValueError when a value cannot be encoded."""
     if encoding == "json":
-        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return _JSON.encode(reply).encode("utf-8")
     packed: bytes = msgpack.packb(reply, use_bin_type=True)
     return packed
 
