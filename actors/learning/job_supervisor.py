@@ -116,6 +116,7 @@ class JobProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         cmd = [
             sys.executable,
+            "-P",  # no cwd on sys.path: an `actors` package there must not shadow this tree
             "-m",
             "actors.learning.job_process",
             "--events-fd",

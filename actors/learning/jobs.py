@@ -1,8 +1,9 @@
 """The job store: every learning job, its progress, losses and checkpoint, in SQLite (WAL).
 
-One connection guarded by a lock, shared by the actor and its job threads: writes are small
-(a progress row, a checkpoint step) and WAL lets readers (the CLI, a second process) look in
-while a job writes. A job's row is the truth about it; the actor's memory only holds what is
+Each process opens its own store, one connection guarded by a lock: the node's actor, and
+each job's process writing its own row. Writes are small transactions (a progress row, a
+checkpoint step), so the processes take turns on SQLite's write lock (waiting up to 30 s), and
+WAL lets readers (the actor's `get`, the CLI) look in while a job writes. A job's row is the truth about it; the actor's memory only holds what is
 running now, so a restart rebuilds everything from here.
 """
 

@@ -1,5 +1,7 @@
 """Run one learning job to its end in the calling thread: load, train, checkpoint, export.
 
+It runs in the job's own process (`job_process`), never in the node's.
+
 The runner reads and writes only its own job's row. It checks `cancel` (the client cancelled)
 and `stop` (the node shuts down: the job stays queued and resumes) before every step and
 between phases, so both take effect within one training step.
@@ -46,7 +48,7 @@ class JobResult:
 
 @dataclass
 class JobContext:
-    """What a job run needs from the actor."""
+    """What a job run needs: its row, the store, the model files, and the stop flags."""
 
     job: JobRecord
     config: LearningConfig

@@ -93,3 +93,19 @@ def test_a_job_process_for_a_job_not_in_the_store_reports_the_error_and_exits_1(
     )
     assert events == []
     assert not process.log_path.exists() or process.log_path.read_text() == ""
+
+
+def test_a_job_process_imports_this_tree_even_when_the_cwd_holds_another_actors_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shadow = tmp_path / "cwd" / "actors"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the wrong actors package')\n")
+    monkeypatch.chdir(shadow.parent)
+    config = LearningConfig(job_store=str(tmp_path / "jobs.db"), output_dir=str(tmp_path / "out"))
+    ended = threading.Event()
+    process = JobProcess("nope", config, {}, on_event=lambda _: None, on_exit=lambda _: ended.set())
+    process.start()
+    assert ended.wait(60)
+    assert process.outcome is not None
+    assert process.outcome.error == "no learning job nope in the store"
