@@ -50,6 +50,7 @@ from actors.learning.errors import (
     JobNotFound,
     UnsupportedModel,
 )
+from actors.learning.estimate import estimate_memory_mb
 from actors.learning.gguf_io import read_params
 from actors.learning.job_process import describe_error
 from actors.learning.job_supervisor import JobExit, JobProcess
@@ -193,8 +194,6 @@ class LearningActor(pykka.ThreadingActor):
                 self._resolve_checked("training_params.teacher", job.params.teacher)
             )
         params = _model_params(base)
-        from actors.learning.trainers import estimate_memory_mb  # torch: imported on first use
-
         memory = estimate_memory_mb(params, job.job_type, job.params, teacher)
         job_id = uuid.uuid4().hex[:12]
         output = job.output_name or f"{job.model_name}@{job_id}"
