@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODEL = "tiny"
+# The node under test is started exactly as the ZMQ load bench starts it.
+from zmq_load import MODEL, start_node, write_config  # noqa: E402
+
 MIX: tuple[tuple[str, float], ...] = (
     ("zmq:health", 0.25),
     ("zmq:list_models", 0.15),
@@ -275,67 +276,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def write_config(workdir: Path, zmq_port: int, rest_port: int) -> Path:
-    """Generate the tiny model and a TOML config serving it on loopback."""
-    from actors.gguf_synth import write_preset
-
-    models = workdir / "models"
-    models.mkdir()
-    path = write_preset(models / f"{MODEL}.gguf", "tiny", seed=1)
-    config = workdir / "node.toml"
-    config.write_text(
-        f"""
-[node]
-name = "soak"
-state_dir = "{workdir / "state"}"
-model_dirs = ["{models}"]
-
-[server]
-host = "127.0.0.1"
-zmq_port = {zmq_port}
-rest_port = {rest_port}
-
-[resources]
-devices = "cpu"
-
-[[models.catalog]]
-name = "{MODEL}"
-path = "{path}"
-n_ctx = 256
-preload = true
-pin = true
-""",
-        encoding="utf-8",
-    )
-    return config
-
-
-def start_node(
-    config: Path, rest_port: int, log_path: Path, timeout: float = 120.0
-) -> subprocess.Popen[bytes]:
-    """Start `moc-node run` and wait until /ready answers 200; raise with the log tail if not."""
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moc_node.cli", "run", "--config", str(config)]
-        + ["--log-level", "WARNING"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
-    stop_node(proc)
-    tail = log_path.read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"node not ready (exit code {proc.returncode}); log tail:\n{tail}")
 
 
 def stop_node(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
