@@ -12,12 +12,14 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import prometheus_client
 
 from actors.errors import InsufficientMemory, MocError, ModelAlreadyLoaded, ModelNotFound
+from actors.store import LoadedRecord
 from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
 from cluster.config import ClusterConfig
 from cluster.election import TermStore
@@ -44,6 +46,12 @@ log = logging.getLogger(__name__)
 
 StreamItem = TokenChunk | InferResult
 
+forward_retries_total = prometheus_client.Counter(
+    "moc_cluster_forward_retries",
+    "Forwarded requests sent to another holder after one did not acknowledge in time",
+    ["mode"],
+)
+
 
 class StaleTerm(MocError):
     """A placement command carried an older term than this node has seen: a deposed primary."""
@@ -55,6 +63,44 @@ class NoPrimary(MocError):
     """No primary is known (this side of a partition has no majority): nothing can be placed."""
 
     code = "no_primary"
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePlan:
+    """Which remembered models a (re)starting node loads again, and which it leaves to peers."""
+
+    restore: tuple[str, ...]
+    """Load these again, in the remembered order."""
+    skip: Mapping[str, str]
+    """Model -> the live peer that already holds (or is loading) it: forget these here."""
+
+
+def plan_restore(
+    records: Sequence[LoadedRecord], members: Iterable[ClusterMember], local: str
+) -> RestorePlan:
+    """Decide which remembered models to restore now that the cluster's view is known.
+
+    A model a live peer (alive, not leaving) holds or is loading was placed there while this
+    node was away: loading it again would hold it twice, so it is skipped. A pinned model is
+    restored anyway: the operator asked for it on this host, and a peer's copy does not
+    replace that (the second copy is deliberate).
+    """
+    held: dict[str, str] = {}
+    for m in sorted(members, key=lambda m: m.name):
+        if m.name == local or not takes_work(m):
+            continue
+        assert m.meta is not None
+        for model in (*m.meta.model_names, *m.meta.loading):
+            held.setdefault(model, m.name)
+    restore: list[str] = []
+    skip: dict[str, str] = {}
+    for record in records:
+        holder = held.get(record.name)
+        if holder is None or record.pinned:
+            restore.append(record.name)
+        else:
+            skip[record.name] = holder
+    return RestorePlan(tuple(restore), skip)
 
 
 class ClusterLink:
@@ -96,6 +142,29 @@ class ClusterLink:
     async def start(self) -> None:
         await self.server.start()
         await self.runner.start()
+
+    async def plan_restore(self, records: Sequence[LoadedRecord]) -> RestorePlan:
+        """Wait until joined (the view is known), then decide which of `records` to restore."""
+        if any(not r.pinned for r in records):  # only then does the view change anything
+            await self._await_joined()
+        return plan_restore(records, self.runner.members(), self.name)
+
+    async def _await_joined(self) -> None:
+        """Wait until a peer is known alive, or give up after one stream exchange's time.
+
+        The join is a push-pull with the seeds, whose reply carries the seed's whole view at
+        once: the first peer seen means the view is complete. A node whose seeds do not answer
+        (the first of a cluster to start, or the last survivor) goes on alone after the wait.
+        """
+        if not self.config.seeds:
+            return
+        patience = max(10 * self.config.probe_timeout_s, 1.0)  # the runner's stream timeout
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            if any(m.name != self.name and m.meta is not None for m in self.runner.members()):
+                return
+            await asyncio.sleep(0.02)  # polling the gossiped view with a deadline
+        log.info("no cluster peer answered within %.1f s: restoring without its view", patience)
 
     async def leave(self, timeout: float = 2.0) -> None:
         """Tell the peers this node is leaving (they stop routing to it), before draining."""
@@ -171,9 +240,11 @@ class ClusterLink:
                 return await self.client.infer(
                     self._peer_address(holder), req, timeout=self._timeout
                 )
-            except PeerUnavailable:
+            except PeerUnavailable as exc:
                 if attempt == len(candidates):
                     raise
+                forward_retries_total.labels("infer").inc()
+                log.info("forwarding %s: %s; trying the next holder", req.model, exc)
         raise AssertionError("unreachable: candidates is never empty")
 
     async def _destination(self, model: str) -> tuple[str, ...]:
@@ -209,9 +280,11 @@ class ClusterLink:
                         started = True
                         yield item
                 return
-            except PeerUnavailable:
+            except PeerUnavailable as exc:
                 if started or attempt == len(candidates):
                     raise
+                forward_retries_total.labels("stream").inc()
+                log.info("forwarding %s: %s; trying the next holder", req.model, exc)
 
     def _peer_address(self, name: str) -> str:
         member = self.runner.member(name)

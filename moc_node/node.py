@@ -135,9 +135,20 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Restore the models loaded before the last stop, preload configured ones, be ready."""
+        """Restore the models loaded before the last stop, preload configured ones, be ready.
+
+        In a cluster (attached before this is called), a remembered model that a live peer
+        now holds is not loaded again but forgotten: the cluster placed it there meanwhile.
+        """
         wanted: dict[str, LoadRequest] = {}
-        for record in self._store.loaded():
+        records = self._store.loaded()
+        if self._cluster is not None and records:
+            plan = await self._cluster.plan_restore(records)
+            for name, holder in plan.skip.items():
+                log.info("not restoring model %s: %s holds it now", name, holder)
+                self._store.record_unloaded(name)
+            records = [r for r in records if r.name not in plan.skip]
+        for record in records:
             wanted[record.name] = LoadRequest(
                 name=record.name,
                 path=record.path,

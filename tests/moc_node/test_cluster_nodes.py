@@ -1,7 +1,9 @@
-"""Three real node processes on loopback form one cluster and route requests to each other."""
+"""Three real node processes on loopback form one cluster, route requests to each other, and
+survive a holder's kill -9 and restart without holding a model twice."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from tests.moc_node.cluster_procs import (
     complete,
     holders,
     start_cluster,
+    wait_ready,
     wait_until,
 )
 
@@ -26,7 +29,11 @@ def cluster(tmp_path: Path) -> Iterator[dict[str, NodeProc]]:
 
 def test_three_nodes_elect_one_primary_and_place_a_model_once(cluster: dict[str, NodeProc]) -> None:
     a, b, c = (cluster[n] for n in NAMES)
-    wait_until(lambda: all(alive(n.get("/cluster")) == set(NAMES) for n in (a, b, c)), 30, "3 alive members")
+    wait_until(
+        lambda: all(alive(n.get("/cluster")) == set(NAMES) for n in (a, b, c)),
+        30,
+        "3 alive members",
+    )
     wait_until(lambda: all(n.get("/cluster")["primary"] for n in (a, b, c)), 30, "a primary")
     primaries = {n.get("/cluster")["primary"]["name"] for n in (a, b, c)}
     assert len(primaries) == 1
@@ -42,10 +49,16 @@ def test_three_nodes_elect_one_primary_and_place_a_model_once(cluster: dict[str,
     assert len(holders(cluster, "m")) == 1
 
     (holder,) = holders(cluster, "m")
-    wait_until(lambda: all(n.get("/cluster")["models"].get("m") == [holder] for n in (a, b, c)), 10, "gossiped holder")
+    wait_until(
+        lambda: all(n.get("/cluster")["models"].get("m") == [holder] for n in (a, b, c)),
+        10,
+        "gossiped holder",
+    )
 
 
-def test_when_the_holder_dies_the_model_is_placed_again_elsewhere(cluster: dict[str, NodeProc]) -> None:
+def test_when_the_holder_dies_the_model_is_placed_again_elsewhere(
+    cluster: dict[str, NodeProc],
+) -> None:
     a, b, c = (cluster[n] for n in NAMES)
     wait_until(lambda: all(n.get("/cluster")["primary"] for n in (a, b, c)), 30, "a primary")
     status, _ = complete(a)
@@ -54,7 +67,57 @@ def test_when_the_holder_dies_the_model_is_placed_again_elsewhere(cluster: dict[
     cluster[holder].proc.kill()
     cluster[holder].proc.wait()
     survivors = [n for n in (a, b, c) if n.name != holder]
-    wait_until(lambda: all(holder not in alive(n.get("/cluster")) for n in survivors), 30, "death detected")
+    wait_until(
+        lambda: all(holder not in alive(n.get("/cluster")) for n in survivors), 30, "death detected"
+    )
     wait_until(lambda: complete(survivors[0])[0] == 200, 30, "served again")
     assert len(holders(cluster, "m")) == 1
     assert holder not in holders(cluster, "m")
+
+
+def remembered(tmp_path: Path, name: str) -> set[str]:
+    """Return the models the node's state file would restore (read-only, safe while it runs)."""
+    db = tmp_path / name / "moc-node.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return {row[0] for row in conn.execute("SELECT name FROM loaded_models")}
+
+
+def state_of(node: NodeProc, model: str) -> str | None:
+    return {m["name"]: m["state"] for m in node.get("/models")["models"]}.get(model)
+
+
+def test_a_restarted_holder_leaves_a_re_placed_model_to_its_new_holder(
+    cluster: dict[str, NodeProc], tmp_path: Path
+) -> None:
+    nodes = [cluster[n] for n in NAMES]
+    wait_until(lambda: all(n.get("/cluster")["primary"] for n in nodes), 30, "a primary")
+    status, body = complete(nodes[0])
+    assert status == 200, body
+    (first,) = holders(cluster, "m")
+    killed = cluster[first]
+    killed.proc.kill()  # SIGKILL: no drain, no unload, the state file still lists m
+    killed.proc.wait()
+    assert "m" in remembered(tmp_path, first)
+
+    survivors = [n for n in nodes if n.name != first]
+    wait_until(
+        lambda: all(first not in alive(n.get("/cluster")) for n in survivors), 30, "death seen"
+    )
+    wait_until(lambda: complete(survivors[0])[0] == 200, 30, "m placed again")
+    (second,) = holders(cluster, "m")
+    assert second != first
+    wait_until(
+        lambda: all(n.get("/cluster")["models"].get("m") == [second] for n in survivors),
+        10,
+        "the new holder gossiped",
+    )
+
+    killed.restart()
+    wait_ready(killed)  # ready only after the restore decision was carried out
+
+    assert holders(cluster, "m") == {second}
+    assert state_of(killed, "m") not in ("loaded", "loading")
+    assert "m" not in remembered(tmp_path, first)  # forgotten: a later restart skips it too
+    status, body = complete(killed)  # and the restarted node forwards to the holder
+    assert status == 200, body
+    assert holders(cluster, "m") == {second}
