@@ -115,8 +115,15 @@ def message_to_wire(msg: Message) -> list[Any]:
 
 
 def encode_message(msg: Message) -> bytes:
-    """Return one message alone as msgpack (used for sizes and stream bodies)."""
-    return bytes(msgpack.packb(message_to_wire(msg), use_bin_type=True))
+    """Return one message alone as msgpack (used for sizes and stream bodies).
+
+    Raise LocalUsageError for a value the wire cannot carry (an int beyond 64 bits).
+    """
+    try:
+        return bytes(msgpack.packb(message_to_wire(msg), use_bin_type=True))
+    except (OverflowError, TypeError, ValueError) as exc:
+        # msgpack's own errors would escape callers that handle LocalUsageError (the runner).
+        raise LocalUsageError(f"{type(msg).__name__} cannot be encoded: {exc}") from None
 
 
 def message_size(msg: Message) -> int:
@@ -131,7 +138,10 @@ def _array_header(n: int) -> bytes:
 
 
 def encode_packet(messages: Sequence[Message], keyring: Keyring, limit: int) -> bytes:
-    """Sign and frame messages as one packet; raise LocalUsageError if it exceeds `limit`."""
+    """Sign and frame messages as one packet; raise LocalUsageError if it exceeds `limit`.
+
+    A message holding a value the wire cannot carry raises LocalUsageError too.
+    """
     if not messages:
         raise LocalUsageError("a packet needs at least one message")
     body = _array_header(len(messages)) + b"".join(encode_message(m) for m in messages)

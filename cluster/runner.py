@@ -368,10 +368,16 @@ class ClusterRunner:
         out: list[Outbound] = []
         e = self.election
         for msg in msgs:
-            if e.accepts(msg):
-                out.extend(e.handle(msg, src, now))
-            else:
-                out.extend(self._m.handle(msg, src, now, reliable))
+            try:
+                if e.accepts(msg):
+                    out.extend(e.handle(msg, src, now))
+                else:
+                    out.extend(self._m.handle(msg, src, now, reliable))
+            except Exception:
+                # A message a machine cannot handle must not escape into the loop's callbacks
+                # (nor drop the rest of the packet): count it and log the bug.
+                log.exception("cluster: handling %s from %s:%d failed", type(msg).__name__, *src)
+                self._drop("handler_error")
         return out
 
     # ------------------------------------------------------------------ sending
@@ -505,7 +511,12 @@ class ClusterRunner:
             log.exception("cluster: metadata provider failed")
             return
         if should_publish(self._published, meta, self._published_at, now):
-            self._m.set_meta(encode_meta(meta, self.config.max_meta_bytes), now)
+            try:
+                self._m.set_meta(encode_meta(meta, self.config.max_meta_bytes), now)
+            except LocalUsageError:
+                # Our own record no longer encodes: log it, but keep this tick's probes and acks.
+                log.exception("cluster: cannot publish metadata")
+                return
             self._published, self._published_at = meta, now
 
     def _decode(self, data: bytes) -> NodeMeta | None:

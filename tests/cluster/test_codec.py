@@ -199,3 +199,12 @@ def test_key_files_accept_hex_and_base64_and_reject_short_keys() -> None:
         parse_keys("abcd\n")
     with pytest.raises(ValueError, match="no key"):
         parse_keys("# nothing\n")
+
+
+def test_a_value_the_wire_cannot_carry_is_a_local_usage_error() -> None:
+    # msgpack's OverflowError would escape the runner, which handles LocalUsageError.
+    too_big = Alive(2**64, "a", ("10.0.0.1", 7946), b"")
+    with pytest.raises(LocalUsageError, match="cannot be encoded"):
+        encode_packet([too_big], Keyring(()), 1400)
+    with pytest.raises(LocalUsageError):
+        message_size(too_big)

@@ -281,3 +281,33 @@ async def test_random_and_signed_nonsense_never_stops_the_loop(cluster: Cluster)
     probes = b.membership.counters.probes
     await until(lambda: b.membership.counters.probes > probes + 2)
     assert states(b)["a"] == MemberState.ALIVE
+
+
+async def test_a_message_a_machine_cannot_handle_is_counted_and_nothing_escapes_to_the_loop(
+    cluster: Cluster,
+) -> None:
+    from cluster.messages import Suspect
+
+    loop = asyncio.get_running_loop()
+    escaped: list[dict[str, Any]] = []
+
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        escaped.append(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        a = await cluster.add("a")
+        b = await cluster.add("b")
+        await until(cluster.converged)
+        # Signed, well formed, and accusing a at the largest incarnation the wire carries: the
+        # refutation does not fit in 64 bits (membership's to fix); the runner must contain it.
+        _send_raw(a.addr, [encode_packet([Suspect(2**64 - 1, "a", "mallory")], KEY, 1400)])
+        await until(lambda: a.dropped().get("handler_error", 0) == 1, what="handler_error")
+        # Push-pulls either way now fail to encode a's record: counted, not raised in a task.
+        await until(lambda: a.dropped().get("unsendable", 0) >= 2, what="unsendable push-pulls")
+        probes = b.membership.counters.probes
+        await until(lambda: b.membership.counters.probes > probes + 2)
+        assert b.membership.counters.probe_failures == 0
+    finally:
+        loop.set_exception_handler(None)
+    assert escaped == []
