@@ -1,15 +1,20 @@
 """Peer RPC: how nodes forward requests to each other (ZMQ ROUTER server, DEALER clients).
 
-Every request is acknowledged at once, so a caller can tell "the peer is down" (no ack within
-`ack_timeout`: try another holder) from "the peer is working on it". Streams send one TOKEN frame
-per piece and end with RESULT or ERROR; a CANCEL stops the peer's generation. Frames that fail
-authentication, are stale or malformed are counted and dropped, never answered.
+A caller must hear from the peer within its `ack_timeout`, so it can tell "the peer is down"
+(silence: try another holder) from "the peer is working on it". The request carries that
+timeout; the peer answers straight away when the answer is ready within a fraction of it (one
+message, not an ack and then the answer: most forwarded requests), and sends an ACK only when it
+is not. Streams send one TOKEN frame per piece and end with RESULT or ERROR; a CANCEL stops the
+peer's generation. Frames that fail authentication, are stale or malformed are counted and
+dropped, never answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -52,6 +57,10 @@ peer_dropped_total = Counter(
     "moc_peer_messages_dropped_total", "Peer RPC frames refused, by reason", ["reason"]
 )
 
+ACK_GRACE_FRACTION = 0.2
+"""Of the requester's ack timeout: how long the peer holds back the ACK, hoping to send the
+answer instead. The rest of the timeout is margin for a busy event loop and the network."""
+
 
 class PeerHandler(Protocol):
     """What a node does for its peers: serve locally (never forward again: one hop at most)."""
@@ -90,6 +99,7 @@ class PeerServer:
         self._socket: zmq.asyncio.Socket | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: dict[tuple[bytes, str], asyncio.Task[None]] = {}
+        self._acks: dict[tuple[bytes, str], asyncio.TimerHandle] = {}
         self.port = port
 
     async def start(self) -> None:
@@ -105,6 +115,9 @@ class PeerServer:
         log.info("peer RPC listening on port %d", self.port)
 
     async def stop(self) -> None:
+        for handle in self._acks.values():
+            handle.cancel()
+        self._acks.clear()
         for task in list(self._tasks.values()):
             task.cancel()
         if self._loop_task is not None:
@@ -143,18 +156,35 @@ class PeerServer:
         except ValueError:
             peer_dropped_total.labels("unknown_op").inc()
             return
-        self._send(ident, Envelope(Kind.ACK, env.request_id, self._clock(), None))
+        if op == Op.PING:  # answered here and now: the pong is the ack
+            self._reply(ident, Kind.PONG, env.request_id, None)
+            peer_requests_total.labels("ping", "success").inc()
+            return
+        if env.ack_s is None:  # a requester that does not say how long it waits: ack at once
+            self._send(ident, Envelope(Kind.ACK, env.request_id, self._clock(), None))
         task = asyncio.create_task(self._run(ident, op, env))
         self._tasks[key] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(key, None))
+        if env.ack_s is not None:
+            grace = env.ack_s * ACK_GRACE_FRACTION
+            self._acks[key] = task.get_loop().call_later(grace, self._ack, key)
+        task.add_done_callback(lambda _t: self._finished(key))
+
+    def _ack(self, key: tuple[bytes, str]) -> None:
+        """The answer is not ready within the grace: tell the requester the work goes on."""
+        self._acks.pop(key, None)
+        self._send(key[0], Envelope(Kind.ACK, key[1], self._clock(), None))
+
+    def _finished(self, key: tuple[bytes, str]) -> None:
+        self._tasks.pop(key, None)
+        handle = self._acks.pop(key, None)
+        if handle is not None:  # cancelled before anything was sent: no ack owed either
+            handle.cancel()
 
     async def _run(self, ident: bytes, op: Op, env: Envelope) -> None:
         rid = env.request_id
         outcome = "success"
         try:
-            if op == Op.PING:
-                self._reply(ident, Kind.PONG, rid, None)
-            elif op == Op.INFER:
+            if op == Op.INFER:
                 result = await self._handler.peer_infer(request_from_wire(env.body))
                 self._reply(ident, Kind.RESULT, rid, result_to_wire(result))
             elif op == Op.STREAM:
@@ -184,6 +214,9 @@ class PeerServer:
             peer_requests_total.labels(op.name.lower(), outcome).inc()
 
     def _reply(self, ident: bytes, kind: Kind, rid: str, body: Any) -> None:
+        handle = self._acks.pop((ident, rid), None)
+        if handle is not None:  # the first reply within the grace stands in for the ack
+            handle.cancel()
         self._send(ident, Envelope(kind, rid, self._clock(), body))
 
     def _send(self, ident: bytes, env: Envelope) -> None:
@@ -195,6 +228,34 @@ class PeerServer:
             log.debug("peer reply lost: %s", exc)
 
 
+class _Replies:
+    """One request's replies in arrival order, and its caller waiting for the next."""
+
+    __slots__ = ("items", "_waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Envelope] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, env: Envelope) -> None:
+        self.items.append(env)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Return once a reply is here; TimeoutError if none comes within `timeout` seconds."""
+        if self.items:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            # asyncio.timeout, not wait_for: no task per wait on this hot path.
+            async with asyncio.timeout(timeout):
+                await waiter
+        finally:
+            self._waiter = None
+
+
 class _Connection:
     """One DEALER socket to one peer, with a reader task routing replies to waiting requests."""
 
@@ -204,7 +265,7 @@ class _Connection:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
         self.socket.connect(f"tcp://{address}")
-        self.pending: dict[str, asyncio.Queue[Envelope]] = {}
+        self.pending: dict[str, _Replies] = {}
         self.reader = asyncio.create_task(self._read(), name=f"peer-client-{address}")
 
     async def _read(self) -> None:
@@ -215,9 +276,9 @@ class _Connection:
             except PeerWireError as exc:
                 peer_dropped_total.labels(exc.reason).inc()
                 continue
-            queue = self.pending.get(env.request_id)
-            if queue is not None:
-                queue.put_nowait(env)
+            replies = self.pending.get(env.request_id)
+            if replies is not None:
+                replies.put(env)
 
     def close(self) -> None:
         self.reader.cancel()
@@ -240,6 +301,10 @@ class PeerClient:
         self.clock = clock
         self.context = context or zmq.asyncio.Context.instance()
         self._connections: dict[str, _Connection] = {}
+        # Request ids: unique per client (a peer keys them by connection too); a counter
+        # costs a fraction of a uuid4 per request.
+        self._id_prefix = uuid.uuid4().hex[:12] + "-"
+        self._ids = itertools.count(1)
 
     def close(self) -> None:
         for connection in self._connections.values():
@@ -256,14 +321,14 @@ class PeerClient:
     async def infer(self, address: str, req: InferRequest, timeout: float) -> InferResult:
         """Run a whole inference on the peer."""
         # A coroutine, not a walk over _call: no async generator to finalise per request.
-        connection, rid, queue = await self._send_request(
+        connection, rid, replies = await self._send_request(
             address, Op.INFER, request_to_wire(req), None
         )
         finished = False
         try:
             deadline = time.monotonic() + timeout
             while True:
-                env = await self._next_reply(address, queue, deadline, timeout)
+                env = await self._next_reply(address, replies, deadline, timeout)
                 if env.code == Kind.ERROR:
                     finished = True
                     raise error_from_wire(env.body)
@@ -300,12 +365,12 @@ class PeerClient:
         self, address: str, op: Op, body: Any, term: int | None, timeout: float = 10.0
     ) -> AsyncIterator[Envelope]:
         """Send one request; yield TOKEN envelopes and the final RESULT/PONG; raise on ERROR."""
-        connection, rid, queue = await self._send_request(address, op, body, term)
+        connection, rid, replies = await self._send_request(address, op, body, term)
         finished = False
         try:
             deadline = time.monotonic() + timeout
             while True:
-                env = await self._next_reply(address, queue, deadline, timeout)
+                env = await self._next_reply(address, replies, deadline, timeout)
                 if env.code == Kind.ERROR:
                     finished = True
                     raise error_from_wire(env.body)
@@ -320,21 +385,22 @@ class PeerClient:
 
     async def _send_request(
         self, address: str, op: Op, body: Any, term: int | None
-    ) -> tuple[_Connection, str, asyncio.Queue[Envelope]]:
-        """Send one request and wait for its ack; PeerUnavailable if none comes in time."""
+    ) -> tuple[_Connection, str, _Replies]:
+        """Send one request and wait for its ack (or its first reply, which stands in for the
+        ack); PeerUnavailable if neither comes within the ack timeout."""
         connection = self._connections.get(address)
         if connection is None:
             connection = self._connections[address] = _Connection(self, address)
-        rid = uuid.uuid4().hex
-        queue: asyncio.Queue[Envelope] = asyncio.Queue()
-        connection.pending[rid] = queue
+        rid = f"{self._id_prefix}{next(self._ids):x}"
+        replies = _Replies()
+        connection.pending[rid] = replies
         try:
-            frames = seal(self.keyring, Envelope(op, rid, self.clock(), body, term))
+            frames = seal(
+                self.keyring, Envelope(op, rid, self.clock(), body, term, self.ack_timeout)
+            )
             await connection.socket.send_multipart(frames)
             try:
-                # asyncio.timeout, not wait_for: no task per wait on this hot path.
-                async with asyncio.timeout(self.ack_timeout):
-                    ack = await queue.get()
+                await replies.wait(self.ack_timeout)
             except TimeoutError:
                 # No ack: the peer is down or cut off. Drop the socket so a later call reconnects.
                 connection.close()
@@ -345,21 +411,20 @@ class PeerClient:
         except BaseException:
             await self._settle(address, connection, rid, False)
             raise
-        if ack.code != Kind.ACK:
-            queue.put_nowait(ack)  # a reply overtook its ack: keep it
-        return connection, rid, queue
+        if replies.items[0].code == Kind.ACK:
+            replies.items.popleft()  # otherwise the answer came first: it stands for the ack
+        return connection, rid, replies
 
     async def _next_reply(
-        self, address: str, queue: asyncio.Queue[Envelope], deadline: float, timeout: float
+        self, address: str, replies: _Replies, deadline: float, timeout: float
     ) -> Envelope:
         """Return the request's next reply; PeerUnavailable once the deadline has passed."""
-        if not queue.empty():  # already here: no timeout to arm
-            return queue.get_nowait()
-        try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return await queue.get()
-        except TimeoutError:
-            raise PeerUnavailable(f"peer {address} went silent for {timeout:.0f} s") from None
+        if not replies.items:
+            try:
+                await replies.wait(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise PeerUnavailable(f"peer {address} went silent for {timeout:.0f} s") from None
+        return replies.items.popleft()
 
     async def _settle(
         self, address: str, connection: _Connection, rid: str, finished: bool

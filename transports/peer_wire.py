@@ -77,21 +77,24 @@ class Envelope:
     ts: float
     body: Any
     term: int | None = None
+    ack_s: float | None = None
+    """On a request: the requester's ack timeout. The holder answers within a fraction of it,
+    or acknowledges then; absent (older requesters), it acknowledges at once."""
 
 
 def seal(keyring: Keyring, env: Envelope) -> list[bytes]:
     """Encode and sign an envelope into frames."""
-    payload = msgpack.packb(
-        {
-            "v": PEER_PROTOCOL,
-            "c": env.code,
-            "id": env.request_id,
-            "ts": env.ts,
-            "b": env.body,
-            "t": env.term,
-        },
-        use_bin_type=True,
-    )
+    fields = {
+        "v": PEER_PROTOCOL,
+        "c": env.code,
+        "id": env.request_id,
+        "ts": env.ts,
+        "b": env.body,
+        "t": env.term,
+    }
+    if env.ack_s is not None:  # only requests carry it; an older peer ignores the key
+        fields["a"] = env.ack_s
+    payload = msgpack.packb(fields, use_bin_type=True)
     tag = keyring.sign(payload) if keyring.enabled else b""
     return [payload, tag]
 
@@ -120,7 +123,14 @@ def open_frames(keyring: Keyring, frames: list[bytes], now: float) -> Envelope:
         raise PeerWireError("stale", f"timestamp {now - ts:+.1f} s off")
     if term is not None and not isinstance(term, int):
         raise PeerWireError("malformed", "term is not an integer")
-    return Envelope(code, rid, float(ts), obj.get("b"), term)
+    ack_s = obj.get("a")
+    if ack_s is not None and (
+        isinstance(ack_s, bool) or not isinstance(ack_s, int | float) or not 0 < ack_s < 3600
+    ):
+        raise PeerWireError("malformed", "ack timeout is not a positive number of seconds")
+    return Envelope(
+        code, rid, float(ts), obj.get("b"), term, None if ack_s is None else float(ack_s)
+    )
 
 
 # -- domain values <-> plain data -----------------------------------------------------------

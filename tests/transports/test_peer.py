@@ -20,21 +20,35 @@ from actors.types import (
     TokenChunk,
 )
 from cluster.keyring import Keyring
-from transports.peer import PeerClient, PeerServer, peer_dropped_total
-from transports.peer_wire import Envelope, Op, PeerUnavailable, seal
+from transports.peer import ACK_GRACE_FRACTION, PeerClient, PeerServer, peer_dropped_total
+from transports.peer_wire import (
+    Envelope,
+    Kind,
+    Op,
+    PeerUnavailable,
+    open_frames,
+    request_to_wire,
+    result_from_wire,
+    seal,
+)
 
 KEY = Keyring((b"k" * 32,))
 OTHER_KEY = Keyring((b"x" * 32,))
 
 
 class Handler:
-    """Serves model "m"; "slow" streams until cancelled; anything else is not found."""
+    """Serves model "m"; "slow" streams until cancelled; "held" answers when released; anything
+    else is not found."""
 
     def __init__(self) -> None:
         self.closed = asyncio.Event()
+        self.release = asyncio.Event()
         self.loads: list[tuple[str, int | None]] = []
 
     async def peer_infer(self, req: InferRequest) -> InferResult:
+        if req.model == "held":  # answers only once the test releases it
+            await self.release.wait()
+            return InferResult("released", 1, 1, "length", 1.0, "v1")
         if req.model == "busy":
             raise Overloaded("model 'busy' is overloaded", retry_after=3.0)
         if req.params.max_tokens > 100:
@@ -171,3 +185,77 @@ async def test_forged_stale_and_malformed_frames_are_counted_and_dropped(
     sock.close(linger=0)
     # the server keeps serving
     assert (await client.infer(f"127.0.0.1:{server.port}", req(), timeout=5)).text == "hi"
+
+
+class RawRequester:
+    """A bare DEALER socket: sends one request, reads the peer's replies frame by frame."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+
+    async def send(self, model: str, ack_s: float | None) -> None:
+        env = Envelope(Op.INFER, "r1", time.time(), request_to_wire(req(model)), None, ack_s)
+        await self.sock.send_multipart(seal(KEY, env))
+
+    async def reply(self, timeout: float = 5.0) -> Envelope:
+        assert await self.sock.poll(int(timeout * 1000)), "no reply"
+        return open_frames(KEY, await self.sock.recv_multipart(), time.time())
+
+    async def silent(self) -> bool:
+        return not await self.sock.poll(100)
+
+
+@pytest.fixture
+async def raw(served: tuple[Handler, PeerServer, PeerClient]) -> AsyncIterator[RawRequester]:
+    requester = RawRequester(served[1].port)
+    yield requester
+    requester.sock.close(linger=0)
+
+
+async def test_an_answer_ready_within_the_grace_is_sent_without_an_ack(
+    raw: RawRequester,
+) -> None:
+    await raw.send("m", ack_s=2.0)
+    first = await raw.reply()
+    assert first.code == Kind.RESULT  # one message, no ack before it
+    assert result_from_wire(first.body).text == "hi"
+    assert await raw.silent()  # and no late ack after it
+
+
+async def test_an_answer_not_ready_within_the_grace_is_acknowledged_first(
+    served: tuple[Handler, PeerServer, PeerClient], raw: RawRequester
+) -> None:
+    handler = served[0]
+    began = time.monotonic()
+    await raw.send("held", ack_s=0.5)
+    ack = await raw.reply()
+    assert ack.code == Kind.ACK and ack.request_id == "r1"
+    assert time.monotonic() - began >= 0.5 * ACK_GRACE_FRACTION  # held back for the grace
+    handler.release.set()
+    result = await raw.reply()
+    assert result.code == Kind.RESULT and result_from_wire(result.body).text == "released"
+
+
+async def test_a_requester_that_names_no_ack_timeout_is_acknowledged_at_once(
+    raw: RawRequester,
+) -> None:
+    await raw.send("m", ack_s=None)  # as a peer of an older version sends it
+    assert (await raw.reply()).code == Kind.ACK
+    assert (await raw.reply()).code == Kind.RESULT
+
+
+async def test_a_slow_answer_outlasts_the_ack_timeout_once_acknowledged(
+    served: tuple[Handler, PeerServer, PeerClient],
+) -> None:
+    handler, server, _ = served
+    client = PeerClient(KEY, ack_timeout=0.3)
+    try:
+        call = asyncio.create_task(client.infer(f"127.0.0.1:{server.port}", req("held"), 10))
+        done, _ = await asyncio.wait({call}, timeout=1.0)  # over three ack timeouts
+        assert not done, "the acknowledged request was given up"
+        handler.release.set()
+        assert (await call).text == "released"
+    finally:
+        client.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import msgpack
+import pytest
 
 from actors.types import (
     ChatMessage,
@@ -13,11 +15,17 @@ from actors.types import (
     InferResult,
     TensorData,
 )
+from cluster.keyring import Keyring
 from transports.peer_wire import (
+    Envelope,
+    Op,
+    PeerWireError,
+    open_frames,
     request_from_wire,
     request_to_wire,
     result_from_wire,
     result_to_wire,
+    seal,
 )
 
 TENSOR = TensorData("f32", (2, 3), b"\x00" * 24)
@@ -53,3 +61,27 @@ def test_a_result_with_tensors_encodes_as_asdict_and_comes_back_equal() -> None:
     assert result_from_wire(msgpack.unpackb(_packed(wire), raw=False)) == result
     bare = InferResult("t", 1, 2, "length", 1.5, "v1")
     assert _packed(result_to_wire(bare)) == _packed(dataclasses.asdict(bare))
+
+
+KEY = Keyring((b"k" * 32,))
+
+
+def test_a_request_carries_its_ack_timeout_and_a_reply_none() -> None:
+    now = time.time()
+    request = open_frames(KEY, seal(KEY, Envelope(Op.INFER, "r", now, None, 3, 0.5)), now)
+    assert (request.term, request.ack_s) == (3, 0.5)
+    reply = open_frames(KEY, seal(KEY, Envelope(Op.PING, "r", now, None)), now)
+    assert reply.ack_s is None
+    assert b"\xa1a" not in seal(KEY, Envelope(Op.PING, "r", now, None))[0]  # no key when absent
+
+
+@pytest.mark.parametrize(
+    "bad", [True, -1.0, 0, "1", 1e9], ids=["bool", "negative", "zero", "text", "huge"]
+)
+def test_a_malformed_ack_timeout_is_refused(bad: object) -> None:
+    payload = msgpack.packb(
+        {"v": 1, "c": int(Op.INFER), "id": "r", "ts": time.time(), "b": None, "t": None, "a": bad}
+    )
+    with pytest.raises(PeerWireError) as refused:
+        open_frames(KEY, [payload, KEY.sign(payload)], time.time())
+    assert refused.value.reason == "malformed"
