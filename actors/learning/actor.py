@@ -1,13 +1,14 @@
 """The LearningActor: accepts job specs, queues them, runs up to `max_parallel_jobs` at once.
 
-Each running job trains in a child process of its own (`job_supervisor.JobProcess` running
-`python -m actors.learning.job_process`), not in a thread of the node: a training loop in the
-node's interpreter held the GIL often enough to delay the node's gossip acks and peer RPC, and
-a crash inside torch would have taken the node down. The price is the child's start-up (an
-interpreter and the torch import, a few seconds per job). The child opens the same job store
-(SQLite WAL) and writes progress, losses, metrics and checkpoints there, so `get` and
-`list_jobs` read the truth from the store as before; its progress events come back over a pipe
-for `on_progress`.
+Each running job trains in a child process of its own (`job_supervisor.JobProcess`, forked
+from the learning fork server that imported torch once), not in a thread of the node: a
+training loop in the node's interpreter held the GIL often enough to delay the node's gossip
+acks and peer RPC, and a crash inside torch would have taken the node down. The fork server
+starts in the background when the actor starts (torch installed), so a job's process is up in
+a fraction of a second instead of an interpreter start and the torch import per job. The
+child opens the same job store (SQLite WAL) and writes progress, losses, metrics and
+checkpoints there, so `get` and `list_jobs` read the truth from the store as before; its
+progress events come back over a pipe for `on_progress`.
 
 Cancel marks the job "cancelling" and sends SIGTERM: the child stops before its next step; one
 that does not exit within `stop_grace_s` is killed. Either way the job ends "cancelled". Node
@@ -53,7 +54,7 @@ from actors.learning.errors import (
 from actors.learning.estimate import estimate_memory_mb
 from actors.learning.gguf_io import read_params
 from actors.learning.job_process import describe_error
-from actors.learning.job_supervisor import JobExit, JobProcess
+from actors.learning.job_supervisor import JobExit, JobProcess, torch_installed, warm_up
 from actors.learning.jobs import FINAL, JobStore, queue_order
 from actors.learning.spec import TrainParams, parse_spec
 
@@ -134,6 +135,8 @@ class LearningActor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         """Requeue jobs a crash interrupted, start the ticker, start what can run."""
+        if torch_installed():
+            warm_up()  # the fork server imports torch in the background, never in the node
         resumed = self._store.recover(self._clock())
         if resumed:
             log.info("resuming %d interrupted learning job(s): %s", len(resumed), resumed)

@@ -1,11 +1,12 @@
-"""The process one learning job trains in, started by `job_supervisor.JobProcess`.
+"""The process one learning job trains in, forked by `job_supervisor.JobProcess`.
 
-    python -m actors.learning.job_process --events-fd 5 --parent-pid 1234 JOB_JSON
-
-JOB_JSON (see `encode_job`) names the job, the learning config and the model files the node
-resolved for it. The process opens the job store itself (SQLite WAL: the node and this process
-write it at once, each write a short transaction), runs `runner.run_job`, and reports on the
-events pipe, one JSON object a line:
+The process is forked from the learning fork server (see `job_supervisor`), a template process
+that imported torch and the training modules once, so a job starts in a fraction of a second
+instead of paying an interpreter start and the torch import. `run_forked` is its entry point:
+it gets the job (`encode_job`'s JSON: the job id, the learning config and the model files the
+node resolved), the write end of its events pipe and its log file. It opens the job store
+itself (SQLite WAL: the node and this process write it at once, each write a short
+transaction), runs `runner.run_job`, and reports on the events pipe, one JSON object a message:
 
     {"event": "started", "job_id", "step", "pid"}       progress, forwarded to on_progress
     {"event": "step", "job_id", "step", "loss", "tokens"}
@@ -15,28 +16,28 @@ events pipe, one JSON object a line:
 It exits 0 after a result and 1 after an error. SIGTERM stops the job before its next step
 (it ends "stopped": the node knows whether it asked for a cancel or a shutdown). SIGINT is
 ignored, so a Ctrl-C meant for the node does not fail its jobs. A watchdog thread exits the
-process (code 3) as soon as the node is gone, so a killed node leaves no orphan training.
+process (code 3) as soon as the node is gone (the events pipe lost its reader), so a killed
+node leaves no orphan training.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
+import select
 import signal
 import sys
 import threading
-import time
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from actors.errors import MocError
 from actors.learning.config import LearningConfig
 
 EXIT_FAILED = 1
 EXIT_ORPHANED = 3
-_WATCHDOG_S = 0.2  # how often the watchdog looks for its parent
 
 
 def encode_job(job_id: str, config: LearningConfig, models: dict[str, Path]) -> str:
@@ -64,37 +65,46 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, MocError) else f"{type(exc).__name__}: {exc}"
 
 
-def _start_watchdog(parent_pid: int) -> None:
-    """Exit at once when the parent dies (the process is re-parented, so getppid changes).
+def _start_watchdog(events_fd: int) -> None:
+    """Exit at once when the node is gone: the events pipe's write end then reports POLLERR.
 
-    A thread, so that it also fires in the middle of a long torch call.
+    The node is not this process's parent (the fork server is), so getppid cannot tell; the
+    node holds the pipe's only read end, which the kernel closes however the node dies. A
+    thread, so that it also fires in the middle of a long torch call.
     """
 
     def watch() -> None:
+        poller = select.poll()
+        poller.register(events_fd, select.POLLERR | select.POLLHUP)
         while True:
-            if os.getppid() != parent_pid:
-                os._exit(EXIT_ORPHANED)
-            time.sleep(_WATCHDOG_S)
+            for _, mask in poller.poll():
+                if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    os._exit(EXIT_ORPHANED)
 
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+    threading.Thread(target=watch, name="node-watchdog", daemon=True).start()
 
 
 class _Events:
-    """The events pipe: one JSON line per event, flushed at once."""
+    """The events pipe: one JSON object per message."""
 
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
 
     def emit(self, event: dict[str, Any]) -> None:
-        self._stream.write(json.dumps(event) + "\n")
-        self._stream.flush()
+        self._conn.send_bytes(json.dumps(event).encode())
 
 
-def run(job_id: str, config: LearningConfig, models: dict[str, Path], events: _Events) -> int:
-    """Run the job to its end in this process; return the exit code."""
-    stop = threading.Event()
-    # Only sets a flag: the runner checks it before every step.
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+def run(
+    job_id: str,
+    config: LearningConfig,
+    models: dict[str, Path],
+    events: _Events,
+    stop: threading.Event,
+) -> int:
+    """Run the job to its end in this process; return the exit code.
+
+    `stop` is set by SIGTERM (only a flag: the runner checks it before every step).
+    """
     from actors.learning.jobs import JobStore
 
     store = JobStore(config.job_store)
@@ -142,19 +152,32 @@ def run(job_id: str, config: LearningConfig, models: dict[str, Path], events: _E
         store.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run the job."""
-    parser = argparse.ArgumentParser(prog="python -m actors.learning.job_process")
-    parser.add_argument("job", help="the job as encode_job writes it (JSON)")
-    parser.add_argument("--events-fd", type=int, required=True, help="pipe for the events")
-    parser.add_argument("--parent-pid", type=int, default=os.getppid(), help="exit when it dies")
-    args = parser.parse_args(argv)
+def ready() -> int:
+    """Return this process's id: a no-op job that makes the fork server finish its imports."""
+    return os.getpid()
+
+
+def run_forked(job_text: str, events: Connection, log_path: str) -> None:
+    """Run a job in this forked process: the entry point `JobProcess` starts; exits with its code."""
+    # First, so that a SIGTERM sent right after the start stops the job instead of killing it.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _start_watchdog(args.parent_pid)
-    job_id, config, models = decode_job(args.job)
-    with os.fdopen(args.events_fd, "w", encoding="utf-8") as stream:
-        return run(job_id, config, models, _Events(stream))
+    _redirect_output(log_path)
+    _start_watchdog(events.fileno())
+    job_id, config, models = decode_job(job_text)
+    try:
+        code = run(job_id, config, models, _Events(events), stop)
+    finally:
+        events.close()
+    sys.exit(code)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _redirect_output(log_path: str) -> None:
+    """Send this process's stdout and stderr (llama.cpp and torch write there) to its log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)

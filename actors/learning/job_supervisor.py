@@ -1,45 +1,87 @@
-"""The node's side of a learning job's process: spawn it, relay its events, say how it ended.
+"""The node's side of a learning job's process: start it, relay its events, say how it ended.
 
-`JobProcess` starts `python -m actors.learning.job_process` with an events pipe and a
-supervisor thread. The thread reads the pipe (progress events go to `on_event`), enforces the
-kill deadline a `terminate` set, reaps the process and hands `on_exit` a `JobExit`. Training
-runs in the child so torch never holds the node's GIL (the node's gossip and RPC stay on
-time), and a crash inside torch fails one job, not the node.
+`JobProcess` starts a job's process from the learning fork server and runs a supervisor
+thread. The thread starts the process, reads its events pipe (progress events go to
+`on_event`), enforces the kill deadline a `terminate` set, waits for the exit and hands
+`on_exit` a `JobExit`. Training runs in a child so torch never holds the node's GIL (the node's
+gossip and RPC stay on time), and a crash inside torch fails one job, not the node.
 
-Why a `-m` command and not `multiprocessing`: the child needs nothing of the parent's state
-(its job is in the store), a plain command is what the model workers use too (same PYTHONPATH,
-parent-pid watchdog, stderr to a log file), and it works the same whatever the node's
-multiprocessing start method is; "spawn" would cost the same interpreter start anyway.
+The fork server (multiprocessing's "forkserver" start method) is a template process that
+imports torch and the training modules once; each job is a fork of it, so a job's first step
+comes a fraction of a second after its start instead of after an interpreter start and the
+torch import (3-6 s). The node itself never imports torch: the server is a fresh interpreter
+that multiprocessing execs, and `warm_up` starts it in the background when learning is
+enabled, so even the first job does not wait for it. Forking a process that ran no torch op
+is safe: torch's thread pools start at the first op, in the job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
-import os
-import select
-import signal
-import subprocess
-import sys
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
 
-import actors
 from actors.learning.config import LearningConfig
-from actors.learning.job_process import EXIT_ORPHANED, encode_job
+from actors.learning.job_process import EXIT_ORPHANED, encode_job, ready, run_forked
 from actors.worker_client import describe_exit
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how long one wait on the pipe lasts before the kill deadline is checked again
 _LOG_TAIL = 400  # characters of the child's stderr quoted in a crash's error
+# What the fork server imports once for every job (absent ones are skipped: a job without torch
+# then fails with the import error in its own log).
+PRELOAD = ("torch", "gguf", "llama_cpp", "actors.learning.runner", "actors.learning.job_process")
 
 Ending = Literal["completed", "stopped", "failed"]
+
+_server_lock = threading.Lock()
+_warming: threading.Thread | None = None
+
+
+def _context() -> Any:
+    """Return the forkserver context, its preload set (once, before the server starts)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    return ctx
+
+
+def torch_installed() -> bool:
+    """Say whether torch can be imported, without importing it."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def warm_up() -> threading.Thread:
+    """Start the fork server in the background (once per process) and return that thread.
+
+    The thread forks one no-op job, which waits for the server's imports to finish, so the
+    first real job starts at once.
+    """
+    global _warming
+    with _server_lock:
+        if _warming is None:
+            _warming = threading.Thread(target=_warm, name="learning-forkserver", daemon=True)
+            _warming.start()
+        return _warming
+
+
+def _warm() -> None:
+    try:
+        proc = _context().Process(target=ready, name="learning-warm-up", daemon=True)
+        proc.start()
+        proc.join()
+    except Exception:  # the first job starts the server itself, and reports what fails
+        log.exception("starting the learning fork server failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +119,7 @@ def judge_exit(
 
 
 class JobProcess:
-    """One job's child process and the thread that supervises it."""
+    """One job's process, forked from the learning fork server, and its supervisor thread."""
 
     def __init__(
         self,
@@ -94,10 +136,12 @@ class JobProcess:
         self.outcome: JobExit | None = None  # set before on_exit is called
         self._on_event = on_event
         self._on_exit = on_exit
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: BaseProcess | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._kill_at: float | None = None  # monotonic deadline set by terminate()
+        self._stop_asked = False  # terminate() came before the process existed
+        self._exited = False  # the process ended (its object is closed)
         self._killed = False
         self.log_path = Path(config.output_dir) / "logs" / f"{job_id}.log"
 
@@ -107,55 +151,29 @@ class JobProcess:
         return None if self._proc is None else self._proc.pid
 
     def start(self) -> None:
-        """Spawn the child and its supervisor thread (returns at once: no wait for torch)."""
+        """Start the supervisor thread, which starts the process (returns at once).
+
+        The first fork can wait for the fork server's imports: that wait is the thread's, never
+        the caller's. A failed start ends the job through `on_exit` ("failed").
+        """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        read_fd, write_fd = os.pipe()
-        env = dict(os.environ)
-        # The child must import this very tree, installed or not.
-        root = str(Path(actors.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        cmd = [
-            sys.executable,
-            "-P",  # no cwd on sys.path: an `actors` package there must not shadow this tree
-            "-m",
-            "actors.learning.job_process",
-            "--events-fd",
-            str(write_fd),
-            "--parent-pid",
-            str(os.getpid()),
-            encode_job(self.job_id, self.config, self.models),
-        ]
-        try:
-            with open(self.log_path, "ab") as log_file:
-                self._proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    env=env,
-                    close_fds=True,
-                    pass_fds=(write_fd,),
-                )
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)  # only the child writes: its exit is the pipe's end
         self._thread = threading.Thread(
-            target=self._supervise, args=(read_fd,), name=f"learning-{self.job_id}", daemon=True
+            target=self._supervise, name=f"learning-{self.job_id}", daemon=True
         )
         self._thread.start()
 
     def terminate(self, grace_s: float) -> None:
         """Ask the child to stop before its next step; kill it if it is still there after grace_s."""
         with self._lock:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                return
             deadline = time.monotonic() + grace_s
             self._kill_at = deadline if self._kill_at is None else min(self._kill_at, deadline)
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+            proc = self._proc
+            if proc is None:
+                self._stop_asked = True  # sent as soon as the process exists
+                return
+            if not self._exited:  # only the supervisor polls: two pollers race for the status
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
 
     def join(self, timeout: float) -> bool:
         """Wait for the child's end to be handled; return whether it was."""
@@ -166,48 +184,76 @@ class JobProcess:
 
     # -- the supervisor thread ------------------------------------------------------------------
 
-    def _supervise(self, read_fd: int) -> None:
+    def _spawn(self) -> tuple[BaseProcess, Connection]:
+        ctx = _context()
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=run_forked,
+            args=(encode_job(self.job_id, self.config, self.models), writer, str(self.log_path)),
+            name=f"learning-{self.job_id}",
+            daemon=True,  # the node's exit never waits for a job: it stops them itself
+        )
+        try:
+            proc.start()
+        except BaseException:
+            reader.close()
+            raise
+        finally:
+            writer.close()  # only the child writes: its exit is the pipe's end
+        with self._lock:
+            self._proc = proc
+            if self._stop_asked:
+                proc.terminate()
+        return proc, reader
+
+    def _supervise(self) -> None:
+        try:
+            proc, reader = self._spawn()
+        except Exception as exc:
+            log.exception("learning job %s: cannot start its process", self.job_id)
+            self._finish(JobExit("failed", error=f"cannot start the training process: {exc}"))
+            return
         last: dict[str, Any] | None = None
-        buffer = b""
         try:
             while True:
-                ready, _, _ = select.select([read_fd], [], [], _POLL_S)
-                if ready:
-                    chunk = os.read(read_fd, 65536)
-                    if not chunk:
+                if reader.poll(_POLL_S):
+                    try:
+                        raw = reader.recv_bytes()
+                    except EOFError:
                         break  # the child exited (or closed the pipe on its way out)
-                    *lines, buffer = (buffer + chunk).split(b"\n")
-                    for line in lines:
-                        event = self._parse(line)
-                        if event is None:
-                            continue
-                        if event.get("event") in ("result", "error"):
-                            last = event
-                        else:
-                            self._relay(event)
+                    event = self._parse(raw)
+                    if event is None:
+                        pass
+                    elif event.get("event") in ("result", "error"):
+                        last = event
+                    else:
+                        self._relay(event)
                 self._kill_if_overdue()
         finally:
-            os.close(read_fd)
-        assert self._proc is not None
+            reader.close()
         while True:
-            try:
-                code = self._proc.wait(_POLL_S)
+            proc.join(_POLL_S)
+            if proc.exitcode is not None:
                 break
-            except subprocess.TimeoutExpired:
-                self._kill_if_overdue()
+            self._kill_if_overdue()
+        code = proc.exitcode
+        with self._lock:
+            self._exited = True
+            proc.close()
         outcome = judge_exit(last, code, killed=self._killed, log_tail=self._log_tail(code))
         if code == 0:
             self.log_path.unlink(missing_ok=True)  # keep only the logs of failed runs
+        self._finish(outcome)
+
+    def _finish(self, outcome: JobExit) -> None:
         self.outcome = outcome
         self._on_exit(outcome)
 
-    def _parse(self, line: bytes) -> dict[str, Any] | None:
-        if not line.strip():
-            return None
+    def _parse(self, raw: bytes) -> dict[str, Any] | None:
         try:
-            event = json.loads(line)
+            event = json.loads(raw)
         except ValueError:
-            log.warning("learning job %s: unreadable event %r", self.job_id, line[:200])
+            log.warning("learning job %s: unreadable event %r", self.job_id, raw[:200])
             return None
         return event if isinstance(event, dict) else None
 
@@ -222,7 +268,7 @@ class JobProcess:
             proc = self._proc
             if self._kill_at is None or proc is None or time.monotonic() < self._kill_at:
                 return
-            if proc.poll() is None:
+            if proc.exitcode is None:
                 log.warning("learning job %s ignored SIGTERM: killing it", self.job_id)
                 self._killed = True
                 proc.kill()
