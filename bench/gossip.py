@@ -18,7 +18,7 @@ system-wide, so no pipe latency is counted.
 Measured for real too: forward_overhead_ms, two nodes on loopback, a 1-token completion sent
 to the holder vs sent to a peer that forwards it.
 
-Usage: python -m bench.gossip [--quick] [--json] [--real-only]
+Usage: python -m bench.gossip [--quick] [--json] [--real-only | --sim-only]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,7 +38,7 @@ from cluster.config import lan  # noqa: E402
 from cluster.membership import EventKind  # noqa: E402
 from cluster.messages import MemberState  # noqa: E402
 from tests.cluster.procs import DemoProc, poll_until  # noqa: E402
-from tests.cluster.sim import Network, Sim  # noqa: E402
+from tests.cluster.sim import ChangeTracker, Network, Sim  # noqa: E402
 
 SERF_P9999_S = {0: 2.0, 20: 2.6, 50: 4.0}
 MEMBERLIST_JOIN16_MS = 250.0
@@ -49,36 +50,38 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def dissemination(n: int, loss: float, trials: int, seed: int) -> list[float]:
-    """Return, per trial, seconds until a metadata change is seen by every node."""
+@dataclass
+class Trial:
+    """One change followed to every node."""
+
+    seconds: float
+    """Until the last running node held the change (the cap if `censored`)."""
+    censored: bool
+    """Someone still lacked it at the cap (two scaled push-pull intervals)."""
+    gossip_s: float | None
+    """Until the last copy of the change left the last broadcast queue."""
+    missed_by_gossip: int
+    """Nodes no copy reached before that: they learned by push-pull."""
+
+
+def dissemination(n: int, loss: float, trials: int, seed: int) -> list[Trial]:
+    """Return, per trial, how long a metadata change took to reach every node, and how."""
     sim = Sim(lan(), seed=seed, wire=False)
     names = sim.add_cluster(n)
     sim.run_until(sim.converged, 60.0, check_every=0.5)
     sim.net.loss = loss
+    # A node the gossip misses waits for a push-pull: up to one scaled interval for its own.
+    cap = 2 * sim.config.push_pull_scaled_s(n) + 10
     results = []
     for trial in range(trials):
         origin = names[(trial * 7919) % n]
-        meta = f"gen={trial}".encode()
-        seen: set[str] = {origin}
-        t0 = sim.now
-
-        def on_event(
-            t: float,
-            observer: str,
-            e: object,
-            origin: str = origin,
-            meta: bytes = meta,
-            seen: set[str] = seen,
-        ) -> None:
-            if getattr(e, "name", None) == origin and getattr(e, "meta", None) == meta:
-                seen.add(observer)
-
-        sim.on_event = on_event
-        sim.nodes[origin].membership.set_meta(meta, sim.now)
-        sim.run_until(lambda seen=seen: len(seen) == n, t0 + 60, check_every=0.01)
-        results.append(sim.now - t0)
+        tracker = ChangeTracker.start(sim, origin, f"gen={trial}".encode())
+        done = sim.run_until(tracker.watch, tracker.t0 + cap, check_every=0.01)
+        seconds = sim.now - tracker.t0
+        sim.run_until(tracker.drained, sim.now + 10, check_every=0.01)
+        results.append(Trial(seconds, not done, tracker.gossip_end, len(tracker.missed_by_gossip)))
+        tracker.stop()
         sim.run_for(5.0)
-    sim.on_event = None
     return results
 
 
@@ -207,16 +210,9 @@ def forward_overhead(requests: int) -> tuple[float, float]:
     return statistics.median(direct), statistics.median(forwarded)
 
 
-def main() -> None:
-    """Run the benchmarks and print a table (and a JSON line with --json)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a run under two minutes")
-    ap.add_argument("--json", action="store_true", help="print one JSON object last")
-    ap.add_argument("--real-only", action="store_true", help="only the real-process figure")
-    args = ap.parse_args()
-    wall = time.monotonic()
-    figures: dict[str, object] = {}
-    runs = join16(1 if args.quick else 3)
+def real_figures(quick: bool, figures: dict[str, object]) -> None:
+    """Measure and print the real-process figures (join16, forwarding) into `figures`."""
+    runs = join16(1 if quick else 3)
     figures["join16_ms"] = round(statistics.median(runs), 1)
     figures["join16_runs_ms"] = [round(r, 1) for r in runs]
     print(
@@ -224,13 +220,27 @@ def main() -> None:
         f"{figures['join16_ms']} ms over {len(runs)} run(s), max {max(runs):.1f} ms "
         f"(memberlist anchor {MEMBERLIST_JOIN16_MS:.0f} ms)\n"
     )
-    direct_ms, forwarded_ms = forward_overhead(100 if args.quick else 500)
+    direct_ms, forwarded_ms = forward_overhead(100 if quick else 500)
     figures["forward_overhead_ms"] = round(forwarded_ms - direct_ms, 2)
     print(
         f"forwarding: 1-token completion p50 {direct_ms:.2f} ms sent to the holder, "
         f"{forwarded_ms:.2f} ms sent to a peer that forwards: +{forwarded_ms - direct_ms:.2f} ms "
         "(goal +1 ms)\n"
     )
+
+
+def main() -> None:
+    """Run the benchmarks and print a table (and a JSON line with --json)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a run under two minutes")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument("--real-only", action="store_true", help="only the real-process figure")
+    ap.add_argument("--sim-only", action="store_true", help="only the simulated figures")
+    args = ap.parse_args()
+    wall = time.monotonic()
+    figures: dict[str, object] = {}
+    if not args.sim_only:
+        real_figures(args.quick, figures)
     if args.real_only:
         figures["wall_s"] = round(time.monotonic() - wall, 1)
         if args.json:
@@ -242,18 +252,36 @@ def main() -> None:
     else:
         sizes, trials, det_sizes, det_trials = [10, 100, 1000], 20, [10, 100], 20
         fd_n, fd_s, idle_n, idle_s = 100, 3600.0, 200, 120.0
-    print("dissemination of one change to all nodes (simulated s; Serf 99.99% anchor)")
-    print(f"{'N':>6} {'loss':>5} {'p50':>7} {'p99':>7} {'anchor':>7}")
+    print(
+        "dissemination of one change to all nodes (simulated s; Serf 99.99% anchor)\n"
+        "gossip p99: until the change left the last queue; by push-pull: trials in which\n"
+        "no gossip copy reached some node (it learned at a push-pull)"
+    )
+    print(
+        f"{'N':>6} {'loss':>5} {'p50':>7} {'p99':>7} {'anchor':>7} {'gossip p99':>11} "
+        f"{'by push-pull':>13}"
+    )
     largest: dict[str, float] = {}
+    by_push_pull: dict[str, int] = {}
     for n in sizes:
         for loss in (0, 20, 50):
-            times = dissemination(n, loss / 100, trials, seed=n + loss)
+            runs = dissemination(n, loss / 100, trials, seed=n + loss)
+            times = [r.seconds for r in runs]
             p50, p99 = statistics.median(times), pct(times, 0.99)
-            print(f"{n:>6} {loss:>4}% {p50:>7.2f} {p99:>7.2f} {SERF_P9999_S[loss]:>7.1f}")
+            gossip = pct([r.gossip_s if r.gossip_s is not None else r.seconds for r in runs], 0.99)
+            repaired = sum(1 for r in runs if r.missed_by_gossip)
+            over = ">" if any(r.censored and r.seconds >= p99 for r in runs) else " "
+            print(
+                f"{n:>6} {loss:>4}% {p50:>7.2f} {over}{p99:>6.2f} {SERF_P9999_S[loss]:>7.1f} "
+                f"{gossip:>11.2f} {f'{repaired}/{len(runs)}':>13}"
+            )
             if n == sizes[-1]:
                 largest[str(loss)] = round(p99, 3)
+                by_push_pull[str(loss)] = repaired
     figures["dissemination_p99_s"] = largest
     figures["dissemination_n"] = sizes[-1]
+    figures["dissemination_trials"] = trials
+    figures["dissemination_by_push_pull"] = by_push_pull
     print("\ncrash -> dead everywhere (simulated s)")
     det: dict[int, float] = {}
     for n in det_sizes:

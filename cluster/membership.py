@@ -583,9 +583,11 @@ class Membership:
         window = self.config.gossip_to_the_dead_s
 
         def eligible(m: _Member) -> bool:
-            if m is self._local:
+            # Alive, suspect (it may refute) and recently dead members (they may learn of it
+            # and refute), as memberlist's gossip(); a member that left will not pass it on.
+            if m is self._local or m.state == MemberState.LEFT:
                 return False
-            if m.state in _DEAD_OR_LEFT:
+            if m.state == MemberState.DEAD:
                 return now - m.state_change < window
             return True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from cluster.codec import decode_packet, encode_packet
 from cluster.config import ClusterConfig
 from cluster.keyring import Keyring
 from cluster.membership import EventKind, MemberEvent, Membership, Outbound
-from cluster.messages import Address, MemberState, Message
+from cluster.messages import Address, Alive, MemberState, Message, PushPull
 
 KEY = Keyring((b"simulated-cluster-key-0123456789",))
 
@@ -59,6 +60,8 @@ class Network:
     delay: tuple[float, float] = (0.0005, 0.002)
     groups: dict[str, int] = field(default_factory=dict)
     blocked: set[tuple[str, str]] = field(default_factory=set)
+    # Nodes no datagram reaches while streams still do (a firewall that drops UDP).
+    deaf: set[str] = field(default_factory=set)
 
     def connected(self, a: str, b: str) -> bool:
         """Return whether a packet from a can reach b."""
@@ -86,6 +89,9 @@ class Sim:
         self.by_addr: dict[Address, str] = {}
         self.log: list[tuple[float, str, MemberEvent]] = []
         self.on_event: Callable[[float, str, MemberEvent], None] | None = None
+        # Called for every packet a running node sends: (now, src, dst or None, packet, copies
+        # that will arrive: 0 when lost or cut off, 2 when duplicated).
+        self.on_send: Callable[[float, str, str | None, Outbound, int], None] | None = None
         self._heap: list[_Ev] = []
         self._seq = 0
         self.delivered = 0
@@ -279,13 +285,13 @@ class Sim:
             else:
                 msgs = list(payload)
             self.delivered += 1
-            out: list[Outbound] = []
+            replies: list[Outbound] = []
             for msg in msgs:
                 if node.extra is not None and node.extra.accepts(msg):
-                    out.extend(node.extra.handle(msg, src, self.now))
+                    replies.extend(node.extra.handle(msg, src, self.now))
                 else:
-                    out.extend(node.membership.handle(msg, src, self.now, reliable))
-            self._send(node, out)
+                    replies.extend(node.membership.handle(msg, src, self.now, reliable))
+            self._send(node, replies)
             self._collect(node)
             self._reschedule(node)
 
@@ -294,6 +300,20 @@ class Sim:
             self.log.append((self.now, node.name, e))
             if self.on_event is not None:
                 self.on_event(self.now, node.name, e)
+
+    def _copies(self, src: str, dst: str | None, reliable: bool) -> int:
+        """Return how many copies of one packet arrive (streams are only partitioned)."""
+        if dst is None or not self.net.connected(src, dst):
+            return 0
+        if reliable:
+            return 1
+        if dst in self.net.deaf:
+            return 0
+        if self.rng.random() < self.net.loss:
+            return 0
+        if self.net.dup and self.rng.random() < self.net.dup:
+            return 2
+        return 1
 
     def _send(self, node: SimNode, out: list[Outbound]) -> None:
         if not node.up:
@@ -307,17 +327,101 @@ class Sim:
             else:
                 payload = ob.messages
             node.packets_out += 1
-            if dst is None or not self.net.connected(node.name, dst):
+            copies = self._copies(node.name, dst, ob.reliable)
+            if self.on_send is not None:
+                self.on_send(self.now, node.name, dst, ob, copies)
+            if not copies:
                 self.dropped += 1
-                continue
-            copies = 1
-            if not ob.reliable:
-                if self.rng.random() < self.net.loss:
-                    self.dropped += 1
-                    continue
-                if self.net.dup and self.rng.random() < self.net.dup:
-                    copies = 2
             for _ in range(copies):
                 lo, hi = self.net.delay
                 delay = lo + (hi - lo) * self.rng.random()
                 self._push(self.now + delay, "deliver", (dst, node.addr, payload, ob.reliable))
+
+
+@dataclass
+class ChangeTracker:
+    """Follow one metadata change of `origin` through a simulated cluster.
+
+    Counts the copies of the change each node sends and receives (datagrams and push-pull
+    states), what packet each datagram copy rode on, when the first datagram copy was sent to
+    each node (it arrives a few ms later) and when each node learned it. Times are relative to
+    the change.
+    """
+
+    sim: Sim
+    origin: str
+    meta: bytes
+    t0: float
+    learned: dict[str, float] = field(default_factory=dict)
+    sent: Counter[str] = field(default_factory=Counter)
+    received: Counter[str] = field(default_factory=Counter)
+    pushed: Counter[str] = field(default_factory=Counter)
+    carriers: Counter[str] = field(default_factory=Counter)
+    first_copy: dict[str, float] = field(default_factory=dict)
+    gossip_end: float | None = None
+    missed_by_gossip: frozenset[str] = frozenset()
+
+    @classmethod
+    def start(cls, sim: Sim, origin: str, meta: bytes) -> ChangeTracker:
+        """Change origin's metadata now and start following it (replaces the sim's hooks)."""
+        tracker = cls(sim, origin, meta, sim.now)
+        tracker.learned[origin] = 0.0
+        sim.on_event = tracker.on_event
+        sim.on_send = tracker.on_send
+        sim.nodes[origin].membership.set_meta(meta, sim.now)
+        return tracker
+
+    def stop(self) -> None:
+        """Remove the hooks."""
+        self.sim.on_event = None
+        self.sim.on_send = None
+
+    def on_event(self, now: float, observer: str, e: MemberEvent) -> None:
+        """Note when `observer` first holds the new metadata."""
+        if e.name == self.origin and e.meta == self.meta and observer not in self.learned:
+            self.learned[observer] = now - self.t0
+
+    def on_send(self, now: float, src: str, dst: str | None, ob: Outbound, copies: int) -> None:
+        """Count the copies of the change in one packet."""
+        for msg in ob.messages:
+            if isinstance(msg, PushPull):
+                if any(r.name == self.origin and r.meta == self.meta for r in msg.states):
+                    self.pushed[dst or "?"] += copies
+            elif isinstance(msg, Alive) and msg.node == self.origin and msg.meta == self.meta:
+                self.sent[src] += 1
+                self.received[dst or "?"] += copies
+                if copies and dst is not None:
+                    self.first_copy.setdefault(dst, now - self.t0)
+                # A packet led by a broadcast is a gossip packet; else it rides on a probe.
+                lead = ob.messages[0]
+                self.carriers["gossip" if lead is msg else type(lead).__name__] += 1
+
+    def everyone_knows(self) -> bool:
+        """Return whether every running node holds the new metadata."""
+        return all(n in self.learned for n in self.sim.up_names())
+
+    def queued_anywhere(self) -> bool:
+        """Return whether some running node still has the change in its broadcast queue."""
+        return any(
+            key == self.origin and isinstance(msg, Alive) and msg.meta == self.meta
+            for name in self.sim.up_names()
+            for key, msg, _ in self.sim.nodes[name].membership.broadcasts.pending()
+        )
+
+    def watch(self) -> bool:
+        """Return everyone_knows(); note who the gossip missed when the last queue lets go.
+
+        Pass it to `Sim.run_until` as the stop condition, then `drained` to run on until the
+        gossip is over (everyone may know before the last copies are sent).
+        """
+        if self.gossip_end is None and not self.queued_anywhere():
+            self.gossip_end = self.sim.now - self.t0
+            self.missed_by_gossip = frozenset(
+                n for n in self.sim.up_names() if n not in self.learned
+            )
+        return self.everyone_knows()
+
+    def drained(self) -> bool:
+        """Return whether the gossip of the change is over (noting who it missed)."""
+        self.watch()
+        return self.gossip_end is not None

@@ -325,3 +325,20 @@ def test_the_ack_to_a_suspected_pinger_carries_the_suspicion() -> None:
     m.handle(Suspect(1, "p0", "p1"), addr("p1"), 1.0)
     out = m.handle(Ping(3, "a", "p0"), addr("p0"), 1.1)
     assert (addr("p0"), Suspect(1, "p0", "a"), False) in sent(out, Suspect)
+
+
+def test_gossip_goes_to_alive_suspect_and_recently_dead_members_but_not_to_left_ones() -> None:
+    # Enough fanout and retransmits that every eligible member gets a packet in one round.
+    cfg = dataclasses.replace(lan(), gossip_nodes=10, retransmit_mult=10, gossip_to_the_dead_s=2.0)
+
+    def datagram_targets(at: float) -> set[tuple[str, int]]:
+        m = node("a", cfg, peers=5)
+        m.handle(Suspect(1, "p1", "p0"), addr("p0"), 1.0)
+        m.handle(Dead(1, "p2", "p0"), addr("p0"), 1.0)
+        m.handle(Dead(1, "p3", "p3"), addr("p3"), 1.0)  # p3 left
+        return {o.addr for o in m.tick(at) if not o.reliable}
+
+    alive_or_suspect = {addr("p0"), addr("p1"), addr("p4")}
+    assert datagram_targets(1.5) == alive_or_suspect | {addr("p2")}
+    # Dead for longer than the gossip-to-the-dead window: no more gossip.
+    assert datagram_targets(3.2) == alive_or_suspect
