@@ -39,7 +39,7 @@ from cluster.messages import (
     Suspect,
 )
 
-SETTINGS = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 
 ADDRS: dict[str, Address] = {"a": ("10.0.0.1", 7946), "b": ("10.0.0.2", 7946), "c": ("10.0.0.3", 7946)}  # fmt: skip
 NOW = 1.0
