@@ -110,7 +110,9 @@ def detection(n: int, trials: int, seed: int) -> list[float]:
 
 def false_deaths(n: int, loss: float, seconds: float, seed: int) -> tuple[int, int, int]:
     """Return (false deaths, suspicions, refutes) over `seconds` of lossy running."""
-    sim = Sim(lan(), seed=seed, network=Network(loss=0.0), wire=False)
+    # Streams lose packets too: a TCP fallback ping can then miss the probe deadline (TCP's
+    # 1 s retransmit), so suspicions start and must be refuted; ideal streams never fail.
+    sim = Sim(lan(), seed=seed, network=Network(loss=0.0, stream_retry_s=1.0), wire=False)
     sim.add_cluster(n)
     sim.run_until(sim.converged, 60.0, check_every=0.5)
     sim.net.loss = loss

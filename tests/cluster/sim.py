@@ -62,6 +62,9 @@ class Network:
     blocked: set[tuple[str, str]] = field(default_factory=set)
     # Nodes no datagram reaches while streams still do (a firewall that drops UDP).
     deaf: set[str] = field(default_factory=set)
+    # With probability `loss` a stream packet waits this long (TCP's 1 s initial retransmit
+    # timeout after a lost SYN or segment). 0: streams are ideal, as before.
+    stream_retry_s: float = 0.0
 
     def connected(self, a: str, b: str) -> bool:
         """Return whether a packet from a can reach b."""
@@ -335,6 +338,8 @@ class Sim:
             for _ in range(copies):
                 lo, hi = self.net.delay
                 delay = lo + (hi - lo) * self.rng.random()
+                if ob.reliable and self.net.stream_retry_s and self.rng.random() < self.net.loss:
+                    delay += self.net.stream_retry_s
                 self._push(self.now + delay, "deliver", (dst, node.addr, payload, ob.reliable))
 
 
