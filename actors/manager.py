@@ -29,6 +29,7 @@ from actors.errors import (
     ShuttingDown,
 )
 from actors.estimate import estimate_gguf_memory
+from actors.lane import ModelLane
 from actors.ledger import Ledger
 from actors.model import ModelActor, WorkerFactory, _default_worker
 from actors.paths import resolve_model_path
@@ -41,7 +42,7 @@ from actors.worker_client import LoadedInfo, WorkerSpec
 
 log = logging.getLogger(__name__)
 
-Acquired = Callable[[pykka.ActorRef[Any] | None, Exception | None], None]
+Acquired = Callable[[ModelLane | None, Exception | None], None]
 Unloaded = Callable[[ModelInfo | None, Exception | None], None]
 MIB = 1024 * 1024
 
@@ -58,6 +59,7 @@ class Slot:
     estimate_mb: float | None = None
     measured_mb: float | None = None
     actor: pykka.ActorRef[Any] | None = None
+    lane: ModelLane | None = None  # the event loop's path to the loaded model
     breaker: CircuitBreaker | None = None
     load_waiters: list[Acquired] = field(default_factory=list)
     unload_waiters: list[Unloaded] = field(default_factory=list)
@@ -79,36 +81,35 @@ class ModelBoard:
         self._lock = threading.Lock()
         self._models: dict[str, ModelInfo] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._actors: dict[str, pykka.ActorRef[Any]] = {}
+        self._lanes: dict[str, ModelLane] = {}
         self.changed = threading.Condition(self._lock)
 
     def put(
         self,
         info: ModelInfo,
         breaker: CircuitBreaker | None,
-        actor: pykka.ActorRef[Any] | None = None,
+        lane: ModelLane | None = None,
     ) -> None:
         with self._lock:
             self._models[info.name] = info
             if breaker is not None:
                 self._breakers[info.name] = breaker
-            if info.state == "loaded" and actor is not None:
-                self._actors[info.name] = actor
+            if info.state == "loaded" and lane is not None:
+                self._lanes[info.name] = lane
             else:
-                self._actors.pop(info.name, None)
+                self._lanes.pop(info.name, None)
             self.changed.notify_all()
 
     def remove(self, name: str) -> None:
         with self._lock:
             self._models.pop(name, None)
             self._breakers.pop(name, None)
-            self._actors.pop(name, None)
+            self._lanes.pop(name, None)
             self.changed.notify_all()
 
-    def actor(self, name: str) -> pykka.ActorRef[Any] | None:
-        """Return the actor of a loaded model: requests to it need not ask the manager."""
-        with self._lock:
-            return self._actors.get(name)
+    def lane(self, name: str) -> ModelLane | None:
+        """Return a loaded model's lane: requests to it need not ask the manager."""
+        return self._lanes.get(name)  # one dict read: atomic, and this is the hot path
 
     def snapshot(self, now: float) -> list[ModelInfo]:
         with self._lock:
@@ -215,7 +216,7 @@ class ModelManager(pykka.ThreadingActor):
     # -- requests -------------------------------------------------------------------------
 
     def acquire(self, request: LoadRequest, reply: Acquired, explicit: bool = False) -> None:
-        """Answer `reply` with the model's actor once it is loaded, loading it if needed."""
+        """Answer `reply` with the model's lane once it is loaded, loading it if needed."""
         try:
             self._acquire(request, reply, explicit)
         except Exception as exc:
@@ -228,7 +229,7 @@ class ModelManager(pykka.ThreadingActor):
         if slot is not None and slot.state in ("loaded", "loading") and explicit:
             raise ModelAlreadyLoaded(f"model {request.name!r} is already {slot.state}")
         if slot is not None and slot.state == "loaded":
-            reply(slot.actor, None)
+            reply(slot.lane, None)
             return
         if slot is not None and slot.state in ("loading", "unloading"):
             slot.load_waiters.append(reply)
@@ -334,10 +335,15 @@ class ModelManager(pykka.ThreadingActor):
             lora_path=entry.lora or None,
         )
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
+        events = self.actor_ref.proxy()
+        slot.lane = ModelLane(
+            entry.name, events=events, breaker=slot.breaker, abort=self._deps.abort
+        )
         slot.actor = ModelActor.start(
             spec,
             runtime_dir=self._deps.runtime_dir,
-            events=self.actor_ref.proxy(),
+            events=events,
+            lane=slot.lane,
             breaker=slot.breaker,
             abort=self._deps.abort,
             gpu_probe=self._deps.probes.get(device) if ledger.kind == "nvml" else None,
@@ -364,7 +370,7 @@ class ModelManager(pykka.ThreadingActor):
             # A load cut short: whoever waited for it is told, rather than left hanging.
             self._fail_waiters(slot, ModelNotLoaded(f"model {slot.entry.name!r} was unloaded"))
         if slot.actor is not None:
-            slot.actor.stop(block=False)  # after the requests already in its mailbox
+            slot.actor.stop(block=False)  # it waits for the requests in flight on its lane
         else:
             self.model_stopped(slot.entry.name)
         self._publish(slot.entry.name)
@@ -445,7 +451,7 @@ class ModelManager(pykka.ThreadingActor):
         self._publish(name)
         waiters, slot.load_waiters = slot.load_waiters, []
         for reply in waiters:
-            reply(slot.actor, None)
+            reply(slot.lane, None)
 
     def model_load_failed(self, name: str, error: Exception) -> None:
         slot = self._slots.get(name)
@@ -476,6 +482,7 @@ class ModelManager(pykka.ThreadingActor):
         slot.state = "failed" if failed else "available"
         slot.device = None
         slot.actor = None
+        slot.lane = None
         slot.pid = None
         slot.measured_mb = None
         self._refresh_loaded_gauge()
@@ -556,7 +563,7 @@ class ModelManager(pykka.ThreadingActor):
     def _publish(self, name: str) -> None:
         slot = self._slots.get(name)
         if slot is not None:
-            self._deps.board.put(self._info(slot), slot.breaker, slot.actor)
+            self._deps.board.put(self._info(slot), slot.breaker, slot.lane)
 
 
 def _backend_for(path: Path) -> Backend:

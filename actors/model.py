@@ -1,8 +1,8 @@
-"""ModelActor: one per loaded model; supervises its worker process and runs its requests.
+"""ModelActor: one per loaded model; starts, restarts and stops its worker process.
 
-The actor's mailbox is the model's queue: one sequence decodes at a time, in arrival order. A
-crash of the worker fails only the request in flight; the actor restarts the worker behind a
-circuit breaker. Results travel back through a `Sink`, never through a future someone blocks on.
+Requests do not pass through the actor: its ModelLane carries them from the event loop straight
+to the worker (see actors/lane.py). The actor hands each fresh worker to the lane, restarts the
+worker when the lane reports it dead, and on unload waits for the lane to go idle first.
 """
 
 from __future__ import annotations
@@ -11,44 +11,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import pykka
 
-from actors import metrics
 from actors.errors import (
-    Cancelled,
-    CircuitOpen,
     MocError,
     ModelLoadFailed,
-    ShuttingDown,
-    WorkerCrashed,
 )
 from actors.gpu import wait_for_release
+from actors.lane import ModelLane
 from actors.probes import DeviceProbe
 from actors.resilience import CircuitBreaker
-from actors.types import InferRequest, InferResult
 from actors.worker_client import LoadedInfo, WorkerProcess, WorkerSpec
 
 log = logging.getLogger(__name__)
-
-
-class Sink(Protocol):
-    """Where one request's output goes; implemented by the Node on the event loop's side."""
-
-    def token(self, text: str) -> None:
-        """Receive one streamed piece of text."""
-
-    def done(self, result: InferResult) -> None:
-        """Receive the final result."""
-
-    def fail(self, error: Exception) -> None:
-        """Receive the error that ended the request."""
-
-    def cancelled(self) -> bool:
-        """Return True once the client has gone away."""
 
 
 class ModelEvents(Protocol):
@@ -65,16 +43,6 @@ class ModelEvents(Protocol):
     def model_memory(self, name: str, mb: float) -> object: ...
 
 
-@dataclass(frozen=True, slots=True)
-class InferJob:
-    """One request handed to the actor; `stream` sends text pieces to the sink as they come."""
-
-    request: InferRequest
-    sink: Sink
-    stream: bool = False
-    deadline: float | None = None  # time.monotonic()
-
-
 WorkerFactory = Callable[[WorkerSpec, Path], WorkerProcess]
 
 
@@ -83,7 +51,7 @@ def _default_worker(spec: WorkerSpec, runtime_dir: Path) -> WorkerProcess:
 
 
 class ModelActor(pykka.ThreadingActor):
-    """Supervises one model's worker process and serves its requests one at a time."""
+    """Supervises one model's worker process."""
 
     def __init__(
         self,
@@ -91,8 +59,10 @@ class ModelActor(pykka.ThreadingActor):
         *,
         runtime_dir: Path,
         events: ModelEvents,
+        lane: ModelLane,
         breaker: CircuitBreaker,
         abort: threading.Event | None = None,
+        drain_timeout: float = 30.0,
         gpu_probe: DeviceProbe | None = None,
         load_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
@@ -110,6 +80,9 @@ class ModelActor(pykka.ThreadingActor):
         self._clock = clock
         self._worker_factory = worker_factory
         self._worker = worker_factory(spec, runtime_dir)
+        self._lane = lane
+        self._drain_timeout = drain_timeout
+        lane.bind(self.actor_ref.proxy().restart)
 
     # -- messages -------------------------------------------------------------------------
 
@@ -123,67 +96,16 @@ class ModelActor(pykka.ThreadingActor):
             self._events.model_load_failed(self.spec.name, error)
             return
         self._measured_mb = info.measured_mb
+        self._lane.attach(self._worker, info.measured_mb)
         self._events.model_loaded(self.spec.name, info)
 
-    def infer(self, job: InferJob) -> None:
-        """Run one request through the worker and answer its sink."""
-        name = self.spec.name
+    def restart(self) -> bool:
+        """Give the lane a fresh worker if the current one died; False if none would load."""
+        if self._worker.alive:
+            return True
         if self._abort.is_set():
-            job.sink.fail(ShuttingDown("the node is shutting down"))
-            return
-        if job.sink.cancelled():
-            job.sink.fail(Cancelled("the client went away before the request started"))
-            return
-        now = self._clock()
-        if not self._breaker.allow(now):
-            job.sink.fail(
-                CircuitOpen(
-                    f"model {name!r} is failing repeatedly; its circuit breaker is open",
-                    retry_after=max(1.0, self._breaker.retry_after(now)),
-                )
-            )
-            return
-        if not self._worker.alive and (self._abort.is_set() or not self._restart()):
-            job.sink.fail(WorkerCrashed(f"the worker for {name!r} could not be restarted"))
-            return
-        started = time.perf_counter()
-        try:
-            result = self._worker.run(
-                job.request,
-                on_token=job.sink.token if job.stream else None,
-                cancelled=lambda: job.sink.cancelled() or self._abort.is_set(),
-                deadline=job.deadline,
-            )
-        except WorkerCrashed as exc:
-            self._breaker.record_failure(self._clock())
-            metrics.inference_errors_total.labels(name, exc.code).inc()
-            log.error("%s; restarting it", exc)
-            job.sink.fail(exc)
-            if not self._abort.is_set():
-                self._restart()
-            return
-        except MocError as exc:
-            metrics.inference_errors_total.labels(name, exc.code).inc()
-            job.sink.fail(exc)
-            return
-        except Exception as exc:  # a bug must fail one request, not the actor
-            log.exception("request to %s failed", name)
-            metrics.inference_errors_total.labels(name, "internal_error").inc()
-            job.sink.fail(exc)
-            return
-        self._breaker.record_success()
-        metrics.inference_latency_seconds.labels(name).observe(time.perf_counter() - started)
-        metrics.inference_tokens_generated_total.labels(name).inc(result.tokens_generated)
-        self._events.model_used(name)
-        self._note_growth()
-        job.sink.done(result)
-
-    def _note_growth(self) -> None:
-        """Raise the model's claim when its working size grew (buffers allocated on first use)."""
-        peak = self._worker.peak_memory_mb
-        if peak is not None and peak > self._measured_mb * 1.02:
-            self._measured_mb = peak
-            self._events.model_memory(self.spec.name, peak)
+            return False
+        return self._restart()
 
     @property
     def worker(self) -> WorkerProcess:
@@ -193,6 +115,10 @@ class ModelActor(pykka.ThreadingActor):
     # -- lifecycle ------------------------------------------------------------------------
 
     def on_stop(self) -> None:
+        # At shutdown past the node's drain deadline, requests still running are cut off.
+        drain = 0.0 if self._abort.is_set() else self._drain_timeout
+        if not self._lane.close(drain):
+            log.warning("unloading %s with requests still running", self.spec.name)
         self._stop_worker()
         self._events.model_stopped(self.spec.name)
 
@@ -206,6 +132,7 @@ class ModelActor(pykka.ThreadingActor):
             log.warning("%s: memory of %s not back after 5 s", probe.name, self.spec.name)
 
     def on_failure(self, *args: object) -> None:
+        self._lane.close(0.0)
         self._worker.stop(timeout=1.0)
         self._events.model_stopped(self.spec.name)
 
@@ -220,5 +147,6 @@ class ModelActor(pykka.ThreadingActor):
             log.error("restarting the worker for %s failed: %s", self.spec.name, exc)
             return False
         self._measured_mb = info.measured_mb
+        self._lane.attach(self._worker, info.measured_mb)
         self._events.model_loaded(self.spec.name, info)
         return True

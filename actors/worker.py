@@ -1,10 +1,14 @@
 """The model worker process: one model, one request at a time, driven by its supervisor over ZMQ.
 
-    python -m actors.worker --endpoint ipc:///run/moc/tiny-1f2e.sock --parent-pid 1234
+    python -m actors.worker --endpoint ipc:///run/moc/tiny-1f2e.sock \
+        --data-endpoint ipc:///run/moc/tiny-1f2e-data.sock --parent-pid 1234
 
 The worker connects a PAIR socket to the supervisor's endpoint, says Hello, loads what the Load
 message names, replies with what the load cost (measured, not estimated), then serves Infer
-messages until Shutdown. A watchdog thread ends the process as soon as its parent is gone, so a
+messages until Shutdown. Requests come on the control socket (from the supervisor's thread) or
+on the data socket the worker binds (from the node's event loop, several in flight at once):
+they queue here in arrival order, so the next one starts the moment the last one ends, and each
+answer goes back on the socket its request came from. A watchdog thread ends the process as soon as its parent is gone, so a
 killed node leaves no orphan holding memory. Imports stay lean: the backend's library is imported
 only once the Load message says which one.
 """
@@ -19,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import zmq
@@ -161,14 +166,21 @@ def start_watchdog(parent_pid: int, exit_code: int = EXIT_ORPHANED) -> threading
 
 
 class Worker:
-    """The serving loop around one socket and one loaded model."""
+    """The serving loop around the sockets and one loaded model."""
 
-    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], data_sock: zmq.Socket[bytes] | None = None) -> None:
         self.sock = sock
         self.model: LoadedModel | None = None
         self.shutdown = False
         self.rss_before = 0.0
         self.gpu_mb: float | None = None  # measured once: GPU buffers are all allocated at load
+        self.poller = zmq.Poller()
+        for s in (sock, data_sock):
+            if s is not None:
+                self.poller.register(s, zmq.POLLIN)
+        self.pending: deque[tuple[zmq.Socket[bytes], Infer]] = deque()
+        self.current: tuple[zmq.Socket[bytes], int] | None = None
+        self.current_cancelled = False
 
     def memory_mb(self) -> float:
         """Return the model's memory now: its GPU share, or the RSS growth since before load."""
@@ -176,20 +188,56 @@ class Worker:
             return self.gpu_mb
         return max(0.0, rss_mb() - self.rss_before)
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Message, sock: zmq.Socket[bytes] | None = None) -> None:
         """Send one message to the supervisor; exit if it has stopped listening for long."""
         try:
-            self.sock.send(encode(msg))
+            (sock or self.sock).send(encode(msg))
         except zmq.Again:
             # Its socket is gone while it lives on (SNDTIMEO passed): nobody will read us.
             print("moc worker: the supervisor stopped reading; exiting", file=sys.stderr)
             raise SystemExit(EXIT_ORPHANED) from None
 
     def recv(self, timeout_ms: int) -> Message | None:
-        """Return the next message, or None when none arrives within `timeout_ms`."""
+        """Return the next control message, or None when none arrives within `timeout_ms`."""
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return None
         return decode(self.sock.recv())
+
+    def take(self, timeout_ms: int) -> None:
+        """Take every message waiting on either socket: queue requests, apply cancels."""
+        for sock, _ in self.poller.poll(timeout_ms):
+            while True:
+                try:
+                    frame = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    self.accept(sock, decode(frame))
+                except ProtocolError as exc:
+                    print(f"moc worker: dropping a bad frame: {exc}", file=sys.stderr)
+
+    def accept(self, sock: zmq.Socket[bytes], msg: Message) -> None:
+        """Act on one message that arrived while serving or idle."""
+        if isinstance(msg, Infer):
+            self.pending.append((sock, msg))
+        elif isinstance(msg, Cancel):
+            self.cancel(sock, msg.request_id)
+        elif isinstance(msg, Shutdown):
+            self.shutdown = True
+        else:
+            print(f"moc worker: unexpected {type(msg).__name__}", file=sys.stderr)
+
+    def cancel(self, sock: zmq.Socket[bytes], rid: int) -> None:
+        """Cancel the running request between tokens, or a queued one before it starts."""
+        if self.current == (sock, rid):
+            self.current_cancelled = True
+            return
+        for queued in self.pending:
+            if queued[0] is sock and queued[1].request_id == rid:
+                self.pending.remove(queued)
+                self.send(Done(rid, "", 0, 0, "cancelled", None, self.memory_mb()), sock)
+                return
+        # Otherwise it already finished: its Done is on the way.
 
     def load(self, msg: Load) -> bool:
         """Load the model, measure what it cost and tell the supervisor; False on failure."""
@@ -230,27 +278,19 @@ class Worker:
         self.send(Loaded(os.getpid(), measured, seconds, self.model.version, self.model.n_ctx))
         return True
 
-    def serve(self, msg: Infer) -> None:
+    def serve(self, sock: zmq.Socket[bytes], msg: Infer) -> None:
         """Run one request to completion, cancellation or failure, and answer it."""
         assert self.model is not None
         rid = msg.request_id
-        cancelled = False
+        self.current = (sock, rid)
+        self.current_cancelled = False
 
         def should_stop() -> bool:
-            nonlocal cancelled
-            # Drain whatever the supervisor sent meanwhile; only this request's Cancel counts.
-            while not cancelled and not self.shutdown:
-                incoming = self.recv(0)
-                if incoming is None:
-                    break
-                if isinstance(incoming, Cancel) and incoming.request_id == rid:
-                    cancelled = True
-                elif isinstance(incoming, Shutdown):
-                    self.shutdown = True
-            return cancelled or self.shutdown
+            self.take(0)  # between tokens: queue what arrived, notice a Cancel or Shutdown
+            return self.current_cancelled or self.shutdown
 
         emit: Callable[[str], None] = (
-            (lambda text: self.send(Token(rid, text))) if msg.stream else (lambda _text: None)
+            (lambda text: self.send(Token(rid, text), sock)) if msg.stream else (lambda _: None)
         )
         gen = Generation(
             prompt=msg.prompt,
@@ -266,11 +306,13 @@ class Worker:
             check_generation(gen)
             out = self.model.run(gen, emit, should_stop)
         except BadRequest as exc:
-            self.send(Failed(rid, "invalid_request", exc.field, exc.message))
+            self.send(Failed(rid, "invalid_request", exc.field, exc.message), sock)
             return
         except Exception as exc:
-            self.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"))
+            self.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"), sock)
             return
+        finally:
+            self.current = None
         self.send(
             Done(
                 rid,
@@ -280,29 +322,22 @@ class Worker:
                 out.finish_reason,
                 out.tensors,
                 self.memory_mb(),
-            )
+            ),
+            sock,
         )
 
     def loop(self) -> int:
-        """Serve messages until Shutdown; return the exit code."""
+        """Serve requests in arrival order until Shutdown; return the exit code."""
         while not self.shutdown:
-            try:
-                msg = self.recv(_POLL_MS)
-            except ProtocolError as exc:
-                print(f"moc worker: dropping a bad frame: {exc}", file=sys.stderr)
+            if not self.pending:
+                self.take(_POLL_MS)
                 continue
-            if msg is None or isinstance(msg, Cancel):
-                continue  # a Cancel for a request that already finished
-            if isinstance(msg, Shutdown):
-                break
-            if isinstance(msg, Infer):
-                self.serve(msg)
-            else:
-                print(f"moc worker: unexpected {type(msg).__name__}", file=sys.stderr)
+            sock, msg = self.pending.popleft()
+            self.serve(sock, msg)
         return EXIT_OK
 
 
-def run_worker(endpoint: str, parent_pid: int) -> int:
+def run_worker(endpoint: str, parent_pid: int, data_endpoint: str | None = None) -> int:
     """Connect, load and serve; return the process exit code."""
     # Ctrl-C in a terminal reaches the whole process group: the node drains its requests and
     # then stops us, so a SIGINT must not kill the worker under an in-flight request.
@@ -313,7 +348,14 @@ def run_worker(endpoint: str, parent_pid: int) -> int:
     sock.setsockopt(zmq.LINGER, 1000)  # let the last reply leave before the process exits
     sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
     sock.connect(endpoint)
-    worker = Worker(sock)
+    data_sock = None
+    if data_endpoint is not None:
+        # Bound before Hello, so the endpoint exists by the time the supervisor hears from us.
+        data_sock = ctx.socket(zmq.PAIR)
+        data_sock.setsockopt(zmq.LINGER, 1000)
+        data_sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+        data_sock.bind(data_endpoint)
+    worker = Worker(sock, data_sock)
     try:
         worker.send(Hello(PROTOCOL_VERSION, os.getpid()))
         msg = None
@@ -334,6 +376,8 @@ def run_worker(endpoint: str, parent_pid: int) -> int:
         if worker.model is not None:
             worker.model.close()
         sock.close()
+        if data_sock is not None:
+            data_sock.close()
         ctx.term()
 
 
@@ -341,9 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the worker."""
     parser = argparse.ArgumentParser(description="moc-node model worker (started by the node)")
     parser.add_argument("--endpoint", required=True, help="ZMQ endpoint of the supervisor")
+    parser.add_argument(
+        "--data-endpoint", help="ZMQ endpoint to bind for requests from the node's event loop"
+    )
     parser.add_argument("--parent-pid", type=int, default=os.getppid(), help="exit when it dies")
     args = parser.parse_args(argv)
-    return run_worker(args.endpoint, args.parent_pid)
+    return run_worker(args.endpoint, args.parent_pid, args.data_endpoint)
 
 
 if __name__ == "__main__":

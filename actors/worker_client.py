@@ -96,13 +96,43 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _finish_reason(wire: str) -> FinishReason:
+def finish_reason(wire: str) -> FinishReason:
     """Map the wire's finish reason onto the domain's (unknown ones read as "length")."""
     if wire == "stop":
         return "stop"
     if wire == "cancelled":
         return "cancelled"
     return "length"
+
+
+def infer_message(rid: int, req: InferRequest, *, stream: bool) -> Infer:
+    """Put one request on the wire's terms."""
+    p = req.params
+    return Infer(
+        rid,
+        stream,
+        req.prompt,
+        req.messages,
+        req.tensors,
+        p.max_tokens,
+        p.temperature,
+        p.top_p,
+        tuple(p.stop),
+        p.seed,
+    )
+
+
+def result_of(done: Done, started: float, version: str) -> InferResult:
+    """Turn the worker's Done into a result; `started` is when the request was sent (monotonic)."""
+    return InferResult(
+        text=done.text,
+        tokens_generated=done.tokens_generated,
+        prompt_tokens=done.prompt_tokens,
+        finish_reason=finish_reason(done.finish_reason),
+        latency_ms=(time.monotonic() - started) * 1000.0,
+        model_version=version,
+        tensors=done.tensors,
+    )
 
 
 def _socket_dir(runtime_dir: Path, filename: str) -> Path:
@@ -125,6 +155,7 @@ class WorkerProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: zmq.Socket[bytes] | None = None
         self._sock_path: Path | None = None
+        self._data_path: Path | None = None
         self._log_path: Path | None = None
         self._busy = False  # a run() owns the socket
         self._stopped = False
@@ -137,6 +168,24 @@ class WorkerProcess:
         """Return the worker's process id once started."""
         proc = self._proc
         return proc.pid if proc is not None else None
+
+    @property
+    def data_endpoint(self) -> str:
+        """The endpoint the worker binds for requests from the node's event loop."""
+        if self._data_path is None:
+            raise WorkerCrashed(f"worker for {self.spec.name} was never started")
+        return f"ipc://{self._data_path}"
+
+    def exit_code(self) -> int | None:
+        """Return the worker's exit status once it has exited (negative: the signal), else None."""
+        proc = self._proc
+        return None if proc is None else proc.poll()
+
+    def describe_end(self) -> str:
+        """Say how the worker ended, with the end of its log, for error messages."""
+        code = self.exit_code()
+        how = "was stopped" if self._stopped else f"died ({describe_exit(code or 0)})"
+        return how + self._log_tail()
 
     @property
     def alive(self) -> bool:
@@ -153,8 +202,9 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         tag = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.spec.name)[:32]}-{uuid.uuid4().hex[:12]}"
-        sock_dir = _socket_dir(self.runtime_dir, f"{tag}.sock")
+        sock_dir = _socket_dir(self.runtime_dir, f"{tag}-data.sock")
         self._sock_path = sock_dir / f"{tag}.sock"
+        self._data_path = sock_dir / f"{tag}-data.sock"
         self._log_path = self.runtime_dir / f"{tag}.log"
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
         sock.setsockopt(zmq.LINGER, 0)
@@ -180,6 +230,7 @@ class WorkerProcess:
 
     def _spawn(self) -> None:
         assert self._log_path is not None and self._sock_path is not None
+        assert self._data_path is not None
         env = dict(os.environ)
         # The worker must import this very tree, installed or not.
         root = str(Path(actors.__file__).resolve().parent.parent)
@@ -190,6 +241,8 @@ class WorkerProcess:
             "actors.worker",
             "--endpoint",
             f"ipc://{self._sock_path}",
+            "--data-endpoint",
+            f"ipc://{self._data_path}",
             "--parent-pid",
             str(os.getpid()),
         ]
@@ -231,7 +284,7 @@ class WorkerProcess:
         if not isinstance(reply, Loaded):
             raise ModelLoadFailed(f"worker for {s.name} answered Load with {type(reply).__name__}")
         self.version = reply.version
-        self._note_memory(reply.measured_mb)
+        self.note_memory(reply.measured_mb)
         return LoadedInfo(
             reply.pid, reply.measured_mb, reply.load_seconds, reply.version, reply.n_ctx
         )
@@ -241,7 +294,7 @@ class WorkerProcess:
             msg = self._recv(_POLL_S)
             if msg is not None:
                 return msg
-            code = self._exit_code()
+            code = self.exit_code()
             if code is not None:
                 raise ModelLoadFailed(
                     f"worker for {self.spec.name} exited ({describe_exit(code)}) while {doing}"
@@ -288,22 +341,8 @@ class WorkerProcess:
         deadline: float | None,
     ) -> InferResult:
         rid = next(self._ids)
-        p = req.params
         started = time.monotonic()
-        sent = self._send(
-            Infer(
-                rid,
-                on_token is not None,
-                req.prompt,
-                req.messages,
-                req.tensors,
-                p.max_tokens,
-                p.temperature,
-                p.top_p,
-                tuple(p.stop),
-                p.seed,
-            )
-        )
+        sent = self._send(infer_message(rid, req, stream=on_token is not None))
         if not sent:
             self._recv_or_crash(0.5)  # says how the worker died, if it did
             raise WorkerCrashed(f"worker for {self.spec.name} is not taking requests")
@@ -319,20 +358,12 @@ class WorkerProcess:
                     except Exception as exc:
                         sink_error = exc
             elif isinstance(msg, Done) and msg.request_id == rid:
-                self._note_memory(msg.memory_mb)
+                self.note_memory(msg.memory_mb)
                 if sink_error is not None:
                     raise sink_error
                 if timed_out:
                     raise RequestTimeout(f"request to {self.spec.name} passed its deadline")
-                return InferResult(
-                    text=msg.text,
-                    tokens_generated=msg.tokens_generated,
-                    prompt_tokens=msg.prompt_tokens,
-                    finish_reason=_finish_reason(msg.finish_reason),
-                    latency_ms=(time.monotonic() - started) * 1000.0,
-                    model_version=self.version,
-                    tensors=msg.tensors,
-                )
+                return result_of(msg, started, self.version)
             elif isinstance(msg, Failed) and msg.request_id == rid:
                 if msg.kind == "invalid_request":
                     raise InvalidRequest(msg.field or "request", msg.message)
@@ -348,12 +379,13 @@ class WorkerProcess:
                     cancel_sent_at = now
             elif now - cancel_sent_at > _CANCEL_GRACE_S:
                 # The worker is stuck inside one native call: only a kill frees it.
-                self._kill()
+                self.kill()
                 raise RequestTimeout(
                     f"worker for {self.spec.name} ignored a cancel for {_CANCEL_GRACE_S:g} s and was killed"
                 )
 
-    def _note_memory(self, mb: float) -> None:
+    def note_memory(self, mb: float) -> None:
+        """Record the memory a reply reported, keeping the peak."""
         self.memory_mb = mb
         self.peak_memory_mb = mb if self.peak_memory_mb is None else max(self.peak_memory_mb, mb)
 
@@ -383,7 +415,8 @@ class WorkerProcess:
         if proc is not None and proc.returncode == 0 and self._log_path is not None:
             self._log_path.unlink(missing_ok=True)  # keep the logs of workers that failed
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
+        """Kill the worker at once and reap it."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -393,6 +426,8 @@ class WorkerProcess:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._data_path is not None:
+            self._data_path.unlink(missing_ok=True)  # the worker's, left behind by a kill -9
         if self._sock_path is not None:
             self._sock_path.unlink(missing_ok=True)
             if self._sock_path.parent != self.runtime_dir:
@@ -426,21 +461,14 @@ class WorkerProcess:
 
     def _recv_or_crash(self, timeout_s: float) -> Message | None:
         msg = self._recv(timeout_s)
-        if msg is None:
-            code = self._exit_code()
-            if code is not None:
-                # A reply may have landed just before the exit: read it before giving up.
-                msg = self._recv(0)
-                if msg is None:
-                    how = "was stopped" if self._stopped else f"died ({describe_exit(code)})"
-                    raise WorkerCrashed(
-                        f"worker for {self.spec.name} {how} during the request" + self._log_tail()
-                    )
+        if msg is None and self.exit_code() is not None:
+            # A reply may have landed just before the exit: read it before giving up.
+            msg = self._recv(0)
+            if msg is None:
+                raise WorkerCrashed(
+                    f"worker for {self.spec.name} {self.describe_end()} during the request"
+                )
         return msg
-
-    def _exit_code(self) -> int | None:
-        proc = self._proc
-        return None if proc is None else proc.poll()
 
     def _log_tail(self, limit: int = 400) -> str:
         """Return the end of the worker's stderr, for error messages."""

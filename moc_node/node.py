@@ -22,9 +22,9 @@ import moc_node
 from actors import metrics
 from actors.errors import Cancelled, FeatureUnavailable, MocError, ModelNotLoaded, ShuttingDown
 from actors.estimate import estimate_gguf_memory
+from actors.lane import LaneClosed, ModelLane
 from actors.ledger import Ledger
 from actors.manager import ModelBoard
-from actors.model import InferJob
 from actors.resilience import BulkheadRegistry
 from actors.store import StateStore
 from actors.types import (
@@ -45,35 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 StreamItem = TokenChunk | InferResult
-
-
-class _LoopSink:
-    """Carries one request's output from an actor thread onto the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.queue: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
-        self._cancelled = threading.Event()
-
-    def _put(self, item: StreamItem | BaseException) -> None:
-        # A closed loop means nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def token(self, text: str) -> None:
-        self._put(TokenChunk(text))
-
-    def done(self, result: InferResult) -> None:
-        self._put(result)
-
-    def fail(self, error: Exception) -> None:
-        self._put(error)
-
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
 
 
 def _reply_on_loop(
@@ -123,7 +94,6 @@ class Node:
         self._store = store
         self._abort = abort
         self._request_timeout = request_timeout
-        self._proxies: dict[pykka.ActorRef[Any], Any] = {}
         self._learning: Any | None = None
         self._goals: Any | None = None
         self._ready = False
@@ -374,19 +344,11 @@ class Node:
         if self._draining:
             raise ShuttingDown("the node is shutting down and takes no new requests")
 
-    async def _acquire(self, req: LoadRequest, explicit: bool = False) -> pykka.ActorRef[Any]:
+    async def _acquire(self, req: LoadRequest, explicit: bool = False) -> ModelLane:
         future, reply = _reply_on_loop(asyncio.get_running_loop())
         self._manager.acquire(req, reply, explicit)
-        ref: pykka.ActorRef[Any] = await future
-        return ref
-
-    def _proxy(self, ref: pykka.ActorRef[Any]) -> Any:
-        proxy = self._proxies.get(ref)
-        if proxy is None:
-            proxy = self._proxies[ref] = ref.proxy()
-            if len(self._proxies) > 256:  # forget proxies of models long gone
-                self._proxies = {r: p for r, p in self._proxies.items() if r.is_alive()}
-        return proxy
+        lane: ModelLane = await future
+        return lane
 
     def attach_services(self, learning: pykka.ActorRef[Any], goals: pykka.ActorRef[Any]) -> None:
         """Serve learning jobs and goals through these actors."""
@@ -451,30 +413,23 @@ class Node:
     async def serve_local(
         self, req: InferRequest, *, stream: bool
     ) -> AsyncGenerator[StreamItem, None]:
-        """Serve a request with this node's own model actors (never forwarded)."""
+        """Serve a request with this node's own models (never forwarded)."""
+        if not stream:
+            yield await self.infer_local(req)
+            return
         self._check_open()
         outcome = "error"
         try:
             async with self._bulkheads.get(req.model).slot():
-                sink = _LoopSink(asyncio.get_running_loop())
-                timeout = req.timeout_s or self._request_timeout
-                job = InferJob(req, sink, stream=stream, deadline=time.monotonic() + timeout)
-                await self._submit(req.model, job)
-                finished = False
-                try:
-                    while True:
-                        item = await sink.queue.get()
-                        if isinstance(item, BaseException):
-                            raise item
+                lane = await self._lane(req.model)
+                pieces = lane.stream(req, self._deadline(req))
+                async with contextlib.aclosing(pieces):
+                    async for item in pieces:
                         if isinstance(item, InferResult):
-                            finished = True
                             outcome = "success"
                             yield item
-                            return
-                        yield item
-                finally:
-                    if not finished:
-                        sink.cancel()  # the client left: stop generating between tokens
+                        else:
+                            yield TokenChunk(item)
         except MocError as exc:
             outcome = exc.code
             raise
@@ -486,55 +441,38 @@ class Node:
             metrics.inference_requests_total.labels(req.model, outcome).inc()
 
     async def infer_local(self, req: InferRequest) -> InferResult:
-        """Run a whole inference with this node's own model actors (never forwarded).
-
-        serve_local(stream=False) as a coroutine: the hot path of one-shot inferences, without
-        an async generator to drive and close per request.
-        """
+        """Run a whole inference with this node's own models (never forwarded)."""
         self._check_open()
         outcome = "error"
         try:
             async with self._bulkheads.get(req.model).slot():
-                sink = _LoopSink(asyncio.get_running_loop())
-                timeout = req.timeout_s or self._request_timeout
-                job = InferJob(req, sink, stream=False, deadline=time.monotonic() + timeout)
-                await self._submit(req.model, job)
+                lane = await self._lane(req.model)
                 try:
-                    while True:
-                        item = await sink.queue.get()
-                        if isinstance(item, BaseException):
-                            raise item
-                        if isinstance(item, InferResult):
-                            outcome = "success"
-                            return item
-                finally:
-                    if outcome != "success":
-                        sink.cancel()  # the caller left: stop generating between tokens
+                    result = await lane.infer(req, self._deadline(req))
+                except LaneClosed:  # unloaded just now: the manager loads it anew
+                    lane = await self._acquire(LoadRequest(name=req.model))
+                    result = await lane.infer(req, self._deadline(req))
+                outcome = "success"
+                return result
         except MocError as exc:
             outcome = exc.code
             raise
         except asyncio.CancelledError:
-            outcome = Cancelled.code
+            outcome = Cancelled.code  # the caller left; the lane cancelled it in the worker
             raise
         finally:
             metrics.inference_requests_total.labels(req.model, outcome).inc()
 
-    async def _submit(self, model: str, job: InferJob) -> None:
-        """Hand the job to the model's actor, loading the model first if it is cold."""
-        for attempt in range(2):
-            # Fast path: a loaded model's actor is on the board; only cold ones ask the manager.
-            ref = self._board.actor(model) if attempt == 0 else None
-            if ref is None:
-                ref = await self._acquire(LoadRequest(name=model))
-            try:
-                self._proxy(ref).infer(job)
-                return
-            except pykka.ActorDeadError:
-                # Unloaded between our acquire and our send: ask again (it reloads).
-                if attempt:
-                    raise ModelNotLoaded(
-                        f"model {model!r} was unloaded while the request was sent"
-                    ) from None
+    def _deadline(self, req: InferRequest) -> float:
+        return time.monotonic() + (req.timeout_s or self._request_timeout)
+
+    async def _lane(self, model: str) -> ModelLane:
+        """Return the model's lane, loading the model first if it is cold."""
+        # Fast path: a loaded model's lane is on the board; only cold ones ask the manager.
+        lane = self._board.lane(model)
+        if lane is None or lane.closing:
+            lane = await self._acquire(LoadRequest(name=model))
+        return lane
 
     def _with_queue(self, info: ModelInfo) -> ModelInfo:
         bulkhead = self._bulkheads.get(info.name)

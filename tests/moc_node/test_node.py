@@ -197,6 +197,25 @@ async def test_unload_leaves_no_worker_process(
     assert node.devices()[0].claimed_mb == 0
 
 
+async def test_an_unload_lets_the_requests_in_flight_finish_first(
+    tmp_path: Path, model_root: Path, runtime_factory: Factory
+) -> None:
+    node = (
+        await started(
+            runtime_factory, make_config(tmp_path, model_root, catalog=catalog_of(model_root, "a"))
+        )
+    ).node
+    await node.load(LoadRequest(name="a"))
+    stream = node.infer_stream(request("a", max_tokens=64))
+    assert isinstance(await stream.__anext__(), TokenChunk)  # one request is running
+    queued = asyncio.create_task(node.infer(request("a", "another prompt", max_tokens=16)))
+    unloading = asyncio.create_task(node.unload("a"))
+    rest = [item async for item in stream]
+    assert isinstance(rest[-1], InferResult) and rest[-1].tokens_generated == 64
+    assert (await queued).tokens_generated == 16
+    assert (await unloading).state == "available"
+
+
 async def test_a_restart_restores_the_loaded_set_and_pins(
     tmp_path: Path, model_root: Path, runtime_factory: Factory
 ) -> None:
