@@ -4,8 +4,9 @@ Each running job trains in a child process of its own (`job_supervisor.JobProces
 from the learning fork server that imported torch once), not in a thread of the node: a
 training loop in the node's interpreter held the GIL often enough to delay the node's gossip
 acks and peer RPC, and a crash inside torch would have taken the node down. The fork server
-starts in the background when the actor starts (torch installed), so a job's process is up in
-a fraction of a second instead of an interpreter start and the torch import per job. The
+starts in the background at the first submit (a node that never trains never imports torch
+anywhere), so only that first job waits for the torch import; later jobs' processes are up in
+a fraction of a second instead of an interpreter start and the torch import each. The
 child opens the same job store (SQLite WAL) and writes progress, losses, metrics and
 checkpoints there, so `get` and `list_jobs` read the truth from the store as before; its
 progress events come back over a pipe for `on_progress`.
@@ -54,7 +55,7 @@ from actors.learning.errors import (
 from actors.learning.estimate import estimate_memory_mb
 from actors.learning.gguf_io import read_params
 from actors.learning.job_process import describe_error
-from actors.learning.job_supervisor import JobExit, JobProcess, torch_installed, warm_up
+from actors.learning.job_supervisor import JobExit, JobProcess, warm_up
 from actors.learning.jobs import FINAL, JobStore, queue_order
 from actors.learning.spec import TrainParams, parse_spec
 
@@ -135,8 +136,6 @@ class LearningActor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         """Requeue jobs a crash interrupted, start the ticker, start what can run."""
-        if torch_installed():
-            warm_up()  # the fork server imports torch in the background, never in the node
         resumed = self._store.recover(self._clock())
         if resumed:
             log.info("resuming %d interrupted learning job(s): %s", len(resumed), resumed)
@@ -209,6 +208,7 @@ class LearningActor(pykka.ThreadingActor):
             now=self._clock(),
         )
         metrics.jobs_total.labels(job.job_type).inc()
+        warm_up()  # the first submit starts the fork server (in the background)
         self._schedule()
         return job_id
 

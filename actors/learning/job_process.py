@@ -8,7 +8,7 @@ node resolved), the write end of its events pipe and its log file. It opens the 
 itself (SQLite WAL: the node and this process write it at once, each write a short
 transaction), runs `runner.run_job`, and reports on the events pipe, one JSON object a message:
 
-    {"event": "started", "job_id", "step", "pid"}       progress, forwarded to on_progress
+    {"event": "started", "job_id", "step", "pid", "parent"}   progress, for on_progress
     {"event": "step", "job_id", "step", "loss", "tokens"}
     {"event": "result", "ending": "completed" | "stopped", "output_path", "lora_base"}
     {"event": "error", "error": "what failed the job"}
@@ -123,7 +123,7 @@ def run(
 
             def on_progress(event: dict[str, Any]) -> None:
                 if event.get("event") == "started":
-                    event = {**event, "pid": os.getpid()}
+                    event = {**event, "pid": os.getpid(), "parent": os.getppid()}
                 events.emit(event)
 
             ctx = JobContext(

@@ -10,15 +10,14 @@ The fork server (multiprocessing's "forkserver" start method) is a template proc
 imports torch and the training modules once; each job is a fork of it, so a job's first step
 comes a fraction of a second after its start instead of after an interpreter start and the
 torch import (3-6 s). The node itself never imports torch: the server is a fresh interpreter
-that multiprocessing execs, and `warm_up` starts it in the background when learning is
-enabled, so even the first job does not wait for it. Forking a process that ran no torch op
-is safe: torch's thread pools start at the first op, in the job.
+that multiprocessing execs. `warm_up` starts it in the background (the actor calls it at the
+first submit), so a node that never trains never imports torch at all. Forking a process that
+ran no torch op is safe: torch's thread pools start at the first op, in the job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import multiprocessing
@@ -54,11 +53,6 @@ def _context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
     return ctx
-
-
-def torch_installed() -> bool:
-    """Say whether torch can be imported, without importing it."""
-    return importlib.util.find_spec("torch") is not None
 
 
 def warm_up() -> threading.Thread:

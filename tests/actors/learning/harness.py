@@ -5,8 +5,10 @@
 Starts the actor on the config, optionally submits one job, and, with --block-at, freezes the
 job's process (SIGSTOP) once it reports step N and writes that process's pid to MARKER, so the
 test can kill this process while the job is mid-run (the test resumes the frozen child with
-SIGCONT and sees it exit by itself, its parent gone). Prints the job id after submitting, and when every job is final
-prints one JSON line per job: {"job_id", "status", "loss_history", "metrics"}.
+SIGCONT and sees it exit by itself, its node gone). Prints the job id after submitting, and
+when every job is final prints one JSON line per job: {"job_id", "status", "loss_history",
+"metrics", "attempts", "error", "torch_in_actor_process"} (jobs train in forks of the fork
+server, so this process never imports torch).
 """
 
 from __future__ import annotations
@@ -72,8 +74,18 @@ def main() -> int:
         print(
             json.dumps(
                 {
-                    k: full[k]
-                    for k in ("job_id", "status", "loss_history", "metrics", "attempts", "error")
+                    **{
+                        k: full[k]
+                        for k in (
+                            "job_id",
+                            "status",
+                            "loss_history",
+                            "metrics",
+                            "attempts",
+                            "error",
+                        )
+                    },
+                    "torch_in_actor_process": "torch" in sys.modules,
                 }
             ),
             flush=True,

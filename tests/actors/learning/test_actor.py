@@ -37,6 +37,7 @@ class Harness:
     registered: list[tuple[str, Path, str | None]] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
+    parents: dict[str, int] = field(default_factory=dict)
     claims: dict[str, float] = field(default_factory=dict)
     released: list[str] = field(default_factory=list)
     gates: dict[str, threading.Event] = field(default_factory=dict)
@@ -75,6 +76,7 @@ def start(tiny_gguf: Path, dataset_dir: Path, tmp_path: Path) -> Iterator[Callab
         def on_progress(event: dict[str, Any]) -> None:
             if event["event"] == "started":
                 h.pids[event["job_id"]] = event["pid"]
+                h.parents[event["job_id"]] = event["parent"]
                 h.started.append(event["job_id"])
                 if h.hold_all:
                     gate = h.gates.setdefault(event["job_id"], threading.Event())
@@ -255,13 +257,18 @@ def test_bad_specs_are_refused_with_a_message_naming_the_field(
     assert h.proxy.list_jobs().get() == []
 
 
-def test_a_job_trains_in_a_child_process_not_in_the_node(
+def test_jobs_train_in_processes_forked_from_one_fork_server_not_in_the_node(
     start: Callable[..., Harness], dataset_dir: Path
 ) -> None:
     h = start()
-    job_id = h.proxy.submit(spec(dataset_dir)).get()
-    assert h.wait_status(job_id, *FINAL)["status"] == "completed"
-    assert h.pids[job_id] != os.getpid()  # the actor runs in this process
+    first = h.proxy.submit(spec(dataset_dir)).get()
+    assert h.wait_status(first, *FINAL)["status"] == "completed"
+    second = h.proxy.submit(spec(dataset_dir)).get()
+    assert h.wait_status(second, *FINAL)["status"] == "completed"
+    assert os.getpid() not in (h.pids[first], h.pids[second])  # the actor runs in this process
+    assert h.pids[first] != h.pids[second]
+    # Both are forks of the same template process (it imported torch once), not of the node.
+    assert h.parents[first] == h.parents[second] != os.getpid()
 
 
 def test_a_job_whose_process_is_killed_fails_naming_the_signal(

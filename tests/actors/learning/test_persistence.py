@@ -126,6 +126,7 @@ def test_a_job_killed_mid_run_resumes_from_its_checkpoint_and_ends_with_the_same
     (straight,) = finish(harness(config("b"), models, "--submit", json.dumps(spec)))
     assert resumed["status"] == straight["status"] == "completed", (resumed, straight)
     assert resumed["attempts"] == 2 and straight["attempts"] == 1
+    assert not resumed["torch_in_actor_process"] and not straight["torch_in_actor_process"]
     assert [s for s, _ in resumed["loss_history"]] == list(range(1, 31))
     assert resumed["loss_history"][-1][1] == pytest.approx(
         straight["loss_history"][-1][1], abs=1e-6
