@@ -406,7 +406,9 @@ class ClusterLink:
         if not self.runner.is_primary():
             raise NoPrimary("this node is no longer the primary: ask again")
         term = self.runner.election.term
-        need = self.node.estimate_mb(model) or 0.0
+        # Reading the model file's header: off the loop, which keeps answering peers meanwhile.
+        loop = asyncio.get_running_loop()
+        need = await loop.run_in_executor(None, self.node.estimate_mb, model) or 0.0
         tried: set[str] = set()
         while True:
             members = [m for m in self.members() if takes_work(m)]

@@ -2,9 +2,9 @@
 
 A caller must hear from the peer within its `ack_timeout`, so it can tell "the peer is down"
 (silence: try another holder) from "the peer is working on it". The request carries that
-timeout; the peer answers straight away when the answer is ready within a fraction of it (one
-message, not an ack and then the answer: most forwarded requests), and sends an ACK only when it
-is not. Streams send one TOKEN frame per piece and end with RESULT or ERROR; a CANCEL stops the
+timeout; for an inference the peer answers straight away when the answer is ready within a
+fraction of it (one message, not an ack and then the answer: most forwarded requests), and sends
+an ACK only when it is not; loads and placements are acknowledged at once. Streams send one TOKEN frame per piece and end with RESULT or ERROR; a CANCEL stops the
 peer's generation. Frames that fail authentication, are stale or malformed are counted and
 dropped, never answered.
 """
@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import zmq
 import zmq.asyncio
@@ -78,6 +78,66 @@ class PeerHandler(Protocol):
         ...
 
 
+class _Pump:
+    """A ZMQ socket driven straight from the event loop's file-descriptor callback.
+
+    Each message that arrives goes to `on_frames` from that callback: no future, task step or
+    extra loop turn per message, as `zmq.asyncio` would spend. ZMQ's descriptor only says
+    "look at the socket" and any send may swallow that signal, so every send checks for input
+    that came meanwhile.
+    """
+
+    BATCH = 64
+    """Messages handled per callback before yielding to the loop (a flood cannot starve it)."""
+
+    def __init__(self, sock: zmq.Socket[bytes], on_frames: Callable[[list[bytes]], None]) -> None:
+        self.sock = sock
+        self._on_frames = on_frames
+        self._loop = asyncio.get_running_loop()
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._scheduled = False
+        self._loop.add_reader(self._fd, self._drain)
+        self._schedule()  # a message may have come before the reader was added
+
+    def send(self, frames: list[bytes]) -> None:
+        """Queue one message without blocking (zmq.Again when the peer's queue is full)."""
+        self.sock.send_multipart(frames, zmq.NOBLOCK)
+        if cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._schedule()
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        self.sock.close(linger=0)
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        for _ in range(self.BATCH):
+            if self.sock.closed:
+                return
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return  # all read: the descriptor signals the next arrival
+            except zmq.ZMQError:  # closed under us
+                return
+            try:
+                self._on_frames(frames)
+            except Exception:  # stopping here would strand the messages behind this one
+                log.exception("peer RPC: a message could not be handled")
+        self._schedule()  # more may wait: after the loop has run everyone else
+
+
+def _sync(context: zmq.asyncio.Context) -> zmq.Context[zmq.Socket[bytes]]:
+    """Return a plain (blocking-API) view of `context`: same io thread, same sockets."""
+    return zmq.Context.shadow(context.underlying)
+
+
 class PeerServer:
     """Serve peer requests on tcp://host:port until stopped."""
 
@@ -96,22 +156,20 @@ class PeerServer:
         self._address = f"tcp://{host}:{port}"
         self._clock = clock
         self._context = context or zmq.asyncio.Context.instance()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self._pump: _Pump | None = None
         self._tasks: dict[tuple[bytes, str], asyncio.Task[None]] = {}
         self._acks: dict[tuple[bytes, str], asyncio.TimerHandle] = {}
         self.port = port
 
     async def start(self) -> None:
-        sock = self._context.socket(zmq.ROUTER)
+        sock = _sync(self._context).socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
         if self.port == 0:
             self.port = sock.bind_to_random_port(self._address.rsplit(":", 1)[0])
         else:
             sock.bind(self._address)
-        self._socket = sock
-        self._loop_task = asyncio.create_task(self._serve(), name="peer-server")
+        self._pump = _Pump(sock, self._on_frames)
         log.info("peer RPC listening on port %d", self.port)
 
     async def stop(self) -> None:
@@ -120,29 +178,22 @@ class PeerServer:
         self._acks.clear()
         for task in list(self._tasks.values()):
             task.cancel()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        if self._pump is not None:
+            self._pump.close()
+            self._pump = None
 
-    async def _serve(self) -> None:
-        assert self._socket is not None
-        while True:
-            frames = await self._socket.recv_multipart()
-            if len(frames) < 2:
-                peer_dropped_total.labels("malformed").inc()
-                continue
-            ident, rest = frames[0], frames[1:]
-            try:
-                env = open_frames(self._keyring, rest, self._clock())
-            except PeerWireError as exc:
-                peer_dropped_total.labels(exc.reason).inc()
-                log.debug("dropped a peer frame: %s", exc)
-                continue
-            self._accept(ident, env)
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            peer_dropped_total.labels("malformed").inc()
+            return
+        ident, rest = frames[0], frames[1:]
+        try:
+            env = open_frames(self._keyring, rest, self._clock())
+        except PeerWireError as exc:
+            peer_dropped_total.labels(exc.reason).inc()
+            log.debug("dropped a peer frame: %s", exc)
+            return
+        self._accept(ident, env)
 
     def _accept(self, ident: bytes, env: Envelope) -> None:
         key = (ident, env.request_id)
@@ -160,11 +211,15 @@ class PeerServer:
             self._reply(ident, Kind.PONG, env.request_id, None)
             peer_requests_total.labels("ping", "success").inc()
             return
-        if env.ack_s is None:  # a requester that does not say how long it waits: ack at once
+        # Loads and placements take seconds, so holding back their ack saves nothing, and a
+        # requester that does not say how long it waits (an older peer) expects it at once.
+        defer = env.ack_s is not None and op in (Op.INFER, Op.STREAM)
+        if not defer:
             self._send(ident, Envelope(Kind.ACK, env.request_id, self._clock(), None))
         task = asyncio.create_task(self._run(ident, op, env))
         self._tasks[key] = task
-        if env.ack_s is not None:
+        if defer:
+            assert env.ack_s is not None
             grace = env.ack_s * ACK_GRACE_FRACTION
             self._acks[key] = task.get_loop().call_later(grace, self._ack, key)
         task.add_done_callback(lambda _t: self._finished(key))
@@ -220,10 +275,10 @@ class PeerServer:
         self._send(ident, Envelope(kind, rid, self._clock(), body))
 
     def _send(self, ident: bytes, env: Envelope) -> None:
-        if self._socket is None:
+        if self._pump is None:
             return
         try:
-            self._socket.send_multipart([ident, *seal(self._keyring, env)], flags=zmq.NOBLOCK)
+            self._pump.send([ident, *seal(self._keyring, env)])
         except zmq.ZMQError as exc:  # the peer went away: nothing to tell it
             log.debug("peer reply lost: %s", exc)
 
@@ -257,32 +312,29 @@ class _Replies:
 
 
 class _Connection:
-    """One DEALER socket to one peer, with a reader task routing replies to waiting requests."""
+    """One DEALER socket to one peer; replies are routed to the waiting requests as they come."""
 
     def __init__(self, client: PeerClient, address: str) -> None:
         self.client = client
-        self.socket = client.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
-        self.socket.connect(f"tcp://{address}")
+        sock = _sync(client.context).socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        sock.connect(f"tcp://{address}")
         self.pending: dict[str, _Replies] = {}
-        self.reader = asyncio.create_task(self._read(), name=f"peer-client-{address}")
+        self.pump = _Pump(sock, self._on_frames)
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self.socket.recv_multipart()
-            try:
-                env = open_frames(self.client.keyring, frames, self.client.clock())
-            except PeerWireError as exc:
-                peer_dropped_total.labels(exc.reason).inc()
-                continue
-            replies = self.pending.get(env.request_id)
-            if replies is not None:
-                replies.put(env)
+    def _on_frames(self, frames: list[bytes]) -> None:
+        try:
+            env = open_frames(self.client.keyring, frames, self.client.clock())
+        except PeerWireError as exc:
+            peer_dropped_total.labels(exc.reason).inc()
+            return
+        replies = self.pending.get(env.request_id)
+        if replies is not None:
+            replies.put(env)
 
     def close(self) -> None:
-        self.reader.cancel()
-        self.socket.close(linger=0)
+        self.pump.close()
 
 
 class PeerClient:
@@ -398,7 +450,10 @@ class PeerClient:
             frames = seal(
                 self.keyring, Envelope(op, rid, self.clock(), body, term, self.ack_timeout)
             )
-            await connection.socket.send_multipart(frames)
+            try:
+                connection.pump.send(frames)
+            except zmq.ZMQError as exc:  # the peer's queue is full: it has not been reading
+                raise PeerUnavailable(f"peer {address} is not taking requests: {exc}") from None
             try:
                 await replies.wait(self.ack_timeout)
             except TimeoutError:
@@ -434,4 +489,4 @@ class PeerClient:
         if not finished and address in self._connections:
             with contextlib.suppress(zmq.ZMQError):
                 cancel = seal(self.keyring, Envelope(Op.CANCEL, rid, self.clock(), None))
-                await connection.socket.send_multipart(cancel, flags=zmq.NOBLOCK)
+                connection.pump.send(cancel)

@@ -26,6 +26,7 @@ from transports.peer_wire import (
     Kind,
     Op,
     PeerUnavailable,
+    load_to_wire,
     open_frames,
     request_to_wire,
     result_from_wire,
@@ -195,8 +196,11 @@ class RawRequester:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(f"tcp://127.0.0.1:{port}")
 
-    async def send(self, model: str, ack_s: float | None) -> None:
-        env = Envelope(Op.INFER, "r1", time.time(), request_to_wire(req(model)), None, ack_s)
+    async def send(self, model: str, ack_s: float | None, op: Op = Op.INFER) -> None:
+        body = (
+            load_to_wire(LoadRequest(name=model)) if op == Op.LOAD else request_to_wire(req(model))
+        )
+        env = Envelope(op, "r1", time.time(), body, 1, ack_s)
         await self.sock.send_multipart(seal(KEY, env))
 
     async def reply(self, timeout: float = 5.0) -> Envelope:
@@ -246,6 +250,14 @@ async def test_a_requester_that_names_no_ack_timeout_is_acknowledged_at_once(
     assert (await raw.reply()).code == Kind.RESULT
 
 
+async def test_a_load_is_acknowledged_at_once_whatever_the_requester_waits(
+    raw: RawRequester,
+) -> None:
+    await raw.send("x", ack_s=2.0, op=Op.LOAD)  # loads take seconds: no grace for them
+    assert (await raw.reply()).code == Kind.ACK
+    assert (await raw.reply()).code == Kind.RESULT
+
+
 async def test_a_slow_answer_outlasts_the_ack_timeout_once_acknowledged(
     served: tuple[Handler, PeerServer, PeerClient],
 ) -> None:
@@ -259,3 +271,19 @@ async def test_a_slow_answer_outlasts_the_ack_timeout_once_acknowledged(
         assert (await call).text == "released"
     finally:
         client.close()
+
+
+async def test_many_requests_in_flight_on_one_connection_all_get_their_own_answers(
+    served: tuple[Handler, PeerServer, PeerClient],
+) -> None:
+    # More than one read batch, with sends and arrivals interleaved on both sockets: a wake-up
+    # lost between a send and a read would leave some of these waiting forever.
+    _, server, client = served
+    address = f"127.0.0.1:{server.port}"
+    texts = [f"q{i}" for i in range(300)]
+    results = await asyncio.wait_for(
+        asyncio.gather(*(client.infer(address, req(text=t), timeout=10) for t in texts)), 30
+    )
+    assert [r.text for r in results] == texts
+    pings = await asyncio.wait_for(asyncio.gather(*(client.ping(address) for _ in range(100))), 30)
+    assert len(pings) == 100
