@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client import Counter
 
+from actors.errors import InvalidRequest
 from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
 from cluster.keyring import Keyring
 from transports.peer_wire import (
@@ -263,6 +264,8 @@ class PeerServer:
             outcome = "cancelled"
             raise
         except Exception as exc:
+            if isinstance(exc, PeerWireError):  # a signed request whose body makes no sense
+                exc = InvalidRequest("request", str(exc))
             outcome = getattr(exc, "code", "internal_error")
             self._reply(ident, Kind.ERROR, rid, error_to_wire(exc))
         finally:

@@ -287,3 +287,17 @@ async def test_many_requests_in_flight_on_one_connection_all_get_their_own_answe
     assert [r.text for r in results] == texts
     pings = await asyncio.wait_for(asyncio.gather(*(client.ping(address) for _ in range(100))), 30)
     assert len(pings) == 100
+
+
+async def test_a_signed_request_with_a_nonsense_body_is_an_invalid_request_not_a_crash(
+    served: tuple[Handler, PeerServer, PeerClient], raw: RawRequester
+) -> None:
+    await raw.sock.send_multipart(seal(KEY, Envelope(Op.INFER, "r1", time.time(), {"model": "m"})))
+    reply = await raw.reply()
+    if reply.code == Kind.ACK:
+        reply = await raw.reply()
+    assert reply.code == Kind.ERROR
+    assert reply.body["code"] == "invalid_request"
+    assert "bad inference request" in reply.body["message"]
+    _, server, client = served
+    assert (await client.infer(f"127.0.0.1:{server.port}", req(), timeout=5)).text == "hi"
