@@ -37,6 +37,9 @@ from cluster.messages import (
 )
 from cluster.suspicion import Suspicion
 
+MAX_INCARNATION = 2**64 - 1
+"""The largest incarnation the wire (msgpack, unsigned 64 bits) carries."""
+
 
 class Rng(Protocol):
     """The slice of `random.Random` the state machines use."""
@@ -566,6 +569,11 @@ class Membership:
         self._emit(EventKind.LEFT if m.state == MemberState.LEFT else EventKind.DEAD, m)
 
     def _refute(self, accused: int) -> None:
+        if accused >= MAX_INCARNATION:
+            # Nothing the wire can carry outranks it (only a key holder can send one): refusing
+            # it keeps this node able to speak, where refuting would make it unencodable.
+            self.counters.drop("unrefutable")
+            return
         inc = self._local.incarnation + 1
         if accused >= inc:
             inc = accused + 1

@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 
 from cluster import codec
 from cluster.config import lan
-from cluster.errors import LocalUsageError
 from cluster.keyring import Keyring
 from cluster.membership import Membership
 from cluster.messages import (
@@ -308,14 +307,6 @@ def test_the_state_after_any_accusation_still_encodes(messages: list[Fact]) -> N
     assert codec.decode_packet(packet, Keyring(()), 1 << 20) == [state]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LocalUsageError,
-    reason="membership refutes an accusation at the largest wire incarnation (2**64 - 1, which "
-    "the codec decodes) with 2**64, which the codec cannot encode: handle() raises and leaves the "
-    "local incarnation at 2**64, so no later refutation, metadata change or push-pull of this "
-    "node can be sent (cluster/membership.py _refute; reported, not owned here)",
-)
 @pytest.mark.parametrize("accusation", ["suspect", "dead", "alive"])
 def test_an_accusation_at_the_largest_wire_incarnation_leaves_a_node_that_can_still_speak(
     accusation: str,
