@@ -39,8 +39,16 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.1  # how long one wait on the pipe lasts before the kill deadline is checked again
 _LOG_TAIL = 400  # characters of the child's stderr quoted in a crash's error
 # What the fork server imports once for every job (absent ones are skipped: a job without torch
-# then fails with the import error in its own log).
-PRELOAD = ("torch", "gguf", "llama_cpp", "actors.learning.runner", "actors.learning.job_process")
+# then fails with the import error in its own log). torch._dynamo is what the first optimizer
+# imports lazily (about 2 s, 800 modules): without it here every job would pay it at step 1.
+PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "gguf",
+    "llama_cpp",
+    "actors.learning.runner",
+    "actors.learning.job_process",
+)
 
 Ending = Literal["completed", "stopped", "failed"]
 
