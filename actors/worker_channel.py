@@ -19,9 +19,9 @@ import time
 from collections.abc import AsyncGenerator
 
 import zmq
-import zmq.asyncio
 
 from actors.errors import InvalidRequest, MocError, RequestTimeout, WorkerCrashed
+from actors.loop_socket import LoopSocket
 from actors.types import InferRequest, InferResult
 from actors.worker_client import WorkerProcess, infer_message, result_of
 from actors.worker_protocol import (
@@ -57,12 +57,12 @@ class WorkerChannel:
         self.closed: WorkerCrashed | None = None
         self._waiting: dict[int, _Request] = {}
         self._ids = itertools.count(1)
-        self._sock: zmq.asyncio.Socket = zmq.asyncio.Context.instance().socket(zmq.PAIR)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(worker.data_endpoint)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(worker.data_endpoint)
         self._loop = asyncio.get_running_loop()
+        self._sock = LoopSocket(sock, self._on_frames)
         self._pidfd = _watch_exit(self._loop, worker, self._on_exit)
-        self._reader = self._loop.create_task(self._read(), name=f"channel-{worker.spec.name}")
 
     @property
     def in_flight(self) -> int:
@@ -71,7 +71,7 @@ class WorkerChannel:
 
     async def infer(self, req: InferRequest, deadline: float | None = None) -> InferResult:
         """Run one whole request; `deadline` is monotonic (the event loop's clock)."""
-        rid, pending = await self._open(req, deadline, stream=False)
+        rid, pending = self._open(req, deadline, stream=False)
         answered = False
         try:
             while True:
@@ -86,7 +86,7 @@ class WorkerChannel:
         self, req: InferRequest, deadline: float | None = None
     ) -> AsyncGenerator[str | InferResult, None]:
         """Yield the request's text piece by piece, then its result."""
-        rid, pending = await self._open(req, deadline, stream=True)
+        rid, pending = self._open(req, deadline, stream=True)
         answered = False
         try:
             while True:
@@ -105,12 +105,11 @@ class WorkerChannel:
     def close(self) -> None:
         """Fail what is in flight and let go of the socket (the worker itself is the actor's)."""
         self._fail(WorkerCrashed(f"the channel to {self.worker.spec.name} was closed"))
-        self._reader.cancel()
-        self._sock.close(linger=0)
+        self._sock.close()
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _open(
+    def _open(
         self, req: InferRequest, deadline: float | None, *, stream: bool
     ) -> tuple[int, _Request]:
         if self.closed is not None:
@@ -123,10 +122,12 @@ class WorkerChannel:
             late = RequestTimeout(f"request to {self.worker.spec.name} passed its deadline")
             pending.timer = self._loop.call_at(deadline, pending.replies.put_nowait, late)
         try:
-            await self._sock.send(encode(infer_message(rid, req, stream=stream)))
-        except BaseException:
+            self._sock.send([encode(infer_message(rid, req, stream=stream))])
+        except zmq.ZMQError as exc:  # Again: a full queue; the bulkhead keeps it from filling
             self._forget(rid)
-            raise
+            raise WorkerCrashed(
+                f"worker for {self.worker.spec.name} is not taking requests"
+            ) from exc
         return rid, pending
 
     def _finish(self, reply: _Reply, started: float) -> InferResult | None:
@@ -157,32 +158,20 @@ class WorkerChannel:
         if not self._forget(rid) or answered or self.closed is not None:
             return
         with contextlib.suppress(zmq.ZMQError):
-            self._sock.send(encode(Cancel(rid)), zmq.NOBLOCK)
+            self._sock.send([encode(Cancel(rid))])
 
-    async def _read(self) -> None:
-        while True:
-            try:
-                frame = await self._sock.recv()
-            except (asyncio.CancelledError, zmq.ZMQError):
-                return
-            try:
-                reply = decode(frame)
-            except ProtocolError as exc:
-                self.worker.kill()
-                self._fail(WorkerCrashed(f"worker for {self.worker.spec.name} sent garbage: {exc}"))
-                return
-            self._dispatch(reply)
+    def _on_frames(self, frames: list[bytes]) -> None:
+        try:
+            reply = decode(frames[0])
+        except ProtocolError as exc:
+            self.worker.kill()
+            self._fail(WorkerCrashed(f"worker for {self.worker.spec.name} sent garbage: {exc}"))
+            return
+        self._dispatch(reply)
 
     def _on_exit(self) -> None:
         # Replies the worker sent just before it exited may still wait in the socket.
-        self._reader.cancel()
-        sync: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
-        while True:
-            try:
-                reply = decode(sync.recv(zmq.NOBLOCK))
-            except (zmq.ZMQError, ProtocolError):
-                break
-            self._dispatch(reply)
+        self._sock.drain()
         self._fail(
             WorkerCrashed(
                 f"worker for {self.worker.spec.name} {self.worker.describe_end()} "

@@ -19,13 +19,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
 from prometheus_client import Counter
 
 from actors.errors import InvalidRequest
+from actors.loop_socket import LoopSocket
 from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
 from cluster.keyring import Keyring
 from transports.peer_wire import (
@@ -79,61 +80,6 @@ class PeerHandler(Protocol):
         ...
 
 
-class _Pump:
-    """A ZMQ socket driven straight from the event loop's file-descriptor callback.
-
-    Each message that arrives goes to `on_frames` from that callback: no future, task step or
-    extra loop turn per message, as `zmq.asyncio` would spend. ZMQ's descriptor only says
-    "look at the socket" and any send may swallow that signal, so every send checks for input
-    that came meanwhile.
-    """
-
-    BATCH = 64
-    """Messages handled per callback before yielding to the loop (a flood cannot starve it)."""
-
-    def __init__(self, sock: zmq.Socket[bytes], on_frames: Callable[[list[bytes]], None]) -> None:
-        self.sock = sock
-        self._on_frames = on_frames
-        self._loop = asyncio.get_running_loop()
-        self._fd = cast(int, sock.getsockopt(zmq.FD))
-        self._scheduled = False
-        self._loop.add_reader(self._fd, self._drain)
-        self._schedule()  # a message may have come before the reader was added
-
-    def send(self, frames: list[bytes]) -> None:
-        """Queue one message without blocking (zmq.Again when the peer's queue is full)."""
-        self.sock.send_multipart(frames, zmq.NOBLOCK)
-        if cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            self._schedule()
-
-    def close(self) -> None:
-        if not self._loop.is_closed():
-            self._loop.remove_reader(self._fd)
-        self.sock.close(linger=0)
-
-    def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        self._scheduled = False
-        for _ in range(self.BATCH):
-            if self.sock.closed:
-                return
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return  # all read: the descriptor signals the next arrival
-            except zmq.ZMQError:  # closed under us
-                return
-            try:
-                self._on_frames(frames)
-            except Exception:  # stopping here would strand the messages behind this one
-                log.exception("peer RPC: a message could not be handled")
-        self._schedule()  # more may wait: after the loop has run everyone else
-
-
 def _sync(context: zmq.asyncio.Context) -> zmq.Context[zmq.Socket[bytes]]:
     """Return a plain (blocking-API) view of `context`: same io thread, same sockets."""
     return zmq.Context.shadow(context.underlying)
@@ -157,7 +103,7 @@ class PeerServer:
         self._address = f"tcp://{host}:{port}"
         self._clock = clock
         self._context = context or zmq.asyncio.Context.instance()
-        self._pump: _Pump | None = None
+        self._pump: LoopSocket | None = None
         self._tasks: dict[tuple[bytes, str], asyncio.Task[None]] = {}
         self._acks: dict[tuple[bytes, str], asyncio.TimerHandle] = {}
         self.port = port
@@ -170,7 +116,7 @@ class PeerServer:
             self.port = sock.bind_to_random_port(self._address.rsplit(":", 1)[0])
         else:
             sock.bind(self._address)
-        self._pump = _Pump(sock, self._on_frames)
+        self._pump = LoopSocket(sock, self._on_frames)
         log.info("peer RPC listening on port %d", self.port)
 
     async def stop(self) -> None:
@@ -324,7 +270,7 @@ class _Connection:
         sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
         sock.connect(f"tcp://{address}")
         self.pending: dict[str, _Replies] = {}
-        self.pump = _Pump(sock, self._on_frames)
+        self.pump = LoopSocket(sock, self._on_frames)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         try:
