@@ -41,6 +41,9 @@ class LoopSocket:
             self._schedule()
 
     def close(self) -> None:
+        """Stop reading and close the socket; safe to call twice."""
+        if self.sock.closed:
+            return  # its descriptor number may already belong to another socket
         if not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
         self.sock.close(linger=0)

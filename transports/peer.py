@@ -407,8 +407,10 @@ class PeerClient:
                 await replies.wait(self.ack_timeout)
             except TimeoutError:
                 # No ack: the peer is down or cut off. Drop the socket so a later call reconnects.
+                # Requests in flight at once to a dead peer all time out here: close it once.
                 connection.close()
-                self._connections.pop(address, None)
+                if self._connections.get(address) is connection:
+                    del self._connections[address]
                 raise PeerUnavailable(
                     f"peer {address} did not answer within {self.ack_timeout} s"
                 ) from None

@@ -301,3 +301,21 @@ async def test_a_signed_request_with_a_nonsense_body_is_an_invalid_request_not_a
     assert "bad inference request" in reply.body["message"]
     _, server, client = served
     assert (await client.infer(f"127.0.0.1:{server.port}", req(), timeout=5)).text == "hi"
+
+
+async def test_requests_in_flight_to_a_silent_peer_all_fail_unavailable_and_nothing_else() -> None:
+    silent = zmq.asyncio.Context.instance().socket(zmq.ROUTER)  # takes requests, never answers
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    client = PeerClient(KEY, ack_timeout=0.3)
+    try:
+        address = f"127.0.0.1:{port}"
+        outcomes = await asyncio.gather(
+            *(client.infer(address, req(), timeout=5) for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(o, PeerUnavailable) for o in outcomes), outcomes
+        # The connection was dropped once and a new one is made for the next call.
+        with pytest.raises(PeerUnavailable):
+            await client.infer(address, req(), timeout=5)
+    finally:
+        client.close()
+        silent.close(linger=0)
