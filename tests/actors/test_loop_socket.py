@@ -12,7 +12,7 @@ from actors.loop_socket import LoopSocket
 
 
 async def test_messages_arrive_in_order_and_a_reply_sent_meanwhile_is_not_missed() -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
     port = a.bind_to_random_port("tcp://127.0.0.1")
     b.connect(f"tcp://127.0.0.1:{port}")
@@ -45,7 +45,7 @@ def fd_open(fd: int) -> bool:
 
 
 async def test_closing_twice_leaves_alone_whatever_reuses_the_descriptor_number() -> None:
-    sock = zmq.Context.instance().socket(zmq.PAIR)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
     pump = LoopSocket(sock, lambda frames: None)
     fd = sock.getsockopt(zmq.FD)
     pump.close()
