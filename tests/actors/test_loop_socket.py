@@ -47,7 +47,7 @@ def fd_open(fd: int) -> bool:
 async def test_closing_twice_leaves_alone_whatever_reuses_the_descriptor_number() -> None:
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
     pump = LoopSocket(sock, lambda frames: None)
-    fd = sock.getsockopt(zmq.FD)
+    fd = int(sock.getsockopt(zmq.FD))
     pump.close()
     # ZMQ's reaper thread closes the socket's descriptor a moment later: wait for it.
     deadline = time.monotonic() + 5
