@@ -104,7 +104,7 @@ class ModelLane:
         try:
             result = await channel.infer(req, deadline)
         except Exception as exc:
-            self._failed(exc)
+            self._failed(exc, channel)
             raise
         finally:
             self._leave()
@@ -122,7 +122,7 @@ class ModelLane:
                     self._succeeded(item)
                 yield item
         except Exception as exc:
-            self._failed(exc)
+            self._failed(exc, channel)
             raise
         finally:
             self._leave()
@@ -192,18 +192,27 @@ class ModelLane:
             self._events.model_used(self.name)
         self._note_growth()
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: Exception, channel: WorkerChannel) -> None:
         if isinstance(exc, WorkerCrashed):
-            self._breaker.record_failure(self._clock())
             metrics.inference_errors_total.labels(self.name, exc.code).inc()
-            if not self._abort.is_set() and not self._closed and self._restart is not None:
+            # One death fails every request in flight at once: it counts as one failure.
+            if channel.closed is not None:
+                if channel.crash_counted:
+                    return
+                channel.crash_counted = True
+            self._breaker.record_failure(self._clock())
+            if channel.closed is not None and self._may_restart():
                 log.error("%s; restarting it", exc)
+                assert self._restart is not None
                 self._restart()  # in the background: the next request finds a fresh worker
         elif isinstance(exc, MocError):
             metrics.inference_errors_total.labels(self.name, exc.code).inc()
         else:  # a bug must fail one request, not the model
             log.error("request to %s failed", self.name, exc_info=exc)
             metrics.inference_errors_total.labels(self.name, "internal_error").inc()
+
+    def _may_restart(self) -> bool:
+        return not self._abort.is_set() and not self._closed and self._restart is not None
 
     def _note_growth(self) -> None:
         """Raise the model's claim when its working size grew (buffers allocated on first use)."""

@@ -55,6 +55,7 @@ class WorkerChannel:
     def __init__(self, worker: WorkerProcess) -> None:
         self.worker = worker
         self.closed: WorkerCrashed | None = None
+        self.crash_counted = False  # the lane counts a worker's death once, however many it failed
         self._waiting: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)

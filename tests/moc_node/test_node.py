@@ -181,6 +181,35 @@ async def test_kill_9_of_a_worker_fails_only_the_request_in_flight_and_it_restar
     assert node.models()[0].breaker == "closed"
 
 
+async def test_one_worker_death_fails_every_request_in_flight_but_counts_once_for_the_breaker(
+    tmp_path: Path, model_root: Path, runtime_factory: Factory
+) -> None:
+    config = make_config(tmp_path, model_root, catalog=catalog_of(model_root, "a"))
+    config = dataclasses.replace(
+        config,
+        resilience=dataclasses.replace(
+            config.resilience, bulkhead=BulkheadConfig(max_concurrent=8, max_queue_size=8)
+        ),
+    )
+    node = (await started(runtime_factory, config)).node
+    await node.load(LoadRequest(name="a"))
+    pid = node.models()[0].pid
+    assert pid is not None
+    stream = node.infer_stream(request("a", max_tokens=2000))
+    assert isinstance(await stream.__anext__(), TokenChunk)  # running in the worker
+    queued = [asyncio.create_task(node.infer(request("a", f"p{i}"))) for i in range(5)]
+    await wait_for(lambda: node.models()[0].in_flight == 6)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        async for _ in stream:
+            pass
+    outcomes = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(o, WorkerCrashed) for o in outcomes), outcomes
+    # Six failed requests, one death: the breaker (threshold 4) stays closed.
+    assert node.models()[0].breaker == "closed"
+    assert (await node.infer(request("a"))).tokens_generated == 8
+
+
 async def test_unload_leaves_no_worker_process(
     tmp_path: Path, model_root: Path, runtime_factory: Factory
 ) -> None:
