@@ -299,11 +299,20 @@ async def test_a_message_a_machine_cannot_handle_is_counted_and_nothing_escapes_
         a = await cluster.add("a")
         b = await cluster.add("b")
         await until(cluster.converged)
-        # Signed, well formed, and accusing a at the largest incarnation the wire carries: the
-        # refutation does not fit in 64 bits (membership's to fix); the runner must contain it.
-        _send_raw(a.addr, [encode_packet([Suspect(2**64 - 1, "a", "mallory")], KEY, 1400)])
+        # A signed, well formed message that the state machine fails on (a bug's stand-in).
+        real_handle = a.membership.handle
+
+        def failing_handle(msg: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(msg, Suspect) and msg.accuser == "mallory":
+                raise RuntimeError("a bug in the state machine")
+            return real_handle(msg, *args, **kwargs)
+
+        a.membership.handle = failing_handle  # type: ignore[method-assign]
+        _send_raw(a.addr, [encode_packet([Suspect(1, "a", "mallory")], KEY, 1400)])
         await until(lambda: a.dropped().get("handler_error", 0) == 1, what="handler_error")
-        # Push-pulls either way now fail to encode a's record: counted, not raised in a task.
+        # A local record the wire cannot carry (2**64): push-pulls either way fail to encode it,
+        # counted, not raised in a task.
+        a.membership._local.incarnation = 2**64
         await until(lambda: a.dropped().get("unsendable", 0) >= 2, what="unsendable push-pulls")
         probes = b.membership.counters.probes
         await until(lambda: b.membership.counters.probes > probes + 2)
