@@ -162,6 +162,7 @@ def classify(exc: BaseException) -> ErrorReply:
 
 
 Handler = Callable[["Dispatcher", Mapping[str, Any]], Awaitable[Any]]
+View = Callable[["Dispatcher", Mapping[str, Any]], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,9 @@ class Action:
     calls_node: bool
     """True when the handler waits on the node (infer, load, unload): those run as bounded tasks.
     False when it answers at once from the node's state, so it never waits behind slow work."""
+    view: View | None = None
+    """The same answer computed without awaiting anything, when the action has one: a transport
+    may then answer inside its receive callback, with no task."""
 
 
 class Dispatcher:
@@ -289,27 +293,27 @@ async def _unload(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return {**model_view(info), "status": "unloaded"}
 
 
-async def _list_models(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+def _list_models(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return {"models": [model_view(m) for m in d.node.models()]}
 
 
-async def _list_devices(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+def _list_devices(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return {"devices": [device_view(x) for x in d.node.devices()]}
 
 
-async def _health(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+def _health(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return health_view(d.node.health())
 
 
-async def _ready(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+def _ready(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return {"ready": d.node.is_ready()}
 
 
-async def _status(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+def _status(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return d.node.status()
 
 
-async def _cluster(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+def _cluster(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return d.node.cluster_view()
 
 
@@ -352,18 +356,27 @@ async def _cancel_goal(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return await d.node.cancel_goal(_id(payload, "goal_id"))
 
 
+def _at_once(name: str, view: View) -> Action:
+    """An action answered from the node's state without waiting: its handler wraps its view."""
+
+    async def handler(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
+        return view(d, payload)
+
+    return Action(name, handler, calls_node=False, view=view)
+
+
 ACTIONS: dict[str, Action] = {
     a.name: a
     for a in (
         Action("infer", _infer, calls_node=True),
         Action("load_model", _load, calls_node=True),
         Action("unload_model", _unload, calls_node=True),
-        Action("list_models", _list_models, calls_node=False),
-        Action("health", _health, calls_node=False),
-        Action("status", _status, calls_node=False),
-        Action("list_devices", _list_devices, calls_node=False),
-        Action("ready", _ready, calls_node=False),
-        Action("cluster", _cluster, calls_node=False),
+        _at_once("list_models", _list_models),
+        _at_once("health", _health),
+        _at_once("status", _status),
+        _at_once("list_devices", _list_devices),
+        _at_once("ready", _ready),
+        _at_once("cluster", _cluster),
         Action("list_jobs", _list_jobs, calls_node=False),
         Action("create_job", _create_job, calls_node=True),
         Action("get_job", _get_job, calls_node=False),

@@ -5,19 +5,19 @@ the reply `{"success", "result", "error", "request_id", "latency_ms"}` goes back
 encoding. Every request is answered when a reply is possible (bad input included), counted in
 `moc_zmq_requests_total{action,outcome}`, and nothing a peer sends stops the server.
 
-Cheap actions (health, list_models, ...) are answered inside the receive loop; actions that wait on
-the node run as tasks, at most `max_workers` at once and `max_pending` more waiting, so a slow
-inference never delays a health check from another client.
+The socket is read from the event loop's descriptor callback (actors/loop_socket.py), replies go
+out with non-blocking sends. Bad frames are answered inside that callback; each request runs as
+a task, and actions that wait on the node at most `max_workers` at once with `max_pending` more
+waiting, so a slow inference never delays a health check from another client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from actors.errors import InvalidRequest, Overloaded
+from actors.loop_socket import LoopSocket
 from transports.api import NodeAPI
 from transports.config import ServerConfig
 from transports.dispatch import (
@@ -50,8 +51,6 @@ _MSGPACK_MAP_HEADS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 # Label for frames too broken to name an action.
 NO_ACTION = "none"
 UNKNOWN_ACTION = "unknown"
-# Requests taken from the socket in one go before yielding to the event loop.
-DRAIN_BATCH = 32
 
 
 # ---- the codec: pure functions over bytes ----
@@ -207,11 +206,11 @@ class ZmqServer:
         self._config = config
         self._own_context = context is None
         self._context = context if context is not None else zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self._socket: LoopSocket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers = asyncio.Semaphore(config.max_workers)
         self._pending = 0
+        self._stopping_socket: LoopSocket | None = None  # replies still go out while stopping
         self._recorder = ZmqRecorder()
         self._in_flight = IN_FLIGHT.labels(transport="zmq")
         self.endpoint = ""
@@ -223,7 +222,8 @@ class ZmqServer:
 
     async def start(self) -> None:
         """Bind the socket and start serving."""
-        sock = self._context.socket(zmq.ROUTER)
+        # A plain-API view of the (asyncio) context: same io thread, no futures per message.
+        sock: zmq.Socket[bytes] = zmq.Context.shadow(self._context.underlying).socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # libzmq drops a peer whose message exceeds this, without buffering it.
         sock.setsockopt(zmq.MAXMSGSIZE, self._config.zmq_max_msg_bytes)
@@ -237,27 +237,24 @@ class ZmqServer:
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
-        self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._loop_task = asyncio.create_task(self._receive_loop(), name="zmq-legacy-receive")
+        self._socket = LoopSocket(sock, self._on_frames)
         log.info("legacy ZeroMQ server listening on %s", self.endpoint)
 
     async def stop(self) -> None:
         """Stop reading, let in-flight requests finish within the grace period, then close."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        reading = self._socket
+        self._socket = None  # no new requests; replies still go out through `reading`
+        self._stopping_socket = reading
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=self._config.shutdown_timeout_s)
             for task in late:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        if reading is not None:
+            reading.close()
+        self._stopping_socket = None
         if self._own_context:
             self._context.term()
 
@@ -268,80 +265,60 @@ class ZmqServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _receive_loop(self) -> None:
-        assert self._socket is not None
-        sock = self._socket
-        while True:
-            try:
-                frames = await sock.recv_multipart()
-            except zmq.ZMQError as exc:
-                if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
-                    return
-                log.warning("ZeroMQ receive failed: %s", exc)
-                continue
-            await self._handle(frames)
-            # Under load more requests are already queued: take them without a trip through the
-            # event loop each (a non-blocking recv completes at once), but a bounded batch, so
-            # the tasks running node calls still get their turn.
-            for _ in range(DRAIN_BATCH):
-                try:
-                    frames = await sock.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError as exc:
-                    if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
-                        return
-                    break
-                await self._handle(frames)
-
-    async def _handle(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if self._socket is None:
+            return  # stopping: take nothing new
         try:
-            await self._on_message(frames, time.perf_counter())
+            self._on_message(frames, time.perf_counter())
         except Exception:
             # A bug in handling one message must not stop the server for everyone else.
             log.exception("failed to handle a ZeroMQ message")
 
-    async def _on_message(self, frames: list[bytes], t0: float) -> None:
+    def _on_message(self, frames: list[bytes], t0: float) -> None:
         envelope, body = split_envelope(frames)
         if len(body) != 1:
             encoding = guess_encoding(body[0]) if body else "json"
-            await self._answer(
-                envelope,
-                encoding,
-                NO_ACTION,
-                None,
-                t0,
-                error=BadFrame(f"expected one body frame, got {len(body)}"),
-            )
+            error = BadFrame(f"expected one body frame, got {len(body)}")
+            self._answer(envelope, encoding, NO_ACTION, None, t0, error=error)
             return
         frame = body[0]
         if len(frame) > self._config.max_frame_bytes:
             too_large = PayloadTooLarge(
                 f"frame of {len(frame)} bytes exceeds the limit of {self._config.max_frame_bytes}"
             )
-            await self._answer(
-                envelope, guess_encoding(frame), NO_ACTION, None, t0, error=too_large
-            )
+            self._answer(envelope, guess_encoding(frame), NO_ACTION, None, t0, error=too_large)
             return
         try:
             encoding, obj = decode_frame(frame)
         except BadFrame as exc:
-            await self._answer(envelope, guess_encoding(frame), NO_ACTION, None, t0, error=exc)
+            self._answer(envelope, guess_encoding(frame), NO_ACTION, None, t0, error=exc)
             return
         label = action_label(obj)
         request_id, parsed = parse_request(obj, encoding)
         if isinstance(parsed, BaseException):
-            await self._answer(envelope, encoding, label, request_id, t0, error=parsed)
+            self._answer(envelope, encoding, label, request_id, t0, error=parsed)
+            return
+        view = parsed.action.view
+        if view is not None:  # answered from the node's state: right here, no task
+            try:
+                result = view(self._dispatcher, parsed.payload)
+            except Exception as exc:
+                self._answer(envelope, encoding, label, request_id, t0, error=exc)
+            else:
+                self._answer(envelope, encoding, label, request_id, t0, result=result)
             return
         if not parsed.action.calls_node:
-            await self._execute(envelope, encoding, label, parsed, t0)
+            self._spawn(self._execute(envelope, encoding, label, parsed, t0))
             return
         if self._pending >= self._config.max_workers + self._config.max_pending:
             busy = Overloaded("too many ZeroMQ requests in progress", retry_after=1.0)
-            await self._answer(envelope, encoding, label, request_id, t0, error=busy)
+            self._answer(envelope, encoding, label, request_id, t0, error=busy)
             return
         self._pending += 1
-        task = asyncio.create_task(self._bounded(envelope, encoding, label, parsed, t0))
+        self._spawn(self._bounded(envelope, encoding, label, parsed, t0))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -362,11 +339,11 @@ class ZmqServer:
         try:
             result = await req.action.handler(self._dispatcher, req.payload)
         except Exception as exc:
-            await self._answer(envelope, encoding, label, req.request_id, t0, error=exc)
+            self._answer(envelope, encoding, label, req.request_id, t0, error=exc)
         else:
-            await self._answer(envelope, encoding, label, req.request_id, t0, result=result)
+            self._answer(envelope, encoding, label, req.request_id, t0, result=result)
 
-    async def _answer(
+    def _answer(
         self,
         envelope: list[bytes],
         encoding: Encoding,
@@ -393,10 +370,11 @@ class ZmqServer:
             data = encode_reply(error_reply(err, None, latency_ms), encoding)
             outcome = err.code
         self._recorder.record(label, outcome, time.perf_counter() - t0)
-        if self._socket is None:
+        sock = self._socket or self._stopping_socket
+        if sock is None:
             return
         try:
-            await self._socket.send_multipart([*envelope, data])
+            sock.send([*envelope, data])
         except zmq.ZMQError as exc:
             # The peer may be gone; that costs it its reply, never the server.
             log.debug("ZeroMQ reply not sent: %s", exc)
