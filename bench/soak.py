@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # The node under test is started exactly as the ZMQ load bench starts it.
-from zmq_load import MODEL, start_node, write_config  # noqa: E402
+from zmq_load import MODEL, legacy_request, start_node, write_config  # noqa: E402
 
 MIX: tuple[tuple[str, float], ...] = (
     ("zmq:health", 0.25),
@@ -196,20 +196,8 @@ def client(
         if kind.startswith("zmq:"):
             action = "infer" if kind.endswith(("infer", "unknown_model")) else kind[4:]
             model = "no-such-model" if kind.endswith("unknown_model") else MODEL
-            payload = (
-                {"model_name": model, "input_text": "hello", "max_tokens": 1}
-                if action == "infer"
-                else {}
-            )
             sock = zmq_socket()
-            sock.send_json(
-                {
-                    "action": action,
-                    "payload": payload,
-                    "request_id": f"{seed}-{i}",
-                    "timestamp": "2024-01-01T00:00:00Z",
-                }
-            )
+            sock.send_json(legacy_request(action, model, f"{seed}-{i}"))
             try:
                 reply = sock.recv_json()
             except zmq.Again:

@@ -92,6 +92,19 @@ def echo_server(port: int, ready: Any) -> None:
 # ---- the clients ----
 
 
+def legacy_request(action: str, model: str, request_id: str) -> dict[str, Any]:
+    """One request as the legacy agents send it (an infer asks for one token)."""
+    payload = (
+        {"model_name": model, "input_text": "hello", "max_tokens": 1} if action == "infer" else {}
+    )
+    return {
+        "action": action,
+        "payload": payload,
+        "request_id": request_id,
+        "timestamp": "2024-01-01T00:00:00Z",
+    }
+
+
 def client(
     endpoint: str,
     seed: int,
@@ -120,20 +133,8 @@ def client(
     i = 0
     while time.time() < deadline:
         action = rng.choices(actions, weights)[0]
-        payload = (
-            {"model_name": MODEL, "input_text": "hello", "max_tokens": 1}
-            if action == "infer"
-            else {}
-        )
         t0 = time.perf_counter()
-        sock.send_json(
-            {
-                "action": action,
-                "payload": payload,
-                "request_id": f"{seed}-{i}",
-                "timestamp": "2024-01-01T00:00:00Z",
-            }
-        )
+        sock.send_json(legacy_request(action, MODEL, f"{seed}-{i}"))
         try:
             reply = sock.recv_json()
         except zmq.Again:

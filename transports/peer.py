@@ -286,6 +286,16 @@ class _Connection:
         self.pump.close()
 
 
+_LAST = (Kind.RESULT, Kind.PONG, Kind.ERROR)
+"""The reply kinds that end a request."""
+
+
+def _raise_error(env: Envelope) -> None:
+    """Raise the peer's error when `env` carries one."""
+    if env.code == Kind.ERROR:
+        raise error_from_wire(env.body)
+
+
 class PeerClient:
     """Send requests to peers by `host:port`; one connection per peer, reused."""
 
@@ -330,11 +340,9 @@ class PeerClient:
             deadline = time.monotonic() + timeout
             while True:
                 env = await self._next_reply(address, replies, deadline, timeout)
-                if env.code == Kind.ERROR:
-                    finished = True
-                    raise error_from_wire(env.body)
-                if env.code in (Kind.RESULT, Kind.PONG):
-                    finished = True
+                finished = env.code in _LAST
+                if finished:
+                    _raise_error(env)
                     return result_from_wire(env.body)
         finally:
             await self._settle(address, connection, rid, finished)
@@ -372,15 +380,12 @@ class PeerClient:
             deadline = time.monotonic() + timeout
             while True:
                 env = await self._next_reply(address, replies, deadline, timeout)
-                if env.code == Kind.ERROR:
-                    finished = True
-                    raise error_from_wire(env.body)
-                if env.code in (Kind.RESULT, Kind.PONG):
-                    finished = True
+                finished = env.code in _LAST
+                _raise_error(env)
+                if finished or env.code == Kind.TOKEN:
                     yield env
+                if finished:
                     return
-                if env.code == Kind.TOKEN:
-                    yield env
         finally:
             await self._settle(address, connection, rid, finished)
 

@@ -210,7 +210,7 @@ class ZmqServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers = asyncio.Semaphore(config.max_workers)
         self._pending = 0
-        self._stopping_socket: LoopSocket | None = None  # replies still go out while stopping
+        self._stopping = False  # take no new requests; replies to those in flight still go out
         self._recorder = ZmqRecorder()
         self._in_flight = IN_FLIGHT.labels(transport="zmq")
         self.endpoint = ""
@@ -243,18 +243,16 @@ class ZmqServer:
 
     async def stop(self) -> None:
         """Stop reading, let in-flight requests finish within the grace period, then close."""
-        reading = self._socket
-        self._socket = None  # no new requests; replies still go out through `reading`
-        self._stopping_socket = reading
+        self._stopping = True
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=self._config.shutdown_timeout_s)
             for task in late:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
-        if reading is not None:
-            reading.close()
-        self._stopping_socket = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
         if self._own_context:
             self._context.term()
 
@@ -266,8 +264,8 @@ class ZmqServer:
         await self.stop()
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        if self._socket is None:
-            return  # stopping: take nothing new
+        if self._stopping:
+            return  # take nothing new
         try:
             self._on_message(frames, time.perf_counter())
         except Exception:
@@ -370,11 +368,10 @@ class ZmqServer:
             data = encode_reply(error_reply(err, None, latency_ms), encoding)
             outcome = err.code
         self._recorder.record(label, outcome, time.perf_counter() - t0)
-        sock = self._socket or self._stopping_socket
-        if sock is None:
+        if self._socket is None:
             return
         try:
-            sock.send([*envelope, data])
+            self._socket.send([*envelope, data])
         except zmq.ZMQError as exc:
             # The peer may be gone; that costs it its reply, never the server.
             log.debug("ZeroMQ reply not sent: %s", exc)

@@ -45,6 +45,9 @@ def fd_open(fd: int) -> bool:
 
 
 async def test_closing_twice_leaves_alone_whatever_reuses_the_descriptor_number() -> None:
+    # Listening first, so the freed number goes to a connection (a transport), not to this.
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
     pump = LoopSocket(sock, lambda frames: None)
     fd = int(sock.getsockopt(zmq.FD))
@@ -54,11 +57,9 @@ async def test_closing_twice_leaves_alone_whatever_reuses_the_descriptor_number(
     while fd_open(fd):
         assert time.monotonic() < deadline, "ZMQ never closed the socket's descriptor"
         await asyncio.sleep(0.01)
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     try:
-        # POSIX hands out the lowest free number, so one of these transports (either end)
+        # POSIX hands out the lowest free number, so one of these connections (either end)
         # now owns `fd`; a second close must neither raise nor touch that transport's reader.
         assert fd_open(fd)
         pump.close()
