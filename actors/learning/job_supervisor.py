@@ -223,12 +223,10 @@ class JobProcess:
                         raw = reader.recv_bytes()
                     except EOFError:
                         break  # the child exited (or closed the pipe on its way out)
-                    event = self._parse(raw)
-                    if event is None:
-                        pass
-                    elif event.get("event") in ("result", "error"):
+                    event = self._parse(raw)  # None: unreadable, and logged
+                    if event is not None and event.get("event") in ("result", "error"):
                         last = event
-                    else:
+                    elif event is not None:
                         self._relay(event)
                 self._kill_if_overdue()
         finally:
