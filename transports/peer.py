@@ -59,6 +59,17 @@ peer_dropped_total = Counter(
     "moc_peer_messages_dropped_total", "Peer RPC frames refused, by reason", ["reason"]
 )
 
+_served: dict[tuple[Op, str], Any] = {}
+"""Counter children by (operation, outcome): `labels()` costs more than the increment."""
+
+
+def _count_served(op: Op, outcome: str) -> None:
+    child = _served.get((op, outcome))
+    if child is None:
+        child = _served[op, outcome] = peer_requests_total.labels(op.name.lower(), outcome)
+    child.inc()
+
+
 ACK_GRACE_FRACTION = 0.2
 """Of the requester's ack timeout: how long the peer holds back the ACK, hoping to send the
 answer instead. The rest of the timeout is margin for a busy event loop and the network."""
@@ -155,8 +166,8 @@ class PeerServer:
             peer_dropped_total.labels("unknown_op").inc()
             return
         if op == Op.PING:  # answered here and now: the pong is the ack
+            _count_served(op, "success")
             self._reply(ident, Kind.PONG, env.request_id, None)
-            peer_requests_total.labels("ping", "success").inc()
             return
         # Loads and placements take seconds, so holding back their ack saves nothing, and a
         # requester that does not say how long it waits (an older peer) expects it at once.
@@ -184,38 +195,46 @@ class PeerServer:
 
     async def _run(self, ident: bytes, op: Op, env: Envelope) -> None:
         rid = env.request_id
-        outcome = "success"
         try:
-            if op == Op.INFER:
-                result = await self._handler.peer_infer(request_from_wire(env.body))
-                self._reply(ident, Kind.RESULT, rid, result_to_wire(result))
-            elif op == Op.STREAM:
-                async with contextlib.aclosing(
-                    self._handler.peer_infer_stream(request_from_wire(env.body))
-                ) as items:
-                    async for item in items:
-                        if isinstance(item, TokenChunk):
-                            self._reply(ident, Kind.TOKEN, rid, item.text)
-                        else:
-                            self._reply(ident, Kind.RESULT, rid, result_to_wire(item))
-            elif op == Op.LOAD:
-                info = await self._handler.peer_load(load_from_wire(env.body), env.term)
-                self._reply(ident, Kind.RESULT, rid, {"name": info.name, "state": info.state})
-            elif op == Op.PLACE:
-                if not isinstance(env.body, str):
-                    raise PeerWireError("malformed", "place body is not a model name")
-                holder = await self._handler.peer_place(env.body)
-                self._reply(ident, Kind.RESULT, rid, holder)
+            kind, body = await self._serve(ident, op, env)
+            outcome = "success"
         except asyncio.CancelledError:
-            outcome = "cancelled"
+            _count_served(op, "cancelled")
             raise
         except Exception as exc:
             if isinstance(exc, PeerWireError):  # a signed request whose body makes no sense
                 exc = InvalidRequest("request", str(exc))
             outcome = getattr(exc, "code", "internal_error")
-            self._reply(ident, Kind.ERROR, rid, error_to_wire(exc))
-        finally:
-            peer_requests_total.labels(op.name.lower(), outcome).inc()
+            kind, body = Kind.ERROR, error_to_wire(exc)
+        # Counted before the answer goes: once it is sent, the requester's side runs, and any
+        # work left here would compete with it for the CPU.
+        _count_served(op, outcome)
+        self._reply(ident, kind, rid, body)
+
+    async def _serve(self, ident: bytes, op: Op, env: Envelope) -> tuple[Kind, Any]:
+        """Do what the request asks; return the final answer (stream pieces are sent here)."""
+        if op == Op.INFER:
+            result = await self._handler.peer_infer(request_from_wire(env.body))
+            return Kind.RESULT, result_to_wire(result)
+        if op == Op.STREAM:
+            rid = env.request_id
+            async with contextlib.aclosing(
+                self._handler.peer_infer_stream(request_from_wire(env.body))
+            ) as items:
+                async for item in items:
+                    if isinstance(item, TokenChunk):
+                        self._reply(ident, Kind.TOKEN, rid, item.text)
+                    else:
+                        return Kind.RESULT, result_to_wire(item)
+            raise RuntimeError("the stream ended without a result")
+        if op == Op.LOAD:
+            info = await self._handler.peer_load(load_from_wire(env.body), env.term)
+            return Kind.RESULT, {"name": info.name, "state": info.state}
+        if op == Op.PLACE:
+            if not isinstance(env.body, str):
+                raise PeerWireError("malformed", "place body is not a model name")
+            return Kind.RESULT, await self._handler.peer_place(env.body)
+        raise PeerWireError("malformed", f"operation {op.name} has no answer")
 
     def _reply(self, ident: bytes, kind: Kind, rid: str, body: Any) -> None:
         handle = self._acks.pop((ident, rid), None)
@@ -251,13 +270,21 @@ class _Replies:
         """Return once a reply is here; TimeoutError if none comes within `timeout` seconds."""
         if self.items:
             return
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        # A timer that fails the waiter, not asyncio.timeout (a context manager that cancels
+        # and uncancels the task): no task per wait and the least work on this hot path.
+        timer = loop.call_later(timeout, _expire, waiter)
         try:
-            # asyncio.timeout, not wait_for: no task per wait on this hot path.
-            async with asyncio.timeout(timeout):
-                await waiter
+            await waiter
         finally:
+            timer.cancel()
             self._waiter = None
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class _Connection:
