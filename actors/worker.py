@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import importlib
 import os
 import signal
@@ -356,6 +357,8 @@ def run_worker(endpoint: str, parent_pid: int, data_endpoint: str | None = None)
     # Ctrl-C in a terminal reaches the whole process group: the node drains its requests and
     # then stops us, so a SIGINT must not kill the worker under an in-flight request.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A crash inside llama.cpp or torch then leaves the Python stack in the worker's log.
+    faulthandler.enable()
     start_watchdog(parent_pid)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)

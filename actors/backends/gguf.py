@@ -39,20 +39,24 @@ _GGUF_MAGIC = b"GGUF"
 
 
 class _LlamaLog:
-    """Keep llama.cpp's recent log lines so a load failure can say what llama.cpp saw."""
+    """Keep llama.cpp's recent log lines so a load failure can say what llama.cpp saw.
+
+    llama.cpp keeps the callback's address for the life of the process and calls it whenever it
+    logs (a CUDA build logs while freeing a model, for one), so there is one per process and it
+    is never freed: a hook dropped after a load left a dangling pointer that crashed the worker.
+    """
 
     def __init__(self, llama_cpp: Any) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=40)
         self._partial = ""
 
-        def on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-            self._partial += text.decode("utf-8", errors="replace")
+        def on_log(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+            self._partial += (text or b"").decode("utf-8", errors="replace")
             while "\n" in self._partial:
                 line, self._partial = self._partial.split("\n", 1)
                 if line.strip():
                     self.lines.append(line.strip())
 
-        # Keep a reference: ctypes callbacks are freed with their Python object.
         self._callback = llama_cpp.llama_log_callback(on_log)
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
 
@@ -61,6 +65,18 @@ class _LlamaLog:
         lines = list(self.lines)
         bad = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
         return "; ".join((bad or lines)[-4:])
+
+
+_log: _LlamaLog | None = None
+
+
+def _llama_log(llama_cpp: Any) -> _LlamaLog:
+    """Return the process's llama.cpp log hook, installed on first use, its lines cleared."""
+    global _log
+    if _log is None:
+        _log = _LlamaLog(llama_cpp)
+    _log.lines.clear()
+    return _log
 
 
 def check_gguf_file(path: str) -> None:
@@ -95,7 +111,7 @@ class GgufModel:
             import llama_cpp
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise BackendError(f"llama-cpp-python is not installed: {exc}") from exc
-        log = _LlamaLog(llama_cpp)
+        log = _llama_log(llama_cpp)
         kwargs: dict[str, Any] = {
             "model_path": spec.path,
             "n_ctx": spec.n_ctx,
