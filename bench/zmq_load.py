@@ -38,25 +38,61 @@ MODEL = "tiny"
 MIX: tuple[tuple[str, float], ...] = (("health", 0.4), ("list_models", 0.2), ("infer", 0.4))
 
 
+def percentile(values: list[float], q: float) -> float:
+    """Return the q-quantile of `values` (nearest rank), NaN when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 @dataclass
 class Phase:
-    """What one phase measured."""
+    """What one phase measured; `cpu_s` is CPU seconds used during it, by role."""
 
     name: str
     ok: int
     errors: int
     seconds: float
-    latencies_ms: list[float]
+    by_action: dict[str, list[float]]
+    cpu_s: dict[str, float]
+
+    @property
+    def latencies_ms(self) -> list[float]:
+        return [x for values in self.by_action.values() for x in values]
 
     @property
     def rps(self) -> float:
         return self.ok / self.seconds if self.seconds else 0.0
 
     def pct(self, q: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return percentile(self.latencies_ms, q)
+
+
+# ---- CPU accounting from /proc (Linux) ----
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user + system CPU seconds a process has used so far (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces; fields follow it
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+def child_pids(pid: int) -> list[int]:
+    """Return the direct children of `pid` (every thread's list), empty once it is gone."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def free_port() -> int:
@@ -109,14 +145,19 @@ def client(
     endpoint: str,
     seed: int,
     mix: tuple[tuple[str, float], ...],
+    nice: int,
     ready: Any,
     go: Any,
     stop_at: Any,
     out: Any,
 ) -> None:
-    """Send the request mix on one REQ socket until the deadline; report latencies."""
+    """Send the request mix on one REQ socket until the deadline; report latencies and CPU."""
+    import resource
+
     import zmq
 
+    if nice:
+        os.nice(nice)
     rng = random.Random(seed)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REQ)
@@ -125,11 +166,13 @@ def client(
     sock.connect(endpoint)
     actions = [a for a, _ in mix]
     weights = [w for _, w in mix]
-    latencies: list[float] = []
+    by_action: dict[str, list[float]] = {a: [] for a in actions}
     ok = errors = 0
     ready.release()
     go.wait()
     deadline = stop_at.value
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
     i = 0
     while time.time() < deadline:
         action = rng.choices(actions, weights)[0]
@@ -140,28 +183,40 @@ def client(
         except zmq.Again:
             errors += 1
             break  # a REQ socket without its reply cannot go on
-        latencies.append((time.perf_counter() - t0) * 1000.0)
+        by_action[action].append((time.perf_counter() - t0) * 1000.0)
         if isinstance(reply, dict) and reply.get("success"):
             ok += 1
         else:
             errors += 1
         i += 1
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime - cpu0
     sock.close()
     ctx.term()
-    out.put((ok, errors, latencies))
+    out.put((ok, errors, by_action, cpu))
 
 
 def run_phase(
-    name: str, endpoint: str, clients: int, seconds: float, mix: tuple[tuple[str, float], ...] = MIX
+    name: str,
+    endpoint: str,
+    clients: int,
+    seconds: float,
+    mix: tuple[tuple[str, float], ...] = MIX,
+    *,
+    nice: int = 0,
+    servers: dict[str, list[int]] | None = None,
 ) -> Phase:
-    """Run `clients` processes against `endpoint` for `seconds`; gather their figures."""
+    """Run `clients` processes against `endpoint` for `seconds`; gather their figures.
+
+    `servers` names the server processes by role; their CPU use over the phase is measured.
+    """
     ctx = mp.get_context("spawn")
     ready = ctx.Semaphore(0)
     go = ctx.Event()
     stop_at = ctx.Value("d", 0.0)
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=client, args=(endpoint, i, mix, ready, go, stop_at, out))
+        ctx.Process(target=client, args=(endpoint, i, mix, nice, ready, go, stop_at, out))
         for i in range(clients)
     ]
     for p in procs:
@@ -169,17 +224,26 @@ def run_phase(
     for _ in procs:  # every interpreter has imported zmq and connected
         if not ready.acquire(timeout=120):
             raise RuntimeError("a client process did not start")
+    roles = servers or {}
+    before = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
     start = time.time()
     stop_at.value = start + seconds
     go.set()
     results = [out.get(timeout=seconds + 120) for _ in procs]
     elapsed = time.time() - start
+    cpu = {
+        role: sum(cpu_seconds(pid) for pid in pids) - before[role] for role, pids in roles.items()
+    }
+    cpu["clients"] = sum(r[3] for r in results)
     for p in procs:
         p.join(timeout=30)
     ok = sum(r[0] for r in results)
     errors = sum(r[1] for r in results)
-    latencies = [x for r in results for x in r[2]]
-    return Phase(name, ok, errors, elapsed, latencies)
+    by_action: dict[str, list[float]] = {a: [] for a, _ in mix}
+    for r in results:
+        for action, values in r[2].items():
+            by_action[action] += values
+    return Phase(name, ok, errors, elapsed, by_action, cpu)
 
 
 # ---- the node ----
@@ -269,6 +333,34 @@ def stop_node(proc: subprocess.Popen[bytes]) -> None:
 # ---- main ----
 
 
+def worker_pids(node_pid: int) -> list[int]:
+    """Return the node's model worker processes (its children running actors.worker)."""
+    found = []
+    for pid in child_pids(node_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"actors.worker" in cmdline:
+            found.append(pid)
+    return found
+
+
+def print_phase_details(phase: Phase) -> None:
+    """Print per-action latencies and where the CPU went during the phase."""
+    actions = "  ".join(
+        f"{action} p50 {percentile(v, 0.5):.2f} p99 {percentile(v, 0.99):.2f}"
+        for action, v in phase.by_action.items()
+    )
+    print(f"  {phase.name}: {actions} (ms)")
+    busy = sum(phase.cpu_s.values())
+    split = ", ".join(f"{role} {s / phase.seconds:.2f}" for role, s in phase.cpu_s.items())
+    print(f"  {phase.name}: CPU cores busy: {split} (total {busy / phase.seconds:.2f})")
+    if phase.ok:
+        per = ", ".join(f"{role} {s * 1e6 / phase.ok:.0f}" for role, s in phase.cpu_s.items())
+        print(f"  {phase.name}: CPU us per request: {per}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -284,11 +376,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mix", help="diagnostics: another request mix, e.g. health:1 or health:0.5,infer:0.5"
     )
+    parser.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="run the client processes at this nice level in both phases (default 0: the "
+        "clients compete with the server for the cores as equals)",
+    )
     args = parser.parse_args(argv)
     mix = MIX
     if args.mix:
         mix = tuple((a, float(w)) for a, w in (part.split(":") for part in args.mix.split(",")))
     seconds = args.seconds or (5.0 if args.quick else 20.0)
+    nice = args.client_nice
 
     # The anchor.
     ctx = mp.get_context("spawn")
@@ -298,8 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     echo.start()
     ready.wait(30)
     try:
+        assert echo.pid is not None
         anchor = run_phase(
-            "bare pyzmq ROUTER echo", f"tcp://127.0.0.1:{echo_port}", args.clients, seconds
+            "bare pyzmq ROUTER echo",
+            f"tcp://127.0.0.1:{echo_port}",
+            args.clients,
+            seconds,
+            mix,
+            nice=nice,
+            servers={"server": [echo.pid]},
         )
     finally:
         echo.terminate()
@@ -319,13 +426,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             try:
                 node_phase = run_phase(
-                    "moc-node legacy ZMQ", f"tcp://127.0.0.1:{zmq_port}", args.clients, seconds, mix
+                    "moc-node legacy ZMQ",
+                    f"tcp://127.0.0.1:{zmq_port}",
+                    args.clients,
+                    seconds,
+                    mix,
+                    nice=nice,
+                    servers={"node": [proc.pid], "worker": worker_pids(proc.pid)},
                 )
             finally:
                 stop_node(proc)
 
     print(
-        f"zmq_load: {args.clients} client processes, {seconds:g} s per phase, "
+        f"zmq_load: {args.clients} client processes (nice {nice}), {seconds:g} s per phase, "
         f"mix {' / '.join(f'{w:.0%} {a}' for a, w in mix)} (infer: max_tokens=1), "
         f"{os.cpu_count()} CPUs"
     )
@@ -336,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{phase.name:<26}{phase.ok:>9}{phase.errors:>8}{phase.rps:>10.0f}"
                 f"{phase.pct(0.5):>9.2f}{phase.pct(0.99):>9.2f}"
             )
+    for phase in (anchor, node_phase):
+        if phase is not None:
+            print_phase_details(phase)
     ratio = node_phase.rps / anchor.rps if node_phase and anchor.rps else None
     if node_phase is None:
         print(f"moc-node phase not run: {node_error.splitlines()[0] if node_error else 'unknown'}")
@@ -344,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"ratio vs echo: {ratio:.3f}")
     if args.json:
-        figures = {
+        figures: dict[str, Any] = {
             "rps": round(node_phase.rps, 1) if node_phase else None,
             "p99_ms": round(node_phase.pct(0.99), 3) if node_phase else None,
             "p50_ms": round(node_phase.pct(0.5), 3) if node_phase else None,
@@ -353,8 +469,14 @@ def main(argv: list[str] | None = None) -> int:
             "echo_p99_ms": round(anchor.pct(0.99), 3),
             "ratio_vs_echo": round(ratio, 4) if ratio is not None else None,
             "clients": args.clients,
+            "client_nice": nice,
             "seconds": seconds,
         }
+        if node_phase is not None:
+            for action, values in node_phase.by_action.items():
+                figures[f"{action}_p99_ms"] = round(percentile(values, 0.99), 3)
+            for role, used in node_phase.cpu_s.items():
+                figures[f"cpu_{role}"] = round(used / node_phase.seconds, 3)
         print(json.dumps(figures))
     return 0 if node_phase is not None else 1
 
