@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import time
 
 import msgpack
@@ -85,3 +87,16 @@ def test_a_malformed_ack_timeout_is_refused(bad: object) -> None:
     with pytest.raises(PeerWireError) as refused:
         open_frames(KEY, [payload, KEY.sign(payload)], time.time())
     assert refused.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("size", [16, 64, 65, 200], ids=["short", "one-block", "over", "long"])
+def test_a_frame_is_tagged_with_the_standard_hmac_sha256_of_its_payload(size: int) -> None:
+    # Peers of other versions compute the tag with hmac.digest: the keyring's primed states
+    # must give the very same bytes, keys longer than a block (hashed first) included.
+    key = bytes(range(256))[:size]
+    old = Keyring((b"o" * 32,))
+    payload, tag = seal(Keyring((key,)), Envelope(Op.PING, "r", time.time(), {"x": 1}))
+    assert tag == hmac.digest(key, payload, hashlib.sha256)
+    assert Keyring((b"o" * 32, key)).verify(payload, tag)  # any key of a rotation verifies
+    assert not old.verify(payload, tag)
+    assert not Keyring((key,)).verify(payload + b"x", tag)
