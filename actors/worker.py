@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import IO
 
 import zmq
 
@@ -153,6 +154,17 @@ def check_generation(gen: Generation) -> None:
             raise BadRequest("temperature", f"must be between 0 and 100, got {gen.temperature}")
         if not 0.0 <= gen.top_p <= 1.0:
             raise BadRequest("top_p", f"must be between 0 and 1, got {gen.top_p}")
+
+
+_crash_file: IO[str] | None = None
+
+
+def _crash_log() -> IO[str]:
+    """Return a file on a duplicate of stderr, kept open for the life of the process."""
+    global _crash_file
+    if _crash_file is None:
+        _crash_file = os.fdopen(os.dup(2), "w")
+    return _crash_file
 
 
 def start_watchdog(parent_pid: int, exit_code: int = EXIT_ORPHANED) -> threading.Thread:
@@ -357,8 +369,9 @@ def run_worker(endpoint: str, parent_pid: int, data_endpoint: str | None = None)
     # Ctrl-C in a terminal reaches the whole process group: the node drains its requests and
     # then stops us, so a SIGINT must not kill the worker under an in-flight request.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A crash inside llama.cpp or torch then leaves the Python stack in the worker's log.
-    faulthandler.enable()
+    # A crash inside llama.cpp or torch then leaves the Python stack in the worker's log. Through
+    # a copy of stderr: llama-cpp-python points fd 2 at /dev/null while it loads a model.
+    faulthandler.enable(file=_crash_log())
     start_watchdog(parent_pid)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)
