@@ -14,6 +14,7 @@ as the vocabulary are skipped), so an estimate costs milliseconds even for large
   converted to f16 for the product with V (n_ubatch * n_ctx * n_head * 2 bytes).
 - overhead: host allocations besides those buffers: llama-cpp-python's batch (one seq-id array
   of n_ctx int32 per batch slot), llama.cpp's output buffer, and a fixed cost (FIXED_OVERHEAD_MB).
+  On a GPU, the worker process's CUDA context instead (CUDA_CONTEXT_MB).
   llama-cpp-python's `scores` array (n_batch * n_vocab f32) is *not* counted: it is allocated
   uninitialised and only written with `logits_all=True`, which the worker never sets, so its
   pages never become resident.
@@ -40,6 +41,12 @@ MIB = 1024.0 * 1024.0
 # 0.3.36 (CPU build) with the synthetic tiny, small and medium models at n_ctx 512 and 1024: the
 # residue after the sized parts ranged 1.5-3.3 MiB. See tests/actors/test_estimate.py.
 FIXED_OVERHEAD_MB = 3.0
+
+# Device memory every worker process holds on a GPU before its first tensor: the CUDA context,
+# the loaded kernels and the libraries' handles. Measured on an H200 (driver 580.159.04, CUDA
+# 13.0) with bench/gpu_check.py: a process holding one 8192 MiB torch allocation used 8802 MiB,
+# and a torch worker with 256 MiB of weights 776 MiB (nvidia-smi and NVML agreed to the MiB).
+CUDA_CONTEXT_MB = 512.0
 
 _GGUF_MAGIC = b"GGUF"
 # GGUF metadata value types; sizes of the fixed-width ones.
@@ -265,7 +272,7 @@ def estimate_gguf_memory(
         weights, kv_layers = device_w + host_w, hp.n_layer
     kv = 2 * kv_layers * n_ctx * hp.n_embd_kv * 2
     compute = _compute_bytes(hp, n_ctx, n_ubatch) if (kv_layers or not on_gpu) else 0
-    overhead = 0.0
+    overhead = CUDA_CONTEXT_MB
     if not on_gpu:
         compute += n_ubatch * n_ctx * hp.n_head * 2  # ggml-cpu's f16 copy of the attention weights
         # Each of n_batch seq-id arrays is a malloc of n_ctx int32; past one page only its first

@@ -28,7 +28,7 @@ from actors.errors import (
     ModelNotLoaded,
     ShuttingDown,
 )
-from actors.estimate import estimate_gguf_memory
+from actors.estimate import CUDA_CONTEXT_MB, estimate_gguf_memory
 from actors.lane import ModelLane
 from actors.ledger import Ledger
 from actors.model import ModelActor, WorkerFactory, _default_worker
@@ -295,11 +295,13 @@ class ModelManager(pykka.ThreadingActor):
         self._publish(entry.name)
 
     def _estimate_mb(self, entry: CatalogEntry) -> float:
+        # Models go to NVML GPUs when there are any; on the CPU (or a simulated device) all stays
+        # on the host.
+        on_gpu = any(ledger.kind == "nvml" for ledger in self._deps.ledgers.values())
         if entry.backend == "torch":
             # A program's tensors live in the file; torch's allocator adds about a fifth.
-            return Path(entry.path).stat().st_size / MIB * 1.2 + 64
-        # Layers offload only to NVML GPUs; on the CPU (or a simulated device) all stay on the host.
-        on_gpu = any(ledger.kind == "nvml" for ledger in self._deps.ledgers.values())
+            tensors = Path(entry.path).stat().st_size / MIB * 1.2
+            return tensors + (CUDA_CONTEXT_MB if on_gpu else 64)
         estimate = estimate_gguf_memory(
             entry.path, n_ctx=entry.n_ctx, gpu_layers=entry.gpu_layers, on_gpu=on_gpu
         )

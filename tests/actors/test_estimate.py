@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from actors.estimate import (
+    CUDA_CONTEXT_MB,
     GgufFormatError,
     GgufHeader,
     estimate_gguf_memory,
@@ -90,7 +91,8 @@ def test_a_gpu_estimate_counts_only_what_goes_to_the_device(small_gguf: Path) ->
     assert gpu_all.weights_mb == pytest.approx(cpu.weights_mb - embd)
     assert gpu_half.kv_mb == pytest.approx(cpu.kv_mb / 2)
     assert gpu_half.weights_mb < gpu_all.weights_mb
-    assert gpu_all.overhead_mb == 0.0
+    # On the device, besides the buffers, only the worker's CUDA context.
+    assert gpu_all.overhead_mb == CUDA_CONTEXT_MB
 
 
 def test_the_kv_cache_grows_linearly_with_the_context(small_gguf: Path) -> None:
