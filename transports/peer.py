@@ -161,6 +161,7 @@ class PeerServer:
             task = self._tasks.get(key)
             if task is not None:
                 task.cancel()
+                self._forget(key)  # a task cancelled before its first step never runs _run
             return
         op = _OPS.get(env.code)  # a dict, not Op(code): the enum's lookup is slow when cold
         if op is None:
@@ -181,14 +182,13 @@ class PeerServer:
             assert env.ack_s is not None
             grace = env.ack_s * ACK_GRACE_FRACTION
             self._acks[key] = task.get_loop().call_later(grace, self._ack, key)
-        task.add_done_callback(lambda _t: self._finished(key))
 
     def _ack(self, key: tuple[bytes, str]) -> None:
         """The answer is not ready within the grace: tell the requester the work goes on."""
         self._acks.pop(key, None)
         self._send(key[0], Envelope(Kind.ACK, key[1], self._clock(), None))
 
-    def _finished(self, key: tuple[bytes, str]) -> None:
+    def _forget(self, key: tuple[bytes, str]) -> None:
         self._tasks.pop(key, None)
         handle = self._acks.pop(key, None)
         if handle is not None:  # cancelled before anything was sent: no ack owed either
@@ -196,10 +196,12 @@ class PeerServer:
 
     async def _run(self, ident: bytes, op: Op, env: Envelope) -> None:
         rid = env.request_id
+        key = (ident, rid)
         try:
             kind, body = await self._serve(ident, op, env)
             outcome = "success"
         except asyncio.CancelledError:
+            self._forget(key)
             _count_served(op, "cancelled")
             raise
         except Exception as exc:
@@ -207,10 +209,11 @@ class PeerServer:
                 exc = InvalidRequest("request", str(exc))
             outcome = getattr(exc, "code", "internal_error")
             kind, body = Kind.ERROR, error_to_wire(exc)
-        # Counted before the answer goes: once it is sent, the requester's side runs, and any
-        # work left here would compete with it for the CPU.
+        # Forgotten and counted before the answer goes (no done callback after it): once it is
+        # sent, the requester's side runs, and work left here would compete with it for a CPU.
+        self._tasks.pop(key, None)
         _count_served(op, outcome)
-        self._reply(ident, kind, rid, body)
+        self._reply(ident, kind, rid, body)  # takes the pending ack's timer too
 
     async def _serve(self, ident: bytes, op: Op, env: Envelope) -> tuple[Kind, Any]:
         """Do what the request asks; return the final answer (stream pieces are sent here)."""

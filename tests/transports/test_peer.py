@@ -319,3 +319,19 @@ async def test_requests_in_flight_to_a_silent_peer_all_fail_unavailable_and_noth
     finally:
         client.close()
         silent.close(linger=0)
+
+
+async def test_a_request_cancelled_before_its_task_starts_leaves_nothing_behind(
+    served: tuple[Handler, PeerServer, PeerClient],
+) -> None:
+    # Both frames handled in one go, as one descriptor callback may: the task is cancelled
+    # before its first step, so only the CANCEL's own bookkeeping can forget it.
+    _, server, client = served
+    now = time.time()
+    held = Envelope(Op.INFER, "r1", now, request_to_wire(req("held")), None, 2.0)
+    server._on_frames([b"requester", *seal(KEY, held)])
+    server._on_frames([b"requester", *seal(KEY, Envelope(Op.CANCEL, "r1", now, None))])
+    assert not server._tasks and not server._acks  # no task kept, no ack timer left to fire
+    # and the server goes on answering
+    assert (await client.infer(f"127.0.0.1:{server.port}", req(), timeout=5)).text == "hi"
+    assert not server._tasks and not server._acks
