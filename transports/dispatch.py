@@ -43,6 +43,7 @@ from actors.types import (
 from transports import schema
 from transports.api import NodeAPI
 from transports.config import ServerConfig
+from transports.tensors import tensor_view
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +232,11 @@ async def _within(aw: Awaitable[T], seconds: float, what: str) -> T:
 
 
 def infer_result_view(result: InferResult) -> dict[str, Any]:
-    """Return the legacy infer result: output_text, tokens_generated, latency_ms, model_version."""
-    return {
+    """Return the legacy infer result: output_text, tokens_generated, latency_ms, model_version.
+
+    A torch model's result adds `output_tensors`.
+    """
+    view = {
         "output_text": result.text,
         "tokens_generated": result.tokens_generated,
         "prompt_tokens": result.prompt_tokens,
@@ -240,6 +244,9 @@ def infer_result_view(result: InferResult) -> dict[str, Any]:
         "latency_ms": result.latency_ms,
         "model_version": result.model_version,
     }
+    if result.tensors is not None:
+        view["output_tensors"] = [tensor_view(t) for t in result.tensors]
+    return view
 
 
 # Every field of ModelInfo and DeviceInfo is a scalar, so reading the fields gives what

@@ -12,6 +12,7 @@ from typing import Any
 
 from actors.errors import InvalidRequest
 from actors.types import Backend, ChatMessage, GenerationParams, InferRequest, LoadRequest
+from transports.tensors import parse_tensors
 
 MAX_INPUT_CHARS = 10_000
 MAX_TOKENS_RANGE = (1, 2048)
@@ -34,9 +35,18 @@ def require_object(value: Any, field: str) -> Mapping[str, Any]:
 
 
 def parse_infer(payload: Mapping[str, Any]) -> InferRequest:
-    """Validate a legacy infer payload (`model_name`, `input_text`, sampling fields)."""
+    """Validate a legacy infer payload (`model_name`, `input_text`, sampling fields).
+
+    A torch model takes `input_tensors` instead of `input_text` (see transports.tensors).
+    """
     payload = require_object(payload, "payload")
     model = _model_name(payload, "model_name")
+    if payload.get("input_tensors") is not None:
+        if payload.get("input_text") is not None:
+            raise InvalidRequest("input_tensors", "send input_text or input_tensors, not both")
+        return InferRequest(
+            model=model, tensors=parse_tensors(payload["input_tensors"], "input_tensors")
+        )
     text = _required_str(payload, "input_text")
     if len(text) > MAX_INPUT_CHARS:
         raise InvalidRequest(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -340,13 +341,23 @@ def legacy_call(
     ctx: zmq.Context[Any], endpoint: str, message: Any, *, timeout_ms: int = 10_000
 ) -> Any:
     """Do one request as a legacy agent does: a plain REQ socket, send_json, recv_json."""
+    return json.loads(
+        raw_call(ctx, endpoint, [json.dumps(message).encode()], timeout_ms=timeout_ms)
+    )
+
+
+def raw_call(
+    ctx: zmq.Context[Any], endpoint: str, frames: list[bytes], *, timeout_ms: int = 10_000
+) -> bytes:
+    """Send `frames` as one request from a plain REQ socket; return the reply's bytes."""
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
     try:
         sock.connect(endpoint)
-        sock.send_json(message)
-        return sock.recv_json()
+        sock.send_multipart(frames)
+        reply: bytes = sock.recv()
+        return reply
     finally:
         sock.close()
 

@@ -19,7 +19,7 @@ from zmq.utils.monitor import recv_monitor_message
 from transports.dispatch import BadFrame
 from transports.zmq_legacy import ZmqServer, decode_frame, split_envelope
 
-from .conftest import FakeNode, legacy_call, metric, request, test_config
+from .conftest import FakeNode, legacy_call, metric, raw_call, request, test_config
 
 # ---- the codec (pure) ----
 
@@ -178,19 +178,6 @@ async def test_fifty_concurrent_req_clients_are_all_served(
         assert reply["request_id"] == rid
 
 
-def _raw_exchange(ctx: zmq.Context[Any], endpoint: str, frames: list[bytes]) -> bytes:
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    try:
-        sock.connect(endpoint)
-        sock.send_multipart(frames)
-        reply: bytes = sock.recv()
-        return reply
-    finally:
-        sock.close()
-
-
 def _infer(**payload: Any) -> bytes:
     body = {"model_name": "tiny", "input_text": "x", **payload}
     return json.dumps(request("infer", body)).encode()
@@ -245,7 +232,7 @@ async def test_each_bad_input_is_answered_and_counted_while_a_good_client_is_ser
     server: ZmqServer = await start_zmq(node, max_frame_bytes=16_384)
     before = metric("moc_zmq_requests_total", action=label, outcome=outcome)
 
-    raw = await asyncio.to_thread(_raw_exchange, zmq_context, server.endpoint, frames)
+    raw = await asyncio.to_thread(raw_call, zmq_context, server.endpoint, frames)
 
     reply = json.loads(raw) if encoding == "json" else msgpack.unpackb(raw)
     assert reply["success"] is False
