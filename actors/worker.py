@@ -1,15 +1,16 @@
 """The model worker process: one model, one request at a time, driven by its supervisor over ZMQ.
 
     python -m actors.worker --endpoint ipc:///run/moc/tiny-1f2e.sock \
-        --data-endpoint ipc:///run/moc/tiny-1f2e-data.sock --parent-pid 1234
+        --data-socket /run/moc/tiny-1f2e-data.sock --parent-pid 1234
 
 The worker connects a PAIR socket to the supervisor's endpoint, says Hello, loads what the Load
 message names, replies with what the load cost (measured, not estimated), then serves Infer
 messages until Shutdown. Requests come on the control socket (from the supervisor's thread) or
-on the data socket the worker binds (from the node's event loop, several in flight at once):
-they queue here in arrival order, so the next one starts the moment the last one ends, and each
-answer goes back on the socket its request came from. A watchdog thread ends the process as soon as its parent is gone, so a
-killed node leaves no orphan holding memory. Imports stay lean: the backend's library is imported
+on the Unix stream socket the worker listens on (from the node's event loop, several in flight
+at once; actors/worker_routes.py): they queue here in arrival order, so the next one starts the
+moment the last one ends, and each answer goes back on the route its request came from. A
+watchdog thread ends the process as soon as its parent is gone, so a killed node leaves no
+orphan holding memory. Imports stay lean: the backend's library is imported
 only once the Load message says which one.
 """
 
@@ -21,6 +22,7 @@ import faulthandler
 import importlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -54,19 +56,24 @@ from actors.worker_protocol import (
     Shutdown,
     Token,
     decode,
-    encode,
+)
+from actors.worker_routes import (
+    EXIT_ORPHANED,
+    SEND_TIMEOUT_S,
+    ControlRoute,
+    StreamRoute,
+    listen,
 )
 
 # Exit codes, so the supervisor's log says why a worker went away.
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
-EXIT_ORPHANED = 4
 EXIT_PROTOCOL = 5
 
 _POLL_MS = 200  # how often an idle worker wakes to notice a lost supervisor
 _WATCHDOG_S = 0.1
 _LOOK_EVERY_S = 0.005  # how often a running request checks for a Cancel (cancel latency)
-_SEND_TIMEOUT_MS = 30_000  # a supervisor that takes no message for this long has abandoned us
+_SEND_TIMEOUT_MS = SEND_TIMEOUT_S * 1000
 
 
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
@@ -184,21 +191,30 @@ def start_watchdog(parent_pid: int, exit_code: int = EXIT_ORPHANED) -> threading
     return thread
 
 
+Route = ControlRoute | StreamRoute
+
+
 class Worker:
     """The serving loop around the sockets and one loaded model."""
 
-    def __init__(self, sock: zmq.Socket[bytes], data_sock: zmq.Socket[bytes] | None = None) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], listener: socket.socket | None = None) -> None:
         self.sock = sock
+        self.control = ControlRoute(sock)
+        self.listener = listener
         self.model: LoadedModel | None = None
         self.shutdown = False
         self.rss_before = 0.0
         self.gpu_mb: float | None = None  # measured once: GPU buffers are all allocated at load
         self.poller = zmq.Poller()
-        for s in (sock, data_sock):
-            if s is not None:
-                self.poller.register(s, zmq.POLLIN)
-        self.pending: deque[tuple[zmq.Socket[bytes], Infer]] = deque()
-        self.current: tuple[zmq.Socket[bytes], int] | None = None
+        self.poller.register(sock, zmq.POLLIN)
+        # The poller names plain sockets by descriptor: these map them back.
+        self.listen_fd = -1
+        if listener is not None:
+            self.listen_fd = listener.fileno()
+            self.poller.register(self.listen_fd, zmq.POLLIN)
+        self.links: dict[int, StreamRoute] = {}
+        self.pending: deque[tuple[Route, Infer]] = deque()
+        self.current: tuple[Route, int] | None = None
         self.current_cancelled = False
 
     def memory_mb(self) -> float:
@@ -207,14 +223,9 @@ class Worker:
             return self.gpu_mb
         return max(0.0, rss_mb() - self.rss_before)
 
-    def send(self, msg: Message, sock: zmq.Socket[bytes] | None = None) -> None:
-        """Send one message to the supervisor; exit if it has stopped listening for long."""
-        try:
-            (sock or self.sock).send(encode(msg))
-        except zmq.Again:
-            # Its socket is gone while it lives on (SNDTIMEO passed): nobody will read us.
-            print("moc worker: the supervisor stopped reading; exiting", file=sys.stderr)
-            raise SystemExit(EXIT_ORPHANED) from None
+    def send(self, msg: Message, route: Route | None = None) -> None:
+        """Send one message on `route` (the supervisor's socket by default)."""
+        (route or self.control).send(msg)
 
     def recv(self, timeout_ms: int) -> Message | None:
         """Return the next control message, or None when none arrives within `timeout_ms`."""
@@ -223,38 +234,76 @@ class Worker:
         return decode(self.sock.recv())
 
     def take(self, timeout_ms: int) -> None:
-        """Take every message waiting on either socket: queue requests, apply cancels."""
-        for sock, _ in self.poller.poll(timeout_ms):
-            while True:
-                try:
-                    frame = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    self.accept(sock, decode(frame))
-                except ProtocolError as exc:
-                    print(f"moc worker: dropping a bad frame: {exc}", file=sys.stderr)
+        """Take every message waiting on any route: queue requests, apply cancels."""
+        for source, _ in self.poller.poll(timeout_ms):
+            if source is self.sock:
+                self._take_control()
+            elif source == self.listen_fd:
+                self._connect()
+            else:
+                self._take_stream(self.links[source])
 
-    def accept(self, sock: zmq.Socket[bytes], msg: Message) -> None:
+    def _take_control(self) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.accept(self.control, decode(frame))
+            except ProtocolError as exc:
+                print(f"moc worker: dropping a bad frame: {exc}", file=sys.stderr)
+
+    def _connect(self) -> None:
+        assert self.listener is not None
+        with contextlib.suppress(BlockingIOError):  # another poll took it first
+            conn, _ = self.listener.accept()
+            route = StreamRoute(conn)
+            self.links[route.fileno()] = route
+            self.poller.register(route.fileno(), zmq.POLLIN)
+
+    def _take_stream(self, route: StreamRoute) -> None:
+        try:
+            messages = route.read()
+        except ProtocolError as exc:
+            print(f"moc worker: closing a data link that sent garbage: {exc}", file=sys.stderr)
+            messages = None
+        if messages is None:
+            self._drop(route)
+            return
+        for msg in messages:
+            self.accept(route, msg)
+
+    def _drop(self, route: StreamRoute) -> None:
+        """Forget a closed data link: its queued requests, and the running one at its next look."""
+        fd = route.fileno()
+        self.poller.unregister(fd)
+        del self.links[fd]
+        route.close()
+        self.pending = deque(item for item in self.pending if item[0] is not route)
+        if self.current is not None and self.current[0] is route:
+            self.current_cancelled = True
+
+    def accept(self, route: Route, msg: Message) -> None:
         """Act on one message that arrived while serving or idle."""
         if isinstance(msg, Infer):
-            self.pending.append((sock, msg))
+            self.pending.append((route, msg))
         elif isinstance(msg, Cancel):
-            self.cancel(sock, msg.request_id)
+            self.cancel(route, msg.request_id)
         elif isinstance(msg, Shutdown):
             self.shutdown = True
         else:
             print(f"moc worker: unexpected {type(msg).__name__}", file=sys.stderr)
 
-    def cancel(self, sock: zmq.Socket[bytes], rid: int) -> None:
+    def cancel(self, route: Route, rid: int) -> None:
         """Cancel the running request between tokens, or a queued one before it starts."""
-        if self.current == (sock, rid):
+        if self.current == (route, rid):
             self.current_cancelled = True
             return
         for queued in self.pending:
-            if queued[0] is sock and queued[1].request_id == rid:
+            if queued[0] is route and queued[1].request_id == rid:
                 self.pending.remove(queued)
-                self.send(Done(rid, "", 0, 0, "cancelled", None, self.memory_mb()), sock)
+                self.send(Done(rid, "", 0, 0, "cancelled", None, self.memory_mb()), route)
                 return
         # Otherwise it already finished: its Done is on the way.
 
@@ -297,11 +346,11 @@ class Worker:
         self.send(Loaded(os.getpid(), measured, seconds, self.model.version, self.model.n_ctx))
         return True
 
-    def serve(self, sock: zmq.Socket[bytes], msg: Infer) -> None:
+    def serve(self, route: Route, msg: Infer) -> None:
         """Run one request to completion, cancellation or failure, and answer it."""
         assert self.model is not None
         rid = msg.request_id
-        self.current = (sock, rid)
+        self.current = (route, rid)
         self.current_cancelled = False
 
         next_look = time.monotonic() + _LOOK_EVERY_S
@@ -317,7 +366,7 @@ class Worker:
             return self.current_cancelled or self.shutdown
 
         emit: Callable[[str], None] = (
-            (lambda text: self.send(Token(rid, text), sock)) if msg.stream else (lambda _: None)
+            (lambda text: self.send(Token(rid, text), route)) if msg.stream else (lambda _: None)
         )
         gen = Generation(
             prompt=msg.prompt,
@@ -333,10 +382,10 @@ class Worker:
             check_generation(gen)
             out = self.model.run(gen, emit, should_stop)
         except BadRequest as exc:
-            self.send(Failed(rid, "invalid_request", exc.field, exc.message), sock)
+            self.send(Failed(rid, "invalid_request", exc.field, exc.message), route)
             return
         except Exception as exc:
-            self.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"), sock)
+            self.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"), route)
             return
         finally:
             self.current = None
@@ -350,7 +399,7 @@ class Worker:
                 out.tensors,
                 self.memory_mb(),
             ),
-            sock,
+            route,
         )
 
     def loop(self) -> int:
@@ -359,12 +408,12 @@ class Worker:
             if not self.pending:
                 self.take(_POLL_MS)
                 continue
-            sock, msg = self.pending.popleft()
-            self.serve(sock, msg)
+            route, msg = self.pending.popleft()
+            self.serve(route, msg)
         return EXIT_OK
 
 
-def run_worker(endpoint: str, parent_pid: int, data_endpoint: str | None = None) -> int:
+def run_worker(endpoint: str, parent_pid: int, data_socket: str | None = None) -> int:
     """Connect, load and serve; return the process exit code."""
     # Ctrl-C in a terminal reaches the whole process group: the node drains its requests and
     # then stops us, so a SIGINT must not kill the worker under an in-flight request.
@@ -378,14 +427,9 @@ def run_worker(endpoint: str, parent_pid: int, data_endpoint: str | None = None)
     sock.setsockopt(zmq.LINGER, 1000)  # let the last reply leave before the process exits
     sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
     sock.connect(endpoint)
-    data_sock = None
-    if data_endpoint is not None:
-        # Bound before Hello, so the endpoint exists by the time the supervisor hears from us.
-        data_sock = ctx.socket(zmq.PAIR)
-        data_sock.setsockopt(zmq.LINGER, 1000)
-        data_sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
-        data_sock.bind(data_endpoint)
-    worker = Worker(sock, data_sock)
+    # Listening before Hello, so the data socket exists by the time the supervisor hears from us.
+    listener = listen(data_socket) if data_socket is not None else None
+    worker = Worker(sock, listener)
     try:
         worker.send(Hello(PROTOCOL_VERSION, os.getpid()))
         msg = None
@@ -406,8 +450,8 @@ def run_worker(endpoint: str, parent_pid: int, data_endpoint: str | None = None)
         if worker.model is not None:
             worker.model.close()
         sock.close()
-        if data_sock is not None:
-            data_sock.close()
+        if listener is not None:
+            listener.close()
         ctx.term()
 
 
@@ -416,11 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="moc-node model worker (started by the node)")
     parser.add_argument("--endpoint", required=True, help="ZMQ endpoint of the supervisor")
     parser.add_argument(
-        "--data-endpoint", help="ZMQ endpoint to bind for requests from the node's event loop"
+        "--data-socket", help="Unix socket path to listen on for the node's event loop"
     )
     parser.add_argument("--parent-pid", type=int, default=os.getppid(), help="exit when it dies")
     args = parser.parse_args(argv)
-    return run_worker(args.endpoint, args.parent_pid, args.data_endpoint)
+    return run_worker(args.endpoint, args.parent_pid, args.data_socket)
 
 
 if __name__ == "__main__":

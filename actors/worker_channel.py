@@ -1,9 +1,12 @@
 """The event loop's side of a worker's data socket: many requests in flight, answered by id.
 
 The ModelActor starts, restarts and stops the worker process from its thread; requests go from
-the event loop straight to the worker over this channel, with no thread in between. Each request
-gets an id and a queue; one reader task hands every reply to its request's queue. The worker
-queues what it receives, so the next request starts the moment the last one ends.
+the event loop straight to the worker over this channel, with no thread in between: a Unix
+stream socket written and read from the loop's descriptor callbacks, length-prefixed frames
+(actors/worker_protocol.py). No ZMQ here: its I/O thread cost a wake-up per send that, on a
+busy machine with few cores, preempted the event loop (see actors/worker_routes.py). Each
+request gets an id and a queue; the read callback hands every reply to its request's queue. The
+worker queues what it receives, so the next request starts the moment the last one ends.
 
 A worker that dies is noticed at once through a pidfd (a file descriptor the kernel makes
 readable when the process exits), and every request in flight fails with WorkerCrashed.
@@ -15,25 +18,25 @@ import asyncio
 import contextlib
 import itertools
 import os
+import socket
 import time
 from collections.abc import AsyncGenerator
 
-import zmq
-
 from actors.errors import InvalidRequest, MocError, RequestTimeout, WorkerCrashed
-from actors.loop_socket import LoopSocket
 from actors.types import InferRequest, InferResult
 from actors.worker_client import WorkerProcess, infer_message, result_of
 from actors.worker_protocol import (
     Cancel,
     Done,
     Failed,
+    FrameReader,
     Message,
     ProtocolError,
     Token,
-    decode,
-    encode,
+    frame_bytes,
 )
+
+_READ_CHUNK = 1 << 18
 
 _Reply = Message | MocError  # an error: the worker died, or the deadline passed
 
@@ -58,11 +61,12 @@ class WorkerChannel:
         self.crash_counted = False  # the lane counts a worker's death once, however many it failed
         self._waiting: dict[int, _Request] = {}
         self._ids = itertools.count(1)
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(worker.data_endpoint)
         self._loop = asyncio.get_running_loop()
-        self._sock = LoopSocket(sock, self._on_frames)
+        self._sock = _connect(worker)
+        self._fd: int | None = self._sock.fileno()  # None once no longer read
+        self._reader = FrameReader()
+        self._out = bytearray()  # bytes the kernel has not taken yet (sent when writable)
+        self._loop.add_reader(self._fd, self._on_readable)
         self._pidfd = _watch_exit(self._loop, worker, self._on_exit)
 
     @property
@@ -106,6 +110,10 @@ class WorkerChannel:
     def close(self) -> None:
         """Fail what is in flight and let go of the socket (the worker itself is the actor's)."""
         self._fail(WorkerCrashed(f"the channel to {self.worker.spec.name} was closed"))
+        self._stop_reading()
+        if self._out:
+            self._out.clear()
+            self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
 
     # -- internals -------------------------------------------------------------------------
@@ -123,12 +131,10 @@ class WorkerChannel:
             late = RequestTimeout(f"request to {self.worker.spec.name} passed its deadline")
             pending.timer = self._loop.call_at(deadline, pending.replies.put_nowait, late)
         try:
-            self._sock.send([encode(infer_message(rid, req, stream=stream))])
-        except zmq.ZMQError as exc:  # Again: a full queue; the bulkhead keeps it from filling
+            self._write(frame_bytes(infer_message(rid, req, stream=stream)))
+        except WorkerCrashed:
             self._forget(rid)
-            raise WorkerCrashed(
-                f"worker for {self.worker.spec.name} is not taking requests"
-            ) from exc
+            raise
         return rid, pending
 
     def _finish(self, reply: _Reply, started: float) -> InferResult | None:
@@ -158,21 +164,78 @@ class WorkerChannel:
         """Forget a request; one left unanswered (cancelled, timed out) is cancelled in the worker."""
         if not self._forget(rid) or answered or self.closed is not None:
             return
-        with contextlib.suppress(zmq.ZMQError):
-            self._sock.send([encode(Cancel(rid))])
+        with contextlib.suppress(WorkerCrashed):
+            self._write(frame_bytes(Cancel(rid)))
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    # -- the socket, from the loop's callbacks ---------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        """Send now if the kernel takes it, else queue it behind what waits (the bulkhead bounds
+        the requests in flight, so the queue stays small)."""
+        if not self._out:
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:  # EPIPE: the worker closed its end, it is exiting
+                raise WorkerCrashed(
+                    f"worker for {self.worker.spec.name} is not taking requests"
+                ) from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._loop.add_writer(self._sock.fileno(), self._flush)
+        self._out += data
+
+    def _flush(self) -> None:
         try:
-            reply = decode(frames[0])
+            sent = self._sock.send(self._out)
+        except BlockingIOError:
+            return
+        except OSError:  # the worker is gone: its pidfd fails what is in flight
+            sent = len(self._out)
+        del self._out[:sent]
+        if not self._out:
+            self._loop.remove_writer(self._sock.fileno())
+
+    def _on_readable(self) -> None:
+        self._read_once()
+
+    def _read_once(self) -> bool:
+        """Hand what the socket holds to the requests; False when nothing more can come now."""
+        if self._fd is None:
+            return False
+        try:
+            data = self._sock.recv(_READ_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:  # the worker closed its end: it is exiting, its pidfd says how
+            self._stop_reading()
+            if self._pidfd is None:
+                self._fail(WorkerCrashed(f"worker for {self.worker.spec.name} closed its socket"))
+            return False
+        try:
+            replies = self._reader.feed(data)
         except ProtocolError as exc:
             self.worker.kill()
+            self._stop_reading()
             self._fail(WorkerCrashed(f"worker for {self.worker.spec.name} sent garbage: {exc}"))
-            return
-        self._dispatch(reply)
+            return False
+        for reply in replies:
+            self._dispatch(reply)
+        return True
+
+    def _stop_reading(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
 
     def _on_exit(self) -> None:
         # Replies the worker sent just before it exited may still wait in the socket.
-        self._sock.drain()
+        while self._read_once():
+            pass
         self._fail(
             WorkerCrashed(
                 f"worker for {self.worker.spec.name} {self.worker.describe_end()} "
@@ -194,6 +257,20 @@ class WorkerChannel:
             self._pidfd = None
         for pending in self._waiting.values():
             pending.replies.put_nowait(error)
+
+
+def _connect(worker: WorkerProcess) -> socket.socket:
+    """Connect to the worker's data socket (at once: it listens before it says Hello)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(worker.data_socket)
+    except OSError as exc:
+        sock.close()
+        raise WorkerCrashed(
+            f"cannot reach the worker for {worker.spec.name}: {exc.strerror or exc}"
+        ) from exc
+    sock.setblocking(False)
+    return sock
 
 
 def _watch_exit(

@@ -170,11 +170,11 @@ class WorkerProcess:
         return proc.pid if proc is not None else None
 
     @property
-    def data_endpoint(self) -> str:
-        """The endpoint the worker binds for requests from the node's event loop."""
+    def data_socket(self) -> str:
+        """The Unix socket path the worker listens on for requests from the node's event loop."""
         if self._data_path is None:
             raise WorkerCrashed(f"worker for {self.spec.name} was never started")
-        return f"ipc://{self._data_path}"
+        return str(self._data_path)
 
     def exit_code(self) -> int | None:
         """Return the worker's exit status once it has exited (negative: the signal), else None."""
@@ -241,8 +241,8 @@ class WorkerProcess:
             "actors.worker",
             "--endpoint",
             f"ipc://{self._sock_path}",
-            "--data-endpoint",
-            f"ipc://{self._data_path}",
+            "--data-socket",
+            str(self._data_path),
             "--parent-pid",
             str(os.getpid()),
         ]

@@ -8,10 +8,15 @@ Conversation: the worker connects and sends `Hello`; the supervisor answers `Loa
 replies `Loaded` or `LoadFailed`; then for each `Infer` the worker sends zero or more `Token`s
 and exactly one `Done` or `Failed`. `Cancel` may arrive at any time (stale ones are ignored);
 `Shutdown` makes the worker exit.
+
+On the data socket (a Unix stream socket, see actors/worker_channel.py) each frame travels with a
+4-byte little-endian length before it: `frame_bytes` adds it, `FrameReader` takes a byte stream
+apart again. Both are pure: the sockets are the callers'.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, Literal
@@ -272,7 +277,50 @@ def decode(frame: bytes) -> Message:
     return msg
 
 
+# ---- length-prefixed frames for a byte stream ----
+
+MAX_STREAM_FRAME = 1 << 30
+"""A length past this is not a frame but garbage (tensors included, frames stay far below)."""
+
+_LENGTH = struct.Struct("<I")
+
+
+def frame_bytes(msg: Message) -> bytes:
+    """Encode one message with its length prefix, ready for a stream socket."""
+    body = encode(msg)
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameReader:
+    """Split a byte stream into the messages it carries, whatever the chunk boundaries."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Take the next chunk; return every message it completes (ProtocolError on garbage)."""
+        buf = self._buf
+        buf += data
+        out: list[Message] = []
+        start = 0
+        while len(buf) - start >= 4:
+            (size,) = _LENGTH.unpack_from(buf, start)
+            if size > MAX_STREAM_FRAME:
+                raise ProtocolError(f"a frame of {size} bytes is past the limit")
+            end = start + 4 + size
+            if end > len(buf):
+                break
+            out.append(decode(bytes(buf[start + 4 : end])))
+            start = end
+        if start:
+            del buf[:start]
+        return out
+
+
 __all__ = [
+    "MAX_STREAM_FRAME",
+    "FrameReader",
+    "frame_bytes",
     "PROTOCOL_VERSION",
     "Cancel",
     "Done",

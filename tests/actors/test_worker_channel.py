@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,3 +135,31 @@ async def test_kill_9_fails_every_request_in_flight_with_worker_crashed(
     finally:
         ch.close()
         await asyncio.to_thread(worker.stop)
+
+
+async def test_a_closed_channel_fails_its_requests_and_a_new_channel_is_served(
+    channel: WorkerChannel,
+) -> None:
+    worker = channel.worker
+    queued = [asyncio.create_task(channel.infer(request(max_tokens=400))) for _ in range(4)]
+    while channel.in_flight < 4:
+        await asyncio.sleep(0)
+    channel.close()
+    outcomes = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(o, WorkerCrashed) for o in outcomes), outcomes
+    fresh = WorkerChannel(worker)
+    try:
+        assert (await fresh.infer(request(max_tokens=2))).tokens_generated == 2
+        assert worker.alive
+    finally:
+        fresh.close()
+
+
+async def test_garbage_on_a_data_link_closes_that_link_only(channel: WorkerChannel) -> None:
+    rogue = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    rogue.connect(channel.worker.data_socket)
+    rogue.sendall(struct.pack("<I", 3) + b"abc")
+    rogue.settimeout(30)
+    assert rogue.recv(16) == b""  # the worker closed it
+    rogue.close()
+    assert (await channel.infer(request(max_tokens=2))).tokens_generated == 2

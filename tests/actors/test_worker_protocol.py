@@ -9,10 +9,12 @@ import pytest
 
 from actors.types import ChatMessage, TensorData
 from actors.worker_protocol import (
+    MAX_STREAM_FRAME,
     PROTOCOL_VERSION,
     Cancel,
     Done,
     Failed,
+    FrameReader,
     Hello,
     Infer,
     Load,
@@ -25,6 +27,7 @@ from actors.worker_protocol import (
     Token,
     decode,
     encode,
+    frame_bytes,
     tensor_data,
 )
 
@@ -114,3 +117,29 @@ def test_a_tensor_of_an_unknown_dtype_is_refused() -> None:
 def test_encoding_something_that_is_not_a_message_fails_loudly() -> None:
     with pytest.raises(TypeError, match="not a protocol message"):
         encode(TensorData("float32", (), b"\x00\x00\x00\x00"))  # type: ignore[arg-type]
+
+
+def test_a_stream_of_frames_decodes_the_same_whatever_the_chunk_boundaries() -> None:
+    sent: list[Message] = [
+        Infer(7, False, "hello", None, None, 1, 0.7, 0.9, (), None),
+        Token(7, "h"),
+        Done(7, "hi", 1, 2, "length", None, 12.5),
+        Cancel(8),
+    ]
+    stream = b"".join(frame_bytes(m) for m in sent)
+    for size in (1, 3, 7, len(stream)):
+        reader = FrameReader()
+        got: list[Message] = []
+        for start in range(0, len(stream), size):
+            got += reader.feed(stream[start : start + size])
+        assert got == sent, size
+
+
+def test_a_stream_frame_longer_than_the_limit_is_garbage() -> None:
+    with pytest.raises(ProtocolError, match="past the limit"):
+        FrameReader().feed(struct.pack("<I", MAX_STREAM_FRAME + 1) + b"x")
+
+
+def test_a_stream_frame_that_is_not_a_message_is_refused() -> None:
+    with pytest.raises(ProtocolError):
+        FrameReader().feed(struct.pack("<I", 3) + b"abc")
