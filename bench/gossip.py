@@ -24,6 +24,7 @@ Usage: python -m bench.gossip [--quick] [--json] [--real-only | --sim-only]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -34,13 +35,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.config import lan  # noqa: E402
+from cluster.config import ClusterConfig, lan  # noqa: E402
 from cluster.membership import EventKind  # noqa: E402
 from cluster.messages import MemberState  # noqa: E402
 from tests.cluster.procs import DemoProc, poll_until  # noqa: E402
 from tests.cluster.sim import ChangeTracker, Network, Sim  # noqa: E402
 
 SERF_P9999_S = {0: 2.0, 20: 2.6, 50: 4.0}
+LAN = lan()
 MEMBERLIST_JOIN16_MS = 250.0
 
 
@@ -64,9 +66,11 @@ class Trial:
     """Nodes no copy reached before that: they learned by push-pull."""
 
 
-def dissemination(n: int, loss: float, trials: int, seed: int) -> list[Trial]:
+def dissemination(
+    n: int, loss: float, trials: int, seed: int, config: ClusterConfig = LAN
+) -> list[Trial]:
     """Return, per trial, how long a metadata change took to reach every node, and how."""
-    sim = Sim(lan(), seed=seed, wire=False)
+    sim = Sim(config, seed=seed, wire=False)
     names = sim.add_cluster(n)
     sim.run_until(sim.converged, 60.0, check_every=0.5)
     sim.net.loss = loss
@@ -85,11 +89,11 @@ def dissemination(n: int, loss: float, trials: int, seed: int) -> list[Trial]:
     return results
 
 
-def detection(n: int, trials: int, seed: int) -> list[float]:
+def detection(n: int, trials: int, seed: int, config: ClusterConfig = LAN) -> list[float]:
     """Return, per trial, seconds from a crash until every live node holds it dead."""
     out = []
     for trial in range(trials):
-        sim = Sim(lan(), seed=seed + trial, wire=False)
+        sim = Sim(config, seed=seed + trial, wire=False)
         names = sim.add_cluster(n)
         sim.run_until(sim.converged, 60.0, check_every=0.5)
         sim.run_for(3.0 + trial % 3)
@@ -108,11 +112,13 @@ def detection(n: int, trials: int, seed: int) -> list[float]:
     return out
 
 
-def false_deaths(n: int, loss: float, seconds: float, seed: int) -> tuple[int, int, int]:
+def false_deaths(
+    n: int, loss: float, seconds: float, seed: int, config: ClusterConfig = LAN
+) -> tuple[int, int, int]:
     """Return (false deaths, suspicions, refutes) over `seconds` of lossy running."""
     # Streams lose packets too: a TCP fallback ping can then miss the probe deadline (TCP's
     # 1 s retransmit), so suspicions start and must be refuted; ideal streams never fail.
-    sim = Sim(lan(), seed=seed, network=Network(loss=0.0, stream_retry_s=1.0), wire=False)
+    sim = Sim(config, seed=seed, network=Network(loss=0.0, stream_retry_s=1.0), wire=False)
     sim.add_cluster(n)
     sim.run_until(sim.converged, 60.0, check_every=0.5)
     sim.net.loss = loss
@@ -125,9 +131,9 @@ def false_deaths(n: int, loss: float, seconds: float, seed: int) -> tuple[int, i
     return deaths, suspicions, refutes
 
 
-def idle_bytes(n: int, seconds: float, seed: int) -> float:
+def idle_bytes(n: int, seconds: float, seed: int, config: ClusterConfig = LAN) -> float:
     """Return the mean bytes sent per second per node once the cluster is quiet."""
-    sim = Sim(lan(), seed=seed, wire=True)
+    sim = Sim(config, seed=seed, wire=True)
     sim.add_cluster(n)
     sim.run_until(sim.converged, 60.0, check_every=0.5)
     sim.run_for(30.0)  # let the join broadcasts drain
@@ -238,7 +244,14 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     ap.add_argument("--real-only", action="store_true", help="only the real-process figure")
     ap.add_argument("--sim-only", action="store_true", help="only the simulated figures")
+    ap.add_argument(
+        "--retransmit-base",
+        type=int,
+        default=LAN.retransmit_base,
+        help="simulate with this cluster.retransmit_base (0: memberlist's budget)",
+    )
     args = ap.parse_args()
+    config = dataclasses.replace(LAN, retransmit_base=args.retransmit_base)
     wall = time.monotonic()
     figures: dict[str, object] = {}
     if not args.sim_only:
@@ -255,6 +268,10 @@ def main() -> None:
         sizes, trials, det_sizes, det_trials = [10, 100, 1000], 20, [10, 100], 20
         fd_n, fd_s, idle_n, idle_s = 100, 3600.0, 200, 120.0
     print(
+        f"retransmits: {config.retransmit_base} + {config.retransmit_mult}*ceil(log10(N+1)) "
+        "per node that learns a change (memberlist: 0 + 4*...)"
+    )
+    print(
         "dissemination of one change to all nodes (simulated s; Serf 99.99% anchor)\n"
         "gossip p99: until the change left the last queue; by push-pull: trials in which\n"
         "no gossip copy reached some node (it learned at a push-pull)"
@@ -267,7 +284,7 @@ def main() -> None:
     by_push_pull: dict[str, int] = {}
     for n in sizes:
         for loss in (0, 20, 50):
-            runs = dissemination(n, loss / 100, trials, seed=n + loss)
+            runs = dissemination(n, loss / 100, trials, seed=n + loss, config=config)
             times = [r.seconds for r in runs]
             p50, p99 = statistics.median(times), pct(times, 0.99)
             gossip = pct([r.gossip_s if r.gossip_s is not None else r.seconds for r in runs], 0.99)
@@ -287,7 +304,7 @@ def main() -> None:
     print("\ncrash -> dead everywhere (simulated s)")
     det: dict[int, float] = {}
     for n in det_sizes:
-        times = detection(n, det_trials, seed=1000 + n)
+        times = detection(n, det_trials, seed=1000 + n, config=config)
         det[n] = statistics.median(times)
         print(
             f"N={n:>4}: median {det[n]:.2f} s, p99 {pct(times, 0.99):.2f} s, max {max(times):.2f} s "
@@ -295,17 +312,18 @@ def main() -> None:
         )
     figures["detection_median_s"] = round(det[det_sizes[0]], 3)
     figures["detection_median_s_by_n"] = {str(k): round(v, 3) for k, v in det.items()}
-    deaths, suspicions, refutes = false_deaths(fd_n, 0.05, fd_s, seed=7)
+    deaths, suspicions, refutes = false_deaths(fd_n, 0.05, fd_s, seed=7, config=config)
     print(
         f"\nfalse deaths, N={fd_n}, 5% loss, {fd_s:.0f} simulated s: {deaths} "
         f"(suspicion events {suspicions}, refutes {refutes}; goal 0)"
     )
     figures["false_deaths"] = deaths
     figures["false_deaths_sim_s"] = fd_s
-    bps = idle_bytes(idle_n, idle_s, seed=3)
+    bps = idle_bytes(idle_n, idle_s, seed=3, config=config)
     print(f"\nidle bytes/s per node, N={idle_n}: {bps:.0f} B/s (goal <= 1024)")
     figures["idle_bytes_per_s"] = round(bps, 1)
     figures["idle_n"] = idle_n
+    figures["retransmit_base"] = config.retransmit_base
     figures["wall_s"] = round(time.monotonic() - wall, 1)
     if args.json:
         print(json.dumps(figures))

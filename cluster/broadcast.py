@@ -1,16 +1,19 @@
 """The transmit-limited broadcast queue (memberlist queue.go), pure.
 
 Each queued message is piggybacked on outgoing packets until it has been sent
-`retransmit_mult * ceil(log10(N + 1))` times. Least-sent messages go first (then larger, then
-newer), and a new message about a node replaces any queued message about the same node.
+`retransmit_base + retransmit_mult * ceil(log10(N + 1))` times (memberlist has no base; see
+`ClusterConfig.retransmit_base`). Every packet counts as one transmit, whether a gossip packet
+to one of the round's targets or a probe or ack it rides on, as memberlist counts them. Least-sent
+messages go first (then larger, then newer), and a new message about a node replaces any queued
+message about the same node.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cluster.config import retransmit_limit
 from cluster.messages import Message
 
 
@@ -28,6 +31,7 @@ class BroadcastQueue:
     """Queued broadcasts keyed by the node they are about."""
 
     retransmit_mult: int
+    retransmit_base: int = 0
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _order: int = 0
 
@@ -45,7 +49,7 @@ class BroadcastQueue:
 
     def limit(self, n: int) -> int:
         """Return the transmit limit for a cluster of n members."""
-        return self.retransmit_mult * math.ceil(math.log10(n + 1))
+        return retransmit_limit(self.retransmit_mult, n, self.retransmit_base)
 
     def take(
         self,

@@ -1,8 +1,9 @@
 """Cluster configuration: one frozen dataclass, the `[cluster]` TOML section.
 
 Defaults follow hashicorp/memberlist's `DefaultLANConfig` (see
-`shared/reference/gossip-anchors.md`); `local()` is the fast preset for tests on one host, built
-with `dataclasses.replace` as memberlist builds `DefaultLocalConfig`.
+`shared/reference/gossip-anchors.md`), plus `retransmit_base` (see its note); `local()` is the
+fast preset for tests on one host, built with `dataclasses.replace` as memberlist builds
+`DefaultLocalConfig`.
 """
 
 from __future__ import annotations
@@ -81,7 +82,18 @@ class ClusterConfig:
     """Dead or left members keep receiving gossip (so they learn they were declared dead and
     refute) and stay listed this long before they are reaped."""
     retransmit_mult: int = 4
-    """A broadcast is sent retransmit_mult * ceil(log10(N + 1)) times (4 for N <= 9)."""
+    """Every node that learns a broadcast sends it retransmit_base + retransmit_mult *
+    ceil(log10(N + 1)) times; this log-scaled part covers the ln N nodes a change must reach.
+    4 is memberlist's RetransmitMult."""
+    retransmit_base: int = 14
+    """Sends of every broadcast on top of the log-scaled ones: 18 in all for N <= 9, 22 up to
+    99, 26 up to 999. memberlist has none. At 50% datagram loss a node receives about half of
+    the sends and misses every one with probability about exp(-sends / 2), whatever N; with
+    memberlist's 12 sends at N = 100 some node waits for a push-pull (90 s) after one change in
+    three. The 14 extra sends make that under 1% of changes up to N = 1000, the low end of each
+    decade included (measured up to 200). They cost about twice memberlist's gossip packets per
+    change; the peak rate stays capped by the fanout and the packet size. 0: memberlist's
+    budget."""
     push_pull_interval_s: float = 30.0
     """Seconds between full-state syncs with one random peer over TCP; repairs what gossip
     lost and heals partitions. Scaled up above 32 members. 0 disables."""
@@ -123,7 +135,7 @@ class ClusterConfig:
         for key in ("suspicion_mult", "suspicion_max_timeout_mult", "awareness_max_multiplier"):
             if getattr(self, key) < 1:
                 raise ValueError(f"cluster.{key}: must be >= 1")
-        for key in ("indirect_checks", "gossip_nodes", "retransmit_mult"):
+        for key in ("indirect_checks", "gossip_nodes", "retransmit_mult", "retransmit_base"):
             if getattr(self, key) < 0:
                 raise ValueError(f"cluster.{key}: must be >= 0")
         if self.push_pull_interval_s < 0:
@@ -158,7 +170,7 @@ class ClusterConfig:
 
     def retransmit_limit(self, n: int) -> int:
         """Return how often one broadcast is sent in a cluster of n members."""
-        return retransmit_limit(self.retransmit_mult, n)
+        return retransmit_limit(self.retransmit_mult, n, self.retransmit_base)
 
     def push_pull_scaled_s(self, n: int) -> float:
         """Return the push-pull interval stretched for large clusters (memberlist pushPullScale)."""
@@ -171,9 +183,9 @@ def suspicion_timeout(mult: int, n: int, interval_s: float) -> float:
     return mult * math.floor(node_scale * 1000) * interval_s / 1000
 
 
-def retransmit_limit(mult: int, n: int) -> int:
-    """Return mult * ceil(log10(n + 1)) (memberlist retransmitLimit)."""
-    return mult * math.ceil(math.log10(n + 1))
+def retransmit_limit(mult: int, n: int, base: int = 0) -> int:
+    """Return base + mult * ceil(log10(n + 1)) (memberlist retransmitLimit when base is 0)."""
+    return base + mult * math.ceil(math.log10(n + 1))
 
 
 def push_pull_scale(interval_s: float, n: int) -> float:

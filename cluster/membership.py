@@ -171,7 +171,7 @@ class Membership:
         self.addr = addr
         self.rng = rng
         self.awareness = Awareness(config.awareness_max_multiplier)
-        self.broadcasts = BroadcastQueue(config.retransmit_mult)
+        self.broadcasts = BroadcastQueue(config.retransmit_mult, config.retransmit_base)
         self.counters = Counters()
         self._members: dict[str, _Member] = {}
         self._local = _Member(name, addr, 1, MemberState.ALIVE, meta, now)

@@ -36,6 +36,15 @@ def test_messages_leave_after_the_retransmit_limit() -> None:
     assert len(q) == 0
 
 
+def test_a_retransmit_base_adds_that_many_transmits_whatever_the_size() -> None:
+    q = BroadcastQueue(4, retransmit_base=14)
+    q.queue("a", Dead(1, "a", "b"), 20)
+    # n = 100 -> 14 + 4 * ceil(log10 101) = 26 transmits.
+    sent = sum(len(q.take(1000, n=100)) for _ in range(30))
+    assert sent == 26
+    assert len(q) == 0
+
+
 def test_take_respects_the_byte_budget_and_skips_to_smaller_ones() -> None:
     q = BroadcastQueue(4)
     q.queue("big", alive("big"), 900)

@@ -15,11 +15,13 @@ from cluster.config import (
 )
 
 
-def test_lan_defaults_match_memberlist_default_lan_config() -> None:
+def test_lan_defaults_match_memberlist_default_lan_config_plus_a_retransmit_base() -> None:
     c = lan()
     assert (c.probe_interval_s, c.probe_timeout_s, c.indirect_checks) == (1.0, 0.5, 3)
     assert (c.gossip_interval_s, c.gossip_nodes) == (0.2, 3)
     assert (c.retransmit_mult, c.suspicion_mult, c.suspicion_max_timeout_mult) == (4, 4, 6)
+    # memberlist has no base; ours keeps a change from missing a node at 50% loss.
+    assert c.retransmit_base == 14
     assert (c.awareness_max_multiplier, c.push_pull_interval_s) == (8, 30.0)
     assert (c.packet_bytes, c.max_meta_bytes) == (1400, 512)
     assert (c.bind, c.peer_port, c.profile) == ("0.0.0.0:7946", 7213, "lan")
@@ -49,6 +51,16 @@ def test_retransmit_limit_is_mult_times_ceil_log10_n_plus_1(n: int, expected: in
     assert retransmit_limit(4, n) == expected
 
 
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [(1, 18), (9, 18), (10, 22), (99, 22), (100, 26), (200, 26), (1000, 30)],
+)
+def test_the_lan_retransmit_limit_adds_the_base_to_memberlists_log_scaled_sends(
+    n: int, expected: int
+) -> None:
+    assert lan().retransmit_limit(n) == expected == retransmit_limit(4, n, base=14)
+
+
 @pytest.mark.parametrize(("n", "expected_s"), [(10, 30.0), (32, 30.0), (33, 60.0), (200, 120.0)])
 def test_push_pull_interval_scales_above_32_members(n: int, expected_s: float) -> None:
     assert push_pull_scale(30.0, n) == expected_s
@@ -75,6 +87,7 @@ def test_from_mapping_applies_the_profile_then_overrides() -> None:
         ({"bind": "nohost"}, "bind"),
         ({"voters": ["a", "a"]}, "voters"),
         ({"lease_margin_s": 4.5}, "lease_margin_s"),
+        ({"retransmit_base": -1}, "retransmit_base"),
     ],
     ids=[
         "unknown",
@@ -87,6 +100,7 @@ def test_from_mapping_applies_the_profile_then_overrides() -> None:
         "bad-address",
         "duplicate-voter",
         "margin",
+        "negative-retransmit-base",
     ],
 )
 def test_from_mapping_rejects_bad_values_naming_the_key(table: dict[str, object], key: str) -> None:
