@@ -27,6 +27,7 @@ from actors.backends import (
     Outcome,
     file_version,
 )
+from actors.backends.sampler_cache import SamplerCache
 from actors.backends.stops import StopMatcher
 from actors.types import FinishReason
 
@@ -36,6 +37,10 @@ _MIN_P = 0.05
 _REPEAT_PENALTY = 1.0
 
 _GGUF_MAGIC = b"GGUF"
+
+_UTF8 = codecs.getincrementaldecoder("utf-8")
+_CACHED_PROMPTS = 256  # prompts whose tokens are kept
+_CACHED_PROMPT_CHARS = 4096  # longer prompts are tokenized each time (their decode dominates)
 
 
 class _LlamaLog:
@@ -96,15 +101,24 @@ def check_gguf_file(path: str) -> None:
 class GgufModel:
     """A GGUF model loaded with llama-cpp-python."""
 
-    def __init__(self, llm: Any, llama_cpp: Any, version: str, seed: int) -> None:
+    def __init__(
+        self, llm: Any, llama_cpp: Any, version: str, seed: int, *, reuse: bool = True
+    ) -> None:
         self._llm = llm
         self._llama_cpp = llama_cpp
         self._version = version
         self._seed = seed
         self._chat: Any | None = None
+        # Per-request work that gives the same answer every time, done once (`reuse` False
+        # turns it off, for tests that compare both ways): sampler chains, the tokens of
+        # recent prompts, the bytes of each token.
+        self._reuse = reuse
+        self.samplers = SamplerCache(llm).install() if reuse else None
+        self._prompts: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
+        self._pieces: dict[int, bytes] = {}
 
     @classmethod
-    def load(cls, spec: LoadSpec) -> GgufModel:
+    def load(cls, spec: LoadSpec, *, reuse: bool = True) -> GgufModel:
         """Load the model described by `spec`; raise BackendError with llama.cpp's reason."""
         check_gguf_file(spec.path)
         try:
@@ -135,7 +149,7 @@ class GgufModel:
                 f"llama.cpp could not load {spec.path}: {exc}" + (f" ({detail})" if detail else "")
             ) from exc
         name = llm.metadata.get("general.name") or Path(spec.path).stem
-        return cls(llm, llama_cpp, file_version(spec.path, name), spec.seed)
+        return cls(llm, llama_cpp, file_version(spec.path, name), spec.seed, reuse=reuse)
 
     @property
     def version(self) -> str:
@@ -178,11 +192,33 @@ class GgufModel:
         return tokens, tuple(s for s in extra if s)
 
     def _completion_prompt(self, prompt: str) -> list[int]:
-        """Tokenize a prompt as create_completion does (BOS when the model wants it)."""
+        """Tokenize a prompt as create_completion does (BOS when the model wants it).
+
+        Recent short prompts keep their tokens: agents repeat theirs, and tokenizing is a pure
+        function of the text.
+        """
+        cached = self._prompts.get(prompt)
+        if cached is not None:
+            self._prompts.move_to_end(prompt)
+            return list(cached)
         llm = self._llm
         bos = [llm.token_bos()] if llm._model.add_bos_token() and llm.token_bos() != -1 else []
         body = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
-        return bos + body
+        tokens = bos + body
+        if self._reuse and len(prompt) <= _CACHED_PROMPT_CHARS:
+            self._prompts[prompt] = tuple(tokens)
+            if len(self._prompts) > _CACHED_PROMPTS:
+                self._prompts.popitem(last=False)
+        return tokens
+
+    def _piece(self, token: int) -> bytes:
+        """Return a token's bytes (at most one entry per vocabulary token is kept)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._llm.detokenize([token])
+            if self._reuse:
+                self._pieces[token] = piece
+        return piece
 
     def run(
         self, gen: Generation, emit: Callable[[str], None], should_stop: Callable[[], bool]
@@ -217,7 +253,7 @@ class GgufModel:
         llm, lib = self._llm, self._llama_cpp
         llm.set_seed(gen.seed if gen.seed is not None else self._seed)
         matcher = StopMatcher(stops)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        decoder = _UTF8(errors="ignore")
         vocab = llm._model.vocab
         out: list[str] = []
         produced = 0
@@ -238,7 +274,7 @@ class GgufModel:
                     finish = "stop"
                     break
                 produced += 1
-                piece = decoder.decode(llm.detokenize([token]))
+                piece = decoder.decode(self._piece(token))
                 safe = matcher.feed(piece) if piece else ""
                 if safe:
                     out.append(safe)
