@@ -16,10 +16,11 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable
+from typing import Any, Generic, Protocol, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -77,6 +78,58 @@ ACK_GRACE_FRACTION = 0.2
 answer instead. The rest of the timeout is margin for a busy event loop and the network."""
 
 
+K = TypeVar("K", bound=Hashable)
+
+
+class _Deadlines(Generic[K]):
+    """Keys due at a delay from now; `expire(key)` is called for each once it is due.
+
+    One loop timer at a time, armed only when no earlier one is: a timer per request
+    (`call_later`) is nearly always cancelled unused, the answer coming long before, yet costs
+    ~40 us with cold caches (the first request after a quiet spell). Here a request costs a
+    dict entry.
+    """
+
+    def __init__(self, expire: Callable[[K], None]) -> None:
+        self._expire = expire
+        self._due: dict[K, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, key: K, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        when = self._due[key] = loop.time() + delay
+        if when < self._timer_at:
+            self._arm(loop, when)
+
+    def discard(self, key: K) -> None:
+        self._due.pop(key, None)
+
+    def close(self) -> None:
+        """Forget every key and the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
+        self._due.clear()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = loop.call_at(when, self._fire, loop), when
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now = loop.time()
+        for key in [k for k, when in self._due.items() if when <= now]:
+            del self._due[key]
+            self._expire(key)
+        if self._due:
+            self._arm(loop, min(self._due.values()))
+
+
 class PeerHandler(Protocol):
     """What a node does for its peers: serve locally (never forward again: one hop at most)."""
 
@@ -118,7 +171,7 @@ class PeerServer:
         self._context = context or zmq.asyncio.Context.instance()
         self._pump: LoopSocket | None = None
         self._tasks: dict[tuple[bytes, str], asyncio.Task[None]] = {}
-        self._acks: dict[tuple[bytes, str], asyncio.TimerHandle] = {}
+        self._acks: _Deadlines[tuple[bytes, str]] = _Deadlines(self._ack)
         self.port = port
 
     async def start(self) -> None:
@@ -133,9 +186,7 @@ class PeerServer:
         log.info("peer RPC listening on port %d", self.port)
 
     async def stop(self) -> None:
-        for handle in self._acks.values():
-            handle.cancel()
-        self._acks.clear()
+        self._acks.close()
         for task in list(self._tasks.values()):
             task.cancel()
         if self._pump is not None:
@@ -180,19 +231,15 @@ class PeerServer:
         self._tasks[key] = task
         if defer:
             assert env.ack_s is not None
-            grace = env.ack_s * ACK_GRACE_FRACTION
-            self._acks[key] = task.get_loop().call_later(grace, self._ack, key)
+            self._acks.add(key, env.ack_s * ACK_GRACE_FRACTION)
 
     def _ack(self, key: tuple[bytes, str]) -> None:
         """The answer is not ready within the grace: tell the requester the work goes on."""
-        self._acks.pop(key, None)
         self._send(key[0], Envelope(Kind.ACK, key[1], self._clock(), None))
 
     def _forget(self, key: tuple[bytes, str]) -> None:
         self._tasks.pop(key, None)
-        handle = self._acks.pop(key, None)
-        if handle is not None:  # cancelled before anything was sent: no ack owed either
-            handle.cancel()
+        self._acks.discard(key)  # cancelled before anything was sent: no ack owed either
 
     async def _run(self, ident: bytes, op: Op, env: Envelope) -> None:
         rid = env.request_id
@@ -213,7 +260,7 @@ class PeerServer:
         # sent, the requester's side runs, and work left here would compete with it for a CPU.
         self._tasks.pop(key, None)
         _count_served(op, outcome)
-        self._reply(ident, kind, rid, body)  # takes the pending ack's timer too
+        self._reply(ident, kind, rid, body)  # and its ack is no longer owed
 
     async def _serve(self, ident: bytes, op: Op, env: Envelope) -> tuple[Kind, Any]:
         """Do what the request asks; return the final answer (stream pieces are sent here)."""
@@ -241,9 +288,7 @@ class PeerServer:
         raise PeerWireError("malformed", f"operation {op.name} has no answer")
 
     def _reply(self, ident: bytes, kind: Kind, rid: str, body: Any) -> None:
-        handle = self._acks.pop((ident, rid), None)
-        if handle is not None:  # the first reply within the grace stands in for the ack
-            handle.cancel()
+        self._acks.discard((ident, rid))  # the first reply within the grace stands for the ack
         self._send(ident, Envelope(kind, rid, self._clock(), body))
 
     def _send(self, ident: bytes, env: Envelope) -> None:
@@ -258,11 +303,12 @@ class PeerServer:
 class _Replies:
     """One request's replies in arrival order, and its caller waiting for the next."""
 
-    __slots__ = ("items", "_waiter")
+    __slots__ = ("items", "_waiter", "_deadlines")
 
-    def __init__(self) -> None:
+    def __init__(self, deadlines: _Deadlines[_Replies]) -> None:
         self.items: collections.deque[Envelope] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._deadlines = deadlines
 
     def next(self) -> Envelope | None:
         """Return the next reply if one is here (no coroutine to wait when it already is)."""
@@ -278,21 +324,21 @@ class _Replies:
         """Return once a reply is here; TimeoutError if none comes within `timeout` seconds."""
         if self.items:
             return
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        # A timer that fails the waiter, not asyncio.timeout (a context manager that cancels
-        # and uncancels the task): no task per wait and the least work on this hot path.
-        timer = loop.call_later(timeout, _expire, waiter)
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        # The client's shared deadlines fail the waiter, not asyncio.timeout (a context
+        # manager that cancels and uncancels the task) nor a timer of its own.
+        self._deadlines.add(self, timeout)
         try:
             await waiter
         finally:
-            timer.cancel()
+            self._deadlines.discard(self)
             self._waiter = None
 
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
+    def expire(self) -> None:
+        """Fail the wait in progress with TimeoutError: its time is up."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
 
 
 class _Connection:
@@ -347,6 +393,7 @@ class PeerClient:
         self.clock = clock
         self.context = context or zmq.asyncio.Context.instance()
         self._connections: dict[str, _Connection] = {}
+        self._waits: _Deadlines[_Replies] = _Deadlines(_Replies.expire)
         # Request ids: unique per client (a peer keys them by connection too); a counter
         # costs a fraction of a uuid4 per request.
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
@@ -433,7 +480,7 @@ class PeerClient:
         if connection is None:
             connection = self._connections[address] = _Connection(self, address)
         rid = f"{self._id_prefix}{next(self._ids):x}"
-        replies = _Replies()
+        replies = _Replies(self._waits)
         connection.pending[rid] = replies
         try:
             frames = seal(

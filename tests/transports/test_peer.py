@@ -20,7 +20,13 @@ from actors.types import (
     TokenChunk,
 )
 from cluster.keyring import Keyring
-from transports.peer import ACK_GRACE_FRACTION, PeerClient, PeerServer, peer_dropped_total
+from transports.peer import (
+    ACK_GRACE_FRACTION,
+    PeerClient,
+    PeerServer,
+    _Deadlines,
+    peer_dropped_total,
+)
 from transports.peer_wire import (
     Envelope,
     Kind,
@@ -335,3 +341,28 @@ async def test_a_request_cancelled_before_its_task_starts_leaves_nothing_behind(
     # and the server goes on answering
     assert (await client.infer(f"127.0.0.1:{server.port}", req(), timeout=5)).text == "hi"
     assert not server._tasks and not server._acks
+
+
+async def test_deadlines_expire_each_key_once_when_due_and_never_a_discarded_one() -> None:
+    expired: list[str] = []
+    done = asyncio.Event()
+
+    def expire(key: str) -> None:
+        expired.append(key)
+        if key == "late":
+            done.set()
+
+    deadlines: _Deadlines[str] = _Deadlines(expire)
+    deadlines.add("late", 0.06)
+    deadlines.add("early", 0.02)  # due before the armed timer: armed anew
+    deadlines.add("answered", 0.01)
+    deadlines.discard("answered")  # its answer came: never expires
+    await asyncio.wait_for(done.wait(), 5)
+    assert sorted(expired) == ["early", "late"] and len(deadlines) == 0
+    deadlines.add("closed", 0.01)
+    deadlines.close()
+    later = asyncio.Event()
+    after: _Deadlines[str] = _Deadlines(lambda _key: later.set())
+    after.add("after", 0.05)  # due after "closed" would have been
+    await asyncio.wait_for(later.wait(), 5)
+    assert sorted(expired) == ["early", "late"]  # a closed set expires nothing
