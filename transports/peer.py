@@ -95,6 +95,7 @@ class _Deadlines(Generic[K]):
         self._due: dict[K, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._due)
@@ -102,8 +103,8 @@ class _Deadlines(Generic[K]):
     def add(self, key: K, delay: float) -> None:
         loop = asyncio.get_running_loop()
         when = self._due[key] = loop.time() + delay
-        if when < self._timer_at:
-            self._arm(loop, when)
+        if when < self._timer_at or self._timer_loop is not loop:
+            self._arm(loop, when)  # (a timer armed in another loop would never fire here)
 
     def discard(self, key: K) -> None:
         self._due.pop(key, None)
@@ -119,13 +120,17 @@ class _Deadlines(Generic[K]):
         if self._timer is not None:
             self._timer.cancel()
         self._timer, self._timer_at = loop.call_at(when, self._fire, loop), when
+        self._timer_loop = loop
 
     def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer, self._timer_at = None, math.inf
         now = loop.time()
         for key in [k for k, when in self._due.items() if when <= now]:
             del self._due[key]
-            self._expire(key)
+            try:
+                self._expire(key)
+            except Exception:  # one failure must not strand the keys due after it
+                log.exception("a peer RPC deadline could not be handled")
         if self._due:
             self._arm(loop, min(self._due.values()))
 
