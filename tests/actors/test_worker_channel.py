@@ -163,3 +163,15 @@ async def test_garbage_on_a_data_link_closes_that_link_only(channel: WorkerChann
     assert rogue.recv(16) == b""  # the worker closed it
     rogue.close()
     assert (await channel.infer(request(max_tokens=2))).tokens_generated == 2
+
+
+async def test_a_request_larger_than_the_socket_buffer_arrives_whole(
+    channel: WorkerChannel,
+) -> None:
+    # Far past the kernel's socket buffer: the first send is partial, the rest goes out when
+    # the socket turns writable, and the frame still decodes in the worker.
+    huge = request(prompt="word " * 150_000)
+    small = channel.infer(request(max_tokens=2))
+    outcomes = await asyncio.gather(channel.infer(huge), small, return_exceptions=True)
+    assert isinstance(outcomes[0], InvalidRequest) and "context holds" in str(outcomes[0])
+    assert isinstance(outcomes[1], InferResult) and outcomes[1].tokens_generated == 2
