@@ -62,10 +62,23 @@ class WorkerChannel:
         self._waiting: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._loop = asyncio.get_running_loop()
-        self._sock = _connect(worker)
-        self._fd: int | None = self._sock.fileno()  # None once no longer read
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._fd: int | None = None  # the socket's descriptor while it is read
         self._reader = FrameReader()
         self._out = bytearray()  # bytes the kernel has not taken yet (sent when writable)
+        self._pidfd: int | None = None
+        try:
+            # At once: the worker listens before it says Hello.
+            self._sock.connect(worker.data_socket)
+        except OSError as exc:
+            # A worker dying under us: its requests fail like those in flight at its death,
+            # through the lane, which counts the crash and restarts it.
+            self.closed = WorkerCrashed(
+                f"cannot reach the worker for {worker.spec.name}: {exc.strerror or exc}"
+            )
+            return
+        self._sock.setblocking(False)
+        self._fd = self._sock.fileno()
         self._loop.add_reader(self._fd, self._on_readable)
         self._pidfd = _watch_exit(self._loop, worker, self._on_exit)
 
@@ -257,20 +270,6 @@ class WorkerChannel:
             self._pidfd = None
         for pending in self._waiting.values():
             pending.replies.put_nowait(error)
-
-
-def _connect(worker: WorkerProcess) -> socket.socket:
-    """Connect to the worker's data socket (at once: it listens before it says Hello)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(worker.data_socket)
-    except OSError as exc:
-        sock.close()
-        raise WorkerCrashed(
-            f"cannot reach the worker for {worker.spec.name}: {exc.strerror or exc}"
-        ) from exc
-    sock.setblocking(False)
-    return sock
 
 
 def _watch_exit(

@@ -175,3 +175,17 @@ async def test_a_request_larger_than_the_socket_buffer_arrives_whole(
     outcomes = await asyncio.gather(channel.infer(huge), small, return_exceptions=True)
     assert isinstance(outcomes[0], InvalidRequest) and "context holds" in str(outcomes[0])
     assert isinstance(outcomes[1], InferResult) and outcomes[1].tokens_generated == 2
+
+
+async def test_a_channel_to_a_worker_gone_fails_its_requests_instead_of_its_creation(
+    tiny_gguf: Path, runtime_dir: Path
+) -> None:
+    worker = await asyncio.to_thread(start, tiny_gguf, runtime_dir, "gone")
+    await asyncio.to_thread(worker.stop)
+    ch = WorkerChannel(worker)  # the lane builds one and lets the request fail through it
+    try:
+        with pytest.raises(WorkerCrashed, match="cannot reach"):
+            await ch.infer(request())
+        assert ch.closed is not None
+    finally:
+        ch.close()
