@@ -74,6 +74,19 @@ class Slot:
     error: str | None = None
 
 
+def _by_name(info: ModelInfo) -> str:
+    return info.name
+
+
+def _with_breaker(info: ModelInfo, breaker: CircuitBreaker | None, now: float) -> ModelInfo:
+    """Return `info` with its breaker's state now, copied only when that state changed
+    (health and list_models read every model on each call)."""
+    if breaker is None:
+        return info
+    state = breaker.state(now)
+    return info if state == info.breaker else replace(info, breaker=state)
+
+
 class ModelBoard:
     """The latest ModelInfo per model, written by the manager, read by anyone without blocking."""
 
@@ -115,10 +128,7 @@ class ModelBoard:
         with self._lock:
             models = list(self._models.values())
             breakers = dict(self._breakers)
-        return [
-            replace(m, breaker=breakers[m.name].state(now)) if m.name in breakers else m
-            for m in sorted(models, key=lambda m: m.name)
-        ]
+        return [_with_breaker(m, breakers.get(m.name), now) for m in sorted(models, key=_by_name)]
 
     def get(self, name: str) -> ModelInfo | None:
         with self._lock:

@@ -29,6 +29,10 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._trial_running = False
+        # Label children looked up once: a success is recorded on every request.
+        self._state_gauge = metrics.circuit_breaker_state.labels(name) if name else None
+        self._failure_count = metrics.circuit_breaker_failures_total.labels(name) if name else None
+        self._published: BreakerState | None = None
         self._publish()
 
     def state(self, now: float) -> BreakerState:
@@ -64,18 +68,21 @@ class CircuitBreaker:
     def record_failure(self, now: float) -> None:
         self._failures += 1
         self._trial_running = False
-        if self._name:
-            metrics.circuit_breaker_failures_total.labels(self._name).inc()
+        if self._failure_count is not None:
+            self._failure_count.inc()
         if self._opened_at is not None or self._failures >= self._config.failure_threshold:
             self._opened_at = now
         self._publish(now)
 
     def _publish(self, now: float = 0.0) -> None:
-        if self._name:
-            state = "open" if self._opened_at is not None else "closed"
-            if self._trial_running:
-                state = "half_open"
-            metrics.circuit_breaker_state.labels(self._name).set(BREAKER_GAUGE[state])
+        if self._state_gauge is None:
+            return
+        state: BreakerState = "open" if self._opened_at is not None else "closed"
+        if self._trial_running:
+            state = "half_open"
+        if state != self._published:  # the gauge moves only on a transition
+            self._published = state
+            self._state_gauge.set(BREAKER_GAUGE[state])
 
 
 class Bulkhead:
@@ -91,6 +98,10 @@ class Bulkhead:
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self.active = 0
         self.waiting = 0
+        # Label children looked up once: they are set several times per request.
+        self._active_gauge = metrics.bulkhead_active_requests.labels(name)
+        self._queued_gauge = metrics.bulkhead_queued_requests.labels(name)
+        self._rejected = metrics.bulkhead_rejected_total.labels(name)
 
     @property
     def in_flight(self) -> int:
@@ -101,7 +112,7 @@ class Bulkhead:
         """Hold one place for the duration of a request, or raise Overloaded without waiting."""
         capacity = self._config.max_concurrent + self._config.max_queue_size
         if self.in_flight >= capacity:
-            metrics.bulkhead_rejected_total.labels(self._name).inc()
+            self._rejected.inc()
             raise Overloaded(
                 f"model {self._name!r} is overloaded: {capacity} requests already in flight",
                 retry_after=1.0,
@@ -122,8 +133,8 @@ class Bulkhead:
             self._publish()
 
     def _publish(self) -> None:
-        metrics.bulkhead_active_requests.labels(self._name).set(self.active)
-        metrics.bulkhead_queued_requests.labels(self._name).set(self.waiting)
+        self._active_gauge.set(self.active)
+        self._queued_gauge.set(self.waiting)
 
 
 class BulkheadRegistry:

@@ -476,6 +476,8 @@ class Node:
 
     def _with_queue(self, info: ModelInfo) -> ModelInfo:
         bulkhead = self._bulkheads.get(info.name)
+        if (info.in_flight, info.queued) == (bulkhead.active, bulkhead.waiting):
+            return info  # an idle model, nearly always: no copy
         return replace(info, in_flight=bulkhead.active, queued=bulkhead.waiting)
 
     def _model_info(self, name: str) -> ModelInfo:

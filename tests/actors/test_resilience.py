@@ -78,3 +78,53 @@ async def test_a_cancelled_waiter_gives_its_place_back() -> None:
             await waiter
         assert bulkhead.waiting == 0
     assert bulkhead.in_flight == 0
+
+
+def _sample(name: str, model: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, {"model": model})
+
+
+def test_the_breaker_gauge_and_failure_count_follow_every_transition() -> None:
+    model = "gauge-follows-breaker"
+    breaker = CircuitBreaker(CircuitBreakerConfig(failure_threshold=1, reset_timeout=5), model)
+    assert _sample("moc_circuit_breaker_state", model) == 0
+    breaker.record_failure(now=0.0)
+    assert _sample("moc_circuit_breaker_state", model) == 1
+    assert _sample("moc_circuit_breaker_failures_total", model) == 1
+    assert breaker.allow(now=5.0)
+    assert _sample("moc_circuit_breaker_state", model) == 2
+    breaker.record_success()
+    assert _sample("moc_circuit_breaker_state", model) == 0
+    # A model loaded again gets a new breaker: its gauge starts closed whatever the old one said.
+    breaker.record_failure(now=6.0)
+    CircuitBreaker(CircuitBreakerConfig(), model)
+    assert _sample("moc_circuit_breaker_state", model) == 0
+
+
+async def test_the_bulkhead_gauges_count_active_and_queued_requests() -> None:
+    model = "gauge-follows-bulkhead"
+    bulkhead = Bulkhead(BulkheadConfig(max_concurrent=1, max_queue_size=1), model)
+    admitted, done = asyncio.Event(), asyncio.Event()
+
+    async def second() -> None:
+        async with bulkhead.slot():
+            admitted.set()
+            await done.wait()
+
+    async with bulkhead.slot():
+        assert _sample("moc_bulkhead_active_requests", model) == 1
+        task = asyncio.create_task(second())
+        await asyncio.sleep(0)  # one loop turn: the second request queues behind the first
+        assert _sample("moc_bulkhead_queued_requests", model) == 1
+        with pytest.raises(Overloaded):
+            async with bulkhead.slot():
+                pass
+        assert _sample("moc_bulkhead_rejected_total", model) == 1
+    await admitted.wait()
+    assert _sample("moc_bulkhead_active_requests", model) == 1
+    assert _sample("moc_bulkhead_queued_requests", model) == 0
+    done.set()
+    await task
+    assert _sample("moc_bulkhead_active_requests", model) == 0
