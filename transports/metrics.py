@@ -90,9 +90,23 @@ class ZmqRecorder:
         self._histograms[key].observe(seconds)
 
 
+_http_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
 def record_http(method: str, route: str, status: int, seconds: float) -> None:
-    """Count one HTTP request and observe its duration."""
-    REST_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
-    REQUEST_DURATION.labels(
-        transport="http", action=f"{method} {route}", outcome="ok" if status < 400 else "error"
-    ).observe(seconds)
+    """Count one HTTP request and observe its duration (label children cached per key: routes
+    are the app's templates and methods a fixed set, so the keys are few)."""
+    key = (method, route, status)
+    children = _http_children.get(key)
+    if children is None:
+        children = _http_children[key] = (
+            REST_REQUESTS.labels(method=method, route=route, status=str(status)),
+            REQUEST_DURATION.labels(
+                transport="http",
+                action=f"{method} {route}",
+                outcome="ok" if status < 400 else "error",
+            ),
+        )
+    counter, histogram = children
+    counter.inc()
+    histogram.observe(seconds)
