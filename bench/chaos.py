@@ -730,7 +730,10 @@ def count_lost(
         found = []
         for path in (f"/learning/jobs/{job_id}", f"/goals/{goal_id}"):
             try:
-                found.append(str(node.get(path)["status"]))
+                item = node.get(path)
+                # A failure is allowed (it is not a loss) but must say why.
+                error = item.get("error") if item["status"] == "failed" else None
+                found.append(str(item["status"]) + (f" ({error})" if error else ""))
             except urllib.error.HTTPError as e:
                 found.append(f"HTTP {e.code}")
         jobs_lost += found[0].startswith("HTTP")
