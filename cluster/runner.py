@@ -135,6 +135,7 @@ class ClusterRunner:
         self._meta_cache: dict[bytes, NodeMeta | None] = {}
         self._leaving = False
         self._left = asyncio.Event()
+        self._members_view: dict[str, ClusterMember] | None = None
         self._stopped = False
         self._stream_timeout = max(10 * config.probe_timeout_s, 1.0)
 
@@ -147,6 +148,7 @@ class ClusterRunner:
         addr = await self._advertise(self._endpoints.addr)
         now = self.clock()
         meta = self._poll_meta(now)
+        self._changing()
         self._membership = Membership(
             self.config, self.name, addr, self.rng, now, encode_meta(meta)
         )
@@ -176,6 +178,7 @@ class ClusterRunner:
                 log.warning("cluster seed %s does not resolve: %s", seed, exc)
                 continue
             resolved.append((str(infos[0][4][0]), port))
+        self._changing()
         self._send(self._m.join(resolved, self.clock()))
         self._after_step()
 
@@ -189,6 +192,7 @@ class ClusterRunner:
             return False
         if not self._leaving:
             self._leaving = True
+            self._changing()
             self._send(self._m.leave(self.clock()))
             self._after_step()
         try:
@@ -235,17 +239,29 @@ class ClusterRunner:
 
     def members(self) -> list[ClusterMember]:
         """Return every known member (this node included) with its decoded metadata."""
-        return [
-            ClusterMember(v.name, v.addr, v.state, v.incarnation, self._decode(v.meta))
-            for v in self._m.members()
-        ]
+        return list(self._view().values())
 
     def member(self, name: str) -> ClusterMember | None:
         """Return one member, or None if unknown (or reaped)."""
-        v = self._m.member(name)
-        if v is None:
-            return None
-        return ClusterMember(v.name, v.addr, v.state, v.incarnation, self._decode(v.meta))
+        return self._view().get(name)
+
+    def _view(self) -> dict[str, ClusterMember]:
+        """The members by name, built once per step of the state machine.
+
+        Forwarding reads the view on every request, far more often than the membership moves;
+        every step that can move it (a packet, a stream, a tick, join, leave) drops this copy
+        first (`_changing`), so a read never sees a view older than the machine's.
+        """
+        if self._members_view is None:
+            self._members_view = {
+                v.name: ClusterMember(v.name, v.addr, v.state, v.incarnation, self._decode(v.meta))
+                for v in self._m.members()
+            }
+        return self._members_view
+
+    def _changing(self) -> None:
+        """Forget the cached view: the state machine is about to take a step."""
+        self._members_view = None
 
     def is_primary(self) -> bool:
         """Return whether this node may act as primary now (lease held, margin kept)."""
@@ -364,6 +380,7 @@ class ClusterRunner:
             writer.close()
 
     def _dispatch(self, msgs: Sequence[Message], src: Address, reliable: bool) -> list[Outbound]:
+        self._changing()
         now = self.clock()
         out: list[Outbound] = []
         e = self.election
@@ -464,6 +481,7 @@ class ClusterRunner:
         self._timer_at = float("inf")
         if self._stopped:
             return
+        self._changing()  # the tick, and the metadata it may publish
         try:
             now = self.clock()
             out = self._m.tick(now)

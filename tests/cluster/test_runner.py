@@ -123,6 +123,55 @@ async def test_a_silent_runner_is_declared_dead_and_a_leaving_one_is_left(
     assert not cluster.runners["n3"].is_primary()
 
 
+def fresh_view(r: ClusterRunner) -> list[tuple[str, MemberState, int, bytes]]:
+    """What the state machine says now, read past the runner's cached view."""
+    return sorted((v.name, v.state, v.incarnation, v.meta) for v in r.membership.members())
+
+
+def cached_view(r: ClusterRunner) -> list[tuple[str, MemberState, int, bytes]]:
+    out = []
+    for m in r.members():
+        raw = r.membership.member(m.name)
+        assert raw is not None
+        out.append((m.name, m.state, m.incarnation, raw.meta))
+        assert (m.meta is None) == (not raw.meta)
+    return sorted(out)
+
+
+async def test_the_members_a_runner_reports_always_match_its_state_machine(
+    cluster: Cluster,
+) -> None:
+    models: dict[str, tuple[ModelMeta, ...]] = {}
+    for i in range(4):
+        name = f"n{i}"
+
+        def provider(name: str = name) -> NodeMeta:
+            return NodeMeta(loaded=models.get(name, ()))
+
+        await cluster.add(name, meta=provider)
+    checks = 0
+
+    async def watch(seconds: float) -> None:
+        # Read the view between steps, as forwarding does, while joins, metadata changes
+        # and a death move the machines underneath.
+        nonlocal checks
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            for r in cluster.runners.values():
+                if not r._stopped:
+                    assert cached_view(r) == fresh_view(r)
+                    checks += 1
+            await asyncio.sleep(0.005)
+
+    await asyncio.gather(until(cluster.converged, what="convergence"), watch(1.0))
+    models["n1"] = (ModelMeta("m", 1),)
+    await watch(1.0)
+    await cluster.runners["n3"].stop()
+    await watch(1.0)
+    assert checks > 300
+
+
 async def test_metadata_changes_reach_the_peers(cluster: Cluster) -> None:
     current = NodeMeta(devices=(DeviceMeta("cuda:0", 1000, 900, 0),))
     a = await cluster.add("a", meta=lambda: current)
