@@ -53,6 +53,11 @@ forward_retries_total = prometheus_client.Counter(
 )
 
 
+# How long a model stays reserved for a restarting node. It starts its loads right after the
+# answers and gossips "loading" within a second; a reservation past this was a failed restore.
+RESERVE_S = 10.0
+
+
 class StaleTerm(MocError):
     """A placement command carried an older term than this node has seen: a deposed primary."""
 
@@ -133,6 +138,7 @@ class ClusterLink:
         self.server = PeerServer(self, keyring, host=host, port=config.peer_port)
         self.client = PeerClient(keyring, ack_timeout=max(0.5, 4 * config.probe_timeout_s))
         self._placing: dict[str, asyncio.Future[str]] = {}
+        self._reservations: set[asyncio.Task[None]] = set()
         advertised = (config.advertise or config.bind).rsplit(":", 1)[0]
         # Peers dial this host for the HTTP, ZMQ and peer ports; a wildcard bind needs advertise.
         self._host = "127.0.0.1" if advertised in ("", "0.0.0.0") else advertised
@@ -144,10 +150,39 @@ class ClusterLink:
         await self.runner.start()
 
     async def plan_restore(self, records: Sequence[LoadedRecord]) -> RestorePlan:
-        """Wait until joined (the view is known), then decide which of `records` to restore."""
-        if any(not r.pinned for r in records):  # only then does the view change anything
-            await self._await_joined()
-        return plan_restore(records, self.runner.members(), self.name)
+        """Wait until joined (the view is known), then decide which of `records` to restore.
+
+        The view misses a placement the primary began just before we joined (its target has
+        not gossiped "loading" yet), so each unpinned model the view leaves to us is cleared
+        with the primary, which serialises placements, when one is known.
+        """
+        if not any(not r.pinned for r in records):  # only then does the cluster matter
+            return plan_restore(records, self.runner.members(), self.name)
+        await self._await_joined()
+        plan = plan_restore(records, self.runner.members(), self.name)
+        pinned = {r.name for r in records if r.pinned}
+        skip = dict(plan.skip)
+        for model in plan.restore:
+            if model in pinned:
+                continue
+            holder = await self._ask_restore(model)
+            if holder is not None and holder != self.name:
+                skip[model] = holder
+        return RestorePlan(tuple(m for m in plan.restore if m not in skip), skip)
+
+    async def _ask_restore(self, model: str) -> str | None:
+        """Ask the primary where `model` belongs; None if there is none or it cannot say."""
+        primary = self.runner.primary()
+        if primary is None:
+            return None
+        try:
+            if primary[0] == self.name:
+                return await self.peer_restore(model, self.name)
+            address = self._peer_address(primary[0])
+            return await self.client.restore(address, model, self.name, self._timeout)
+        except MocError as exc:  # no answer: the view's plan stands
+            log.info("could not clear restoring %s with the primary: %s", model, exc)
+            return None
 
     async def _await_joined(self) -> None:
         """Wait until a peer is known alive, or give up after one stream exchange's time.
@@ -171,6 +206,8 @@ class ClusterLink:
         await self.runner.leave(timeout)
 
     async def stop(self) -> None:
+        for task in list(self._reservations):
+            task.cancel()
         await self.runner.stop()
         self.client.close()
         await self.server.stop()
@@ -376,6 +413,46 @@ class ClusterLink:
             info = self.node.model_info(req.name)
             assert info is not None
             return info
+
+    async def peer_restore(self, model: str, node: str) -> str:
+        """As the primary: say where `model`, which restarting `node` remembers, belongs.
+
+        A node that holds it, is loading it or is being sent it by a placement in flight keeps
+        it; otherwise `node` restores it, and placements asked for meanwhile wait for that load
+        (reserved like a placement of our own) instead of starting a second copy elsewhere.
+        """
+        if not self.runner.is_primary():
+            raise NoPrimary(f"{self.name} is not the primary: it cannot reserve {model!r}")
+        running = self._placing.get(model)
+        if running is not None:
+            return await asyncio.shield(running)
+        decision = self.route(model)
+        if decision.kind != RouteKind.LOAD:
+            return decision.nodes[0]
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._placing[model] = future
+        task = asyncio.create_task(self._reserve(model, node, future))
+        self._reservations.add(task)
+        task.add_done_callback(self._reservations.discard)
+        return node
+
+    async def _reserve(self, model: str, node: str, future: asyncio.Future[str]) -> None:
+        """Hold `model`'s placement for `node` until its gossip shows the load (or a timeout)."""
+        try:
+            decision = self.route(model)
+            deadline = time.monotonic() + RESERVE_S
+            while decision.kind == RouteKind.LOAD and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # polling the gossiped state with a deadline
+                decision = self.route(model)
+            if decision.kind == RouteKind.LOAD:
+                future.set_exception(NoPrimary(f"{node} did not restore {model!r}: ask again"))
+                future.exception()  # retrieved: waiters get it; no "never retrieved" warning
+            else:
+                future.set_result(decision.nodes[0])
+        finally:
+            if not future.done():
+                future.cancel()
+            del self._placing[model]
 
     async def peer_place(self, model: str) -> str:
         """As the primary: have `model` loaded on the best node, once however many ask."""

@@ -150,6 +150,10 @@ class PeerHandler(Protocol):
         """As the primary: make sure `model` is loaded somewhere; return the holder's name."""
         ...
 
+    async def peer_restore(self, model: str, node: str) -> str:
+        """As the primary: say which node `model`, remembered by restarting `node`, belongs to."""
+        ...
+
 
 def _sync(context: zmq.asyncio.Context) -> zmq.Context[zmq.Socket[bytes]]:
     """Return a plain (blocking-API) view of `context`: same io thread, same sockets."""
@@ -290,6 +294,13 @@ class PeerServer:
             if not isinstance(env.body, str):
                 raise PeerWireError("malformed", "place body is not a model name")
             return Kind.RESULT, await self._handler.peer_place(env.body)
+        if op == Op.RESTORE:
+            body = env.body
+            if not (
+                isinstance(body, list) and len(body) == 2 and all(isinstance(x, str) for x in body)
+            ):
+                raise PeerWireError("malformed", "restore body is not [model, node]")
+            return Kind.RESULT, await self._handler.peer_restore(body[0], body[1])
         raise PeerWireError("malformed", f"operation {op.name} has no answer")
 
     def _reply(self, ident: bytes, kind: Kind, rid: str, body: Any) -> None:
@@ -451,11 +462,19 @@ class PeerClient:
 
     async def place(self, address: str, model: str, timeout: float) -> str:
         """Ask the primary at `address` to place `model`; return the node that holds it."""
-        async for env in self._call(address, Op.PLACE, model, None, timeout):
+        return await self._node_answer(address, Op.PLACE, model, timeout)
+
+    async def restore(self, address: str, model: str, node: str, timeout: float) -> str:
+        """Ask the primary at `address` where `model`, which `node` remembers, belongs now."""
+        return await self._node_answer(address, Op.RESTORE, [model, node], timeout)
+
+    async def _node_answer(self, address: str, op: Op, body: Any, timeout: float) -> str:
+        what = op.name.lower()
+        async for env in self._call(address, op, body, None, timeout):
             if not isinstance(env.body, str):
-                raise PeerUnavailable(f"primary {address} answered a placement without a node")
+                raise PeerUnavailable(f"primary {address} answered {what} without a node")
             return env.body
-        raise PeerUnavailable(f"primary {address} ended the placement without an answer")
+        raise PeerUnavailable(f"primary {address} ended {what} without an answer")
 
     async def _call(
         self, address: str, op: Op, body: Any, term: int | None, timeout: float = 10.0

@@ -54,6 +54,7 @@ class Op(enum.IntEnum):
     LOAD = 4
     CANCEL = 5
     PLACE = 6
+    RESTORE = 7
 
 
 class Kind(enum.IntEnum):

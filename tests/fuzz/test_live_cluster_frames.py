@@ -656,7 +656,7 @@ def bad_peer_message(rng: random.Random) -> list[bytes]:
             )  # fmt: skip
         )
     if kind == "unknown_op":
-        return signed_payload({"v": PEER_PROTOCOL, "c": rng.choice([0, 7, 99, 1000, -1]),
+        return signed_payload({"v": PEER_PROTOCOL, "c": rng.choice([0, max(Op) + 1, 99, 1000, -1]),
                                "id": "u", "ts": now, "b": None, "t": None})  # fmt: skip
     if kind == "bad_body":
         # Signed and well formed, but the inference body is nonsense: accepted, answered ERROR.

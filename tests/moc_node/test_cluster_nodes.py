@@ -3,13 +3,16 @@ survive a holder's kill -9 and restart without holding a model twice."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cluster.keyring import Keyring
 from tests.moc_node.cluster_procs import (
+    KEY,
     NAMES,
     NodeProc,
     alive,
@@ -19,6 +22,7 @@ from tests.moc_node.cluster_procs import (
     wait_ready,
     wait_until,
 )
+from transports.peer import PeerClient
 
 
 @pytest.fixture
@@ -121,3 +125,47 @@ def test_a_restarted_holder_leaves_a_re_placed_model_to_its_new_holder(
     status, body = complete(killed)  # and the restarted node forwards to the holder
     assert status == 200, body
     assert holders(cluster, "m") == {second}
+
+
+def _peer_address(node: NodeProc) -> str:
+    """The node's peer RPC address, from its config file."""
+    assert node.config is not None
+    text = node.config.read_text()
+    port = next(ln.split("=")[1].strip() for ln in text.splitlines() if ln.startswith("peer_port"))
+    return f"127.0.0.1:{port}"
+
+
+async def _ask_restore(address: str, model: str, node: str) -> str:
+    client = PeerClient(Keyring((bytes.fromhex(KEY),)), ack_timeout=2.0)
+    try:
+        return await client.restore(address, model, node, timeout=30.0)
+    finally:
+        client.close()
+
+
+def test_a_model_the_primary_reserved_for_a_restoring_node_is_placed_nowhere_else(
+    cluster: dict[str, NodeProc],
+) -> None:
+    a = cluster["node-a"]
+    wait_until(lambda: a.get("/cluster")["primary"] is not None, 30, "a primary")
+    primary = a.get("/cluster")["primary"]["name"]
+    restorer, asker = (n for n in NAMES if n != primary)
+    address = _peer_address(cluster[primary])
+
+    # A restarting node that remembers m asks first: nobody holds it, so it is the restorer's.
+    assert asyncio.run(_ask_restore(address, "m", restorer)) == restorer
+    # A request elsewhere meanwhile waits for that restore instead of placing a second copy;
+    # this restorer never loads, so after the reservation the client is told to ask again.
+    status, body = complete(cluster[asker])
+    assert status == 503, body
+    assert "did not restore" in body["error"]["message"]
+    assert holders(cluster, "m") == set()
+
+    # Reserved again, and this time the restorer loads it: every request goes there.
+    assert asyncio.run(_ask_restore(address, "m", restorer)) == restorer
+    status, _ = cluster[restorer].post("/models", {"model_name": "m"})
+    assert status == 201
+    for name in (asker, primary):
+        status, body = complete(cluster[name])
+        assert status == 200, body
+    assert holders(cluster, "m") == {restorer}
