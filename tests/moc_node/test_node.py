@@ -184,7 +184,10 @@ async def test_kill_9_of_a_worker_fails_only_the_request_in_flight_and_it_restar
 async def test_one_worker_death_fails_every_request_in_flight_but_counts_once_for_the_breaker(
     tmp_path: Path, model_root: Path, runtime_factory: Factory
 ) -> None:
-    config = make_config(tmp_path, model_root, catalog=catalog_of(model_root, "a"))
+    # A context long enough for the 2000-token stream to outlast the queueing below (at 256
+    # tokens it ended in a few tens of ms, and on a busy machine before the five were admitted).
+    catalog = catalog_of(model_root, "a", n_ctx=2048)
+    config = make_config(tmp_path, model_root, catalog=catalog)
     config = dataclasses.replace(
         config,
         resilience=dataclasses.replace(
