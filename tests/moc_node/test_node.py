@@ -159,11 +159,9 @@ async def test_unknown_models_and_bad_load_parameters_get_clear_errors(
 async def test_kill_9_of_a_worker_fails_only_the_request_in_flight_and_it_restarts(
     tmp_path: Path, model_root: Path, runtime_factory: Factory
 ) -> None:
-    node = (
-        await started(
-            runtime_factory, make_config(tmp_path, model_root, catalog=catalog_of(model_root, "a"))
-        )
-    ).node
+    # A context long enough that the stream is still running when the kill lands.
+    config = make_config(tmp_path, model_root, catalog=catalog_of(model_root, "a", n_ctx=2048))
+    node = (await started(runtime_factory, config)).node
     await node.load(LoadRequest(name="a"))
     pid = node.models()[0].pid
     assert pid is not None
