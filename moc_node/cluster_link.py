@@ -162,10 +162,10 @@ class ClusterLink:
         plan = plan_restore(records, self.runner.members(), self.name)
         pinned = {r.name for r in records if r.pinned}
         skip = dict(plan.skip)
-        for model in plan.restore:
-            if model in pinned:
-                continue
-            holder = await self._ask_restore(model)
+        # All at once: a primary that stopped answering costs one ack timeout, not one per model.
+        asked = [m for m in plan.restore if m not in pinned]
+        answers = await asyncio.gather(*(self._ask_restore(m) for m in asked))
+        for model, holder in zip(asked, answers, strict=True):
             if holder is not None and holder != self.name:
                 skip[model] = holder
         return RestorePlan(tuple(m for m in plan.restore if m not in skip), skip)
