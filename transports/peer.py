@@ -1,12 +1,16 @@
 """Peer RPC: how nodes forward requests to each other (ZMQ ROUTER server, DEALER clients).
 
+The sockets speak ZMTP, ZeroMQ's wire protocol, from the event loop (transports/zmtp_sockets.py),
+so a libzmq DEALER or ROUTER is still a peer; see that module for why not through libzmq.
+
 A caller must hear from the peer within its `ack_timeout`, so it can tell "the peer is down"
 (silence: try another holder) from "the peer is working on it". The request carries that
 timeout; for an inference the peer answers straight away when the answer is ready within a
 fraction of it (one message, not an ack and then the answer: most forwarded requests), and sends
-an ACK only when it is not; loads and placements are acknowledged at once. Streams send one TOKEN frame per piece and end with RESULT or ERROR; a CANCEL stops the
-peer's generation. Frames that fail authentication, are stale or malformed are counted and
-dropped, never answered.
+an ACK only when it is not; loads and placements are acknowledged at once. Streams send one
+TOKEN frame per piece and end with RESULT or ERROR; a CANCEL stops the peer's generation. Frames
+that fail authentication, are stale or malformed are counted and dropped, never answered. A
+request whose connection breaks fails at once (PeerUnavailable): its answer could not come back.
 """
 
 from __future__ import annotations
@@ -22,12 +26,9 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable
 from typing import Any, Generic, Protocol, TypeVar
 
-import zmq
-import zmq.asyncio
 from prometheus_client import Counter
 
 from actors.errors import InvalidRequest
-from actors.loop_socket import LoopSocket
 from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
 from cluster.keyring import Keyring
 from transports.peer_wire import (
@@ -48,6 +49,7 @@ from transports.peer_wire import (
     seal,
     token_from_wire,
 )
+from transports.zmtp_sockets import DealerSocket, QueueFull, RouterSocket
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +157,14 @@ class PeerHandler(Protocol):
         ...
 
 
-def _sync(context: zmq.asyncio.Context) -> zmq.Context[zmq.Socket[bytes]]:
-    """Return a plain (blocking-API) view of `context`: same io thread, same sockets."""
-    return zmq.Context.shadow(context.underlying)
+MAX_ZMTP_FRAME_BYTES = 16 * 1024 * 1024
+"""A ZMTP frame larger than this drops its connection (libzmq's MAXMSGSIZE, as set before)."""
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    """Return (host, port) of "host:port" or "[v6 host]:port"."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 class PeerServer:
@@ -171,36 +178,32 @@ class PeerServer:
         host: str,
         port: int,
         clock: Callable[[], float] = time.time,
-        context: zmq.asyncio.Context | None = None,
     ) -> None:
         self._handler = handler
         self._keyring = keyring
-        self._address = f"tcp://{host}:{port}"
+        self._host = host
         self._clock = clock
-        self._context = context or zmq.asyncio.Context.instance()
-        self._pump: LoopSocket | None = None
+        self._router: RouterSocket | None = None
         self._tasks: dict[tuple[bytes, str], asyncio.Task[None]] = {}
         self._acks: _Deadlines[tuple[bytes, str]] = _Deadlines(self._ack)
         self.port = port
 
     async def start(self) -> None:
-        sock = _sync(self._context).socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
-        if self.port == 0:
-            self.port = sock.bind_to_random_port(self._address.rsplit(":", 1)[0])
-        else:
-            sock.bind(self._address)
-        self._pump = LoopSocket(sock, self._on_frames)
+        self._router = RouterSocket(
+            self._on_frames,
+            on_refused=lambda reason: peer_dropped_total.labels(reason).inc(),
+            max_frame_bytes=MAX_ZMTP_FRAME_BYTES,
+        )
+        self.port = await self._router.bind(self._host, self.port)
         log.info("peer RPC listening on port %d", self.port)
 
     async def stop(self) -> None:
         self._acks.close()
         for task in list(self._tasks.values()):
             task.cancel()
-        if self._pump is not None:
-            self._pump.close()
-            self._pump = None
+        if self._router is not None:
+            self._router.close()
+            self._router = None
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -308,21 +311,19 @@ class PeerServer:
         self._send(ident, Envelope(kind, rid, self._clock(), body))
 
     def _send(self, ident: bytes, env: Envelope) -> None:
-        if self._pump is None:
-            return
-        try:
-            self._pump.send([ident, *seal(self._keyring, env)])
-        except zmq.ZMQError as exc:  # the peer went away: nothing to tell it
-            log.debug("peer reply lost: %s", exc)
+        if self._router is not None and not self._router.send([ident, *seal(self._keyring, env)]):
+            log.debug("peer reply lost: the requester's connection is gone")
 
 
 class _Replies:
     """One request's replies in arrival order, and its caller waiting for the next."""
 
-    __slots__ = ("items", "_waiter", "_deadlines")
+    __slots__ = ("items", "broken", "_waiter", "_deadlines")
 
     def __init__(self, deadlines: _Deadlines[_Replies]) -> None:
         self.items: collections.deque[Envelope] = collections.deque()
+        self.broken: str | None = None
+        """Why no further reply can come (the connection broke), once that is known."""
         self._waiter: asyncio.Future[None] | None = None
         self._deadlines = deadlines
 
@@ -337,9 +338,12 @@ class _Replies:
             waiter.set_result(None)
 
     async def wait(self, timeout: float) -> None:
-        """Return once a reply is here; TimeoutError if none comes within `timeout` seconds."""
+        """Return once a reply is here; TimeoutError if none comes within `timeout` seconds,
+        PeerUnavailable once none can come."""
         if self.items:
             return
+        if self.broken is not None:
+            raise PeerUnavailable(self.broken)
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         # The client's shared deadlines fail the waiter, not asyncio.timeout (a context
         # manager that cancels and uncancels the task) nor a timer of its own.
@@ -356,18 +360,33 @@ class _Replies:
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
 
+    def fail(self, why: str) -> None:
+        """No reply can come any more: the wait in progress, and any later one, ends now."""
+        self.broken = why
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(PeerUnavailable(why))
+
 
 class _Connection:
     """One DEALER socket to one peer; replies are routed to the waiting requests as they come."""
 
     def __init__(self, client: PeerClient, address: str) -> None:
         self.client = client
-        sock = _sync(client.context).socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
-        sock.connect(f"tcp://{address}")
+        host, port = _split_address(address)
         self.pending: dict[str, _Replies] = {}
-        self.pump = LoopSocket(sock, self._on_frames)
+        self.dealer = DealerSocket(
+            host,
+            port,
+            self._on_frames,
+            on_broken=self._on_broken,
+            max_frame_bytes=MAX_ZMTP_FRAME_BYTES,
+        )
+
+    def _on_broken(self, why: str) -> None:
+        # Replies come back on the connection the request went out on: none can come now.
+        for replies in self.pending.values():
+            replies.fail(f"peer unreachable: {why}")
 
     def _on_frames(self, frames: list[bytes]) -> None:
         try:
@@ -380,7 +399,7 @@ class _Connection:
             replies.put(env)
 
     def close(self) -> None:
-        self.pump.close()
+        self.dealer.close()
 
 
 _LAST = (Kind.RESULT, Kind.PONG, Kind.ERROR)
@@ -402,12 +421,10 @@ class PeerClient:
         *,
         ack_timeout: float = 1.0,
         clock: Callable[[], float] = time.time,
-        context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.keyring = keyring
         self.ack_timeout = ack_timeout
         self.clock = clock
-        self.context = context or zmq.asyncio.Context.instance()
         self._connections: dict[str, _Connection] = {}
         self._waits: _Deadlines[_Replies] = _Deadlines(_Replies.expire)
         # Request ids: unique per client (a peer keys them by connection too); a counter
@@ -511,8 +528,8 @@ class PeerClient:
                 self.keyring, Envelope(op, rid, self.clock(), body, term, self.ack_timeout)
             )
             try:
-                connection.pump.send(frames)
-            except zmq.ZMQError as exc:  # the peer's queue is full: it has not been reading
+                connection.dealer.send(frames)
+            except QueueFull as exc:  # the peer has not been reading
                 raise PeerUnavailable(f"peer {address} is not taking requests: {exc}") from None
             try:
                 await replies.wait(self.ack_timeout)
@@ -545,8 +562,9 @@ class PeerClient:
 
     def _settle(self, address: str, connection: _Connection, rid: str, finished: bool) -> None:
         """Forget the request; if it did not finish, tell the peer to stop working for nobody."""
-        connection.pending.pop(rid, None)
-        if not finished and address in self._connections:
-            with contextlib.suppress(zmq.ZMQError):
+        replies = connection.pending.pop(rid, None)
+        broken = replies is not None and replies.broken is not None  # the peer has forgotten it
+        if not finished and not broken and address in self._connections:
+            with contextlib.suppress(QueueFull):
                 cancel = seal(self.keyring, Envelope(Op.CANCEL, rid, self.clock(), None))
-                connection.pump.send(cancel)
+                connection.dealer.send(cancel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -366,3 +367,34 @@ async def test_deadlines_expire_each_key_once_when_due_and_never_a_discarded_one
     after.add("after", 0.05)  # due after "closed" would have been
     await asyncio.wait_for(later.wait(), 5)
     assert sorted(expired) == ["early", "late"]  # a closed set expires nothing
+
+
+async def test_a_request_in_flight_when_the_peer_goes_away_fails_at_once(
+    served: tuple[Handler, PeerServer, PeerClient],
+) -> None:
+    # Its answer could only come back on the connection that broke: no timeout to wait out.
+    _, server, client = served
+    call = asyncio.create_task(client.infer(f"127.0.0.1:{server.port}", req("held"), 30))
+    deadline = time.monotonic() + 5
+    while not server._tasks:  # until the peer holds it
+        assert time.monotonic() < deadline and not call.done()
+        await asyncio.sleep(0.01)
+    began = time.monotonic()
+    await server.stop()
+    with pytest.raises(PeerUnavailable, match="lost"):
+        await asyncio.wait_for(call, 5)
+    assert time.monotonic() - began < 1.0
+
+
+async def test_a_peer_nobody_listens_for_is_unavailable_before_the_ack_timeout() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = PeerClient(KEY, ack_timeout=5.0)
+    try:
+        began = time.monotonic()
+        with pytest.raises(PeerUnavailable, match="cannot connect"):
+            await client.infer(f"127.0.0.1:{port}", req(), timeout=10)
+        assert time.monotonic() - began < 1.0
+    finally:
+        client.close()
