@@ -162,7 +162,9 @@ class GgufModel:
         return int(self._llm.n_ctx())
 
     def close(self) -> None:
-        """Free the model and its context."""
+        """Free the model, its context and its sampler chains."""
+        if self.samplers is not None:
+            self.samplers.close()
         self._llm.close()
 
     def _chat_prompt(self, gen: Generation) -> tuple[list[int], tuple[str, ...]]:

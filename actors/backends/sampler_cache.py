@@ -7,9 +7,18 @@ with the same parameters and seed and then reset (`llama_sampler_reset`: the pen
 cleared, the dist sampler's generator re-seeded) samples exactly as a new one would; tests
 compare the texts with and without this cache.
 
+A chain that leaves the cache is closed at once. llama-cpp-python's `LlamaSampler` is a
+reference cycle (its ExitStack's callback holds the object), so a dropped one frees its native
+chain (10-15 KiB, mostly the dist sampler's state) only when Python's cyclic collector reaches
+it, and the chains that outlive a young collection wait for a full one: on the tiny model about
+once per 100,000 requests. A chain built per request (a cache miss: a new seed or temperature;
+before this cache, every request) so grew the heap by megabytes between full collections, and
+glibc kept the high-water mark: the worker's creep in the soak. Closing empties the ExitStack,
+which breaks the cycle, so reference counting frees the rest too.
+
 The cache stands in for the Llama object's `_init_sampler` (an instance attribute shadows the
 method, which `generate` calls with keywords only). Chains with a grammar or logits processors
-hold per-request state of their own and are always built anew.
+hold per-request state of their own and are always built anew (the backend passes neither).
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ class SamplerCache:
     """The recently used sampler chains of one Llama object, keyed by parameters and seed."""
 
     def __init__(self, llm: Any, size: int = 8) -> None:
+        if size < 1:
+            raise ValueError(f"a sampler cache holds at least one chain, not {size}")
         self._llm = llm
         self._build = llm._init_sampler  # the bound method of the class
         self._size = size
@@ -44,8 +55,19 @@ class SamplerCache:
             self.built += 1
             chain = self._chains[key] = self._build(**params)
             if len(self._chains) > self._size:
-                self._chains.popitem(last=False)  # freed when the Llama object lets go of it
+                # The oldest is not the chain just built; the Llama object may still point at
+                # it (the previous request's), but `generate` replaces it before sampling.
+                self._chains.popitem(last=False)[1].close()
         else:
             chain.reset()
             self._chains.move_to_end(key)
         return chain
+
+    def __len__(self) -> int:
+        return len(self._chains)
+
+    def close(self) -> None:
+        """Free every cached chain now (before the model goes)."""
+        self._llm._sampler = None  # it points at one of them: never sample from a freed chain
+        while self._chains:
+            self._chains.popitem()[1].close()

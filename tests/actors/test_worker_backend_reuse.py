@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,3 +70,37 @@ def test_a_streamed_request_emits_the_same_pieces_with_reuse(
             pieces[reuse].clear()
             model.run(gen, pieces[reuse].append, lambda: False)
     assert pieces[True] == pieces[False] and pieces[True]
+
+
+def test_chains_that_leave_the_cache_are_freed_at_once_not_at_a_full_collection(
+    tiny_gguf: Path,
+) -> None:
+    # Every request a new seed, so every request builds a chain and evicts one. Before, each
+    # evicted chain (a reference cycle, ~10 KiB native) waited for a full collection: a creep.
+    model = load(tiny_gguf, reuse=True)
+    cache = model.samplers
+    assert cache is not None
+    built: list[weakref.ref[Any]] = []
+    build = cache._build
+
+    def recording(**params: Any) -> Any:
+        chain = build(**params)
+        built.append(weakref.ref(chain))
+        return chain
+
+    cache._build = recording
+    collecting = gc.isenabled()
+    gc.disable()  # only reference counting may free them
+    try:
+        for seed in range(40):
+            model.run(
+                Generation(prompt="hello", max_tokens=2, seed=seed), lambda _: None, lambda: False
+            )
+        assert len(built) == 40
+        assert sum(ref() is not None for ref in built) == len(cache) == 8
+        model.close()
+        assert all(ref() is None for ref in built)
+    finally:
+        model.close()
+        if collecting:
+            gc.enable()
