@@ -211,12 +211,16 @@ class DealerSocket:
         self._max_queued = max_queued
         self._max_queued_bytes = max_queued_bytes
         self._link: _Link | None = None
+        """The connection whose handshake is done: messages go straight out on it."""
+        self._handshaking: _Link | None = None
+        """Connected, waiting for the peer's READY: a message sent before it is a protocol error
+        to libzmq, which reads it as a handshake command and drops the connection."""
         self._waiting: list[bytes] = []
         self._connecting: asyncio.Task[None] | None = None
         self._closed = False
 
     def send(self, frames: list[bytes]) -> None:
-        """Send one message now, or once connected; QueueFull when too much already waits."""
+        """Send one message now, or once the handshake is done; QueueFull when too much waits."""
         link = self._link
         if link is not None:
             if link.queued() > self._max_queued_bytes:
@@ -228,7 +232,7 @@ class DealerSocket:
         if len(self._waiting) >= self._max_queued:
             raise QueueFull(f"{len(self._waiting)} messages wait for a connection")
         self._waiting.append(encode_message(frames))
-        if self._connecting is None:
+        if self._connecting is None and self._handshaking is None:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
     def close(self) -> None:
@@ -238,9 +242,10 @@ class DealerSocket:
         if self._connecting is not None:
             self._connecting.cancel()
             self._connecting = None
-        if self._link is not None:
-            self._link.abort()
-            self._link = None
+        for link in (self._link, self._handshaking):
+            if link is not None:
+                link.abort()
+        self._link = self._handshaking = None
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -259,17 +264,19 @@ class DealerSocket:
         if self._closed:
             link.abort()
             return
-        self._link = link
-        for data in self._waiting:  # after the greeting and READY, which connection_made wrote
-            link.write(data)
-        self._waiting.clear()
+        self._handshaking = link  # the waiting messages go once the peer's READY is in
 
     def _broken(self, why: str) -> None:
         if self._on_broken is not None and not self._closed:
             self._on_broken(why)
 
     def _ready(self, link: _Link, peer: Ready) -> None:
-        pass  # messages were allowed from the start: TCP keeps them behind the handshake
+        if link is not self._handshaking:
+            return
+        self._handshaking, self._link = None, link
+        for data in self._waiting:
+            link.write(data)
+        self._waiting.clear()
 
     def _message(self, link: _Link, frames: list[bytes]) -> None:
         self._on_frames(frames)
@@ -278,6 +285,7 @@ class DealerSocket:
         log.debug("peer %s:%d sent what is not ZMTP: %s", self._host, self._port, error)
 
     def _lost(self, link: _Link) -> None:
-        if self._link is link:
-            self._link = None
+        if link is self._link or link is self._handshaking:
+            self._link = self._handshaking = None
+            self._waiting.clear()
             self._broken(f"the connection to {self._host}:{self._port} was lost")
