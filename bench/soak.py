@@ -9,9 +9,11 @@ SIGTERM, no worker process may outlive the node.
 
 Goals: RSS growth <= 5%, no growth in fds or threads, no worker process leaked or restarted.
 
-Prints a table; `--json` adds one JSON object as the last line: requests, errors,
-rss_growth_pct, fd_growth, thread_growth, worker_processes_leaked (and the raw samples).
-Targets 127.0.0.1 only.
+Prints a table and the model worker's own RSS growth in bytes per request (a creep of a few
+bytes per request hides in the percentage); `--json` adds one JSON object as the last line:
+requests, errors, rss_growth_pct, fd_growth, thread_growth, worker_processes_leaked,
+worker_bytes_per_request (and the raw samples). `--seeded` gives every HTTP completion a new
+seed, so each one builds a sampler chain in the worker and evicts one. Targets 127.0.0.1 only.
 
     .venv/bin/python bench/soak.py --quick --json     # ~10,000 requests, under two minutes
     .venv/bin/python bench/soak.py --json             # 200,000 requests
@@ -69,6 +71,7 @@ class Sample:
     fds: int  # the node process's own descriptors
     threads: int
     children: list[int]  # descendant pids (the model workers)
+    workers_rss_kb: int  # the descendants alone, in KiB (a creep of bytes per request shows)
 
 
 def _status_fields(pid: int) -> dict[str, str]:
@@ -124,7 +127,8 @@ def sample(pid: int, label: str, requests_done: int) -> Sample:
     """Measure the node process tree now."""
     children = descendants(pid)
     node_kb = rss_kb(pid)
-    total_kb = node_kb + sum(rss_kb(c) for c in children)
+    workers_kb = sum(rss_kb(c) for c in children)
+    total_kb = node_kb + workers_kb
     return Sample(
         label=label,
         requests_done=requests_done,
@@ -133,6 +137,7 @@ def sample(pid: int, label: str, requests_done: int) -> Sample:
         fds=len(os.listdir(f"/proc/{pid}/fd")),
         threads=int(_status_fields(pid)["Threads"]),
         children=children,
+        workers_rss_kb=workers_kb,
     )
 
 
@@ -146,6 +151,7 @@ def client(
     warmup: int,
     count: int,
     reconnect_every: int,
+    seeded: bool,
     warmed: Any,
     go: Any,
     finished: Any,
@@ -213,7 +219,10 @@ def client(
                 )
             return reply.get("success") is True
         stream = kind == "http:stream"
-        body = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 1, "stream": stream})
+        fields: dict[str, Any] = {"model": MODEL, "prompt": "hello", "max_tokens": 1}
+        if seeded:  # a seed never seen before: the worker builds a sampler chain, evicts one
+            fields["seed"] = seed * 1_000_000_000 + i
+        body = json.dumps({**fields, "stream": stream})
         try:
             conn = http_conn()
             conn.request(
@@ -311,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         default=100,
         help="each client opens new connections every this many requests (0: never)",
     )
+    parser.add_argument(
+        "--seeded",
+        action="store_true",
+        help="each HTTP completion carries a new seed (every one misses the sampler cache)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args(argv)
     total = args.requests or (10_000 if args.quick else 200_000)
@@ -338,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                     warmup // clients,
                     shares[i],
                     args.reconnect_every,
+                    args.seeded,
                     warmed,
                     go,
                     finished,
@@ -392,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = sum(r[1] for r in results)
     requests = ok + errors
     leaked = len(set(end.children) - set(start.children)) + len(survivors)
+    worker_growth_kb = end.workers_rss_kb - start.workers_rss_kb
     figures: dict[str, Any] = {
         "requests": requests,
         "errors": errors,
@@ -402,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
         "workers_restarted": len(set(start.children) - set(end.children)),
         "workers_alive_after_exit": survivors,
         "node_exit_code": exit_code,
+        "worker_rss_growth_kb": worker_growth_kb,
+        "worker_bytes_per_request": round(worker_growth_kb * 1024 / requests, 1)
+        if requests
+        else None,
         "rss_start_mb": round(start.rss_mb, 1),
         "rss_end_mb": round(end.rss_mb, 1),
         "rps": round(requests / elapsed, 1) if elapsed else None,
@@ -415,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         f"soak: {requests} requests ({warmup} warm-up before), {clients} client processes, "
         f"mix {' / '.join(f'{w:.0%} {a}' for a, w in MIX)} (max_tokens=1), "
         f"new connections every {args.reconnect_every or 'never'} requests, "
+        f"{'a new seed per HTTP request, ' if args.seeded else ''}"
         f"{os.cpu_count()} CPUs, {elapsed:.1f} s, {figures['rps']} req/s, {errors} errors"
     )
     print(
@@ -426,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{s.label:<24}{s.requests_done:>9}{s.rss_mb:>9.1f}{s.node_rss_mb:>9.1f}{s.fds:>6}"
             f"{s.threads:>8}{len(s.children):>8}"
         )
+    print(
+        f"worker RSS {start.workers_rss_kb:,} -> {end.workers_rss_kb:,} KiB "
+        f"({worker_growth_kb:+,} KiB, {figures['worker_bytes_per_request']} bytes per request)"
+    )
     verdicts = {
         "rss_growth_pct": figures["rss_growth_pct"] <= GOALS["rss_growth_pct"],
         "fd_growth": figures["fd_growth"] <= GOALS["fd_growth"],
