@@ -26,6 +26,7 @@ from actors.errors import InvalidRequest, MocError, RequestTimeout, WorkerCrashe
 from actors.types import InferRequest, InferResult
 from actors.worker_client import WorkerProcess, infer_message, result_of
 from actors.worker_protocol import (
+    READ_CHUNK,
     Cancel,
     Done,
     Failed,
@@ -35,8 +36,6 @@ from actors.worker_protocol import (
     Token,
     frame_bytes,
 )
-
-_READ_CHUNK = 1 << 18
 
 _Reply = Message | MocError  # an error: the worker died, or the deadline passed
 
@@ -219,7 +218,7 @@ class WorkerChannel:
         if self._fd is None:
             return False
         try:
-            data = self._sock.recv(_READ_CHUNK)
+            data = self._sock.recv(READ_CHUNK)
         except BlockingIOError:
             return False
         except OSError:

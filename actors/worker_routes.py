@@ -22,11 +22,10 @@ import sys
 
 import zmq
 
-from actors.worker_protocol import FrameReader, Message, encode, frame_bytes
+from actors.worker_protocol import READ_CHUNK, FrameReader, Message, encode, frame_bytes
 
 SEND_TIMEOUT_S = 30  # a peer that takes no message for this long has abandoned us
 EXIT_ORPHANED = 4
-_READ_CHUNK = 1 << 18
 
 
 def orphaned() -> SystemExit:
@@ -86,7 +85,7 @@ class StreamRoute:
         messages: list[Message] = []
         while True:
             try:
-                data = self.conn.recv(_READ_CHUNK, socket.MSG_DONTWAIT)
+                data = self.conn.recv(READ_CHUNK, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return messages
             except OSError:

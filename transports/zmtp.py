@@ -119,7 +119,7 @@ class Decoder:
         self._max_frame_bytes = max_frame_bytes
         self._max_frames = max_frames
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | memoryview) -> list[Event]:
         """Take bytes from the peer; return the events they complete (ZmtpError when invalid)."""
         buf = self._buf
         buf += data
