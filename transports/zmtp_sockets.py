@@ -14,7 +14,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from transports.zmtp import Decoder, Ping, Ready, ZmtpError, encode_message, greeting, pong, ready
 
@@ -64,9 +64,9 @@ class _Link(asyncio.BufferedProtocol):
         self._scratch = memoryview(bytearray(READ_BYTES))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(greeting(as_server=self._type == "ROUTER") + ready(self._type))
+        # Not an isinstance check: uvloop's transports, for one, do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(greeting(as_server=self._type == "ROUTER") + ready(self._type))
         loop = asyncio.get_running_loop()
         self._handshake = loop.call_later(
             self._handshake_s, self._refuse, "malformed", "no greeting and READY in time"
