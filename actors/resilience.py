@@ -136,6 +136,19 @@ class Bulkhead:
         self._active_gauge.set(self.active)
         self._queued_gauge.set(self.waiting)
 
+    def unpublish(self) -> None:
+        """Remove this bulkhead's series from the metrics (its name serves no model)."""
+        for metric in _BULKHEAD_METRICS:
+            with contextlib.suppress(KeyError):  # never published, or removed already
+                metric.remove(self._name)
+
+
+_BULKHEAD_METRICS = (
+    metrics.bulkhead_active_requests,
+    metrics.bulkhead_queued_requests,
+    metrics.bulkhead_rejected_total,
+)
+
 
 class BulkheadRegistry:
     """One bulkhead per model name, created on first use; shared by the Node and the manager."""
@@ -151,6 +164,22 @@ class BulkheadRegistry:
             if bulkhead is None:
                 bulkhead = self._bulkheads[model] = Bulkhead(self._config, model)
             return bulkhead
+
+    def __len__(self) -> int:
+        return len(self._bulkheads)
+
+    def forget(self, model: str) -> None:
+        """Drop `model`'s bulkhead and its series if it is idle.
+
+        Bulkheads are made on first use, before the manager says whether the name is a model:
+        without this, every distinct name a client asks for would stay here and on /metrics.
+        """
+        with self._lock:  # held while unpublishing, so a get() cannot pick up removed series
+            bulkhead = self._bulkheads.get(model)
+            if bulkhead is None or bulkhead.in_flight:
+                return
+            del self._bulkheads[model]
+            bulkhead.unpublish()
 
     def in_flight(self, model: str) -> int:
         """Requests admitted or waiting for `model` (0 for a model never asked for)."""

@@ -20,7 +20,14 @@ import pykka
 
 import moc_node
 from actors import metrics
-from actors.errors import Cancelled, FeatureUnavailable, MocError, ModelNotLoaded, ShuttingDown
+from actors.errors import (
+    Cancelled,
+    FeatureUnavailable,
+    MocError,
+    ModelNotFound,
+    ModelNotLoaded,
+    ShuttingDown,
+)
 from actors.estimate import estimate_gguf_memory
 from actors.lane import LaneClosed, ModelLane
 from actors.ledger import Ledger
@@ -43,6 +50,9 @@ if TYPE_CHECKING:
     from moc_node.cluster_link import ClusterLink
 
 log = logging.getLogger(__name__)
+
+# The `model` label of requests for a name that serves no model: one series for all of them.
+UNKNOWN_MODEL = "(unknown)"
 
 StreamItem = TokenChunk | InferResult
 
@@ -438,7 +448,7 @@ class Node:
                 outcome = Cancelled.code
             raise
         finally:
-            metrics.inference_requests_total.labels(req.model, outcome).inc()
+            self._count(req.model, outcome)
 
     async def infer_local(self, req: InferRequest) -> InferResult:
         """Run a whole inference with this node's own models (never forwarded)."""
@@ -461,7 +471,15 @@ class Node:
             outcome = Cancelled.code  # the caller left; the lane cancelled it in the worker
             raise
         finally:
-            metrics.inference_requests_total.labels(req.model, outcome).inc()
+            self._count(req.model, outcome)
+
+    def _count(self, model: str, outcome: str) -> None:
+        """Count one finished request; a name that serves no model leaves nothing behind."""
+        if outcome == ModelNotFound.code:
+            # Any string a client sends would otherwise become a bulkhead and label children.
+            self._bulkheads.forget(model)
+            model = UNKNOWN_MODEL
+        metrics.inference_requests_total.labels(model, outcome).inc()
 
     def _deadline(self, req: InferRequest) -> float:
         return time.monotonic() + (req.timeout_s or self._request_timeout)
