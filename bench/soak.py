@@ -1,18 +1,20 @@
 """Soak a real `moc-node run` process with mixed requests; look for leaks it would show in a week.
 
 One node process serves a generated tiny GGUF on free loopback ports. A few client processes
-send the mix (ZeroMQ health / list_models / infer with max_tokens=1, HTTP /v1/completions with
-max_tokens=1), first a warm-up, then the measured run. The node is sampled from /proc when the
+send the mix (ZeroMQ health / list_models / infer with max_tokens=1, an infer for a model name
+never sent before, HTTP /v1/completions with max_tokens=1), first a warm-up, then the measured run. The node is sampled from /proc when the
 warm-up is done and again when the run is done, both times with every client connected and idle:
 RSS (the node plus its worker processes), open file descriptors, threads, child processes. After
 SIGTERM, no worker process may outlive the node.
 
 Goals: RSS growth <= 5%, no growth in fds or threads, no worker process leaked or restarted.
 
-Prints a table and the model worker's own RSS growth in bytes per request (a creep of a few
-bytes per request hides in the percentage); `--json` adds one JSON object as the last line:
-requests, errors, rss_growth_pct, fd_growth, thread_growth, worker_processes_leaked,
-worker_bytes_per_request (and the raw samples). `--seeded` gives every HTTP completion a new
+Prints a table and the RSS growth of the model worker and of the node process in bytes per
+request (a creep of a few bytes per request hides in the percentage; the node's is also given
+over the second half of the run, where growth that levels off has stopped and a leak has not);
+`--json` adds one JSON object as the last line: requests, errors, rss_growth_pct, fd_growth,
+thread_growth, worker_processes_leaked, worker_bytes_per_request, node_bytes_per_request,
+node_bytes_per_request_second_half (and the raw samples). `--seeded` gives every HTTP completion a new
 seed, so each one builds a sampler chain in the worker and evicts one. Targets 127.0.0.1 only.
 
     .venv/bin/python bench/soak.py --quick --json     # ~10,000 requests, under two minutes
@@ -49,7 +51,8 @@ MIX: tuple[tuple[str, float], ...] = (
     ("zmq:health", 0.25),
     ("zmq:list_models", 0.15),
     ("zmq:infer", 0.25),
-    ("zmq:unknown_model", 0.05),  # a refusal: the error path must not leak either
+    # A refusal, for a name never sent before: neither the error path nor the names may leak.
+    ("zmq:unknown_model", 0.05),
     ("http:completions", 0.20),
     ("http:stream", 0.10),  # server-sent events to [DONE]
 )
@@ -201,7 +204,7 @@ def client(
         kind = rng.choices(names, weights)[0]
         if kind.startswith("zmq:"):
             action = "infer" if kind.endswith(("infer", "unknown_model")) else kind[4:]
-            model = "no-such-model" if kind.endswith("unknown_model") else MODEL
+            model = f"no-such-model-{seed}-{i}" if kind.endswith("unknown_model") else MODEL
             sock = zmq_socket()
             sock.send_json(legacy_request(action, model, f"{seed}-{i}"))
             try:
@@ -213,7 +216,7 @@ def client(
                 return False
             if not isinstance(reply, dict):
                 return False
-            if model != MODEL:
+            if kind.endswith("unknown_model"):
                 return (
                     reply.get("success") is False and reply.get("error_code") == "model_not_found"
                 )
@@ -408,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     requests = ok + errors
     leaked = len(set(end.children) - set(start.children)) + len(survivors)
     worker_growth_kb = end.workers_rss_kb - start.workers_rss_kb
+    node_growth_kb = round((end.node_rss_mb - start.node_rss_mb) * 1024)
+    # From the sample nearest half-way: growth that levels off (allocator, bounded caches) is
+    # mostly in the first half; a leak grows as much in the second.
+    during = samples[1:-1]
+    mid = min(during, key=lambda s: abs(s.requests_done - end.requests_done / 2), default=end)
+    half_requests = end.requests_done - mid.requests_done  # 0 when no sample was taken during
     figures: dict[str, Any] = {
         "requests": requests,
         "errors": errors,
@@ -421,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         "worker_rss_growth_kb": worker_growth_kb,
         "worker_bytes_per_request": round(worker_growth_kb * 1024 / requests, 1)
         if requests
+        else None,
+        "node_rss_growth_kb": node_growth_kb,
+        "node_bytes_per_request": round(node_growth_kb * 1024 / requests, 1) if requests else None,
+        "node_bytes_per_request_second_half": round(
+            (end.node_rss_mb - mid.node_rss_mb) * 1024 * 1024 / half_requests, 1
+        )
+        if half_requests > 0
         else None,
         "rss_start_mb": round(start.rss_mb, 1),
         "rss_end_mb": round(end.rss_mb, 1),
@@ -450,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"worker RSS {start.workers_rss_kb:,} -> {end.workers_rss_kb:,} KiB "
         f"({worker_growth_kb:+,} KiB, {figures['worker_bytes_per_request']} bytes per request)"
+    )
+    print(
+        f"node RSS {start.node_rss_mb * 1024:,.0f} -> {end.node_rss_mb * 1024:,.0f} KiB "
+        f"({node_growth_kb:+,} KiB, {figures['node_bytes_per_request']} bytes per request; "
+        f"second half {figures['node_bytes_per_request_second_half']} bytes per request)"
     )
     verdicts = {
         "rss_growth_pct": figures["rss_growth_pct"] <= GOALS["rss_growth_pct"],
