@@ -108,6 +108,28 @@ def plan_restore(
     return RestorePlan(tuple(restore), skip)
 
 
+def placement_failure(model: str, need_mb: float, failures: Mapping[str, Exception]) -> MocError:
+    """Return the error for a placement that ran out of nodes to try, from why each one failed.
+
+    Nodes that lack the model's file answer "not found", so only when every node tried said
+    that is the model unknown (404); a node that could not be reached might have had it (503,
+    retry); otherwise the model exists but fits nowhere (507).
+    """
+    asked = ", ".join(sorted(failures)) or "none"
+    if failures and all(isinstance(e, ModelNotFound) for e in failures.values()):
+        return ModelNotFound(f"model {model!r} is not known to any node (asked: {asked})")
+    if not any(isinstance(e, InsufficientMemory) for e in failures.values()):
+        unreachable = sorted(n for n, e in failures.items() if isinstance(e, PeerUnavailable))
+        if unreachable:
+            return PeerUnavailable(
+                f"model {model!r} could not be placed: {', '.join(unreachable)} did not answer"
+            )
+    return InsufficientMemory(
+        f"model {model!r} needs about {need_mb:.0f} MiB and no node has a device "
+        f"with that much free (tried: {asked})"
+    )
+
+
 class ClusterLink:
     """The node's membership in the cluster and its peer RPC, client and server."""
 
@@ -486,16 +508,12 @@ class ClusterLink:
         # Reading the model file's header: off the loop, which keeps answering peers meanwhile.
         loop = asyncio.get_running_loop()
         need = await loop.run_in_executor(None, self.node.estimate_mb, model) or 0.0
-        tried: set[str] = set()
+        failures: dict[str, Exception] = {}
         while True:
             members = [m for m in self.members() if takes_work(m)]
-            target = choose_load_target(int(need), members, exclude=tried)
+            target = choose_load_target(int(need), members, exclude=set(failures))
             if target is None:
-                raise InsufficientMemory(
-                    f"model {model!r} needs about {need:.0f} MiB and no node has a device "
-                    f"with that much free (tried: {', '.join(sorted(tried)) or 'none'})"
-                )
-            tried.add(target.node)
+                raise placement_failure(model, need, failures)
             log.info("placing %s on %s/%s (term %d)", model, target.node, target.device, term)
             try:
                 if target.node == self.name:
@@ -505,6 +523,7 @@ class ClusterLink:
                     await self.client.load(address, LoadRequest(name=model), term, self._timeout)
                 return target.node
             except (ModelNotFound, PeerUnavailable, InsufficientMemory) as exc:
+                failures[target.node] = exc
                 log.info(
                     "placing %s on %s failed (%s); trying another node", model, target.node, exc
                 )

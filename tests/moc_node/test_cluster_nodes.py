@@ -60,6 +60,20 @@ def test_three_nodes_elect_one_primary_and_place_a_model_once(cluster: dict[str,
     )
 
 
+def test_a_model_no_node_knows_is_not_found_wherever_it_is_asked(
+    cluster: dict[str, NodeProc],
+) -> None:
+    # The primary asks every node to load it; each says "not found", and so does the client's
+    # answer (not "insufficient memory", as when the nodes ran out without saying why).
+    wait_until(lambda: all(n.get("/cluster")["primary"] for n in cluster.values()), 30, "primary")
+    for node in cluster.values():
+        status, body = complete(node, "no-such-model")
+        assert status == 404, body
+        assert body["error"]["code"] == "model_not_found"
+        assert "not known to any node" in body["error"]["message"]
+    assert not holders(cluster, "no-such-model")
+
+
 def test_when_the_holder_dies_the_model_is_placed_again_elsewhere(
     cluster: dict[str, NodeProc],
 ) -> None:
