@@ -162,9 +162,16 @@ MAX_ZMTP_FRAME_BYTES = 16 * 1024 * 1024
 
 
 def _split_address(address: str) -> tuple[str, int]:
-    """Return (host, port) of "host:port" or "[v6 host]:port"."""
+    """Return (host, port) of "host:port" or "[v6 host]:port"; PeerUnavailable if it is not.
+
+    Addresses come from peers' gossiped metadata: a bad one makes that peer unreachable, and
+    the caller moves on to the next holder.
+    """
     host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PeerUnavailable(f"peer address {address!r} is not host:port")
+    return host, int(port)
 
 
 class PeerServer:

@@ -398,3 +398,16 @@ async def test_a_peer_nobody_listens_for_is_unavailable_before_the_ack_timeout()
         assert time.monotonic() - began < 1.0
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("address", ["no-port", "host:", ":7213", "host:http", "host:70000"])
+async def test_a_peer_address_that_is_not_host_port_is_unavailable_not_a_crash(
+    address: str,
+) -> None:
+    # Addresses come from gossip; the forwarder moves on to the next holder on PeerUnavailable.
+    client = PeerClient(KEY, ack_timeout=1.0)
+    try:
+        with pytest.raises(PeerUnavailable, match="is not host:port"):
+            await client.infer(address, req(), timeout=5)
+    finally:
+        client.close()
