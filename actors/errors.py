@@ -103,3 +103,21 @@ class FeatureUnavailable(MocError):
     """The feature is not enabled on this node (e.g. learning without torch installed)."""
 
     code = "not_available"
+
+
+class ModelFileInvalid(MocError):
+    """The model file is not one this node can read: not a GGUF, truncated, or implausible."""
+
+    code = "model_file_invalid"
+
+
+class NameTaken(InvalidRequest):
+    """A name a client chose for something new already names a model (or a pending output)."""
+
+    code = "name_taken"
+
+
+class StateNotWritable(MocError):
+    """The state store could not record this request's outcome; the request is undone."""
+
+    code = "state_not_writable"

@@ -29,10 +29,14 @@ The test `tests/actors/test_estimate.py` loads three sizes through the worker an
 
 from __future__ import annotations
 
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from actors.errors import ModelFileInvalid
 
 MIB = 1024.0 * 1024.0
 
@@ -64,10 +68,14 @@ _SCALAR = {
     12: "d",
 }
 _STRING, _ARRAY = 8, 9
+# ggml tensors have at most 4 dimensions (GGML_MAX_DIMS); real metadata nests arrays at most
+# once or twice. Bounds on what a crafted header may claim, so it fails fast and cleanly.
+_MAX_DIMS = 4
+_MAX_ARRAY_DEPTH = 8
 
 
-class GgufFormatError(ValueError):
-    """The file is not a GGUF model this estimator understands."""
+class GgufFormatError(ModelFileInvalid, ValueError):
+    """The file is not a GGUF model this estimator understands (a client error: 400)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +103,20 @@ class MemoryEstimate:
 
 
 class _Reader:
+    """Read a header, refusing any count or length that the file's size cannot hold."""
+
     def __init__(self, fh: BinaryIO) -> None:
         self.fh = fh
+        self.size = os.fstat(fh.fileno()).st_size
+
+    def remaining(self) -> int:
+        return self.size - self.fh.tell()
+
+    def count(self, n: int, item_bytes: int, what: str) -> int:
+        """Return `n` if `n` items of at least `item_bytes` each fit in the rest of the file."""
+        if n * item_bytes > self.remaining():
+            raise GgufFormatError(f"implausible {what} ({n}) in GGUF header: the file is too short")
+        return n
 
     def take(self, fmt: str) -> tuple[Any, ...]:
         size = struct.calcsize("<" + fmt)
@@ -113,7 +133,7 @@ class _Reader:
 
     def string(self) -> str:
         n = self.u64()
-        if n > 1 << 30:
+        if n > 1 << 30 or n > self.remaining():
             raise GgufFormatError("implausible string length in GGUF header")
         raw = self.fh.read(n)
         if len(raw) != n:
@@ -121,6 +141,8 @@ class _Reader:
         return raw.decode("utf-8", errors="replace")
 
     def skip(self, n: int) -> None:
+        if n > self.remaining():
+            raise GgufFormatError("truncated GGUF header")
         self.fh.seek(n, 1)
 
     def value(self, vtype: int) -> object:
@@ -130,16 +152,19 @@ class _Reader:
             return self.string()
         raise GgufFormatError(f"unknown GGUF value type {vtype}")
 
-    def skip_array(self, itype: int, count: int) -> None:
+    def skip_array(self, itype: int, count: int, depth: int = 0) -> None:
+        if depth >= _MAX_ARRAY_DEPTH:
+            raise GgufFormatError(f"GGUF arrays nested deeper than {_MAX_ARRAY_DEPTH}")
         if itype in _SCALAR:
-            self.skip(struct.calcsize("<" + _SCALAR[itype]) * count)
+            size = struct.calcsize("<" + _SCALAR[itype])
+            self.skip(size * self.count(count, size, "array length"))
         elif itype == _STRING:
-            for _ in range(count):
+            for _ in range(self.count(count, 8, "array length")):
                 self.skip(self.u64())
         elif itype == _ARRAY:
-            for _ in range(count):
+            for _ in range(self.count(count, 12, "array length")):
                 inner, n = self.u32(), self.u64()
-                self.skip_array(inner, n)
+                self.skip_array(inner, n, depth + 1)
         else:
             raise GgufFormatError(f"unknown GGUF array item type {itype}")
 
@@ -158,39 +183,55 @@ def _tensor_bytes(ggml_type: int, dims: list[int]) -> int:
 
 
 def read_gguf_header(path: str | Path) -> GgufHeader:
-    """Read a GGUF file's metadata and tensor sizes without reading its tensor data."""
-    with open(path, "rb") as fh:
-        r = _Reader(fh)
-        if fh.read(4) != _GGUF_MAGIC:
-            raise GgufFormatError(f"{path} is not a GGUF file")
-        version = r.u32()
-        if version < 2:
-            raise GgufFormatError(f"GGUF version {version} is too old")
-        n_tensors, n_kv = r.u64(), r.u64()
-        metadata: dict[str, object] = {}
-        arrays: dict[str, int] = {}
-        for _ in range(n_kv):
-            key, vtype = r.string(), r.u32()
-            if vtype == _ARRAY:
-                itype, count = r.u32(), r.u64()
-                arrays[key] = count
-                r.skip_array(itype, count)
-            else:
-                metadata[key] = r.value(vtype)
-        tensors: dict[str, int] = {}
-        for _ in range(n_tensors):
-            name = r.string()
-            dims = [r.u64() for _ in range(r.u32())]
-            ggml_type = r.u32()
-            r.u64()  # offset
-            tensors[name] = _tensor_bytes(ggml_type, dims)
+    """Read a GGUF file's metadata and tensor sizes without reading its tensor data.
+
+    Raise GgufFormatError for anything that is not a well-formed GGUF header, whatever its bytes.
+    """
+    try:
+        with open(path, "rb") as fh:
+            return _read_header(_Reader(fh), path)
+    except OSError as exc:
+        raise GgufFormatError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _read_header(r: _Reader, path: str | Path) -> GgufHeader:
+    if r.fh.read(4) != _GGUF_MAGIC:
+        raise GgufFormatError(f"{path} is not a GGUF file")
+    version = r.u32()
+    if version < 2:
+        raise GgufFormatError(f"GGUF version {version} is too old")
+    n_tensors = r.count(r.u64(), 24, "tensor count")  # name length, dims, type, offset
+    n_kv = r.count(r.u64(), 12, "metadata count")  # key length and value type
+    metadata: dict[str, object] = {}
+    arrays: dict[str, int] = {}
+    for _ in range(n_kv):
+        key, vtype = r.string(), r.u32()
+        if vtype == _ARRAY:
+            itype, count = r.u32(), r.u64()
+            arrays[key] = count
+            r.skip_array(itype, count)
+        else:
+            metadata[key] = r.value(vtype)
+    tensors: dict[str, int] = {}
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = r.u32()
+        if n_dims > _MAX_DIMS:
+            raise GgufFormatError(f"tensor {name!r} has {n_dims} dimensions; ggml has 4")
+        dims = [r.u64() for _ in range(n_dims)]
+        ggml_type = r.u32()
+        r.u64()  # offset
+        tensors[name] = _tensor_bytes(ggml_type, dims)
     return GgufHeader(metadata, arrays, tensors)
 
 
 def _int(meta: dict[str, object], key: str, default: int | None = None) -> int:
+    """Read a size from the metadata: a whole number of at least 1 (a 0 would divide by zero)."""
     value = meta.get(key, default)
-    if not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise GgufFormatError(f"GGUF metadata lacks a number for {key}")
+    if value < 1:
+        raise GgufFormatError(f"GGUF metadata {key} is {value}; it must be at least 1")
     return int(value)
 
 
@@ -233,7 +274,7 @@ def split_weights(header: GgufHeader, n_layer: int, gpu_layers: int) -> tuple[in
     device = host = 0
     for name, nbytes in header.tensors.items():
         if name.startswith("blk."):
-            on_device = int(name.split(".")[1]) >= first_offloaded and n_off > 0
+            on_device = _layer_of(name) >= first_offloaded and n_off > 0
         elif name.startswith("token_embd"):
             on_device = False
         else:  # output head and final norm
@@ -243,6 +284,14 @@ def split_weights(header: GgufHeader, n_layer: int, gpu_layers: int) -> tuple[in
         else:
             host += nbytes
     return device, host
+
+
+def _layer_of(tensor: str) -> int:
+    """Return N of a tensor named `blk.N.*`."""
+    layer = tensor.split(".")[1]
+    if not layer.isdigit():
+        raise GgufFormatError(f"tensor {tensor!r} does not name its layer")
+    return int(layer)
 
 
 def estimate_gguf_memory(

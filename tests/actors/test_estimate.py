@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from actors.errors import ModelFileInvalid
 from actors.estimate import (
     CUDA_CONTEXT_MB,
     GgufFormatError,
@@ -18,6 +20,7 @@ from actors.estimate import (
 from actors.gguf_synth import N_VOCAB, SIZES, write_preset
 from actors.types import GenerationParams, InferRequest
 from actors.worker_client import WorkerProcess, WorkerSpec
+from transports.dispatch import classify
 
 MIB = 1024 * 1024
 
@@ -148,3 +151,108 @@ def test_the_estimate_is_within_ten_percent_of_the_measured_working_size(
     assert error <= 0.10, (
         f"{size}: estimate {estimate} vs measured {measured:.2f} MiB ({error:.1%})"
     )
+
+
+# ---- headers a client may craft: each fails as a GgufFormatError (a 400), never another error --
+
+
+def _gguf_bytes(n_tensors: int, kvs: list[bytes], tail: bytes = b"") -> bytes:
+    """Raw GGUF v3 bytes: magic, version, counts, the given key/value records, then `tail`."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kvs))
+    return head + b"".join(kvs) + tail
+
+
+def _key(name: str) -> bytes:
+    raw = name.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _nested_arrays(depth: int) -> bytes:
+    """A value of `depth` arrays each holding one array, the innermost holding nothing."""
+    return struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * depth + struct.pack("<IQ", 4, 0)
+
+
+def _llama_header(path: Path, **overrides: int) -> Path:
+    """A header-only llama GGUF (no tensors) with the given sizes overriding small defaults."""
+    import gguf
+
+    sizes = {
+        "block_count": 1,
+        "embedding_length": 64,
+        "attention.head_count": 4,
+        "feed_forward_length": 128,
+    }
+    sizes.update(overrides)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in sizes.items():
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_uint32("llama.vocab_size", 256)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path
+
+
+CRAFTED: list[tuple[str, bytes, str]] = [
+    ("empty file", b"", "not a GGUF file"),
+    ("three bytes", b"GGU", "not a GGUF file"),
+    ("a text file", b"hello, I am not a model\n", "not a GGUF file"),
+    (
+        "an array claiming 2^63 items",
+        _gguf_bytes(0, [_key("x") + struct.pack("<IIQ", 9, 4, 1 << 63)]),
+        "implausible array length",
+    ),
+    (
+        "an array of strings claiming 2^63 items",
+        _gguf_bytes(0, [_key("x") + struct.pack("<IIQ", 9, 8, 1 << 63)]),
+        "implausible array length",
+    ),
+    ("2^63 metadata records", b"GGUF" + struct.pack("<IQQ", 3, 0, 1 << 63), "implausible"),
+    ("2^63 tensors", b"GGUF" + struct.pack("<IQQ", 3, 1 << 63, 0), "implausible"),
+    (
+        "arrays nested 5,000 deep",
+        _gguf_bytes(0, [_key("x") + _nested_arrays(5000)]),
+        "nested deeper",
+    ),
+    (
+        "a tensor with 2^32-1 dimensions",
+        _gguf_bytes(1, [], _key("t") + struct.pack("<I", 2**32 - 1) + b"\x00" * 64),
+        "dimensions",
+    ),
+    (
+        "a string longer than the file",
+        _gguf_bytes(0, [struct.pack("<Q", 1 << 40) + b"\x00" * 8]),
+        "implausible string length",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"), [c[1:] for c in CRAFTED], ids=[c[0] for c in CRAFTED]
+)
+def test_a_crafted_header_fails_as_a_format_error_and_nothing_else(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(content)
+    with pytest.raises(GgufFormatError, match=reason):
+        estimate_gguf_memory(path, n_ctx=512)
+
+
+@pytest.mark.parametrize("key", ["attention.head_count", "embedding_length", "block_count"])
+def test_a_zero_size_in_the_metadata_is_a_format_error_not_a_division_by_zero(
+    tmp_path: Path, key: str
+) -> None:
+    path = _llama_header(tmp_path / "zero.gguf", **{key: 0})
+    with pytest.raises(GgufFormatError, match=f"llama.{key} is 0"):
+        estimate_gguf_memory(path, n_ctx=512)
+
+
+def test_a_missing_file_is_a_format_error(tmp_path: Path) -> None:
+    with pytest.raises(GgufFormatError, match="cannot read"):
+        read_gguf_header(tmp_path / "nowhere.gguf")
+
+
+def test_a_format_error_is_a_client_error_that_the_fronts_answer_with_400() -> None:
+    assert issubclass(GgufFormatError, ModelFileInvalid)
+    assert classify(GgufFormatError("x.gguf is not a GGUF file")).status == 400
