@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from actors import names
 from actors.errors import (
     Cancelled,
     FeatureUnavailable,
@@ -23,6 +24,7 @@ from actors.errors import (
     InvalidRequest,
     MocError,
     ModelAlreadyLoaded,
+    ModelFileInvalid,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotLoaded,
@@ -93,6 +95,7 @@ class ClientTimeout(TransportError):
 # The status of each error class; subclasses inherit through the MRO walk in `classify`.
 STATUS: dict[type[BaseException], int] = {
     InvalidRequest: 400,
+    ModelFileInvalid: 400,  # the file the client (or the catalog) named is not a model
     BadFrame: 400,
     UnknownAction: 400,
     Unauthorized: 401,
@@ -121,6 +124,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "insufficient_memory": 507,
     "torch_missing": 501,
     "unsupported_model": 400,
+    "name_taken": 409,  # a job output that would shadow a model; "replace": true allows it
     # The cluster: a peer that did not answer, no primary yet, a deposed primary's command.
     "peer_unavailable": 503,
     "no_primary": 503,
@@ -159,7 +163,12 @@ def classify(exc: BaseException) -> ErrorReply:
     if status == 503 and retry_after is None:
         retry_after = 1.0  # worth a retry soon: another holder, or a primary, will be there
     field = exc.field if isinstance(exc, InvalidRequest) else None
-    return ErrorReply(status, exc.code, str(exc) or exc.code, field, retry_after)
+    message = str(exc) or exc.code
+    if 400 <= status < 500 and status != 499:
+        # The client's mistake: one line, no traceback (a 5xx that is a MocError is logged where
+        # it happened; a bug is logged above).
+        log.info("refused a request: %d %s: %s", status, exc.code, message)
+    return ErrorReply(status, exc.code, message, field, retry_after)
 
 
 Handler = Callable[["Dispatcher", Mapping[str, Any]], Awaitable[Any]]
@@ -286,8 +295,19 @@ def health_view(report: HealthReport, now: float | None = None) -> dict[str, Any
 # ---- the table ----
 
 
+# The request fields as the legacy infer payload names them (the node names them as
+# InferRequest and the OpenAI surface do: prompt, messages, stop, tensors).
+LEGACY_FIELDS = {"prompt": "input_text", "stop": "stop_sequences", "tensors": "input_tensors"}
+
+
 async def _infer(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
-    return infer_result_view(await d.infer(schema.parse_infer(payload)))
+    try:
+        return infer_result_view(await d.infer(schema.parse_infer(payload)))
+    except InvalidRequest as exc:
+        legacy = LEGACY_FIELDS.get(exc.field)
+        if legacy is None:
+            raise
+        raise InvalidRequest(legacy, str(exc).removeprefix(f"{exc.field}: ")) from None
 
 
 async def _load(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
@@ -328,7 +348,8 @@ def _id(payload: Mapping[str, Any], field: str) -> str:
     value = payload.get(field)
     if not isinstance(value, str) or not value:
         raise InvalidRequest(field, "is required and must be a non-empty string")
-    return value
+    # Ids are names too: one with a lone surrogate could not even be looked up in SQLite.
+    return names.check_name(value, field)
 
 
 async def _list_jobs(d: Dispatcher, payload: Mapping[str, Any]) -> Any:

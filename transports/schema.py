@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from actors import names
 from actors.errors import InvalidRequest
 from actors.types import Backend, ChatMessage, GenerationParams, InferRequest, LoadRequest
 from transports.tensors import parse_tensors
@@ -19,7 +20,7 @@ MAX_TOKENS_RANGE = (1, 2048)
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
 MAX_STOP_SEQUENCES = 10
-MAX_NAME_CHARS = 256
+MAX_NAME_CHARS = names.MODEL_NAME_MAX_BYTES  # bytes of UTF-8; ASCII names: characters
 DEFAULTS = GenerationParams()
 BACKENDS: tuple[Backend, ...] = ("gguf", "torch")
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
@@ -47,7 +48,7 @@ def parse_infer(payload: Mapping[str, Any]) -> InferRequest:
         return InferRequest(
             model=model, tensors=parse_tensors(payload["input_tensors"], "input_tensors")
         )
-    text = _required_str(payload, "input_text")
+    text = _required_text(payload, "input_text")
     if len(text) > MAX_INPUT_CHARS:
         raise InvalidRequest(
             "input_text", f"is {len(text)} characters; the limit is {MAX_INPUT_CHARS}"
@@ -65,6 +66,8 @@ def parse_load(payload: Mapping[str, Any]) -> LoadRequest:
     payload = require_object(payload, "payload")
     name = _model_name(payload, "model_name")
     path = _optional_str(payload, "model_path")
+    if path is not None:
+        names.check_path(path, "model_path")
     backend = _optional_str(payload, "model_type")
     if backend is not None and backend not in BACKENDS:
         raise InvalidRequest("model_type", f"must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -80,7 +83,7 @@ def parse_load(payload: Mapping[str, Any]) -> LoadRequest:
         n_ctx=n_ctx,
         gpu_layers=gpu_layers,
         pin=pin,
-        quantization=_optional_str(payload, "quantization"),
+        quantization=_optional_text(payload, "quantization"),
     )
 
 
@@ -101,6 +104,7 @@ def parse_completion(body: Mapping[str, Any]) -> tuple[InferRequest, bool]:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise InvalidRequest("prompt", f"expected a string, got {_kind(prompt)}")
+    names.check_text(prompt, "prompt")
     _single_choice(body)
     params = _params(body, max_tokens_key="max_tokens", stop=_openai_stop(body))
     return InferRequest(model=model, prompt=prompt, params=params), _stream_flag(body)
@@ -136,10 +140,12 @@ def _chat_message(value: Any, field: str) -> ChatMessage:
             part_obj = require_object(part, f"{field}.content[{j}]")
             if part_obj.get("type") != "text" or not isinstance(part_obj.get("text"), str):
                 raise InvalidRequest(f"{field}.content[{j}]", "only text parts are supported")
-            texts.append(part_obj["text"])
+            texts.append(names.check_text(part_obj["text"], f"{field}.content[{j}].text"))
         content = "".join(texts)
     elif not isinstance(content, str):
         raise InvalidRequest(f"{field}.content", f"expected a string, got {_kind(content)}")
+    else:
+        names.check_text(content, f"{field}.content")
     return ChatMessage(role=role, content=content)
 
 
@@ -178,6 +184,7 @@ def _stop_list(value: Any, field: str) -> tuple[str, ...]:
     for i, item in enumerate(value):
         if not isinstance(item, str) or not item:
             raise InvalidRequest(f"{field}[{i}]", "expected a non-empty string")
+        names.check_text(item, f"{field}[{i}]")
         if len(item) > MAX_INPUT_CHARS:
             raise InvalidRequest(f"{field}[{i}]", "is too long")
     return tuple(value)
@@ -199,12 +206,11 @@ def _stream_flag(body: Mapping[str, Any]) -> bool:
 
 
 def _model_name(body: Mapping[str, Any], field: str) -> str:
-    name = _required_str(body, field)
-    if not name.strip():
-        raise InvalidRequest(field, "must not be empty")
-    if len(name) > MAX_NAME_CHARS:
-        raise InvalidRequest(field, f"is longer than {MAX_NAME_CHARS} characters")
-    return name
+    return names.check_name(_required_str(body, field), field)
+
+
+def _required_text(body: Mapping[str, Any], field: str) -> str:
+    return names.check_text(_required_str(body, field), field)
 
 
 def _required_str(body: Mapping[str, Any], field: str) -> str:
@@ -223,6 +229,11 @@ def _optional_str(body: Mapping[str, Any], field: str) -> str | None:
     if not isinstance(value, str):
         raise InvalidRequest(field, f"expected a string, got {_kind(value)}")
     return value
+
+
+def _optional_text(body: Mapping[str, Any], field: str) -> str | None:
+    value = _optional_str(body, field)
+    return None if value is None else names.check_text(value, field)
 
 
 def _optional_int(body: Mapping[str, Any], field: str, *, low: int, high: int) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -14,13 +15,16 @@ from actors.errors import (
     InvalidRequest,
     MocError,
     ModelAlreadyLoaded,
+    ModelFileInvalid,
     ModelLoadFailed,
     ModelNotFound,
     ModelNotLoaded,
+    NameTaken,
     Overloaded,
     PathNotAllowed,
     RequestTimeout,
     ShuttingDown,
+    StateNotWritable,
     WorkerCrashed,
 )
 from transports.dispatch import (
@@ -45,6 +49,9 @@ STATUS_TABLE = [
     ("unknown model", ModelNotFound("x"), 404, "model_not_found"),
     ("not loaded", ModelNotLoaded("x"), 404, "model_not_loaded"),
     ("already loaded", ModelAlreadyLoaded("x"), 409, "model_already_loaded"),
+    ("output name taken", NameTaken("output_name", "model 'a' exists"), 409, "name_taken"),
+    ("not a model file", ModelFileInvalid("x.gguf is not a GGUF file"), 400, "model_file_invalid"),
+    ("state not written", StateNotWritable("disk full"), 500, "state_not_writable"),
     ("too large", PayloadTooLarge("big"), 413, "too_large"),
     ("cancelled", Cancelled("gone"), 499, "cancelled"),
     ("worker crash", WorkerCrashed("boom"), 500, "worker_crashed"),
@@ -139,3 +146,33 @@ async def test_devices_say_when_they_are_simulated(node: FakeNode) -> None:
         ("cpu", False),
         ("sim0 (simulated)", True),
     ]
+
+
+def test_a_refusal_is_logged_once_at_info_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="transports.dispatch"):
+        classify(ModelFileInvalid("x.gguf is not a GGUF file"))
+        classify(InvalidRequest("input_text", "contains a lone surrogate"))
+    assert [(r.levelno, r.exc_info) for r in caplog.records] == [(logging.INFO, None)] * 2
+    assert "input_text: contains a lone surrogate" in caplog.records[1].getMessage()
+
+
+async def test_the_legacy_infer_action_names_the_legacy_field_of_an_error(node: FakeNode) -> None:
+    # The node names request fields as InferRequest does; the legacy payload has its own names.
+    d = Dispatcher(node, test_config())
+    node.fail = InvalidRequest("prompt", "prompt is 3000 tokens; the context holds 2048")
+    with pytest.raises(InvalidRequest) as refused:
+        await d.call("infer", {"model_name": "tiny", "input_text": "hi"})
+    assert refused.value.field == "input_text"
+    assert str(refused.value) == "input_text: prompt is 3000 tokens; the context holds 2048"
+
+
+@pytest.mark.parametrize("action", ["get_job", "cancel_job", "get_goal", "cancel_goal"])
+async def test_an_id_with_a_lone_surrogate_is_refused_before_the_node_is_asked(
+    node: FakeNode, action: str
+) -> None:
+    field = "job_id" if "job" in action else "goal_id"
+    with pytest.raises(InvalidRequest) as refused:
+        await Dispatcher(node, test_config()).call(action, {field: "ab\ud800"})
+    assert refused.value.field == field

@@ -11,6 +11,7 @@ from actors.types import ChatMessage, GenerationParams
 from transports import schema
 
 GOOD = {"model_name": "tiny", "input_text": "hello"}
+LONE = "\ud800"  # a lone surrogate, as json.loads makes of the escape \ud800
 
 
 def test_an_infer_payload_with_only_required_fields_gets_the_legacy_defaults() -> None:
@@ -51,6 +52,12 @@ BAD_INFER: list[tuple[str, dict[str, Any], str]] = [
     ("eleven stops", {**GOOD, "stop_sequences": [str(i) for i in range(11)]}, "stop_sequences"),
     ("stop not a string", {**GOOD, "stop_sequences": ["a", 3]}, "stop_sequences[1]"),
     ("empty stop", {**GOOD, "stop_sequences": [""]}, "stop_sequences[0]"),
+    # Lone surrogates (JSON's "\ud800") cannot be encoded for llama.cpp, SQLite or a reply.
+    ("model with a lone surrogate", {**GOOD, "model_name": f"sur{LONE}x"}, "model_name"),
+    ("model with a NUL byte", {**GOOD, "model_name": "a\x00"}, "model_name"),
+    ("model of 129 bytes", {**GOOD, "model_name": "m" * 129}, "model_name"),
+    ("text with a lone surrogate", {**GOOD, "input_text": f"hi {LONE}"}, "input_text"),
+    ("stop with a lone surrogate", {**GOOD, "stop_sequences": ["a", LONE]}, "stop_sequences[1]"),
 ]
 
 
@@ -98,6 +105,12 @@ BAD_LOAD: list[tuple[str, dict[str, Any], str]] = [
     ("layers below -1", {"model_name": "m", "gpu_layers": -2}, "gpu_layers"),
     ("layers a string", {"model_name": "m", "gpu_layers": "all"}, "gpu_layers"),
     ("pin not a bool", {"model_name": "m", "pin": "yes"}, "pin"),
+    ("name with a lone surrogate", {"model_name": f"sur{LONE}x", "model_path": "t.gguf"}, "model_name"),
+    ("name with a slash", {"model_name": "a/b", "model_path": "t.gguf"}, "model_name"),
+    ("name with a space", {"model_name": "a b"}, "model_name"),
+    ("path of 5,000 characters", {"model_name": "m", "model_path": "a/" * 2500}, "model_path"),
+    ("path with a lone surrogate", {"model_name": "m", "model_path": f"{LONE}.gguf"}, "model_path"),
+    ("quantization with a lone surrogate", {"model_name": "m", "quantization": LONE}, "quantization"),
 ]
 
 
@@ -138,6 +151,10 @@ BAD_OPENAI: list[tuple[str, dict[str, Any], str]] = [
     ("n of 2", {"model": "tiny", "prompt": "a", "n": 2}, "n"),
     ("stream not a bool", {"model": "tiny", "prompt": "a", "stream": "yes"}, "stream"),
     ("no model", {"prompt": "a"}, "model"),
+    ("prompt with a lone surrogate", {"model": "tiny", "prompt": f"a{LONE}"}, "prompt"),
+    ("listed prompt with a lone surrogate", {"model": "tiny", "prompt": [LONE]}, "prompt"),
+    ("stop with a lone surrogate", {"model": "tiny", "prompt": "a", "stop": LONE}, "stop[0]"),
+    ("model with a lone surrogate", {"model": LONE, "prompt": "a"}, "model"),
 ]
 
 
@@ -189,6 +206,16 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str]] = [
         "image part",
         {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         "messages[0].content[0]",
+    ),
+    (
+        "content with a lone surrogate",
+        {"model": "tiny", "messages": [{"role": "user", "content": f"hi {LONE}"}]},
+        "messages[0].content",
+    ),
+    (
+        "text part with a lone surrogate",
+        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+        "messages[0].content[0].text",
     ),
 ]
 
