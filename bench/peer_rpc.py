@@ -69,7 +69,13 @@ async def serve(kind: str, port: Any) -> None:
     else:
         from transports.peer import PeerServer
 
-        peer = PeerServer(Answer(), KEY, host="127.0.0.1", port=0)  # type: ignore[arg-type]
+        peer = PeerServer(
+            Answer(),  # type: ignore[arg-type]
+            KEY,
+            name="server",
+            host="127.0.0.1",
+            port=0,
+        )
         await peer.start()
         port.put(peer.port)
     await asyncio.Event().wait()
@@ -106,12 +112,12 @@ async def client(kind: str, port: int, n: int) -> list[float]:
             await waiting[0]
 
     else:
-        from transports.peer import PeerClient
+        from transports.peer import PeerAddress, PeerClient
 
-        peer = PeerClient(KEY)
+        peer = PeerClient(KEY, name="client")
 
         async def call() -> None:
-            await peer.infer(f"127.0.0.1:{port}", REQUEST, timeout=10)
+            await peer.infer(PeerAddress("server", f"127.0.0.1:{port}"), REQUEST, timeout=10)
 
     return await timed(call, n)
 
@@ -128,13 +134,20 @@ async def timed(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
 
 
 async def in_one_process(n: int) -> list[float]:
-    from transports.peer import PeerClient, PeerServer
+    from transports.peer import PeerAddress, PeerClient, PeerServer
 
-    server = PeerServer(Answer(), KEY, host="127.0.0.1", port=0)  # type: ignore[arg-type]
+    server = PeerServer(
+        Answer(),  # type: ignore[arg-type]
+        KEY,
+        name="server",
+        host="127.0.0.1",
+        port=0,
+    )
     await server.start()
-    peer = PeerClient(KEY)
+    peer = PeerClient(KEY, name="client")
     try:
-        return await timed(lambda: peer.infer(f"127.0.0.1:{server.port}", REQUEST, 10), n)
+        at = PeerAddress("server", f"127.0.0.1:{server.port}")
+        return await timed(lambda: peer.infer(at, REQUEST, 10), n)
     finally:
         peer.close()
         await server.stop()

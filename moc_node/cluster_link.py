@@ -36,7 +36,7 @@ from cluster.routing import (
     takes_work,
 )
 from cluster.runner import ClusterRunner
-from transports.peer import PeerClient, PeerServer
+from transports.peer import PeerAddress, PeerClient, PeerServer
 from transports.peer_wire import PeerUnavailable
 
 if TYPE_CHECKING:
@@ -157,8 +157,12 @@ class ClusterLink:
             config, name, keyring, term_store, self._meta, registry=prometheus_client.REGISTRY
         )
         host = config.bind.rsplit(":", 1)[0]
-        self.server = PeerServer(self, keyring, host=host, port=config.peer_port)
-        self.client = PeerClient(keyring, ack_timeout=max(0.5, 4 * config.probe_timeout_s))
+        # Both ends carry the node's name: peer frames are sealed for one node and refused by any
+        # other (a captured frame cannot be sent to another node).
+        self.server = PeerServer(self, keyring, name=name, host=host, port=config.peer_port)
+        self.client = PeerClient(
+            keyring, name=name, ack_timeout=max(0.5, 4 * config.probe_timeout_s)
+        )
         self._placing: dict[str, asyncio.Future[str]] = {}
         self._reservations: set[asyncio.Task[None]] = set()
         advertised = (config.advertise or config.bind).rsplit(":", 1)[0]
@@ -200,8 +204,8 @@ class ClusterLink:
         try:
             if primary[0] == self.name:
                 return await self.peer_restore(model, self.name)
-            address = self._peer_address(primary[0])
-            return await self.client.restore(address, model, self.name, self._timeout)
+            peer = self._peer_address(primary[0])
+            return await self.client.restore(peer, model, self.name, self._timeout)
         except MocError as exc:  # no answer: the view's plan stands
             log.info("could not clear restoring %s with the primary: %s", model, exc)
             return None
@@ -345,11 +349,11 @@ class ClusterLink:
                 forward_retries_total.labels("stream").inc()
                 log.info("forwarding %s: %s; trying the next holder", req.model, exc)
 
-    def _peer_address(self, name: str) -> str:
+    def _peer_address(self, name: str) -> PeerAddress:
         member = self.runner.member(name)
         if member is None or member.meta is None or not member.meta.peer:
             raise PeerUnavailable(f"node {name} is not known or has no peer address")
-        return member.meta.peer
+        return PeerAddress(name, member.meta.peer)
 
     async def _await_load(self, model: str, decision: Route) -> Route:
         """Wait (with the request timeout) for a peer's load in progress, then route again."""
@@ -519,8 +523,8 @@ class ClusterLink:
                 if target.node == self.name:
                     await self.peer_load(LoadRequest(name=model), term)
                 else:
-                    address = self._peer_address(target.node)
-                    await self.client.load(address, LoadRequest(name=model), term, self._timeout)
+                    peer = self._peer_address(target.node)
+                    await self.client.load(peer, LoadRequest(name=model), term, self._timeout)
                 return target.node
             except (ModelNotFound, PeerUnavailable, InsufficientMemory) as exc:
                 failures[target.node] = exc

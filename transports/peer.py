@@ -9,8 +9,10 @@ timeout; for an inference the peer answers straight away when the answer is read
 fraction of it (one message, not an ack and then the answer: most forwarded requests), and sends
 an ACK only when it is not; loads and placements are acknowledged at once. Streams send one
 TOKEN frame per piece and end with RESULT or ERROR; a CANCEL stops the peer's generation. Frames
-that fail authentication, are stale or malformed are counted and dropped, never answered. A
-request whose connection breaks fails at once (PeerUnavailable): its answer could not come back.
+that fail authentication, are stale, malformed, sealed for another node (`misdirected`) or
+replayed (a request id the server's replay window has taken before: `replay`) are counted and
+dropped, never answered. A request whose connection breaks fails at once (PeerUnavailable): its
+answer could not come back.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from prometheus_client import Counter
@@ -32,6 +35,7 @@ from actors.errors import InvalidRequest
 from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
 from cluster.keyring import Keyring
 from transports.peer_wire import (
+    MAX_SKEW_S,
     Envelope,
     Kind,
     Op,
@@ -49,6 +53,7 @@ from transports.peer_wire import (
     seal,
     token_from_wire,
 )
+from transports.replay_window import DEFAULT_CAPACITY, ReplayWindow
 from transports.zmtp_sockets import DealerSocket, QueueFull, RouterSocket
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,10 @@ def _count_served(op: Op, outcome: str) -> None:
 
 
 _OPS = {int(op): op for op in Op}
+
+WARN_EVERY_S = 60.0
+"""Refusals that point at a misconfigured cluster (another protocol version, frames sealed for
+another node) are logged as warnings at most this often; every one is counted."""
 
 ACK_GRACE_FRACTION = 0.2
 """Of the requester's ack timeout: how long the peer holds back the ACK, hoping to send the
@@ -161,6 +170,18 @@ MAX_ZMTP_FRAME_BYTES = 16 * 1024 * 1024
 """A ZMTP frame larger than this drops its connection (libzmq's MAXMSGSIZE, as set before)."""
 
 
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    """A peer: its node name (requests are sealed for it) and where it listens."""
+
+    node: str
+    address: str
+    """host:port, or [v6 host]:port, as the peer gossips it."""
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.address})"
+
+
 def _split_address(address: str) -> tuple[str, int]:
     """Return (host, port) of "host:port" or "[v6 host]:port"; PeerUnavailable if it is not.
 
@@ -174,6 +195,10 @@ def _split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+_TaskKey = tuple[bytes, str, str]
+"""(connection identity, requester's node name, request id)."""
+
+
 class PeerServer:
     """Serve peer requests on tcp://host:port until stopped."""
 
@@ -182,17 +207,26 @@ class PeerServer:
         handler: PeerHandler,
         keyring: Keyring,
         *,
+        name: str,
         host: str,
         port: int,
         clock: Callable[[], float] = time.time,
+        replay_capacity: int = DEFAULT_CAPACITY,
     ) -> None:
+        self.name = name
+        """This node's name: requests sealed for any other node are refused."""
         self._handler = handler
         self._keyring = keyring
         self._host = host
         self._clock = clock
         self._router: RouterSocket | None = None
-        self._tasks: dict[tuple[bytes, str], asyncio.Task[None]] = {}
-        self._acks: _Deadlines[tuple[bytes, str]] = _Deadlines(self._ack)
+        # Keyed by (connection, requester, request id): a request's task and its owed ack.
+        self._tasks: dict[_TaskKey, asyncio.Task[None]] = {}
+        self._acks: _Deadlines[_TaskKey] = _Deadlines(self._ack)
+        # Floored at creation: a frame sealed before this server existed may have been taken by
+        # the node's previous incarnation, whose window is gone.
+        self._window = ReplayWindow(MAX_SKEW_S, replay_capacity, floor=clock())
+        self._warned: dict[str, float] = {}
         self.port = port
 
     async def start(self) -> None:
@@ -217,16 +251,29 @@ class PeerServer:
             peer_dropped_total.labels("malformed").inc()
             return
         ident, rest = frames[0], frames[1:]
+        now = self._clock()
         try:
-            env = open_frames(self._keyring, rest, self._clock())
+            env = open_frames(self._keyring, rest, now, dst=self.name)
         except PeerWireError as exc:
-            peer_dropped_total.labels(exc.reason).inc()
-            log.debug("dropped a peer frame: %s", exc)
+            self._refused(exc, now)
+            return
+        if not self._window.admit((env.src, env.request_id, env.code), env.ts, now):
+            self._refused(PeerWireError("replay", f"request {env.request_id!r} seen before"), now)
             return
         self._accept(ident, env)
 
+    def _refused(self, exc: PeerWireError, now: float) -> None:
+        peer_dropped_total.labels(exc.reason).inc()
+        # A cluster misconfigured (another version, a node addressed by the wrong name), not noise.
+        misconfigured = exc.reason in ("version", "misdirected")
+        if misconfigured and now - self._warned.get(exc.reason, -math.inf) >= WARN_EVERY_S:
+            self._warned[exc.reason] = now
+            log.warning("refused a peer frame (and may refuse more, counted): %s", exc)
+            return
+        log.debug("dropped a peer frame: %s", exc)
+
     def _accept(self, ident: bytes, env: Envelope) -> None:
-        key = (ident, env.request_id)
+        key = (ident, env.src, env.request_id)
         if env.code == Op.CANCEL:
             task = self._tasks.get(key)
             if task is not None:
@@ -239,32 +286,30 @@ class PeerServer:
             return
         if op == Op.PING:  # answered here and now: the pong is the ack
             _count_served(op, "success")
-            self._reply(ident, Kind.PONG, env.request_id, None)
+            self._reply(key, Kind.PONG, None)
             return
         # Loads and placements take seconds, so holding back their ack saves nothing, and a
         # requester that does not say how long it waits (an older peer) expects it at once.
         defer = env.ack_s is not None and op in (Op.INFER, Op.STREAM)
         if not defer:
-            self._send(ident, Envelope(Kind.ACK, env.request_id, self._clock(), None))
-        task = asyncio.create_task(self._run(ident, op, env))
+            self._send(key, Kind.ACK, None)
+        task = asyncio.create_task(self._run(key, op, env))
         self._tasks[key] = task
         if defer:
             assert env.ack_s is not None
             self._acks.add(key, env.ack_s * ACK_GRACE_FRACTION)
 
-    def _ack(self, key: tuple[bytes, str]) -> None:
+    def _ack(self, key: _TaskKey) -> None:
         """The answer is not ready within the grace: tell the requester the work goes on."""
-        self._send(key[0], Envelope(Kind.ACK, key[1], self._clock(), None))
+        self._send(key, Kind.ACK, None)
 
-    def _forget(self, key: tuple[bytes, str]) -> None:
+    def _forget(self, key: _TaskKey) -> None:
         self._tasks.pop(key, None)
         self._acks.discard(key)  # cancelled before anything was sent: no ack owed either
 
-    async def _run(self, ident: bytes, op: Op, env: Envelope) -> None:
-        rid = env.request_id
-        key = (ident, rid)
+    async def _run(self, key: _TaskKey, op: Op, env: Envelope) -> None:
         try:
-            kind, body = await self._serve(ident, op, env)
+            kind, body = await self._serve(key, op, env)
             outcome = "success"
         except asyncio.CancelledError:
             self._forget(key)
@@ -279,21 +324,20 @@ class PeerServer:
         # sent, the requester's side runs, and work left here would compete with it for a CPU.
         self._tasks.pop(key, None)
         _count_served(op, outcome)
-        self._reply(ident, kind, rid, body)  # and its ack is no longer owed
+        self._reply(key, kind, body)  # and its ack is no longer owed
 
-    async def _serve(self, ident: bytes, op: Op, env: Envelope) -> tuple[Kind, Any]:
+    async def _serve(self, key: _TaskKey, op: Op, env: Envelope) -> tuple[Kind, Any]:
         """Do what the request asks; return the final answer (stream pieces are sent here)."""
         if op == Op.INFER:
             result = await self._handler.peer_infer(request_from_wire(env.body))
             return Kind.RESULT, result_to_wire(result)
         if op == Op.STREAM:
-            rid = env.request_id
             async with contextlib.aclosing(
                 self._handler.peer_infer_stream(request_from_wire(env.body))
             ) as items:
                 async for item in items:
                     if isinstance(item, TokenChunk):
-                        self._reply(ident, Kind.TOKEN, rid, item.text)
+                        self._reply(key, Kind.TOKEN, item.text)
                     else:
                         return Kind.RESULT, result_to_wire(item)
             raise RuntimeError("the stream ended without a result")
@@ -313,11 +357,14 @@ class PeerServer:
             return Kind.RESULT, await self._handler.peer_restore(body[0], body[1])
         raise PeerWireError("malformed", f"operation {op.name} has no answer")
 
-    def _reply(self, ident: bytes, kind: Kind, rid: str, body: Any) -> None:
-        self._acks.discard((ident, rid))  # the first reply within the grace stands for the ack
-        self._send(ident, Envelope(kind, rid, self._clock(), body))
+    def _reply(self, key: _TaskKey, kind: Kind, body: Any) -> None:
+        self._acks.discard(key)  # the first reply within the grace stands for the ack
+        self._send(key, kind, body)
 
-    def _send(self, ident: bytes, env: Envelope) -> None:
+    def _send(self, key: _TaskKey, kind: Kind, body: Any) -> None:
+        """Send a reply, sealed for the requester, on the connection its request came on."""
+        ident, requester, rid = key
+        env = Envelope(kind, rid, self._clock(), body, src=self.name, dst=requester)
         if self._router is not None and not self._router.send([ident, *seal(self._keyring, env)]):
             log.debug("peer reply lost: the requester's connection is gone")
 
@@ -378,9 +425,10 @@ class _Replies:
 class _Connection:
     """One DEALER socket to one peer; replies are routed to the waiting requests as they come."""
 
-    def __init__(self, client: PeerClient, address: str) -> None:
+    def __init__(self, client: PeerClient, peer: PeerAddress) -> None:
         self.client = client
-        host, port = _split_address(address)
+        self.peer = peer
+        host, port = _split_address(peer.address)
         self.pending: dict[str, _Replies] = {}
         self.dealer = DealerSocket(
             host,
@@ -397,7 +445,13 @@ class _Connection:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         try:
-            env = open_frames(self.client.keyring, frames, self.client.clock())
+            env = open_frames(
+                self.client.keyring,
+                frames,
+                self.client.clock(),
+                dst=self.client.name,
+                src=self.peer.node,
+            )
         except PeerWireError as exc:
             peer_dropped_total.labels(exc.reason).inc()
             return
@@ -420,23 +474,27 @@ def _raise_error(env: Envelope) -> None:
 
 
 class PeerClient:
-    """Send requests to peers by `host:port`; one connection per peer, reused."""
+    """Send requests to peers, each sealed for its destination; one connection per peer, reused."""
 
     def __init__(
         self,
         keyring: Keyring,
         *,
+        name: str,
         ack_timeout: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.name = name
+        """This node's name: requests carry it as their sender, replies must be sealed for it."""
         self.keyring = keyring
         self.ack_timeout = ack_timeout
         self.clock = clock
-        self._connections: dict[str, _Connection] = {}
+        self._connections: dict[PeerAddress, _Connection] = {}
         self._waits: _Deadlines[_Replies] = _Deadlines(_Replies.expire)
-        # Request ids: unique per client (a peer keys them by connection too); a counter
+        # Request ids are the nonces of the peers' replay windows: unique per sender, so a
+        # random prefix per client (a restarted node gets a new one) and a counter, which
         # costs a fraction of a uuid4 per request.
-        self._id_prefix = uuid.uuid4().hex[:12] + "-"
+        self._id_prefix = uuid.uuid4().hex[:16] + "-"
         self._ids = itertools.count(1)
 
     def close(self) -> None:
@@ -444,72 +502,74 @@ class PeerClient:
             connection.close()
         self._connections.clear()
 
-    async def ping(self, address: str) -> float:
-        """Return the round trip to `address` in seconds."""
+    async def ping(self, peer: PeerAddress) -> float:
+        """Return the round trip to `peer` in seconds."""
         began = time.perf_counter()
-        async for _ in self._call(address, Op.PING, None, None):
+        async for _ in self._call(peer, Op.PING, None, None):
             pass
         return time.perf_counter() - began
 
-    async def infer(self, address: str, req: InferRequest, timeout: float) -> InferResult:
+    async def infer(self, peer: PeerAddress, req: InferRequest, timeout: float) -> InferResult:
         """Run a whole inference on the peer."""
         # A coroutine, not a walk over _call: no async generator to finalise per request.
         connection, rid, replies = await self._send_request(
-            address, Op.INFER, request_to_wire(req), None
+            peer, Op.INFER, request_to_wire(req), None
         )
         finished = False
         try:
             deadline = time.monotonic() + timeout
             while True:
-                env = replies.next() or await self._next_reply(address, replies, deadline, timeout)
+                env = replies.next() or await self._next_reply(peer, replies, deadline, timeout)
                 finished = env.code in _LAST
                 if finished:
                     _raise_error(env)
                     return result_from_wire(env.body)
         finally:
-            self._settle(address, connection, rid, finished)
+            self._settle(peer, connection, rid, finished)
 
     async def stream(
-        self, address: str, req: InferRequest, timeout: float
+        self, peer: PeerAddress, req: InferRequest, timeout: float
     ) -> AsyncGenerator[TokenChunk | InferResult, None]:
         """Stream an inference from the peer; closing the iterator cancels it there."""
-        async for env in self._call(address, Op.STREAM, request_to_wire(req), None, timeout):
+        async for env in self._call(peer, Op.STREAM, request_to_wire(req), None, timeout):
             if env.code == Kind.TOKEN:
                 yield token_from_wire(env.body)
             else:
                 yield result_from_wire(env.body)
 
-    async def load(self, address: str, req: LoadRequest, term: int | None, timeout: float) -> None:
+    async def load(
+        self, peer: PeerAddress, req: LoadRequest, term: int | None, timeout: float
+    ) -> None:
         """Ask the peer to load a model under the primary's `term` (a fencing token)."""
-        async for _ in self._call(address, Op.LOAD, load_to_wire(req), term, timeout):
+        async for _ in self._call(peer, Op.LOAD, load_to_wire(req), term, timeout):
             return
 
-    async def place(self, address: str, model: str, timeout: float) -> str:
-        """Ask the primary at `address` to place `model`; return the node that holds it."""
-        return await self._node_answer(address, Op.PLACE, model, timeout)
+    async def place(self, peer: PeerAddress, model: str, timeout: float) -> str:
+        """Ask the primary `peer` to place `model`; return the node that holds it."""
+        return await self._node_answer(peer, Op.PLACE, model, timeout)
 
-    async def restore(self, address: str, model: str, node: str, timeout: float) -> str:
-        """Ask the primary at `address` where `model`, which `node` remembers, belongs now."""
-        return await self._node_answer(address, Op.RESTORE, [model, node], timeout)
+    async def restore(self, peer: PeerAddress, model: str, node: str, timeout: float) -> str:
+        """Ask the primary `peer` where `model`, which `node` remembers, belongs now."""
+        return await self._node_answer(peer, Op.RESTORE, [model, node], timeout)
 
-    async def _node_answer(self, address: str, op: Op, body: Any, timeout: float) -> str:
+    async def _node_answer(self, peer: PeerAddress, op: Op, body: Any, timeout: float) -> str:
         what = op.name.lower()
-        async for env in self._call(address, op, body, None, timeout):
+        async for env in self._call(peer, op, body, None, timeout):
             if not isinstance(env.body, str):
-                raise PeerUnavailable(f"primary {address} answered {what} without a node")
+                raise PeerUnavailable(f"primary {peer} answered {what} without a node")
             return env.body
-        raise PeerUnavailable(f"primary {address} ended {what} without an answer")
+        raise PeerUnavailable(f"primary {peer} ended {what} without an answer")
 
     async def _call(
-        self, address: str, op: Op, body: Any, term: int | None, timeout: float = 10.0
+        self, peer: PeerAddress, op: Op, body: Any, term: int | None, timeout: float = 10.0
     ) -> AsyncIterator[Envelope]:
         """Send one request; yield TOKEN envelopes and the final RESULT/PONG; raise on ERROR."""
-        connection, rid, replies = await self._send_request(address, op, body, term)
+        connection, rid, replies = await self._send_request(peer, op, body, term)
         finished = False
         try:
             deadline = time.monotonic() + timeout
             while True:
-                env = replies.next() or await self._next_reply(address, replies, deadline, timeout)
+                env = replies.next() or await self._next_reply(peer, replies, deadline, timeout)
                 finished = env.code in _LAST
                 _raise_error(env)
                 if finished or env.code == Kind.TOKEN:
@@ -517,61 +577,62 @@ class PeerClient:
                 if finished:
                     return
         finally:
-            self._settle(address, connection, rid, finished)
+            self._settle(peer, connection, rid, finished)
 
     async def _send_request(
-        self, address: str, op: Op, body: Any, term: int | None
+        self, peer: PeerAddress, op: Op, body: Any, term: int | None
     ) -> tuple[_Connection, str, _Replies]:
         """Send one request and wait for its ack (or its first reply, which stands in for the
         ack); PeerUnavailable if neither comes within the ack timeout."""
-        connection = self._connections.get(address)
+        connection = self._connections.get(peer)
         if connection is None:
-            connection = self._connections[address] = _Connection(self, address)
+            connection = self._connections[peer] = _Connection(self, peer)
         rid = f"{self._id_prefix}{next(self._ids):x}"
         replies = _Replies(self._waits)
         connection.pending[rid] = replies
         try:
-            frames = seal(
-                self.keyring, Envelope(op, rid, self.clock(), body, term, self.ack_timeout)
+            env = Envelope(
+                op, rid, self.clock(), body, term, self.ack_timeout, src=self.name, dst=peer.node
             )
+            frames = seal(self.keyring, env)
             try:
                 connection.dealer.send(frames)
             except QueueFull as exc:  # the peer has not been reading
-                raise PeerUnavailable(f"peer {address} is not taking requests: {exc}") from None
+                raise PeerUnavailable(f"peer {peer} is not taking requests: {exc}") from None
             try:
                 await replies.wait(self.ack_timeout)
             except TimeoutError:
                 # No ack: the peer is down or cut off. Drop the socket so a later call reconnects.
                 # Requests in flight at once to a dead peer all time out here: close it once.
                 connection.close()
-                if self._connections.get(address) is connection:
-                    del self._connections[address]
+                if self._connections.get(peer) is connection:
+                    del self._connections[peer]
                 raise PeerUnavailable(
-                    f"peer {address} did not answer within {self.ack_timeout} s"
+                    f"peer {peer} did not answer within {self.ack_timeout} s"
                 ) from None
         except BaseException:
-            self._settle(address, connection, rid, False)
+            self._settle(peer, connection, rid, False)
             raise
         if replies.items[0].code == Kind.ACK:
             replies.items.popleft()  # otherwise the answer came first: it stands for the ack
         return connection, rid, replies
 
     async def _next_reply(
-        self, address: str, replies: _Replies, deadline: float, timeout: float
+        self, peer: PeerAddress, replies: _Replies, deadline: float, timeout: float
     ) -> Envelope:
         """Return the request's next reply; PeerUnavailable once the deadline has passed."""
         if not replies.items:
             try:
                 await replies.wait(max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise PeerUnavailable(f"peer {address} went silent for {timeout:.0f} s") from None
+                raise PeerUnavailable(f"peer {peer} went silent for {timeout:.0f} s") from None
         return replies.items.popleft()
 
-    def _settle(self, address: str, connection: _Connection, rid: str, finished: bool) -> None:
+    def _settle(self, peer: PeerAddress, connection: _Connection, rid: str, finished: bool) -> None:
         """Forget the request; if it did not finish, tell the peer to stop working for nobody."""
         replies = connection.pending.pop(rid, None)
         broken = replies is not None and replies.broken is not None  # the peer has forgotten it
-        if not finished and not broken and address in self._connections:
+        if not finished and not broken and peer in self._connections:
             with contextlib.suppress(QueueFull):
-                cancel = seal(self.keyring, Envelope(Op.CANCEL, rid, self.clock(), None))
-                connection.dealer.send(cancel)
+                cancel = Envelope(Op.CANCEL, rid, self.clock(), None, src=self.name, dst=peer.node)
+                connection.dealer.send(seal(self.keyring, cancel))

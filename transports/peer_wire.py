@@ -2,8 +2,12 @@
 
 A frame is `[payload, tag]` where `tag = HMAC-SHA256(payload)` under the cluster keyring (first key
 signs, any key verifies). The payload is a msgpack map with a protocol version, an operation or
-reply kind, a request id, a timestamp (stale or far-future frames are refused: replay defence) and
-a body. Domain values (InferRequest, InferResult, LoadRequest) are converted here and nowhere else.
+reply kind, a request id, a timestamp, the sender's and the destination's node names, and a body.
+Replay defence: a frame stamped more than MAX_SKEW_S from the receiver's clock is refused, one
+sealed for another node is refused (`misdirected`: a frame captured on its way to B cannot be
+sent to C), and within the skew the receiver's replay window (transports/replay_window.py)
+refuses a request id it has taken before. Domain values (InferRequest, InferResult, LoadRequest)
+are converted here and nowhere else.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from actors.types import (
 )
 from cluster.keyring import TAG_BYTES, Keyring
 
-PEER_PROTOCOL = 1
+PEER_PROTOCOL = 2
+"""2: frames name their sender and destination ("s", "d"). A node refuses frames of any other
+version (counted as reason="version"): all nodes of a cluster run the same version."""
 MAX_SKEW_S = 30.0
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 
@@ -87,16 +93,23 @@ class Envelope:
 
     code: int  # an Op for requests, a Kind for replies
     request_id: str
+    """Unique per sender (its nonce): a receiver takes a request id from a sender once."""
     ts: float
     body: Any
     term: int | None = None
     ack_s: float | None = None
     """On a request: the requester's ack timeout. The holder answers within a fraction of it,
-    or acknowledges then; absent (older requesters), it acknowledges at once."""
+    or acknowledges then; absent, it acknowledges at once."""
+    src: str = dataclasses.field(default="", kw_only=True)
+    """The sender's node name (a reply goes back to it)."""
+    dst: str = dataclasses.field(default="", kw_only=True)
+    """The node the frame is sealed for: any other refuses it."""
 
 
 def seal(keyring: Keyring, env: Envelope) -> list[bytes]:
     """Encode and sign an envelope into frames."""
+    if not env.src or not env.dst:
+        raise ValueError("a peer frame names its sender and destination")
     fields = {
         "v": PEER_PROTOCOL,
         "c": env.code,
@@ -104,16 +117,21 @@ def seal(keyring: Keyring, env: Envelope) -> list[bytes]:
         "ts": env.ts,
         "b": env.body,
         "t": env.term,
+        "s": env.src,
+        "d": env.dst,
     }
-    if env.ack_s is not None:  # only requests carry it; an older peer ignores the key
+    if env.ack_s is not None:  # only requests carry it
         fields["a"] = env.ack_s
     payload: bytes = _packer().pack(fields)
     tag = keyring.sign(payload) if keyring.enabled else b""
     return [payload, tag]
 
 
-def open_frames(keyring: Keyring, frames: list[bytes], now: float) -> Envelope:
-    """Verify and decode frames; raise PeerWireError naming why a frame is refused."""
+def open_frames(
+    keyring: Keyring, frames: list[bytes], now: float, *, dst: str, src: str | None = None
+) -> Envelope:
+    """Verify and decode frames sealed for node `dst` (by node `src`, when given); raise
+    PeerWireError naming why a frame is refused."""
     if len(frames) != 2:
         raise PeerWireError("malformed", f"expected 2 frames, got {len(frames)}")
     payload, tag = frames
@@ -134,6 +152,13 @@ def open_frames(keyring: Keyring, frames: list[bytes], now: float) -> Envelope:
         raise PeerWireError("malformed", "missing code, id or timestamp")
     if abs(now - ts) > MAX_SKEW_S:
         raise PeerWireError("stale", f"timestamp {now - ts:+.1f} s off")
+    sender, to = obj.get("s"), obj.get("d")
+    if not isinstance(sender, str) or not sender or not isinstance(to, str) or not to:
+        raise PeerWireError("malformed", "missing sender or destination")
+    if to != dst or (src is not None and sender != src):
+        raise PeerWireError(
+            "misdirected", f"frame from {sender[:64]!r} to {to[:64]!r} reached {dst!r}"
+        )
     if term is not None and not isinstance(term, int):
         raise PeerWireError("malformed", "term is not an integer")
     ack_s = obj.get("a")
@@ -142,7 +167,14 @@ def open_frames(keyring: Keyring, frames: list[bytes], now: float) -> Envelope:
     ):
         raise PeerWireError("malformed", "ack timeout is not a positive number of seconds")
     return Envelope(
-        code, rid, float(ts), obj.get("b"), term, None if ack_s is None else float(ack_s)
+        code,
+        rid,
+        float(ts),
+        obj.get("b"),
+        term,
+        None if ack_s is None else float(ack_s),
+        src=sender,
+        dst=to,
     )
 
 

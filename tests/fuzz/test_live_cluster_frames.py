@@ -6,7 +6,8 @@ a few thousand datagrams: random bytes, and mutations of real signed packets (ac
 replies captured from the members themselves, plus stale facts signed with the cluster key): bit
 flips, truncations, extensions, re-signing with another key, unsigned, other versions, oversized,
 and replays; its TCP twin (push-pull streams) gets random, cut and mutated frames. The model
-holder's peer RPC port gets random and mutated multipart frames built from real sealed envelopes.
+holder's peer RPC port gets random and mutated multipart frames built from real sealed envelopes,
+frames sealed for another node, and exact replays of frames it took (refused: its replay window).
 Good requests go in between all along: signed pings, push-pulls, peer pings, and inferences sent
 to the holder directly and through another member.
 
@@ -577,10 +578,14 @@ def test_random_and_mutated_gossip_stream_frames_are_dropped_by_reason_and_reque
 _request_ids = itertools.count()
 
 
-def sealed(op: Op, body: Any, *, ts_offset: float = 0.0, term: int | None = None) -> list[bytes]:
-    """Seal a request as a peer would, with a fresh id and a timestamp `ts_offset` s from now."""
+def sealed(
+    op: Op, body: Any, *, dst: str, ts_offset: float = 0.0, term: int | None = None
+) -> list[bytes]:
+    """Seal a request for node `dst` as a peer would, with a fresh id and a timestamp
+    `ts_offset` s from now."""
     rid = f"fuzz-{next(_request_ids)}"
-    return seal(KEYRING, Envelope(op, rid, time.time() + ts_offset, body, term))
+    env = Envelope(op, rid, time.time() + ts_offset, body, term, src=FUZZ, dst=dst)
+    return seal(KEYRING, env)
 
 
 def signed_payload(obj: Any, keyring: Keyring = KEYRING) -> list[bytes]:
@@ -598,18 +603,24 @@ INFER_BODY: dict[str, Any] = {
 }
 
 
-def bad_peer_message(rng: random.Random) -> list[bytes]:
-    """Return the frames of one random, mutated, re-signed, stale or replayed peer message."""
+def bad_peer_message(rng: random.Random, dst: str, taken: list[list[bytes]]) -> list[bytes]:
+    """Return the frames of one random, mutated, re-signed, stale, misdirected or replayed peer
+    message for node `dst`; `taken` holds frames it accepted (the replays are drawn from it)."""
     op, body = rng.choice(
         [(Op.PING, None), (Op.INFER, INFER_BODY), (Op.STREAM, INFER_BODY), (Op.PLACE, "m"),
          (Op.LOAD, {"name": "m"}), (Op.CANCEL, None)]
     )  # fmt: skip
-    payload, tag = sealed(op, body)
+    payload, tag = sealed(op, body, dst=dst)
     now = time.time()
     kind = rng.choice(["random", "mutated_payload", "mutated_payload", "mutated_tag", "no_tag",
                        "extra_frames", "unsigned", "wrong_key", "stale", "future", "version",
                        "signed_garbage", "signed_shape", "unknown_op", "bad_body", "replay_ping",
-                       "replay_cancel"])  # fmt: skip
+                       "replay_cancel", "misdirected", "replay", "replay"])  # fmt: skip
+    if kind == "replay" and taken:
+        return rng.choice(taken[-BATCH:])  # recent: well within the skew window
+    if kind == "misdirected":
+        other = rng.choice([n for n in (*NAMES, "node-x") if n != dst])
+        return sealed(op, body, dst=other)
     if kind == "random":
         return [rng.randbytes(rng.randint(0, 200)) for _ in range(rng.randint(1, 4))]
     if kind == "mutated_payload":
@@ -629,13 +640,15 @@ def bad_peer_message(rng: random.Random) -> list[bytes]:
     if kind == "wrong_key":
         return [payload, WRONG.sign(payload)]
     if kind == "stale":
-        return sealed(op, body, ts_offset=-rng.uniform(60, 3600))
+        return sealed(op, body, dst=dst, ts_offset=-rng.uniform(60, 3600))
     if kind == "future":
-        return sealed(op, body, ts_offset=rng.uniform(60, 3600))
+        return sealed(op, body, dst=dst, ts_offset=rng.uniform(60, 3600))
     if kind == "version":
+        old = {"v": 1, "c": 1, "id": "x", "ts": now, "b": None, "t": None}  # version 1's shape
         return signed_payload(
-            {"v": rng.choice([0, 2, 99, "1", None]), "c": 1, "id": "x", "ts": now}
-        )
+            rng.choice([old, {"v": rng.choice([0, 3, 99, "2", None]), "c": 1, "id": "x",
+                              "ts": now, "s": FUZZ, "d": dst}])
+        )  # fmt: skip
     if kind == "signed_garbage":
         garbage = rng.randbytes(rng.randint(0, 200))
         return [garbage, KEYRING.sign(garbage)]
@@ -647,32 +660,43 @@ def bad_peer_message(rng: random.Random) -> list[bytes]:
                     "x",
                     1,
                     None,
-                    {"v": 1},
-                    {"v": 1, "c": "ping", "id": "x", "ts": now},
-                    {"v": 1, "c": 1, "id": 5, "ts": now},
-                    {"v": 1, "c": 1, "id": "x", "ts": "now"},
-                    {"v": 1, "c": 1, "id": "x", "ts": now, "t": "term"},
+                    {"v": PEER_PROTOCOL},
+                    {"v": PEER_PROTOCOL, "c": "ping", "id": "x", "ts": now, "s": FUZZ, "d": dst},
+                    {"v": PEER_PROTOCOL, "c": 1, "id": 5, "ts": now, "s": FUZZ, "d": dst},
+                    {"v": PEER_PROTOCOL, "c": 1, "id": "x", "ts": "now", "s": FUZZ, "d": dst},
+                    {"v": PEER_PROTOCOL, "c": 1, "id": "x", "ts": now, "t": "term", "s": FUZZ,
+                     "d": dst},
+                    {"v": PEER_PROTOCOL, "c": 1, "id": "x", "ts": now, "d": dst},
+                    {"v": PEER_PROTOCOL, "c": 1, "id": "x", "ts": now, "s": 5, "d": dst},
                 ]
             )  # fmt: skip
         )
     if kind == "unknown_op":
         return signed_payload({"v": PEER_PROTOCOL, "c": rng.choice([0, max(Op) + 1, 99, 1000, -1]),
-                               "id": "u", "ts": now, "b": None, "t": None})  # fmt: skip
+                               "id": f"u-{next(_request_ids)}", "ts": now, "b": None, "t": None,
+                               "s": FUZZ, "d": dst})  # fmt: skip
     if kind == "bad_body":
         # Signed and well formed, but the inference body is nonsense: accepted, answered ERROR.
         junk: Any = rng.choice([None, 5, "m", {"model": "m"}, {"params": {}}, [INFER_BODY]])
-        return sealed(rng.choice([Op.INFER, Op.STREAM]), junk)
+        return sealed(rng.choice([Op.INFER, Op.STREAM]), junk, dst=dst)
     if kind == "replay_ping":
-        return sealed(Op.PING, None)
-    return sealed(Op.CANCEL, None)  # of nothing: accepted, no answer
+        return sealed(Op.PING, None, dst=dst)
+    return sealed(Op.CANCEL, None, dst=dst)  # of nothing: accepted, no answer
 
 
-def peer_verdict(frames: list[bytes]) -> tuple[str, Envelope | None]:
-    """Return (drop reason, None) or ("accepted", envelope), as the peer server decides."""
+def peer_verdict(
+    frames: list[bytes], dst: str, seen: set[tuple[str, str, int]]
+) -> tuple[str, Envelope | None]:
+    """Return (drop reason, None) or ("accepted", envelope), as the peer server `dst` decides;
+    `seen` holds the request keys its replay window took (a frame that passes adds its own)."""
     try:
-        env = open_frames(KEYRING, frames, time.time())
+        env = open_frames(KEYRING, frames, time.time(), dst=dst)
     except PeerWireError as exc:
         return exc.reason, None
+    key = (env.src, env.request_id, env.code)
+    if key in seen:
+        return "replay", None
+    seen.add(key)
     if env.code not in {int(op) for op in Op}:
         return "unknown_op", None
     return "accepted", env
@@ -712,21 +736,22 @@ def forward(node: NodeProc) -> int:
 class PeerCaller:
     """A DEALER that sends sealed requests and waits for their replies (the good requests)."""
 
-    def __init__(self, ctx: zmq.Context[Any], port: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], port: int, dst: str) -> None:
+        self.dst = dst
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(f"tcp://127.0.0.1:{port}")
 
     def call(self, op: Op, body: Any) -> Envelope:
-        frames = sealed(op, body)
-        rid = open_frames(KEYRING, frames, time.time()).request_id
+        frames = sealed(op, body, dst=self.dst)
+        rid = open_frames(KEYRING, frames, time.time(), dst=self.dst).request_id
         self.sock.send_multipart(frames)
         kinds: list[int] = []
         deadline = time.monotonic() + WAIT_S
         while (left := deadline - time.monotonic()) > 0:
             if not self.sock.poll(int(left * 1000)):
                 break
-            env = open_frames(KEYRING, self.sock.recv_multipart(), time.time())
+            env = open_frames(KEYRING, self.sock.recv_multipart(), time.time(), dst=FUZZ)
             if env.request_id != rid:
                 continue
             kinds.append(env.code)
@@ -755,11 +780,13 @@ def test_random_and_mutated_peer_frames_are_dropped_by_reason_and_good_requests_
     fuzz.setsockopt(zmq.LINGER, 0)
     fuzz.setsockopt(zmq.RCVHWM, 0)
     fuzz.connect(f"tcp://127.0.0.1:{target.peer}")
-    caller = PeerCaller(ctx, target.peer)
+    caller = PeerCaller(ctx, target.peer, target.name)
+    seen: set[tuple[str, str, int]] = set()
+    taken: list[list[bytes]] = []
 
     def drain() -> None:
         while fuzz.poll(0):
-            env = open_frames(KEYRING, fuzz.recv_multipart(), time.time())
+            env = open_frames(KEYRING, fuzz.recv_multipart(), time.time(), dst=FUZZ)
             answered.setdefault(env.request_id, []).append(env.code)
 
     def caught_up() -> bool:
@@ -773,15 +800,16 @@ def test_random_and_mutated_peer_frames_are_dropped_by_reason_and_good_requests_
         # Two payloads over the peer limit, read and refused by the server's own check.
         for _ in range(2):
             frames = [b"\x80" + b"\x00" * MAX_FRAME_BYTES, b"t" * TAG_BYTES]
-            expected[peer_verdict(frames)[0]] += 1
+            expected[peer_verdict(frames, target.name, seen)[0]] += 1
             fuzz.send_multipart(frames)
         for start in range(0, PEER_MESSAGES, BATCH):
             for _ in range(min(BATCH, PEER_MESSAGES - start)):
-                frames = bad_peer_message(rng)
-                reason, env = peer_verdict(frames)
+                frames = bad_peer_message(rng, target.name, taken)
+                reason, env = peer_verdict(frames, target.name, seen)
                 if env is None:
                     expected[reason] += 1
                 else:
+                    taken.append(frames)
                     accepted_ids.add(env.request_id)
                     accepted_ops[Op(env.code)] += 1
                     answers_expected += env.code != Op.CANCEL  # a cancel of nothing: silence
@@ -820,9 +848,8 @@ def test_random_and_mutated_peer_frames_are_dropped_by_reason_and_good_requests_
           f"infer, {forwarded_retries} forwards retried); served {dict(served)}")  # fmt: skip
     assert drops == +expected
     assert sum(drops.values()) > PEER_MESSAGES // 2
-    assert {"malformed", "unauthenticated", "stale", "version", "oversized", "unknown_op"} <= set(
-        drops
-    )
+    assert {"malformed", "unauthenticated", "stale", "version", "oversized", "unknown_op",
+            "misdirected", "replay"} <= set(drops)  # fmt: skip
     # Refused frames are never answered; every accepted request got one answer (maybe an ACK first).
     assert set(answered) <= accepted_ids
     assert served[("ping", "success")] == good_pings + accepted_ops[Op.PING]

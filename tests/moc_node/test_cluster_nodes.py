@@ -22,7 +22,7 @@ from tests.moc_node.cluster_procs import (
     wait_ready,
     wait_until,
 )
-from transports.peer import PeerClient
+from transports.peer import PeerAddress, PeerClient
 
 
 @pytest.fixture
@@ -141,16 +141,17 @@ def test_a_restarted_holder_leaves_a_re_placed_model_to_its_new_holder(
     assert holders(cluster, "m") == {second}
 
 
-def _peer_address(node: NodeProc) -> str:
+def _peer_address(node: NodeProc) -> PeerAddress:
     """The node's peer RPC address, from its config file."""
     assert node.config is not None
     text = node.config.read_text()
     port = next(ln.split("=")[1].strip() for ln in text.splitlines() if ln.startswith("peer_port"))
-    return f"127.0.0.1:{port}"
+    return PeerAddress(node.name, f"127.0.0.1:{port}")
 
 
-async def _ask_restore(address: str, model: str, node: str) -> str:
-    client = PeerClient(Keyring((bytes.fromhex(KEY),)), ack_timeout=2.0)
+async def _ask_restore(address: PeerAddress, model: str, node: str) -> str:
+    # Sealed as the restarting node would seal it (the primary answers whoever signs).
+    client = PeerClient(Keyring((bytes.fromhex(KEY),)), name=node, ack_timeout=2.0)
     try:
         return await client.restore(address, model, node, timeout=30.0)
     finally:

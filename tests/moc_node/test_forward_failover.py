@@ -95,7 +95,7 @@ async def cluster() -> AsyncIterator[Cluster]:
     hole = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
     hole.setsockopt(zmq.LINGER, 0)
     hole_port = hole.bind_to_random_port("tcp://127.0.0.1")
-    server = PeerServer(Holder(), KEY, host="127.0.0.1", port=0)
+    server = PeerServer(Holder(), KEY, name="node-c", host="127.0.0.1", port=0)
     await server.start()
     b = ClusterRunner(CONFIG, "node-b", KEY, MemoryTermStore(), lambda: advertising(hole_port))
     await b.start()

@@ -19,6 +19,7 @@ from actors.types import (
 )
 from cluster.keyring import Keyring
 from transports.peer_wire import (
+    PEER_PROTOCOL,
     Envelope,
     Op,
     PeerWireError,
@@ -70,11 +71,52 @@ KEY = Keyring((b"k" * 32,))
 
 def test_a_request_carries_its_ack_timeout_and_a_reply_none() -> None:
     now = time.time()
-    request = open_frames(KEY, seal(KEY, Envelope(Op.INFER, "r", now, None, 3, 0.5)), now)
+    request = open_frames(
+        KEY,
+        seal(KEY, Envelope(Op.INFER, "r", now, None, 3, 0.5, src="node-a", dst="node-b")),
+        now,
+        dst="node-b",
+    )
     assert (request.term, request.ack_s) == (3, 0.5)
-    reply = open_frames(KEY, seal(KEY, Envelope(Op.PING, "r", now, None)), now)
+    assert (request.src, request.dst) == ("node-a", "node-b")
+    reply = open_frames(
+        KEY,
+        seal(KEY, Envelope(Op.PING, "r", now, None, src="node-a", dst="node-b")),
+        now,
+        dst="node-b",
+    )
     assert reply.ack_s is None
-    assert b"\xa1a" not in seal(KEY, Envelope(Op.PING, "r", now, None))[0]  # no key when absent
+    assert (
+        b"\xa1a" not in seal(KEY, Envelope(Op.PING, "r", now, None, src="node-a", dst="node-b"))[0]
+    )  # absent
+
+
+@pytest.mark.parametrize(
+    ("dst", "src"),
+    [("node-c", None), ("node-b", "node-c")],
+    ids=["another-destination", "another-sender"],
+)
+def test_a_frame_is_refused_as_misdirected_by_any_node_but_its_destination(
+    dst: str, src: str | None
+) -> None:
+    now = time.time()
+    frames = seal(KEY, Envelope(Op.LOAD, "r", now, {"name": "m"}, 3, src="node-a", dst="node-b"))
+    with pytest.raises(PeerWireError) as refused:
+        open_frames(KEY, frames, now, dst=dst, src=src)
+    assert refused.value.reason == "misdirected"
+
+
+def test_a_frame_cannot_be_sealed_without_its_sender_and_destination() -> None:
+    with pytest.raises(ValueError, match="sender and destination"):
+        seal(KEY, Envelope(Op.PING, "r", time.time(), None, dst="node-b"))
+
+
+def test_a_frame_of_the_previous_protocol_is_refused_as_another_version() -> None:
+    # Version 1 bound a frame to nothing: all nodes of a cluster run one version.
+    payload = msgpack.packb({"v": 1, "c": int(Op.PLACE), "id": "r", "ts": time.time(), "b": "m"})
+    with pytest.raises(PeerWireError) as refused:
+        open_frames(KEY, [payload, KEY.sign(payload)], time.time(), dst="node-b")
+    assert refused.value.reason == "version"
 
 
 @pytest.mark.parametrize(
@@ -82,10 +124,11 @@ def test_a_request_carries_its_ack_timeout_and_a_reply_none() -> None:
 )
 def test_a_malformed_ack_timeout_is_refused(bad: object) -> None:
     payload = msgpack.packb(
-        {"v": 1, "c": int(Op.INFER), "id": "r", "ts": time.time(), "b": None, "t": None, "a": bad}
-    )
+        {"v": PEER_PROTOCOL, "c": int(Op.INFER), "id": "r", "ts": time.time(), "b": None,
+         "t": None, "a": bad, "s": "node-a", "d": "node-b"}
+    )  # fmt: skip
     with pytest.raises(PeerWireError) as refused:
-        open_frames(KEY, [payload, KEY.sign(payload)], time.time())
+        open_frames(KEY, [payload, KEY.sign(payload)], time.time(), dst="node-b")
     assert refused.value.reason == "malformed"
 
 
@@ -95,7 +138,9 @@ def test_a_frame_is_tagged_with_the_standard_hmac_sha256_of_its_payload(size: in
     # must give the very same bytes, keys longer than a block (hashed first) included.
     key = bytes(range(256))[:size]
     old = Keyring((b"o" * 32,))
-    payload, tag = seal(Keyring((key,)), Envelope(Op.PING, "r", time.time(), {"x": 1}))
+    payload, tag = seal(
+        Keyring((key,)), Envelope(Op.PING, "r", time.time(), {"x": 1}, src="node-a", dst="node-b")
+    )
     assert tag == hmac.digest(key, payload, hashlib.sha256)
     assert Keyring((b"o" * 32, key)).verify(payload, tag)  # any key of a rotation verifies
     assert not old.verify(payload, tag)
