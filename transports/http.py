@@ -8,8 +8,6 @@ written once. Errors on `/v1/...` come in OpenAI's shape, elsewhere in the legac
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import math
@@ -28,6 +26,7 @@ from actors.errors import InvalidRequest, MocError, ModelNotFound, RequestTimeou
 from actors.types import InferRequest, InferResult, TokenChunk
 from transports import schema
 from transports.api import NodeAPI
+from transports.auth import KeyRing, client_error, public_health
 from transports.config import ServerConfig, load_api_keys
 from transports.dispatch import (
     ClientTimeout,
@@ -185,22 +184,27 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error_response(request, classify(exc))
 
 
+AUTHENTICATED_KEY = web.RequestKey("authenticated", bool)
+"""True on a request that presented a good key, or on any request when no keys are set."""
+
+
 def _auth_middleware(keys: frozenset[str], config: ServerConfig) -> Any:
-    # Compare digests: equal lengths, so compare_digest leaks neither content nor length.
-    digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+    ring = KeyRing(keys)
     open_paths = frozenset(config.open_paths)
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        presented = presented_key(request.headers) if ring else None
+        request[AUTHENTICATED_KEY] = not ring or (
+            presented is not None and ring.matches(presented)
+        )
         # The cluster page's own files hold no data (the page sends a key for /cluster).
         page = request.path == "/" or request.path.startswith("/static/")
-        if digests and request.path not in open_paths and not page:
-            presented = presented_key(request.headers)
-            if presented is None or not key_matches(presented, digests):
-                reason = "missing API key" if presented is None else "invalid API key"
-                response = _error_response(request, ErrorReply(401, "unauthorized", reason))
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
+        if not request[AUTHENTICATED_KEY] and request.path not in open_paths and not page:
+            reason = "missing API key" if presented is None else "invalid API key"
+            response = _error_response(request, ErrorReply(401, "unauthorized", reason))
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         return await handler(request)
 
     return auth
@@ -218,20 +222,11 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def key_matches(presented: str, digests: list[bytes]) -> bool:
-    """Tell whether `presented` is one of the keys, in time independent of which or how close."""
-    probe = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
-    found = False
-    for digest in digests:
-        # No early exit: every key is compared whatever matched.
-        found |= hmac.compare_digest(probe, digest)
-    return found
-
-
 # ---- error bodies ----
 
 
 def _error_response(request: web.Request, err: ErrorReply) -> web.Response:
+    err = client_error(err)
     if request.path.startswith(OPENAI_PREFIX):
         body: dict[str, Any] = {
             "error": {
@@ -309,8 +304,11 @@ def _dispatcher(request: web.Request) -> Dispatcher:
 
 async def _health(request: web.Request) -> web.Response:
     report = _dispatcher(request).node.health()
+    body = health_view(report)
+    if not request.get(AUTHENTICATED_KEY, False):
+        body = public_health(body)  # open to anyone: details may name files
     # Load balancers act on the status code; the body keeps the legacy fields.
-    return _json(health_view(report), status=503 if report.status == "unhealthy" else 200)
+    return _json(body, status=503 if report.status == "unhealthy" else 200)
 
 
 async def _ready(request: web.Request) -> web.Response:

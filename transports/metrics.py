@@ -59,6 +59,25 @@ IN_FLIGHT = Gauge(
     "Requests being handled now, by transport.",
     ["transport"],
 )
+ZAP_DENIED = Counter(
+    "moc_zmq_auth_denied_total",
+    "ZeroMQ connections refused during the handshake by the ZAP handler, by reason (address, "
+    "mechanism, curve_key, malformed).",
+    ["reason"],
+)
+ZMQ_CONNECTIONS_DROPPED = Counter(
+    "moc_zmq_connections_dropped_total",
+    "ZeroMQ connections libzmq dropped during the handshake, by reason (handshake_failed: not "
+    "finished in time or closed midway; protocol_error: a bad greeting or mechanism, such as a "
+    "plain client on a CURVE port). ZAP denials are counted in moc_zmq_auth_denied_total.",
+    ["reason"],
+)
+HTTP_CONNECTIONS_REFUSED = Counter(
+    "moc_http_connections_refused_total",
+    "HTTP connections closed before a request was served, by reason (too_many_connections: "
+    "over the per-address cap; header_timeout: no complete request head in time).",
+    ["reason"],
+)
 STREAMS_CLOSED_BY_CLIENT = Counter(
     "moc_http_streams_closed_by_client_total",
     "Streaming responses the client closed before the end (generation cancelled).",

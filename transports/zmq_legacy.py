@@ -5,6 +5,12 @@ the reply `{"success", "result", "error", "request_id", "latency_ms"}` goes back
 encoding. Every request is answered when a reply is possible (bad input included), counted in
 `moc_zmq_requests_total{action,outcome}`, and nothing a peer sends stops the server.
 
+Who may call (see transports/zmq_auth.py): a ZAP handler checks each connection against an
+address allow-list and, with CURVE on, the client's key; a request may carry `api_key` beside
+`action`, checked against the API keys (a wrong key is always refused; `zmq_require_api_key`
+refuses a missing one except for `health`). With API keys set and none of these configured, the
+port binds loopback only. Refusals answer `unauthorized` and are counted.
+
 The socket is read from the event loop's descriptor callback (actors/loop_socket.py), replies go
 out with non-blocking sends. Bad frames are answered inside that callback; each request runs as
 a task, and actions that wait on the node at most `max_workers` at once with `max_pending` more
@@ -28,7 +34,8 @@ import zmq.asyncio
 from actors.errors import InvalidRequest, Overloaded
 from actors.loop_socket import LoopSocket
 from transports.api import NodeAPI
-from transports.config import ServerConfig
+from transports.auth import KeyRing, client_error, public_health
+from transports.config import ServerConfig, ZmqAuth, load_api_keys, load_zmq_auth
 from transports.dispatch import (
     ACTIONS,
     NOT_YET,
@@ -37,10 +44,12 @@ from transports.dispatch import (
     Dispatcher,
     ErrorReply,
     PayloadTooLarge,
+    Unauthorized,
     classify,
     lookup_action,
 )
 from transports.metrics import IN_FLIGHT, ZmqRecorder
+from transports.zmq_auth import ZAP_DOMAIN, HandshakeMonitor, ZapHandler, bind_host
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,10 @@ _MSGPACK_MAP_HEADS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 # Label for frames too broken to name an action.
 NO_ACTION = "none"
 UNKNOWN_ACTION = "unknown"
+KEY_FIELD = "api_key"
+"""The request field that carries an API key, beside action and payload."""
+OPEN_ACTIONS = frozenset({"health"})
+"""Answered without a key even under zmq_require_api_key (details left out, as on HTTP)."""
 
 
 # ---- the codec: pure functions over bytes ----
@@ -76,25 +89,50 @@ def guess_encoding(body: bytes) -> Encoding:
     return "msgpack" if head[0] >= 0x80 else "json"
 
 
+class DuplicateKey(BadFrame):
+    """A map in the frame names one key twice (which one would win is the decoder's whim)."""
+
+
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        seen: set[Any] = set()
+        for key, _ in pairs:
+            if key in seen:
+                shown = repr(key) if isinstance(key, str) and len(key) <= 64 else "a key"
+                raise DuplicateKey(f"frame names {shown} twice in one map")
+            seen.add(key)
+    return mapping
+
+
 def decode_frame(body: bytes) -> tuple[Encoding, Any]:
-    """Decode one request frame; raise BadFrame when it is neither JSON nor msgpack."""
+    """Decode one request frame; raise BadFrame when it is neither JSON nor msgpack, or when a
+    map in it repeats a key (a second `action` must not override the first)."""
     head = body[:1]
     if head and head[0] in _MSGPACK_MAP_HEADS:
         return "msgpack", _unpack(body)
     try:
-        return "json", json.loads(body)
+        return "json", json.loads(body, object_pairs_hook=_unique_map)
+    except DuplicateKey:
+        raise
     except (ValueError, RecursionError):
         if head == b"{":
             raise BadFrame("frame starts with '{' but is not valid JSON") from None
     try:
         return "msgpack", _unpack(body)
+    except DuplicateKey:
+        raise
     except BadFrame:
         raise BadFrame("frame is neither JSON nor msgpack") from None
 
 
 def _unpack(body: bytes) -> Any:
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True)
+        return msgpack.unpackb(
+            body, raw=False, strict_map_key=True, object_pairs_hook=_unique_map
+        )
+    except DuplicateKey:
+        raise
     except Exception:  # msgpack raises many unrelated types (ExtraData, ValueError, TypeError...)
         raise BadFrame("frame is not valid msgpack") from None
 
@@ -188,6 +226,24 @@ def action_label(obj: Any) -> str:
     return UNKNOWN_ACTION if name is not None else NO_ACTION
 
 
+def check_key(
+    obj: Any, keys: KeyRing, require: bool
+) -> tuple[bool, Unauthorized | None]:
+    """Check the request's `api_key`: return whether it presented a good key, and the refusal
+    to answer with (None to go on). A wrong key is refused always; a missing one when `require`
+    (except the open actions). Without configured keys every request goes on."""
+    if not keys:
+        return True, None
+    presented = obj.get(KEY_FIELD) if isinstance(obj, dict) else None
+    if presented is not None:
+        if isinstance(presented, str) and keys.matches(presented):
+            return True, None
+        return False, Unauthorized("invalid API key")
+    if require and not (isinstance(obj, dict) and obj.get("action") in OPEN_ACTIONS):
+        return False, Unauthorized(f"missing API key: send it in the request's {KEY_FIELD!r}")
+    return False, None
+
+
 # ---- the server ----
 
 
@@ -201,9 +257,15 @@ class ZmqServer:
         *,
         dispatcher: Dispatcher | None = None,
         context: zmq.asyncio.Context | None = None,
+        api_keys: frozenset[str] | None = None,
+        zmq_auth: ZmqAuth | None = None,
     ) -> None:
         self._dispatcher = dispatcher or Dispatcher(node, config)
         self._config = config
+        self._keys = KeyRing(load_api_keys(config) if api_keys is None else api_keys)
+        self._auth = load_zmq_auth(config) if zmq_auth is None else zmq_auth
+        self._zap: ZapHandler | None = None
+        self._monitor: HandshakeMonitor | None = None
         self._own_context = context is None
         self._context = context if context is not None else zmq.asyncio.Context()
         self._socket: LoopSocket | None = None
@@ -223,23 +285,53 @@ class ZmqServer:
     async def start(self) -> None:
         """Bind the socket and start serving."""
         # A plain-API view of the (asyncio) context: same io thread, no futures per message.
-        sock: zmq.Socket[bytes] = zmq.Context.shadow(self._context.underlying).socket(zmq.ROUTER)
+        plain: zmq.Context[Any] = zmq.Context.shadow(self._context.underlying)
+        config, auth = self._config, self._auth
+        if auth.needs_zap:  # bound before the server socket, so no peer slips in unasked
+            self._zap = ZapHandler(plain, auth)
+        sock: zmq.Socket[bytes] = plain.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # libzmq drops a peer whose message exceeds this, without buffering it.
-        sock.setsockopt(zmq.MAXMSGSIZE, self._config.zmq_max_msg_bytes)
-        host = self._config.host
+        sock.setsockopt(zmq.MAXMSGSIZE, config.zmq_max_msg_bytes)
+        # ... and one that has not finished its handshake (a partial greeting) by then.
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.zmq_handshake_timeout_s * 1000))
+        if auth.needs_zap:
+            sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        if auth.curve_secret_key is not None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, auth.curve_secret_key)
+        host = bind_host(
+            config.host,
+            keys_configured=bool(self._keys),
+            zmq_auth_configured=config.zmq_auth_configured,
+        )
+        if host != config.host:
+            log.warning(
+                "API keys are set but the ZeroMQ port has no authentication, so it listens on "
+                "%s only (not %s); to open it to the network set server.zmq_allow_from "
+                "(the agents' addresses), server.zmq_curve_secret_key_file, or "
+                "server.zmq_require_api_key",
+                host,
+                config.host,
+            )
+        elif not self._keys and not config.zmq_auth_configured:
+            log.warning("no API keys and no ZeroMQ auth: the ZeroMQ port is open (dev only)")
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
             host = f"[{host}]"
-        port = self._config.zmq_port or "*"
+        port = config.zmq_port or "*"
         try:
             sock.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError:
             sock.close(linger=0)
+            self._close_auth()
             raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._monitor = HandshakeMonitor(sock)
         self._socket = LoopSocket(sock, self._on_frames)
         log.info("legacy ZeroMQ server listening on %s", self.endpoint)
+        if auth.curve_public_key is not None:
+            log.info("ZeroMQ CURVE public key (give it to agents): %s", auth.curve_public_key)
 
     async def stop(self) -> None:
         """Stop reading, let in-flight requests finish within the grace period, then close."""
@@ -250,11 +342,20 @@ class ZmqServer:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+        self._close_auth()
         if self._own_context:
             self._context.term()
+
+    def _close_auth(self) -> None:
+        if self._zap is not None:
+            self._zap.close()
+            self._zap = None
 
     async def __aenter__(self) -> ZmqServer:
         await self.start()
@@ -292,6 +393,11 @@ class ZmqServer:
             self._answer(envelope, guess_encoding(frame), NO_ACTION, None, t0, error=exc)
             return
         label = action_label(obj)
+        authenticated, refusal = check_key(obj, self._keys, self._config.zmq_require_api_key)
+        if refusal is not None:
+            request_id = echo_id(obj.get("request_id"), encoding)
+            self._answer(envelope, encoding, label, request_id, t0, error=refusal)
+            return
         request_id, parsed = parse_request(obj, encoding)
         if isinstance(parsed, BaseException):
             self._answer(envelope, encoding, label, request_id, t0, error=parsed)
@@ -300,6 +406,8 @@ class ZmqServer:
         if view is not None:  # answered from the node's state: right here, no task
             try:
                 result = view(self._dispatcher, parsed.payload)
+                if parsed.action.name == "health" and not authenticated:
+                    result = public_health(result)
             except Exception as exc:
                 self._answer(envelope, encoding, label, request_id, t0, error=exc)
             else:
@@ -357,7 +465,7 @@ class ZmqServer:
             reply = success_reply(result, request_id, latency_ms)
             outcome = "ok"
         else:
-            err = classify(error)
+            err = client_error(classify(error))
             reply = error_reply(err, request_id, latency_ms)
             outcome = err.code
         try:
@@ -378,9 +486,13 @@ class ZmqServer:
 
 
 async def serve_zmq(
-    node: NodeAPI, config: ServerConfig, *, dispatcher: Dispatcher | None = None
+    node: NodeAPI,
+    config: ServerConfig,
+    *,
+    dispatcher: Dispatcher | None = None,
+    api_keys: frozenset[str] | None = None,
 ) -> ZmqServer:
     """Start the legacy ZeroMQ server for `node`; call `await server.stop()` to end it."""
-    server = ZmqServer(node, config, dispatcher=dispatcher)
+    server = ZmqServer(node, config, dispatcher=dispatcher, api_keys=api_keys)
     await server.start()
     return server

@@ -37,6 +37,11 @@ def test_a_frame_starting_with_a_brace_is_json_and_a_map_head_is_msgpack() -> No
     assert decode_frame(msgpack.packb({"action": "health"})) == ("msgpack", {"action": "health"})
 
 
+def test_a_map_that_repeats_a_key_is_a_bad_frame_naming_the_key() -> None:
+    with pytest.raises(BadFrame, match="'action' twice"):
+        decode_frame(b'{"action": "health", "action": "unload_model"}')
+
+
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_either_decode_or_raise_bad_frame(data: bytes) -> None:
     try:
@@ -212,6 +217,33 @@ BAD_INPUTS: list[tuple[str, list[bytes], str, str, str]] = [
     ("unknown model", [_infer(model_name="nope")], "json", "infer", "model_not_found"),
     ("oversized frame", [b"{" + b" " * 20_000 + b"}"], "json", "none", "too_large"),
     ("multipart garbage", [b"\x00\x01", b"more", b"frames"], "json", "none", "bad_frame"),
+    (
+        "json with the action twice",
+        [b'{"action": "health", "payload": {}, "action": "unload_model"}'],
+        "json",
+        "none",
+        "bad_frame",
+    ),
+    (
+        "json with a payload key twice",
+        [b'{"action": "unload_model", "payload": {"model_name": "x", "model_name": "tiny"}}'],
+        "json",
+        "none",
+        "bad_frame",
+    ),
+    (
+        "msgpack with the action twice",
+        [
+            b"\x82"
+            + msgpack.packb("action")
+            + msgpack.packb("health")
+            + msgpack.packb("action")
+            + msgpack.packb("unload_model")
+        ],
+        "msgpack",
+        "none",
+        "bad_frame",
+    ),
 ]
 
 
