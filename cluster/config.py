@@ -22,7 +22,10 @@ class ClusterConfig:
     # --- identity and addresses -----------------------------------------------------------
     enabled: bool = False
     """Join a cluster at all. False (the default): a single node, with no gossip socket and no
-    peer RPC port; every request is served locally."""
+    peer RPC port; every request is served locally. A `[cluster]` table that names `seeds` or
+    `voters` must say `enabled` itself: without it the start is refused (see
+    `require_enabled`), because a node meant for a cluster that quietly runs alone serves its
+    own copy of everything. `enabled = false` with them keeps the node out on purpose."""
     name: str = ""
     """Node id, unique in the cluster. Empty: the node uses its hostname. Ids are compared as
     strings to pick the election candidate, so a stable, sortable name is best."""
@@ -146,6 +149,8 @@ class ClusterConfig:
             raise ValueError("cluster.packet_bytes: must be within 576..65000")
         if not 0 < self.max_meta_bytes <= self.packet_bytes // 2:
             raise ValueError("cluster.max_meta_bytes: must be within 1..packet_bytes/2")
+        if self.max_stream_bytes < self.packet_bytes:
+            raise ValueError("cluster.max_stream_bytes: must be >= packet_bytes")
         if self.lease_margin_s + self.lease_renew_s >= self.lease_s:
             raise ValueError("cluster.lease_margin_s: lease_renew_s + margin must be < lease_s")
         if self.profile not in PROFILES:
@@ -156,6 +161,9 @@ class ClusterConfig:
                 parse_hostport(value, key)
         for seed in self.seeds:
             parse_hostport(seed, "seeds")
+        if self.enabled and not self.advertise and parse_hostport(self.bind, "bind")[0] in WILDCARDS:
+            # Peers cannot dial a wildcard: the runner would fail after the other ports opened.
+            raise ValueError("cluster.advertise: required when bind is a wildcard address")
         if not 0 < self.peer_port < 65536:
             raise ValueError("cluster.peer_port: must be within 1..65535")
         if len(set(self.voters)) != len(self.voters):
@@ -230,6 +238,27 @@ def local() -> ClusterConfig:
 
 PROFILES = {"lan": lan, "local": local}
 
+WILDCARDS = ("0.0.0.0", "::")
+"""Bind hosts that listen on every address: nobody can dial them, so `advertise` is needed."""
+
+CLUSTER_KEYS = ("seeds", "voters")
+"""Keys that only mean something to a node that joins a cluster (see `ClusterConfig.enabled`)."""
+
+
+def require_enabled(d: Mapping[str, Any]) -> None:
+    """Refuse a `[cluster]` table that names seeds or voters but says nothing of `enabled`.
+
+    Raise ValueError naming the first such key; an explicit `enabled`, true or false, passes.
+    """
+    if "enabled" in d:
+        return
+    for key in CLUSTER_KEYS:
+        if key in d:
+            raise ValueError(
+                f"cluster.{key}: set without `enabled`: add `enabled = true` to join the "
+                "cluster (or `enabled = false` to run this node alone)"
+            )
+
 _TYPES: dict[str, type] = {
     "str": str,
     "int": int,
@@ -246,7 +275,7 @@ def from_mapping(d: Mapping[str, Any]) -> ClusterConfig:
     type raises ValueError naming the key.
     """
     profile = d.get("profile", "lan")
-    if profile not in PROFILES:
+    if not isinstance(profile, str) or profile not in PROFILES:
         raise ValueError(f"cluster.profile: must be one of {sorted(PROFILES)}")
     base = PROFILES[profile]()
     kinds = {f.name: str(f.type) for f in dataclasses.fields(ClusterConfig)}
@@ -262,7 +291,12 @@ def from_mapping(d: Mapping[str, Any]) -> ClusterConfig:
         elif kind == "float":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"cluster.{key}: must be a number")
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ValueError(f"cluster.{key}: {value} is too large") from None
+            if not math.isfinite(value):
+                raise ValueError(f"cluster.{key}: must be a finite number, got {value}")
         elif kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"cluster.{key}: must be an integer")

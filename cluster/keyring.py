@@ -15,6 +15,10 @@ TAG_BYTES = 32
 
 MIN_KEY_BYTES = 16
 
+MAX_KEY_FILE_BYTES = 64 * 1024
+"""Largest key file read: thousands of keys, so a file named by mistake (a log, a device)
+is refused instead of read whole."""
+
 
 _IPAD = bytes(b ^ 0x36 for b in range(256))
 _OPAD = bytes(b ^ 0x5C for b in range(256))
@@ -89,15 +93,27 @@ def parse_keys(text: str) -> Keyring:
             try:
                 key = base64.b64decode(line, validate=True)
             except (binascii.Error, ValueError):
-                raise LocalUsageError(f"key file line {lineno}: neither hex nor base64") from None
+                raise LocalUsageError(f"line {lineno}: neither hex nor base64") from None
         if len(key) < MIN_KEY_BYTES:
-            raise LocalUsageError(f"key file line {lineno}: key shorter than {MIN_KEY_BYTES} bytes")
+            raise LocalUsageError(f"line {lineno}: key shorter than {MIN_KEY_BYTES} bytes")
         keys.append(key)
     if not keys:
-        raise LocalUsageError("key file holds no key")
+        raise LocalUsageError("holds no key")
     return Keyring(tuple(keys))
 
 
 def read_key_file(path: str | Path) -> Keyring:
-    """Read and parse a key file (see `parse_keys`)."""
-    return parse_keys(Path(path).read_text(encoding="ascii"))
+    """Read and parse a key file (see `parse_keys`).
+
+    Raise OSError when it cannot be read and LocalUsageError when what it holds is not keys;
+    neither message quotes the file's contents.
+    """
+    with Path(path).open("rb") as file:
+        raw = file.read(MAX_KEY_FILE_BYTES + 1)
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise LocalUsageError(f"larger than {MAX_KEY_FILE_BYTES // 1024} KiB: not a key file")
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise LocalUsageError("not ASCII text (one hex or base64 key per line)") from None
+    return parse_keys(text)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -19,6 +21,7 @@ from typing import Any, Protocol
 
 import prometheus_client
 import pykka
+import zmq
 
 from actors.config import CatalogEntry
 from actors.gpu import GPUActor
@@ -29,11 +32,12 @@ from actors.probes import discover
 from actors.resilience import BulkheadRegistry
 from actors.store import StateStore, TermStore
 from actors.ticker import Ticker
-from cluster.keyring import Keyring, read_key_file
+from cluster.keyring import Keyring
 from cluster.runner import ClusterRunner
 from moc_node.cluster_link import ClusterLink
 from moc_node.config import Config, ConfigError, load_config
 from moc_node.node import Node
+from moc_node.preflight import Keys, Listener, check, listener, preflight
 from moc_node.sdnotify import Notifier, watchdog
 from moc_node.services import Services, learning_output_dir, start_services
 
@@ -45,9 +49,44 @@ DEMO_MODEL = "demo"
 class Server(Protocol):
     """A transport the app starts after the node is built and stops before the node closes."""
 
+    @property
+    def port(self) -> int:
+        """The TCP port bound once started (the config may ask for 0: any free port)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Front:
+    """A transport and the listener it binds, named when the bind fails."""
+
+    server: Server
+    listener: Listener
+
+
+async def listen(listener: Listener, start: Callable[[], Awaitable[None]]) -> None:
+    """Run `start`, which binds `listener`; a bind that fails is a ConfigError naming its key.
+
+    A port in use, an address not on this host or a privileged port: the config is wrong for
+    this host, so the start ends with one line (and exit 2) instead of a traceback.
+    """
+    try:
+        await start()
+    except (OSError, zmq.ZMQError) as exc:
+        raise ConfigError(
+            f"{listener.key}: cannot listen on {listener.address}: {_bind_reason(exc)}"
+        ) from None
+
+
+def _bind_reason(exc: OSError | zmq.ZMQError) -> str:
+    # aiohttp rewrites strerror into a sentence quoting the address; the errno's text is enough.
+    code = exc.errno
+    if isinstance(code, int) and code in errno.errorcode:
+        return os.strerror(code)
+    return str(exc.strerror or exc)
 
 
 @dataclass
@@ -63,12 +102,16 @@ class Runtime:
     link: ClusterLink | None = None
     services: Services | None = None
 
-    async def join_cluster(self, http_port: int, zmq_port: int) -> None:
-        """Start gossip and the peer RPC (when `[cluster] enabled`), and route through them."""
+    async def join_cluster(self, keyring: Keyring, http_port: int, zmq_port: int) -> None:
+        """Start gossip and the peer RPC (when `[cluster] enabled`), and route through them.
+
+        `keyring` comes from the preflight; a port that cannot be bound is a ConfigError.
+        """
         cluster = self.config.cluster
         if not cluster.enabled:
             return
-        keyring = keyring_for(self.config)
+        if not keyring.enabled:
+            log.warning("cluster without key_file: gossip and peer RPC are NOT authenticated")
         self.link = ClusterLink(
             self.node,
             cluster,
@@ -80,7 +123,9 @@ class Runtime:
             zmq_port=zmq_port,
             request_timeout=self.config.server.request_timeout_s,
         )
-        await self.link.start()
+        # ClusterLink.start, one listener at a time, so that a failed bind names its key.
+        await listen(listener(self.config, "cluster.peer_port"), self.link.server.start)
+        await listen(listener(self.config, "cluster.bind"), self.link.runner.start)
         self.node.attach_cluster(self.link)
 
     async def leave_cluster(self) -> None:
@@ -186,45 +231,59 @@ def with_demo_model(config: Config) -> Config:
     return dataclasses.replace(config, models=models)
 
 
-ServerFactory = Callable[[Node, Config], list[Server]]
+ServerFactory = Callable[[Node, Config, Keys], list[Front]]
 
 
-def default_servers(node: Node, config: Config) -> list[Server]:
-    """The legacy ZMQ server and the HTTP server."""
+def default_servers(node: Node, config: Config, keys: Keys) -> list[Front]:
+    """The HTTP server and the legacy ZMQ server, with the keys the preflight read."""
     from transports.http import HttpServer
     from transports.zmq_legacy import ZmqServer
 
     static = Path(__file__).with_name("static")
-    return [HttpServer(node, config.server, static_dir=static), ZmqServer(node, config.server)]
+    http = HttpServer(node, config.server, static_dir=static, api_keys=keys.api)
+    zmq_server = ZmqServer(node, config.server, api_keys=keys.api)
+    return [
+        Front(http, listener(config, "server.rest_port")),
+        Front(zmq_server, listener(config, "server.zmq_port")),
+    ]
 
 
 async def serve(
     config: Config,
+    keys: Keys,
     *,
     config_path: str | None = None,
     servers: ServerFactory = default_servers,
     started: Callable[[Runtime], Awaitable[None] | None] | None = None,
 ) -> int:
-    """Run a node until SIGTERM or SIGINT; SIGHUP reloads the catalog. Return the exit code."""
+    """Run a node until SIGTERM or SIGINT; SIGHUP reloads the catalog. Return the exit code.
+
+    `keys` are what `preflight` read. A listener that cannot bind raises ConfigError after
+    everything already started (fronts, actors, workers) has been stopped.
+    """
     notifier = Notifier()
     runtime = build_runtime(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(runtime, config_path, notifier))
-    fronts = servers(runtime.node, config)
+    fronts: list[Front] = []
     watchdog_task: asyncio.Task[None] | None = None
-    if notifier.watchdog_interval:
-        # Half the interval, as sd_watchdog_enabled(3) advises: one late ping is not a restart.
-        interval = notifier.watchdog_interval / 2
-        watchdog_task = asyncio.create_task(watchdog(notifier, runtime.node.actors_alive, interval))
-    try:
+    try:  # from here on, whatever fails closes the runtime: its actors would keep us alive
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(runtime, config_path, notifier))
+        fronts = servers(runtime.node, config, keys)
+        if notifier.watchdog_interval:
+            # Half the interval, as sd_watchdog_enabled(3) advises: one late ping is not a restart.
+            interval = notifier.watchdog_interval / 2
+            watchdog_task = asyncio.create_task(
+                watchdog(notifier, runtime.node.actors_alive, interval)
+            )
         for front in fronts:  # up first, so /ready answers 503 while models are restored
-            await front.start()
+            await listen(front.listener, front.server.start)
         if config.cluster.enabled:
             notifier.status("joining the cluster")
-        await runtime.join_cluster(_port(fronts, "HttpServer"), _port(fronts, "ZmqServer"))
+        http_port = _bound_port(fronts, "server.rest_port")
+        await runtime.join_cluster(keys.cluster, http_port, _bound_port(fronts, "server.zmq_port"))
         notifier.status("restoring models")
         await runtime.node.start()
         loaded = sum(m.state == "loaded" for m in runtime.node.models())
@@ -242,7 +301,7 @@ async def serve(
         await drained
     finally:
         for front in reversed(fronts):
-            await front.stop()
+            await front.server.stop()
         if watchdog_task is not None:
             watchdog_task.cancel()
         await runtime.close()
@@ -253,17 +312,19 @@ async def serve(
     return 0
 
 
-def _port(fronts: list[Server], kind: str) -> int:
+def _bound_port(fronts: list[Front], key: str) -> int:
     for front in fronts:
-        if type(front).__name__ == kind:
-            return int(getattr(front, "port", 0))
+        if front.listener.key == key:
+            return front.server.port
     return 0
 
 
 def _reload(runtime: Runtime, config_path: str | None, notifier: Notifier) -> None:
     notifier.reloading()
     try:
-        config = with_demo_model(load_config(config_path))
+        config = load_config(config_path)
+        check(config)  # what could not start is not adopted either
+        config = with_demo_model(config)
     except Exception as exc:  # a bad edit must not take the running node down
         log.error("reload refused, keeping the running config: %s", exc)
         notifier.ready("reload refused: running config kept")
@@ -273,15 +334,7 @@ def _reload(runtime: Runtime, config_path: str | None, notifier: Notifier) -> No
     notifier.ready(f"reloaded: {len(config.models.catalog)} model(s) in the catalog")
 
 
-def keyring_for(config: Config) -> Keyring:
-    """Read the cluster keys (or run unauthenticated, loudly, when none are configured)."""
-    if config.cluster.key_file:
-        return read_key_file(config.cluster.key_file)
-    log.warning("cluster without key_file: gossip and peer RPC are NOT authenticated")
-    return Keyring(())
-
-
-async def serve_witness(config: Config) -> int:
+async def serve_witness(config: Config, keyring: Keyring) -> int:
     """Run only a voter: it gossips and votes in elections, never serves or holds models.
 
     The third voter of a two-host cluster, so that one host plus the witness keep a majority
@@ -290,11 +343,13 @@ async def serve_witness(config: Config) -> int:
     name = config.cluster.name or config.node.name
     if name not in config.cluster.voters:
         log.warning("witness %s is not in [cluster] voters: it will not vote", name)
+    if not keyring.enabled:
+        log.warning("cluster without key_file: gossip and peer RPC are NOT authenticated")
     store = StateStore(config.node.state_path / "witness.db")
     runner = ClusterRunner(
         config.cluster,
         name,
-        keyring_for(config),
+        keyring,
         TermStore(store),
         registry=prometheus_client.REGISTRY,
     )
@@ -303,10 +358,10 @@ async def serve_witness(config: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await runner.start()
-    notifier.ready(f"witness {name} voting")
-    log.info("witness %s voting in the cluster", name)
     try:
+        await listen(listener(config, "cluster.bind"), runner.start)
+        notifier.ready(f"witness {name} voting")
+        log.info("witness %s voting in the cluster", name)
         await stop.wait()
         notifier.stopping()
         await runner.leave(timeout=2.0)
@@ -318,11 +373,19 @@ async def serve_witness(config: Config) -> int:
 
 
 def run(config_path: str | None, *, witness: bool = False) -> int:
-    """Load the config and serve until stopped (the `moc-node run` command)."""
-    if witness:
-        config = load_config(config_path)
-        if not config.cluster.enabled:
-            raise ConfigError("cluster.enabled: a witness needs [cluster] enabled = true")
-        return asyncio.run(serve_witness(config))
-    config = with_demo_model(load_config(config_path))
-    return asyncio.run(serve(config, config_path=config_path))
+    """Load and check the config, then serve until stopped (the `moc-node run` command).
+
+    Everything that can be known wrong before a port opens is refused by `preflight`, with one
+    ConfigError line; the key files are read there, once.
+    """
+    config = load_config(config_path)
+    if witness and not config.cluster.enabled:
+        raise ConfigError("cluster.enabled: a witness needs [cluster] enabled = true")
+    keys = preflight(config)
+    try:
+        if witness:
+            return asyncio.run(serve_witness(config, keys.cluster))
+        return asyncio.run(serve(with_demo_model(config), keys, config_path=config_path))
+    finally:
+        # A start that failed half-way must not leave actor threads holding the process alive.
+        pykka.ActorRegistry.stop_all()

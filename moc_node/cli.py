@@ -110,7 +110,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return run(args.config, witness=args.witness)
     except ConfigError as exc:
-        print(f"moc-node: config error: {exc}", file=sys.stderr)
+        # One line whatever a quoted value holds: the message is read in journals and scripts.
+        message = " ".join(str(exc).splitlines())
+        print(f"moc-node: config error: {message}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ the start with one `ConfigError` line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import tomllib
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from actors.config import ModelsConfig, ResilienceConfig, ResourcesConfig
 from actors.goals.config import GoalsConfig
 from actors.learning.config import LearningConfig
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, require_enabled
 from cluster.config import from_mapping as cluster_from_mapping
 from transports.config import ServerConfig
 
@@ -88,17 +89,29 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: cannot read it: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}: not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except RecursionError:  # tomllib recurses per nesting level
+            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     _apply_env(data, os.environ if env is None else env)
+    return from_mapping(data)
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    """Build a checked Config from parsed TOML (environment overrides already applied)."""
+    data = dict(data)
     for name in RESERVED_SECTIONS:
         if name in data:
             raise ConfigError(f"{name}: this section is reserved for a feature not available yet")
     # Sections with presets build themselves: `profile` picks the base the other keys override.
-    loaders = {"cluster": cluster_from_mapping}
+    loaders = {"cluster": _cluster}
     custom: dict[str, Any] = {}
     for name, loader in loaders.items():
         if name in data:
@@ -111,6 +124,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                 raise ConfigError(str(exc)) from None
     config: Config = build(Config, data, "")
     return dataclasses.replace(config, **custom) if custom else config
+
+
+def _cluster(table: Mapping[str, Any]) -> ClusterConfig:
+    require_enabled(table)
+    return cluster_from_mapping(table)
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -130,7 +148,7 @@ def _parse_env_value(raw: str) -> Any:
     """Read an env value as a TOML value (numbers, booleans, arrays), else as a plain string."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return raw
 
 
@@ -196,7 +214,14 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {value} is too large") from None
+        # No key means "forever" by infinity, and NaN fails every range check silently.
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

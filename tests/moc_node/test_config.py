@@ -135,7 +135,7 @@ def test_a_missing_config_file_is_named() -> None:
 
 
 def test_the_cluster_section_applies_its_profile_then_the_overrides(tmp_path: Path) -> None:
-    text = '[cluster]\nprofile = "local"\nvoters = ["a", "b", "c"]\n'
+    text = '[cluster]\nenabled = true\nprofile = "local"\nvoters = ["a", "b", "c"]\n'
     config = load_config(write(tmp_path, text), env={})
     assert config.cluster.voters == ("a", "b", "c")
     assert config.cluster.probe_interval_s < 1.0  # the local preset, not the LAN default
@@ -144,3 +144,71 @@ def test_the_cluster_section_applies_its_profile_then_the_overrides(tmp_path: Pa
 def test_a_bad_cluster_key_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cluster.bogus"):
         load_config(write(tmp_path, "[cluster]\nbogus = 1\n"), env={})
+
+
+@pytest.mark.parametrize("key", ["seeds", "voters"])
+def test_seeds_or_voters_without_enabled_are_refused_naming_the_key(
+    tmp_path: Path, key: str
+) -> None:
+    text = f'[cluster]\n{key} = ["10.0.0.1:7946"]\n'
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), env={})
+    assert str(error.value).startswith(f"cluster.{key}: set without `enabled`")
+
+
+def test_seeds_from_the_environment_without_enabled_are_refused_too() -> None:
+    with pytest.raises(ConfigError, match="cluster.seeds: set without `enabled`"):
+        load_config(None, env={"MOC_CLUSTER__SEEDS": '["10.0.0.1:7946"]'})
+
+
+def test_an_explicit_enabled_false_keeps_a_cluster_section_inert(tmp_path: Path) -> None:
+    text = '[cluster]\nenabled = false\nseeds = ["10.0.0.1:7946"]\nvoters = ["a"]\n'
+    config = load_config(write(tmp_path, text), env={})
+    assert not config.cluster.enabled
+    assert config.cluster.seeds == ("10.0.0.1:7946",)
+
+
+def test_an_enabled_cluster_on_a_wildcard_bind_needs_advertise(tmp_path: Path) -> None:
+    text = '[cluster]\nenabled = true\nbind = "0.0.0.0:7946"\n'
+    with pytest.raises(ConfigError, match="cluster.advertise: required"):
+        load_config(write(tmp_path, text), env={})
+    text += 'advertise = "10.0.0.5:7946"\n'
+    assert load_config(write(tmp_path, text), env={}).cluster.advertise == "10.0.0.5:7946"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[node]\ndrain_timeout = inf\n", "node.drain_timeout: expected a finite number"),
+        ("[node]\ndrain_timeout = nan\n", "node.drain_timeout: expected a finite number"),
+        ("[node]\ndrain_timeout = 1" + "0" * 400 + "\n", "node.drain_timeout: 1000"),
+        ("[cluster]\nlease_s = inf\n", "cluster.lease_s: must be a finite number"),
+        ("[cluster]\nlease_s = 1" + "0" * 400 + "\n", "cluster.lease_s: 1000"),
+        ("[cluster]\nprofile = ['lan']\n", "cluster.profile: must be one of"),
+        ("[cluster]\nmax_stream_bytes = 10\n", "cluster.max_stream_bytes: must be >="),
+    ],
+    ids=["inf", "nan", "too-large-for-a-float", "cluster-inf", "cluster-too-large",
+         "profile-a-list", "stream-below-a-packet"],
+)
+def test_numbers_no_timer_can_use_are_refused_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), env={})
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_a_config_path_that_is_a_directory_or_not_text_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_config(tmp_path, env={})
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[node]\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(binary, env={})
+
+
+def test_toml_nested_past_the_parser_s_recursion_is_one_line(tmp_path: Path) -> None:
+    deep = "a = " + "[" * 5000 + "]" * 5000 + "\n"
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, deep), env={})
