@@ -36,6 +36,7 @@ from transports.dispatch import (
     classify,
     health_view,
 )
+from transports.http_guard import GuardedSite, connection_middleware
 from transports.metrics import IN_FLIGHT, STREAMS_CLOSED_BY_CLIENT, record_http, render
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,12 @@ def build_app(
         log.warning("no API keys configured: every HTTP route is open (dev only)")
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[_metrics_middleware, _error_middleware, _auth_middleware(keys, config)],
+        middlewares=[
+            connection_middleware,
+            _metrics_middleware,
+            _error_middleware,
+            _auth_middleware(keys, config),
+        ],
     )
     app[DISPATCHER_KEY] = dispatcher or Dispatcher(node, config)
     app[CONFIG_KEY] = config
@@ -626,26 +632,37 @@ class HttpServer:
         )
         self._config = config
         self._runner: web.AppRunner | None = None
+        self._site: GuardedSite | None = None
         self.port = 0
 
     async def start(self) -> None:
         """Bind the port and start serving."""
         # handler_cancellation: a client that hangs up cancels its handler, which closes the
         # node's stream or cancels the inference instead of generating for nobody.
+        config = self._config
         runner = web.AppRunner(
             self.app,
             handler_cancellation=True,
-            shutdown_timeout=self._config.shutdown_timeout_s,
+            shutdown_timeout=config.shutdown_timeout_s,
             access_log_class=RefusalCounter,
+            keepalive_timeout=config.keepalive_timeout_s,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._config.host, self._config.rest_port)
+        # The site bounds connections per address and the time to send a request head.
+        site = GuardedSite(
+            runner,
+            config.host,
+            config.rest_port,
+            max_connections_per_ip=config.max_connections_per_ip,
+            header_read_timeout_s=config.header_read_timeout_s,
+        )
         try:
             await site.start()
         except OSError:
             await runner.cleanup()
             raise
         self._runner = runner
+        self._site = site
         bound = [addr for addr in runner.addresses if isinstance(addr, tuple)]
         self.port = int(bound[0][1]) if bound else self._config.rest_port
         log.info("HTTP server listening on %s:%d", self._config.host, self.port)
@@ -655,6 +672,11 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._site = None
+
+    def open_connections(self, address: str) -> int:
+        """Return how many connections `address` holds open now."""
+        return 0 if self._site is None else self._site.counts.held(address)
 
     async def __aenter__(self) -> HttpServer:
         await self.start()
