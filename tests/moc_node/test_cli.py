@@ -1,9 +1,15 @@
-"""The client commands of `moc-node` against a real node over HTTP."""
+"""The client commands of `moc-node` against a real node over HTTP, and `moc-node run` refusing
+a config that cannot start."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -63,3 +69,104 @@ async def test_errors_are_one_clear_line(
     assert code == 1 and "404" in out and "not loaded" in out
     code, out = await run_cli(capsys, "status", "--url", "http://127.0.0.1:1")
     assert code == 1 and "cannot reach" in out
+
+
+# ---- `moc-node run` refusing a config that cannot start --------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def connectable(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclasses.dataclass
+class Refusal:
+    """A config `moc-node run` must refuse, and the key its one line must name."""
+
+    key: str
+    toml: str = ""  # sections after the base config
+    server: str = ""  # lines added to its [server] section
+    key_file: str | None = None  # written to <tmp>/cluster.key
+    occupy: str | None = None  # "rest" or "zmq": a socket of the test's own holds that port
+    # A bind failure comes after the runtime is built, which logs; a preflight one before.
+    only_line: bool = True
+
+
+REFUSALS: dict[str, Refusal] = {
+    "bad-cluster-key-file": Refusal(
+        "cluster.key_file",
+        '[cluster]\nenabled = true\nprofile = "local"\nkey_file = "{tmp}/cluster.key"\n',
+        key_file="this line is neither hex nor base64\n",
+    ),
+    "missing-api-key-file": Refusal(
+        "server.api_key_file", server='api_key_file = "{tmp}/no-such-keys"\n'
+    ),
+    "seeds-without-enabled": Refusal("cluster.seeds", '[cluster]\nseeds = ["10.0.0.1:7946"]\n'),
+    "http-port-in-use": Refusal("server.rest_port", occupy="rest", only_line=False),
+    "zmq-port-in-use": Refusal("server.zmq_port", occupy="zmq", only_line=False),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS.values(), ids=REFUSALS.keys())
+def test_run_refuses_a_config_that_cannot_start_with_exit_2_and_one_line(
+    tmp_path: Path, case: Refusal
+) -> None:
+    ports = {"rest": free_port(), "zmq": free_port()}
+    holder = socket.socket()
+    if case.occupy:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        ports[case.occupy] = holder.getsockname()[1]
+    if case.key_file is not None:
+        (tmp_path / "cluster.key").write_text(case.key_file)
+    (tmp_path / "models").mkdir()
+    config = tmp_path / "moc.toml"
+    config.write_text(
+        f"""
+[node]
+state_dir = "{tmp_path / "state"}"
+model_dirs = ["{tmp_path / "models"}"]
+[server]
+host = "127.0.0.1"
+rest_port = {ports["rest"]}
+zmq_port = {ports["zmq"]}
+{case.server.replace("{tmp}", str(tmp_path))}
+[resources]
+devices = "cpu"
+[[models.catalog]]
+name = "m"
+path = "{tmp_path / "models" / "m.gguf"}"
+"""
+        + case.toml.replace("{tmp}", str(tmp_path))
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOC_")}
+    started = time.monotonic()
+    with holder:
+        done = subprocess.run(
+            [sys.executable, "-m", "moc_node.cli", "run", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,  # the old node kept running with a missing api_key_file
+        )
+    elapsed = time.monotonic() - started
+    lines = done.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("moc-node: config error: ")]
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(errors) == 1 and errors[0] == lines[-1], done.stderr
+    assert errors[0].startswith(f"moc-node: config error: {case.key}: ")
+    if case.only_line:
+        # Each listener logs when it binds (INFO, on stderr): one line means none was bound.
+        assert lines == errors
+        assert not (tmp_path / "state").exists()  # refused before anything was written
+    else:
+        assert f"127.0.0.1:{ports[case.occupy or '']}: Address already in use" in errors[0]
+    assert not any(connectable(port) for name, port in ports.items() if name != case.occupy)
+    assert elapsed < 60, f"took {elapsed:.1f} s to refuse"
