@@ -7,6 +7,7 @@ the bind rule are also checked as pure functions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -19,6 +20,7 @@ import zmq
 import zmq.auth
 
 from actors.types import ComponentHealth, HealthReport
+from moc_node.config import load_config
 from transports.config import ZmqAuth
 from transports.zmq_auth import ZapRequest, address_allowed, bind_host, zap_verdict
 from transports.zmq_legacy import ZmqServer
@@ -334,3 +336,19 @@ async def test_a_peer_that_stalls_in_the_handshake_is_dropped_after_the_timeout_
     await wait_for(
         lambda: metric("moc_zmq_connections_dropped_total", reason="handshake_failed") > before
     )
+
+
+async def test_the_shipped_example_config_keeps_the_zmq_port_off_the_network(
+    node: FakeNode, tmp_path: Path, zmq_context: zmq.Context[Any]
+) -> None:
+    example = load_config(Path(__file__).parents[2] / "systemd" / "config.toml", env={})
+    key_file = tmp_path / "api-keys"
+    key_file.write_text(KEY + "\n", encoding="utf-8")
+    config = dataclasses.replace(
+        example.server, zmq_port=0, rest_port=0, api_key_file=str(key_file)
+    )
+    assert config.host == "0.0.0.0"
+
+    async with ZmqServer(node, config) as server:
+        assert server.endpoint.startswith("tcp://127.0.0.1:")
+        assert (await call(zmq_context, server, request("health")))["success"] is True
