@@ -18,15 +18,19 @@ from typing import Any
 
 import pykka
 
-from actors import metrics
+from actors import metrics, names
 from actors.config import CatalogEntry, CircuitBreakerConfig, ModelsConfig
 from actors.errors import (
     InsufficientMemory,
     InvalidRequest,
+    MocError,
     ModelAlreadyLoaded,
+    ModelFileInvalid,
     ModelNotFound,
     ModelNotLoaded,
+    NameTaken,
     ShuttingDown,
+    StateNotWritable,
 )
 from actors.estimate import CUDA_CONTEXT_MB, estimate_gguf_memory
 from actors.lane import ModelLane
@@ -72,6 +76,7 @@ class Slot:
     version: str = ""
     pid: int | None = None
     error: str | None = None
+    next_entry: CatalogEntry | None = None  # a replacement registered while this one is loaded
 
 
 def _by_name(info: ModelInfo) -> str:
@@ -201,8 +206,19 @@ class ModelManager(pykka.ThreadingActor):
         """Answer True: the watchdog's proof that this actor still takes messages."""
         return True
 
-    def register(self, entry: CatalogEntry) -> None:
-        """Add a model a learning job produced to the catalog, durably."""
+    def register(self, entry: CatalogEntry, replace: bool = False) -> None:
+        """Add a model a learning job produced to the catalog, durably.
+
+        A name that already names a model is refused (NameTaken) unless `replace`: a job's output
+        never shadows a model by accident. A replaced model that is loaded keeps serving its old
+        weights until it is next loaded.
+        """
+        names.check_name(entry.name, "output_name")
+        if entry.name in self._slots and not replace:
+            raise NameTaken(
+                "output_name",
+                f"model {entry.name!r} exists; send \"replace\": true to replace it",
+            )
         self._deps.store.record_registered(
             RegisteredRecord(entry.name, entry.path, entry.lora, entry.backend, entry.n_ctx)
         )
@@ -216,6 +232,8 @@ class ModelManager(pykka.ThreadingActor):
             slot.in_catalog = slot.registered = True
             if slot.state in ("available", "failed"):
                 slot.entry = entry
+            else:
+                slot.next_entry = entry  # adopted when the loaded one stops
         self._publish(entry.name)
 
     def preload_names(self) -> list[str]:
@@ -235,6 +253,9 @@ class ModelManager(pykka.ThreadingActor):
     def _acquire(self, request: LoadRequest, reply: Acquired, explicit: bool) -> None:
         if self._closing:
             raise ShuttingDown("the node is shutting down")
+        # Every load passes here (clients, peers, restore): a name that SQLite, a metric label
+        # or a reply cannot carry never gets a slot.
+        names.check_name(request.name, "model_name")
         slot = self._slots.get(request.name)
         if slot is not None and slot.state in ("loaded", "loading") and explicit:
             raise ModelAlreadyLoaded(f"model {request.name!r} is already {slot.state}")
@@ -257,7 +278,10 @@ class ModelManager(pykka.ThreadingActor):
         if request.path is None and base is None:
             raise ModelNotFound(f"model {request.name!r} is not loaded and not in the catalog")
         path = request.path or (base.path if base else "")
-        resolved = resolve_model_path(path, self._deps.model_dirs)
+        try:
+            resolved = resolve_model_path(path, self._deps.model_dirs)
+        except OSError as exc:  # e.g. ENAMETOOLONG: the path is the client's, not the node's
+            raise InvalidRequest("model_path", f"cannot be resolved: {exc.strerror}") from None
         backend = request.backend or (base.backend if base else _backend_for(resolved))
         try:
             return CatalogEntry(
@@ -310,7 +334,10 @@ class ModelManager(pykka.ThreadingActor):
         on_gpu = any(ledger.kind == "nvml" for ledger in self._deps.ledgers.values())
         if entry.backend == "torch":
             # A program's tensors live in the file; torch's allocator adds about a fifth.
-            tensors = Path(entry.path).stat().st_size / MIB * 1.2
+            try:
+                tensors = Path(entry.path).stat().st_size / MIB * 1.2
+            except OSError as exc:
+                raise ModelFileInvalid(f"cannot read {entry.path}: {exc.strerror}") from None
             return tensors + (CUDA_CONTEXT_MB if on_gpu else 64)
         estimate = estimate_gguf_memory(
             entry.path, n_ctx=entry.n_ctx, gpu_layers=entry.gpu_layers, on_gpu=on_gpu
@@ -345,6 +372,7 @@ class ModelManager(pykka.ThreadingActor):
             device_kind=ledger.kind,
             device_index=self._deps.device_index.get(device),
             lora_path=entry.lora or None,
+            cpu_repack=self._models_config.cpu_repack_for(entry),
         )
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
         events = self.actor_ref.proxy()
@@ -423,10 +451,38 @@ class ModelManager(pykka.ThreadingActor):
     # -- events from ModelActors ----------------------------------------------------------
 
     def model_loaded(self, name: str, info: LoadedInfo) -> None:
+        """Adopt a model its worker loaded; whoever waits for it gets its lane or the error."""
         slot = self._slots.get(name)
         if slot is None or slot.state not in ("loading", "loaded") or slot.device is None:
             return  # unloaded meanwhile; its stop is on the way
+        try:
+            self._adopt(slot, info)
+        except Exception as exc:
+            # Nobody reads this message's future: an error left here would be lost and the
+            # client would wait out its whole load timeout. Fail the load instead, and undo it.
+            if isinstance(exc, MocError):
+                log.error("model %s loaded but cannot be served: %s", name, exc)
+            else:
+                log.error("model %s loaded but cannot be served", name, exc_info=exc)
+            slot.state = "loading"  # as if the load failed: "failed", stopped, waiters told
+            self.model_load_failed(name, exc)
+
+    def _adopt(self, slot: Slot, info: LoadedInfo) -> None:
+        name = slot.entry.name
+        assert slot.device is not None
         first = slot.state == "loading"
+        if first:
+            # Recorded before it is served: a model the store cannot remember is not served.
+            self._deps.store.record_loaded(
+                LoadedRecord(
+                    name,
+                    slot.entry.path,
+                    slot.entry.backend,
+                    slot.entry.n_ctx,
+                    slot.entry.gpu_layers,
+                    slot.entry.pin,
+                )
+            )
         slot.state = "loaded"
         slot.measured_mb = info.measured_mb
         slot.version = info.version
@@ -448,16 +504,6 @@ class ModelManager(pykka.ThreadingActor):
                 info.load_seconds,
                 slot.estimate_mb or 0,
                 info.measured_mb,
-            )
-            self._deps.store.record_loaded(
-                LoadedRecord(
-                    name,
-                    slot.entry.path,
-                    slot.entry.backend,
-                    slot.entry.n_ctx,
-                    slot.entry.gpu_layers,
-                    slot.entry.pin,
-                )
             )
         self._refresh_loaded_gauge()
         self._publish(name)
@@ -489,7 +535,12 @@ class ModelManager(pykka.ThreadingActor):
             if slot.measured_mb is not None:
                 metrics.model_memory_usage_mb.remove(name, self._device_label(slot.device))
         if slot.persist_unload:
-            self._deps.store.record_unloaded(name)
+            try:
+                self._deps.store.record_unloaded(name)
+            except StateNotWritable as exc:  # the model is stopped whatever the store says
+                log.warning("%s", exc)
+        if slot.next_entry is not None:
+            slot.entry, slot.next_entry = slot.next_entry, None
         failed = slot.state == "failed"
         slot.state = "failed" if failed else "available"
         slot.device = None

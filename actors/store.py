@@ -2,6 +2,11 @@
 
 One connection guarded by a lock: writes are rare (a load, an unload) and tiny, so a single
 connection is simpler than a pool and WAL keeps readers off the writer's back.
+
+A write that SQLite refuses (a value it cannot encode, a full disk, a read-only file) raises
+`StateNotWritable`, a MocError the caller turns into that one request's failure; text read back
+that is not UTF-8 (a file edited by hand) is decoded with replacement characters rather than
+failing the whole read.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from actors.errors import StateNotWritable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS loaded_models (
@@ -64,28 +72,40 @@ class StateStore:
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.text_factory = _lenient_text
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
+    def _write(self, sql: str, params: tuple[Any, ...], what: str) -> None:
+        """Run one write; raise StateNotWritable (naming `what`) if SQLite refuses it."""
+        try:
+            with self._lock:
+                self._db.execute(sql, params)
+        except (sqlite3.Error, UnicodeError, OverflowError, ValueError) as exc:
+            raise StateNotWritable(f"the state store could not record {what}: {exc}") from exc
+
     def record_loaded(self, record: LoadedRecord) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO loaded_models VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.name,
-                    record.path,
-                    record.backend,
-                    record.n_ctx,
-                    record.gpu_layers,
-                    int(record.pinned),
-                    time.time(),
-                ),
-            )
+        """Remember a loaded model, to load it again at the next start."""
+        self._write(
+            "INSERT OR REPLACE INTO loaded_models VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.name,
+                record.path,
+                record.backend,
+                record.n_ctx,
+                record.gpu_layers,
+                int(record.pinned),
+                time.time(),
+            ),
+            f"model {record.name!r} as loaded",
+        )
 
     def record_unloaded(self, name: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM loaded_models WHERE name = ?", (name,))
+        """Forget a model that was unloaded on purpose."""
+        self._write(
+            "DELETE FROM loaded_models WHERE name = ?", (name,), f"model {name!r} as unloaded"
+        )
 
     def loaded(self) -> list[LoadedRecord]:
         """Return the models to restore, oldest load first."""
@@ -98,11 +118,11 @@ class StateStore:
 
     def record_registered(self, record: RegisteredRecord) -> None:
         """Remember a model a learning job produced, so it stays servable after a restart."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO registered_models VALUES (?, ?, ?, ?, ?)",
-                (record.name, record.path, record.lora, record.backend, record.n_ctx),
-            )
+        self._write(
+            "INSERT OR REPLACE INTO registered_models VALUES (?, ?, ?, ?, ?)",
+            (record.name, record.path, record.lora, record.backend, record.n_ctx),
+            f"model {record.name!r} as registered",
+        )
 
     def registered(self) -> list[RegisteredRecord]:
         with self._lock:
@@ -117,8 +137,7 @@ class StateStore:
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value), f"meta {key!r}")
 
     def next_generation(self) -> int:
         """Count this start: peers tell a restarted node's state from its old one by it."""
@@ -129,6 +148,10 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _lenient_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 class TermStore:

@@ -23,6 +23,7 @@ from actors import metrics
 from actors.errors import (
     Cancelled,
     FeatureUnavailable,
+    InvalidRequest,
     MocError,
     ModelNotFound,
     ModelNotLoaded,
@@ -126,7 +127,10 @@ class Node:
             plan = await self._cluster.plan_restore(records)
             for name, holder in plan.skip.items():
                 log.info("not restoring model %s: %s holds it now", name, holder)
-                self._store.record_unloaded(name)
+                try:
+                    self._store.record_unloaded(name)
+                except MocError as exc:  # it is asked about again at the next start
+                    log.warning("%s", exc)
             records = [r for r in records if r.name not in plan.skip]
         for record in records:
             wanted[record.name] = LoadRequest(
@@ -440,6 +444,9 @@ class Node:
                             yield item
                         else:
                             yield TokenChunk(item)
+        except InvalidRequest as exc:
+            outcome = exc.code
+            raise _named_as_requested(exc, req) from None
         except MocError as exc:
             outcome = exc.code
             raise
@@ -464,6 +471,9 @@ class Node:
                     result = await lane.infer(req, self._deadline(req))
                 outcome = "success"
                 return result
+        except InvalidRequest as exc:
+            outcome = exc.code
+            raise _named_as_requested(exc, req) from None
         except MocError as exc:
             outcome = exc.code
             raise
@@ -503,6 +513,15 @@ class Node:
         if info is None:
             raise ModelNotLoaded(f"model {name!r} is not loaded")
         return self._with_queue(info)
+
+
+def _named_as_requested(exc: InvalidRequest, req: InferRequest) -> InvalidRequest:
+    """Return `exc` naming the request's own field: the GGUF backend says "input_text" (the
+    legacy name) for a prompt too long for the context, whatever the surface and the shape."""
+    if exc.field != "input_text":
+        return exc
+    field = "messages" if req.messages is not None else "prompt"
+    return InvalidRequest(field, str(exc).removeprefix("input_text: "))
 
 
 async def _ask(future: Any) -> Any:

@@ -3,7 +3,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from actors.store import LoadedRecord, StateStore
+import pytest
+
+from actors.errors import StateNotWritable
+from actors.store import LoadedRecord, RegisteredRecord, StateStore
 
 
 def test_the_loaded_set_survives_a_reopen_in_load_order(tmp_path: Path) -> None:
@@ -40,3 +43,38 @@ def test_the_term_and_generation_survive_a_reopen(tmp_path: Path) -> None:
     assert TermStore(reopened).load() == 7
     assert reopened.next_generation() == 2
     reopened.close()
+
+
+def test_a_value_sqlite_cannot_encode_fails_that_write_as_state_not_writable(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path / "s.db")
+    with pytest.raises(StateNotWritable, match="model 'sur\\\\ud800x' as loaded"):
+        store.record_loaded(LoadedRecord("sur\ud800x", "/m/a.gguf", "gguf", 512, -1, False))
+    with pytest.raises(StateNotWritable):
+        store.record_registered(RegisteredRecord("\udc80", "/m/a.gguf", "", "gguf", 512))
+    store.record_loaded(LoadedRecord("a", "/m/a.gguf", "gguf", 512, -1, False))
+    assert [r.name for r in store.loaded()] == ["a"]  # the store itself is unharmed
+    store.close()
+
+
+def test_a_write_sqlite_refuses_names_what_could_not_be_recorded(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.db")
+    store.record_loaded(LoadedRecord("a", "/m/a.gguf", "gguf", 512, -1, False))
+    sqlite3.connect(tmp_path / "s.db", isolation_level=None).execute(
+        "CREATE TRIGGER no BEFORE DELETE ON loaded_models BEGIN SELECT RAISE(ABORT, 'full'); END"
+    )
+    with pytest.raises(StateNotWritable, match="model 'a' as unloaded: full"):
+        store.record_unloaded("a")
+    store.close()
+
+
+def test_text_that_is_not_utf8_reads_back_with_replacement_characters(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.db")
+    raw = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    raw.execute(
+        "INSERT INTO loaded_models VALUES (CAST(x'61ff62' AS TEXT), '/m/a.gguf', 'gguf', 512, -1,"
+        " 0, 1.0)"
+    )
+    assert [r.name for r in store.loaded()] == ["a\ufffdb"]
+    store.close()
