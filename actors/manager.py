@@ -28,7 +28,6 @@ from actors.errors import (
     ModelFileInvalid,
     ModelNotFound,
     ModelNotLoaded,
-    NameTaken,
     ShuttingDown,
     StateNotWritable,
 )
@@ -206,19 +205,14 @@ class ModelManager(pykka.ThreadingActor):
         """Answer True: the watchdog's proof that this actor still takes messages."""
         return True
 
-    def register(self, entry: CatalogEntry, replace: bool = False) -> None:
+    def register(self, entry: CatalogEntry) -> None:
         """Add a model a learning job produced to the catalog, durably.
 
-        A name that already names a model is refused (NameTaken) unless `replace`: a job's output
-        never shadows a model by accident. A replaced model that is loaded keeps serving its old
-        weights until it is next loaded.
+        An existing model of that name is replaced: the learning actor refuses a job whose output
+        would shadow a model unless the client asked for `replace`. A replaced model that is
+        loaded keeps serving its old weights until it is next loaded.
         """
         names.check_name(entry.name, "output_name")
-        if entry.name in self._slots and not replace:
-            raise NameTaken(
-                "output_name",
-                f"model {entry.name!r} exists; send \"replace\": true to replace it",
-            )
         self._deps.store.record_registered(
             RegisteredRecord(entry.name, entry.path, entry.lora, entry.backend, entry.n_ctx)
         )
