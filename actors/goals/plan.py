@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from actors import names
+from actors.errors import InvalidRequest
 from actors.goals.config import GoalsConfig
 from actors.goals.errors import InvalidGoal
 from actors.goals.model import (
@@ -52,12 +54,11 @@ def parse_goal(spec: Any, config: GoalsConfig) -> GoalDraft:
     """Check a goal spec, legacy (`metadata`, no `steps`) or new (`steps`); name the bad field."""
     if not isinstance(spec, Mapping):
         raise InvalidGoal("goal", "must be an object")
-    title = spec.get("title")
-    if not isinstance(title, str) or not title.strip():
-        raise InvalidGoal("title", "required, a non-empty string")
+    title = _checked(names.check_title, spec.get("title"), "title")
     description = spec.get("description", "")
     if not isinstance(description, str):
         raise InvalidGoal("description", "must be a string")
+    _checked(names.check_text, description, "description")
     priority = parse_priority(spec.get("priority"))
     metadata = spec.get("metadata", {})
     if metadata is None:
@@ -94,11 +95,13 @@ def legacy_plan(
         if not isinstance(metadata.get(key), str) or not metadata[key].strip()
     ]
     if missing:
-        names = ", ".join(f"metadata.{key} ({why})" for key, why in missing)
+        listed = ", ".join(f"metadata.{key} ({why})" for key, why in missing)
         raise InvalidGoal(
             f"metadata.{missing[0][0]}",
-            f"a legacy goal becomes the plan {LEGACY_PLAN}; it is missing {names}",
+            f"a legacy goal becomes the plan {LEGACY_PLAN}; it is missing {listed}",
         )
+    _checked(names.check_name, metadata["model_name"], "metadata.model_name")
+    _checked(names.check_path, metadata["dataset_path"], "metadata.dataset_path")
     params = metadata.get("training_params", {})
     if params is None:
         params = {}
@@ -115,10 +118,11 @@ def legacy_plan(
         "training_params": dict(params),
     }
     if metadata.get("output_name") is not None:
-        job["output_name"] = _string(metadata, "output_name", "metadata.output_name")
+        job["output_name"] = _name(metadata, "output_name", "metadata.output_name")
     eval_path = metadata.get("eval_path", metadata["dataset_path"])
     if not isinstance(eval_path, str) or not eval_path.strip():
         raise InvalidGoal("metadata.eval_path", "must be a non-empty path")
+    _checked(names.check_path, eval_path, "metadata.eval_path")
     improvement = _improvement(
         metadata.get("min_improvement", config.default_min_improvement), "metadata.min_improvement"
     )
@@ -151,8 +155,10 @@ def _parse_step(item: Any, where: str, config: GoalsConfig, priority: Priority) 
         raise InvalidGoal(f"{where}.kind", f"one of {', '.join(STEP_KINDS)}")
     if kind == "train":
         job = {k: v for k, v in item.items() if k != "kind"}
-        for key in ("model_name", "dataset_path"):
-            _string(job, key, f"{where}.{key}")
+        _name(job, "model_name", f"{where}.model_name")
+        _path(job, "dataset_path", f"{where}.dataset_path")
+        if job.get("output_name") is not None:
+            _name(job, "output_name", f"{where}.output_name")
         if job.get("job_type", "lora") not in JOB_TYPES:
             raise InvalidGoal(f"{where}.job_type", f"one of {', '.join(JOB_TYPES)}")
         job.setdefault("job_type", "lora")
@@ -168,9 +174,9 @@ def _parse_step(item: Any, where: str, config: GoalsConfig, priority: Priority) 
         ):
             raise InvalidGoal(f"{where}.max_tokens", "an integer >= 1")
         return EvaluateStep(
-            eval_path=_string(item, "eval_path", f"{where}.eval_path"),
-            base=_optional_string(item, "base", f"{where}.base"),
-            candidate=_optional_string(item, "candidate", f"{where}.candidate"),
+            eval_path=_path(item, "eval_path", f"{where}.eval_path"),
+            base=_optional_name(item, "base", f"{where}.base"),
+            candidate=_optional_name(item, "candidate", f"{where}.candidate"),
             max_tokens=max_tokens,
         )
     if kind == "gate":
@@ -183,8 +189,8 @@ def _parse_step(item: Any, where: str, config: GoalsConfig, priority: Priority) 
         )
         return GateStep(min_improvement=improvement, metric=metric)
     if kind == "deploy":
-        return DeployStep(model=_optional_string(item, "model", f"{where}.model"))
-    return UnloadStep(model=_string(item, "model", f"{where}.model"))
+        return DeployStep(model=_optional_name(item, "model", f"{where}.model"))
+    return UnloadStep(model=_name(item, "model", f"{where}.model"))
 
 
 def check_references(steps: Sequence[Step]) -> None:
@@ -213,8 +219,25 @@ def _string(mapping: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _optional_string(mapping: Mapping[str, Any], key: str, where: str) -> str | None:
-    return None if mapping.get(key) is None else _string(mapping, key, where)
+def _name(mapping: Mapping[str, Any], key: str, where: str) -> str:
+    return _checked(names.check_name, _string(mapping, key, where), where)
+
+
+def _optional_name(mapping: Mapping[str, Any], key: str, where: str) -> str | None:
+    return None if mapping.get(key) is None else _name(mapping, key, where)
+
+
+def _path(mapping: Mapping[str, Any], key: str, where: str) -> str:
+    return _checked(names.check_path, _string(mapping, key, where), where)
+
+
+def _checked(check: Any, value: Any, where: str) -> str:
+    """Run a check of `actors.names`, refusing with this package's error class."""
+    try:
+        result: str = check(value, where)
+    except InvalidRequest as exc:
+        raise InvalidGoal(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
+    return result
 
 
 def _improvement(value: Any, where: str) -> float:

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import pykka
 
-from actors.errors import MocError, ModelNotFound
+from actors.errors import MocError, ModelNotFound, NameTaken
 from actors.learning import metrics
 from actors.learning.config import LearningConfig
 from actors.learning.datasets import load_dataset
@@ -188,6 +188,8 @@ class LearningActor(pykka.ThreadingActor):
         job = parse_spec(
             spec, default_steps=self.config.default_steps, max_steps=self.config.max_steps
         )
+        if job.output_name is not None and not job.replace:
+            self._refuse_taken(job.output_name)  # before any work: the dataset is read next
         load_dataset(job.dataset_path, job.job_type, self.config.dataset_dirs)
         base = self._resolve_checked("model_name", job.model_name)
         teacher = None
@@ -243,6 +245,33 @@ class LearningActor(pykka.ThreadingActor):
         return self.get(job_id)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _taken_by(self, output: str) -> str | None:
+        """Say what already holds the model name `output`, or None if it is free."""
+        try:
+            self._resolve(output)
+        except Exception:  # ModelNotFound, or a resolver's own failure: as _resolve_checked reads it
+            pass
+        else:
+            return f"model {output!r} exists (in the catalog, loaded or a job's output)"
+        for pending in self._store.jobs(("queued", "running", "cancelling")):
+            if pending.output_name == output:
+                return f"learning job {pending.id} will produce {output!r}"
+        return None
+
+    def _refuse_taken(self, output: str) -> None:
+        taken = self._taken_by(output)
+        if taken is not None:
+            raise NameTaken(
+                "output_name", f"{taken}; send \"replace\": true to replace it, or pick a new name"
+            )
+
+    def _refuse_taken_at_end(self, output: str) -> None:
+        try:
+            self._resolve(output)
+        except Exception:
+            return
+        raise NameTaken("output_name", f"model {output!r} appeared while the job ran")
 
     def _resolve_checked(self, field_name: str, name: str) -> Path:
         try:
@@ -361,7 +390,13 @@ class LearningActor(pykka.ThreadingActor):
         if outcome == "complete":
             assert ended.output_path is not None
             try:
+                if not job.spec.get("replace", False):
+                    # Checked at submit; checked again, as a model may have taken the name since.
+                    self._refuse_taken_at_end(job.output_name)
                 self._register(job.output_name, ended.output_path, ended.lora_base)
+            except MocError as exc:
+                log.warning("learning job %s: cannot register its output: %s", job_id, exc)
+                self._fail(job_id, job.job_type, Exception(f"cannot register the output: {exc}"))
             except Exception as exc:
                 log.exception("registering the output of learning job %s failed", job_id)
                 self._fail(job_id, job.job_type, Exception(f"cannot register the output: {exc}"))

@@ -120,6 +120,7 @@ class JobRecord:
             "priority": self.priority,
             "training_params": self.spec.get("training_params", {}),
             "output_name": self.output_name,
+            "replace": bool(self.spec.get("replace", False)),
             "status": self.status,
             "step": self.step,
             "total_steps": self.total_steps,

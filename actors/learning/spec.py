@@ -2,7 +2,9 @@
 
 Legacy-compatible fields: `job_type` (lora | fine_tune | rlhf | distillation), `model_name`,
 `dataset_path`, `priority` (critical | high | medium | low, or an integer; higher runs first),
-`training_params` and `output_name` (default `<model_name>@<job id>`).
+`training_params` and `output_name` (default `<model_name>@<job id>`). Names follow
+`actors.names` (the output becomes a model name and a file name). `replace` (default false)
+lets the output take the name of an existing model; without it such a job is refused.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from actors import names
+from actors.errors import InvalidRequest
 from actors.learning.errors import InvalidJobSpec
 
 JobType = Literal["lora", "fine_tune", "rlhf", "distillation"]
 JOB_TYPES: tuple[str, ...] = ("lora", "fine_tune", "rlhf", "distillation")
+DEFAULT_OUTPUT_SUFFIX = "@" + "0" * 12  # the default output is <model_name>@<12-hex job id>
 PRIORITIES = {"critical": 3, "high": 2, "medium": 1, "low": 0}
 # Default learning rates: adapters take larger steps than whole weights.
 _DEFAULT_LR = {"lora": 2e-3, "rlhf": 1e-3, "fine_tune": 5e-4, "distillation": 5e-4}
@@ -49,6 +54,8 @@ class JobSpec:
     priority: int
     params: TrainParams
     output_name: str | None
+    replace: bool = False
+    """True lets the output replace a model of the same name (its model_version changes)."""
 
     def as_dict(self) -> dict[str, Any]:
         """Return the spec as stored and reported (training_params spelled out)."""
@@ -59,6 +66,7 @@ class JobSpec:
             "priority": self.priority,
             "training_params": self.params.as_dict(),
             "output_name": self.output_name,
+            "replace": self.replace,
         }
 
 
@@ -67,6 +75,14 @@ def _string(spec: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidJobSpec(key, "required, a non-empty string")
     return value
+
+
+def _checked(check: Any, value: Any, field: str) -> Any:
+    """Run a check of `actors.names`, refusing with this package's error class."""
+    try:
+        return check(value, field)
+    except InvalidRequest as exc:
+        raise InvalidJobSpec(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
 
 
 def parse_priority(value: Any) -> int:
@@ -110,6 +126,8 @@ def parse_params(raw: Any, job_type: str, *, default_steps: int, max_steps: int)
         raise InvalidJobSpec("training_params.teacher", "distillation needs a teacher model name")
     if teacher is not None and not isinstance(teacher, str):
         raise InvalidJobSpec("training_params.teacher", "must be a model name")
+    if teacher is not None:
+        _checked(names.check_name, teacher, "training_params.teacher")
     return TrainParams(
         steps=_number(raw, "steps", default_steps, int, 1, max_steps),
         lr=_number(raw, "lr", _DEFAULT_LR[job_type], float, 1e-8, 1.0),
@@ -132,14 +150,23 @@ def parse_spec(spec: Any, *, default_steps: int = 100, max_steps: int = 100_000)
     if job_type not in JOB_TYPES:
         raise InvalidJobSpec("job_type", f"one of {', '.join(JOB_TYPES)}")
     output = spec.get("output_name")
-    if output is not None and (
-        not isinstance(output, str) or not output or "/" in output or output.startswith(".")
-    ):
-        raise InvalidJobSpec("output_name", "a model name without '/' that does not start with '.'")
+    if output is not None:
+        _checked(names.check_name, output, "output_name")
+    replace = spec.get("replace", False)
+    if not isinstance(replace, bool):
+        raise InvalidJobSpec("replace", "true or false")
+    model_name = _checked(names.check_name, _string(spec, "model_name"), "model_name")
+    room = names.MODEL_NAME_MAX_BYTES - len(DEFAULT_OUTPUT_SUFFIX)
+    if output is None and len(model_name.encode("utf-8")) > room:
+        raise InvalidJobSpec(
+            "output_name",
+            f"required when model_name is over {room} bytes: the default "
+            f"<model_name>@<job id> would be longer than {names.MODEL_NAME_MAX_BYTES}",
+        )
     return JobSpec(
         job_type=job_type,
-        model_name=_string(spec, "model_name"),
-        dataset_path=_string(spec, "dataset_path"),
+        model_name=model_name,
+        dataset_path=_checked(names.check_path, _string(spec, "dataset_path"), "dataset_path"),
         priority=parse_priority(spec.get("priority")),
         params=parse_params(
             spec.get("training_params"),
@@ -148,4 +175,5 @@ def parse_spec(spec: Any, *, default_steps: int = 100, max_steps: int = 100_000)
             max_steps=max_steps,
         ),
         output_name=output,
+        replace=replace,
     )

@@ -139,6 +139,17 @@ BAD_PLANS = [
     ({"title": "t", "priority": "urgent", "steps": [TRAIN]}, "priority"),
     ({"title": "t", "metadata": [], "steps": [TRAIN]}, "metadata"),
     ([TRAIN], "goal"),
+    # Names and text a client chooses (actors.names): issue 13, finding 8.
+    ({"title": "sur\ud800", "steps": [TRAIN]}, "title"),
+    ({"title": "t" * 257, "steps": [TRAIN]}, "title"),
+    ({"title": "line\nbreak", "steps": [TRAIN]}, "title"),
+    ({"title": "t", "description": "\udc80", "steps": [TRAIN]}, "description"),
+    (_plan({**TRAIN, "output_name": "a\x00b"}), "steps[0].output_name"),
+    (_plan({**TRAIN, "model_name": "x/y"}), "steps[0].model_name"),
+    (_plan({**TRAIN, "dataset_path": "d/" * 2500}), "steps[0].dataset_path"),
+    (_plan({"kind": "deploy", "model": "sur\ud800"}), "steps[0].model"),
+    ({"title": "t", "metadata": {**META, "output_name": "o" * 200}}, "metadata.output_name"),
+    ({"title": "t", "metadata": {**META, "model_name": "\ud800"}}, "metadata.model_name"),
 ]
 
 
@@ -166,6 +177,16 @@ BAD_PLANS = [
         "unknown-priority",
         "metadata-not-an-object",
         "not-an-object",
+        "title-lone-surrogate",
+        "title-257-characters",
+        "title-newline",
+        "description-lone-surrogate",
+        "train-output-nul",
+        "train-model-slash",
+        "train-dataset-path-5000",
+        "deploy-model-lone-surrogate",
+        "legacy-output-200-bytes",
+        "legacy-model-lone-surrogate",
     ],
 )
 def test_a_bad_plan_is_refused_naming_the_bad_field(spec: Any, field: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.errors import MocError, ModelNotFound
+from actors.errors import MocError, ModelNotFound, NameTaken
 from actors.learning.actor import LearningActor, settle
 from actors.learning.config import LearningConfig
 from actors.learning.errors import DatasetInvalid, DatasetNotAllowed, InvalidJobSpec, JobNotFound
@@ -230,6 +230,16 @@ def test_a_job_that_never_gets_its_memory_fails_naming_the_wait(
         ({"training_params": {"epochs_x": 1}}, InvalidJobSpec, "training_params.epochs_x"),
         ({"dataset_path": "/etc/passwd"}, DatasetNotAllowed, "outside the dataset directories"),
         ({"job_type": "rlhf"}, DatasetInvalid, "line 1"),
+        # Output names become model names and file names (actors.names).
+        ({"output_name": "out\x00put"}, InvalidJobSpec, "output_name: contains a control"),
+        ({"output_name": "o" * 256}, InvalidJobSpec, "output_name: is 256 bytes"),
+        ({"output_name": "../../etc/x"}, InvalidJobSpec, "output_name: contains a path sep"),
+        ({"output_name": "sur\ud800"}, InvalidJobSpec, "output_name: contains a lone surrogate"),
+        ({"replace": "yes"}, InvalidJobSpec, "replace"),
+        ({"dataset_path": "d/" * 2500}, InvalidJobSpec, "dataset_path: is 5000 bytes"),
+        ({"model_name": "m" * 120}, InvalidJobSpec, "output_name: required when model_name"),
+        # A job's output never shadows a model by accident (issue 13, finding 3).
+        ({"output_name": "tiny"}, NameTaken, "output_name: model 'tiny' exists"),
     ],
     ids=[
         "job-type",
@@ -240,6 +250,14 @@ def test_a_job_that_never_gets_its_memory_fails_naming_the_wait(
         "unknown-param",
         "outside",
         "wrong-kind",
+        "output-nul",
+        "output-256-bytes",
+        "output-path",
+        "output-surrogate",
+        "replace-not-a-bool",
+        "dataset-path-5000",
+        "default-output-too-long",
+        "output-shadows-a-model",
     ],
 )
 def test_bad_specs_are_refused_with_a_message_naming_the_field(
@@ -255,6 +273,33 @@ def test_bad_specs_are_refused_with_a_message_naming_the_field(
     with pytest.raises(error, match=words):
         h.proxy.submit(s).get()
     assert h.proxy.list_jobs().get() == []
+
+
+def test_an_output_a_pending_job_will_produce_is_refused_unless_replace_is_asked(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start()
+    h.hold_all = True
+    first = h.proxy.submit(spec(dataset_dir, output_name="cats")).get()
+    wait_for(lambda: h.started == [first])
+    with pytest.raises(NameTaken, match=f"learning job {first} will produce 'cats'"):
+        h.proxy.submit(spec(dataset_dir, output_name="cats")).get()
+    second = h.proxy.submit(spec(dataset_dir, output_name="cats", replace=True)).get()
+    assert h.job(second)["replace"] is True
+    h.hold_all = False
+    for gate in h.gates.values():
+        gate.set()
+    h.wait_status(first, *FINAL)
+
+
+def test_replace_lets_a_job_output_take_an_existing_models_name(
+    start: Callable[..., Harness], dataset_dir: Path
+) -> None:
+    h = start()
+    job_id = h.proxy.submit(spec(dataset_dir, output_name="tiny", replace=True)).get()
+    job = h.wait_status(job_id, *FINAL)
+    assert job["status"] == "completed", job["error"]
+    assert [(name, base) for name, _, base in h.registered] == [("tiny", "tiny")]
 
 
 def test_jobs_train_in_processes_forked_from_one_fork_server_not_in_the_node(
