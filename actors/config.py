@@ -106,6 +106,9 @@ class CatalogEntry:
     lora: str = ""
     """A GGUF LoRA adapter llama.cpp applies on top of `path` (learning jobs register these);
     empty for none."""
+    cpu_repack: bool | None = None
+    """Overrides `[models] cpu_repack` for this model: true lets llama.cpp repack this model's
+    CPU-resident weights, false forbids it; unset follows the node's setting."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", "non-empty, without '/'")
@@ -130,6 +133,16 @@ class ModelsConfig:
     """Legacy key: catalog names to load at start (same as `preload = true` on the entry)."""
     catalog: tuple[CatalogEntry, ...] = ()
     """The models this node may serve."""
+    cpu_repack: bool = False
+    """Let llama.cpp repack GGUF weights held on the CPU into its CPU-specific layouts
+    ("extra buffer types": AMX tiles on Intel Xeons with AMX, interleaved q4_0 blocks on
+    AVX2/AVX-512 and Arm), as its default does. Repacking makes CPU decoding of q4_0-family
+    weights faster (see the README for figures measured on an AVX-512 CPU) and changes nothing
+    for f16/f32 weights or for layers on a GPU. Off by default because llama.cpp's AMX matmul
+    crashes (SIGSEGV) decoding q8_0 and q4_0 models on Sapphire Rapids and later Xeons, the
+    CPUs most H100/H200 servers carry (ggml-org/llama.cpp#20824): a crash on every request
+    costs more than the speed. Turn on for CPUs without AMX, or per model with the catalog
+    entry's `cpu_repack`."""
 
     def __post_init__(self) -> None:
         try:
@@ -147,6 +160,10 @@ class ModelsConfig:
     def keep_alive_seconds(self) -> float | None:
         """Keep-alive in seconds; None means forever."""
         return parse_duration(self.keep_alive)
+
+    def cpu_repack_for(self, entry: CatalogEntry) -> bool:
+        """Return whether `entry` loads with llama.cpp's CPU repacking (its override, else ours)."""
+        return self.cpu_repack if entry.cpu_repack is None else entry.cpu_repack
 
 
 @dataclass(frozen=True, slots=True)

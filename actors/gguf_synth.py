@@ -20,7 +20,8 @@ from typing import Literal
 
 import numpy as np
 
-Dtype = Literal["f32", "f16", "q8_0"]
+Dtype = Literal["f32", "f16", "q8_0", "q4_0"]
+DTYPES: tuple[Dtype, ...] = ("f32", "f16", "q8_0", "q4_0")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -96,7 +97,7 @@ def _encode(array: np.ndarray, dtype: Dtype) -> tuple[np.ndarray, object | None]
         return array.astype(np.float32), None
     if dtype == "f16":
         return array.astype(np.float16), None
-    quant = gguf.GGMLQuantizationType.Q8_0
+    quant = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
     return gguf.quants.quantize(array.astype(np.float32), quant), quant
 
 
@@ -116,14 +117,14 @@ def write_llama_gguf(
 ) -> Path:
     """Write a random llama-architecture GGUF with a byte vocabulary to `path` and return it.
 
-    Matrices are stored in `dtype` (q8_0 needs every row length divisible by 32); norms stay f32
-    as llama.cpp requires.
+    Matrices are stored in `dtype` (q8_0 and q4_0 need every row length divisible by 32); norms
+    stay f32 as llama.cpp requires.
     """
     import gguf
 
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head and n_head by n_head_kv")
-    if dtype not in ("f32", "f16", "q8_0"):
+    if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +144,12 @@ def write_llama_gguf(
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(N_VOCAB)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
-        dtype, gguf.LlamaFileType.MOSTLY_Q8_0
-    )
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }[dtype]
     writer.add_file_type(file_type)
 
     tokens, types, scores = _vocab()
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a synthetic llama GGUF model.")
     parser.add_argument("out", type=Path, help="file to write")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32")
+    parser.add_argument("--dtype", choices=DTYPES, default="f32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = write_preset(args.out, args.size, seed=args.seed, dtype=args.dtype)

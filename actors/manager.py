@@ -288,6 +288,7 @@ class ModelManager(pykka.ThreadingActor):
                 else (base.gpu_layers if base else -1),
                 pin=request.pin if request.pin is not None else (base.pin if base else False),
                 lora=base.lora if base is not None and request.path is None else "",
+                cpu_repack=base.cpu_repack if base is not None else None,
             )
         except ValueError as exc:
             field_name, _, message = str(exc).partition(": ")

@@ -40,7 +40,9 @@ from actors.backends import (
     LoadSpec,
     check_model_file,
     load_model,
+    prepare_crash_reports,
 )
+from actors.native_crash import install_native_handler
 from actors.worker_protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -172,6 +174,25 @@ def _crash_log() -> IO[str]:
     if _crash_file is None:
         _crash_file = os.fdopen(os.dup(2), "w")
     return _crash_file
+
+
+def record_crashes(backend: str | None = None) -> None:
+    """Have a fatal signal leave the Python stack, then the native one, in the worker's log.
+
+    The native stack needs a printer from the backend's library (llama.cpp has one), known once
+    the Load message names the backend: it is installed as the signal handler, then
+    faulthandler is enabled again so that it chains to that handler after writing the Python
+    stack (actors/native_crash.py). Through a copy of stderr: llama-cpp-python points fd 2 at
+    /dev/null while it loads a model.
+    """
+    printer = prepare_crash_reports(backend) if backend is not None else None
+    if printer is not None:
+        faulthandler.disable()
+        try:
+            install_native_handler(printer)
+        except OSError as exc:  # the Python stack alone is still worth having
+            print(f"moc worker: a crash will show no native stack: {exc}", file=sys.stderr)
+    faulthandler.enable(file=_crash_log())
 
 
 def start_watchdog(parent_pid: int, exit_code: int = EXIT_ORPHANED) -> threading.Thread:
@@ -320,12 +341,14 @@ class Worker:
             seed=msg.seed,
             lora_path=msg.lora_path,
             n_threads=msg.n_threads,
+            cpu_repack=msg.cpu_repack,
         )
         device = msg.device_index or 0
         started = time.monotonic()
         try:
             check_model_file(spec)
             import_backend_library(msg.backend)
+            record_crashes(msg.backend)
             self.rss_before = rss_mb()
             gpu_before = nvml_used_mb(device) if on_gpu else None
             self.model = load_model(spec)
@@ -418,9 +441,9 @@ def run_worker(endpoint: str, parent_pid: int, data_socket: str | None = None) -
     # Ctrl-C in a terminal reaches the whole process group: the node drains its requests and
     # then stops us, so a SIGINT must not kill the worker under an in-flight request.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A crash inside llama.cpp or torch then leaves the Python stack in the worker's log. Through
-    # a copy of stderr: llama-cpp-python points fd 2 at /dev/null while it loads a model.
-    faulthandler.enable(file=_crash_log())
+    # A crash inside llama.cpp or torch then leaves the Python stack in the worker's log; the
+    # Load message adds the native stack (record_crashes again, with its backend).
+    record_crashes()
     start_watchdog(parent_pid)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)

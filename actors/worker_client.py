@@ -4,6 +4,8 @@
 socket on `ipc://{runtime_dir}/{name}-{uuid}.sock`, and then runs one request at a time through
 it. Every wait is a short poll that also checks the process, so a worker that dies is noticed
 within ~50 ms and reported as WorkerCrashed (with its signal or exit code) instead of a hang.
+A worker that crashed in native code is described by the function that crashed and the CPU
+(actors/native_crash.py reads them from the worker's log), else by the end of its log.
 
 Threading: `start` and `run` are called from one thread (the actor's). `stop` and `alive` may be
 called from any thread; a `stop` during `run` signals the process rather than touching the
@@ -31,6 +33,7 @@ import zmq
 
 import actors
 from actors.errors import InvalidRequest, ModelLoadFailed, RequestTimeout, WorkerCrashed
+from actors.native_crash import describe_crash
 from actors.types import Backend, DeviceKind, FinishReason, InferRequest, InferResult
 from actors.worker_protocol import (
     PROTOCOL_VERSION,
@@ -60,6 +63,7 @@ class WorkerSpec:
     """What one worker process loads; `gpu_layers` -1 offloads every layer.
 
     `n_threads` 0 lets llama.cpp choose (half the cores); set it to pin decode threads.
+    `cpu_repack` lets llama.cpp repack CPU-resident GGUF weights (`[models] cpu_repack`).
     """
 
     name: str
@@ -72,6 +76,7 @@ class WorkerSpec:
     seed: int = 0
     lora_path: str | None = None
     n_threads: int = 0
+    cpu_repack: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +162,7 @@ class WorkerProcess:
         self._sock_path: Path | None = None
         self._data_path: Path | None = None
         self._log_path: Path | None = None
+        self._log_mark = 0  # the log's size when the load finished: later errors show only past it
         self._busy = False  # a run() owns the socket
         self._stopped = False
         self._ids = itertools.count(1)
@@ -182,10 +188,15 @@ class WorkerProcess:
         return None if proc is None else proc.poll()
 
     def describe_end(self) -> str:
-        """Say how the worker ended, with the end of its log, for error messages."""
+        """Say how the worker ended, with what its log says of it, for error messages."""
         code = self.exit_code()
         how = "was stopped" if self._stopped else f"died ({describe_exit(code or 0)})"
-        return how + self._log_tail()
+        return how + self._log_detail()
+
+    @property
+    def log_path(self) -> Path | None:
+        """The file that holds the worker's stdout and stderr (kept unless it exits cleanly)."""
+        return self._log_path
 
     @property
     def alive(self) -> bool:
@@ -274,6 +285,7 @@ class WorkerProcess:
                 s.seed,
                 s.lora_path,
                 s.n_threads,
+                s.cpu_repack,
             )
         )
         if not sent:
@@ -285,6 +297,8 @@ class WorkerProcess:
             raise ModelLoadFailed(f"worker for {s.name} answered Load with {type(reply).__name__}")
         self.version = reply.version
         self.note_memory(reply.measured_mb)
+        with contextlib.suppress(OSError):
+            self._log_mark = self._log_path.stat().st_size if self._log_path else 0
         return LoadedInfo(
             reply.pid, reply.measured_mb, reply.load_seconds, reply.version, reply.n_ctx
         )
@@ -298,7 +312,7 @@ class WorkerProcess:
             if code is not None:
                 raise ModelLoadFailed(
                     f"worker for {self.spec.name} exited ({describe_exit(code)}) while {doing}"
-                    + self._log_tail()
+                    + self._log_detail()
                 )
             if time.monotonic() >= deadline:
                 raise ModelLoadFailed(
@@ -470,12 +484,24 @@ class WorkerProcess:
                 )
         return msg
 
-    def _log_tail(self, limit: int = 400) -> str:
-        """Return the end of the worker's stderr, for error messages."""
+    def _log_detail(self, limit: int = 400) -> str:
+        """Return what the worker's log says of its end, for error messages.
+
+        A native crash: the function that crashed and the CPU, and where the whole log is (its
+        tail would be interpreter frames). Otherwise: the log's last `limit` bytes. Once the
+        model has loaded, only what the worker wrote since counts: the load's own report (where
+        the weights went) says nothing of a later death.
+        """
         if self._log_path is None:
             return ""
         try:
-            text = self._log_path.read_bytes()[-limit:].decode("utf-8", errors="replace").strip()
+            with self._log_path.open("rb") as fh:
+                fh.seek(self._log_mark)
+                log = fh.read()
         except OSError:
             return ""
+        crash = describe_crash(log.decode("utf-8", errors="replace"))
+        if crash is not None:
+            return f": {crash}; log: {self._log_path}"
+        text = log[-limit:].decode("utf-8", errors="replace").strip()
         return f": {text}" if text else ""

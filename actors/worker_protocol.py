@@ -65,7 +65,10 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """Supervisor -> worker: load this model. `n_threads` 0 lets the backend choose."""
+    """Supervisor -> worker: load this model. `n_threads` 0 lets the backend choose.
+
+    `cpu_repack` lets llama.cpp repack CPU-resident weights (see `[models] cpu_repack`).
+    """
 
     backend: str
     path: str
@@ -76,6 +79,7 @@ class Load:
     seed: int
     lora_path: str | None
     n_threads: int = 0
+    cpu_repack: bool = False
 
 
 @dataclass(frozen=True, slots=True)

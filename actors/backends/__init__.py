@@ -15,7 +15,12 @@ from actors.types import ChatMessage, FinishReason, TensorData
 
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
-    """What to load and where; `n_threads` 0 lets the backend choose."""
+    """What to load and where; `n_threads` 0 lets the backend choose.
+
+    `cpu_repack` lets llama.cpp repack CPU-resident GGUF weights into its CPU-specific layouts
+    (its "extra buffer types", AMX among them); off, they stay as the file has them. See
+    `[models] cpu_repack` in actors/config.py for why it is off by default.
+    """
 
     backend: str
     path: str
@@ -26,6 +31,7 @@ class LoadSpec:
     seed: int = 0
     lora_path: str | None = None
     n_threads: int = 0
+    cpu_repack: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,19 @@ def load_model(spec: LoadSpec) -> LoadedModel:
 
         return TorchModel.load(spec)
     raise BackendError(f"unknown backend {spec.backend!r} (expected 'gguf' or 'torch')")
+
+
+def prepare_crash_reports(backend: str) -> int | None:
+    """Ready `backend`'s native library for crash reports in this (worker) process.
+
+    Return the address of a C function `void f(void)` that prints the calling thread's native
+    stack, for a fatal-signal handler (actors/native_crash.py), or None when the backend has none.
+    """
+    if backend == "gguf":
+        from actors.backends.gguf import prepare_crash_reports as gguf_crash_reports
+
+        return gguf_crash_reports()
+    return None
 
 
 def check_model_file(spec: LoadSpec) -> None:

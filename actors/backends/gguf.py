@@ -8,6 +8,10 @@ supervisor cancels. Greedy text is byte for byte what `create_completion` return
 On the CPU the weights are read into memory (`use_mmap=False`): the worker's RSS then really
 contains them, so the measured memory is honest, and a page cache eviction cannot stall decoding.
 On a GPU mmap is kept: offloaded weights are copied to VRAM and the mapping is dropped.
+
+CPU-resident weights stay in the layout the file has unless `LoadSpec.cpu_repack` is set:
+llama.cpp's repacked "extra buffer types" include the AMX one, whose matmul crashes on the Xeons
+of most GPU servers (see `[models] cpu_repack`). The load log line says where the weights went.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import os
+import re
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +50,10 @@ _UTF8 = codecs.getincrementaldecoder("utf-8")
 _CACHED_PROMPTS = 256  # prompts whose tokens are kept
 _CACHED_PROMPT_CHARS = 4096  # longer prompts are tokenized each time (their decode dominates)
 
+# llama.cpp's load log names each buffer that holds weights: "load_tensors: CPU_REPACK model
+# buffer size = 1.27 MiB" (CPU, CPU_REPACK, AMX, CUDA0, CUDA_Host, ...).
+_WEIGHT_BUFFER = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([0-9.]+) MiB")
+
 
 class _LlamaLog:
     """Keep llama.cpp's recent log lines so a load failure can say what llama.cpp saw.
@@ -53,6 +65,7 @@ class _LlamaLog:
 
     def __init__(self, llama_cpp: Any) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=40)
+        self.weights: dict[str, float] = {}  # MiB of weights per buffer type, from the last load
         self._partial = ""
 
         def on_log(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
@@ -61,6 +74,9 @@ class _LlamaLog:
                 line, self._partial = self._partial.split("\n", 1)
                 if line.strip():
                     self.lines.append(line.strip())
+                    buffer = _WEIGHT_BUFFER.search(line)
+                    if buffer is not None:
+                        self.weights[buffer[1]] = float(buffer[2])
 
         self._callback = llama_cpp.llama_log_callback(on_log)
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
@@ -81,7 +97,94 @@ def _llama_log(llama_cpp: Any) -> _LlamaLog:
     if _log is None:
         _log = _LlamaLog(llama_cpp)
     _log.lines.clear()
+    _log.weights.clear()
     return _log
+
+
+_params_lock = threading.Lock()
+
+
+def open_llama(llama_cpp: Any, kwargs: dict[str, Any], *, cpu_repack: bool) -> Any:
+    """Return `llama_cpp.Llama(**kwargs)` loaded with llama.cpp's CPU weight repacking on or off.
+
+    Off is llama_model_params.use_extra_bufts = false (llama.cpp's `--no-repack`): the weights
+    stay in the file's layout, so neither the CPU_REPACK nor the AMX buffer type, whose matmul
+    crashes on AMX Xeons, is used. `Llama()` takes no such argument (it ignores unknown
+    keywords) and hands the struct it gets from `llama_model_default_params()` straight to
+    llama.cpp, so that call is the one hook: it is wrapped while `Llama()` runs, under a lock so
+    that two loads in one process cannot see each other's setting, and restored after. The
+    struct the model kept is checked afterwards, in case a later llama-cpp-python stops calling
+    it. Raise BackendError when repacking cannot be turned off.
+    """
+    has_switch = any(f[0] == "use_extra_bufts" for f in llama_cpp.llama_model_params._fields_)
+    if not has_switch:
+        if cpu_repack:
+            return llama_cpp.Llama(**kwargs)
+        raise BackendError(
+            f"llama-cpp-python {llama_cpp.__version__} cannot turn off llama.cpp's CPU weight "
+            "repacking (llama_model_params has no use_extra_bufts), which crashes on CPUs "
+            "with AMX: upgrade llama-cpp-python, or set cpu_repack = true to load anyway"
+        )
+    lib = llama_cpp.llama_cpp  # the module llama.py calls through
+    with _params_lock:
+        defaults = lib.llama_model_default_params
+
+        def with_switch() -> Any:
+            params = defaults()
+            params.use_extra_bufts = cpu_repack
+            return params
+
+        lib.llama_model_default_params = with_switch
+        try:
+            llm = llama_cpp.Llama(**kwargs)
+        finally:
+            lib.llama_model_default_params = defaults
+    if bool(llm.model_params.use_extra_bufts) != cpu_repack:
+        llm.close()
+        raise BackendError(
+            f"llama-cpp-python {llama_cpp.__version__} did not pass use_extra_bufts = "
+            f"{str(cpu_repack).lower()} to llama.cpp (Llama() no longer calls "
+            "llama_model_default_params); refusing to load with CPU repacking in an unknown state"
+        )
+    return llm
+
+
+def prepare_crash_reports() -> int | None:
+    """Make a native crash in llama.cpp leave its stack in this process's log; see below.
+
+    Return the address of ggml's `ggml_print_backtrace(void)` (None if this build lacks it): it
+    prints the calling thread's native stack to fds 1/2 (through gdb when gdb can attach, else
+    glibc's backtrace_symbols_fd), which makes it fit to run as a fatal-signal handler.
+
+    Also, with verbose=False llama-cpp-python points fds 1 and 2 at its own /dev/null files
+    while it loads a model, so a crash there would print that stack (and an abort its message)
+    to nowhere. Those two files are made copies of our stdout and stderr, which makes the
+    redirection change nothing. It is for a process that loads models and nothing else (a
+    worker): llama.cpp's ordinary log goes to `_LlamaLog` either way, so only what llama.cpp
+    writes straight to the fds, aborts and crashes, now shows. A llama-cpp-python without the
+    files is left alone.
+    """
+    import llama_cpp
+
+    utils = getattr(llama_cpp, "_utils", None)
+    for name, fd in (("outnull_file", 1), ("errnull_file", 2)):
+        null = getattr(utils, name, None)
+        if null is not None:
+            os.dup2(fd, null.fileno())
+    lib = getattr(llama_cpp.llama_cpp, "_lib", None)  # libllama, which links libggml-base
+    try:
+        func = lib.ggml_print_backtrace if lib is not None else None
+    except AttributeError:
+        return None
+    return None if func is None else ctypes.cast(func, ctypes.c_void_p).value
+
+
+def describe_buffers(weights: dict[str, float]) -> str:
+    """Say where the weights went: "CPU_REPACK 1.27 MiB, CPU 0.08 MiB", biggest first."""
+    if not weights:
+        return "(llama.cpp did not say)"
+    ranked = sorted(weights.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} {mib:.2f} MiB" for name, mib in ranked)
 
 
 def check_gguf_file(path: str) -> None:
@@ -116,6 +219,8 @@ class GgufModel:
         self.samplers = SamplerCache(llm).install() if reuse else None
         self._prompts: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
         self._pieces: dict[int, bytes] = {}
+        # MiB of weights per llama.cpp buffer type ("CPU", "CPU_REPACK", "AMX", "CUDA0", ...).
+        self.weight_buffers: dict[str, float] = {}
 
     @classmethod
     def load(cls, spec: LoadSpec, *, reuse: bool = True) -> GgufModel:
@@ -142,14 +247,24 @@ class GgufModel:
         if spec.lora_path:
             kwargs["lora_path"] = spec.lora_path
         try:
-            llm = llama_cpp.Llama(**kwargs)
+            llm = open_llama(llama_cpp, kwargs, cpu_repack=spec.cpu_repack)
+        except BackendError:
+            raise
         except Exception as exc:
             detail = log.errors()
             raise BackendError(
                 f"llama.cpp could not load {spec.path}: {exc}" + (f" ({detail})" if detail else "")
             ) from exc
         name = llm.metadata.get("general.name") or Path(spec.path).stem
-        return cls(llm, llama_cpp, file_version(spec.path, name), spec.seed, reuse=reuse)
+        model = cls(llm, llama_cpp, file_version(spec.path, name), spec.seed, reuse=reuse)
+        model.weight_buffers = dict(log.weights)
+        print(
+            f"moc gguf: loaded {spec.path}: weights in {describe_buffers(model.weight_buffers)}"
+            f" (cpu_repack {'on' if spec.cpu_repack else 'off'})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return model
 
     @property
     def version(self) -> str:
