@@ -567,7 +567,7 @@ async def _stream(
             raise
         except Exception as exc:
             # Headers are gone: report the error in the stream, as OpenAI does.
-            err = classify(exc)
+            err = client_error(classify(exc))
             payload = {
                 "error": {
                     "message": err.message,

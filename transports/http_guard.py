@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -106,7 +106,7 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admit the connection (or answer 503 and close it) and start the head deadline."""
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's too)
         address = peer_address(transport)
         if not self._counts.admit(address):
             HTTP_CONNECTIONS_REFUSED.labels(reason=TOO_MANY).inc()
