@@ -67,6 +67,13 @@ class ResourcesConfig:
     per-GPU minimum)."""
     simulated: tuple[SimulatedDevice, ...] = ()
     """Devices used when `devices = "simulated"`."""
+    worker_memory_limit_mb: int = 0
+    """Most memory one model worker process may hold on its device, in MiB: its RSS on the CPU,
+    what NVML reports for the process on a GPU. Checked every `gpu_poll_interval`; a worker past
+    it is killed, its requests fail saying so, and the circuit breaker and restart apply as for
+    any crash. 0 = no limit (the default): the ledger already budgets each model's claim, and a
+    model's working size grows legitimately as its context fills, so a node-wide number would
+    have to be chosen per deployment (e.g. the largest model's working size plus a margin)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -78,6 +85,7 @@ class ResourcesConfig:
             0 < self.eviction_threshold_pct <= 100, "eviction_threshold_pct", "must be in (0, 100]"
         )
         _require(self.reserve_mb >= 0, "reserve_mb", "must be >= 0")
+        _require(self.worker_memory_limit_mb >= 0, "worker_memory_limit_mb", "must be >= 0")
         _require(
             self.devices != "simulated" or bool(self.simulated),
             "simulated",
@@ -97,6 +105,11 @@ class CatalogEntry:
     """Which worker backend runs it."""
     n_ctx: int = 2048
     """Context length in tokens; the KV cache grows linearly with it."""
+    n_ctx_max: int = 0
+    """Largest `n_ctx` a load of this model may ask for (this entry's or a client's); 0 = the
+    context the model was trained for (the GGUF's `<arch>.context_length`). Set it above that
+    only for a model that extends its context (RoPE scaling): a longer context costs memory
+    (the estimate grows with it) and gives no better answers."""
     gpu_layers: int = -1
     """Layers offloaded to the GPU (-1 = all); ignored on the CPU device."""
     preload: bool = False
@@ -115,6 +128,7 @@ class CatalogEntry:
         _require(bool(self.path), "path", "must not be empty")
         _require(self.backend in ("gguf", "torch"), "backend", "one of gguf, torch")
         _require(16 <= self.n_ctx <= 1_048_576, "n_ctx", "must be in 16..1048576")
+        _require(0 <= self.n_ctx_max <= 1_048_576, "n_ctx_max", "must be in 0..1048576")
         _require(self.gpu_layers >= -1, "gpu_layers", "must be >= -1")
 
 
