@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import zmq
 
+from moc_node.services import torch_available
 from tests.transports.conftest import legacy_call, raw_call, request
 from tests.transports.real_node import (  # noqa: F401  (fixtures)
     MODEL,
@@ -253,3 +254,50 @@ async def test_a_prompt_longer_than_the_context_is_refused_naming_each_surfaces_
         assert status == 400, (path, reply)
         named = reply["error"]["param"] if path.startswith("/v1") else reply["field"]
         assert named == field, (path, reply)
+
+
+# ---- names that jobs and goals choose (learning needs the torch extra) ----
+
+NAMED: list[tuple[str, str, str, str]] = [
+    (
+        "job output with a NUL byte",
+        "/learning/jobs",
+        f'{{"model_name": "{MODEL}", "dataset_path": "d.jsonl", "output_name": "a\\u0000b"}}',
+        "output_name",
+    ),
+    (
+        "job output of 300 characters",
+        "/learning/jobs",
+        json.dumps({"model_name": MODEL, "dataset_path": "d.jsonl", "output_name": "o" * 300}),
+        "output_name",
+    ),
+    (
+        "job output with a lone surrogate",
+        "/learning/jobs",
+        f'{{"model_name": "{MODEL}", "dataset_path": "d.jsonl", "output_name": "{LONE}"}}',
+        "output_name",
+    ),
+    ("goal title with a lone surrogate", "/goals", f'{{"title": "t{LONE}", "steps": []}}', "title"),
+    (
+        "goal description with a lone surrogate",
+        "/goals",
+        f'{{"title": "t", "description": "{LONE}", "steps": []}}',
+        "description",
+    ),
+]
+
+
+@pytest.mark.skipif(not torch_available(), reason="the torch extra is not installed")
+@pytest.mark.parametrize(
+    ("path", "body", "field"), [c[1:] for c in NAMED], ids=[c[0] for c in NAMED]
+)
+async def test_a_bad_name_for_a_job_or_goal_is_a_400_before_anything_is_stored(
+    start_node: StartNode, caplog: pytest.LogCaptureFixture, path: str, body: str, field: str
+) -> None:
+    served = await start_node()
+    caplog.clear()
+    status, reply = await post_raw(served, path, body)
+    assert (status, reply.get("field")) == (400, field), reply
+    status, text = await get(served, path)
+    assert status == 200 and json.loads(text) in ({"jobs": []}, {"goals": []}), text
+    no_tracebacks(caplog)
