@@ -29,7 +29,8 @@ class KeyRing:
     def matches(self, presented: str) -> bool:
         """Tell whether `presented` is one of the keys, in time independent of which or how
         close."""
-        probe = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        # surrogatepass: any str hashes (a lone surrogate from JSON included) and never equals a key.
+        probe = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
         found = False
         for digest in self._digests:
             # No early exit: every key is compared whatever matched.

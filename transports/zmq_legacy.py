@@ -238,9 +238,11 @@ def check_key(
     if presented is not None:
         if isinstance(presented, str) and keys.matches(presented):
             return True, None
-        return False, Unauthorized("invalid API key")
+        return False, Unauthorized("unauthorized: invalid API key")
     if require and not (isinstance(obj, dict) and obj.get("action") in OPEN_ACTIONS):
-        return False, Unauthorized(f"missing API key: send it in the request's {KEY_FIELD!r}")
+        return False, Unauthorized(
+            f"unauthorized: missing API key (send it in the request's {KEY_FIELD!r})"
+        )
     return False, None
 
 

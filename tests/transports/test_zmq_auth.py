@@ -282,14 +282,17 @@ async def test_with_a_required_key_a_request_without_or_with_a_wrong_key_is_unau
     missing = await call(zmq_context, server, LOAD)
     wrong = await call(zmq_context, server, {**LOAD, "api_key": "guess"})
     not_a_string = await call(zmq_context, server, {**LOAD, "api_key": ["guess"]})
+    surrogate = await call(zmq_context, server, {**LOAD, "api_key": "s3cret-\ud800"})
 
-    for reply in (missing, wrong, not_a_string):
+    for reply in (missing, wrong, not_a_string, surrogate):
         assert reply["success"] is False
         assert reply["error_code"] == "unauthorized"
+        assert reply["error"].startswith("unauthorized: ")
+        assert KEY not in json.dumps(reply)
         assert reply["request_id"] == "r-1"
     assert "api_key" in missing["error"]
     after = metric("moc_zmq_requests_total", action="load_model", outcome="unauthorized")
-    assert after == before + 3
+    assert after == before + 4
     assert "custom" not in {m.name for m in node.models() if m.state == "loaded"}
 
     good = await call(zmq_context, server, {**LOAD, "api_key": KEY})
