@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from actors.errors import InvalidRequest, ModelLoadFailed
 from actors.types import InferRequest, TensorData
 from actors.worker_client import WorkerProcess, WorkerSpec
-
-torch = pytest.importorskip("torch")
 
 # torch.jit is deprecated upstream but TorchScript files are what the legacy fleet ships.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 
+from actors.backends.gguf import open_llama
 from actors.errors import InvalidRequest, ModelLoadFailed, RequestTimeout, WorkerCrashed
 from actors.types import ChatMessage, GenerationParams, InferRequest, TensorData
 from actors.worker_client import LoadedInfo, WorkerProcess, WorkerSpec
@@ -70,16 +72,16 @@ def tiny_worker(
 @pytest.fixture(scope="module")
 def direct_llama(tiny_gguf: Path) -> Any:
     """llama.cpp in this process, loaded the same way, for byte-for-byte comparisons."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(
-        model_path=str(tiny_gguf),
-        n_ctx=N_CTX,
-        seed=0,
-        n_threads=1,
-        n_threads_batch=1,
-        use_mmap=False,
-        verbose=False,
-    )
+    kwargs = {
+        "model_path": str(tiny_gguf),
+        "n_ctx": N_CTX,
+        "seed": 0,
+        "n_threads": 1,
+        "n_threads_batch": 1,
+        "use_mmap": False,
+        "verbose": False,
+    }
+    llm = open_llama(llama_cpp, kwargs, cpu_repack=False)
     yield llm
     llm.close()
 

@@ -13,8 +13,6 @@ import pytest
 from actors.backends import Generation, LoadSpec, Outcome
 from actors.backends.gguf import GgufModel
 
-pytest.importorskip("llama_cpp")
-
 # Sampled (temperature > 0, several seeds, several tokens so the generator's state moves) and
 # greedy requests, repeated and interleaved, as a worker sees them one after another.
 REQUESTS = [

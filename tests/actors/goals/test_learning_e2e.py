@@ -9,16 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from actors.goals.actor import GoalActor
 from actors.goals.config import GoalsConfig
+from actors.learning import actor as learning_actor
+from actors.learning import config as learning_config
 from tests.actors.goals.fakes import wait_until
-
-torch = pytest.importorskip("torch", reason="learning jobs need the torch extra")
-learning_actor = pytest.importorskip(
-    "actors.learning.actor", reason="actors.learning (the LearningActor) is not there yet"
-)
-learning_config = pytest.importorskip("actors.learning.config")
 
 CORPUS = [
     f"The {a} {v} on the {n}."

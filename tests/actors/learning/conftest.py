@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 CORPUS = [
     f"The {a} {v} on the {n}. The {n} was {c}."

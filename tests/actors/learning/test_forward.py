@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import llama_cpp
 import numpy as np
-import pytest
+import torch
 
+from actors.backends.gguf import open_llama
 from actors.gguf_synth import write_preset
 from actors.learning.llama_torch import load_llama
 from actors.learning.tokenizer import Tokenizer
-
-llama_cpp = pytest.importorskip("llama_cpp")
-torch = pytest.importorskip("torch")
 
 PROMPT = "Hello there, how are you doing today? The quick brown fox."
 F32 = 0  # GGML_TYPE_F32, for a KV cache without f16 rounding
@@ -21,21 +21,22 @@ F32 = 0  # GGML_TYPE_F32, for a KV cache without f16 rounding
 def llama_logits(
     path: Path, ids: list[int], *, kv_f32: bool, lora: Path | None = None
 ) -> np.ndarray:
-    """Return llama.cpp's logits at every position of `ids`."""
+    """Return llama.cpp's logits at every position of `ids`, loaded as workers load models."""
     kw = {"type_k": F32, "type_v": F32} if kv_f32 else {}
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        logits_all=True,
-        n_ctx=128,
-        verbose=False,
-        lora_path=str(lora) if lora else None,
-        **kw,
+    llm = served(
+        path, logits_all=True, n_ctx=128, lora_path=str(lora) if lora else None, **kw
     )
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)])
     finally:
         llm.close()
+
+
+def served(path: Path, **kwargs: object) -> Any:
+    """Load `path` in llama.cpp as the GGUF backend does by default: no CPU weight repacking
+    (repacked q8_0 crashes in llama.cpp's AMX matmul on Xeons with AMX)."""
+    return open_llama(llama_cpp, {"model_path": str(path), "verbose": False, **kwargs}, cpu_repack=False)
 
 
 def torch_logits(model: object, ids: list[int], kv: str) -> np.ndarray:
@@ -86,6 +87,6 @@ def test_greedy_continuations_agree_with_llama_cpp(tiny_gguf: Path) -> None:
     model = load_llama(tiny_gguf)
     model.emulate = True
     ids = Tokenizer(tiny_gguf).encode(PROMPT, bos=True)
-    llm = llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=128, verbose=False)
+    llm = served(tiny_gguf, n_ctx=128)
     ref = [t for _, t in zip(range(32), llm.generate(ids, temp=0.0), strict=False)]
     assert model.greedy(ids, 32) == ref

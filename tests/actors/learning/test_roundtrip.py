@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from actors.learning.datasets import load_dataset
 from actors.learning.export import write_model_gguf
@@ -13,10 +12,7 @@ from actors.learning.llama_torch import load_llama
 from actors.learning.spec import parse_params
 from actors.learning.tokenizer import Tokenizer
 from actors.learning.trainers import build_examples, make_trainer
-from tests.actors.learning.test_forward import llama_logits, torch_logits
-
-llama_cpp = pytest.importorskip("llama_cpp")
-torch = pytest.importorskip("torch")
+from tests.actors.learning.test_forward import llama_logits, served, torch_logits
 
 PROMPT = "The fox stood on the"
 
@@ -40,9 +36,7 @@ def train(job_type: str, model_path: Path, dataset_dir: Path, steps: int, **extr
 
 
 def served_greedy(path: Path, ids: list[int], lora: Path | None = None) -> list[int]:
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=128, verbose=False, lora_path=str(lora) if lora else None
-    )
+    llm = served(path, n_ctx=128, lora_path=str(lora) if lora else None)
     try:
         return [t for _, t in zip(range(32), llm.generate(ids, temp=0.0), strict=False)]
     finally:
