@@ -247,10 +247,11 @@ class ModelManager(pykka.ThreadingActor):
     def _acquire(self, request: LoadRequest, reply: Acquired, explicit: bool) -> None:
         if self._closing:
             raise ShuttingDown("the node is shutting down")
-        # Every load passes here (clients, peers, restore): a name that SQLite, a metric label
-        # or a reply cannot carry never gets a slot.
-        names.check_name(request.name, "model_name")
         slot = self._slots.get(request.name)
+        if slot is None:
+            # Every new name passes here (clients, peers, restore): one that SQLite, a metric
+            # label or a reply cannot carry never gets a slot. Catalog names are the operator's.
+            names.check_name(request.name, "model_name")
         if slot is not None and slot.state in ("loaded", "loading") and explicit:
             raise ModelAlreadyLoaded(f"model {request.name!r} is already {slot.state}")
         if slot is not None and slot.state == "loaded":
