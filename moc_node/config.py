@@ -136,6 +136,8 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
         parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ConfigError(f"{key}: expected MOC_<SECTION>__<KEY>, a name is empty")
         target = data
         for part in parts[:-1]:
             target = target.setdefault(part, {})

@@ -195,17 +195,20 @@ def _check_catalog(config: Config) -> None:
     for i, entry in enumerate(config.models.catalog):
         key = f"models.catalog[{i}]"
         must_exist = entry.preload or entry.name in preload
+        _path(f"{key}.path", entry.path)  # empty, or holding a NUL byte
+        shown = f"{key}.path: {entry.path!r}"
         try:
             resolved = resolve_model_path(entry.path, dirs)
-        except ModelNotFound as exc:
+        except ModelNotFound:
             # In a cluster a model may live on other hosts only; the primary places it there.
             if must_exist:
-                raise ConfigError(f"{key}.path: {exc} (the model is preloaded)") from None
+                raise ConfigError(f"{shown}: no such file, and the model is preloaded") from None
             continue
-        except PathNotAllowed as exc:
-            raise ConfigError(f"{key}.path: {exc}") from None
+        except PathNotAllowed:
+            allowed = ", ".join(repr(str(d)) for d in dirs)
+            raise ConfigError(f"{shown}: outside the model directories ({allowed})") from None
         except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, names too long
-            raise ConfigError(f"{key}.path: {entry.path!r}: {_reason(exc)}") from None
+            raise ConfigError(f"{shown}: {_reason(exc)}") from None
         if must_exist:
             _readable(f"{key}.path", resolved)
             if entry.lora:
