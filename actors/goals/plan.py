@@ -39,6 +39,9 @@ LEGACY_REQUIRED: tuple[tuple[str, str], ...] = (
     ("model_name", "the base model to train"),
     ("dataset_path", "the JSONL training data"),
 )
+# Metadata is stored and echoed as given: a few levels are plenty, and a bound keeps encoding it
+# (json.dumps recurses) from ever meeting Python's recursion limit.
+MAX_METADATA_DEPTH = 32
 _STEP_FIELDS: dict[str, frozenset[str]] = {
     "evaluate": frozenset({"eval_path", "base", "candidate", "max_tokens"}),
     "gate": frozenset({"min_improvement", "metric"}),
@@ -65,6 +68,8 @@ def parse_goal(spec: Any, config: GoalsConfig) -> GoalDraft:
         metadata = {}
     if not isinstance(metadata, Mapping):
         raise InvalidGoal("metadata", "must be an object")
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        raise InvalidGoal("metadata", f"nests deeper than {MAX_METADATA_DEPTH} levels")
     if "steps" in spec:
         steps = parse_steps(spec["steps"], config, priority)
         return GoalDraft(title, description, priority, steps, legacy=False, metadata=metadata)
@@ -238,6 +243,20 @@ def _checked(check: Any, value: Any, where: str) -> str:
     except InvalidRequest as exc:
         raise InvalidGoal(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
     return result
+
+
+def _depth(value: Any) -> int:
+    """Return how deeply lists and objects nest in `value` (a scalar is 0), without recursing."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, Mapping) else item
+        if isinstance(item, Mapping | list | tuple):
+            deepest = max(deepest, level + 1)
+            if level + 1 <= MAX_METADATA_DEPTH:  # past the bound the answer is known
+                stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _improvement(value: Any, where: str) -> float:

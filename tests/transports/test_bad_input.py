@@ -301,3 +301,24 @@ async def test_a_bad_name_for_a_job_or_goal_is_a_400_before_anything_is_stored(
     status, text = await get(served, path)
     assert status == 200 and json.loads(text) in ({"jobs": []}, {"goals": []}), text
     no_tracebacks(caplog)
+
+
+async def test_deeply_nested_json_is_a_400_on_http_and_zmq_and_never_reaches_a_store(
+    start_node: StartNode, zctx: zmq.Context[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    served = await start_node()
+    caplog.clear()
+    deep = "[" * 5000 + "]" * 5000
+    status, reply = await post_raw(served, "/inference", deep)
+    assert (status, reply.get("field")) == (400, "body"), reply
+    frame = f'{{"action": "infer", "payload": {deep}, "request_id": "d"}}'.encode()
+    answer = json.loads(await asyncio.to_thread(raw_call, zctx, served.endpoint, [frame]))
+    assert answer["success"] is False, answer
+    if torch_available():  # parses (or nearly): stored, it would be echoed by every listing
+        nested = "[" * 950 + "]" * 950
+        body = f'{{"title": "t", "steps": [{{"kind": "deploy", "model": "{MODEL}"}}], '
+        body += f'"metadata": {{"x": {nested}}}}}'
+        status, reply = await post_raw(served, "/goals", body)
+        assert status == 400 and reply.get("field") in ("body", "metadata"), reply
+    await assert_listings_answer(served, zctx)
+    no_tracebacks(caplog)

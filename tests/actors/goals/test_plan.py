@@ -115,6 +115,13 @@ def _plan(*steps: dict[str, Any]) -> dict[str, Any]:
     return {"title": "t", "steps": list(steps)}
 
 
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 TRAIN = {"kind": "train", "model_name": "tiny", "dataset_path": "/d.jsonl"}
 EVAL = {"kind": "evaluate", "eval_path": "/e.jsonl"}
 
@@ -150,6 +157,7 @@ BAD_PLANS = [
     (_plan({"kind": "deploy", "model": "sur\ud800"}), "steps[0].model"),
     ({"title": "t", "metadata": {**META, "output_name": "o" * 200}}, "metadata.output_name"),
     ({"title": "t", "metadata": {**META, "model_name": "\ud800"}}, "metadata.model_name"),
+    ({"title": "t", "metadata": {"x": _nested(40)}, "steps": [TRAIN]}, "metadata"),
 ]
 
 
@@ -187,6 +195,7 @@ BAD_PLANS = [
         "deploy-model-lone-surrogate",
         "legacy-output-200-bytes",
         "legacy-model-lone-surrogate",
+        "metadata-40-deep",
     ],
 )
 def test_a_bad_plan_is_refused_naming_the_bad_field(spec: Any, field: str) -> None:
