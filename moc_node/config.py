@@ -158,7 +158,7 @@ def build(cls: type[Any], values: Any, prefix: str) -> Any:
     """Build dataclass `cls` from a TOML table, checking keys and types; errors name the key."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a table, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -174,6 +174,17 @@ def build(cls: type[Any], values: Any, prefix: str) -> Any:
         return cls(**kwargs)
     except ValueError as exc:
         raise ConfigError(f"{prefix + '.' if prefix else ''}{exc}") from None
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _type_hints(cls: type[Any]) -> dict[str, Any]:
+    # Evaluating the string annotations is most of the cost of a load; the classes never change.
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
