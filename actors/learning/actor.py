@@ -43,6 +43,7 @@ from typing import Any, Literal
 import pykka
 
 from actors.errors import MocError, ModelNotFound, NameTaken
+from actors.estimate import read_gguf_header
 from actors.learning import metrics
 from actors.learning.config import LearningConfig
 from actors.learning.datasets import load_dataset
@@ -98,10 +99,13 @@ def settle(ended: JobExit, *, cancelled: bool, stopping: bool) -> Settlement:
 def _model_params(path: Path) -> Any:
     import gguf
 
+    # The bounded header parser first: gguf's reader trusts the lengths a file claims.
+    read_gguf_header(path)
     try:
-        return read_params(gguf.GGUFReader(str(path)))
-    except (OSError, ValueError) as exc:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader parses untrusted bytes: any failure is the file's
         raise UnsupportedModel(f"cannot read GGUF {path}: {exc}") from exc
+    return read_params(reader)
 
 
 class LearningActor(pykka.ThreadingActor):

@@ -61,6 +61,14 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
+def _size(reader: Any, key: str, default: Any = None) -> int:
+    """Read a size: a whole number of at least 1 (a head count of 0 would divide by zero)."""
+    value = _field(reader, key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
+        raise UnsupportedModel(f"the GGUF's {key} is {value!r}; it must be a number >= 1")
+    return int(value)
+
+
 def read_params(reader: Any) -> LlamaParams:
     """Read the llama hyperparameters from an open gguf.GGUFReader."""
     arch = str(_field(reader, "general.architecture"))
@@ -68,18 +76,18 @@ def read_params(reader: Any) -> LlamaParams:
         raise UnsupportedModel(
             f"architecture {arch!r} is not supported for training (supported: {', '.join(_ARCHS)})"
         )
-    n_embd = int(_field(reader, f"{arch}.embedding_length"))
-    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    n_embd = _size(reader, f"{arch}.embedding_length")
+    n_head = _size(reader, f"{arch}.attention.head_count")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     n_vocab_default = len(tokens.data) if tokens is not None else 0
     return LlamaParams(
         arch=arch,
-        n_layer=int(_field(reader, f"{arch}.block_count")),
+        n_layer=_size(reader, f"{arch}.block_count"),
         n_embd=n_embd,
         n_head=n_head,
-        n_head_kv=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
-        n_ff=int(_field(reader, f"{arch}.feed_forward_length")),
-        n_vocab=int(_field(reader, f"{arch}.vocab_size", n_vocab_default)),
+        n_head_kv=_size(reader, f"{arch}.attention.head_count_kv", n_head),
+        n_ff=_size(reader, f"{arch}.feed_forward_length"),
+        n_vocab=_size(reader, f"{arch}.vocab_size", n_vocab_default),
         rms_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_dim=int(_field(reader, f"{arch}.rope.dimension_count", n_embd // n_head)),

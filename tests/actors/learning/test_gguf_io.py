@@ -10,7 +10,7 @@ import pytest
 
 from actors.gguf_synth import write_preset
 from actors.learning.errors import UnsupportedModel
-from actors.learning.gguf_io import read_gguf
+from actors.learning.gguf_io import read_gguf, read_params
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [("f32", 0.0), ("f16", 2e-3), ("q8_0", 2e-2)], ids=str)
@@ -56,3 +56,25 @@ def test_an_architecture_other_than_llama_is_refused(tmp_path: Path) -> None:
     w.close()
     with pytest.raises(UnsupportedModel, match="architecture 'gpt2' is not supported"):
         read_gguf(path)
+
+
+@pytest.mark.parametrize("key", ["attention.head_count", "embedding_length", "block_count"])
+def test_a_zero_size_is_refused_as_unsupported_not_a_division_by_zero(
+    tmp_path: Path, key: str
+) -> None:
+    path = tmp_path / "zero.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    sizes = {
+        "block_count": 1,
+        "embedding_length": 64,
+        "attention.head_count": 4,
+        "feed_forward_length": 128,
+        "vocab_size": 256,
+    }
+    for name, value in {**sizes, key: 0}.items():
+        writer.add_uint32(f"llama.{name}", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModel, match=f"llama.{key} is 0"):
+        read_params(gguf.GGUFReader(str(path)))
