@@ -63,6 +63,7 @@ class ModelLane:
         self._worker: WorkerProcess | None = None
         self._measured_mb = 0.0
         self._channel: WorkerChannel | None = None
+        self._killed: tuple[WorkerProcess, str] | None = None  # a worker the actor killed, why
         self._closed = False
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -80,6 +81,11 @@ class ModelLane:
         """Serve through this freshly started worker from now on."""
         self._measured_mb = measured_mb
         self._worker = worker
+
+    def note_killed(self, worker: WorkerProcess, reason: str) -> None:
+        """Say why the actor is killing `worker`: its requests fail with `reason`, not with a
+        bare "died (signal 9)"."""
+        self._killed = (worker, reason)
 
     def close(self, timeout: float) -> bool:
         """Take no new requests; wait up to `timeout` for those in flight. False if some remain."""
@@ -104,8 +110,11 @@ class ModelLane:
         try:
             result = await channel.infer(req, deadline)
         except Exception as exc:
-            self._failed(exc, channel)
-            raise
+            explained = self._explained(exc, channel)
+            self._failed(explained, channel)
+            if explained is exc:
+                raise
+            raise explained from exc
         finally:
             self._leave()
         self._succeeded(result)
@@ -122,8 +131,11 @@ class ModelLane:
                     self._succeeded(item)
                 yield item
         except Exception as exc:
-            self._failed(exc, channel)
-            raise
+            explained = self._explained(exc, channel)
+            self._failed(explained, channel)
+            if explained is exc:
+                raise
+            raise explained from exc
         finally:
             self._leave()
 
@@ -191,6 +203,13 @@ class ModelLane:
             self._used_told = now
             self._events.model_used(self.name)
         self._note_growth()
+
+    def _explained(self, exc: Exception, channel: WorkerChannel) -> Exception:
+        """Return the crash of a worker the actor killed as the reason it was killed."""
+        killed = self._killed
+        if isinstance(exc, WorkerCrashed) and killed is not None and killed[0] is channel.worker:
+            return WorkerCrashed(killed[1])
+        return exc
 
     def _failed(self, exc: Exception, channel: WorkerChannel) -> None:
         if isinstance(exc, WorkerCrashed):

@@ -3,6 +3,11 @@
 Requests do not pass through the actor: its ModelLane carries them from the event loop straight
 to the worker (see actors/lane.py). The actor hands each fresh worker to the lane, restarts the
 worker when the lane reports it dead, and on unload waits for the lane to go idle first.
+
+Between requests it also measures the worker every `MemoryWatch.poll_s` (actors/memory_watch.py):
+growth is reported to the manager, which raises the model's claim in the ledger, and a worker
+past the per-worker memory limit is killed; its requests fail naming the limit, and the lane's
+breaker and restart take it from there as for any crash.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pykka
+from prometheus_client import Counter
 
 from actors.errors import (
     MocError,
@@ -22,11 +28,22 @@ from actors.errors import (
 )
 from actors.gpu import wait_for_release
 from actors.lane import ModelLane
-from actors.probes import DeviceProbe
+from actors.memory_watch import MemoryWatch, judge_memory
+from actors.probes import DeviceProbe, process_rss_mb
 from actors.resilience import CircuitBreaker
+from actors.ticker import Ticker
 from actors.worker_client import LoadedInfo, WorkerProcess, WorkerSpec
 
 log = logging.getLogger(__name__)
+
+worker_memory_kills_total = Counter(
+    "moc_worker_memory_kills_total",
+    "Model workers killed for holding more memory than [resources] worker_memory_limit_mb",
+    ["model"],
+)
+
+ProcessMemory = Callable[[int], float | None]
+"""The memory process `pid` holds on the model's device in MiB (None: it cannot be told)."""
 
 
 class ModelEvents(Protocol):
@@ -67,6 +84,8 @@ class ModelActor(pykka.ThreadingActor):
         load_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         worker_factory: WorkerFactory = _default_worker,
+        memory_watch: MemoryWatch | None = None,
+        process_memory: ProcessMemory | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -82,6 +101,14 @@ class ModelActor(pykka.ThreadingActor):
         self._worker = worker_factory(spec, runtime_dir)
         self._lane = lane
         self._drain_timeout = drain_timeout
+        self._watch = memory_watch or MemoryWatch()
+        # On a GPU the process's share of the device as NVML tells it, else its RSS.
+        nvml_share = getattr(gpu_probe, "process_memory_mb", None)
+        self._process_memory: ProcessMemory = process_memory or nvml_share or process_rss_mb
+        self._offset_mb = 0.0  # what the worker process holds beyond the model
+        self._reported_mb = 0.0  # the model's size last reported to the manager
+        self._check_queued = threading.Event()
+        self._ticker: Ticker | None = None
         lane.bind(self.actor_ref.proxy().restart)
 
     # -- messages -------------------------------------------------------------------------
@@ -95,8 +122,7 @@ class ModelActor(pykka.ThreadingActor):
             log.warning("loading %s failed: %s", self.spec.name, error)
             self._events.model_load_failed(self.spec.name, error)
             return
-        self._measured_mb = info.measured_mb
-        self._lane.attach(self._worker, info.measured_mb)
+        self._attach(info)
         self._events.model_loaded(self.spec.name, info)
 
     def restart(self) -> bool:
@@ -115,6 +141,8 @@ class ModelActor(pykka.ThreadingActor):
     # -- lifecycle ------------------------------------------------------------------------
 
     def on_stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
         # At shutdown past the node's drain deadline, requests still running are cut off.
         drain = 0.0 if self._abort.is_set() else self._drain_timeout
         if not self._lane.close(drain):
@@ -132,6 +160,8 @@ class ModelActor(pykka.ThreadingActor):
             log.warning("%s: memory of %s not back after 5 s", probe.name, self.spec.name)
 
     def on_failure(self, *args: object) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
         self._lane.close(0.0)
         self._worker.stop(timeout=1.0)
         self._events.model_stopped(self.spec.name)
@@ -146,7 +176,57 @@ class ModelActor(pykka.ThreadingActor):
             self._breaker.record_failure(self._clock())
             log.error("restarting the worker for %s failed: %s", self.spec.name, exc)
             return False
-        self._measured_mb = info.measured_mb
-        self._lane.attach(self._worker, info.measured_mb)
+        self._attach(info)
         self._events.model_loaded(self.spec.name, info)
         return True
+
+    def _attach(self, info: LoadedInfo) -> None:
+        """Serve through the freshly loaded worker; note what its process holds besides."""
+        self._measured_mb = self._reported_mb = info.measured_mb
+        held = self._process_memory(info.pid)
+        self._offset_mb = 0.0 if held is None else max(0.0, held - info.measured_mb)
+        self._lane.attach(self._worker, info.measured_mb)
+
+    # -- memory watch ---------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._ticker = Ticker(self._watch.poll_s, self._tick, f"memory-{self.spec.name}").start()
+
+    def _tick(self) -> None:
+        """On the ticker's thread: queue a check unless one is still waiting (a long load)."""
+        if not self._check_queued.is_set():
+            self._check_queued.set()
+            self.actor_ref.tell(_CheckMemory())
+
+    def on_receive(self, message: object) -> object:
+        if isinstance(message, _CheckMemory):
+            self._check_queued.clear()
+            self.check_memory()
+            return None
+        return super().on_receive(message)
+
+    def check_memory(self) -> None:
+        """Measure the worker: report growth to the manager, kill it past the memory limit."""
+        worker = self._worker
+        pid = worker.pid
+        held = self._process_memory(pid) if pid is not None and worker.alive else None
+        if held is None:
+            return
+        verdict = judge_memory(held, self._offset_mb, self._reported_mb, self._watch.limit_mb)
+        if verdict.kill:
+            reason = (
+                f"the worker for {self.spec.name!r} was killed: it held {held:.0f} MiB, over the "
+                f"per-worker memory limit of {self._watch.limit_mb:.0f} MiB "
+                "([resources] worker_memory_limit_mb)"
+            )
+            log.error("%s", reason)
+            worker_memory_kills_total.labels(self.spec.name).inc()
+            self._lane.note_killed(worker, reason)  # before the kill: its requests fail with it
+            worker.kill()
+        elif verdict.grown_mb is not None:
+            self._reported_mb = verdict.grown_mb
+            self._events.model_memory(self.spec.name, verdict.grown_mb)
+
+
+class _CheckMemory:
+    """The ticker's message: measure the worker now."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,6 +123,18 @@ class SimulatedProbe:
 
     def read(self) -> DeviceReading:
         return DeviceReading(self._total, 0.0, None, None)
+
+
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def process_rss_mb(pid: int, proc: Path = Path("/proc")) -> float | None:
+    """Return the resident memory of process `pid` in MiB, or None once it has gone."""
+    try:
+        statm = (proc / str(pid) / "statm").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(statm.split()[1]) * _PAGE_MB
 
 
 def _meminfo(path: Path) -> dict[str, int]:
