@@ -19,7 +19,7 @@ import aiohttp
 import pykka
 import pytest
 
-from moc_node.app import Front, Runtime, default_servers, serve
+from moc_node.app import Front, Runtime, default_servers, serve, serve_witness
 from moc_node.config import Config, ConfigError, from_mapping
 from moc_node.node import Node
 from moc_node.preflight import Keys, Listener, check_listeners, preflight
@@ -408,3 +408,15 @@ async def test_the_node_serves_with_the_keys_read_by_the_preflight_and_never_rer
     code = await asyncio.wait_for(serve(config, keys, servers=servers, started=probe), 60)
     assert code == 0
     assert statuses == [401, 200]
+
+
+async def test_a_witness_whose_gossip_port_is_in_use_names_the_cluster_key(
+    tmp_path: Path, taken: dict[str, tuple[socket.socket, int]]
+) -> None:
+    _, port = taken["udp"]
+    config = config_of(
+        tmp_path, cluster=cluster(tmp_path, bind=f"127.0.0.1:{port}", voters=["pre"])
+    )
+    with pytest.raises(ConfigError) as error:
+        await serve_witness(config, preflight(config).cluster)
+    assert str(error.value) == f"cluster.bind: cannot listen on 127.0.0.1:{port}: Address already in use"
