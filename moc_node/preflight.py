@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -35,7 +36,10 @@ MAX_KEY_FILE_BYTES = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """What the key files named by the config hold, read once before any port opens."""
+    """What the key files named by the config hold, read once before any port opens.
+
+    One field per kind of key; a new key file adds a field here and a call in `read_keys`.
+    """
 
     api: frozenset[str]
     """Accepted API keys: `server.api_keys` plus those of `server.api_key_file`."""
@@ -97,40 +101,43 @@ def read_keys(config: Config) -> Keys:
     the day the feature is switched on.
     """
     server = config.server
-    api = read_file("server.api_key_file", server.api_key_file, lambda: load_api_keys(server))
+    api = read_files({"server.api_key_file": server.api_key_file}, lambda: load_api_keys(server))
     cluster = Keyring(())
     if key_file := config.cluster.key_file:
-        cluster = read_file("cluster.key_file", key_file, lambda: read_key_file(key_file))
-    # Each further key file is one more line here and a field of Keys:
-    #     curve = read_file("<section>.<key>", <path or None>, lambda: <reader>(...))
+        cluster = read_files({"cluster.key_file": key_file}, lambda: read_key_file(key_file))
+    # Each further key file is one more call here and a field of Keys:
+    #     auth = read_files({"<section>.<key>": <path or None>, ...}, lambda: <reader>(...))
     return Keys(api=api, cluster=cluster)
 
 
-def read_file(key: str, path: str | None, read: Callable[[], T]) -> T:
-    """Return what `read` makes of the file at `path`, the value of config `key`.
+def read_files(files: Mapping[str, str | None], read: Callable[[], T]) -> T:
+    """Return what `read` makes of the files it reads; `files` maps their config keys to paths.
 
-    `path` (None: unset, `read` still runs) must name a regular file of at most
-    MAX_KEY_FILE_BYTES, so a directory, a device or a FIFO is refused before it is opened.
-    Every failure of `read` (OSError, undecodable text, bad content) becomes one ConfigError
-    line naming `key` and the file; none quotes the file's contents.
+    Every path set (None: unset) must name a regular file of at most MAX_KEY_FILE_BYTES, so a
+    directory, a device or a FIFO is refused before it is opened. Every failure of `read`
+    (OSError, undecodable text, bad content) becomes one ConfigError line naming a key, the
+    reader's own when its message starts with one, else the first in `files`; none quotes
+    the file's contents.
     """
-    shown = ""
-    if path is not None:
-        size = _regular_file(key, path)
-        if size > MAX_KEY_FILE_BYTES:
+    for key, path in files.items():
+        if path is not None and _regular_file(key, path) > MAX_KEY_FILE_BYTES:
             raise ConfigError(f"{key}: {path!r} is larger than {MAX_KEY_FILE_BYTES} bytes")
-        shown = f"{path!r}: "
+    key, path = next(iter(files.items()))
+    shown = f"{key}: {path!r}:" if path is not None else f"{key}:"
     try:
         return read()
     except OSError as exc:
-        raise ConfigError(f"{key}: {shown}cannot read it: {_reason(exc)}") from None
+        raise ConfigError(f"{shown} cannot read it: {_reason(exc)}") from None
     except UnicodeDecodeError:  # a ValueError: caught first, its text quotes the bytes
-        raise ConfigError(f"{key}: {shown}not UTF-8 text") from None
+        raise ConfigError(f"{shown} not UTF-8 text") from None
     except (ValueError, LocalUsageError) as exc:
-        message = str(exc)
-        if message.startswith(f"{key}:"):  # the reader named the key already
+        message = " ".join(str(exc).splitlines())
+        if _NAMES_A_KEY.match(message):
             raise ConfigError(message) from None
-        raise ConfigError(f"{key}: {shown}{message}") from None
+        raise ConfigError(f"{shown} {message}") from None
+
+
+_NAMES_A_KEY = re.compile(r"^[a-z_]+\.[a-z_]+: ")
 
 
 def listeners(config: Config) -> list[Listener]:
