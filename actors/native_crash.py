@@ -152,18 +152,22 @@ def _without_arguments(name: str) -> str:
 
 
 def crashed_frames(frames: list[Frame]) -> list[Frame]:
-    """Return the frames from the one that crashed outwards, without the signal machinery."""
-    start = 0
+    """Return the frames from the one that crashed outwards, without the signal machinery.
+
+    Empty when the backtrace is not the crashing thread's: gdb shows the main thread, which
+    need not be the one that faulted (then it holds no signal frame).
+    """
     signal_frames = [i for i, f in enumerate(frames) if f.signal_frame]
+    handler = [i for i, f in enumerate(frames) if f.function == "ggml_print_backtrace"]
     if signal_frames:  # gdb marks the kernel's signal frames
         start = signal_frames[-1] + 1
-    else:
+    elif handler and handler[0] + 1 < len(frames):
         # glibc: the frame after the handler is the signal trampoline; the crash is right after
         # its last appearance (faulthandler raised the signal again from its own handler).
-        handler = [i for i, f in enumerate(frames) if f.function == "ggml_print_backtrace"]
-        if handler and handler[0] + 1 < len(frames):
-            trampoline = frames[handler[0] + 1]
-            start = max(i for i, f in enumerate(frames) if f == trampoline) + 1
+        trampoline = frames[handler[0] + 1]
+        start = max(i for i, f in enumerate(frames) if f == trampoline) + 1
+    else:
+        return []
     rest = [f for f in frames[start:] if not (f.function and _MACHINERY.match(f.function))]
     # A crash inside libc (memcpy, strlen) is reported by the code that called it.
     own = [f for f in rest if not (f.library and _LIBC.match(f.library))]

@@ -102,6 +102,16 @@ def test_a_cpp_kernel_is_demangled_and_shown_with_its_callers() -> None:
     )
 
 
+def test_a_gdb_stack_of_another_thread_than_the_faulting_one_names_nothing() -> None:
+    # gdb shows the main thread; when a ggml worker thread faulted, it holds no signal frame.
+    main_thread = f"""\
+#0  0x00007f2a816f1c17 in __GI___wait4 (pid=9746) at ../sysdeps/unix/sysv/linux/wait4.c:30
+#1  0x00007f2a7854d68b in ggml_graph_compute_thread () from {LIB}/libggml-cpu.so
+#2  0x00007f2a7854d68b in llama_decode () from {LIB}/libllama.so
+"""
+    assert describe_crash(main_thread, cpu="X") is None
+
+
 def test_a_log_with_only_a_python_stack_names_no_native_function() -> None:
     log = "Fatal Python error: Segmentation fault\n\n  File \"x.py\", line 3 in <module>\n"
     assert describe_crash(log, cpu="X") is None
