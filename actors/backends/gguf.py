@@ -111,10 +111,11 @@ def open_llama(llama_cpp: Any, kwargs: dict[str, Any], *, cpu_repack: bool) -> A
     stay in the file's layout, so neither the CPU_REPACK nor the AMX buffer type, whose matmul
     crashes on AMX Xeons, is used. `Llama()` takes no such argument (it ignores unknown
     keywords) and hands the struct it gets from `llama_model_default_params()` straight to
-    llama.cpp, so that call is the one hook: it is wrapped while `Llama()` runs, under a lock so
-    that two loads in one process cannot see each other's setting, and restored after. The
-    struct the model kept is checked afterwards, in case a later llama-cpp-python stops calling
-    it. Raise BackendError when repacking cannot be turned off.
+    llama.cpp, so that call is the one hook: it is wrapped while `Llama()` runs and restored
+    after, under a lock so that two loads through here cannot see each other's setting (a
+    worker makes one load; a `Llama()` made elsewhere in the process meanwhile would see it).
+    The struct the model kept is checked afterwards, in case a later llama-cpp-python stops
+    calling it. Raise BackendError when repacking cannot be turned off.
     """
     has_switch = any(f[0] == "use_extra_bufts" for f in llama_cpp.llama_model_params._fields_)
     if not has_switch:
@@ -164,8 +165,10 @@ def prepare_crash_reports() -> int | None:
     writes straight to the fds, aborts and crashes, now shows. A llama-cpp-python without the
     files is left alone.
     """
-    import llama_cpp
-
+    try:
+        import llama_cpp
+    except ImportError:  # the load reports it, with its own message
+        return None
     utils = getattr(llama_cpp, "_utils", None)
     for name, fd in (("outnull_file", 1), ("errnull_file", 2)):
         null = getattr(utils, name, None)
