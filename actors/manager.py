@@ -20,6 +20,7 @@ import pykka
 
 from actors import metrics, names
 from actors.config import CatalogEntry, CircuitBreakerConfig, ModelsConfig
+from actors.context import fit_gguf_n_ctx
 from actors.errors import (
     InsufficientMemory,
     InvalidRequest,
@@ -34,6 +35,7 @@ from actors.errors import (
 from actors.estimate import CUDA_CONTEXT_MB, estimate_gguf_memory
 from actors.lane import ModelLane
 from actors.ledger import Ledger
+from actors.memory_watch import MemoryWatch
 from actors.model import ModelActor, WorkerFactory, _default_worker
 from actors.paths import resolve_model_path
 from actors.placement import DeviceRoom, Resident, plan
@@ -161,6 +163,7 @@ class ManagerDeps:
     probes: Mapping[str, DeviceProbe] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
     worker_factory: WorkerFactory = _default_worker
+    memory_watch: MemoryWatch = MemoryWatch()
 
 
 class ModelManager(pykka.ThreadingActor):
@@ -279,7 +282,7 @@ class ModelManager(pykka.ThreadingActor):
             raise InvalidRequest("model_path", f"cannot be resolved: {exc.strerror}") from None
         backend = request.backend or (base.backend if base else _backend_for(resolved))
         try:
-            return CatalogEntry(
+            entry = CatalogEntry(
                 name=request.name,
                 path=str(resolved),
                 backend=backend,
@@ -290,10 +293,28 @@ class ModelManager(pykka.ThreadingActor):
                 pin=request.pin if request.pin is not None else (base.pin if base else False),
                 lora=base.lora if base is not None and request.path is None else "",
                 cpu_repack=base.cpu_repack if base is not None else None,
+                n_ctx_max=base.n_ctx_max if base is not None else 0,
             )
         except ValueError as exc:
             field_name, _, message = str(exc).partition(": ")
             raise InvalidRequest(field_name, message) from None
+        return self._fit_context(entry, asked=request.n_ctx is not None)
+
+    def _fit_context(self, entry: CatalogEntry, *, asked: bool) -> CatalogEntry:
+        """Cap n_ctx at the model's trained context: a client asking for more is refused."""
+        if entry.backend != "gguf":
+            return entry
+        n_ctx = fit_gguf_n_ctx(entry.path, entry.n_ctx, entry.n_ctx_max, asked=asked)
+        if n_ctx == entry.n_ctx:
+            return entry
+        log.info(
+            "loading %s with n_ctx %d instead of its catalog's %d: past what the model was "
+            "trained for (or its n_ctx_max)",
+            entry.name,
+            n_ctx,
+            entry.n_ctx,
+        )
+        return replace(entry, n_ctx=n_ctx)
 
     def _place_and_load(self, slot: Slot) -> None:
         entry = slot.entry
@@ -385,6 +406,7 @@ class ModelManager(pykka.ThreadingActor):
             gpu_probe=self._deps.probes.get(device) if ledger.kind == "nvml" else None,
             load_timeout=self._models_config.load_timeout,
             worker_factory=self._deps.worker_factory,
+            memory_watch=self._deps.memory_watch,
         )
         slot.actor.proxy().load()
 

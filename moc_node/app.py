@@ -27,6 +27,7 @@ from actors.config import CatalogEntry
 from actors.gpu import GPUActor
 from actors.ledger import Budget, Ledger
 from actors.manager import ManagerDeps, ModelBoard, ModelManager
+from actors.memory_watch import MemoryWatch
 from actors.model import WorkerFactory, _default_worker
 from actors.probes import discover
 from actors.resilience import BulkheadRegistry
@@ -186,6 +187,7 @@ def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_wo
             abort=abort,
             probes={p.name: p for p in probes},
             worker_factory=worker_factory,
+            memory_watch=MemoryWatch(resources.gpu_poll_interval, resources.worker_memory_limit_mb),
         )
     )
     gpu_proxies = [ref.proxy() for ref in gpu_refs]
