@@ -15,7 +15,7 @@ row's ratio shows the noise of the measurement.
 
     python bench/cpu_buffers.py --quick [--json] [--threads N]
 
-Do not run it on an AMX Xeon with repacking on unless a crash is what you want to see.
+On a CPU with AMX it stops at once (repacking on would crash there) unless given --force.
 """
 
 from __future__ import annotations
@@ -102,7 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default 1)")
     parser.add_argument("--size", choices=sorted(SIZES), default="medium50m")
+    parser.add_argument("--force", action="store_true", help="run on a CPU with AMX anyway")
     args = parser.parse_args(argv)
+    if "amx_int8" in describe_cpu().split() and not args.force:
+        print(
+            "this CPU has AMX: with repacking on, llama.cpp puts the weights in its AMX buffer, "
+            "whose matmul crashes (SIGSEGV); pass --force to measure anyway",
+            file=sys.stderr,
+        )
+        return 2
     tokens, runs = (64, 7) if args.quick else (256, 15)
     result: dict[str, Any] = {
         "cpu": describe_cpu(),
