@@ -397,3 +397,33 @@ def test_how_a_job_process_ended_decides_the_jobs_status(
     ended: JobExit, cancelled: bool, stopping: bool, outcome: str
 ) -> None:
     assert settle(ended, cancelled=cancelled, stopping=stopping) == outcome
+
+
+def test_a_job_whose_output_name_became_a_model_while_it_ran_fails_instead_of_shadowing_it(
+    tiny_gguf: Path, dataset_dir: Path, tmp_path: Path
+) -> None:
+    models = {"tiny": tiny_gguf}
+    registered: list[str] = []
+    ref = LearningActor.start(
+        LearningConfig(
+            job_store=str(tmp_path / "jobs.db"),
+            output_dir=str(tmp_path / "out"),
+            dataset_dirs=(str(dataset_dir),),
+            torch_threads=1,
+        ),
+        claim=lambda job_id, mb: True,
+        release=lambda job_id: None,
+        resolve_model=lambda name: models[name],
+        register=lambda name, path, base: registered.append(name),
+    )
+    try:
+        proxy = ref.proxy()
+        job_id = proxy.submit(spec(dataset_dir, output_name="cats")).get()
+        models["cats"] = tiny_gguf  # someone loads a model by that name meanwhile
+        wait_for(lambda: proxy.get(job_id).get()["status"] in FINAL)
+        job = proxy.get(job_id).get()
+        assert job["status"] == "failed"
+        assert "output_name: model 'cats' appeared while the job ran" in job["error"]
+        assert registered == []
+    finally:
+        ref.stop()
