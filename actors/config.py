@@ -150,9 +150,10 @@ class ModelsConfig:
     cpu_repack: bool = False
     """Let llama.cpp repack GGUF weights held on the CPU into its CPU-specific layouts
     ("extra buffer types": AMX tiles on Intel Xeons with AMX, interleaved q4_0 blocks on
-    AVX2/AVX-512 and Arm), as its default does. Repacking makes CPU decoding of q4_0-family
-    weights faster (see the README for figures measured on an AVX-512 CPU) and changes nothing
-    for f16/f32 weights or for layers on a GPU. Off by default because llama.cpp's AMX matmul
+    AVX2/AVX-512 and Arm), as its default does. Repacking makes CPU decoding of q4_0 weights
+    faster (1.35-1.74x decode, 1.30-1.47x prompt tokens/s on an AVX-512 AMD EPYC, one thread:
+    bench/cpu_buffers.py) and changes nothing for f16/f32 weights, for q8_0 on CPUs without AMX,
+    or for layers on a GPU. Off by default because llama.cpp's AMX matmul
     crashes (SIGSEGV) decoding q8_0 and q4_0 models on Sapphire Rapids and later Xeons, the
     CPUs most H100/H200 servers carry (ggml-org/llama.cpp#20824): a crash on every request
     costs more than the speed. Turn on for CPUs without AMX, or per model with the catalog
