@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from actors.names import name_problem
+
 DeviceMode = Literal["auto", "cpu", "simulated"]
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -124,7 +126,8 @@ class CatalogEntry:
     CPU-resident weights, false forbids it; unset follows the node's setting."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name", "non-empty, without '/'")
+        problem = name_problem(self.name)  # the rule clients' names follow, so they can ask
+        _require(problem is None, "name", str(problem))
         _require(bool(self.path), "path", "must not be empty")
         _require(self.backend in ("gguf", "torch"), "backend", "one of gguf, torch")
         _require(16 <= self.n_ctx <= 1_048_576, "n_ctx", "must be in 16..1048576")

@@ -23,7 +23,6 @@ from actors import metrics
 from actors.errors import (
     Cancelled,
     FeatureUnavailable,
-    InvalidRequest,
     MocError,
     ModelNotFound,
     ModelNotLoaded,
@@ -444,9 +443,6 @@ class Node:
                             yield item
                         else:
                             yield TokenChunk(item)
-        except InvalidRequest as exc:
-            outcome = exc.code
-            raise _named_as_requested(exc, req) from None
         except MocError as exc:
             outcome = exc.code
             raise
@@ -471,9 +467,6 @@ class Node:
                     result = await lane.infer(req, self._deadline(req))
                 outcome = "success"
                 return result
-        except InvalidRequest as exc:
-            outcome = exc.code
-            raise _named_as_requested(exc, req) from None
         except MocError as exc:
             outcome = exc.code
             raise
@@ -513,15 +506,6 @@ class Node:
         if info is None:
             raise ModelNotLoaded(f"model {name!r} is not loaded")
         return self._with_queue(info)
-
-
-def _named_as_requested(exc: InvalidRequest, req: InferRequest) -> InvalidRequest:
-    """Return `exc` naming the request's own field: the GGUF backend says "input_text" (the
-    legacy name) for a prompt too long for the context, whatever the surface and the shape."""
-    if exc.field != "input_text":
-        return exc
-    field = "messages" if req.messages is not None else "prompt"
-    return InvalidRequest(field, str(exc).removeprefix("input_text: "))
 
 
 async def _ask(future: Any) -> Any:

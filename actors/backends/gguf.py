@@ -259,7 +259,10 @@ class GgufModel:
                 f"llama.cpp could not load {spec.path}: {exc}" + (f" ({detail})" if detail else "")
             ) from exc
         name = llm.metadata.get("general.name") or Path(spec.path).stem
-        model = cls(llm, llama_cpp, file_version(spec.path, name), spec.seed, reuse=reuse)
+        version = file_version(spec.path, name)
+        if spec.lora_path:  # the adapter is part of what is served: a new one is a new version
+            version += "+" + file_version(spec.lora_path, Path(spec.lora_path).stem)
+        model = cls(llm, llama_cpp, version, spec.seed, reuse=reuse)
         model.weight_buffers = dict(log.weights)
         print(
             f"moc gguf: loaded {spec.path}: weights in {describe_buffers(model.weight_buffers)}"
@@ -352,9 +355,8 @@ class GgufModel:
             tokens, extra_stops = self._completion_prompt(gen.prompt or ""), ()
         n_ctx = self.n_ctx
         if len(tokens) >= n_ctx:
-            raise BadRequest(
-                "input_text", f"prompt is {len(tokens)} tokens; the context holds {n_ctx}"
-            )
+            field = "messages" if gen.messages is not None else "prompt"
+            raise BadRequest(field, f"prompt is {len(tokens)} tokens; the context holds {n_ctx}")
         budget = min(gen.max_tokens, n_ctx - len(tokens))
         if not tokens:
             # An empty prompt on a model without BOS: llama.cpp needs one token to start from.

@@ -60,6 +60,8 @@ def score_model(
     """Return {"loss", "perplexity", "tokens"} of one model on `records`."""
     import llama_cpp
 
+    from actors.backends.gguf import open_llama
+
     kwargs: dict[str, Any] = {
         "model_path": model_path,
         "n_ctx": n_ctx,
@@ -72,7 +74,8 @@ def score_model(
         kwargs["lora_path"] = lora_path
     if n_threads:
         kwargs["n_threads"] = kwargs["n_threads_batch"] = n_threads
-    llm = llama_cpp.Llama(**kwargs)
+    # Repacking off, as the GGUF backend loads: it crashes q8_0/q4_0 decoding on AMX Xeons.
+    llm = open_llama(llama_cpp, kwargs, cpu_repack=False)
     # llama.cpp may pad its context past n_ctx, but the Python buffers hold n_ctx positions.
     window_len = min(n_ctx, int(llm.n_ctx()))
     total = 0.0

@@ -100,7 +100,8 @@ def test_an_infer_payload_takes_text_or_tensors_but_not_both() -> None:
 @pytest.fixture(name="affine_pt")
 def affine_pt_fixture(tmp_path: Path) -> tuple[Path, np.ndarray]:
     """A traced affine+tanh module in the first node's own models dir, and its answer for X."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(4, 3, generator=g), torch.randn(3, generator=g)
 

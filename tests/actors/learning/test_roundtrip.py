@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.backends import LoadSpec
+from actors.backends.gguf import GgufModel
 from actors.learning.datasets import load_dataset
 from actors.learning.export import write_model_gguf
 from actors.learning.llama_torch import load_llama
@@ -68,6 +70,14 @@ def test_a_lora_adapter_lowers_held_out_loss_and_llama_cpp_serves_it_as_torch_co
     continuation = model.greedy(ids, 32)
     assert served_greedy(tiny_gguf, ids, adapter) == continuation
     assert tok.decode(continuation) != tok.decode(load_llama(tiny_gguf).greedy(ids, 32))
+    # What is served is the base and its adapter: the adapter is part of model_version.
+    plain = GgufModel.load(LoadSpec("gguf", str(tiny_gguf), n_ctx=128))
+    adapted = GgufModel.load(LoadSpec("gguf", str(tiny_gguf), n_ctx=128, lora_path=str(adapter)))
+    try:
+        assert adapted.version.startswith(plain.version + "+adapter@")
+    finally:
+        plain.close()
+        adapted.close()
 
 
 def test_a_fine_tuned_gguf_lowers_held_out_loss_and_llama_cpp_serves_it_as_torch_computes_it(
