@@ -20,7 +20,7 @@ import pykka
 import pytest
 
 from moc_node.app import Front, Runtime, default_servers, serve, serve_witness
-from moc_node.config import Config, ConfigError, from_mapping
+from moc_node.config import Config, ConfigError, from_mapping, load_config
 from moc_node.node import Node
 from moc_node.preflight import Keys, Listener, check_listeners, preflight
 
@@ -420,3 +420,42 @@ async def test_a_witness_whose_gossip_port_is_in_use_names_the_cluster_key(
     with pytest.raises(ConfigError) as error:
         await serve_witness(config, preflight(config).cluster)
     assert str(error.value) == f"cluster.bind: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+async def test_a_reload_to_a_config_that_could_not_start_is_refused_and_the_running_one_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "moc.toml"
+    models = tmp_path / "models"
+    good = f"""
+[node]
+state_dir = "{tmp_path / "state"}"
+model_dirs = ["{models}"]
+[server]
+rest_port = 0
+zmq_port = 0
+[resources]
+devices = "cpu"
+[[models.catalog]]
+name = "m"
+path = "{models / "m.gguf"}"
+"""
+    models.mkdir()
+    path.write_text(good)
+    config = load_config(path, env={})
+    refused: list[str] = []
+
+    async def reload_a_broken_edit(runtime: Runtime) -> None:
+        path.write_text(good + "preload = true\n")  # its file is missing: could not start
+        os.kill(os.getpid(), signal.SIGHUP)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not refused and asyncio.get_running_loop().time() < deadline:
+            refused.extend(m for r in caplog.records if "reload refused" in (m := r.getMessage()))
+            await asyncio.sleep(0.01)  # polling the log with a deadline
+        assert runtime.config.models.catalog[0].preload is False  # the running config kept
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    caplog.set_level("ERROR", logger="moc_node.app")
+    code = await serve(config, preflight(config), config_path=str(path), started=reload_a_broken_edit)
+    assert code == 0
+    assert len(refused) == 1 and "models.catalog[0].path:" in refused[0]
