@@ -201,8 +201,7 @@ class ModelManager(pykka.ThreadingActor):
             if slot.in_catalog and not slot.registered and name not in names:
                 slot.in_catalog = False
                 if slot.state in ("available", "failed"):
-                    del self._slots[name]
-                    self._deps.board.remove(name)
+                    self._drop(name)
 
     def ping(self) -> bool:
         """Answer True: the watchdog's proof that this actor still takes messages."""
@@ -268,7 +267,12 @@ class ModelManager(pykka.ThreadingActor):
             slot = self._slots[entry.name] = Slot(entry=entry, in_catalog=False)
         slot.entry = entry
         slot.error = None
-        self._place_and_load(slot)
+        try:
+            self._place_and_load(slot)
+        except Exception:
+            if not slot.in_catalog and slot.state == "available":
+                self._drop(entry.name)  # refused before it started: nothing of it stays
+            raise
         slot.load_waiters.append(reply)
 
     def _entry_for(self, request: LoadRequest, slot: Slot | None) -> CatalogEntry:
@@ -574,8 +578,7 @@ class ModelManager(pykka.ThreadingActor):
         self._unblock(name)
         waiting, slot.load_waiters = slot.load_waiters, []
         if not slot.in_catalog and not waiting:
-            del self._slots[name]
-            self._deps.board.remove(name)
+            self._drop(name)
         else:
             self._publish(name)
         for reply in waiting:  # requests that came while it was unloading: load it again
@@ -600,6 +603,17 @@ class ModelManager(pykka.ThreadingActor):
                 self.expire_idle()
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _drop(self, name: str) -> None:
+        """Forget a model that is neither loaded nor in the catalog, and its metric series.
+
+        Its lane and breaker go with its slot, so nothing writes to its series any more; its
+        bulkhead goes too if idle (a busy one looks its series up again on its next use).
+        """
+        del self._slots[name]
+        self._deps.board.remove(name)
+        self._deps.bulkheads.forget(name)
+        metrics.forget_model(name)
 
     def _unblock(self, evicted: str) -> None:
         for slot in self._slots.values():

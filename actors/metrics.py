@@ -68,3 +68,38 @@ bulkhead_queued_requests = Gauge(
 bulkhead_rejected_total = Counter(
     "moc_bulkhead_rejected_total", "Requests refused as overloaded", ["model"]
 )
+worker_memory_kills_total = Counter(
+    "moc_worker_memory_kills_total",
+    "Model workers killed for holding more memory than [resources] worker_memory_limit_mb",
+    ["model"],
+)
+
+MODEL_METRICS = (
+    model_load_duration_seconds,
+    model_memory_usage_mb,
+    model_memory_estimate_mb,
+    inference_requests_total,
+    inference_latency_seconds,
+    inference_tokens_generated_total,
+    inference_errors_total,
+    circuit_breaker_state,
+    circuit_breaker_failures_total,
+    bulkhead_active_requests,
+    bulkhead_queued_requests,
+    bulkhead_rejected_total,
+    worker_memory_kills_total,
+)
+"""Every metric with a `model` label: a model name lives on /metrics exactly while it is here."""
+
+
+def forget_model(name: str) -> None:
+    """Remove every series labelled with model `name` (the model is gone from this node).
+
+    Called when the model's slot is dropped (unloaded, or failed to load, and not in the
+    catalog): kept, each distinct name a client ever loaded would stay on every scrape (about
+    50 series for a load, 25 for a failed one). Whatever still writes to a removed series
+    must look its child up again (`labels()`), which brings the series back rather than
+    writing to a child no scrape sees.
+    """
+    for metric in MODEL_METRICS:
+        metric.remove_by_labels({"model": name})

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Protocol
 
 import pykka
-from prometheus_client import Counter
 
 from actors.errors import (
     MocError,
@@ -29,6 +28,7 @@ from actors.errors import (
 from actors.gpu import wait_for_release
 from actors.lane import ModelLane
 from actors.memory_watch import MemoryWatch, judge_memory
+from actors.metrics import worker_memory_kills_total
 from actors.probes import DeviceProbe, process_rss_mb
 from actors.resilience import CircuitBreaker
 from actors.ticker import Ticker
@@ -36,11 +36,6 @@ from actors.worker_client import LoadedInfo, WorkerProcess, WorkerSpec
 
 log = logging.getLogger(__name__)
 
-worker_memory_kills_total = Counter(
-    "moc_worker_memory_kills_total",
-    "Model workers killed for holding more memory than [resources] worker_memory_limit_mb",
-    ["model"],
-)
 
 ProcessMemory = Callable[[int], float | None]
 """The memory process `pid` holds on the model's device in MiB (None: it cannot be told)."""
