@@ -50,6 +50,7 @@ import json
 import os
 import platform
 import random
+import re
 import socket
 import struct
 import sys
@@ -303,14 +304,24 @@ def watch(run: Run) -> None:
             run.stop.set()
 
 
-FAILURE_MARKS = ("Traceback", " ERROR ", " CRITICAL ", "Exception in callback",
-                 "exception was never retrieved")  # fmt: skip
+FAILURE_MARKS = (" ERROR ", " CRITICAL ", "Exception in callback", "exception was never retrieved")
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
 
 
-def failure_lines(node: NodeProc) -> list[str]:
-    """Return the log lines that tell of an error or a traceback (INFO refusals are not)."""
-    text = node.log.read_text(errors="replace")
-    return [ln for ln in text.splitlines() if any(m in ln for m in FAILURE_MARKS)]
+def failure_events(node: NodeProc) -> list[str]:
+    """Return the node's logged failures: each ERROR line, and each traceback by the exception
+    line that ends it (INFO refusals are not failures), without their timestamps."""
+    events = []
+    in_traceback = False
+    for line in node.log.read_text(errors="replace").splitlines():
+        if line.startswith("Traceback"):
+            in_traceback = True
+        elif in_traceback and not line.startswith((" ", "\t")):
+            events.append("traceback: " + line[:200])
+            in_traceback = False
+        elif any(m in line for m in FAILURE_MARKS):
+            events.append(_STAMP.sub("", line)[:200])
+    return events
 
 
 def zmq_port(node: NodeProc) -> int:
@@ -775,7 +786,7 @@ def fuzz(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         pid = next(m["pid"] for m in target.node.get("/models")["models"] if m["name"] == MODEL)
         run = Run(args.seed, target, forwarder, nodes, pid)
         captured = capture(c)
-        log_marks = len(failure_lines(target.node))
+        logged = {name: len(failure_events(n)) for name, n in nodes.items()}
         good = threading.Thread(target=good_requests, args=(run,), daemon=True)
         good.start()
         for port in ports:  # warm-up: the first allocations of every code path
@@ -814,7 +825,7 @@ def fuzz(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         run.stop.set()
         good.join(timeout=REPLY_TIMEOUT_S * 3)
         watch(run)
-        tracebacks = failure_lines(target.node)[log_marks:]
+        failures = {name: failure_events(n)[logged[name] :] for name, n in nodes.items()}
         restarts = [p for p in run.worker_pids if p is not None]
         gone = run.worker_pids.count(None)
     frames = {p: run.ports[p].sent for p in ports}
@@ -852,8 +863,12 @@ def fuzz(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "rss_curve": run.rss[:: max(1, len(run.rss) // 40)],
         "slowloris": slow_result,
         "probes": probe_rows,
-        "failure_lines_logged": len(tracebacks),
-        "failure_line_examples": [ln[:300] for ln in tracebacks[:5]],
+        "failures_logged": {name: len(events) for name, events in failures.items()},
+        "failure_kinds": [
+            [name, event, n]
+            for name, events in failures.items()
+            for event, n in Counter(events).most_common(6)
+        ],
         "seconds": round(time.monotonic() - t_start, 1),
     }
     write_repro(args, run, root, figures)
@@ -935,10 +950,9 @@ def print_report(f: dict[str, Any]) -> None:
     print(f"slowloris {f['slowloris']}")
     for row in f["probes"]:
         print(f"probe {row}")
-    if f["failure_lines_logged"]:
-        print(f"failure lines in the target's log: {f['failure_lines_logged']}")
-        for ln in f["failure_line_examples"]:
-            print(f"  {ln}")
+    print(f"failures logged (ERROR lines and tracebacks) {f['failures_logged']}")
+    for name, event, n in f["failure_kinds"]:
+        print(f"  {name} x{n}: {event}")
 
 
 if __name__ == "__main__":
