@@ -14,8 +14,8 @@ holds `m` (the target) gets, port after port:
   other versions, oversized, stale facts, replays), a signed ping between batches as a barrier;
 - gossip_tcp: its push-pull streams (random, cut, mutated, huge length prefixes, wrong keys);
 - peer (ZMTP): random bytes and mutated greetings/READYs on fresh connections, and after a real
-  handshake the live test's peer messages (mutated, re-signed, stale, unknown ops, bad bodies),
-  a signed PING as a barrier, and mutated ZMTP framing (reserved flags, 2^63 lengths, commands).
+  handshake the live test's peer messages (mutated, re-signed, stale, misdirected, replayed,
+  unknown ops, bad bodies), a signed PING as a barrier, and mutated ZMTP framing (reserved flags, 2^63 lengths, commands).
 
 Issue 13 cases, as seeds: lone surrogates in names, prompts and stops (JSON escapes; msgpack
 surrogatepass bytes), 5,000-deep nested arrays, msgpack length claims of 2^32-1 (msgpack's widest:
@@ -30,10 +30,15 @@ or trickle; the run reports which the node closed, and when.
 Good requests go all along (HTTP and ZMQ infer on `m`, /health, /models, /metrics, a peer PING, a
 completion forwarded through another member over the fuzzed peer port) and must all succeed.
 `crashes` counts node process deaths and worker restarts (the worker pid of `m` changed);
-`rss_growth_pct` is the target node's own RSS from after the warm-up to the end of the fuzz.
+`rss_growth_pct` is the target node's own RSS from after the warm-up (200 frames per port) to
+the end of the fuzz; `rss_curve` and `rss_b_per_frame_second_half` tell a leak (still growing late
+in a port's phase) from a high-water mark. `--json` prints, last: frames, crashes,
+good_request_failures, rss_growth_pct, and per port outcomes, drops by reason, rates, examples of
+rare outcomes, slowloris, probes, and the failures each node logged (ERROR lines, tracebacks).
 
-Every frame comes from `random.Random(f"{seed}:{port}:{index}")`: `--show PORT:INDEX` prints a
-zmq or http frame without a node. Frames that went unanswered, and the last frames of a port when
+Every frame comes from `random.Random(f"{seed}:{port}:{index}")` (builders in
+bench/fuzz_frames.py): `--show PORT:INDEX` prints a zmq or http frame without a node; gossip and
+peer frames also depend on packets captured live and on the clock. Frames that went unanswered, and the last frames of a port when
 something failed, are written with their bytes to `fuzz-repro-SEED.json` (in --keep DIR, else cwd).
 
 Usage: python bench/fuzz.py [--quick] [--json] [--seed N] [--frames N] [--ports a,b] [--keep DIR]
