@@ -243,7 +243,7 @@ def default_servers(node: Node, config: Config, keys: Keys) -> list[Front]:
 
     static = Path(__file__).with_name("static")
     http = HttpServer(node, config.server, static_dir=static, api_keys=keys.api)
-    zmq_server = ZmqServer(node, config.server, api_keys=keys.api)
+    zmq_server = ZmqServer(node, config.server, api_keys=keys.api, zmq_auth=keys.zmq)
     return [
         Front(http, listener(config, "server.rest_port")),
         Front(zmq_server, listener(config, "server.zmq_port")),

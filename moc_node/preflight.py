@@ -26,7 +26,7 @@ from cluster.errors import LocalUsageError
 from cluster.keyring import Keyring, read_key_file
 from moc_node.config import Config, ConfigError
 from moc_node.services import learning_output_dir
-from transports.config import load_api_keys
+from transports.config import ZmqAuth, load_api_keys, load_zmq_auth
 
 T = TypeVar("T")
 
@@ -45,6 +45,8 @@ class Keys:
     """Accepted API keys: `server.api_keys` plus those of `server.api_key_file`."""
     cluster: Keyring
     """Keys of `cluster.key_file`; empty when none is named (gossip is then unauthenticated)."""
+    zmq: ZmqAuth
+    """The ZeroMQ front's allow-list and CURVE keys (`server.zmq_curve_*_file`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +107,13 @@ def read_keys(config: Config) -> Keys:
     cluster = Keyring(())
     if key_file := config.cluster.key_file:
         cluster = read_files({"cluster.key_file": key_file}, lambda: read_key_file(key_file))
-    # Each further key file is one more call here and a field of Keys:
-    #     auth = read_files({"<section>.<key>": <path or None>, ...}, lambda: <reader>(...))
-    return Keys(api=api, cluster=cluster)
+    curve = {
+        "server.zmq_curve_secret_key_file": server.zmq_curve_secret_key_file,
+        "server.zmq_curve_client_keys_file": server.zmq_curve_client_keys_file,
+    }
+    zmq = read_files(curve, lambda: load_zmq_auth(server))
+    # Each further key file is one more call here and a field of Keys.
+    return Keys(api=api, cluster=cluster, zmq=zmq)
 
 
 def read_files(files: Mapping[str, str | None], read: Callable[[], T]) -> T:

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pykka
 import pytest
+import zmq
 
 from moc_node.app import Front, Runtime, default_servers, serve, serve_witness
 from moc_node.config import Config, ConfigError, from_mapping, load_config
@@ -160,6 +161,46 @@ def test_a_bad_api_key_file_is_one_line_naming_the_key(
     text = refusal(config_of(tmp_path, server={"api_key_file": str(path)}))
     assert text.startswith("server.api_key_file: ")
     assert message in text
+
+
+def test_the_zmq_curve_key_files_are_read_by_the_preflight(tmp_path: Path) -> None:
+    public, secret = zmq.curve_keypair()
+    (tmp_path / "server.key").write_bytes(secret + b"\n")
+    (tmp_path / "clients").write_bytes(public + b"\n")
+    server = {
+        "zmq_curve_secret_key_file": str(tmp_path / "server.key"),
+        "zmq_curve_client_keys_file": str(tmp_path / "clients"),
+    }
+    keys = preflight(config_of(tmp_path, server=server))
+    assert keys.zmq.curve_public_key == public
+    assert keys.zmq.curve_client_keys == {public}
+
+
+@pytest.mark.parametrize(
+    ("key", "content", "message"),
+    [
+        ("zmq_curve_secret_key_file", SECRET_LINE, "holds neither a Z85 secret key"),
+        ("zmq_curve_secret_key_file", None, "does not exist"),
+        ("zmq_curve_client_keys_file", "dir", "is not a regular file"),
+    ],
+    ids=["secret-not-a-key", "secret-missing", "clients-a-directory"],
+)
+def test_a_bad_zmq_curve_key_file_is_one_line_naming_its_key(
+    tmp_path: Path, key: str, content: str | None, message: str
+) -> None:
+    _, secret = zmq.curve_keypair()
+    good = tmp_path / "good.key"
+    good.write_bytes(secret)
+    path = tmp_path / "bad"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    server = {"zmq_curve_secret_key_file": str(good), key: str(path)}
+    text = refusal(config_of(tmp_path, server=server))
+    assert text.startswith(f"server.{key}: ")
+    assert message in text
+    assert SECRET_LINE not in text
 
 
 # ---- listeners -------------------------------------------------------------------------
@@ -381,14 +422,16 @@ async def test_the_node_serves_with_the_keys_read_by_the_preflight_and_never_rer
     api_file.write_text("file-key\n", encoding="utf-8")
     key_file = tmp_path / "cluster.key"
     key_file.write_text(f"{KEY_HEX}\n", encoding="ascii")
+    curve_file = tmp_path / "server.key"
+    curve_file.write_bytes(zmq.curve_keypair()[1])
     config = config_of(
         tmp_path,
-        server={"api_key_file": str(api_file)},
+        server={"api_key_file": str(api_file), "zmq_curve_secret_key_file": str(curve_file)},
         cluster=cluster(tmp_path, key_file=str(key_file)),
     )
     keys = preflight(config)
-    api_file.unlink()  # a second read would now fail the start
-    key_file.unlink()
+    for path in (api_file, key_file, curve_file):
+        path.unlink()  # a second read would now fail the start
     statuses: list[int] = []
     fronts: list[Front] = []
 
