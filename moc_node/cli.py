@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 DEFAULT_URL = "http://127.0.0.1:8008"
+LIST_PAGE = 1000  # the most a node sends in one page of a list
 
 
 class ClientError(Exception):
@@ -136,6 +137,24 @@ class _Client:
             raise ClientError(f"cannot reach {self._url}: {exc.reason}") from None
 
 
+def _list_all(client: _Client, path: str, key: str, page: int = LIST_PAGE) -> list[Any]:
+    """Return every item of a paged list (`limit`/`offset`, `next_offset`), page by page.
+
+    A node from before paging answers the whole list with no `next_offset`: one call.
+    """
+    items: list[Any] = []
+    offset: Any = 0
+    while True:
+        body = client.call("GET", f"{path}?limit={page}&offset={offset}")
+        if isinstance(body, list):  # an old node's bare list
+            return body
+        items.extend(body[key])
+        following = body.get("next_offset")
+        if not isinstance(following, int) or following <= offset:  # the last page (or junk)
+            return items
+        offset = following
+
+
 def _error_text(raw: bytes) -> str:
     try:
         body = json.loads(raw)
@@ -250,7 +269,7 @@ def _jobs(client: _Client, args: argparse.Namespace, console: Console) -> int:
     table = Table(title="learning jobs")
     for column in ("job", "type", "model", "status", "step", "loss", "output"):
         table.add_column(column)
-    for j in client.call("GET", "/learning/jobs")["jobs"]:
+    for j in _list_all(client, "/learning/jobs", "jobs"):
         loss = j.get("loss")
         table.add_row(
             j["job_id"],
@@ -313,7 +332,7 @@ def _goals(client: _Client, args: argparse.Namespace, console: Console) -> int:
     table = Table(title="goals")
     for column in ("goal", "title", "priority", "status", "step", "error"):
         table.add_column(column)
-    for g in client.call("GET", "/goals")["goals"]:
+    for g in _list_all(client, "/goals", "goals"):
         table.add_row(
             g["goal_id"],
             g.get("title", ""),
@@ -346,8 +365,7 @@ def _top(client: _Client, args: argparse.Namespace, console: Console) -> int:
 
 
 def _models(client: _Client, args: argparse.Namespace, console: Console) -> int:
-    body = client.call("GET", "/models")
-    models = body.get("models", body) if isinstance(body, dict) else body
+    models = _list_all(client, "/models", "models")
     console.print(_models_table(models))
     return 0
 

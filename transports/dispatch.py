@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -125,6 +125,12 @@ STATUS_BY_CODE: dict[str, int] = {
     "torch_missing": 501,
     "unsupported_model": 400,
     "name_taken": 409,  # a job output that would shadow a model; "replace": true allows it
+    # Limits on what waits and what is stored (learning.max_queued_jobs, goals.max_open_goals;
+    # learning.max_stored_jobs, goals.max_stored_goals): retry later, or the store is full.
+    "too_many_jobs": 429,
+    "too_many_goals": 429,
+    "job_store_full": 507,
+    "goal_store_full": 507,
     # The cluster: a peer that did not answer, no primary yet, a deposed primary's command.
     "peer_unavailable": 503,
     "no_primary": 503,
@@ -320,8 +326,29 @@ async def _unload(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return {**model_view(info), "status": "unloaded"}
 
 
+def paged(key: str, items: Sequence[Any], page: schema.Page) -> dict[str, Any]:
+    """Return one page of `items` under `key`, with where the next page starts.
+
+    The legacy shape (`{key: [...]}`) is kept and fields are added: `total`, `limit`,
+    `offset` and `next_offset` (null on the last page); a client that ignores them reads
+    the first page.
+    """
+    end = page.offset + page.limit
+    return {
+        key: list(items[page.offset : end]),
+        "total": len(items),
+        "limit": page.limit,
+        "offset": page.offset,
+        "next_offset": end if end < len(items) else None,
+    }
+
+
 def _list_models(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
-    return {"models": [model_view(m) for m in d.node.models()]}
+    page = schema.parse_page(payload)
+    models = d.node.models()
+    view = paged("models", models, page)
+    view["models"] = [model_view(m) for m in view["models"]]
+    return view
 
 
 def _list_devices(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
@@ -353,7 +380,8 @@ def _id(payload: Mapping[str, Any], field: str) -> str:
 
 
 async def _list_jobs(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
-    return {"jobs": await d.node.list_jobs()}
+    page = schema.parse_page(payload)
+    return paged("jobs", await d.node.list_jobs(), page)
 
 
 async def _create_job(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
@@ -369,7 +397,8 @@ async def _cancel_job(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
 
 
 async def _list_goals(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
-    return {"goals": await d.node.list_goals()}
+    page = schema.parse_page(payload)
+    return paged("goals", await d.node.list_goals(), page)
 
 
 async def _create_goal(d: Dispatcher, payload: Mapping[str, Any]) -> Any:

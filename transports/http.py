@@ -341,7 +341,12 @@ async def _inference(request: web.Request) -> web.Response:
 
 
 async def _list_models(request: web.Request) -> web.Response:
-    return _json(await _dispatcher(request).call("list_models", {}))
+    return _json(await _dispatcher(request).call("list_models", _page_query(request)))
+
+
+def _page_query(request: web.Request) -> dict[str, str]:
+    """Return a list request's paging parameters (`?limit=&offset=`); others are ignored."""
+    return {key: request.query[key] for key in ("limit", "offset") if key in request.query}
 
 
 async def _load_model(request: web.Request) -> web.Response:
@@ -360,7 +365,7 @@ async def _cluster(request: web.Request) -> web.Response:
 
 def _collection(action: str) -> Handler:
     async def handle(request: web.Request) -> web.Response:
-        return _json(await _dispatcher(request).call(action, {}))
+        return _json(await _dispatcher(request).call(action, _page_query(request)))
 
     return handle
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from actors import names
@@ -24,6 +25,43 @@ MAX_NAME_CHARS = names.MODEL_NAME_MAX_BYTES  # bytes of UTF-8; ASCII names: char
 DEFAULTS = GenerationParams()
 BACKENDS: tuple[Backend, ...] = ("gguf", "torch")
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+PAGE_LIMIT_DEFAULT = 100
+"""Items in one page of a list (jobs, goals, models) when the request names no `limit`."""
+PAGE_LIMIT_MAX = 1000
+"""Most items one page may hold: a reply stays a few MiB at most, whatever is stored."""
+PAGE_OFFSET_MAX = 10_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Which slice of a list a request asks for: `limit` items from position `offset`."""
+
+    limit: int = PAGE_LIMIT_DEFAULT
+    offset: int = 0
+
+
+def parse_page(payload: Mapping[str, Any]) -> Page:
+    """Validate `limit` (1..1000, default 100) and `offset` (>= 0, default 0) of a list request.
+
+    Integers, or strings of digits (HTTP query parameters arrive as strings).
+    """
+    payload = require_object(payload, "payload")
+    limit = _page_int(payload, "limit", 1, PAGE_LIMIT_MAX)
+    offset = _page_int(payload, "offset", 0, PAGE_OFFSET_MAX)
+    return Page(
+        limit=PAGE_LIMIT_DEFAULT if limit is None else limit,
+        offset=0 if offset is None else offset,
+    )
+
+
+def _page_int(payload: Mapping[str, Any], field: str, low: int, high: int) -> int | None:
+    value = payload.get(field)
+    if isinstance(value, str):
+        # ASCII digits only: int() would also take "١٢", "+5", " 7" and "1_0".
+        if not (value.isascii() and value.isdigit()) or len(value) > 9:
+            raise InvalidRequest(field, f"expected an integer in {low}..{high}, got a string")
+        value = int(value)
+    return _optional_int({field: value}, field, low=low, high=high)
 
 
 def require_object(value: Any, field: str) -> Mapping[str, Any]:

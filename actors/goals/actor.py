@@ -25,7 +25,14 @@ import pykka
 
 from actors.goals import metrics
 from actors.goals.config import GoalsConfig
-from actors.goals.errors import EvalSetInvalid, GoalNotFound, GoalsStopping, InvalidGoal
+from actors.goals.errors import (
+    EvalSetInvalid,
+    GoalNotFound,
+    GoalsStopping,
+    GoalStoreFull,
+    InvalidGoal,
+    TooManyGoals,
+)
 from actors.goals.evalset import allowed
 from actors.goals.executors import (
     EvaluateExecutor,
@@ -140,6 +147,7 @@ class GoalActor(pykka.ThreadingActor):
             raise GoalsStopping("the goal actor is stopping and takes no new goals")
         draft = parse_goal(spec, self.config)
         self._check(draft)
+        self._make_room()
         goal_id = uuid.uuid4().hex[:12]
         self._store.insert(goal_id, draft, self._clock())
         log.info("goal %s created: %s (%s)", goal_id, draft.title, draft.priority)
@@ -242,6 +250,30 @@ class GoalActor(pykka.ThreadingActor):
                 allowed(step.eval_path, executor.eval_dirs)
             except EvalSetInvalid as exc:
                 raise InvalidGoal(where, str(exc).removeprefix("eval_path: ")) from None
+
+    def _make_room(self) -> None:
+        """Refuse a goal past the open cap (429); prune finished ones past the stored cap (507
+        if none can go)."""
+        limits = self.config
+        open_goals = self._store.count(("pending", "running"))
+        if open_goals >= limits.max_open_goals:
+            metrics.goals_refused_total.labels(TooManyGoals.code).inc()
+            raise TooManyGoals(
+                f"{open_goals} goals are pending or running, the limit "
+                f"(goals.max_open_goals = {limits.max_open_goals}); retry when some finish"
+            )
+        pruned = self._store.prune_finished(limits.max_stored_goals - 1)
+        if pruned:
+            metrics.goals_pruned_total.inc(pruned)
+            log.info("pruned the %d oldest finished goal(s): goals.max_stored_goals", pruned)
+        stored = self._store.count()
+        if stored >= limits.max_stored_goals:
+            metrics.goals_refused_total.labels(GoalStoreFull.code).inc()
+            raise GoalStoreFull(
+                f"the goal store holds {stored} goals, the limit "
+                f"(goals.max_stored_goals = {limits.max_stored_goals}), and none is finished "
+                "so none can be pruned"
+            )
 
     def _schedule(self) -> None:
         """Start the goals next in line while there is room."""

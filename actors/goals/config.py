@@ -19,6 +19,23 @@ class GoalsConfig:
     """Goals whose plans run at the same time (legacy default 10); the rest wait, ordered by
     priority and then age. A running goal mostly waits on its learning job, so this bounds the
     goals in flight, not CPU use: `learning.max_parallel_jobs` bounds the training itself."""
+    max_open_goals: int = 1000
+    """Goals pending or running at once (they wait in SQLite and in every listing); one more is
+    refused with 429 (`too_many_goals`, Retry-After) until some finish. A goal is a plan of
+    minutes to hours, so a thousand waiting is far more than a node works through in a day,
+    yet bounds what a runaway client can park here. Counted by `max_stored_goals` too."""
+    max_stored_goals: int = 10_000
+    """Goals kept in the store, finished ones included (a few KiB each with the default caps
+    below: about 40 MiB of SQLite at most). Retention: at the cap, the oldest finished goals
+    (completed, failed, cancelled) are deleted to make room for a new one, so history is kept
+    as long as room allows; when every stored goal is still open, a new one is refused with
+    507 (`goal_store_full`). Keep it above `max_open_goals`, so that never happens."""
+    max_description_chars: int = 4096
+    """Longest goal `description`, in characters; a longer one is refused with 400. It is
+    stored, and echoed in every listing: a paragraph or two is what a goal needs."""
+    max_metadata_bytes: int = 16_384
+    """Largest goal `metadata`, as compact JSON in bytes; larger is refused with 400. Stored
+    and echoed like the description; a legacy goal's metadata holds a few names and numbers."""
     goal_store: str = "goals/goals.db"
     """SQLite file (WAL) holding every goal, its steps, their results and progress. A relative
     path is resolved against `node.state_dir` (see `resolved`)."""
@@ -55,6 +72,12 @@ class GoalsConfig:
     def __post_init__(self) -> None:
         _require(1 <= self.max_active_goals <= 10_000, "max_active_goals", "must be in 1..10000")
         _require(bool(self.goal_store), "goal_store", "must not be empty")
+        _require(1 <= self.max_open_goals <= 1_000_000, "max_open_goals", "must be in 1..1000000")
+        _require(
+            1 <= self.max_stored_goals <= 1_000_000, "max_stored_goals", "must be in 1..1000000"
+        )
+        _require(self.max_description_chars >= 1, "max_description_chars", "must be >= 1")
+        _require(self.max_metadata_bytes >= 2, "max_metadata_bytes", "must be >= 2 bytes")
         _require(self.poll_interval_s > 0, "poll_interval_s", "must be > 0 seconds")
         _require(
             0 <= self.default_min_improvement < 1, "default_min_improvement", "must be in [0, 1)"

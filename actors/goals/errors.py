@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from actors.errors import InvalidRequest, MocError, ShuttingDown
+from actors.errors import InvalidRequest, MocError, Overloaded, ShuttingDown
+
+GOALS_RETRY_AFTER_S = 30.0
+"""Retry hint of TooManyGoals: a goal's steps take minutes, so sooner rarely finds room."""
 
 
 class GoalError(MocError):
@@ -31,3 +34,18 @@ class EvalSetInvalid(InvalidRequest):
     """An evaluation set is unreadable, outside the allowed directories, or has a bad line."""
 
     code = "eval_set_invalid"
+
+
+class TooManyGoals(Overloaded):
+    """`goals.max_open_goals` goals are pending or running: retry when some have finished."""
+
+    code = "too_many_goals"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=GOALS_RETRY_AFTER_S)
+
+
+class GoalStoreFull(GoalError):
+    """`goals.max_stored_goals` goals are stored and none is finished, so none can be pruned."""
+
+    code = "goal_store_full"

@@ -21,3 +21,11 @@ goals_execution_duration_seconds = Histogram(
 goal_steps_total = Counter(
     "moc_goal_steps_total", "Goal steps finished, by kind and outcome", ["kind", "outcome"]
 )
+goals_pruned_total = Counter(
+    "moc_goals_pruned_total", "Finished goals deleted to keep goals.max_stored_goals"
+)
+goals_refused_total = Counter(
+    "moc_goals_refused_total",
+    "New goals refused by a limit (too_many_goals: 429, goal_store_full: 507)",
+    ["reason"],
+)

@@ -6,6 +6,7 @@ Nothing here does I/O or reads a clock; the actor calls these and acts on the an
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,12 @@ def parse_goal(spec: Any, config: GoalsConfig) -> GoalDraft:
     if not isinstance(description, str):
         raise InvalidGoal("description", "must be a string")
     _checked(names.check_text, description, "description")
+    if len(description) > config.max_description_chars:
+        raise InvalidGoal(
+            "description",
+            f"is {len(description)} characters; the limit is {config.max_description_chars} "
+            "(goals.max_description_chars)",
+        )
     priority = parse_priority(spec.get("priority"))
     metadata = spec.get("metadata", {})
     if metadata is None:
@@ -70,6 +77,13 @@ def parse_goal(spec: Any, config: GoalsConfig) -> GoalDraft:
         raise InvalidGoal("metadata", "must be an object")
     if _depth(metadata) > MAX_METADATA_DEPTH:
         raise InvalidGoal("metadata", f"nests deeper than {MAX_METADATA_DEPTH} levels")
+    size = len(json.dumps(metadata, separators=(",", ":"), default=str).encode("utf-8"))
+    if size > config.max_metadata_bytes:
+        raise InvalidGoal(
+            "metadata",
+            f"is {size} bytes as JSON; the limit is {config.max_metadata_bytes} "
+            "(goals.max_metadata_bytes)",
+        )
     if "steps" in spec:
         steps = parse_steps(spec["steps"], config, priority)
         return GoalDraft(title, description, priority, steps, legacy=False, metadata=metadata)

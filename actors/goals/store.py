@@ -146,7 +146,41 @@ class GoalStore:
                     steps[s[0]].append(s)
         return [_goal(r, steps[r[1]]) for r in rows]
 
+    def count(self, statuses: tuple[str, ...] = ()) -> int:
+        """Return how many goals are stored (of the given statuses, if any)."""
+        where = f"WHERE status IN ({', '.join('?' * len(statuses))})" if statuses else ""
+        with self._lock:
+            row = self._db.execute(f"SELECT COUNT(*) FROM goals {where}", statuses).fetchone()
+        return int(row[0])
+
     # -- writing ----------------------------------------------------------------------------
+
+    def prune_finished(self, keep: int) -> int:
+        """Delete the oldest finished goals until at most `keep` remain; return how many went.
+
+        Only goals that are over (completed, failed, cancelled) with no step still running (a
+        cancel still stopping its job) go; open goals are never pruned, so fewer may go than
+        asked.
+        """
+        with self._lock, self._transaction():
+            total = int(self._db.execute("SELECT COUNT(*) FROM goals").fetchone()[0])
+            if total <= keep:
+                return 0
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT id FROM goals WHERE status IN ('completed', 'failed', 'cancelled') "
+                    "AND NOT EXISTS (SELECT 1 FROM steps WHERE goal_id = goals.id "
+                    "AND status = 'running') ORDER BY seq LIMIT ?",
+                    (total - keep,),
+                )
+            ]
+            for chunk in range(0, len(ids), 500):  # under SQLite's bound on parameters
+                part = ids[chunk : chunk + 500]
+                marks = ", ".join("?" * len(part))
+                self._db.execute(f"DELETE FROM steps WHERE goal_id IN ({marks})", part)
+                self._db.execute(f"DELETE FROM goals WHERE id IN ({marks})", part)
+            return len(ids)
 
     def insert(self, goal_id: str, draft: GoalDraft, now: float) -> Goal:
         """Store a new pending goal and its pending steps; return it."""

@@ -57,7 +57,7 @@ from actors.learning.estimate import estimate_memory_mb
 from actors.learning.gguf_io import read_params
 from actors.learning.job_process import describe_error
 from actors.learning.job_supervisor import JobExit, JobProcess, warm_up
-from actors.learning.jobs import FINAL, JobStore, queue_order
+from actors.learning.jobs import FINAL, JobStore, JobStoreFull, TooManyJobs, queue_order
 from actors.learning.spec import TrainParams, parse_spec
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ class LearningActor(pykka.ThreadingActor):
         job = parse_spec(
             spec, default_steps=self.config.default_steps, max_steps=self.config.max_steps
         )
+        self._make_room()  # before any work: the dataset is read next
         if job.output_name is not None and not job.replace:
             self._refuse_taken(job.output_name)  # before any work: the dataset is read next
         load_dataset(job.dataset_path, job.job_type, self.config.dataset_dirs)
@@ -249,6 +250,27 @@ class LearningActor(pykka.ThreadingActor):
         return self.get(job_id)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _make_room(self) -> None:
+        """Refuse a job past the queue cap (429); prune finished ones past the stored cap (507
+        if none can go)."""
+        limits = self.config
+        queued = self._store.count(("queued",))
+        if queued >= limits.max_queued_jobs:
+            raise TooManyJobs(
+                f"{queued} learning jobs are waiting to run, the limit "
+                f"(learning.max_queued_jobs = {limits.max_queued_jobs}); retry when the queue "
+                "has moved"
+            )
+        pruned = self._store.prune_finished(limits.max_stored_jobs - 1)
+        if pruned:
+            log.info("pruned the %d oldest finished job(s): learning.max_stored_jobs", pruned)
+        stored = self._store.count()
+        if stored >= limits.max_stored_jobs:
+            raise JobStoreFull(
+                f"the job store holds {stored} jobs, the limit (learning.max_stored_jobs = "
+                f"{limits.max_stored_jobs}), and none is finished so none can be pruned"
+            )
 
     def _taken_by(self, output: str) -> str | None:
         """Say what already holds the model name `output`, or None if it is free."""

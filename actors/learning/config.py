@@ -19,6 +19,18 @@ class LearningConfig:
     """Jobs trained at the same time (legacy default 2). Each runs in a process of its own
     (torch threads each, see `torch_threads`); more jobs finish sooner only when the device
     has room."""
+    max_queued_jobs: int = 100
+    """Jobs waiting to run (queued, not running); one more is refused with 429
+    (`too_many_jobs`, Retry-After) until the queue moves. Jobs run `max_parallel_jobs` at a
+    time for minutes to hours each, so a hundred waiting is days of work; a longer queue only
+    parks specs (and a goal's train step that meets the limit fails with this refusal)."""
+    max_stored_jobs: int = 10_000
+    """Jobs kept in the store, finished ones included with their loss histories (at most one
+    row per step). Retention: at the cap, the oldest finished jobs (completed, failed,
+    cancelled) are deleted to make room for a new one (the models they registered stay
+    registered); when no stored job is finished, a new one is refused with 507
+    (`job_store_full`). Keep it above `max_queued_jobs + max_parallel_jobs`, so that never
+    happens."""
     job_store: str = "learning/jobs.db"
     """SQLite file (WAL) holding every job, its progress and loss history. A relative path is
     resolved against `node.state_dir` (see `resolved`)."""
@@ -52,6 +64,12 @@ class LearningConfig:
     def __post_init__(self) -> None:
         _require(1 <= self.max_parallel_jobs <= 64, "max_parallel_jobs", "must be in 1..64")
         _require(bool(self.job_store), "job_store", "must not be empty")
+        _require(
+            1 <= self.max_queued_jobs <= 1_000_000, "max_queued_jobs", "must be in 1..1000000"
+        )
+        _require(
+            1 <= self.max_stored_jobs <= 1_000_000, "max_stored_jobs", "must be in 1..1000000"
+        )
         _require(bool(self.output_dir), "output_dir", "must not be empty")
         _require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 step")
         _require(self.memory_wait_s >= 0, "memory_wait_s", "must be >= 0 seconds")

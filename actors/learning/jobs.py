@@ -17,8 +17,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from actors.errors import Overloaded
+from actors.learning.errors import LearningError
+
 Status = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled"]
 FINAL: tuple[str, ...] = ("completed", "failed", "cancelled")
+
+JOBS_RETRY_AFTER_S = 60.0
+"""Retry hint of TooManyJobs: a job trains for minutes, so the queue moves no faster."""
+
+
+class TooManyJobs(Overloaded):
+    """`learning.max_queued_jobs` jobs are waiting to run: retry when the queue has moved."""
+
+    code = "too_many_jobs"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=JOBS_RETRY_AFTER_S)
+
+
+class JobStoreFull(LearningError):
+    """`learning.max_stored_jobs` jobs are stored and none is finished, so none can be pruned."""
+
+    code = "job_store_full"
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -198,7 +220,41 @@ class JobStore:
             rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
             return [self._record(r, history) for r in rows]
 
+    def count(self, statuses: tuple[str, ...] = ()) -> int:
+        """Return how many jobs are stored (of the given statuses, if any)."""
+        where = f" WHERE status IN ({', '.join('?' * len(statuses))})" if statuses else ""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM jobs" + where, statuses).fetchone()
+        return int(row[0])
+
     # -- writes -------------------------------------------------------------------------------
+
+    def prune_finished(self, keep: int) -> int:
+        """Delete the oldest finished jobs (and their losses) until at most `keep` remain;
+        return how many went. Jobs not finished are never pruned, so fewer may go."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                total = int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+                ids = [
+                    r[0]
+                    for r in self._db.execute(
+                        "SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') "
+                        "ORDER BY seq LIMIT ?",
+                        (max(0, total - keep),),
+                    )
+                ]
+                for chunk in range(0, len(ids), 500):  # under SQLite's bound on parameters
+                    part = ids[chunk : chunk + 500]
+                    marks = ", ".join("?" * len(part))
+                    self._db.execute(f"DELETE FROM losses WHERE job_id IN ({marks})", part)
+                    self._db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", part)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return len(ids)
+
 
     def insert(
         self,
