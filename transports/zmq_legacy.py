@@ -33,6 +33,7 @@ import zmq.asyncio
 
 from actors.errors import InvalidRequest, Overloaded
 from actors.loop_socket import LoopSocket
+from actors.names import text_problem
 from transports.api import NodeAPI
 from transports.auth import KeyRing, client_error, public_health
 from transports.config import ServerConfig, ZmqAuth, load_api_keys, load_zmq_auth
@@ -203,6 +204,9 @@ def parse_request(obj: Any, encoding: Encoding) -> tuple[Any, Request | BaseExce
     if not isinstance(obj, dict):
         return None, InvalidRequest("request", "expected an object")
     request_id = echo_id(obj.get("request_id"), encoding)
+    if isinstance(request_id, str) and (problem := text_problem(request_id)) is not None:
+        # Refused before any work: the reply could not carry it back (a lone surrogate).
+        return None, InvalidRequest("request_id", problem)
     name = obj.get("action")
     try:
         action = lookup_action(name)

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from moc_node.app import Runtime, build_runtime, default_servers
+from moc_node.preflight import read_keys
 from tests.moc_node.conftest import make_config
 from transports.http import HttpServer
 
@@ -21,7 +22,8 @@ async def page(tmp_path: Path) -> AsyncIterator[tuple[Runtime, str]]:
     config = dataclasses.replace(config, server=server_config)
     runtime = build_runtime(config)
     await runtime.node.start()
-    (http, _zmq) = default_servers(runtime.node, config)
+    keys = read_keys(config)
+    (http, _zmq) = (front.server for front in default_servers(runtime.node, config, keys))
     assert isinstance(http, HttpServer)
     await http.start()
     yield runtime, f"http://127.0.0.1:{http.port}"

@@ -244,6 +244,15 @@ BAD_INPUTS: list[tuple[str, list[bytes], str, str, str]] = [
         "none",
         "bad_frame",
     ),
+    (
+        # Found by bench/fuzz.py: the action ran, then the reply could not be encoded (500).
+        "a request_id with a lone surrogate, refused before the action runs",
+        [b'{"action": "infer", "payload": {"model_name": "tiny", "input_text": "hi"},'
+         b' "request_id": "\\ud800"}'],
+        "json",
+        "infer",
+        "invalid_request",
+    ),
 ]
 
 
