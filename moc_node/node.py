@@ -276,8 +276,9 @@ class Node:
 
     # -- learning jobs and goals (actors of their own; asked off the loop) --------------------
 
-    async def list_jobs(self) -> list[dict[str, Any]]:
-        jobs: list[dict[str, Any]] = await _ask(self._learning_or_fail().list_jobs())
+    async def list_jobs(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        learning = self._learning_or_fail()
+        jobs: list[dict[str, Any]] = await _ask(learning.list_jobs(limit, offset))
         return jobs
 
     async def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -295,8 +296,8 @@ class Node:
         job: dict[str, Any] = await _ask(self._learning_or_fail().cancel(job_id))
         return job
 
-    async def list_goals(self) -> list[dict[str, Any]]:
-        goals: list[dict[str, Any]] = await _ask(self._goals_or_fail().list_goals())
+    async def list_goals(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        goals: list[dict[str, Any]] = await _ask(self._goals_or_fail().list_goals(limit, offset))
         return goals
 
     async def create_goal(self, spec: dict[str, Any]) -> dict[str, Any]:

@@ -326,27 +326,26 @@ async def _unload(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     return {**model_view(info), "status": "unloaded"}
 
 
-def paged(key: str, items: Sequence[Any], page: schema.Page) -> dict[str, Any]:
-    """Return one page of `items` under `key`, with where the next page starts.
+def paged(key: str, window: Sequence[Any], page: schema.Page) -> dict[str, Any]:
+    """Return one page under `key`, with where the next page starts.
 
-    The legacy shape (`{key: [...]}`) is kept and fields are added: `total`, `limit`,
-    `offset` and `next_offset` (null on the last page); a client that ignores them reads
-    the first page.
+    `window` holds the items from `page.offset` on: `page.limit + 1` of them when there are
+    more (the one past the page says so, without counting the whole table). The legacy shape
+    (`{key: [...]}`) is kept and fields are added: `limit`, `offset` and `next_offset` (null
+    on the last page); a client that ignores them reads the first page.
     """
-    end = page.offset + page.limit
+    more = len(window) > page.limit
     return {
-        key: list(items[page.offset : end]),
-        "total": len(items),
+        key: list(window[: page.limit]),
         "limit": page.limit,
         "offset": page.offset,
-        "next_offset": end if end < len(items) else None,
+        "next_offset": page.offset + page.limit if more else None,
     }
 
 
 def _list_models(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     page = schema.parse_page(payload)
-    models = d.node.models()
-    view = paged("models", models, page)
+    view = paged("models", d.node.models()[page.offset :], page)
     view["models"] = [model_view(m) for m in view["models"]]
     return view
 
@@ -381,7 +380,7 @@ def _id(payload: Mapping[str, Any], field: str) -> str:
 
 async def _list_jobs(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     page = schema.parse_page(payload)
-    return paged("jobs", await d.node.list_jobs(), page)
+    return paged("jobs", await d.node.list_jobs(page.limit + 1, page.offset), page)
 
 
 async def _create_job(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
@@ -398,7 +397,7 @@ async def _cancel_job(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
 
 async def _list_goals(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     page = schema.parse_page(payload)
-    return paged("goals", await d.node.list_goals(), page)
+    return paged("goals", await d.node.list_goals(page.limit + 1, page.offset), page)
 
 
 async def _create_goal(d: Dispatcher, payload: Mapping[str, Any]) -> Any:

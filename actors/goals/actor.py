@@ -154,9 +154,9 @@ class GoalActor(pykka.ThreadingActor):
         self._schedule()
         return self._goal(goal_id).as_dict()
 
-    def list_goals(self) -> list[dict[str, Any]]:
-        """Return every goal, oldest first."""
-        return [g.as_dict() for g in self._store.list()]
+    def list_goals(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """Return the goals oldest first: at most `limit` (None: all) from position `offset`."""
+        return [g.as_dict() for g in self._store.list(limit=limit, offset=offset)]
 
     def get(self, goal_id: str) -> dict[str, Any]:
         """Return one goal with its steps, their state and results."""

@@ -19,23 +19,25 @@ class GoalsConfig:
     """Goals whose plans run at the same time (legacy default 10); the rest wait, ordered by
     priority and then age. A running goal mostly waits on its learning job, so this bounds the
     goals in flight, not CPU use: `learning.max_parallel_jobs` bounds the training itself."""
-    max_open_goals: int = 1000
-    """Goals pending or running at once (they wait in SQLite and in every listing); one more is
-    refused with 429 (`too_many_goals`, Retry-After) until some finish. A goal is a plan of
-    minutes to hours, so a thousand waiting is far more than a node works through in a day,
-    yet bounds what a runaway client can park here. Counted by `max_stored_goals` too."""
-    max_stored_goals: int = 10_000
-    """Goals kept in the store, finished ones included (a few KiB each with the default caps
-    below: about 40 MiB of SQLite at most). Retention: at the cap, the oldest finished goals
-    (completed, failed, cancelled) are deleted to make room for a new one, so history is kept
-    as long as room allows; when every stored goal is still open, a new one is refused with
-    507 (`goal_store_full`). Keep it above `max_open_goals`, so that never happens."""
+    max_open_goals: int = 100
+    """Goals pending or running at once; one more is refused with 429 (`too_many_goals`,
+    Retry-After 30 s) until some finish. Ten times the legacy `max_active_goals`: goals are
+    plans of minutes to hours, so a hundred waiting is more than a node works through in a
+    day, yet a runaway client cannot park thousands. Counted in `max_stored_goals` too."""
+    max_stored_goals: int = 1000
+    """Goals kept in the store, finished ones included. Retention: at the cap, the oldest
+    finished goals (completed, failed, cancelled) are deleted to make room for a new one, so
+    history goes back as far as room allows; when every stored goal is still open, a new one
+    is refused with 507 (`goal_store_full`), so keep it above `max_open_goals`. With the size
+    caps below a goal is at most about 12 KiB: 1000 of them are about 12 MiB of SQLite, and
+    a listing reads them all before it cuts its page."""
     max_description_chars: int = 4096
     """Longest goal `description`, in characters; a longer one is refused with 400. It is
-    stored, and echoed in every listing: a paragraph or two is what a goal needs."""
-    max_metadata_bytes: int = 16_384
-    """Largest goal `metadata`, as compact JSON in bytes; larger is refused with 400. Stored
-    and echoed like the description; a legacy goal's metadata holds a few names and numbers."""
+    stored and echoed in every listing: a few paragraphs is what a goal needs."""
+    max_metadata_bytes: int = 8192
+    """Largest goal `metadata`, as compact JSON in UTF-8 bytes; larger is refused with 400.
+    Stored and echoed like the description; a legacy goal's metadata holds a few names,
+    paths and numbers (under 1 KiB)."""
     goal_store: str = "goals/goals.db"
     """SQLite file (WAL) holding every goal, its steps, their results and progress. A relative
     path is resolved against `node.state_dir` (see `resolved`)."""

@@ -127,12 +127,17 @@ class GoalStore:
             ).fetchall()
         return _goal(row, steps)
 
-    def list(self, statuses: tuple[str, ...] = ()) -> list[Goal]:
-        """Return the goals (of the given statuses, if any), oldest first."""
+    def list(
+        self, statuses: tuple[str, ...] = (), *, limit: int | None = None, offset: int = 0
+    ) -> list[Goal]:
+        """Return the goals (of the given statuses, if any), oldest first: at most `limit`
+        (None: all) from position `offset`, read from SQLite as such (a page, not the table)."""
         where = f"WHERE status IN ({', '.join('?' * len(statuses))})" if statuses else ""
+        window = (-1 if limit is None else limit, offset)  # LIMIT -1: no limit
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_GOAL_COLUMNS} FROM goals {where} ORDER BY seq", statuses
+                f"SELECT {_GOAL_COLUMNS} FROM goals {where} ORDER BY seq LIMIT ? OFFSET ?",
+                (*statuses, *window),
             ).fetchall()
             ids = [r[1] for r in rows]
             steps: dict[str, list[tuple[Any, ...]]] = {i: [] for i in ids}

@@ -219,9 +219,10 @@ class LearningActor(pykka.ThreadingActor):
         self._schedule()
         return job_id
 
-    def list_jobs(self) -> list[dict[str, Any]]:
-        """Return every job, oldest first (without loss histories)."""
-        return [j.as_dict() for j in self._store.jobs()]
+    def list_jobs(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """Return the jobs oldest first (without loss histories): at most `limit` (None: all)
+        from position `offset`."""
+        return [j.as_dict() for j in self._store.jobs(limit=limit, offset=offset)]
 
     def get(self, job_id: str) -> dict[str, Any]:
         """Return one job with its loss history."""

@@ -21,16 +21,15 @@ class LearningConfig:
     has room."""
     max_queued_jobs: int = 100
     """Jobs waiting to run (queued, not running); one more is refused with 429
-    (`too_many_jobs`, Retry-After) until the queue moves. Jobs run `max_parallel_jobs` at a
-    time for minutes to hours each, so a hundred waiting is days of work; a longer queue only
-    parks specs (and a goal's train step that meets the limit fails with this refusal)."""
-    max_stored_jobs: int = 10_000
-    """Jobs kept in the store, finished ones included with their loss histories (at most one
-    row per step). Retention: at the cap, the oldest finished jobs (completed, failed,
-    cancelled) are deleted to make room for a new one (the models they registered stay
-    registered); when no stored job is finished, a new one is refused with 507
-    (`job_store_full`). Keep it above `max_queued_jobs + max_parallel_jobs`, so that never
-    happens."""
+    (`too_many_jobs`, Retry-After 60 s) until the queue moves. Jobs run `max_parallel_jobs`
+    at a time for minutes to hours each, so a hundred waiting is days of work; a longer queue
+    only parks specs. A goal's train step that meets the limit fails with this refusal."""
+    max_stored_jobs: int = 1000
+    """Jobs kept in the store, finished ones included with their loss histories (a row per
+    step). Retention: at the cap, the oldest finished jobs (completed, failed, cancelled) are
+    deleted to make room for a new one; the models they registered stay registered and their
+    files stay. When no stored job is finished, a new one is refused with 507
+    (`job_store_full`): keep it above `max_queued_jobs + max_parallel_jobs`."""
     job_store: str = "learning/jobs.db"
     """SQLite file (WAL) holding every job, its progress and loss history. A relative path is
     resolved against `node.state_dir` (see `resolved`)."""

@@ -209,15 +209,24 @@ class JobStore:
             ).fetchone()
             return None if row is None else self._record(row, history)
 
-    def jobs(self, statuses: tuple[str, ...] = (), *, history: bool = False) -> list[JobRecord]:
-        """Return jobs (optionally only those in `statuses`), oldest first."""
+    def jobs(
+        self,
+        statuses: tuple[str, ...] = (),
+        *,
+        history: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[JobRecord]:
+        """Return jobs (optionally only those in `statuses`), oldest first: at most `limit`
+        (None: all) from position `offset`, read from SQLite as such."""
         query = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
-        args: tuple[str, ...] = ()
+        args: tuple[str | int, ...] = ()
         if statuses:
             query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
             args = statuses
+        args = (*args, -1 if limit is None else limit, offset)  # LIMIT -1: no limit
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+            rows = self._db.execute(query + " ORDER BY seq LIMIT ? OFFSET ?", args).fetchall()
             return [self._record(r, history) for r in rows]
 
     def count(self, statuses: tuple[str, ...] = ()) -> int:

@@ -251,7 +251,7 @@ async def test_goal_and_job_lists_come_in_pages_over_http_zmq_and_the_cli(start:
     status, page, _ = await call("GET", goals + "?limit=2")
     assert status == 200
     assert [g["goal_id"] for g in page["goals"]] == made[:2]
-    assert (page["total"], page["limit"], page["offset"], page["next_offset"]) == (5, 2, 0, 2)
+    assert (page["limit"], page["offset"], page["next_offset"]) == (2, 0, 2)
     status, last, _ = await call("GET", goals + "?limit=2&offset=4")
     assert [g["goal_id"] for g in last["goals"]] == made[4:]
     assert last["next_offset"] is None
@@ -276,7 +276,7 @@ async def test_goal_and_job_lists_come_in_pages_over_http_zmq_and_the_cli(start:
         await call("POST", f"{jobs}/{job['job_id']}/cancel")
     status, page, _ = await call("GET", jobs + "?limit=2&offset=1")
     assert [j["job_id"] for j in page["jobs"]] == job_ids[1:]
-    assert page["total"] == 3 and page["next_offset"] is None
+    assert page["next_offset"] is None
     listed = await _in_thread(lambda: _list_all(client, "/learning/jobs", "jobs", page=1))
     assert [j["job_id"] for j in listed] == job_ids
 
@@ -295,7 +295,7 @@ async def test_a_bad_page_is_refused_with_400_naming_the_field(start: Start) -> 
     assert not reply["success"] and "limit" in reply["error"]
     status, models, _ = await call("GET", served.url + "/models?limit=1")
     assert status == 200 and [m["model_name"] for m in models["models"]] == ["a"]
-    assert (models["total"], models["next_offset"]) == (1, None)
+    assert models["next_offset"] is None
 
 
 async def _in_thread(work: Callable[[], Any]) -> Any:

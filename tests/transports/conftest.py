@@ -178,7 +178,7 @@ class FakeNode:
     async def _unavailable(self, what: str) -> Any:
         raise FeatureUnavailable(f"{what} is not available yet on this fake node")
 
-    async def list_jobs(self) -> list[dict[str, Any]]:
+    async def list_jobs(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
         return await self._unavailable("learning")  # type: ignore[no-any-return]
 
     async def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +190,7 @@ class FakeNode:
     async def cancel_job(self, job_id: str) -> dict[str, Any]:
         return await self._unavailable("learning")  # type: ignore[no-any-return]
 
-    async def list_goals(self) -> list[dict[str, Any]]:
+    async def list_goals(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
         return await self._unavailable("goals")  # type: ignore[no-any-return]
 
     async def create_goal(self, spec: dict[str, Any]) -> dict[str, Any]:

@@ -51,12 +51,12 @@ def test_a_bad_page_request_is_refused_naming_the_field(payload: dict[str, Any],
 
 
 def test_a_page_keeps_the_legacy_key_and_says_where_the_next_one_starts() -> None:
-    items = list(range(5))
-    assert paged("jobs", items, Page(2, 0)) == {
-        "jobs": [0, 1], "total": 5, "limit": 2, "offset": 0, "next_offset": 2
+    # The window is what the store read from the offset on: one more than the page if any.
+    assert paged("jobs", [0, 1, 2], Page(2, 0)) == {
+        "jobs": [0, 1], "limit": 2, "offset": 0, "next_offset": 2
     }
-    assert paged("jobs", items, Page(2, 4))["next_offset"] is None
-    assert paged("jobs", items, Page(2, 4))["jobs"] == [4]
-    assert paged("jobs", items, Page(10, 9)) == {
-        "jobs": [], "total": 5, "limit": 10, "offset": 9, "next_offset": None
+    assert paged("jobs", [4], Page(2, 4)) == {
+        "jobs": [4], "limit": 2, "offset": 4, "next_offset": None
     }
+    assert paged("jobs", [], Page(10, 9))["next_offset"] is None
+    assert paged("jobs", [5, 6], Page(2, 5))["next_offset"] is None  # exactly a page left

@@ -64,3 +64,12 @@ def test_a_goal_past_a_size_cap_is_refused_naming_the_field_and_the_key(
         str(refused.value)
     )
     parse_goal({**SPEC, "description": "d" * 64}, config)  # at the cap: fine
+
+
+def test_a_page_of_goals_is_read_from_sqlite_oldest_first(tmp_path: Path) -> None:
+    store = _filled(tmp_path, 5)
+    assert [g.id for g in store.list(limit=2)] == ["g0", "g1"]
+    assert [g.id for g in store.list(limit=2, offset=3)] == ["g3", "g4"]
+    assert store.list(limit=2, offset=5) == []
+    assert [g.id for g in store.list(offset=4)] == ["g4"]
+    assert [g.id for g in store.list(("pending",), limit=1, offset=1)] == ["g1"]

@@ -46,3 +46,11 @@ def test_the_oldest_finished_jobs_are_pruned_with_their_losses_and_open_ones_sta
 def test_a_job_limit_out_of_range_is_refused_naming_its_key(key: str, value: int) -> None:
     with pytest.raises(ValueError, match=key):
         LearningConfig(**{key: value})  # type: ignore[arg-type]
+
+
+def test_a_page_of_jobs_is_read_from_sqlite_oldest_first(tmp_path: Path) -> None:
+    store = _filled(tmp_path, 5)
+    assert [j.id for j in store.jobs(limit=2)] == ["j0", "j1"]
+    assert [j.id for j in store.jobs(limit=2, offset=3)] == ["j3", "j4"]
+    assert store.jobs(limit=2, offset=5) == []
+    assert [j.id for j in store.jobs(("queued",), offset=4)] == ["j4"]
