@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 import zmq
 import zmq.asyncio
+from prometheus_client import REGISTRY
 
 from actors.goals.config import GoalsConfig
 from actors.learning.config import LearningConfig
@@ -121,6 +122,11 @@ async def until_created(url: str, body: dict[str, Any]) -> dict[str, Any]:
     return made
 
 
+def refusals(reason: str) -> float:
+    value = REGISTRY.get_sample_value("moc_goals_refused_total", {"reason": reason})
+    return value or 0.0
+
+
 async def zmq_call(endpoint: str, action: str, payload: dict[str, Any]) -> Any:
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.REQ)
@@ -189,9 +195,11 @@ async def test_a_goal_past_the_open_limit_is_refused_with_429_and_taken_once_one
     goals = served.url + "/goals"
     status, first, _ = await call("POST", goals, served.goal("first"))
     assert status == 201, first
+    refused = refusals("too_many_goals")
     status, body, retry_after = await call("POST", goals, served.goal("second"))
     assert status == 429, body
     assert body["code"] == "too_many_goals"
+    assert refusals("too_many_goals") == refused + 1
     assert "goals.max_open_goals = 1" in body["error"]
     assert retry_after == "30"
     await call("POST", f"{goals}/{first['goal_id']}/cancel")
