@@ -97,14 +97,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def configure_logging(level: str) -> None:
+    """Log at `level`, without the tracebacks that libraries log for a client's bad input."""
     logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # aiohttp logs each malformed request with a traceback: junk from anyone would flood the
     # log. Refusals are answered and counted in moc_rest_requests_total instead.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    # pykka logs every exception an actor hands back to its caller at INFO, with a traceback
+    # ("unknown job" included); the caller answers it and logs what deserves it. pykka's own
+    # failures (an actor that crashed) are logged at ERROR and still show.
+    logging.getLogger("pykka").setLevel(logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
     from moc_node.app import run
     from moc_node.config import ConfigError
 

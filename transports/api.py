@@ -50,8 +50,8 @@ class NodeAPI(Protocol):
     def status(self) -> dict[str, Any]:
         """Describe the node (name, version, uptime, devices, models) as JSON-ready data."""
 
-    async def list_jobs(self) -> list[dict[str, Any]]:
-        """List learning jobs, newest first."""
+    async def list_jobs(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """List learning jobs, oldest first: at most `limit` (None: all) from `offset`."""
 
     async def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Queue a learning job; return it (with its `job_id`)."""
@@ -62,8 +62,9 @@ class NodeAPI(Protocol):
     async def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancel a learning job at any stage; return it."""
 
-    async def list_goals(self) -> list[dict[str, Any]]:
-        """List goals with their steps and progress."""
+    async def list_goals(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """List goals with their steps and progress, oldest first: at most `limit` (None: all)
+        from `offset`."""
 
     async def create_goal(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Create a goal (legacy shape or explicit steps); return it."""

@@ -94,7 +94,7 @@ def score_model(
                 lo = max(1, first - start)
                 hi = min(len(window), lo + (max_tokens - count))
                 if lo < hi:
-                    llm.reset()  # type: ignore[no-untyped-call]
+                    llm.reset()
                     llm.eval(window[:hi])
                     logits = np.asarray(llm.scores[lo - 1 : hi - 1])
                     targets = np.asarray(window[lo:hi])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import socket
 import subprocess
@@ -170,3 +171,27 @@ path = "{tmp_path / "models" / "m.gguf"}"
         assert f"127.0.0.1:{ports[case.occupy or '']}: Address already in use" in errors[0]
     assert not any(connectable(port) for name, port in ports.items() if name != case.occupy)
     assert elapsed < 60, f"took {elapsed:.1f} s to refuse"
+
+
+def test_an_error_an_actor_hands_back_to_its_caller_logs_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import pykka
+
+    from moc_node.cli import configure_logging
+
+    class Refuses(pykka.ThreadingActor):
+        def lookup(self, job_id: str) -> None:
+            raise KeyError(f"no job {job_id}")  # a client's bad input, answered by the caller
+
+    levels = {name: logging.getLogger(name).level for name in ("pykka", "aiohttp.server")}
+    configure_logging("INFO")
+    ref = Refuses.start()
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(KeyError):
+            ref.proxy().lookup("nope").get(timeout=10)
+    finally:
+        ref.stop()
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert not [r for r in caplog.records if r.name.startswith("pykka") and r.exc_info]
