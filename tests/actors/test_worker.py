@@ -185,7 +185,7 @@ def test_a_prompt_longer_than_the_context_is_an_invalid_request(
     w, _ = tiny_worker
     with pytest.raises(InvalidRequest, match="context holds") as err:
         w.run(InferRequest(model="tiny", prompt="x" * (N_CTX + 10), params=greedy(4)))
-    assert err.value.field == "input_text"
+    assert err.value.field == "prompt"
     assert w.alive  # the worker survives a bad request
 
 

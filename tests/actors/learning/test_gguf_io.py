@@ -35,6 +35,7 @@ def test_a_tensor_in_an_unsupported_type_is_refused_by_name(tmp_path: Path) -> N
     for key, val in (("embedding_length", 32), ("block_count", 1), ("feed_forward_length", 32)):
         w.add_uint32(f"llama.{key}", val)
     w.add_uint32("llama.attention.head_count", 2)
+    w.add_uint32("llama.vocab_size", 8)
     q = gguf.GGMLQuantizationType.Q4_0
     w.add_tensor(
         "token_embd.weight", gguf.quants.quantize(np.ones((8, 32), np.float32), q), raw_dtype=q
