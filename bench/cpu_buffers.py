@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.backends import Generation, LoadSpec
-from actors.backends.gguf import GgufModel, describe_buffers
 from actors.gguf_synth import SIZES, write_preset
-from actors.native_crash import describe_cpu
+from actors.worker.backends import Generation, LoadSpec
+from actors.worker.backends.gguf import GgufModel, describe_buffers
+from actors.worker.native_crash import describe_cpu
 
 QUANTS = ("q4_0", "q8_0")
 BODY = "The quick brown fox jumps over the lazy dog, and then it runs on. " * 2  # ~130 bytes

@@ -9,7 +9,7 @@ Measured here (simulated time, LAN profile, the real membership code):
 - false deaths over a simulated stretch with 5% loss (goal 0);
 - idle bytes per second per node, real encoded packets (goal <= 1 KB/s at N=200).
 
-Measured for real: join16_ms, 16 `cluster.demo` processes on loopback (local profile, UDP +
+Measured for real: join16_ms, 16 `tests.cluster.demo` processes on loopback (local profile, UDP +
 TCP push-pull, HMAC-signed): all start and bind, then are told to join one seed at the same
 instant; the figure is the time until the last node sees all 16 (alive or suspect, as
 memberlist's NumMembers counts; its integration-test anchor: 250 ms). Each process stamps the moment with CLOCK_MONOTONIC, which is

@@ -40,8 +40,8 @@ if str(ROOT) not in sys.path:
 # The node under test is started and stopped as the HTTP load bench does it.
 from http_load import free_port, stop, wait_http  # noqa: E402
 
-from actors.config import ResourcesConfig  # noqa: E402
-from actors.probes import NvmlProbe, discover  # noqa: E402
+from actors.serving.config import ResourcesConfig  # noqa: E402
+from actors.serving.probes import NvmlProbe, discover  # noqa: E402
 
 T = TypeVar("T")
 DEVICES = (("cuda", True), ("cpu", False))
@@ -177,8 +177,8 @@ def check_torch(workdir: Path, figures: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    from actors.backends import Generation, LoadSpec, load_model
     from actors.types import TensorData
+    from actors.worker.backends import Generation, LoadSpec, load_model
 
     path = workdir / "mlp.pt"
     write_torch_program(path)
@@ -409,15 +409,15 @@ LOADS = {
         "import llama_cpp as l; m = l.Llama(model_path=P, n_ctx=512, n_gpu_layers=-1, verbose=False)"
     ),
     "moc backend, main_gpu 0": (
-        "from actors.backends import LoadSpec, load_model; m = load_model(LoadSpec(backend='gguf', "
+        "from actors.worker.backends import LoadSpec, load_model; m = load_model(LoadSpec(backend='gguf', "
         "path=P, n_ctx=512, gpu_layers=-1, on_gpu=True, device_index=0))"
     ),
     "moc backend, no main_gpu": (
-        "from actors.backends import LoadSpec, load_model; m = load_model(LoadSpec(backend='gguf', "
+        "from actors.worker.backends import LoadSpec, load_model; m = load_model(LoadSpec(backend='gguf', "
         "path=P, n_ctx=512, gpu_layers=-1, on_gpu=True))"
     ),
     "moc worker process": (
-        "from pathlib import Path; from actors.worker_client import WorkerProcess, WorkerSpec; "
+        "from pathlib import Path; from actors.worker.client import WorkerProcess, WorkerSpec; "
         "w = WorkerProcess(WorkerSpec(name='g', path=P, backend='gguf', n_ctx=512, gpu_layers=-1, "
         "device_kind='nvml', device_index=0), runtime_dir=Path(P).parent / 'wrt'); "
         "print(w.start()); w.stop()"

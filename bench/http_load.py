@@ -260,7 +260,7 @@ class Direct:
     def loop_once(self) -> float:
         """Return tokens/s of the worker's own decode loop (the anchor): `Llama.generate` with
         the worker's sampling settings, detokenizing each token."""
-        from actors.backends.gguf import _MIN_P, _REPEAT_PENALTY, _TOP_K
+        from actors.worker.backends.gguf import _MIN_P, _REPEAT_PENALTY, _TOP_K
 
         llm = self.llm
         t0 = time.perf_counter()

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.config import CatalogEntry, ModelsConfig, ResourcesConfig
 from actors.gguf_synth import SIZES, write_preset
+from actors.serving.config import CatalogEntry, ModelsConfig, ResourcesConfig
 from actors.types import GenerationParams, InferRequest, LoadRequest, TokenChunk
 from moc_node.app import build_runtime
 from moc_node.config import Config, NodeConfig

@@ -38,7 +38,7 @@ from actors.learning.spec import parse_params
 from actors.learning.tokenizer import Tokenizer
 from actors.learning.trainers import build_examples, collate, split_eval
 from actors.types import GenerationParams, InferRequest
-from actors.worker_client import WorkerProcess, WorkerSpec
+from actors.worker.client import WorkerProcess, WorkerSpec
 
 SENTENCES = [
     f"The {a} {v} on the {n} while the {b} watched from the {m}."

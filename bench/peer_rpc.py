@@ -60,7 +60,7 @@ async def serve(kind: str, port: Any) -> None:
     elif kind == "zmq":
         import zmq
 
-        from actors.loop_socket import LoopSocket
+        from transports.loop_socket import LoopSocket
 
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         port.put(sock.bind_to_random_port("tcp://127.0.0.1"))
@@ -98,7 +98,7 @@ async def client(kind: str, port: int, n: int) -> list[float]:
     elif kind == "zmq":
         import zmq
 
-        from actors.loop_socket import LoopSocket
+        from transports.loop_socket import LoopSocket
 
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.connect(f"tcp://127.0.0.1:{port}")

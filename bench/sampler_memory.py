@@ -7,7 +7,7 @@ the dist sampler's state) is freed only by Python's cyclic collector, and a chai
 a young collection waits for a full one. Prints, every `--every` calls: the RSS, glibc's bytes
 in use (mallinfo2), the LlamaSampler objects still alive, and the full collections so far; then
 what a full collection and malloc_trim give back. `--close` closes each chain once the next one
-is built (what actors/backends/sampler_cache.py does with the chains it evicts): flat.
+is built (what actors/worker/backends/sampler_cache.py does with the chains it evicts): flat.
 
     .venv/bin/python bench/sampler_memory.py               # the creep
     .venv/bin/python bench/sampler_memory.py --close       # the fix

@@ -334,14 +334,14 @@ def stop_node(proc: subprocess.Popen[bytes]) -> None:
 
 
 def worker_pids(node_pid: int) -> list[int]:
-    """Return the node's model worker processes (its children running actors.worker)."""
+    """Return the node's model worker processes (its children running actors.worker.main)."""
     found = []
     for pid in child_pids(node_pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"actors.worker" in cmdline:
+        if b"actors.worker.main" in cmdline:
             found.append(pid)
     return found
 

@@ -23,16 +23,16 @@ import prometheus_client
 import pykka
 import zmq
 
-from actors.config import CatalogEntry
-from actors.gpu import GPUActor
-from actors.ledger import Budget, Ledger
-from actors.manager import ManagerDeps, ModelBoard, ModelManager
-from actors.memory_watch import MemoryWatch
-from actors.model import WorkerFactory, _default_worker
-from actors.probes import discover
-from actors.resilience import BulkheadRegistry
-from actors.store import StateStore, TermStore
-from actors.ticker import Ticker
+from actors.serving.config import CatalogEntry
+from actors.serving.gpu import GPUActor
+from actors.serving.ledger import Budget, Ledger
+from actors.serving.manager import ManagerDeps, ModelBoard, ModelManager
+from actors.serving.memory_watch import MemoryWatch
+from actors.serving.model import WorkerFactory, _default_worker
+from actors.serving.probes import discover
+from actors.serving.resilience import BulkheadRegistry
+from actors.serving.store import StateStore
+from actors.serving.ticker import Ticker
 from cluster.keyring import Keyring
 from cluster.runner import ClusterRunner
 from moc_node.cluster_link import ClusterLink
@@ -41,6 +41,7 @@ from moc_node.node import Node
 from moc_node.preflight import Keys, Listener, check, listener, preflight
 from moc_node.sdnotify import Notifier, watchdog
 from moc_node.services import Services, learning_output_dir, start_services
+from moc_node.term_store import TermStore
 
 log = logging.getLogger(__name__)
 

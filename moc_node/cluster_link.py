@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import prometheus_client
 
 from actors.errors import InsufficientMemory, MocError, ModelAlreadyLoaded, ModelNotFound
-from actors.store import LoadedRecord
+from actors.serving.store import LoadedRecord
 from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
 from cluster.config import ClusterConfig
 from cluster.election import TermStore

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from actors.config import ModelsConfig, ResilienceConfig, ResourcesConfig
 from actors.goals.config import GoalsConfig
 from actors.learning.config import LearningConfig
+from actors.serving.config import ModelsConfig, ResilienceConfig, ResourcesConfig
 from cluster.config import ClusterConfig, require_enabled
 from cluster.config import from_mapping as cluster_from_mapping
 from transports.config import ServerConfig

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 import moc_node
-from actors import metrics
 from actors.errors import (
     Cancelled,
     FeatureUnavailable,
@@ -28,12 +27,13 @@ from actors.errors import (
     ModelNotLoaded,
     ShuttingDown,
 )
-from actors.estimate import estimate_gguf_memory
-from actors.lane import LaneClosed, ModelLane
-from actors.ledger import Ledger
-from actors.manager import ModelBoard
-from actors.resilience import BulkheadRegistry
-from actors.store import StateStore
+from actors.serving import metrics
+from actors.serving.estimate import estimate_gguf_memory
+from actors.serving.lane import LaneClosed, ModelLane
+from actors.serving.ledger import Ledger
+from actors.serving.manager import ModelBoard
+from actors.serving.resilience import BulkheadRegistry
+from actors.serving.store import StateStore
 from actors.types import (
     ComponentHealth,
     DeviceInfo,

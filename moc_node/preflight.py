@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from actors.errors import ModelNotFound, PathNotAllowed
-from actors.paths import resolve_model_path
+from actors.serving.paths import resolve_model_path
 from cluster.config import WILDCARDS, parse_hostport
 from cluster.errors import LocalUsageError
 from cluster.keyring import Keyring, read_key_file

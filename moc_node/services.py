@@ -16,11 +16,11 @@ from typing import Any
 
 import pykka
 
-from actors.config import CatalogEntry
 from actors.errors import ModelNotFound
-from actors.ledger import Ledger
-from actors.manager import ModelBoard
-from actors.placement import DeviceRoom, choose_device
+from actors.serving.config import CatalogEntry
+from actors.serving.ledger import Ledger
+from actors.serving.manager import ModelBoard
+from actors.serving.placement import DeviceRoom, choose_device
 from actors.types import LoadRequest
 from moc_node.config import Config
 from moc_node.node import Node

@@ -19,8 +19,8 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
-from actors.loop_socket import LoopSocket
 from transports.config import ZmqAuth
+from transports.loop_socket import LoopSocket
 from transports.metrics import ZAP_DENIED, ZMQ_CONNECTIONS_DROPPED
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ address allow-list and, with CURVE on, the client's key; a request may carry `ap
 refuses a missing one except for `health`). With API keys set and none of these configured, the
 port binds loopback only. Refusals answer `unauthorized` and are counted.
 
-The socket is read from the event loop's descriptor callback (actors/loop_socket.py), replies go
+The socket is read from the event loop's descriptor callback (transports/loop_socket.py), replies go
 out with non-blocking sends. Bad frames are answered inside that callback; each request runs as
 a task, and actions that wait on the node at most `max_workers` at once with `max_pending` more
 waiting, so a slow inference never delays a health check from another client.
@@ -32,7 +32,6 @@ import zmq
 import zmq.asyncio
 
 from actors.errors import InvalidRequest, Overloaded
-from actors.loop_socket import LoopSocket
 from actors.names import text_problem
 from transports.api import NodeAPI
 from transports.auth import KeyRing, client_error, public_health
@@ -49,6 +48,7 @@ from transports.dispatch import (
     classify,
     lookup_action,
 )
+from transports.loop_socket import LoopSocket
 from transports.metrics import IN_FLIGHT, ZmqRecorder
 from transports.zmq_auth import ZAP_DOMAIN, HandshakeMonitor, ZapHandler, bind_host
 

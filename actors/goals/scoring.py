@@ -60,7 +60,7 @@ def score_model(
     """Return {"loss", "perplexity", "tokens"} of one model on `records`."""
     import llama_cpp
 
-    from actors.backends.gguf import open_llama
+    from actors.worker.backends.gguf import open_llama
 
     kwargs: dict[str, Any] = {
         "model_path": model_path,

@@ -4,7 +4,7 @@ Every step's start and finish is a write that lands before anyone acts on it, an
 step moves its goal on in the same transaction, so after a crash a goal sits exactly at the
 step that had not finished: a completed step is never run again. A step records its handle
 (a train step's learning job id) before waiting on it, so a resumed step re-attaches.
-One connection guarded by a lock, as `actors.store`: writes are few and tiny.
+One connection guarded by a lock, as `actors.serving.store`: writes are few and tiny.
 """
 
 from __future__ import annotations

@@ -8,4 +8,7 @@ jobs in SQLite, `runner` runs one job, `job_process` is the child process a job 
 `job_supervisor` forks it from a fork server and watches it from the node, and `actor`
 schedules jobs. torch is imported only by the modules that need it (the optional extra
 `moc-node[torch]`), and never in the node's process.
+
+Imports the shared top modules of `actors`, and two helpers from other rooms:
+`actors.serving.estimate.read_gguf_header` and `actors.worker.client.describe_exit`.
 """

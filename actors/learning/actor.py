@@ -43,7 +43,6 @@ from typing import Any, Literal
 import pykka
 
 from actors.errors import MocError, ModelNotFound, NameTaken
-from actors.estimate import read_gguf_header
 from actors.learning import metrics
 from actors.learning.config import LearningConfig
 from actors.learning.datasets import load_dataset
@@ -59,6 +58,7 @@ from actors.learning.job_process import describe_error
 from actors.learning.job_supervisor import JobExit, JobProcess, warm_up
 from actors.learning.jobs import FINAL, JobStore, JobStoreFull, TooManyJobs, queue_order
 from actors.learning.spec import TrainParams, parse_spec
+from actors.serving.estimate import read_gguf_header
 
 log = logging.getLogger(__name__)
 

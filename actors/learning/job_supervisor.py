@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from actors.learning.config import LearningConfig
 from actors.learning.job_process import EXIT_ORPHANED, encode_job, ready, run_forked
-from actors.worker_client import describe_exit
+from actors.worker.client import describe_exit
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from typing import Any
 import llama_cpp
 import pytest
 
-from actors.backends.gguf import open_llama
-from actors.estimate import read_gguf_header
 from actors.gguf_synth import N_VOCAB, SIZES, main, write_llama_gguf
+from actors.serving.estimate import read_gguf_header
+from actors.worker.backends.gguf import open_llama
 
 
 def load(path: Path, n_ctx: int = 256) -> Any:

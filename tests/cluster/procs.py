@@ -1,4 +1,4 @@
-"""Run `python -m cluster.demo` nodes as real child processes and follow their JSON reports.
+"""Run `python -m tests.cluster.demo` nodes as real child processes and follow their JSON reports.
 
 Used by the multi-process tests, the network-namespace test and `bench/gossip.py`.
 """
@@ -26,7 +26,7 @@ class DemoProc:
         self.name = name
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "cluster.demo", "--name", name, *args],
+            [*prefix, sys.executable, "-m", "tests.cluster.demo", "--name", name, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""Real processes on loopback: five `cluster.demo` nodes converge, a SIGKILLed one is declared
+"""Real processes on loopback: five `tests.cluster.demo` nodes converge, a SIGKILLed one is declared
 dead, a leaving one is recorded as left, and the voters agree on one primary (then a new one
 when the primary is killed)."""
 

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from actors import worker_protocol as wp
 from actors.types import ChatMessage, TensorData
+from actors.worker import protocol as wp
 from cluster import codec
 from cluster.errors import (
     MalformedPacket,

@@ -31,8 +31,8 @@ import zmq.asyncio
 from prometheus_client import REGISTRY
 
 import moc_node
-from actors.config import CatalogEntry
 from actors.gguf_synth import write_preset
+from actors.serving.config import CatalogEntry
 from moc_node.app import Runtime, build_runtime
 from tests.moc_node.conftest import make_config
 from tests.transports.conftest import test_config

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.config import (
+from actors.gguf_synth import write_preset
+from actors.serving.config import (
     BulkheadConfig,
     CatalogEntry,
     ModelsConfig,
@@ -17,9 +18,8 @@ from actors.config import (
     ResourcesConfig,
     SimulatedDevice,
 )
-from actors.gguf_synth import write_preset
-from actors.model import WorkerFactory, _default_worker
-from actors.worker_client import WorkerProcess, WorkerSpec
+from actors.serving.model import WorkerFactory, _default_worker
+from actors.worker.client import WorkerProcess, WorkerSpec
 from moc_node.app import Runtime, build_runtime
 from moc_node.config import Config, NodeConfig
 

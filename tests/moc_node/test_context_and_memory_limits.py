@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from actors.errors import InvalidRequest
-from actors.model import worker_memory_kills_total
+from actors.serving.model import worker_memory_kills_total
 from actors.types import LoadRequest
 from moc_node.app import Runtime
 from tests.moc_node.conftest import catalog_of, make_config

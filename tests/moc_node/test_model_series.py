@@ -19,9 +19,9 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
-from actors import metrics
-from actors.config import BulkheadConfig, CircuitBreakerConfig
-from actors.resilience import BulkheadRegistry, CircuitBreaker
+from actors.serving import metrics
+from actors.serving.config import BulkheadConfig, CircuitBreakerConfig
+from actors.serving.resilience import BulkheadRegistry, CircuitBreaker
 from moc_node.app import Runtime
 from tests.moc_node.conftest import make_config
 from transports.http import HttpServer

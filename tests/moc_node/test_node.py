@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from actors.config import BulkheadConfig, SimulatedDevice
 from actors.errors import (
     InsufficientMemory,
     InvalidRequest,
@@ -24,6 +23,7 @@ from actors.errors import (
     ShuttingDown,
     WorkerCrashed,
 )
+from actors.serving.config import BulkheadConfig, SimulatedDevice
 from actors.types import GenerationParams, InferRequest, InferResult, LoadRequest, TokenChunk
 from moc_node.app import Runtime
 from moc_node.config import Config

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from actors.config import CatalogEntry
 from actors.learning.config import LearningConfig
+from actors.serving.config import CatalogEntry
 from moc_node.app import Runtime, build_runtime
 from moc_node.config import Config
 from moc_node.services import torch_available

@@ -48,7 +48,7 @@ def pid_alive(pid: int) -> bool:
 def is_worker(pid: int) -> bool:
     """Tell whether `pid` is still a model worker (pids are reused)."""
     try:
-        return b"actors.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"actors.worker.main" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.store import LoadedRecord
+from actors.serving.store import LoadedRecord
 from cluster.messages import MemberState
 from cluster.meta import ModelMeta, NodeMeta
 from cluster.routing import ClusterMember

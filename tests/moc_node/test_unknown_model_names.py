@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from actors.config import BulkheadConfig
 from actors.errors import ModelNotFound
-from actors.resilience import BulkheadRegistry
+from actors.serving.config import BulkheadConfig
+from actors.serving.resilience import BulkheadRegistry
 from actors.types import GenerationParams, InferRequest
 from moc_node.app import Runtime
 from moc_node.node import UNKNOWN_MODEL

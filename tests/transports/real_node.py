@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.config import BulkheadConfig, CatalogEntry
 from actors.gguf_synth import write_preset
+from actors.serving.config import BulkheadConfig, CatalogEntry
 from moc_node.app import Runtime, build_runtime
 from moc_node.node import Node
 from tests.moc_node.conftest import make_config

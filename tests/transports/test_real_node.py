@@ -20,7 +20,7 @@ import zmq
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.config import BulkheadConfig
+from actors.serving.config import BulkheadConfig
 from actors.types import GenerationParams, InferRequest
 from tests.transports.conftest import legacy_call, metric, request, wait_for
 from tests.transports.real_node import (  # noqa: F401  (fixtures)

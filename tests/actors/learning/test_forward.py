@@ -9,10 +9,10 @@ import llama_cpp
 import numpy as np
 import torch
 
-from actors.backends.gguf import open_llama
 from actors.gguf_synth import write_preset
 from actors.learning.llama_torch import load_llama
 from actors.learning.tokenizer import Tokenizer
+from actors.worker.backends.gguf import open_llama
 
 PROMPT = "Hello there, how are you doing today? The quick brown fox."
 F32 = 0  # GGML_TYPE_F32, for a KV cache without f16 rounding

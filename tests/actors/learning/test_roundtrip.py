@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.backends import LoadSpec
-from actors.backends.gguf import GgufModel
 from actors.learning.datasets import load_dataset
 from actors.learning.export import write_model_gguf
 from actors.learning.llama_torch import load_llama
 from actors.learning.spec import parse_params
 from actors.learning.tokenizer import Tokenizer
 from actors.learning.trainers import build_examples, make_trainer
+from actors.worker.backends import LoadSpec
+from actors.worker.backends.gguf import GgufModel
 from tests.actors.learning.test_forward import llama_logits, served, torch_logits
 
 PROMPT = "The fox stood on the"

@@ -1,0 +1,242 @@
+"""ModelLane: how the event loop serves one loaded model, straight to its worker process.
+
+The ModelActor owns the worker's life (start, restart, stop) on its thread; the lane carries the
+requests on the event loop: no thread hop per request, several requests in flight (the worker
+queues them), a circuit breaker in front, and the per-request metrics. When the worker dies the
+lane fails what was in flight and asks the actor for a fresh worker; the actor waits for the
+lane to go idle before it stops a worker on unload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, Protocol
+
+import pykka
+
+from actors.errors import CircuitOpen, MocError, ModelNotLoaded, ShuttingDown, WorkerCrashed
+from actors.serving import metrics
+from actors.serving.resilience import CircuitBreaker
+from actors.types import InferRequest, InferResult
+from actors.worker.channel import WorkerChannel
+from actors.worker.client import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+_USED_EVERY_S = 0.5  # how often, at most, the manager hears that a busy model was used
+
+
+class LaneEvents(Protocol):
+    """What the lane tells the manager (a pykka proxy: calls do not block)."""
+
+    def model_used(self, name: str) -> object: ...
+
+    def model_memory(self, name: str, mb: float) -> object: ...
+
+
+class LaneClosed(ModelNotLoaded):
+    """The model is being unloaded: ask the manager again (it may load it anew)."""
+
+
+class ModelLane:
+    """One loaded model's request path on the event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        events: LaneEvents,
+        breaker: CircuitBreaker,
+        abort: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._events = events
+        self._breaker = breaker
+        self._abort = abort or threading.Event()
+        self._clock = clock
+        self._restart: Callable[[], Any] | None = None  # the actor's restart, a pykka future
+        self._worker: WorkerProcess | None = None
+        self._measured_mb = 0.0
+        self._channel: WorkerChannel | None = None
+        self._killed: tuple[WorkerProcess, str] | None = None  # a worker the actor killed, why
+        self._closed = False
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self._used_told = float("-inf")
+        self._latency = metrics.inference_latency_seconds.labels(name)
+        self._tokens = metrics.inference_tokens_generated_total.labels(name)
+
+    # -- the actor's side (any thread) ------------------------------------------------------
+
+    def bind(self, restart: Callable[[], Any]) -> None:
+        """Name the actor call that restarts the worker (returns a pykka future of a bool)."""
+        self._restart = restart
+
+    def attach(self, worker: WorkerProcess, measured_mb: float) -> None:
+        """Serve through this freshly started worker from now on."""
+        self._measured_mb = measured_mb
+        self._worker = worker
+
+    def note_killed(self, worker: WorkerProcess, reason: str) -> None:
+        """Say why the actor is killing `worker`: its requests fail with `reason`, not with a
+        bare "died (signal 9)"."""
+        self._killed = (worker, reason)
+
+    def close(self, timeout: float) -> bool:
+        """Take no new requests; wait up to `timeout` for those in flight. False if some remain."""
+        self._closed = True
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def closing(self) -> bool:
+        """True once the model is being unloaded: ask the manager for it again."""
+        return self._closed
+
+    # -- the event loop's side ----------------------------------------------------------------
+
+    async def infer(self, req: InferRequest, deadline: float | None = None) -> InferResult:
+        """Run one whole request through the worker."""
+        channel = await self._enter()
+        try:
+            result = await channel.infer(req, deadline)
+        except Exception as exc:
+            explained = self._explained(exc, channel)
+            self._failed(explained, channel)
+            if explained is exc:
+                raise
+            raise explained from exc
+        finally:
+            self._leave()
+        self._succeeded(result)
+        return result
+
+    async def stream(
+        self, req: InferRequest, deadline: float | None = None
+    ) -> AsyncGenerator[str | InferResult, None]:
+        """Yield the request's text piece by piece, then its result."""
+        channel = await self._enter()
+        try:
+            async for item in channel.stream(req, deadline):
+                if isinstance(item, InferResult):
+                    self._succeeded(item)
+                yield item
+        except Exception as exc:
+            explained = self._explained(exc, channel)
+            self._failed(explained, channel)
+            if explained is exc:
+                raise
+            raise explained from exc
+        finally:
+            self._leave()
+
+    async def _enter(self) -> WorkerChannel:
+        if self._abort.is_set():
+            raise ShuttingDown("the node is shutting down")
+        if self._closed:
+            raise LaneClosed(f"model {self.name!r} is being unloaded")
+        now = self._clock()
+        if not self._breaker.allow(now):
+            raise CircuitOpen(
+                f"model {self.name!r} is failing repeatedly; its circuit breaker is open",
+                retry_after=max(1.0, self._breaker.retry_after(now)),
+            )
+        with self._idle:
+            self._in_flight += 1
+        try:
+            return await self._ready_channel()
+        except BaseException:
+            self._leave()
+            raise
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    async def _ready_channel(self) -> WorkerChannel:
+        """Return a channel to a live worker, asking the actor for a new worker if it died."""
+        channel = self._channel
+        worker = self._worker
+        if channel is not None and channel.worker is worker and channel.closed is None:
+            return channel
+        if channel is not None:
+            channel.close()
+            self._channel = None
+        if worker is None or not worker.alive:
+            if self._closed:
+                raise LaneClosed(f"model {self.name!r} is being unloaded")
+            await self._restart_worker()
+            worker = self._worker
+            assert worker is not None
+        if self._channel is None or self._channel.worker is not worker:
+            self._channel = WorkerChannel(worker)
+        return self._channel
+
+    async def _restart_worker(self) -> None:
+        if self._restart is None or self._abort.is_set():
+            raise WorkerCrashed(f"the worker for {self.name!r} is not running")
+        try:
+            future = self._restart()
+            restarted = await asyncio.get_running_loop().run_in_executor(None, future.get)
+        except pykka.ActorDeadError:
+            raise LaneClosed(f"model {self.name!r} is being unloaded") from None
+        if not restarted or self._worker is None or not self._worker.alive:
+            raise WorkerCrashed(f"the worker for {self.name!r} could not be restarted")
+
+    def _succeeded(self, result: InferResult) -> None:
+        self._breaker.record_success()
+        self._latency.observe(result.latency_ms / 1000.0)
+        self._tokens.inc(result.tokens_generated)
+        now = self._clock()
+        if now - self._used_told >= _USED_EVERY_S:
+            self._used_told = now
+            self._events.model_used(self.name)
+        self._note_growth()
+
+    def _explained(self, exc: Exception, channel: WorkerChannel) -> Exception:
+        """Return the crash of a worker the actor killed as the reason it was killed."""
+        killed = self._killed
+        if isinstance(exc, WorkerCrashed) and killed is not None and killed[0] is channel.worker:
+            return WorkerCrashed(killed[1])
+        return exc
+
+    def _failed(self, exc: Exception, channel: WorkerChannel) -> None:
+        if isinstance(exc, WorkerCrashed):
+            metrics.inference_errors_total.labels(self.name, exc.code).inc()
+            # One death fails every request in flight at once: it counts as one failure.
+            if channel.closed is not None:
+                if channel.crash_counted:
+                    return
+                channel.crash_counted = True
+            self._breaker.record_failure(self._clock())
+            if channel.closed is not None and self._may_restart():
+                log.error("%s; restarting it", exc)
+                assert self._restart is not None
+                self._restart()  # in the background: the next request finds a fresh worker
+        elif isinstance(exc, MocError):
+            metrics.inference_errors_total.labels(self.name, exc.code).inc()
+        else:  # a bug must fail one request, not the model
+            log.error("request to %s failed", self.name, exc_info=exc)
+            metrics.inference_errors_total.labels(self.name, "internal_error").inc()
+
+    def _may_restart(self) -> bool:
+        return not self._abort.is_set() and not self._closed and self._restart is not None
+
+    def _note_growth(self) -> None:
+        """Raise the model's claim when its working size grew (buffers allocated on first use)."""
+        worker = self._worker
+        peak = worker.peak_memory_mb if worker is not None else None
+        if peak is not None and peak > self._measured_mb * 1.02:
+            self._measured_mb = peak
+            self._events.model_memory(self.name, peak)

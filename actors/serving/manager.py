@@ -1,0 +1,670 @@
+"""ModelManager: decides which models are loaded where, and starts and stops their actors.
+
+Every decision (placement, eviction, expiry) is a pure function from `placement`; this actor only
+keeps the slots, calls those functions and sends messages. It never waits on another actor: loads
+and unloads finish later, as `model_loaded` / `model_stopped` messages from the ModelActors, and
+whoever asked is answered through a callback then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pykka
+
+from actors import names
+from actors.errors import (
+    InsufficientMemory,
+    InvalidRequest,
+    MocError,
+    ModelAlreadyLoaded,
+    ModelFileInvalid,
+    ModelNotFound,
+    ModelNotLoaded,
+    ShuttingDown,
+    StateNotWritable,
+)
+from actors.serving import metrics
+from actors.serving.config import CatalogEntry, CircuitBreakerConfig, ModelsConfig
+from actors.serving.context import fit_gguf_n_ctx
+from actors.serving.estimate import CUDA_CONTEXT_MB, estimate_gguf_memory
+from actors.serving.lane import ModelLane
+from actors.serving.ledger import Ledger
+from actors.serving.memory_watch import MemoryWatch
+from actors.serving.model import ModelActor, WorkerFactory, _default_worker
+from actors.serving.paths import resolve_model_path
+from actors.serving.placement import DeviceRoom, Resident, plan
+from actors.serving.probes import DeviceProbe
+from actors.serving.resilience import BulkheadRegistry, CircuitBreaker
+from actors.serving.store import LoadedRecord, RegisteredRecord, StateStore
+from actors.types import Backend, LoadRequest, ModelInfo, ModelState
+from actors.worker.client import LoadedInfo, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+Acquired = Callable[[ModelLane | None, Exception | None], None]
+Unloaded = Callable[[ModelInfo | None, Exception | None], None]
+MIB = 1024 * 1024
+
+
+@dataclass
+class Slot:
+    """Everything the manager knows about one model."""
+
+    entry: CatalogEntry
+    in_catalog: bool
+    registered: bool = False  # produced by a learning job, kept across catalog reloads
+    state: ModelState = "available"
+    device: str | None = None
+    estimate_mb: float | None = None
+    measured_mb: float | None = None
+    actor: pykka.ActorRef[Any] | None = None
+    lane: ModelLane | None = None  # the event loop's path to the loaded model
+    breaker: CircuitBreaker | None = None
+    load_waiters: list[Acquired] = field(default_factory=list)
+    unload_waiters: list[Unloaded] = field(default_factory=list)
+    blocked_by: set[str] = field(default_factory=set)  # evictions to finish before loading
+    persist_unload: bool = True
+    last_used: float = 0.0  # monotonic
+    last_used_wall: float | None = None
+    load_started: float = 0.0
+    load_seconds: float | None = None
+    version: str = ""
+    pid: int | None = None
+    error: str | None = None
+    next_entry: CatalogEntry | None = None  # a replacement registered while this one is loaded
+
+
+def _by_name(info: ModelInfo) -> str:
+    return info.name
+
+
+def _with_breaker(info: ModelInfo, breaker: CircuitBreaker | None, now: float) -> ModelInfo:
+    """Return `info` with its breaker's state now, copied only when that state changed
+    (health and list_models read every model on each call)."""
+    if breaker is None:
+        return info
+    state = breaker.state(now)
+    return info if state == info.breaker else replace(info, breaker=state)
+
+
+class ModelBoard:
+    """The latest ModelInfo per model, written by the manager, read by anyone without blocking."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, ModelInfo] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._lanes: dict[str, ModelLane] = {}
+        self.changed = threading.Condition(self._lock)
+
+    def put(
+        self,
+        info: ModelInfo,
+        breaker: CircuitBreaker | None,
+        lane: ModelLane | None = None,
+    ) -> None:
+        with self._lock:
+            self._models[info.name] = info
+            if breaker is not None:
+                self._breakers[info.name] = breaker
+            if info.state == "loaded" and lane is not None:
+                self._lanes[info.name] = lane
+            else:
+                self._lanes.pop(info.name, None)
+            self.changed.notify_all()
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._models.pop(name, None)
+            self._breakers.pop(name, None)
+            self._lanes.pop(name, None)
+            self.changed.notify_all()
+
+    def lane(self, name: str) -> ModelLane | None:
+        """Return a loaded model's lane: requests to it need not ask the manager."""
+        return self._lanes.get(name)  # one dict read: atomic, and this is the hot path
+
+    def snapshot(self, now: float) -> list[ModelInfo]:
+        with self._lock:
+            models = list(self._models.values())
+            breakers = dict(self._breakers)
+        return [_with_breaker(m, breakers.get(m.name), now) for m in sorted(models, key=_by_name)]
+
+    def get(self, name: str) -> ModelInfo | None:
+        with self._lock:
+            return self._models.get(name)
+
+    def wait_until(self, predicate: Callable[[list[ModelInfo]], bool], timeout: float) -> bool:
+        """Block until `predicate(models)` holds or `timeout` passes (for shutdown and tests)."""
+        with self._lock:
+            return self.changed.wait_for(lambda: predicate(list(self._models.values())), timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerDeps:
+    """What the manager is built from; production wiring lives in moc_node.app."""
+
+    models: ModelsConfig
+    ledgers: Mapping[str, Ledger]
+    device_index: Mapping[str, int | None]
+    model_dirs: Sequence[Path]
+    store: StateStore
+    bulkheads: BulkheadRegistry
+    breaker: CircuitBreakerConfig
+    runtime_dir: Path
+    board: ModelBoard
+    abort: threading.Event
+    probes: Mapping[str, DeviceProbe] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
+    worker_factory: WorkerFactory = _default_worker
+    memory_watch: MemoryWatch = MemoryWatch()
+
+
+class ModelManager(pykka.ThreadingActor):
+    """Owns the set of models: catalog, loading, loaded, unloading."""
+
+    def __init__(self, deps: ManagerDeps) -> None:
+        super().__init__()
+        self._deps = deps
+        self._models_config = deps.models
+        self._slots: dict[str, Slot] = {}
+        self._closing = False
+        self.reconfigure(deps.models)
+        for record in deps.store.registered():
+            backend: Backend = "torch" if record.backend == "torch" else "gguf"
+            self._add_registered(
+                CatalogEntry(record.name, record.path, backend, record.n_ctx, lora=record.lora)
+            )
+
+    # -- configuration --------------------------------------------------------------------
+
+    def reconfigure(self, models: ModelsConfig) -> None:
+        """Adopt a new catalog and keep_alive (SIGHUP); loaded models stay loaded."""
+        self._models_config = models
+        names = {entry.name for entry in models.catalog}
+        for entry in models.catalog:
+            slot = self._slots.get(entry.name)
+            if slot is None:
+                self._slots[entry.name] = Slot(entry=entry, in_catalog=True)
+            else:
+                slot.in_catalog = True
+                if slot.state in ("available", "failed"):
+                    slot.entry = entry
+            self._publish(entry.name)
+        for name, slot in list(self._slots.items()):
+            if slot.in_catalog and not slot.registered and name not in names:
+                slot.in_catalog = False
+                if slot.state in ("available", "failed"):
+                    self._drop(name)
+
+    def ping(self) -> bool:
+        """Answer True: the watchdog's proof that this actor still takes messages."""
+        return True
+
+    def register(self, entry: CatalogEntry) -> None:
+        """Add a model a learning job produced to the catalog, durably.
+
+        An existing model of that name is replaced: the learning actor refuses a job whose output
+        would shadow a model unless the client asked for `replace`. A replaced model that is
+        loaded keeps serving its old weights until it is next loaded.
+        """
+        names.check_name(entry.name, "output_name")
+        self._deps.store.record_registered(
+            RegisteredRecord(entry.name, entry.path, entry.lora, entry.backend, entry.n_ctx)
+        )
+        self._add_registered(entry)
+
+    def _add_registered(self, entry: CatalogEntry) -> None:
+        slot = self._slots.get(entry.name)
+        if slot is None:
+            self._slots[entry.name] = Slot(entry=entry, in_catalog=True, registered=True)
+        else:
+            slot.in_catalog = slot.registered = True
+            if slot.state in ("available", "failed"):
+                slot.entry = entry
+            else:
+                slot.next_entry = entry  # adopted when the loaded one stops
+        self._publish(entry.name)
+
+    def preload_names(self) -> list[str]:
+        """Return catalog names to load at start."""
+        cfg = self._models_config
+        return [e.name for e in cfg.catalog if e.preload or e.name in cfg.preload]
+
+    # -- requests -------------------------------------------------------------------------
+
+    def acquire(self, request: LoadRequest, reply: Acquired, explicit: bool = False) -> None:
+        """Answer `reply` with the model's lane once it is loaded, loading it if needed."""
+        try:
+            self._acquire(request, reply, explicit)
+        except Exception as exc:
+            reply(None, exc)
+
+    def _acquire(self, request: LoadRequest, reply: Acquired, explicit: bool) -> None:
+        if self._closing:
+            raise ShuttingDown("the node is shutting down")
+        slot = self._slots.get(request.name)
+        if slot is None:
+            # Every new name passes here (clients, peers, restore): one that SQLite, a metric
+            # label or a reply cannot carry never gets a slot. Catalog names are the operator's.
+            names.check_name(request.name, "model_name")
+        if slot is not None and slot.state in ("loaded", "loading") and explicit:
+            raise ModelAlreadyLoaded(f"model {request.name!r} is already {slot.state}")
+        if slot is not None and slot.state == "loaded":
+            reply(slot.lane, None)
+            return
+        if slot is not None and slot.state in ("loading", "unloading"):
+            slot.load_waiters.append(reply)
+            return
+        entry = self._entry_for(request, slot)
+        if slot is None:
+            slot = self._slots[entry.name] = Slot(entry=entry, in_catalog=False)
+        slot.entry = entry
+        slot.error = None
+        try:
+            self._place_and_load(slot)
+        except Exception:
+            if not slot.in_catalog and slot.state == "available":
+                self._drop(entry.name)  # refused before it started: nothing of it stays
+            raise
+        slot.load_waiters.append(reply)
+
+    def _entry_for(self, request: LoadRequest, slot: Slot | None) -> CatalogEntry:
+        base = slot.entry if slot is not None else None
+        if request.path is None and base is None:
+            raise ModelNotFound(f"model {request.name!r} is not loaded and not in the catalog")
+        path = request.path or (base.path if base else "")
+        try:
+            resolved = resolve_model_path(path, self._deps.model_dirs)
+        except OSError as exc:  # e.g. ENAMETOOLONG: the path is the client's, not the node's
+            raise InvalidRequest("model_path", f"cannot be resolved: {exc.strerror}") from None
+        backend = request.backend or (base.backend if base else _backend_for(resolved))
+        try:
+            entry = CatalogEntry(
+                name=request.name,
+                path=str(resolved),
+                backend=backend,
+                n_ctx=request.n_ctx or (base.n_ctx if base else 2048),
+                gpu_layers=request.gpu_layers
+                if request.gpu_layers is not None
+                else (base.gpu_layers if base else -1),
+                pin=request.pin if request.pin is not None else (base.pin if base else False),
+                lora=base.lora if base is not None and request.path is None else "",
+                cpu_repack=base.cpu_repack if base is not None else None,
+                n_ctx_max=base.n_ctx_max if base is not None else 0,
+            )
+        except ValueError as exc:
+            field_name, _, message = str(exc).partition(": ")
+            raise InvalidRequest(field_name, message) from None
+        return self._fit_context(entry, asked=request.n_ctx is not None)
+
+    def _fit_context(self, entry: CatalogEntry, *, asked: bool) -> CatalogEntry:
+        """Cap n_ctx at the model's trained context: a client asking for more is refused."""
+        if entry.backend != "gguf":
+            return entry
+        n_ctx = fit_gguf_n_ctx(entry.path, entry.n_ctx, entry.n_ctx_max, asked=asked)
+        if n_ctx == entry.n_ctx:
+            return entry
+        log.info(
+            "loading %s with n_ctx %d instead of its catalog's %d: past what the model was "
+            "trained for (or its n_ctx_max)",
+            entry.name,
+            n_ctx,
+            entry.n_ctx,
+        )
+        return replace(entry, n_ctx=n_ctx)
+
+    def _place_and_load(self, slot: Slot) -> None:
+        entry = slot.entry
+        need = self._estimate_mb(entry)
+        residents = [self._resident(s) for s in self._slots.values() if s.device is not None]
+        rooms = [
+            DeviceRoom(name, ledger.headroom_mb()) for name, ledger in self._deps.ledgers.items()
+        ]
+        decision = plan(need, rooms, residents, self._models_config.max_loaded)
+        if decision is None:
+            free = ", ".join(f"{r.name} {r.headroom_mb:.0f} MiB" for r in rooms)
+            raise InsufficientMemory(
+                f"model {entry.name!r} needs about {need:.0f} MiB; no device has room even "
+                f"after evicting idle models (free: {free})"
+            )
+        slot.state = "loading"
+        slot.device = decision.device
+        slot.estimate_mb = need
+        slot.load_started = self._deps.clock()
+        self._deps.ledgers[decision.device].claim(entry.name, need)
+        metrics.model_memory_estimate_mb.labels(entry.name).set(need)
+        for victim in decision.evict:
+            log.info("evicting idle model %s to make room for %s", victim, entry.name)
+            metrics.model_evictions_total.labels("memory").inc()
+            slot.blocked_by.add(victim)
+            self._begin_unload(self._slots[victim], persist=True)
+        if not slot.blocked_by:
+            self._start_actor(slot)
+        self._publish(entry.name)
+
+    def _estimate_mb(self, entry: CatalogEntry) -> float:
+        # Models go to NVML GPUs when there are any; on the CPU (or a simulated device) all stays
+        # on the host.
+        on_gpu = any(ledger.kind == "nvml" for ledger in self._deps.ledgers.values())
+        if entry.backend == "torch":
+            # A program's tensors live in the file; torch's allocator adds about a fifth.
+            try:
+                tensors = Path(entry.path).stat().st_size / MIB * 1.2
+            except OSError as exc:
+                raise ModelFileInvalid(f"cannot read {entry.path}: {exc.strerror}") from None
+            return tensors + (CUDA_CONTEXT_MB if on_gpu else 64)
+        estimate = estimate_gguf_memory(
+            entry.path, n_ctx=entry.n_ctx, gpu_layers=entry.gpu_layers, on_gpu=on_gpu
+        )
+        return float(estimate.total_mb)
+
+    def _resident(self, slot: Slot) -> Resident:
+        assert slot.device is not None
+        ledger = self._deps.ledgers[slot.device]
+        idle_for = self._deps.clock() - slot.last_used
+        return Resident(
+            name=slot.entry.name,
+            device=slot.device,
+            claimed_mb=ledger.claims().get(slot.entry.name, 0.0),
+            idle=slot.state == "loaded" and self._deps.bulkheads.in_flight(slot.entry.name) == 0,
+            pinned=slot.entry.pin,
+            idle_seconds=max(0.0, idle_for),
+            reload_seconds=slot.load_seconds or 1.0,
+        )
+
+    def _start_actor(self, slot: Slot) -> None:
+        device = slot.device
+        assert device is not None
+        ledger = self._deps.ledgers[device]
+        entry = slot.entry
+        spec = WorkerSpec(
+            name=entry.name,
+            path=entry.path,
+            backend=entry.backend,
+            n_ctx=entry.n_ctx,
+            gpu_layers=entry.gpu_layers if ledger.kind == "nvml" else 0,
+            device_kind=ledger.kind,
+            device_index=self._deps.device_index.get(device),
+            lora_path=entry.lora or None,
+            cpu_repack=self._models_config.cpu_repack_for(entry),
+        )
+        slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
+        events = self.actor_ref.proxy()
+        slot.lane = ModelLane(
+            entry.name, events=events, breaker=slot.breaker, abort=self._deps.abort
+        )
+        slot.actor = ModelActor.start(
+            spec,
+            runtime_dir=self._deps.runtime_dir,
+            events=events,
+            lane=slot.lane,
+            breaker=slot.breaker,
+            abort=self._deps.abort,
+            gpu_probe=self._deps.probes.get(device) if ledger.kind == "nvml" else None,
+            load_timeout=self._models_config.load_timeout,
+            worker_factory=self._deps.worker_factory,
+            memory_watch=self._deps.memory_watch,
+        )
+        slot.actor.proxy().load()
+
+    def unload(self, name: str, reply: Unloaded) -> None:
+        """Unload a model once its queued requests are done; answer `reply` when it is gone."""
+        slot = self._slots.get(name)
+        if slot is None or slot.state not in ("loaded", "loading", "unloading"):
+            reply(None, ModelNotLoaded(f"model {name!r} is not loaded"))
+            return
+        slot.unload_waiters.append(reply)
+        if slot.state != "unloading":
+            self._begin_unload(slot, persist=True)
+
+    def _begin_unload(self, slot: Slot, persist: bool) -> None:
+        slot.persist_unload = persist
+        was_loading = slot.state == "loading"
+        slot.state = "unloading"
+        if was_loading:
+            # A load cut short: whoever waited for it is told, rather than left hanging.
+            self._fail_waiters(slot, ModelNotLoaded(f"model {slot.entry.name!r} was unloaded"))
+        if slot.actor is not None:
+            slot.actor.stop(block=False)  # it waits for the requests in flight on its lane
+        else:
+            self.model_stopped(slot.entry.name)
+        self._publish(slot.entry.name)
+
+    def expire_idle(self) -> None:
+        """Unload models idle past keep_alive (never pinned ones, never ones with requests)."""
+        keep_alive = self._models_config.keep_alive_seconds
+        if keep_alive is None:
+            return
+        now = self._deps.clock()
+        for slot in list(self._slots.values()):
+            resident = slot.state == "loaded" and slot.device is not None
+            if not resident or slot.entry.pin:
+                continue
+            if (
+                self._deps.bulkheads.in_flight(slot.entry.name) == 0
+                and now - slot.last_used >= keep_alive
+            ):
+                log.info(
+                    "unloading %s: idle for %.0f s (keep_alive)",
+                    slot.entry.name,
+                    now - slot.last_used,
+                )
+                metrics.model_evictions_total.labels("keep_alive").inc()
+                self._begin_unload(slot, persist=True)
+
+    def close(self) -> list[str]:
+        """Refuse new loads and unload everything, remembering the set for the next start."""
+        self._closing = True
+        stopping = []
+        for slot in self._slots.values():
+            if slot.state in ("loaded", "loading"):
+                self._begin_unload(slot, persist=False)
+            if slot.state == "unloading":
+                stopping.append(slot.entry.name)
+        return stopping
+
+    # -- events from ModelActors ----------------------------------------------------------
+
+    def model_loaded(self, name: str, info: LoadedInfo) -> None:
+        """Adopt a model its worker loaded; whoever waits for it gets its lane or the error."""
+        slot = self._slots.get(name)
+        if slot is None or slot.state not in ("loading", "loaded") or slot.device is None:
+            return  # unloaded meanwhile; its stop is on the way
+        try:
+            self._adopt(slot, info)
+        except Exception as exc:
+            # Nobody reads this message's future: an error left here would be lost and the
+            # client would wait out its whole load timeout. Fail the load instead, and undo it.
+            if isinstance(exc, MocError):
+                log.error("model %s loaded but cannot be served: %s", name, exc)
+            else:
+                log.error("model %s loaded but cannot be served", name, exc_info=exc)
+            slot.state = "loading"  # as if the load failed: "failed", stopped, waiters told
+            self.model_load_failed(name, exc)
+
+    def _adopt(self, slot: Slot, info: LoadedInfo) -> None:
+        name = slot.entry.name
+        assert slot.device is not None
+        first = slot.state == "loading"
+        if first:
+            # Recorded before it is served: a model the store cannot remember is not served.
+            self._deps.store.record_loaded(
+                LoadedRecord(
+                    name,
+                    slot.entry.path,
+                    slot.entry.backend,
+                    slot.entry.n_ctx,
+                    slot.entry.gpu_layers,
+                    slot.entry.pin,
+                )
+            )
+        slot.state = "loaded"
+        slot.measured_mb = info.measured_mb
+        slot.version = info.version
+        slot.pid = info.pid
+        slot.last_used = self._deps.clock()
+        slot.last_used_wall = time.time()
+        # At load time llama.cpp has reserved its compute buffers but not touched them, so the
+        # measurement is below the working size: claim the larger of it and the estimate.
+        self._deps.ledgers[slot.device].claim(name, max(info.measured_mb, slot.estimate_mb or 0.0))
+        device_label = self._device_label(slot.device)
+        metrics.model_memory_usage_mb.labels(name, device_label).set(info.measured_mb)
+        if first:
+            slot.load_seconds = info.load_seconds
+            metrics.model_load_duration_seconds.labels(name).observe(info.load_seconds)
+            log.info(
+                "loaded %s on %s in %.2f s: estimated %.0f MiB, measured %.0f MiB",
+                name,
+                device_label,
+                info.load_seconds,
+                slot.estimate_mb or 0,
+                info.measured_mb,
+            )
+        self._refresh_loaded_gauge()
+        self._publish(name)
+        waiters, slot.load_waiters = slot.load_waiters, []
+        for reply in waiters:
+            reply(slot.lane, None)
+
+    def model_load_failed(self, name: str, error: Exception) -> None:
+        slot = self._slots.get(name)
+        if slot is None:
+            return
+        slot.error = str(error)
+        self._fail_waiters(slot, error)
+        if slot.state == "loading":
+            slot.state = "failed"
+            slot.persist_unload = True
+            if slot.actor is not None:
+                slot.actor.stop(block=False)
+            else:
+                self.model_stopped(name)
+        self._publish(name)
+
+    def model_stopped(self, name: str) -> None:
+        slot = self._slots.get(name)
+        if slot is None:
+            return
+        if slot.device is not None:
+            self._deps.ledgers[slot.device].release(name)
+            if slot.measured_mb is not None:
+                metrics.model_memory_usage_mb.remove(name, self._device_label(slot.device))
+        if slot.persist_unload:
+            try:
+                self._deps.store.record_unloaded(name)
+            except StateNotWritable as exc:  # the model is stopped whatever the store says
+                log.warning("%s", exc)
+        if slot.next_entry is not None:
+            slot.entry, slot.next_entry = slot.next_entry, None
+        failed = slot.state == "failed"
+        slot.state = "failed" if failed else "available"
+        slot.device = None
+        slot.actor = None
+        slot.lane = None
+        slot.pid = None
+        slot.measured_mb = None
+        self._refresh_loaded_gauge()
+        unloaded, slot.unload_waiters = slot.unload_waiters, []
+        info = self._info(slot)
+        for answer in unloaded:
+            answer(info, None)
+        self._unblock(name)
+        waiting, slot.load_waiters = slot.load_waiters, []
+        if not slot.in_catalog and not waiting:
+            self._drop(name)
+        else:
+            self._publish(name)
+        for reply in waiting:  # requests that came while it was unloading: load it again
+            self.acquire(LoadRequest(name=name, path=slot.entry.path), reply)
+
+    def model_memory(self, name: str, mb: float) -> None:
+        """Adopt a model's grown working size as its claim."""
+        slot = self._slots.get(name)
+        if slot is None or slot.state != "loaded" or slot.device is None:
+            return
+        slot.measured_mb = mb
+        self._deps.ledgers[slot.device].claim(name, max(mb, slot.estimate_mb or 0.0))
+        metrics.model_memory_usage_mb.labels(name, self._device_label(slot.device)).set(mb)
+        self._publish(name)
+
+    def model_used(self, name: str) -> None:
+        slot = self._slots.get(name)
+        if slot is not None:
+            slot.last_used = self._deps.clock()
+            slot.last_used_wall = time.time()
+            if self._models_config.keep_alive_seconds == 0:
+                self.expire_idle()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _drop(self, name: str) -> None:
+        """Forget a model that is neither loaded nor in the catalog, and its metric series.
+
+        Its lane and breaker go with its slot, so nothing writes to its series any more; its
+        bulkhead goes too if idle (a busy one looks its series up again on its next use).
+        """
+        del self._slots[name]
+        self._deps.board.remove(name)
+        self._deps.bulkheads.forget(name)
+        metrics.forget_model(name)
+
+    def _unblock(self, evicted: str) -> None:
+        for slot in self._slots.values():
+            if evicted in slot.blocked_by:
+                slot.blocked_by.discard(evicted)
+                if not slot.blocked_by and slot.state == "loading":
+                    self._start_actor(slot)
+
+    def _fail_waiters(self, slot: Slot, error: Exception) -> None:
+        waiters, slot.load_waiters = slot.load_waiters, []
+        for reply in waiters:
+            reply(None, error)
+
+    def _refresh_loaded_gauge(self) -> None:
+        loaded = sum(1 for s in self._slots.values() if s.state == "loaded")
+        metrics.models_loaded_total.set(loaded)
+
+    def _device_label(self, device: str) -> str:
+        ledger = self._deps.ledgers[device]
+        return f"{device} (simulated)" if ledger.kind == "simulated" else device
+
+    def _info(self, slot: Slot) -> ModelInfo:
+        entry = slot.entry
+        return ModelInfo(
+            name=entry.name,
+            backend=entry.backend,
+            path=entry.path,
+            state=slot.state,
+            device=self._device_label(slot.device) if slot.device else None,
+            estimate_mb=None if slot.estimate_mb is None else round(slot.estimate_mb, 1),
+            memory_mb=None if slot.measured_mb is None else round(slot.measured_mb, 1),
+            pinned=entry.pin,
+            last_used=slot.last_used_wall,
+            version=slot.version,
+            n_ctx=entry.n_ctx,
+            load_seconds=slot.load_seconds,
+            error=slot.error,
+            pid=slot.pid,
+            adapter=entry.lora or None,
+        )
+
+    def _publish(self, name: str) -> None:
+        slot = self._slots.get(name)
+        if slot is not None:
+            self._deps.board.put(self._info(slot), slot.breaker, slot.lane)
+
+
+def _backend_for(path: Path) -> Backend:
+    if path.suffix in (".pt", ".pt2"):
+        return "torch"
+    if path.suffix == ".gguf":
+        return "gguf"
+    raise InvalidRequest("model_type", f"cannot tell the backend of {path.name}; give model_type")

@@ -1,0 +1,507 @@
+"""The supervisor side of a model worker process, used by the ModelActor.
+
+`WorkerProcess` spawns `python -m actors.worker.main`, hands it the model to load over a ZMQ PAIR
+socket on `ipc://{runtime_dir}/{name}-{uuid}.sock`, and then runs one request at a time through
+it. Every wait is a short poll that also checks the process, so a worker that dies is noticed
+within ~50 ms and reported as WorkerCrashed (with its signal or exit code) instead of a hang.
+A worker that crashed in native code is described by the function that crashed and the CPU
+(actors/worker/native_crash.py reads them from the worker's log), else by the end of its log.
+
+Threading: `start` and `run` are called from one thread (the actor's). `stop` and `alive` may be
+called from any thread; a `stop` during `run` signals the process rather than touching the
+socket (ZMQ sockets are not thread-safe), and `run` then ends with WorkerCrashed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+import actors
+from actors.errors import InvalidRequest, ModelLoadFailed, RequestTimeout, WorkerCrashed
+from actors.types import Backend, DeviceKind, FinishReason, InferRequest, InferResult
+from actors.worker.native_crash import describe_crash
+from actors.worker.protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Done,
+    Failed,
+    Hello,
+    Infer,
+    Load,
+    Loaded,
+    LoadFailed,
+    Message,
+    ProtocolError,
+    Shutdown,
+    Token,
+    decode,
+    encode,
+)
+
+_POLL_S = 0.05  # how long one wait lasts before the process and deadlines are checked again
+_CANCEL_GRACE_S = 30.0  # a worker that ignores a cancel this long (one huge prompt eval) is killed
+_MAX_IPC_PATH = 100  # sun_path holds 108 bytes; leave room for the terminating NUL
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What one worker process loads; `gpu_layers` -1 offloads every layer.
+
+    `n_threads` 0 lets llama.cpp choose (half the cores); set it to pin decode threads.
+    `cpu_repack` lets llama.cpp repack CPU-resident GGUF weights (`[models] cpu_repack`).
+    """
+
+    name: str
+    path: str
+    backend: Backend
+    n_ctx: int = 2048
+    gpu_layers: int = 0
+    device_kind: DeviceKind = "cpu"
+    device_index: int | None = None
+    seed: int = 0
+    lora_path: str | None = None
+    n_threads: int = 0
+    cpu_repack: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedInfo:
+    """What the worker reported once the model was loaded; memory in MiB, measured."""
+
+    pid: int
+    measured_mb: float
+    load_seconds: float
+    version: str
+    n_ctx: int
+
+
+def describe_exit(returncode: int) -> str:
+    """Say how a process ended: "signal 9 (SIGKILL)" or "exit code 3"."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+        return f"signal {-returncode} ({name})"
+    return f"exit code {returncode}"
+
+
+def finish_reason(wire: str) -> FinishReason:
+    """Map the wire's finish reason onto the domain's (unknown ones read as "length")."""
+    if wire == "stop":
+        return "stop"
+    if wire == "cancelled":
+        return "cancelled"
+    return "length"
+
+
+def infer_message(rid: int, req: InferRequest, *, stream: bool) -> Infer:
+    """Put one request on the wire's terms."""
+    p = req.params
+    return Infer(
+        rid,
+        stream,
+        req.prompt,
+        req.messages,
+        req.tensors,
+        p.max_tokens,
+        p.temperature,
+        p.top_p,
+        tuple(p.stop),
+        p.seed,
+    )
+
+
+def result_of(done: Done, started: float, version: str) -> InferResult:
+    """Turn the worker's Done into a result; `started` is when the request was sent (monotonic)."""
+    return InferResult(
+        text=done.text,
+        tokens_generated=done.tokens_generated,
+        prompt_tokens=done.prompt_tokens,
+        finish_reason=finish_reason(done.finish_reason),
+        latency_ms=(time.monotonic() - started) * 1000.0,
+        model_version=version,
+        tensors=done.tensors,
+    )
+
+
+def _socket_dir(runtime_dir: Path, filename: str) -> Path:
+    """Return runtime_dir, or a private temp dir when the path would not fit in sun_path."""
+    if len(str(runtime_dir / filename)) + len("ipc://") <= _MAX_IPC_PATH:
+        return runtime_dir
+    return Path(tempfile.mkdtemp(prefix="moc-"))
+
+
+class WorkerProcess:
+    """One model worker process and the socket to it."""
+
+    def __init__(self, spec: WorkerSpec, *, runtime_dir: Path) -> None:
+        self.spec = spec
+        self.runtime_dir = Path(runtime_dir)
+        self.version = ""
+        self.memory_mb: float | None = None  # measured after the load, then after each request
+        self.peak_memory_mb: float | None = None
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._sock_path: Path | None = None
+        self._data_path: Path | None = None
+        self._log_path: Path | None = None
+        self._log_mark = 0  # the log's size when the load finished: later errors show only past it
+        self._busy = False  # a run() owns the socket
+        self._stopped = False
+        self._ids = itertools.count(1)
+
+    # -- state visible from any thread ------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """Return the worker's process id once started."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
+    @property
+    def data_socket(self) -> str:
+        """The Unix socket path the worker listens on for requests from the node's event loop."""
+        if self._data_path is None:
+            raise WorkerCrashed(f"worker for {self.spec.name} was never started")
+        return str(self._data_path)
+
+    def exit_code(self) -> int | None:
+        """Return the worker's exit status once it has exited (negative: the signal), else None."""
+        proc = self._proc
+        return None if proc is None else proc.poll()
+
+    def describe_end(self) -> str:
+        """Say how the worker ended, with what its log says of it, for error messages."""
+        code = self.exit_code()
+        how = "was stopped" if self._stopped else f"died ({describe_exit(code or 0)})"
+        return how + self._log_detail()
+
+    @property
+    def log_path(self) -> Path | None:
+        """The file that holds the worker's stdout and stderr (kept unless it exits cleanly)."""
+        return self._log_path
+
+    @property
+    def alive(self) -> bool:
+        """Say whether the worker process is running."""
+        proc = self._proc
+        return proc is not None and proc.poll() is None
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 300.0) -> LoadedInfo:
+        """Spawn the worker and load the model; raise ModelLoadFailed with the worker's reason."""
+        if self._proc is not None:
+            raise RuntimeError(f"worker for {self.spec.name} was already started")
+        deadline = time.monotonic() + timeout
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        tag = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.spec.name)[:32]}-{uuid.uuid4().hex[:12]}"
+        sock_dir = _socket_dir(self.runtime_dir, f"{tag}-data.sock")
+        self._sock_path = sock_dir / f"{tag}.sock"
+        self._data_path = sock_dir / f"{tag}-data.sock"
+        self._log_path = self.runtime_dir / f"{tag}.log"
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"ipc://{self._sock_path}")
+        self._sock = sock
+        with self._lock:
+            self._busy = True  # the handshake owns the socket
+        try:
+            self._spawn()
+            info = self._handshake(deadline, timeout)
+        except BaseException:
+            with self._lock:
+                self._busy = False
+            self.stop(timeout=2.0)
+            raise
+        with self._lock:
+            self._busy = False
+            stopped = self._stopped
+        if stopped:  # stop() came from another thread while the model loaded
+            self.stop()
+            raise ModelLoadFailed(f"worker for {self.spec.name} was stopped while loading")
+        return info
+
+    def _spawn(self) -> None:
+        assert self._log_path is not None and self._sock_path is not None
+        assert self._data_path is not None
+        env = dict(os.environ)
+        # The worker must import this very tree, installed or not.
+        root = str(Path(actors.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        cmd = [
+            sys.executable,
+            "-m",
+            "actors.worker.main",
+            "--endpoint",
+            f"ipc://{self._sock_path}",
+            "--data-socket",
+            str(self._data_path),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        with open(self._log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, close_fds=True
+            )
+        with self._lock:
+            self._proc = proc
+
+    def _handshake(self, deadline: float, timeout: float) -> LoadedInfo:
+        hello = self._wait_load_step(deadline, timeout, "starting")
+        if not isinstance(hello, Hello):
+            raise ModelLoadFailed(f"worker for {self.spec.name} sent {type(hello).__name__} first")
+        if hello.version != PROTOCOL_VERSION:
+            raise ModelLoadFailed(
+                f"worker for {self.spec.name} speaks protocol {hello.version}, "
+                f"expected {PROTOCOL_VERSION}"
+            )
+        s = self.spec
+        sent = self._send(
+            Load(
+                s.backend,
+                s.path,
+                s.n_ctx,
+                s.gpu_layers,
+                s.device_kind,
+                s.device_index,
+                s.seed,
+                s.lora_path,
+                s.n_threads,
+                s.cpu_repack,
+            )
+        )
+        if not sent:
+            raise ModelLoadFailed(f"worker for {s.name} went away before it could load")
+        reply = self._wait_load_step(deadline, timeout, "loading")
+        if isinstance(reply, LoadFailed):
+            raise ModelLoadFailed(f"cannot load {s.name}: {reply.error}")
+        if not isinstance(reply, Loaded):
+            raise ModelLoadFailed(f"worker for {s.name} answered Load with {type(reply).__name__}")
+        self.version = reply.version
+        self.note_memory(reply.measured_mb)
+        with contextlib.suppress(OSError):
+            self._log_mark = self._log_path.stat().st_size if self._log_path else 0
+        return LoadedInfo(
+            reply.pid, reply.measured_mb, reply.load_seconds, reply.version, reply.n_ctx
+        )
+
+    def _wait_load_step(self, deadline: float, timeout: float, doing: str) -> Message:
+        while True:
+            msg = self._recv(_POLL_S)
+            if msg is not None:
+                return msg
+            code = self.exit_code()
+            if code is not None:
+                raise ModelLoadFailed(
+                    f"worker for {self.spec.name} exited ({describe_exit(code)}) while {doing}"
+                    + self._log_detail()
+                )
+            if time.monotonic() >= deadline:
+                raise ModelLoadFailed(
+                    f"worker for {self.spec.name} did not load within {timeout:g} s"
+                )
+
+    # -- requests -------------------------------------------------------------------------
+
+    def run(
+        self,
+        req: InferRequest,
+        *,
+        on_token: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+        deadline: float | None = None,
+    ) -> InferResult:
+        """Run one request through the worker, streaming text through `on_token`.
+
+        `cancelled()` and the monotonic `deadline` are checked between tokens (every ~50 ms
+        when no token comes); either makes the worker stop, with finish_reason "cancelled" or
+        RequestTimeout respectively.
+        """
+        with self._lock:
+            if self._stopped or self._sock is None or self._proc is None:
+                raise WorkerCrashed(f"worker for {self.spec.name} is not running")
+            self._busy = True
+        try:
+            return self._run(req, on_token, cancelled, deadline)
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._stopped:
+                    self._close_socket()
+
+    def _run(
+        self,
+        req: InferRequest,
+        on_token: Callable[[str], None] | None,
+        cancelled: Callable[[], bool],
+        deadline: float | None,
+    ) -> InferResult:
+        rid = next(self._ids)
+        started = time.monotonic()
+        sent = self._send(infer_message(rid, req, stream=on_token is not None))
+        if not sent:
+            self._recv_or_crash(0.5)  # says how the worker died, if it did
+            raise WorkerCrashed(f"worker for {self.spec.name} is not taking requests")
+        cancel_sent_at: float | None = None
+        timed_out = False
+        sink_error: Exception | None = None  # on_token failed: stop the worker, then re-raise
+        while True:
+            msg = self._recv_or_crash(_POLL_S)
+            if isinstance(msg, Token) and msg.request_id == rid:
+                if on_token is not None and sink_error is None:
+                    try:
+                        on_token(msg.text)
+                    except Exception as exc:
+                        sink_error = exc
+            elif isinstance(msg, Done) and msg.request_id == rid:
+                self.note_memory(msg.memory_mb)
+                if sink_error is not None:
+                    raise sink_error
+                if timed_out:
+                    raise RequestTimeout(f"request to {self.spec.name} passed its deadline")
+                return result_of(msg, started, self.version)
+            elif isinstance(msg, Failed) and msg.request_id == rid:
+                if msg.kind == "invalid_request":
+                    raise InvalidRequest(msg.field or "request", msg.message)
+                raise WorkerCrashed(
+                    f"worker for {self.spec.name} failed the request: {msg.message}"
+                )
+            now = time.monotonic()
+            if cancel_sent_at is None:
+                if deadline is not None and now >= deadline:
+                    timed_out = True
+                if timed_out or sink_error is not None or cancelled():
+                    self._send(Cancel(rid))  # if the worker is gone, the next poll says so
+                    cancel_sent_at = now
+            elif now - cancel_sent_at > _CANCEL_GRACE_S:
+                # The worker is stuck inside one native call: only a kill frees it.
+                self.kill()
+                raise RequestTimeout(
+                    f"worker for {self.spec.name} ignored a cancel for {_CANCEL_GRACE_S:g} s and was killed"
+                )
+
+    def note_memory(self, mb: float) -> None:
+        """Record the memory a reply reported, keeping the peak."""
+        self.memory_mb = mb
+        self.peak_memory_mb = mb if self.peak_memory_mb is None else max(self.peak_memory_mb, mb)
+
+    # -- stop -----------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the worker to exit, kill it after `timeout`, and reap it. Safe to call twice."""
+        with self._lock:
+            proc = self._proc
+            first = not self._stopped
+            self._stopped = True
+            if first and proc is not None and proc.poll() is None:
+                if self._busy:
+                    proc.send_signal(signal.SIGTERM)  # the socket belongs to run() right now
+                else:
+                    if not self._send(Shutdown()):
+                        proc.send_signal(signal.SIGTERM)
+        if proc is not None:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with self._lock:
+            if not self._busy:
+                self._close_socket()
+        if proc is not None and proc.returncode == 0 and self._log_path is not None:
+            self._log_path.unlink(missing_ok=True)  # keep the logs of workers that failed
+
+    def kill(self) -> None:
+        """Kill the worker at once and reap it."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._data_path is not None:
+            self._data_path.unlink(missing_ok=True)  # the worker's, left behind by a kill -9
+        if self._sock_path is not None:
+            self._sock_path.unlink(missing_ok=True)
+            if self._sock_path.parent != self.runtime_dir:
+                with contextlib.suppress(OSError):  # the private fallback dir for a long path
+                    self._sock_path.parent.rmdir()
+            self._sock_path = None
+
+    # -- socket helpers -------------------------------------------------------------------
+
+    def _send(self, msg: Message) -> bool:
+        """Send without blocking; False when the worker is not there to take it.
+
+        A PAIR socket whose peer has gone blocks a send forever: never wait on one.
+        """
+        if self._sock is None:
+            return False
+        try:
+            self._sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def _recv(self, timeout_s: float) -> Message | None:
+        sock = self._sock
+        if sock is None or not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return None
+        try:
+            return decode(sock.recv())
+        except ProtocolError as exc:
+            raise WorkerCrashed(f"worker for {self.spec.name} sent garbage: {exc}") from exc
+
+    def _recv_or_crash(self, timeout_s: float) -> Message | None:
+        msg = self._recv(timeout_s)
+        if msg is None and self.exit_code() is not None:
+            # A reply may have landed just before the exit: read it before giving up.
+            msg = self._recv(0)
+            if msg is None:
+                raise WorkerCrashed(
+                    f"worker for {self.spec.name} {self.describe_end()} during the request"
+                )
+        return msg
+
+    def _log_detail(self, limit: int = 400) -> str:
+        """Return what the worker's log says of its end, for error messages.
+
+        A native crash: the function that crashed and the CPU, and where the whole log is (its
+        tail would be interpreter frames). Otherwise: the log's last `limit` bytes. Once the
+        model has loaded, only what the worker wrote since counts: the load's own report (where
+        the weights went) says nothing of a later death.
+        """
+        if self._log_path is None:
+            return ""
+        try:
+            with self._log_path.open("rb") as fh:
+                fh.seek(self._log_mark)
+                log = fh.read()
+        except OSError:
+            return ""
+        crash = describe_crash(log.decode("utf-8", errors="replace"))
+        if crash is not None:
+            return f": {crash}; log: {self._log_path}"
+        text = log[-limit:].decode("utf-8", errors="replace").strip()
+        return f": {text}" if text else ""

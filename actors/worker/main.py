@@ -1,0 +1,494 @@
+"""The model worker process: one model, one request at a time, driven by its supervisor over ZMQ.
+
+    python -m actors.worker.main --endpoint ipc:///run/moc/tiny-1f2e.sock \
+        --data-socket /run/moc/tiny-1f2e-data.sock --parent-pid 1234
+
+The worker connects a PAIR socket to the supervisor's endpoint, says Hello, loads what the Load
+message names, replies with what the load cost (measured, not estimated), then serves Infer
+messages until Shutdown. Requests come on the control socket (from the supervisor's thread) or
+on the Unix stream socket the worker listens on (from the node's event loop, several in flight
+at once; actors/worker/routes.py): they queue here in arrival order, so the next one starts the
+moment the last one ends, and each answer goes back on the route its request came from. A
+watchdog thread ends the process as soon as its parent is gone, so a killed node leaves no
+orphan holding memory. Imports stay lean: the backend's library is imported
+only once the Load message says which one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import importlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import IO
+
+import zmq
+
+from actors.worker.backends import (
+    BackendError,
+    BadRequest,
+    Generation,
+    LoadedModel,
+    LoadSpec,
+    check_model_file,
+    load_model,
+    prepare_crash_reports,
+)
+from actors.worker.native_crash import install_native_handler
+from actors.worker.protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Done,
+    Failed,
+    Hello,
+    Infer,
+    Load,
+    Loaded,
+    LoadFailed,
+    Message,
+    ProtocolError,
+    Shutdown,
+    Token,
+    decode,
+)
+from actors.worker.routes import (
+    EXIT_ORPHANED,
+    SEND_TIMEOUT_S,
+    ControlRoute,
+    StreamRoute,
+    listen,
+)
+
+# Exit codes, so the supervisor's log says why a worker went away.
+EXIT_OK = 0
+EXIT_LOAD_FAILED = 3
+EXIT_PROTOCOL = 5
+
+_POLL_MS = 200  # how often an idle worker wakes to notice a lost supervisor
+_WATCHDOG_S = 0.1
+_LOOK_EVERY_S = 0.005  # how often a running request checks for a Cancel (cancel latency)
+_SEND_TIMEOUT_MS = SEND_TIMEOUT_S * 1000
+
+
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
+
+
+_statm: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/statm), opened once
+
+
+def rss_mb() -> float:
+    """Return this process's resident set size in MiB.
+
+    Read from /proc/self/statm (one short line, regenerated at each read from offset 0) rather
+    than /proc/self/status, and through a descriptor kept open: it is read after every request,
+    where parsing the longer file was a tenth of a one-token request's time and opening and
+    closing the file another few percent.
+    """
+    global _statm
+    pid = os.getpid()
+    if _statm is None or _statm[0] != pid:  # a forked child must read its own file
+        _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+    return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE_MB
+
+
+def nvml_process_mb(device_index: int, pid: int) -> float | None:
+    """Return the GPU memory `pid` holds on the device, via NVML; None if NVML cannot say."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid and proc.usedGpuMemory is not None:
+                return float(proc.usedGpuMemory) / (1024.0 * 1024.0)
+        return None  # in another pid namespace NVML reports host pids: the caller falls back
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def nvml_used_mb(device_index: int) -> float | None:
+    """Return the memory in use on the whole device, via NVML; None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / (1024.0 * 1024.0)
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def import_backend_library(backend: str) -> None:
+    """Import the backend's native library up front, so its own pages do not count as the model's.
+
+    A missing library is ignored here: the load itself reports it with a clear message.
+    """
+    module = {"gguf": "llama_cpp", "torch": "torch"}.get(backend)
+    if module is not None:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+
+
+def check_generation(gen: Generation) -> None:
+    """Refuse parameters no backend can honour; BadRequest names the field."""
+    given = [name for name in ("prompt", "messages", "tensors") if getattr(gen, name) is not None]
+    if len(given) != 1:
+        raise BadRequest(
+            "prompt", f"exactly one of prompt, messages, tensors is needed, got {given or 'none'}"
+        )
+    if gen.tensors is None:
+        if gen.max_tokens < 1:
+            raise BadRequest("max_tokens", f"must be at least 1, got {gen.max_tokens}")
+        if not 0.0 <= gen.temperature <= 100.0:
+            raise BadRequest("temperature", f"must be between 0 and 100, got {gen.temperature}")
+        if not 0.0 <= gen.top_p <= 1.0:
+            raise BadRequest("top_p", f"must be between 0 and 1, got {gen.top_p}")
+
+
+_crash_file: IO[str] | None = None
+
+
+def _crash_log() -> IO[str]:
+    """Return a file on a duplicate of stderr, kept open for the life of the process."""
+    global _crash_file
+    if _crash_file is None:
+        _crash_file = os.fdopen(os.dup(2), "w")
+    return _crash_file
+
+
+def record_crashes(backend: str | None = None) -> None:
+    """Have a fatal signal leave the Python stack, then the native one, in the worker's log.
+
+    The native stack needs a printer from the backend's library (llama.cpp has one), known once
+    the Load message names the backend: it is installed as the signal handler, then
+    faulthandler is enabled again so that it chains to that handler after writing the Python
+    stack (actors/worker/native_crash.py). Through a copy of stderr: llama-cpp-python points fd 2 at
+    /dev/null while it loads a model.
+    """
+    printer = prepare_crash_reports(backend) if backend is not None else None
+    if printer is not None:
+        faulthandler.disable()
+        try:
+            install_native_handler(printer)
+        except OSError as exc:  # the Python stack alone is still worth having
+            print(f"moc worker: a crash will show no native stack: {exc}", file=sys.stderr)
+    faulthandler.enable(file=_crash_log())
+
+
+def start_watchdog(parent_pid: int, exit_code: int = EXIT_ORPHANED) -> threading.Thread:
+    """End the process at once when its parent dies (it is re-parented, so getppid changes).
+
+    A thread, not the main loop, so that it also fires during a long native load or decode.
+    """
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(exit_code)
+            time.sleep(_WATCHDOG_S)
+
+    thread = threading.Thread(target=watch, name="parent-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+Route = ControlRoute | StreamRoute
+
+
+class Worker:
+    """The serving loop around the sockets and one loaded model."""
+
+    def __init__(self, sock: zmq.Socket[bytes], listener: socket.socket | None = None) -> None:
+        self.sock = sock
+        self.control = ControlRoute(sock)
+        self.listener = listener
+        self.model: LoadedModel | None = None
+        self.shutdown = False
+        self.rss_before = 0.0
+        self.gpu_mb: float | None = None  # measured once: GPU buffers are all allocated at load
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        # The poller names plain sockets by descriptor: these map them back.
+        self.listen_fd = -1
+        if listener is not None:
+            self.listen_fd = listener.fileno()
+            self.poller.register(self.listen_fd, zmq.POLLIN)
+        self.links: dict[int, StreamRoute] = {}
+        self.pending: deque[tuple[Route, Infer]] = deque()
+        self.current: tuple[Route, int] | None = None
+        self.current_cancelled = False
+
+    def memory_mb(self) -> float:
+        """Return the model's memory now: its GPU share, or the RSS growth since before load."""
+        if self.gpu_mb is not None:
+            return self.gpu_mb
+        return max(0.0, rss_mb() - self.rss_before)
+
+    def send(self, msg: Message, route: Route | None = None) -> None:
+        """Send one message on `route` (the supervisor's socket by default)."""
+        (route or self.control).send(msg)
+
+    def recv(self, timeout_ms: int) -> Message | None:
+        """Return the next control message, or None when none arrives within `timeout_ms`."""
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        return decode(self.sock.recv())
+
+    def take(self, timeout_ms: int) -> None:
+        """Take every message waiting on any route: queue requests, apply cancels."""
+        for source, _ in self.poller.poll(timeout_ms):
+            if source is self.sock:
+                self._take_control()
+            elif source == self.listen_fd:
+                self._connect()
+            else:
+                self._take_stream(self.links[source])
+
+    def _take_control(self) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.accept(self.control, decode(frame))
+            except ProtocolError as exc:
+                print(f"moc worker: dropping a bad frame: {exc}", file=sys.stderr)
+
+    def _connect(self) -> None:
+        assert self.listener is not None
+        with contextlib.suppress(BlockingIOError):  # another poll took it first
+            conn, _ = self.listener.accept()
+            route = StreamRoute(conn)
+            self.links[route.fileno()] = route
+            self.poller.register(route.fileno(), zmq.POLLIN)
+
+    def _take_stream(self, route: StreamRoute) -> None:
+        try:
+            messages = route.read()
+        except ProtocolError as exc:
+            print(f"moc worker: closing a data link that sent garbage: {exc}", file=sys.stderr)
+            messages = None
+        if messages is None:
+            self._drop(route)
+            return
+        for msg in messages:
+            self.accept(route, msg)
+
+    def _drop(self, route: StreamRoute) -> None:
+        """Forget a closed data link: its queued requests, and the running one at its next look."""
+        fd = route.fileno()
+        self.poller.unregister(fd)
+        del self.links[fd]
+        route.close()
+        self.pending = deque(item for item in self.pending if item[0] is not route)
+        if self.current is not None and self.current[0] is route:
+            self.current_cancelled = True
+
+    def accept(self, route: Route, msg: Message) -> None:
+        """Act on one message that arrived while serving or idle."""
+        if isinstance(msg, Infer):
+            self.pending.append((route, msg))
+        elif isinstance(msg, Cancel):
+            self.cancel(route, msg.request_id)
+        elif isinstance(msg, Shutdown):
+            self.shutdown = True
+        else:
+            print(f"moc worker: unexpected {type(msg).__name__}", file=sys.stderr)
+
+    def cancel(self, route: Route, rid: int) -> None:
+        """Cancel the running request between tokens, or a queued one before it starts."""
+        if self.current == (route, rid):
+            self.current_cancelled = True
+            return
+        for queued in self.pending:
+            if queued[0] is route and queued[1].request_id == rid:
+                self.pending.remove(queued)
+                self.send(Done(rid, "", 0, 0, "cancelled", None, self.memory_mb()), route)
+                return
+        # Otherwise it already finished: its Done is on the way.
+
+    def load(self, msg: Load) -> bool:
+        """Load the model, measure what it cost and tell the supervisor; False on failure."""
+        on_gpu = msg.device_kind == "nvml"
+        spec = LoadSpec(
+            backend=msg.backend,
+            path=msg.path,
+            n_ctx=msg.n_ctx,
+            gpu_layers=msg.gpu_layers,
+            on_gpu=on_gpu,
+            device_index=msg.device_index,
+            seed=msg.seed,
+            lora_path=msg.lora_path,
+            n_threads=msg.n_threads,
+            cpu_repack=msg.cpu_repack,
+        )
+        device = msg.device_index or 0
+        started = time.monotonic()
+        try:
+            check_model_file(spec)
+            import_backend_library(msg.backend)
+            record_crashes(msg.backend)
+            self.rss_before = rss_mb()
+            gpu_before = nvml_used_mb(device) if on_gpu else None
+            self.model = load_model(spec)
+        except BackendError as exc:
+            self.send(LoadFailed(str(exc)))
+            return False
+        except Exception as exc:  # a bug or an unexpected library error: still say why
+            self.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
+            return False
+        seconds = time.monotonic() - started
+        if on_gpu:
+            gpu = nvml_process_mb(device, os.getpid())
+            if gpu is None and gpu_before is not None:
+                after = nvml_used_mb(device)
+                gpu = None if after is None else max(0.0, after - gpu_before)
+            self.gpu_mb = gpu  # None: NVML cannot say, so fall back to host RSS
+        measured = self.memory_mb()
+        self.send(Loaded(os.getpid(), measured, seconds, self.model.version, self.model.n_ctx))
+        return True
+
+    def serve(self, route: Route, msg: Infer) -> None:
+        """Run one request to completion, cancellation or failure, and answer it."""
+        assert self.model is not None
+        rid = msg.request_id
+        self.current = (route, rid)
+        self.current_cancelled = False
+
+        next_look = time.monotonic() + _LOOK_EVERY_S
+
+        def should_stop() -> bool:
+            nonlocal next_look
+            # Between tokens, now and then: queue what arrived, notice a Cancel or Shutdown.
+            # Polling the sockets at every token was a fifth of a short request's time.
+            now = time.monotonic()
+            if now >= next_look:
+                next_look = now + _LOOK_EVERY_S
+                self.take(0)
+            return self.current_cancelled or self.shutdown
+
+        emit: Callable[[str], None] = (
+            (lambda text: self.send(Token(rid, text), route)) if msg.stream else (lambda _: None)
+        )
+        gen = Generation(
+            prompt=msg.prompt,
+            messages=msg.messages,
+            tensors=msg.tensors,
+            max_tokens=msg.max_tokens,
+            temperature=msg.temperature,
+            top_p=msg.top_p,
+            stop=msg.stop,
+            seed=msg.seed,
+        )
+        try:
+            check_generation(gen)
+            out = self.model.run(gen, emit, should_stop)
+        except BadRequest as exc:
+            self.send(Failed(rid, "invalid_request", exc.field, exc.message), route)
+            return
+        except Exception as exc:
+            self.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"), route)
+            return
+        finally:
+            self.current = None
+        self.send(
+            Done(
+                rid,
+                out.text,
+                out.tokens_generated,
+                out.prompt_tokens,
+                out.finish_reason,
+                out.tensors,
+                self.memory_mb(),
+            ),
+            route,
+        )
+
+    def loop(self) -> int:
+        """Serve requests in arrival order until Shutdown; return the exit code."""
+        while not self.shutdown:
+            if not self.pending:
+                self.take(_POLL_MS)
+                continue
+            route, msg = self.pending.popleft()
+            self.serve(route, msg)
+        return EXIT_OK
+
+
+def run_worker(endpoint: str, parent_pid: int, data_socket: str | None = None) -> int:
+    """Connect, load and serve; return the process exit code."""
+    # Ctrl-C in a terminal reaches the whole process group: the node drains its requests and
+    # then stops us, so a SIGINT must not kill the worker under an in-flight request.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A crash inside llama.cpp or torch then leaves the Python stack in the worker's log; the
+    # Load message adds the native stack (record_crashes again, with its backend).
+    record_crashes()
+    start_watchdog(parent_pid)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.LINGER, 1000)  # let the last reply leave before the process exits
+    sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+    sock.connect(endpoint)
+    # Listening before Hello, so the data socket exists by the time the supervisor hears from us.
+    listener = listen(data_socket) if data_socket is not None else None
+    worker = Worker(sock, listener)
+    try:
+        worker.send(Hello(PROTOCOL_VERSION, os.getpid()))
+        msg = None
+        while msg is None:
+            msg = worker.recv(_POLL_MS)
+        if isinstance(msg, Shutdown):
+            return EXIT_OK
+        if not isinstance(msg, Load):
+            print(f"moc worker: expected Load, got {type(msg).__name__}", file=sys.stderr)
+            return EXIT_PROTOCOL
+        if not worker.load(msg):
+            return EXIT_LOAD_FAILED
+        return worker.loop()
+    except ProtocolError as exc:
+        print(f"moc worker: protocol error: {exc}", file=sys.stderr)
+        return EXIT_PROTOCOL
+    finally:
+        if worker.model is not None:
+            worker.model.close()
+        sock.close()
+        if listener is not None:
+            listener.close()
+        ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the worker."""
+    parser = argparse.ArgumentParser(description="moc-node model worker (started by the node)")
+    parser.add_argument("--endpoint", required=True, help="ZMQ endpoint of the supervisor")
+    parser.add_argument(
+        "--data-socket", help="Unix socket path to listen on for the node's event loop"
+    )
+    parser.add_argument("--parent-pid", type=int, default=os.getppid(), help="exit when it dies")
+    args = parser.parse_args(argv)
+    return run_worker(args.endpoint, args.parent_pid, args.data_socket)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The worker's data links, in process: requests queue per link and leave with it."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from actors.worker.main import Worker
+from actors.worker.protocol import Cancel, Done, FrameReader, Infer, frame_bytes
+from actors.worker.routes import listen
+
+
+def infer(rid: int) -> Infer:
+    return Infer(rid, False, "hello", None, None, 400, 0.7, 0.9, (), None)
+
+
+@pytest.fixture
+def worker(runtime_dir: Path) -> Iterator[Worker]:
+    ctx = zmq.Context()
+    control = ctx.socket(zmq.PAIR)
+    control.bind(f"ipc://{runtime_dir}/control.sock")
+    listener = listen(str(runtime_dir / "data.sock"))
+    w = Worker(control, listener)
+    yield w
+    for link in list(w.links.values()):
+        link.close()
+    listener.close()
+    control.close(linger=0)
+    ctx.term()
+
+
+def connect(worker: Worker) -> socket.socket:
+    assert worker.listener is not None
+    link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    link.connect(worker.listener.getsockname())
+    return link
+
+
+def take_until(worker: Worker, done: Callable[[], object]) -> None:
+    """Let the worker take what arrived until `done()` holds (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while not done():
+        assert time.monotonic() < deadline, "the worker never took the messages"
+        worker.take(50)
+
+
+def test_requests_from_a_link_queue_in_arrival_order(worker: Worker) -> None:
+    link = connect(worker)
+    link.sendall(b"".join(frame_bytes(infer(rid)) for rid in (1, 2, 3)))
+    take_until(worker, lambda: len(worker.pending) == 3)
+    assert [msg.request_id for _, msg in worker.pending] == [1, 2, 3]
+    link.close()
+
+
+def test_a_link_that_closes_takes_its_queued_requests_with_it(worker: Worker) -> None:
+    staying, leaving = connect(worker), connect(worker)
+    staying.sendall(frame_bytes(infer(1)))
+    leaving.sendall(frame_bytes(infer(1)) + frame_bytes(infer(2)))
+    take_until(worker, lambda: len(worker.pending) == 3)
+    leaving.close()
+    take_until(worker, lambda: len(worker.pending) == 1)
+    route, msg = worker.pending[0]
+    assert msg.request_id == 1 and not route.closed
+    staying.close()
+
+
+def test_a_queued_request_cancelled_from_its_link_is_answered_cancelled(worker: Worker) -> None:
+    link = connect(worker)
+    link.sendall(frame_bytes(infer(5)) + frame_bytes(Cancel(5)))
+    take_until(worker, lambda: select.select([link], [], [], 0)[0])
+    assert not worker.pending
+    (reply,) = FrameReader().feed(link.recv(4096))
+    assert isinstance(reply, Done)
+    assert (reply.request_id, reply.finish_reason) == (5, "cancelled")
+    link.close()
