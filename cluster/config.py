@@ -172,6 +172,38 @@ class ClusterConfig:
             raise ValueError("cluster.witnesses: every witness must also be a voter")
         return self
 
+    # --- derived timeouts ------------------------------------------------------------------
+    # Not TOML keys: each follows from the fields above by the formula in its docstring, so a
+    # faster profile shortens them together (memberlist documents its derived timeouts so).
+
+    @property
+    def stream_timeout_s(self) -> float:
+        """Seconds a TCP push-pull or ping stream may take: max(10 * probe_timeout_s, 1).
+
+        A stream carries a whole state, so it gets ten probe round trips; the 1 s floor keeps
+        the fast `local` profile (0.1 s probes) from cutting off a loaded host. A joining node
+        also waits this long for its seeds' view before it goes on alone.
+        """
+        return max(10 * self.probe_timeout_s, 1.0)
+
+    @property
+    def peer_ack_timeout_s(self) -> float:
+        """Seconds a forwarded request waits for the holder's ack: max(0.5, 4 * probe_timeout_s).
+
+        Four probe round trips: a holder that does not acknowledge in that time is taken as
+        gone and the request goes to the next holder; the 0.5 s floor covers a busy event loop.
+        """
+        return max(0.5, 4 * self.probe_timeout_s)
+
+    @property
+    def reservation_s(self) -> float:
+        """Seconds a model stays reserved for a restarting node: 10, whatever the profile.
+
+        The node starts its loads right after the answers and gossips "loading" within a
+        second; a reservation still open after this was a failed restore and is dropped.
+        """
+        return 10.0
+
     def suspicion_min_s(self, n: int) -> float:
         """Return the minimum suspicion timeout for a cluster of n members."""
         return suspicion_timeout(self.suspicion_mult, n, self.probe_interval_s)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from cluster.awareness import Awareness
 from cluster.broadcast import BroadcastQueue
 from cluster.codec import PACKET_OVERHEAD, message_size
-from cluster.config import ClusterConfig, suspicion_timeout
+from cluster.config import ClusterConfig
 from cluster.errors import LocalUsageError
 from cluster.messages import (
     Ack,
@@ -543,7 +543,7 @@ class Membership:
         k = self.config.suspicion_mult - 2
         if n - 2 < k:
             k = 0
-        min_s = suspicion_timeout(self.config.suspicion_mult, n, self.config.probe_interval_s)
+        min_s = self.config.suspicion_min_s(n)
         max_s = self.config.suspicion_max_timeout_mult * min_s
         self._suspicions[s.node] = Suspicion(s.accuser, k, min_s, max_s, now)
         self._emit(EventKind.SUSPECT, m)

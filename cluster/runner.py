@@ -137,7 +137,7 @@ class ClusterRunner:
         self._left = asyncio.Event()
         self._members_view: dict[str, ClusterMember] | None = None
         self._stopped = False
-        self._stream_timeout = max(10 * config.probe_timeout_s, 1.0)
+        self._stream_timeout = config.stream_timeout_s
 
     # ------------------------------------------------------------------ lifecycle
 

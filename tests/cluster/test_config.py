@@ -45,6 +45,25 @@ def test_suspicion_minimum_follows_the_log10_formula(n: int, expected_s: float) 
 
 
 @pytest.mark.parametrize(
+    ("probe_timeout_s", "stream_s", "ack_s"),
+    [(0.5, 5.0, 2.0), (0.1, 1.0, 0.5), (0.05, 1.0, 0.5)],
+    ids=["lan", "local", "below-both-floors"],
+)
+def test_derived_timeouts_follow_their_formulas_with_their_floors(
+    probe_timeout_s: float, stream_s: float, ack_s: float
+) -> None:
+    c = dataclasses.replace(lan(), probe_timeout_s=probe_timeout_s).validate()
+    assert c.stream_timeout_s == pytest.approx(stream_s)
+    assert c.peer_ack_timeout_s == pytest.approx(ack_s)
+    assert c.reservation_s == 10.0
+
+
+def test_derived_timeouts_are_not_toml_keys() -> None:
+    with pytest.raises(ValueError, match="cluster.stream_timeout_s: unknown key"):
+        from_mapping({"stream_timeout_s": 3.0})
+
+
+@pytest.mark.parametrize(
     ("n", "expected"), [(1, 4), (9, 4), (10, 8), (99, 8), (100, 12), (200, 12)]
 )
 def test_retransmit_limit_is_mult_times_ceil_log10_n_plus_1(n: int, expected: int) -> None:
