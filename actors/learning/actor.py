@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import pykka
 
+from actors.bridge import LoopReplyActor
 from actors.errors import MocError, ModelNotFound, NameTaken
 from actors.learning import metrics
 from actors.learning.config import LearningConfig
@@ -108,7 +109,7 @@ def _model_params(path: Path) -> Any:
     return read_params(reader)
 
 
-class LearningActor(pykka.ThreadingActor):
+class LearningActor(LoopReplyActor):
     """Schedules and runs learning jobs; every method is called through the actor's proxy."""
 
     def __init__(

@@ -7,8 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-import pykka
-
+from actors.bridge import LoopReplyActor
 from actors.serving import metrics
 from actors.serving.ledger import Ledger
 from actors.serving.probes import DeviceProbe, DeviceReading
@@ -16,7 +15,7 @@ from actors.serving.probes import DeviceProbe, DeviceReading
 log = logging.getLogger(__name__)
 
 
-class GPUActor(pykka.ThreadingActor):
+class GPUActor(LoopReplyActor):
     """Owns one device's probe; the ledger it updates is shared with the manager (thread-safe)."""
 
     def __init__(self, probe: DeviceProbe, ledger: Ledger) -> None:

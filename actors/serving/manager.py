@@ -19,6 +19,7 @@ from typing import Any
 import pykka
 
 from actors import names
+from actors.bridge import LoopReplyActor
 from actors.errors import (
     InsufficientMemory,
     InvalidRequest,
@@ -167,7 +168,7 @@ class ManagerDeps:
     memory_watch: MemoryWatch = MemoryWatch()
 
 
-class ModelManager(pykka.ThreadingActor):
+class ModelManager(LoopReplyActor):
     """Owns the set of models: catalog, loading, loaded, unloading."""
 
     def __init__(self, deps: ManagerDeps) -> None:
