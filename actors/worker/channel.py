@@ -21,21 +21,94 @@ import os
 import socket
 import time
 from collections.abc import AsyncGenerator
+from typing import Protocol
 
 from actors.errors import InvalidRequest, MocError, RequestTimeout, WorkerCrashed
-from actors.types import InferRequest, InferResult
-from actors.worker.client import WorkerProcess, infer_message, result_of
+from actors.types import FinishReason, InferRequest, InferResult
 from actors.worker.protocol import (
     READ_CHUNK,
     Cancel,
     Done,
     Failed,
     FrameReader,
+    Infer,
     Message,
     ProtocolError,
     Token,
     frame_bytes,
 )
+
+
+class ChannelPeer(Protocol):
+    """What a channel needs of its worker process (WorkerProcess is the one)."""
+
+    @property
+    def name(self) -> str:
+        """The model's name, for error messages."""
+        ...
+
+    @property
+    def data_socket(self) -> str:
+        """The Unix socket path the worker listens on."""
+        ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def version(self) -> str:
+        """The loaded weights' version, for results."""
+        ...
+
+    def note_memory(self, mb: float) -> None:
+        """Record the memory a Done reported."""
+        ...
+
+    def describe_end(self) -> str:
+        """Say how the worker ended."""
+        ...
+
+    def kill(self) -> None: ...
+
+
+def finish_reason(wire: str) -> FinishReason:
+    """Map the wire's finish reason onto the domain's (unknown ones read as "length")."""
+    if wire == "stop":
+        return "stop"
+    if wire == "cancelled":
+        return "cancelled"
+    return "length"
+
+
+def infer_message(rid: int, req: InferRequest, *, stream: bool) -> Infer:
+    """Put one request on the wire's terms."""
+    p = req.params
+    return Infer(
+        rid,
+        stream,
+        req.prompt,
+        req.messages,
+        req.tensors,
+        p.max_tokens,
+        p.temperature,
+        p.top_p,
+        tuple(p.stop),
+        p.seed,
+    )
+
+
+def result_of(done: Done, started: float, version: str) -> InferResult:
+    """Turn the worker's Done into a result; `started` is when the request was sent (monotonic)."""
+    return InferResult(
+        text=done.text,
+        tokens_generated=done.tokens_generated,
+        prompt_tokens=done.prompt_tokens,
+        finish_reason=finish_reason(done.finish_reason),
+        latency_ms=(time.monotonic() - started) * 1000.0,
+        model_version=version,
+        tensors=done.tensors,
+    )
+
 
 _Reply = Message | MocError  # an error: the worker died, or the deadline passed
 
@@ -54,7 +127,7 @@ class _Request:
 class WorkerChannel:
     """Requests from the event loop to one worker process."""
 
-    def __init__(self, worker: WorkerProcess) -> None:
+    def __init__(self, worker: ChannelPeer) -> None:
         self.worker = worker
         self.closed: WorkerCrashed | None = None
         self.crash_counted = False  # the lane counts a worker's death once, however many it failed
@@ -73,7 +146,7 @@ class WorkerChannel:
             # A worker dying under us: its requests fail like those in flight at its death,
             # through the lane, which counts the crash and restarts it.
             self.closed = WorkerCrashed(
-                f"cannot reach the worker for {worker.spec.name}: {exc.strerror or exc}"
+                f"cannot reach the worker for {worker.name}: {exc.strerror or exc}"
             )
             return
         self._sock.setblocking(False)
@@ -121,7 +194,7 @@ class WorkerChannel:
 
     def close(self) -> None:
         """Fail what is in flight and let go of the socket (the worker itself is the actor's)."""
-        self._fail(WorkerCrashed(f"the channel to {self.worker.spec.name} was closed"))
+        self._fail(WorkerCrashed(f"the channel to {self.worker.name} was closed"))
         self._stop_reading()
         if self._out:
             self._out.clear()
@@ -140,7 +213,7 @@ class WorkerChannel:
         if deadline is not None:
             # A timer, not asyncio.timeout: a stream's deadline may pass while its consumer is
             # busy elsewhere, and must not cancel the consumer's task there.
-            late = RequestTimeout(f"request to {self.worker.spec.name} passed its deadline")
+            late = RequestTimeout(f"request to {self.worker.name} passed its deadline")
             pending.timer = self._loop.call_at(deadline, pending.replies.put_nowait, late)
         try:
             self._write(frame_bytes(infer_message(rid, req, stream=stream)))
@@ -160,7 +233,7 @@ class WorkerChannel:
             if reply.kind == "invalid_request":
                 raise InvalidRequest(reply.field or "request", reply.message)
             raise WorkerCrashed(
-                f"worker for {self.worker.spec.name} failed the request: {reply.message}"
+                f"worker for {self.worker.name} failed the request: {reply.message}"
             )
         return None
 
@@ -191,7 +264,7 @@ class WorkerChannel:
                 sent = 0
             except OSError as exc:  # EPIPE: the worker closed its end, it is exiting
                 raise WorkerCrashed(
-                    f"worker for {self.worker.spec.name} is not taking requests"
+                    f"worker for {self.worker.name} is not taking requests"
                 ) from exc
             if sent == len(data):
                 return
@@ -226,14 +299,14 @@ class WorkerChannel:
         if not data:  # the worker closed its end: it is exiting, its pidfd says how
             self._stop_reading()
             if self._pidfd is None:
-                self._fail(WorkerCrashed(f"worker for {self.worker.spec.name} closed its socket"))
+                self._fail(WorkerCrashed(f"worker for {self.worker.name} closed its socket"))
             return False
         try:
             replies = self._reader.feed(data)
         except ProtocolError as exc:
             self.worker.kill()
             self._stop_reading()
-            self._fail(WorkerCrashed(f"worker for {self.worker.spec.name} sent garbage: {exc}"))
+            self._fail(WorkerCrashed(f"worker for {self.worker.name} sent garbage: {exc}"))
             return False
         for reply in replies:
             self._dispatch(reply)
@@ -250,7 +323,7 @@ class WorkerChannel:
             pass
         self._fail(
             WorkerCrashed(
-                f"worker for {self.worker.spec.name} {self.worker.describe_end()} "
+                f"worker for {self.worker.name} {self.worker.describe_end()} "
                 "during the request"
             )
         )
@@ -272,7 +345,7 @@ class WorkerChannel:
 
 
 def _watch_exit(
-    loop: asyncio.AbstractEventLoop, worker: WorkerProcess, on_exit: object
+    loop: asyncio.AbstractEventLoop, worker: ChannelPeer, on_exit: object
 ) -> int | None:
     """Call `on_exit` on the loop when the worker process exits; return the pidfd to close."""
     pid = worker.pid

@@ -33,7 +33,8 @@ import zmq
 
 import actors
 from actors.errors import InvalidRequest, ModelLoadFailed, RequestTimeout, WorkerCrashed
-from actors.types import Backend, DeviceKind, FinishReason, InferRequest, InferResult
+from actors.types import Backend, DeviceKind, InferRequest, InferResult
+from actors.worker.channel import WorkerChannel, infer_message, result_of
 from actors.worker.native_crash import describe_crash
 from actors.worker.protocol import (
     PROTOCOL_VERSION,
@@ -41,7 +42,6 @@ from actors.worker.protocol import (
     Done,
     Failed,
     Hello,
-    Infer,
     Load,
     Loaded,
     LoadFailed,
@@ -101,45 +101,6 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def finish_reason(wire: str) -> FinishReason:
-    """Map the wire's finish reason onto the domain's (unknown ones read as "length")."""
-    if wire == "stop":
-        return "stop"
-    if wire == "cancelled":
-        return "cancelled"
-    return "length"
-
-
-def infer_message(rid: int, req: InferRequest, *, stream: bool) -> Infer:
-    """Put one request on the wire's terms."""
-    p = req.params
-    return Infer(
-        rid,
-        stream,
-        req.prompt,
-        req.messages,
-        req.tensors,
-        p.max_tokens,
-        p.temperature,
-        p.top_p,
-        tuple(p.stop),
-        p.seed,
-    )
-
-
-def result_of(done: Done, started: float, version: str) -> InferResult:
-    """Turn the worker's Done into a result; `started` is when the request was sent (monotonic)."""
-    return InferResult(
-        text=done.text,
-        tokens_generated=done.tokens_generated,
-        prompt_tokens=done.prompt_tokens,
-        finish_reason=finish_reason(done.finish_reason),
-        latency_ms=(time.monotonic() - started) * 1000.0,
-        model_version=version,
-        tensors=done.tensors,
-    )
-
-
 def _socket_dir(runtime_dir: Path, filename: str) -> Path:
     """Return runtime_dir, or a private temp dir when the path would not fit in sun_path."""
     if len(str(runtime_dir / filename)) + len("ipc://") <= _MAX_IPC_PATH:
@@ -168,6 +129,11 @@ class WorkerProcess:
         self._ids = itertools.count(1)
 
     # -- state visible from any thread ------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The model's name, for messages and file names."""
+        return self.spec.name
 
     @property
     def pid(self) -> int | None:
@@ -320,6 +286,10 @@ class WorkerProcess:
                 )
 
     # -- requests -------------------------------------------------------------------------
+
+    def open_channel(self) -> WorkerChannel:
+        """Open a request channel to the started worker (on the running event loop)."""
+        return WorkerChannel(self)
 
     def run(
         self,
