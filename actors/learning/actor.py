@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import pykka
 
-from actors.bridge import LoopReplyActor
+from actors.bridge import LoopReplyActor, Reply
 from actors.errors import MocError, ModelNotFound, NameTaken
 from actors.learning import metrics
 from actors.learning.config import LearningConfig
@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 Claim = Callable[[str, float], bool]
 Release = Callable[[str], None]
 ResolveModel = Callable[[str], Path]
-Register = Callable[[str, Path, "str | None"], None]
+Register = Callable[[str, Path, "str | None", Reply[None]], None]
+"""Make a job's output servable; answer the `Reply` when done, from any thread (never block)."""
 OnProgress = Callable[[dict[str, Any]], None]
 
 
@@ -417,21 +418,7 @@ class LearningActor(LoopReplyActor):
         outcome = settle(ended, cancelled=run.cancelled, stopping=self._stopping.is_set())
         if outcome == "complete":
             assert ended.output_path is not None
-            try:
-                if not job.spec.get("replace", False):
-                    # Checked at submit; checked again, as a model may have taken the name since.
-                    self._refuse_taken_at_end(job.output_name)
-                self._register(job.output_name, ended.output_path, ended.lora_base)
-            except MocError as exc:
-                log.warning("learning job %s: cannot register its output: %s", job_id, exc)
-                self._fail(job_id, job.job_type, Exception(f"cannot register the output: {exc}"))
-            except Exception as exc:
-                log.exception("registering the output of learning job %s failed", job_id)
-                self._fail(job_id, job.job_type, Exception(f"cannot register the output: {exc}"))
-            else:
-                if self._store.finish(job_id, "completed", now, output_path=str(ended.output_path)):
-                    metrics.jobs_completed_total.labels(job.job_type).inc()
-            metrics.job_duration_seconds.labels(job.job_type).observe(duration)
+            self._register_output(job_id, job.spec, job.output_name, ended, duration)
         elif outcome == "cancel":
             note = (
                 f"did not stop within {self.config.stop_grace_s:g} s of the cancel and was "
@@ -448,6 +435,48 @@ class LearningActor(LoopReplyActor):
             self._fail(job_id, job.job_type, Exception(ended.error or "failed"))
             metrics.job_duration_seconds.labels(job.job_type).observe(duration)
         self._release_claim(job_id)
+
+    def _register_output(
+        self, job_id: str, spec: dict[str, Any], output: str, ended: JobExit, duration: float
+    ) -> None:
+        """Ask the node to serve a completed job's output; the job ends when it answers.
+
+        The answer comes back as a message (`output_registered`): waiting for it here would
+        block this actor on another actor's reply.
+        """
+        assert ended.output_path is not None
+        proxy = self.actor_ref.proxy()
+        path = str(ended.output_path)
+
+        def answered(_: None, error: Exception | None) -> None:
+            with contextlib.suppress(pykka.ActorDeadError):  # stopped: the job is resumed later
+                proxy.output_registered(job_id, path, duration, error)
+
+        try:
+            if not spec.get("replace", False):
+                # Checked at submit; checked again, as a model may have taken the name since.
+                self._refuse_taken_at_end(output)
+            self._register(output, ended.output_path, ended.lora_base, answered)
+        except Exception as exc:
+            self.output_registered(job_id, path, duration, exc)
+
+    def output_registered(
+        self, job_id: str, output_path: str, duration: float, error: Exception | None
+    ) -> None:
+        """Complete a job whose output is now served, or fail it naming why it cannot be."""
+        job = self._store.get(job_id, history=False)
+        if job is None:
+            return
+        if error is None:
+            if self._store.finish(job_id, "completed", self._clock(), output_path=output_path):
+                metrics.jobs_completed_total.labels(job.job_type).inc()
+        else:
+            if isinstance(error, MocError):
+                log.warning("learning job %s: cannot register its output: %s", job_id, error)
+            else:
+                log.error("registering the output of learning job %s failed", job_id, exc_info=error)
+            self._fail(job_id, job.job_type, Exception(f"cannot register the output: {error}"))
+        metrics.job_duration_seconds.labels(job.job_type).observe(duration)
 
     def _release_claim(self, job_id: str) -> None:
         try:

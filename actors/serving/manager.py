@@ -19,7 +19,7 @@ from typing import Any
 import pykka
 
 from actors import names
-from actors.bridge import LoopReplyActor
+from actors.bridge import LoopReplyActor, Reply
 from actors.errors import (
     InsufficientMemory,
     InvalidRequest,
@@ -209,18 +209,23 @@ class ModelManager(LoopReplyActor):
         """Answer True: the watchdog's proof that this actor still takes messages."""
         return True
 
-    def register(self, entry: CatalogEntry) -> None:
-        """Add a model a learning job produced to the catalog, durably.
+    def register(self, entry: CatalogEntry, reply: Reply[None]) -> None:
+        """Add a model a learning job produced to the catalog, durably; answer `reply`.
 
         An existing model of that name is replaced: the learning actor refuses a job whose output
         would shadow a model unless the client asked for `replace`. A replaced model that is
         loaded keeps serving its old weights until it is next loaded.
         """
-        names.check_name(entry.name, "output_name")
-        self._deps.store.record_registered(
-            RegisteredRecord(entry.name, entry.path, entry.lora, entry.backend, entry.n_ctx)
-        )
-        self._add_registered(entry)
+        try:
+            names.check_name(entry.name, "output_name")
+            self._deps.store.record_registered(
+                RegisteredRecord(entry.name, entry.path, entry.lora, entry.backend, entry.n_ctx)
+            )
+            self._add_registered(entry)
+        except Exception as exc:
+            reply(None, exc)
+        else:
+            reply(None, None)
 
     def _add_registered(self, entry: CatalogEntry) -> None:
         slot = self._slots.get(entry.name)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from actors.bridge import Reply
 from actors.goals.actor import GoalActor
 from actors.goals.config import GoalsConfig
 from actors.learning import actor as learning_actor
@@ -44,9 +45,10 @@ def test_a_legacy_goal_trains_evaluates_gates_and_deploys_a_real_lora_adapter(
     lora_bases: dict[str, str | None] = {}
     loaded: list[str] = []
 
-    def register(name: str, path: Path, base: str | None) -> None:
+    def register(name: str, path: Path, base: str | None, done: Reply[None]) -> None:
         models[name] = Path(path)
         lora_bases[name] = base
+        done(None, None)
 
     learning = learning_actor.LearningActor.start(
         learning_config.LearningConfig(

@@ -58,7 +58,7 @@ def main() -> int:
         claim=lambda job_id, mb: True,
         release=lambda job_id: None,
         resolve_model=lambda name: models[name],
-        register=lambda name, path, base: None,
+        register=lambda name, path, base, done: done(None, None),
         on_progress=on_progress,
     ).proxy()
     if args.submit:

@@ -87,7 +87,10 @@ def start(tiny_gguf: Path, dataset_dir: Path, tmp_path: Path) -> Iterator[Callab
             claim=claim,
             release=h.released.append,
             resolve_model=lambda name: {"tiny": tiny_gguf}[name],
-            register=lambda name, path, base: h.registered.append((name, path, base)),
+            register=lambda name, path, base, done: (
+                h.registered.append((name, path, base)),
+                done(None, None),
+            ),
             on_progress=on_progress,
         )
         refs.append(ref)
@@ -414,7 +417,7 @@ def test_a_job_whose_output_name_became_a_model_while_it_ran_fails_instead_of_sh
         claim=lambda job_id, mb: True,
         release=lambda job_id: None,
         resolve_model=lambda name: models[name],
-        register=lambda name, path, base: registered.append(name),
+        register=lambda name, path, base, done: (registered.append(name), done(None, None)),
     )
     try:
         proxy = ref.proxy()
@@ -425,5 +428,36 @@ def test_a_job_whose_output_name_became_a_model_while_it_ran_fails_instead_of_sh
         assert job["status"] == "failed"
         assert "output_name: model 'cats' appeared while the job ran" in job["error"]
         assert registered == []
+    finally:
+        ref.stop()
+
+
+def test_a_job_waiting_for_its_registration_leaves_the_actor_answering_and_ends_on_the_reply(
+    tiny_gguf: Path, dataset_dir: Path, tmp_path: Path
+) -> None:
+    answers: list[Callable[[None, Exception | None], None]] = []
+    ref = LearningActor.start(
+        LearningConfig(
+            job_store=str(tmp_path / "jobs.db"),
+            output_dir=str(tmp_path / "out"),
+            dataset_dirs=(str(dataset_dir),),
+            torch_threads=1,
+        ),
+        claim=lambda job_id, mb: True,
+        release=lambda job_id: None,
+        resolve_model=lambda name: {"tiny": tiny_gguf}[name],
+        register=lambda name, path, base, done: answers.append(done),  # answers later
+    )
+    try:
+        proxy = ref.proxy()
+        job_id = proxy.submit(spec(dataset_dir)).get()
+        wait_for(lambda: bool(answers))
+        # The actor is not blocked on the registration: it answers, and the job is not over.
+        assert proxy.get(job_id).get(timeout=5)["status"] == "running"
+        answers[0](None, NameTaken("output_name", "taken by a load meanwhile"))
+        wait_for(lambda: proxy.get(job_id).get()["status"] in FINAL)
+        job = proxy.get(job_id).get()
+        assert job["status"] == "failed"
+        assert job["error"] == "cannot register the output: output_name: taken by a load meanwhile"
     finally:
         ref.stop()
