@@ -68,12 +68,6 @@ class UnknownAction(TransportError):
     code = "unknown_action"
 
 
-class NotAvailable(TransportError):
-    """The action or route exists in the contract but its feature has not landed yet."""
-
-    code = "not_available"
-
-
 class BadFrame(TransportError):
     """The peer sent bytes that are not one JSON or msgpack object."""
 
@@ -102,7 +96,6 @@ STATUS: dict[type[BaseException], int] = {
     PathNotAllowed: 403,
     ModelNotFound: 404,
     ModelNotLoaded: 404,
-    NotAvailable: 501,
     ClientTimeout: 408,
     ModelAlreadyLoaded: 409,
     PayloadTooLarge: 413,
@@ -187,12 +180,11 @@ class Action:
 
     name: str
     handler: Handler
-    calls_node: bool
-    """True when the handler waits on the node (infer, load, unload): those run as bounded tasks.
-    False when it answers at once from the node's state, so it never waits behind slow work."""
     view: View | None = None
     """The same answer computed without awaiting anything, when the action has one: a transport
-    may then answer inside its receive callback, with no task."""
+    may then answer inside its receive callback, with no task. An action without a view may
+    wait (on a worker, a load, or an actor reply that holds an executor thread, as the jobs and
+    goals actions do): transports run it as a bounded task."""
 
 
 class Dispatcher:
@@ -203,7 +195,7 @@ class Dispatcher:
         self.config = config
 
     def action(self, name: Any) -> Action:
-        """Return the table entry for `name`; raise UnknownAction or NotAvailable otherwise."""
+        """Return the table entry for `name`; raise UnknownAction otherwise."""
         return lookup_action(name)
 
     async def call(self, name: str, payload: Mapping[str, Any]) -> Any:
@@ -418,45 +410,37 @@ def _at_once(name: str, view: View) -> Action:
     async def handler(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
         return view(d, payload)
 
-    return Action(name, handler, calls_node=False, view=view)
+    return Action(name, handler, view=view)
 
 
 ACTIONS: dict[str, Action] = {
     a.name: a
     for a in (
-        Action("infer", _infer, calls_node=True),
-        Action("load_model", _load, calls_node=True),
-        Action("unload_model", _unload, calls_node=True),
+        Action("infer", _infer),
+        Action("load_model", _load),
+        Action("unload_model", _unload),
         _at_once("list_models", _list_models),
         _at_once("health", _health),
         _at_once("status", _status),
         _at_once("list_devices", _list_devices),
         _at_once("ready", _ready),
         _at_once("cluster", _cluster),
-        Action("list_jobs", _list_jobs, calls_node=False),
-        Action("create_job", _create_job, calls_node=True),
-        Action("get_job", _get_job, calls_node=False),
-        Action("cancel_job", _cancel_job, calls_node=True),
-        Action("list_goals", _list_goals, calls_node=False),
-        Action("create_goal", _create_goal, calls_node=True),
-        Action("get_goal", _get_goal, calls_node=False),
-        Action("cancel_goal", _cancel_goal, calls_node=True),
+        Action("list_jobs", _list_jobs),
+        Action("create_job", _create_job),
+        Action("get_job", _get_job),
+        Action("cancel_job", _cancel_job),
+        Action("list_goals", _list_goals),
+        Action("create_goal", _create_goal),
+        Action("get_goal", _get_goal),
+        Action("cancel_goal", _cancel_goal),
     )
 }
 
-# Actions of the contract whose features land with later issues: answered with a clear error,
-# never with a made-up result.
-NOT_YET: dict[str, str] = {}
-
-
 def lookup_action(name: Any) -> Action:
-    """Return the table entry for `name`; raise UnknownAction or NotAvailable otherwise."""
+    """Return the table entry for `name`; raise InvalidRequest or UnknownAction otherwise."""
     if not isinstance(name, str) or not name:
         raise InvalidRequest("action", "is required and must be a string")
     found = ACTIONS.get(name)
     if found is not None:
         return found
-    feature = NOT_YET.get(name)
-    if feature is not None:
-        raise NotAvailable(f"action {name!r} is not available yet on this node ({feature})")
     raise UnknownAction(f"unknown action {name!r}; known actions: {', '.join(sorted(ACTIONS))}")

@@ -12,9 +12,10 @@ refuses a missing one except for `health`). With API keys set and none of these 
 port binds loopback only. Refusals answer `unauthorized` and are counted.
 
 The socket is read from the event loop's descriptor callback (transports/loop_socket.py), replies go
-out with non-blocking sends. Bad frames are answered inside that callback; each request runs as
-a task, and actions that wait on the node at most `max_workers` at once with `max_pending` more
-waiting, so a slow inference never delays a health check from another client.
+out with non-blocking sends. Bad frames, and actions with a view (health, status, list_models),
+are answered inside that callback; every other action may wait and runs as a task, at most
+`max_workers` at once with `max_pending` more waiting, so a slow inference never delays a health
+check from another client and a burst of job queries cannot hold every executor thread.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from transports.auth import KeyRing, client_error, public_health
 from transports.config import ServerConfig, ZmqAuth, load_api_keys, load_zmq_auth
 from transports.dispatch import (
     ACTIONS,
-    NOT_YET,
     Action,
     BadFrame,
     Dispatcher,
@@ -225,7 +225,7 @@ def action_label(obj: Any) -> str:
     if not isinstance(obj, dict):
         return NO_ACTION
     name = obj.get("action")
-    if isinstance(name, str) and (name in ACTIONS or name in NOT_YET):
+    if isinstance(name, str) and name in ACTIONS:
         return name
     return UNKNOWN_ACTION if name is not None else NO_ACTION
 
@@ -418,9 +418,6 @@ class ZmqServer:
                 self._answer(envelope, encoding, label, request_id, t0, error=exc)
             else:
                 self._answer(envelope, encoding, label, request_id, t0, result=result)
-            return
-        if not parsed.action.calls_node:
-            self._spawn(self._execute(envelope, encoding, label, parsed, t0))
             return
         if self._pending >= self._config.max_workers + self._config.max_pending:
             busy = Overloaded("too many ZeroMQ requests in progress", retry_after=1.0)

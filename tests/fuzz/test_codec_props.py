@@ -31,7 +31,7 @@ from cluster.errors import (
 from cluster.keyring import Keyring
 from cluster.messages import MESSAGE_CLASSES, PROTOCOL_VERSION, PushNodeState
 from transports import zmq_legacy as zl
-from transports.dispatch import ACTIONS, NOT_YET, BadFrame, classify
+from transports.dispatch import ACTIONS, BadFrame, classify
 
 SETTINGS = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 
@@ -86,7 +86,7 @@ msgpack_values = st.recursive(
     ),
     max_leaves=10,
 )
-ACTION_NAMES = sorted([*ACTIONS, *NOT_YET, "", "shutdown", "__class__"])
+ACTION_NAMES = sorted([*ACTIONS, "", "shutdown", "__class__"])
 
 
 def legacy_requests(values: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
@@ -127,7 +127,7 @@ zmq_bodies = st.one_of(
     json_values.map(json_frame),
     msgpack_values.map(msgpack_frame),
 )
-LABELS = {*ACTIONS, *NOT_YET, zl.NO_ACTION, zl.UNKNOWN_ACTION}
+LABELS = {*ACTIONS, zl.NO_ACTION, zl.UNKNOWN_ACTION}
 
 
 def answer_frame(body: bytes) -> tuple[bytes, str, str, bool]:

@@ -28,7 +28,7 @@ from moc_node.cli import _Client, _list_all
 from moc_node.services import torch_available
 from tests.moc_node.conftest import catalog_of, make_config
 from tests.moc_node.test_learning_api import CORPUS, until
-from tests.transports.conftest import test_config
+from tests.transports.conftest import server_config
 from transports.http import HttpServer
 from transports.zmq_legacy import ZmqServer
 
@@ -80,7 +80,7 @@ async def start(tmp_path: Path, model_root: Path) -> AsyncIterator[Start]:
         config = make_config(tmp_path, model_root, catalog=catalog_of(model_root, "a"))
         config = dataclasses.replace(
             config,
-            server=test_config(),
+            server=server_config(),
             learning=LearningConfig(
                 dataset_dirs=(str(data),), torch_threads=1, max_parallel_jobs=1, **learning
             ),

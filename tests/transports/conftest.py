@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -276,13 +275,10 @@ def node() -> FakeNode:
     return FakeNode()
 
 
-def test_config(**overrides: Any) -> ServerConfig:
+def server_config(**overrides: Any) -> ServerConfig:
     """A config on loopback with free ports and short grace periods."""
     base = ServerConfig(host="127.0.0.1", zmq_port=0, rest_port=0, shutdown_timeout_s=2.0)
     return dataclasses.replace(base, **overrides)
-
-
-test_config.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 @pytest.fixture
@@ -291,7 +287,7 @@ async def start_zmq() -> AsyncIterator[Callable[..., Awaitable[ZmqServer]]]:
     servers: list[ZmqServer] = []
 
     async def start(node: FakeNode, **overrides: Any) -> ZmqServer:
-        server = await serve_zmq(node, test_config(**overrides))
+        server = await serve_zmq(node, server_config(**overrides))
         servers.append(server)
         return server
 
@@ -306,7 +302,7 @@ async def start_http() -> AsyncIterator[Callable[..., Awaitable[HttpServer]]]:
     servers: list[HttpServer] = []
 
     async def start(node: FakeNode, **overrides: Any) -> HttpServer:
-        server = await serve_http(node, test_config(**overrides))
+        server = await serve_http(node, server_config(**overrides))
         servers.append(server)
         return server
 
@@ -378,11 +374,3 @@ def metric(name: str, **labels: str) -> float:
     """Read one sample of the default registry (0 when absent)."""
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll `predicate` until it holds or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)

@@ -21,7 +21,7 @@ from actors.serving.config import BulkheadConfig, CatalogEntry
 from moc_node.app import Runtime, build_runtime
 from moc_node.node import Node
 from tests.moc_node.conftest import make_config
-from tests.transports.conftest import test_config
+from tests.transports.conftest import server_config
 from transports.http import HttpServer
 from transports.zmq_legacy import ZmqServer
 
@@ -91,7 +91,7 @@ async def start_node_fixture(tmp_path: Path, tiny_models: Path) -> AsyncIterator
         config = make_config(
             tmp_path / f"node{len(running)}", tiny_models, catalog=(entry,), bulkhead=bulkhead
         )
-        config = dataclasses.replace(config, server=test_config(api_keys=api_keys))
+        config = dataclasses.replace(config, server=server_config(api_keys=api_keys))
         runtime = build_runtime(config)
         http = HttpServer(runtime.node, config.server)
         zmq_server = ZmqServer(runtime.node, config.server)

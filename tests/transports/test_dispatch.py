@@ -30,7 +30,6 @@ from actors.errors import (
 from transports.dispatch import (
     BadFrame,
     Dispatcher,
-    NotAvailable,
     PayloadTooLarge,
     Unauthorized,
     UnknownAction,
@@ -38,7 +37,7 @@ from transports.dispatch import (
     lookup_action,
 )
 
-from .conftest import FakeNode, test_config
+from .conftest import FakeNode, server_config
 
 STATUS_TABLE = [
     ("invalid", InvalidRequest("max_tokens", "too big"), 400, "invalid_request"),
@@ -56,7 +55,7 @@ STATUS_TABLE = [
     ("cancelled", Cancelled("gone"), 499, "cancelled"),
     ("worker crash", WorkerCrashed("boom"), 500, "worker_crashed"),
     ("load failed", ModelLoadFailed("bad file"), 500, "model_load_failed"),
-    ("not available", NotAvailable("later"), 501, "not_available"),
+    ("feature off", FeatureUnavailable("learning is off"), 501, "not_available"),
     ("overloaded", Overloaded("busy", retry_after=3.0), 503, "overloaded"),
     ("circuit open", CircuitOpen("failing", retry_after=20.0), 503, "circuit_open"),
     ("shutting down", ShuttingDown("draining"), 503, "shutting_down"),
@@ -100,11 +99,10 @@ def test_unknown_actions_and_disabled_features_are_told_apart() -> None:
     assert lookup_action("list_jobs").name == "list_jobs"
     disabled = classify(FeatureUnavailable("learning is not enabled"))
     assert (disabled.status, disabled.code) == (501, "not_available")
-    assert classify(NotAvailable("x")).status == 501
 
 
 async def test_infer_returns_the_legacy_result_fields(node: FakeNode) -> None:
-    d = Dispatcher(node, test_config())
+    d = Dispatcher(node, server_config())
     result = await d.call("infer", {"model_name": "tiny", "input_text": "hi", "max_tokens": 3})
     assert result["output_text"] == "Hello, world"
     assert result["tokens_generated"] == 3
@@ -117,14 +115,14 @@ async def test_an_inference_past_its_deadline_is_cancelled_and_answered_as_a_tim
     node: FakeNode,
 ) -> None:
     node.gate = asyncio.Event()  # never set: the "model" hangs
-    d = Dispatcher(node, test_config(request_timeout_s=0.05))
+    d = Dispatcher(node, server_config(request_timeout_s=0.05))
     with pytest.raises(RequestTimeout):
         await d.call("infer", {"model_name": "tiny", "input_text": "hi"})
     assert node.inference_cancelled.is_set()
 
 
 async def test_load_reports_memory_usage_and_a_second_load_is_refused(node: FakeNode) -> None:
-    d = Dispatcher(node, test_config())
+    d = Dispatcher(node, server_config())
     loaded = await d.call("load_model", {"model_name": "small"})
     assert loaded["status"] == "loaded"
     assert loaded["memory_usage_mb"] == 64.0
@@ -133,7 +131,7 @@ async def test_load_reports_memory_usage_and_a_second_load_is_refused(node: Fake
 
 
 async def test_unload_then_list_shows_the_model_available(node: FakeNode) -> None:
-    d = Dispatcher(node, test_config())
+    d = Dispatcher(node, server_config())
     assert (await d.call("unload_model", {"model_name": "tiny"}))["status"] == "unloaded"
     listing = await d.call("list_models", {})
     states = {m["name"]: m["state"] for m in listing["models"]}
@@ -141,7 +139,7 @@ async def test_unload_then_list_shows_the_model_available(node: FakeNode) -> Non
 
 
 async def test_devices_say_when_they_are_simulated(node: FakeNode) -> None:
-    devices = (await Dispatcher(node, test_config()).call("list_devices", {}))["devices"]
+    devices = (await Dispatcher(node, server_config()).call("list_devices", {}))["devices"]
     assert [(d["label"], d["simulated"]) for d in devices] == [
         ("cpu", False),
         ("sim0 (simulated)", True),
@@ -160,7 +158,7 @@ def test_a_refusal_is_logged_once_at_info_without_a_traceback(
 
 async def test_the_legacy_infer_action_names_the_legacy_field_of_an_error(node: FakeNode) -> None:
     # The node names request fields as InferRequest does; the legacy payload has its own names.
-    d = Dispatcher(node, test_config())
+    d = Dispatcher(node, server_config())
     node.fail = InvalidRequest("prompt", "prompt is 3000 tokens; the context holds 2048")
     with pytest.raises(InvalidRequest) as refused:
         await d.call("infer", {"model_name": "tiny", "input_text": "hi"})
@@ -174,5 +172,5 @@ async def test_an_id_with_a_lone_surrogate_is_refused_before_the_node_is_asked(
 ) -> None:
     field = "job_id" if "job" in action else "goal_id"
     with pytest.raises(InvalidRequest) as refused:
-        await Dispatcher(node, test_config()).call(action, {field: "ab\ud800"})
+        await Dispatcher(node, server_config()).call(action, {field: "ab\ud800"})
     assert refused.value.field == field

@@ -11,9 +11,10 @@ import aiohttp
 import pytest
 
 from actors.errors import WorkerCrashed
+from tests.support import wait_for
 from transports.http import HttpServer, build_app
 
-from .conftest import FakeNode, metric, test_config, wait_for
+from .conftest import FakeNode, metric, server_config
 
 KEY = "s3cret-key"
 
@@ -173,7 +174,7 @@ async def test_metrics_expose_the_transport_names_and_count_requests(
 
 def protected_routes() -> list[tuple[str, str]]:
     """Every route of the app except the open ones, with path parameters filled in."""
-    app = build_app(FakeNode(), test_config(api_keys=(KEY,)))
+    app = build_app(FakeNode(), server_config(api_keys=(KEY,)))
     routes = set()
     for route in app.router.routes():
         path = re.sub(r"\{[^}]+\}", "tiny", route.resource.canonical)  # type: ignore[union-attr]
@@ -353,7 +354,8 @@ async def test_a_client_that_disconnects_mid_stream_closes_the_node_stream(
                 "moc_rest_requests_total", method="POST", route="/v1/chat/completions", status="499"
             )
             == before + 1
-        )
+        ),
+        timeout=5.0,
     )
 
 
@@ -367,7 +369,7 @@ async def test_a_client_that_hangs_up_during_a_whole_inference_cancels_it(
     request.cancel()  # closes the client's connection
 
     await asyncio.wait_for(node.inference_cancelled.wait(), 10)
-    await wait_for(lambda: node.in_flight == 0)
+    await wait_for(lambda: node.in_flight == 0, timeout=5.0)
 
 
 async def test_a_wrong_method_is_a_json_405_that_names_the_allowed_ones(

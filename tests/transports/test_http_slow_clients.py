@@ -12,10 +12,11 @@ from typing import Any
 
 import aiohttp
 
+from tests.support import wait_for
 from transports.http import HttpServer
 from transports.http_guard import AddressCounts
 
-from .conftest import FakeNode, metric, wait_for
+from .conftest import FakeNode, metric
 
 PARTIAL_HEAD = b"GET /health HTTP/1.1\r\nHost: node\r\nX-Slow: "
 
@@ -130,9 +131,7 @@ async def test_a_request_slower_than_the_head_deadline_is_served_and_the_connect
 async def test_past_the_address_cap_a_connection_gets_503_and_is_counted(
     node: FakeNode, start_http: Any
 ) -> None:
-    server: HttpServer = await start_http(
-        node, max_connections_per_ip=3, header_read_timeout_s=30
-    )
+    server: HttpServer = await start_http(node, max_connections_per_ip=3, header_read_timeout_s=30)
     before = metric("moc_http_connections_refused_total", reason="too_many_connections")
     held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
     try:
@@ -155,7 +154,7 @@ async def test_past_the_address_cap_a_connection_gets_503_and_is_counted(
             return resp.status == 200
 
     # Two slots come free: a new client is served again.
-    await wait_for(lambda: server.open_connections("127.0.0.1") == 1)
+    await wait_for(lambda: server.open_connections("127.0.0.1") == 1, timeout=5.0)
     assert await served()
     held[0][1].close()
 
@@ -177,7 +176,7 @@ async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeo
 async def test_a_refused_connection_takes_no_slot(node: FakeNode, start_http: Any) -> None:
     server: HttpServer = await start_http(node, max_connections_per_ip=1, header_read_timeout_s=30)
     _, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    await wait_for(lambda: server.open_connections("127.0.0.1") == 1)
+    await wait_for(lambda: server.open_connections("127.0.0.1") == 1, timeout=5.0)
     try:
         for _ in range(3):
             data, _ = await closed_within(server, b"", 10)
@@ -185,4 +184,4 @@ async def test_a_refused_connection_takes_no_slot(node: FakeNode, start_http: An
         assert server.open_connections("127.0.0.1") == 1
     finally:
         writer.close()
-    await wait_for(lambda: server.open_connections("127.0.0.1") == 0)
+    await wait_for(lambda: server.open_connections("127.0.0.1") == 0, timeout=5.0)

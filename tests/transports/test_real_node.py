@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.serving.config import BulkheadConfig
 from actors.types import GenerationParams, InferRequest
-from tests.transports.conftest import legacy_call, metric, request, wait_for
+from tests.support import wait_for
+from tests.transports.conftest import legacy_call, metric, request
 from tests.transports.real_node import (  # noqa: F401  (fixtures)
     MODEL,
     RealNode,
@@ -404,7 +405,7 @@ async def test_a_client_hanging_up_mid_stream_stops_the_generation(
     generated = metric("moc_inference_tokens_generated_total", model=MODEL) - tokens_before
     assert generated < LONG, "the worker generated the whole stream for nobody"
     assert metric("moc_http_streams_closed_by_client_total") == closed_before + 1
-    await wait_for(lambda: served.in_flight() == 0)
+    await wait_for(lambda: served.in_flight() == 0, timeout=5.0)
 
 
 async def test_past_the_bulkhead_requests_get_503_or_overloaded_until_the_stream_ends(
@@ -435,11 +436,11 @@ async def test_past_the_bulkhead_requests_get_503_or_overloaded_until_the_stream
         assert events[-1] == b"[DONE]"
         assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
         stream.close()
-        await wait_for(lambda: served.in_flight() == 0)
+        await wait_for(lambda: served.in_flight() == 0, timeout=5.0)
 
         async with session.post(f"{served.url}/v1/completions", json=body) as resp:
             assert resp.status == 200
-    await wait_for(lambda: served.in_flight() == 0)
+    await wait_for(lambda: served.in_flight() == 0, timeout=5.0)
     reply = await zcall(zctx, served, request("infer", infer_payload(), "after"))
     check_envelope(reply, "after", success=True)
 
@@ -453,7 +454,7 @@ async def test_a_finished_inference_has_freed_its_slot_and_counts_as_a_success(
     params = GenerationParams(max_tokens=2, temperature=0.0)
     await served.node.infer(InferRequest(MODEL, prompt="hi", params=params))
     freed_on_return = served.in_flight() == 0
-    await wait_for(lambda: served.in_flight() == 0)
+    await wait_for(lambda: served.in_flight() == 0, timeout=5.0)
     counted = (
         metric("moc_inference_requests_total", model=MODEL, outcome="success") - success,
         metric("moc_inference_requests_total", model=MODEL, outcome="cancelled") - cancelled,

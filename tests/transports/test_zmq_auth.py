@@ -21,11 +21,12 @@ import zmq.auth
 
 from actors.types import ComponentHealth, HealthReport
 from moc_node.config import load_config
+from tests.support import wait_for
 from transports.config import ZmqAuth
 from transports.zmq_auth import ZapRequest, address_allowed, bind_host, zap_verdict
 from transports.zmq_legacy import ZmqServer
 
-from .conftest import FakeNode, legacy_call, metric, request, wait_for
+from .conftest import FakeNode, legacy_call, metric, request
 
 KEY = "s3cret-key"
 LOAD = request("load_model", {"model_name": "custom", "model_path": "/models/custom.gguf"})
@@ -179,7 +180,9 @@ async def test_a_host_outside_the_allow_list_is_refused_at_connect_and_counted(
 
     sock = connect_and_send(zmq_context, server.endpoint, LOAD)
     try:
-        await wait_for(lambda: metric("moc_zmq_auth_denied_total", reason="address") > before)
+        await wait_for(
+            lambda: metric("moc_zmq_auth_denied_total", reason="address") > before, timeout=5.0
+        )
         assert not sock.poll(100)  # no reply: the request never reached the server
     finally:
         sock.close()
@@ -205,7 +208,11 @@ def curve_files(tmp_path: Path) -> dict[str, Any]:
 
 
 def curve_options(server_public: bytes, pair: tuple[bytes, bytes]) -> dict[str, Any]:
-    return {"CURVE_SERVERKEY": server_public, "CURVE_PUBLICKEY": pair[0], "CURVE_SECRETKEY": pair[1]}
+    return {
+        "CURVE_SERVERKEY": server_public,
+        "CURVE_PUBLICKEY": pair[0],
+        "CURVE_SECRETKEY": pair[1],
+    }
 
 
 def handshake_drops() -> float:
@@ -245,9 +252,11 @@ async def test_a_curve_client_with_an_allowed_key_is_served_and_others_are_refus
     dropped = handshake_drops()
     plain = connect_and_send(zmq_context, server.endpoint, request("health"))
     try:
-        await wait_for(lambda: metric("moc_zmq_auth_denied_total", reason="curve_key") > denied)
+        await wait_for(
+            lambda: metric("moc_zmq_auth_denied_total", reason="curve_key") > denied, timeout=5.0
+        )
         # A plain legacy client cannot even agree on the mechanism: libzmq drops it, counted.
-        await wait_for(lambda: handshake_drops() > dropped)
+        await wait_for(lambda: handshake_drops() > dropped, timeout=5.0)
         assert not stranger.poll(100)
         assert not plain.poll(0)
     finally:
@@ -314,9 +323,7 @@ async def test_without_a_required_key_a_wrong_key_is_still_refused_and_none_is_s
 async def test_health_stays_open_but_shows_no_detail_without_a_key(
     start_zmq: Any, zmq_context: zmq.Context[Any]
 ) -> None:
-    server: ZmqServer = await start_zmq(
-        PathHealthNode(), api_keys=(KEY,), zmq_require_api_key=True
-    )
+    server: ZmqServer = await start_zmq(PathHealthNode(), api_keys=(KEY,), zmq_require_api_key=True)
 
     open_health = await call(zmq_context, server, request("health"))
     keyed = await call(zmq_context, server, {**request("health"), "api_key": KEY})
@@ -344,7 +351,8 @@ async def test_a_peer_that_stalls_in_the_handshake_is_dropped_after_the_timeout_
 
     await asyncio.wait_for(asyncio.to_thread(stall), 10)
     await wait_for(
-        lambda: metric("moc_zmq_connections_dropped_total", reason="handshake_failed") > before
+        lambda: metric("moc_zmq_connections_dropped_total", reason="handshake_failed") > before,
+        timeout=5.0,
     )
 
 

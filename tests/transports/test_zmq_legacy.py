@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import json
 import threading
-import time
 from typing import Any
 
 import msgpack
@@ -16,10 +15,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
+from tests.support import wait_for
 from transports.dispatch import BadFrame
 from transports.zmq_legacy import ZmqServer, decode_frame, split_envelope
 
-from .conftest import FakeNode, legacy_call, metric, raw_call, request, test_config
+from .conftest import FakeNode, legacy_call, metric, raw_call, request, server_config
 
 # ---- the codec (pure) ----
 
@@ -361,10 +361,7 @@ async def test_an_overloaded_model_answers_overloaded_at_once_and_keeps_serving(
     node.gate = asyncio.Event()
     infer = request("infer", {"model_name": "tiny", "input_text": "x"})
     held = [asyncio.create_task(call(zmq_context, server, infer)) for _ in range(2)]
-    deadline = time.monotonic() + 10
-    while node.in_flight < 2:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: node.in_flight == 2, timeout=10, what="two inferences in flight")
     before = metric("moc_zmq_requests_total", action="infer", outcome="overloaded")
 
     refused = await call(zmq_context, server, infer)
@@ -396,10 +393,27 @@ async def test_past_the_pending_limit_the_server_refuses_instead_of_queueing(
     assert (await asyncio.wait_for(held, 10))["success"] is True
 
 
+async def test_past_the_pending_limit_a_job_query_is_refused_too_as_it_holds_a_thread(
+    node: FakeNode, start_zmq: Any, zmq_context: zmq.Context[Any]
+) -> None:
+    server: ZmqServer = await start_zmq(node, max_workers=1, max_pending=0)
+    node.gate = asyncio.Event()
+    held = asyncio.create_task(
+        call(zmq_context, server, request("infer", {"model_name": "tiny", "input_text": "x"}))
+    )
+    await asyncio.wait_for(node.started.wait(), 10)
+
+    for action, payload in (("list_jobs", {}), ("get_goal", {"goal_id": "g-1"})):
+        refused = await call(zmq_context, server, request(action, payload))
+        assert (refused["success"], refused["error"]) == (False, "overloaded"), action
+    node.gate.set()
+    assert (await asyncio.wait_for(held, 10))["success"] is True
+
+
 async def test_stop_lets_an_in_flight_request_finish_before_closing(
     node: FakeNode, zmq_context: zmq.Context[Any]
 ) -> None:
-    server = ZmqServer(node, test_config())
+    server = ZmqServer(node, server_config())
     await server.start()
     node.gate = asyncio.Event()
     pending = asyncio.create_task(

@@ -1,0 +1,266 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
+
+Requests parse with `transports.schema` and run through the same Dispatcher as the legacy routes,
+so limits, timeouts and the error mapping are written once. A streamed answer is server-sent
+events; its first item is awaited before the headers, so an early refusal keeps its status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from actors.errors import MocError, ModelNotFound, RequestTimeout
+from actors.types import InferRequest, InferResult, TokenChunk
+from transports import schema
+from transports.auth import client_error
+from transports.dispatch import classify
+from transports.http_bodies import (
+    CONFIG_KEY,
+    dispatcher_of,
+    dumps,
+    json_response,
+    openai_error_body,
+    read_json,
+)
+from transports.metrics import STREAMS_CLOSED_BY_CLIENT
+
+__all__ = ["SSE_DONE", "add_routes", "sse", "usage"]
+
+log = logging.getLogger(__name__)
+
+
+def add_routes(r: web.UrlDispatcher) -> None:
+    """Add the OpenAI-compatible routes to `r`."""
+    r.add_get("/v1/models", _v1_models)
+    r.add_get("/v1/models/{model}", _v1_model)
+    r.add_post("/v1/completions", _v1_completions)
+    r.add_post("/v1/chat/completions", _v1_chat)
+
+
+def _openai_model(view: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": view["name"],
+        "object": "model",
+        "created": 0,
+        "owned_by": "moc-node",
+        "state": view["state"],
+        "backend": view["backend"],
+    }
+
+
+async def _v1_models(request: web.Request) -> web.Response:
+    listing = await dispatcher_of(request).call("list_models", {})
+    return json_response({"object": "list", "data": [_openai_model(m) for m in listing["models"]]})
+
+
+async def _v1_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    listing = await dispatcher_of(request).call("list_models", {})
+    for view in listing["models"]:
+        if view["name"] == name:
+            return json_response(_openai_model(view))
+    raise ModelNotFound(f"model {name!r} does not exist")
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """How one OpenAI endpoint words its bodies and chunks."""
+
+    chat: bool
+    id: str
+    created: int
+    model: str
+
+    def body(self, result: InferResult) -> dict[str, Any]:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": result.finish_reason,
+        }
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": result.text}
+        else:
+            choice["text"] = result.text
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(result),
+        }
+
+    def chunk(self, text: str | None, finish_reason: str | None, *, role: bool = False) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        return sse(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+            }
+        )
+
+    def usage_chunk(self, result: InferResult) -> bytes:
+        return sse(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage(result),
+            }
+        )
+
+
+def usage(result: InferResult) -> dict[str, int]:
+    """Return OpenAI's usage object for a result."""
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.tokens_generated,
+        "total_tokens": result.prompt_tokens + result.tokens_generated,
+    }
+
+
+def sse(data: Any) -> bytes:
+    """Encode one server-sent event carrying JSON."""
+    return b"data: " + dumps(data).encode("utf-8") + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def _v1_completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    req, stream = schema.parse_completion(body)
+    return await _openai_infer(request, req, stream, chat=False, body=body)
+
+
+async def _v1_chat(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    req, stream = schema.parse_chat(body)
+    return await _openai_infer(request, req, stream, chat=True, body=body)
+
+
+async def _openai_infer(
+    request: web.Request, req: InferRequest, stream: bool, *, chat: bool, body: Mapping[str, Any]
+) -> web.StreamResponse:
+    prefix = "chatcmpl" if chat else "cmpl"
+    shape = _Shape(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), req.model)
+    dispatcher = dispatcher_of(request)
+    if not stream:
+        return json_response(shape.body(await dispatcher.infer(req)))
+    options = body.get("stream_options")
+    include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
+    return await _stream(request, dispatcher.with_deadline(req), shape, include_usage)
+
+
+class _ClientGone(Exception):
+    """The client closed the connection or stopped reading."""
+
+
+async def _stream(
+    request: web.Request, req: InferRequest, shape: _Shape, include_usage: bool
+) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    node = dispatcher_of(request).node
+    assert req.timeout_s is not None
+    deadline = asyncio.get_running_loop().time() + req.timeout_s
+    items = node.infer_stream(req)
+    try:
+        # The first item comes before the headers, so an early refusal (unknown model,
+        # overloaded) still gets its own status code instead of a 200 stream.
+        first = await _next_item(items, deadline)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+
+        async def send(data: bytes) -> None:
+            try:
+                async with asyncio.timeout(config.stream_write_timeout_s):
+                    await response.write(data)
+            except (TimeoutError, ConnectionError) as exc:
+                raise _ClientGone from exc
+
+        try:
+            if shape.chat:
+                await send(shape.chunk("", None, role=True))
+            item: TokenChunk | InferResult = first
+            while isinstance(item, TokenChunk):
+                await send(shape.chunk(item.text, None))
+                item = await _next_item(items, deadline)
+            await send(shape.chunk(None if shape.chat else "", item.finish_reason))
+            if include_usage:
+                await send(shape.usage_chunk(item))
+        except _ClientGone:
+            STREAMS_CLOSED_BY_CLIENT.inc()
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except asyncio.CancelledError:
+            # A hang-up cancels the handler (handler_cancellation) with the transport gone; a
+            # server shutdown cancels it with the transport still open: only count the first.
+            if request.transport is None or request.transport.is_closing():
+                STREAMS_CLOSED_BY_CLIENT.inc()
+            raise
+        except Exception as exc:
+            # Headers are gone: report the error in the stream, as OpenAI does.
+            try:
+                await send(sse(openai_error_body(client_error(classify(exc)))))
+            except _ClientGone:
+                return response
+        try:
+            await send(SSE_DONE)
+            await response.write_eof()
+        except _ClientGone:
+            STREAMS_CLOSED_BY_CLIENT.inc()
+        return response
+    finally:
+        # Closing the node's iterator is what cancels generation (NodeAPI contract).
+        await _close(items)
+
+
+async def _next_item(
+    items: AsyncIterator[TokenChunk | InferResult], deadline: float
+) -> TokenChunk | InferResult:
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await items.__anext__()
+    except TimeoutError:
+        raise RequestTimeout("inference did not finish within its deadline") from None
+    except StopAsyncIteration:
+        raise MocError("the node ended the stream without a result") from None
+
+
+async def _close(items: AsyncIterator[Any]) -> None:
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.exception("closing the node's token stream failed")
+
