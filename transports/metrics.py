@@ -129,3 +129,13 @@ def record_http(method: str, route: str, status: int, seconds: float) -> None:
     counter, histogram = children
     counter.inc()
     histogram.observe(seconds)
+
+
+PEER_REQUESTS = Counter(
+    "moc_peer_requests_total",
+    "Peer RPC requests served, by operation and outcome",
+    ["op", "outcome"],
+)
+PEER_DROPPED = Counter(
+    "moc_peer_messages_dropped_total", "Peer RPC frames refused, by reason", ["reason"]
+)

@@ -38,6 +38,9 @@ PEER_PROTOCOL = 2
 version (counted as reason="version"): all nodes of a cluster run the same version."""
 MAX_SKEW_S = 30.0
 MAX_FRAME_BYTES = 8 * 1024 * 1024
+"""Largest sealed payload `open_frames` reads; a larger one is refused (reason "oversized")."""
+MAX_ZMTP_FRAME_BYTES = 16 * 1024 * 1024
+"""A ZMTP frame larger than this drops its connection (libzmq's MAXMSGSIZE, as set before)."""
 
 _local = threading.local()
 
