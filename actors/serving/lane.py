@@ -9,7 +9,6 @@ lane to go idle before it stops a worker on unload.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -18,12 +17,12 @@ from typing import Any, Protocol
 
 import pykka
 
+from actors.bridge import ask
 from actors.errors import CircuitOpen, MocError, ModelNotLoaded, ShuttingDown, WorkerCrashed
 from actors.serving import metrics
 from actors.serving.resilience import CircuitBreaker
 from actors.types import InferRequest, InferResult
-from actors.worker.channel import WorkerChannel
-from actors.worker.client import WorkerProcess
+from actors.worker.handle import RequestChannel, WorkerHandle
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +59,14 @@ class ModelLane:
         self._abort = abort or threading.Event()
         self._clock = clock
         self._restart: Callable[[], Any] | None = None  # the actor's restart, a pykka future
-        self._worker: WorkerProcess | None = None
+        self._worker: WorkerHandle | None = None
         self._measured_mb = 0.0
-        self._channel: WorkerChannel | None = None
-        self._killed: tuple[WorkerProcess, str] | None = None  # a worker the actor killed, why
+        self._channel: RequestChannel | None = None
+        self._channel_worker: WorkerHandle | None = None  # the worker `_channel` reaches
+        self._death_counted: WorkerHandle | None = None  # a worker whose death the breaker saw
+        self._killed: tuple[WorkerHandle, str] | None = None  # a worker the actor killed, why
         self._closed = False
-        self._in_flight = 0
+        self._running = 0  # requests past the breaker, until they end
         self._idle = threading.Condition()
         self._used_told = float("-inf")
         self._latency = metrics.inference_latency_seconds.labels(name)
@@ -77,12 +78,12 @@ class ModelLane:
         """Name the actor call that restarts the worker (returns a pykka future of a bool)."""
         self._restart = restart
 
-    def attach(self, worker: WorkerProcess, measured_mb: float) -> None:
+    def attach(self, worker: WorkerHandle, measured_mb: float) -> None:
         """Serve through this freshly started worker from now on."""
         self._measured_mb = measured_mb
         self._worker = worker
 
-    def note_killed(self, worker: WorkerProcess, reason: str) -> None:
+    def note_killed(self, worker: WorkerHandle, reason: str) -> None:
         """Say why the actor is killing `worker`: its requests fail with `reason`, not with a
         bare "died (signal 9)"."""
         self._killed = (worker, reason)
@@ -91,11 +92,7 @@ class ModelLane:
         """Take no new requests; wait up to `timeout` for those in flight. False if some remain."""
         self._closed = True
         with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
+            return self._idle.wait_for(lambda: self._running == 0, timeout)
 
     @property
     def closing(self) -> bool:
@@ -106,12 +103,12 @@ class ModelLane:
 
     async def infer(self, req: InferRequest, deadline: float | None = None) -> InferResult:
         """Run one whole request through the worker."""
-        channel = await self._enter()
+        channel, worker = await self._enter()
         try:
             result = await channel.infer(req, deadline)
         except Exception as exc:
-            explained = self._explained(exc, channel)
-            self._failed(explained, channel)
+            explained = self._explained(exc, worker)
+            self._failed(explained, channel, worker)
             if explained is exc:
                 raise
             raise explained from exc
@@ -124,22 +121,22 @@ class ModelLane:
         self, req: InferRequest, deadline: float | None = None
     ) -> AsyncGenerator[str | InferResult, None]:
         """Yield the request's text piece by piece, then its result."""
-        channel = await self._enter()
+        channel, worker = await self._enter()
         try:
             async for item in channel.stream(req, deadline):
                 if isinstance(item, InferResult):
                     self._succeeded(item)
                 yield item
         except Exception as exc:
-            explained = self._explained(exc, channel)
-            self._failed(explained, channel)
+            explained = self._explained(exc, worker)
+            self._failed(explained, channel, worker)
             if explained is exc:
                 raise
             raise explained from exc
         finally:
             self._leave()
 
-    async def _enter(self) -> WorkerChannel:
+    async def _enter(self) -> tuple[RequestChannel, WorkerHandle]:
         if self._abort.is_set():
             raise ShuttingDown("the node is shutting down")
         if self._closed:
@@ -151,7 +148,7 @@ class ModelLane:
                 retry_after=max(1.0, self._breaker.retry_after(now)),
             )
         with self._idle:
-            self._in_flight += 1
+            self._running += 1
         try:
             return await self._ready_channel()
         except BaseException:
@@ -160,35 +157,35 @@ class ModelLane:
 
     def _leave(self) -> None:
         with self._idle:
-            self._in_flight -= 1
-            if self._in_flight == 0:
+            self._running -= 1
+            if self._running == 0:
                 self._idle.notify_all()
 
-    async def _ready_channel(self) -> WorkerChannel:
-        """Return a channel to a live worker, asking the actor for a new worker if it died."""
+    async def _ready_channel(self) -> tuple[RequestChannel, WorkerHandle]:
+        """Return a channel to a live worker (and that worker), asking the actor for a new
+        worker if it died."""
         channel = self._channel
         worker = self._worker
-        if channel is not None and channel.worker is worker and channel.closed is None:
-            return channel
+        if channel is not None and self._channel_worker is worker and channel.closed is None:
+            assert worker is not None
+            return channel, worker
         if channel is not None:
             channel.close()
-            self._channel = None
+            self._channel = self._channel_worker = None
         if worker is None or not worker.alive:
             if self._closed:
                 raise LaneClosed(f"model {self.name!r} is being unloaded")
             await self._restart_worker()
             worker = self._worker
             assert worker is not None
-        if self._channel is None or self._channel.worker is not worker:
-            self._channel = WorkerChannel(worker)
-        return self._channel
+        self._channel, self._channel_worker = worker.open_channel(), worker
+        return self._channel, worker
 
     async def _restart_worker(self) -> None:
         if self._restart is None or self._abort.is_set():
             raise WorkerCrashed(f"the worker for {self.name!r} is not running")
         try:
-            future = self._restart()
-            restarted = await asyncio.get_running_loop().run_in_executor(None, future.get)
+            restarted = await ask(self._restart())
         except pykka.ActorDeadError:
             raise LaneClosed(f"model {self.name!r} is being unloaded") from None
         if not restarted or self._worker is None or not self._worker.alive:
@@ -204,21 +201,21 @@ class ModelLane:
             self._events.model_used(self.name)
         self._note_growth()
 
-    def _explained(self, exc: Exception, channel: WorkerChannel) -> Exception:
+    def _explained(self, exc: Exception, worker: WorkerHandle) -> Exception:
         """Return the crash of a worker the actor killed as the reason it was killed."""
         killed = self._killed
-        if isinstance(exc, WorkerCrashed) and killed is not None and killed[0] is channel.worker:
+        if isinstance(exc, WorkerCrashed) and killed is not None and killed[0] is worker:
             return WorkerCrashed(killed[1])
         return exc
 
-    def _failed(self, exc: Exception, channel: WorkerChannel) -> None:
+    def _failed(self, exc: Exception, channel: RequestChannel, worker: WorkerHandle) -> None:
         if isinstance(exc, WorkerCrashed):
             metrics.inference_errors_total.labels(self.name, exc.code).inc()
             # One death fails every request in flight at once: it counts as one failure.
             if channel.closed is not None:
-                if channel.crash_counted:
+                if self._death_counted is worker:
                     return
-                channel.crash_counted = True
+                self._death_counted = worker
             self._breaker.record_failure(self._clock())
             if channel.closed is not None and self._may_restart():
                 log.error("%s; restarting it", exc)

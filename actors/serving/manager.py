@@ -1,9 +1,10 @@
 """ModelManager: decides which models are loaded where, and starts and stops their actors.
 
-Every decision (placement, eviction, expiry) is a pure function from `placement`; this actor only
-keeps the slots, calls those functions and sends messages. It never waits on another actor: loads
-and unloads finish later, as `model_loaded` / `model_stopped` messages from the ModelActors, and
-whoever asked is answered through a callback then.
+Every decision is a pure function: placement, eviction and expiry in `placement`, what a load
+request becomes in `entry`. This actor keeps one `Slot` per model, calls those functions and
+sends messages. It never waits on another actor: loads and unloads finish later, as
+`model_loaded` / `model_stopped` messages from the ModelActors, and whoever asked is answered
+through its `Reply` then. After each change it publishes the slot on the `ModelBoard`.
 """
 
 from __future__ import annotations
@@ -12,140 +13,37 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pykka
 
 from actors import names
 from actors.bridge import LoopReplyActor, Reply
 from actors.errors import (
     InsufficientMemory,
-    InvalidRequest,
     MocError,
     ModelAlreadyLoaded,
-    ModelFileInvalid,
-    ModelNotFound,
     ModelNotLoaded,
     ShuttingDown,
     StateNotWritable,
 )
 from actors.serving import metrics
+from actors.serving.board import ModelBoard
 from actors.serving.config import CatalogEntry, CircuitBreakerConfig, ModelsConfig
-from actors.serving.context import fit_gguf_n_ctx
-from actors.serving.estimate import CUDA_CONTEXT_MB, estimate_gguf_memory
+from actors.serving.entry import entry_for, need_mb, worker_spec
 from actors.serving.lane import ModelLane
 from actors.serving.ledger import Ledger
 from actors.serving.memory_watch import MemoryWatch
-from actors.serving.model import ModelActor, WorkerFactory, _default_worker
-from actors.serving.paths import resolve_model_path
-from actors.serving.placement import DeviceRoom, Resident, plan
+from actors.serving.model import ModelActor, worker_process
+from actors.serving.placement import DeviceRoom, Resident, expired, plan
 from actors.serving.probes import DeviceProbe
 from actors.serving.resilience import BulkheadRegistry, CircuitBreaker
+from actors.serving.slot import Acquired, Slot, Unloaded, model_info, resident
 from actors.serving.store import LoadedRecord, RegisteredRecord, StateStore
-from actors.types import Backend, LoadRequest, ModelInfo, ModelState
-from actors.worker.client import LoadedInfo, WorkerSpec
+from actors.types import Backend, LoadRequest
+from actors.worker.handle import WorkerFactory
+from actors.worker.protocol import Loaded
 
 log = logging.getLogger(__name__)
-
-Acquired = Callable[[ModelLane | None, Exception | None], None]
-Unloaded = Callable[[ModelInfo | None, Exception | None], None]
-MIB = 1024 * 1024
-
-
-@dataclass
-class Slot:
-    """Everything the manager knows about one model."""
-
-    entry: CatalogEntry
-    in_catalog: bool
-    registered: bool = False  # produced by a learning job, kept across catalog reloads
-    state: ModelState = "available"
-    device: str | None = None
-    estimate_mb: float | None = None
-    measured_mb: float | None = None
-    actor: pykka.ActorRef[Any] | None = None
-    lane: ModelLane | None = None  # the event loop's path to the loaded model
-    breaker: CircuitBreaker | None = None
-    load_waiters: list[Acquired] = field(default_factory=list)
-    unload_waiters: list[Unloaded] = field(default_factory=list)
-    blocked_by: set[str] = field(default_factory=set)  # evictions to finish before loading
-    persist_unload: bool = True
-    last_used: float = 0.0  # monotonic
-    last_used_wall: float | None = None
-    load_started: float = 0.0
-    load_seconds: float | None = None
-    version: str = ""
-    pid: int | None = None
-    error: str | None = None
-    next_entry: CatalogEntry | None = None  # a replacement registered while this one is loaded
-
-
-def _by_name(info: ModelInfo) -> str:
-    return info.name
-
-
-def _with_breaker(info: ModelInfo, breaker: CircuitBreaker | None, now: float) -> ModelInfo:
-    """Return `info` with its breaker's state now, copied only when that state changed
-    (health and list_models read every model on each call)."""
-    if breaker is None:
-        return info
-    state = breaker.state(now)
-    return info if state == info.breaker else replace(info, breaker=state)
-
-
-class ModelBoard:
-    """The latest ModelInfo per model, written by the manager, read by anyone without blocking."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._models: dict[str, ModelInfo] = {}
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._lanes: dict[str, ModelLane] = {}
-        self.changed = threading.Condition(self._lock)
-
-    def put(
-        self,
-        info: ModelInfo,
-        breaker: CircuitBreaker | None,
-        lane: ModelLane | None = None,
-    ) -> None:
-        with self._lock:
-            self._models[info.name] = info
-            if breaker is not None:
-                self._breakers[info.name] = breaker
-            if info.state == "loaded" and lane is not None:
-                self._lanes[info.name] = lane
-            else:
-                self._lanes.pop(info.name, None)
-            self.changed.notify_all()
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            self._models.pop(name, None)
-            self._breakers.pop(name, None)
-            self._lanes.pop(name, None)
-            self.changed.notify_all()
-
-    def lane(self, name: str) -> ModelLane | None:
-        """Return a loaded model's lane: requests to it need not ask the manager."""
-        return self._lanes.get(name)  # one dict read: atomic, and this is the hot path
-
-    def snapshot(self, now: float) -> list[ModelInfo]:
-        with self._lock:
-            models = list(self._models.values())
-            breakers = dict(self._breakers)
-        return [_with_breaker(m, breakers.get(m.name), now) for m in sorted(models, key=_by_name)]
-
-    def get(self, name: str) -> ModelInfo | None:
-        with self._lock:
-            return self._models.get(name)
-
-    def wait_until(self, predicate: Callable[[list[ModelInfo]], bool], timeout: float) -> bool:
-        """Block until `predicate(models)` holds or `timeout` passes (for shutdown and tests)."""
-        with self._lock:
-            return self.changed.wait_for(lambda: predicate(list(self._models.values())), timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +62,7 @@ class ManagerDeps:
     abort: threading.Event
     probes: Mapping[str, DeviceProbe] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
-    worker_factory: WorkerFactory = _default_worker
+    worker_factory: WorkerFactory = worker_process
     memory_watch: MemoryWatch = MemoryWatch()
 
 
@@ -269,7 +167,7 @@ class ModelManager(LoopReplyActor):
         if slot is not None and slot.state in ("loading", "unloading"):
             slot.load_waiters.append(reply)
             return
-        entry = self._entry_for(request, slot)
+        entry = entry_for(request, slot.entry if slot else None, self._deps.model_dirs)
         if slot is None:
             slot = self._slots[entry.name] = Slot(entry=entry, in_catalog=False)
         slot.entry = entry
@@ -282,55 +180,13 @@ class ModelManager(LoopReplyActor):
             raise
         slot.load_waiters.append(reply)
 
-    def _entry_for(self, request: LoadRequest, slot: Slot | None) -> CatalogEntry:
-        base = slot.entry if slot is not None else None
-        if request.path is None and base is None:
-            raise ModelNotFound(f"model {request.name!r} is not loaded and not in the catalog")
-        path = request.path or (base.path if base else "")
-        try:
-            resolved = resolve_model_path(path, self._deps.model_dirs)
-        except OSError as exc:  # e.g. ENAMETOOLONG: the path is the client's, not the node's
-            raise InvalidRequest("model_path", f"cannot be resolved: {exc.strerror}") from None
-        backend = request.backend or (base.backend if base else _backend_for(resolved))
-        try:
-            entry = CatalogEntry(
-                name=request.name,
-                path=str(resolved),
-                backend=backend,
-                n_ctx=request.n_ctx or (base.n_ctx if base else 2048),
-                gpu_layers=request.gpu_layers
-                if request.gpu_layers is not None
-                else (base.gpu_layers if base else -1),
-                pin=request.pin if request.pin is not None else (base.pin if base else False),
-                lora=base.lora if base is not None and request.path is None else "",
-                cpu_repack=base.cpu_repack if base is not None else None,
-                n_ctx_max=base.n_ctx_max if base is not None else 0,
-            )
-        except ValueError as exc:
-            field_name, _, message = str(exc).partition(": ")
-            raise InvalidRequest(field_name, message) from None
-        return self._fit_context(entry, asked=request.n_ctx is not None)
-
-    def _fit_context(self, entry: CatalogEntry, *, asked: bool) -> CatalogEntry:
-        """Cap n_ctx at the model's trained context: a client asking for more is refused."""
-        if entry.backend != "gguf":
-            return entry
-        n_ctx = fit_gguf_n_ctx(entry.path, entry.n_ctx, entry.n_ctx_max, asked=asked)
-        if n_ctx == entry.n_ctx:
-            return entry
-        log.info(
-            "loading %s with n_ctx %d instead of its catalog's %d: past what the model was "
-            "trained for (or its n_ctx_max)",
-            entry.name,
-            n_ctx,
-            entry.n_ctx,
-        )
-        return replace(entry, n_ctx=n_ctx)
-
     def _place_and_load(self, slot: Slot) -> None:
         entry = slot.entry
-        need = self._estimate_mb(entry)
-        residents = [self._resident(s) for s in self._slots.values() if s.device is not None]
+        # Models go to NVML GPUs when there are any; on the CPU (or a simulated device) all
+        # stays on the host.
+        on_gpu = any(ledger.kind == "nvml" for ledger in self._deps.ledgers.values())
+        need = need_mb(entry, on_gpu=on_gpu)
+        residents = self._residents()
         rooms = [
             DeviceRoom(name, ledger.headroom_mb()) for name, ledger in self._deps.ledgers.items()
         ]
@@ -344,7 +200,6 @@ class ModelManager(LoopReplyActor):
         slot.state = "loading"
         slot.device = decision.device
         slot.estimate_mb = need
-        slot.load_started = self._deps.clock()
         self._deps.ledgers[decision.device].claim(entry.name, need)
         metrics.model_memory_estimate_mb.labels(entry.name).set(need)
         for victim in decision.evict:
@@ -356,50 +211,28 @@ class ModelManager(LoopReplyActor):
             self._start_actor(slot)
         self._publish(entry.name)
 
-    def _estimate_mb(self, entry: CatalogEntry) -> float:
-        # Models go to NVML GPUs when there are any; on the CPU (or a simulated device) all stays
-        # on the host.
-        on_gpu = any(ledger.kind == "nvml" for ledger in self._deps.ledgers.values())
-        if entry.backend == "torch":
-            # A program's tensors live in the file; torch's allocator adds about a fifth.
-            try:
-                tensors = Path(entry.path).stat().st_size / MIB * 1.2
-            except OSError as exc:
-                raise ModelFileInvalid(f"cannot read {entry.path}: {exc.strerror}") from None
-            return tensors + (CUDA_CONTEXT_MB if on_gpu else 64)
-        estimate = estimate_gguf_memory(
-            entry.path, n_ctx=entry.n_ctx, gpu_layers=entry.gpu_layers, on_gpu=on_gpu
-        )
-        return float(estimate.total_mb)
-
-    def _resident(self, slot: Slot) -> Resident:
-        assert slot.device is not None
-        ledger = self._deps.ledgers[slot.device]
-        idle_for = self._deps.clock() - slot.last_used
-        return Resident(
-            name=slot.entry.name,
-            device=slot.device,
-            claimed_mb=ledger.claims().get(slot.entry.name, 0.0),
-            idle=slot.state == "loaded" and self._deps.bulkheads.in_flight(slot.entry.name) == 0,
-            pinned=slot.entry.pin,
-            idle_seconds=max(0.0, idle_for),
-            reload_seconds=slot.load_seconds or 1.0,
-        )
+    def _residents(self) -> list[Resident]:
+        now = self._deps.clock()
+        return [
+            resident(
+                slot,
+                claimed_mb=self._deps.ledgers[slot.device].claims().get(name, 0.0),
+                busy=self._deps.bulkheads.occupancy(name) > 0,
+                now=now,
+            )
+            for name, slot in self._slots.items()
+            if slot.device is not None
+        ]
 
     def _start_actor(self, slot: Slot) -> None:
         device = slot.device
         assert device is not None
         ledger = self._deps.ledgers[device]
         entry = slot.entry
-        spec = WorkerSpec(
-            name=entry.name,
-            path=entry.path,
-            backend=entry.backend,
-            n_ctx=entry.n_ctx,
-            gpu_layers=entry.gpu_layers if ledger.kind == "nvml" else 0,
+        spec = worker_spec(
+            entry,
             device_kind=ledger.kind,
             device_index=self._deps.device_index.get(device),
-            lora_path=entry.lora or None,
             cpu_repack=self._models_config.cpu_repack_for(entry),
         )
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
@@ -447,24 +280,15 @@ class ModelManager(LoopReplyActor):
     def expire_idle(self) -> None:
         """Unload models idle past keep_alive (never pinned ones, never ones with requests)."""
         keep_alive = self._models_config.keep_alive_seconds
-        if keep_alive is None:
-            return
-        now = self._deps.clock()
-        for slot in list(self._slots.values()):
-            resident = slot.state == "loaded" and slot.device is not None
-            if not resident or slot.entry.pin:
-                continue
-            if (
-                self._deps.bulkheads.in_flight(slot.entry.name) == 0
-                and now - slot.last_used >= keep_alive
-            ):
-                log.info(
-                    "unloading %s: idle for %.0f s (keep_alive)",
-                    slot.entry.name,
-                    now - slot.last_used,
-                )
-                metrics.model_evictions_total.labels("keep_alive").inc()
-                self._begin_unload(slot, persist=True)
+        for name in expired(self._residents(), keep_alive):
+            slot = self._slots[name]
+            log.info(
+                "unloading %s: idle for %.0f s (keep_alive)",
+                name,
+                self._deps.clock() - slot.last_used,
+            )
+            metrics.model_evictions_total.labels("keep_alive").inc()
+            self._begin_unload(slot, persist=True)
 
     def close(self) -> list[str]:
         """Refuse new loads and unload everything, remembering the set for the next start."""
@@ -479,7 +303,7 @@ class ModelManager(LoopReplyActor):
 
     # -- events from ModelActors ----------------------------------------------------------
 
-    def model_loaded(self, name: str, info: LoadedInfo) -> None:
+    def model_loaded(self, name: str, info: Loaded) -> None:
         """Adopt a model its worker loaded; whoever waits for it gets its lane or the error."""
         slot = self._slots.get(name)
         if slot is None or slot.state not in ("loading", "loaded") or slot.device is None:
@@ -496,7 +320,7 @@ class ModelManager(LoopReplyActor):
             slot.state = "loading"  # as if the load failed: "failed", stopped, waiters told
             self.model_load_failed(name, exc)
 
-    def _adopt(self, slot: Slot, info: LoadedInfo) -> None:
+    def _adopt(self, slot: Slot, info: Loaded) -> None:
         name = slot.entry.name
         assert slot.device is not None
         first = slot.state == "loading"
@@ -579,7 +403,7 @@ class ModelManager(LoopReplyActor):
         slot.measured_mb = None
         self._refresh_loaded_gauge()
         unloaded, slot.unload_waiters = slot.unload_waiters, []
-        info = self._info(slot)
+        info = model_info(slot, self._device_label)
         for answer in unloaded:
             answer(info, None)
         self._unblock(name)
@@ -642,35 +466,8 @@ class ModelManager(LoopReplyActor):
         ledger = self._deps.ledgers[device]
         return f"{device} (simulated)" if ledger.kind == "simulated" else device
 
-    def _info(self, slot: Slot) -> ModelInfo:
-        entry = slot.entry
-        return ModelInfo(
-            name=entry.name,
-            backend=entry.backend,
-            path=entry.path,
-            state=slot.state,
-            device=self._device_label(slot.device) if slot.device else None,
-            estimate_mb=None if slot.estimate_mb is None else round(slot.estimate_mb, 1),
-            memory_mb=None if slot.measured_mb is None else round(slot.measured_mb, 1),
-            pinned=entry.pin,
-            last_used=slot.last_used_wall,
-            version=slot.version,
-            n_ctx=entry.n_ctx,
-            load_seconds=slot.load_seconds,
-            error=slot.error,
-            pid=slot.pid,
-            adapter=entry.lora or None,
-        )
-
     def _publish(self, name: str) -> None:
         slot = self._slots.get(name)
         if slot is not None:
-            self._deps.board.put(self._info(slot), slot.breaker, slot.lane)
+            self._deps.board.put(model_info(slot, self._device_label), slot.breaker, slot.lane)
 
-
-def _backend_for(path: Path) -> Backend:
-    if path.suffix in (".pt", ".pt2"):
-        return "torch"
-    if path.suffix == ".gguf":
-        return "gguf"
-    raise InvalidRequest("model_type", f"cannot tell the backend of {path.name}; give model_type")

@@ -19,8 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import pykka
-
+from actors.bridge import LoopReplyActor
 from actors.errors import (
     MocError,
     ModelLoadFailed,
@@ -32,7 +31,9 @@ from actors.serving.metrics import worker_memory_kills_total
 from actors.serving.probes import DeviceProbe, process_rss_mb
 from actors.serving.resilience import CircuitBreaker
 from actors.serving.ticker import Ticker
-from actors.worker.client import LoadedInfo, WorkerProcess, WorkerSpec
+from actors.worker.client import WorkerProcess
+from actors.worker.handle import WorkerFactory, WorkerHandle, WorkerSpec
+from actors.worker.protocol import Loaded
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ ProcessMemory = Callable[[int], float | None]
 class ModelEvents(Protocol):
     """What the ModelActor tells its manager (a pykka proxy: calls do not block)."""
 
-    def model_loaded(self, name: str, info: LoadedInfo) -> object: ...
+    def model_loaded(self, name: str, info: Loaded) -> object: ...
 
     def model_load_failed(self, name: str, error: Exception) -> object: ...
 
@@ -55,14 +56,12 @@ class ModelEvents(Protocol):
     def model_memory(self, name: str, mb: float) -> object: ...
 
 
-WorkerFactory = Callable[[WorkerSpec, Path], WorkerProcess]
-
-
-def _default_worker(spec: WorkerSpec, runtime_dir: Path) -> WorkerProcess:
+def worker_process(spec: WorkerSpec, runtime_dir: Path) -> WorkerHandle:
+    """Make the real worker: a child process (the production `WorkerFactory`)."""
     return WorkerProcess(spec, runtime_dir=runtime_dir)
 
 
-class ModelActor(pykka.ThreadingActor):
+class ModelActor(LoopReplyActor):
     """Supervises one model's worker process."""
 
     def __init__(
@@ -78,7 +77,7 @@ class ModelActor(pykka.ThreadingActor):
         gpu_probe: DeviceProbe | None = None,
         load_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
-        worker_factory: WorkerFactory = _default_worker,
+        worker_factory: WorkerFactory = worker_process,
         memory_watch: MemoryWatch | None = None,
         process_memory: ProcessMemory | None = None,
     ) -> None:
@@ -129,8 +128,8 @@ class ModelActor(pykka.ThreadingActor):
         return self._restart()
 
     @property
-    def worker(self) -> WorkerProcess:
-        """The worker process (its `stop`, `alive` and `pid` are safe from any thread)."""
+    def worker(self) -> WorkerHandle:
+        """The worker (its `stop`, `alive` and `pid` are safe from any thread)."""
         return self._worker
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -175,7 +174,7 @@ class ModelActor(pykka.ThreadingActor):
         self._events.model_loaded(self.spec.name, info)
         return True
 
-    def _attach(self, info: LoadedInfo) -> None:
+    def _attach(self, info: Loaded) -> None:
         """Serve through the freshly loaded worker; note what its process holds besides."""
         self._measured_mb = self._reported_mb = info.measured_mb
         held = self._process_memory(info.pid)

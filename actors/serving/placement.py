@@ -1,8 +1,9 @@
-"""Where a model goes and what must leave to make room: pure decisions, no I/O, no clock.
+"""Where a model goes, what must leave to make room, what has sat idle too long: pure decisions.
 
-Placement: the best single-device fit (least memory left over), ties to the device with the most
-free memory. Eviction: only idle, unpinned models; the cheapest to lose first, judged by how long
-each has been idle against how long it takes to load again.
+No I/O, no clock: the caller passes each resident's idle time. Placement: the best single-device
+fit (least memory left over), ties to the device with the most free memory. Eviction: only idle,
+unpinned models; the cheapest to lose first, judged by how long each has been idle against how
+long it takes to load again. Expiry: idle, unpinned models idle for `keep_alive` or longer.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ class Resident:
     name: str
     device: str
     claimed_mb: float
-    idle: bool  # no request admitted
+    idle: bool  # loaded, and no request admitted or waiting
     pinned: bool
-    idle_seconds: float
+    idle_seconds: float  # since its last request ended (or since it loaded)
     reload_seconds: float  # what it cost to load; what evicting it would cost later
 
 
@@ -114,3 +115,15 @@ def _free_slot_elsewhere(
     ]
     device = choose_device(need_mb, rooms)
     return [] if device is None else [(eviction_cost(victim), 1, device, (victim.name,))]
+
+
+def expired(residents: Sequence[Resident], keep_alive_s: float | None) -> list[str]:
+    """Return the residents to unload now: idle and unpinned for `keep_alive_s` or longer.
+
+    `keep_alive_s` None keeps every model loaded; 0 unloads each as soon as it is idle.
+    """
+    if keep_alive_s is None:
+        return []
+    return [
+        r.name for r in residents if r.idle and not r.pinned and r.idle_seconds >= keep_alive_s
+    ]

@@ -107,14 +107,15 @@ class Bulkhead:
         metrics.bulkhead_rejected_total.labels(name)  # exported from 0, as rate() wants
 
     @property
-    def in_flight(self) -> int:
+    def occupancy(self) -> int:
+        """Places taken: requests admitted (`active`) plus those waiting for a place."""
         return self.active + self.waiting
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one place for the duration of a request, or raise Overloaded without waiting."""
         capacity = self._config.max_concurrent + self._config.max_queue_size
-        if self.in_flight >= capacity:
+        if self.occupancy >= capacity:
             metrics.bulkhead_rejected_total.labels(self._name).inc()
             raise Overloaded(
                 f"model {self._name!r} is overloaded: {capacity} requests already in flight",
@@ -179,13 +180,13 @@ class BulkheadRegistry:
         """
         with self._lock:  # held while unpublishing, so a get() cannot pick up removed series
             bulkhead = self._bulkheads.get(model)
-            if bulkhead is None or bulkhead.in_flight:
+            if bulkhead is None or bulkhead.occupancy:
                 return
             del self._bulkheads[model]
             bulkhead.unpublish()
 
-    def in_flight(self, model: str) -> int:
+    def occupancy(self, model: str) -> int:
         """Requests admitted or waiting for `model` (0 for a model never asked for)."""
         with self._lock:
             bulkhead = self._bulkheads.get(model)
-        return 0 if bulkhead is None else bulkhead.in_flight
+        return 0 if bulkhead is None else bulkhead.occupancy

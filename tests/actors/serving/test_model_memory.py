@@ -25,7 +25,10 @@ from actors.serving.model import ModelActor, worker_memory_kills_total
 from actors.serving.probes import process_rss_mb
 from actors.serving.resilience import CircuitBreaker
 from actors.types import GenerationParams, InferRequest
-from actors.worker.client import LoadedInfo, WorkerProcess, WorkerSpec
+from actors.worker.client import WorkerProcess
+from actors.worker.handle import WorkerSpec
+from actors.worker.protocol import Loaded, LoadSpec
+from tests.support import wait_until
 
 N_CTX = 8192
 LONG = InferRequest(model="tiny", prompt="ab" * 1500, params=GenerationParams(max_tokens=1))
@@ -36,10 +39,10 @@ class Events:
     """Records what the actor and the lane tell the manager, with the reporting thread."""
 
     def __init__(self) -> None:
-        self.loaded: list[LoadedInfo] = []
+        self.loaded: list[Loaded] = []
         self.memory: list[tuple[float, str]] = []
 
-    def model_loaded(self, name: str, info: LoadedInfo) -> None:
+    def model_loaded(self, name: str, info: Loaded) -> None:
         self.loaded.append(info)
 
     def model_load_failed(self, name: str, error: Exception) -> None:
@@ -64,7 +67,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def spec(model: Path) -> WorkerSpec:
-    return WorkerSpec(name="tiny", path=str(model), backend="gguf", n_ctx=N_CTX)
+    return WorkerSpec(name="tiny", load=LoadSpec(backend="gguf", path=str(model), n_ctx=N_CTX))
 
 
 class Supervised:
@@ -103,11 +106,6 @@ def supervise(tmp_path: Path, model: Path) -> Iterator[Any]:
         s.ref.stop(timeout=30)
 
 
-def until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)  # polling a condition with a deadline
 
 
 async def test_a_worker_that_grows_during_a_request_is_reported_before_the_request_ends(
@@ -154,7 +152,7 @@ async def test_a_worker_past_the_memory_limit_is_killed_its_request_fails_saying
     assert s.breaker.state(time.monotonic()) == "open"  # the crash counts as a failure
     # The lane asked the actor for a fresh worker; once the breaker lets a trial through, the
     # model serves again.
-    until(lambda: s.worker.alive and s.worker.pid != first, 30, "a fresh worker")
-    until(lambda: s.breaker.state(time.monotonic()) != "open", 5, "the breaker's reset")
+    wait_until(lambda: s.worker.alive and s.worker.pid != first, 30, "a fresh worker")
+    wait_until(lambda: s.breaker.state(time.monotonic()) != "open", 5, "the breaker's reset")
     assert (await s.lane.infer(SHORT)).tokens_generated == 2
     assert len(s.events.loaded) == 2

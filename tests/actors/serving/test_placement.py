@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from actors.serving.placement import DeviceRoom, Placement, Resident, choose_device, evictable, plan
+from actors.serving.placement import (
+    DeviceRoom,
+    Placement,
+    Resident,
+    choose_device,
+    evictable,
+    expired,
+    plan,
+)
 
 
 def room(name: str, mb: float) -> DeviceRoom:
@@ -134,3 +142,40 @@ def test_evictable_orders_cheapest_first_and_skips_busy_and_pinned() -> None:
         resident("stale", "a", 1, idle_s=1000),
     ]
     assert [r.name for r in evictable(residents)] == ["stale", "recent"]
+
+
+@pytest.mark.parametrize(
+    ("residents", "keep_alive", "expected"),
+    [
+        ([resident("m1", "a", 100, idle_s=300)], None, []),
+        ([resident("m1", "a", 100, idle_s=299.9)], 300.0, []),
+        ([resident("m1", "a", 100, idle_s=300)], 300.0, ["m1"]),
+        ([resident("m1", "a", 100, idle_s=900, pinned=True)], 300.0, []),
+        ([resident("m1", "a", 100, idle_s=900, idle=False)], 300.0, []),
+        ([resident("m1", "a", 100, idle_s=0)], 0.0, ["m1"]),
+        ([resident("m1", "a", 100, idle_s=0, idle=False)], 0.0, []),
+        (
+            [
+                resident("m1", "a", 100, idle_s=400),
+                resident("m2", "b", 100, idle_s=10),
+                resident("m3", "a", 100, idle_s=500),
+            ],
+            300.0,
+            ["m1", "m3"],
+        ),
+    ],
+    ids=[
+        "no-keep-alive-keeps-all",
+        "just-short-of-keep-alive",
+        "at-keep-alive",
+        "pinned-never",
+        "busy-never",
+        "zero-expires-idle-at-once",
+        "zero-keeps-busy",
+        "only-the-long-idle-of-several",
+    ],
+)
+def test_expired_names_the_idle_unpinned_models_past_keep_alive(
+    residents: list[Resident], keep_alive: float | None, expected: list[str]
+) -> None:
+    assert expired(residents, keep_alive) == expected

@@ -64,7 +64,7 @@ async def test_a_full_bulkhead_refuses_at_once_and_frees_its_places() -> None:
     assert refused.value.retry_after > 0
     release.set()
     await asyncio.gather(first, second)
-    assert bulkhead.in_flight == 0
+    assert bulkhead.occupancy == 0
 
 
 async def test_a_cancelled_waiter_gives_its_place_back() -> None:
@@ -77,7 +77,7 @@ async def test_a_cancelled_waiter_gives_its_place_back() -> None:
         with pytest.raises(asyncio.CancelledError):
             await waiter
         assert bulkhead.waiting == 0
-    assert bulkhead.in_flight == 0
+    assert bulkhead.occupancy == 0
 
 
 def _sample(name: str, model: str) -> float | None:

@@ -1,0 +1,127 @@
+"""What a load becomes: the catalog entry a model is loaded with, its memory need, its worker.
+
+A client's load request, a peer's, a restore and a catalog name all end as one `CatalogEntry`:
+the request's fields over the catalog's (`base`), the path resolved inside the model
+directories, the context fitted to what the model was trained for. Only headers and file sizes
+are read here; the manager decides with what these return.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from actors.errors import InvalidRequest, ModelFileInvalid, ModelNotFound
+from actors.serving.config import CatalogEntry
+from actors.serving.context import fit_gguf_n_ctx
+from actors.serving.estimate import CUDA_CONTEXT_MB, estimate_gguf_memory
+from actors.serving.paths import resolve_model_path
+from actors.types import Backend, DeviceKind, LoadRequest
+from actors.worker.handle import WorkerSpec
+from actors.worker.protocol import LoadSpec
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+TORCH_ALLOCATOR_FACTOR = 1.2
+"""A torch program's tensors live in its file; torch's allocator adds about a fifth."""
+TORCH_HOST_MB = 64.0
+"""What a torch worker holds on the host beside its tensors, off a GPU."""
+
+
+def entry_for(
+    request: LoadRequest, base: CatalogEntry | None, model_dirs: Sequence[Path]
+) -> CatalogEntry:
+    """Return the entry to load `request` with: its fields over the catalog's `base`."""
+    if request.path is None and base is None:
+        raise ModelNotFound(f"model {request.name!r} is not loaded and not in the catalog")
+    path = request.path or (base.path if base else "")
+    try:
+        resolved = resolve_model_path(path, model_dirs)
+    except OSError as exc:  # e.g. ENAMETOOLONG: the path is the client's, not the node's
+        raise InvalidRequest("model_path", f"cannot be resolved: {exc.strerror}") from None
+    backend = request.backend or (base.backend if base else backend_for(resolved))
+    try:
+        entry = CatalogEntry(
+            name=request.name,
+            path=str(resolved),
+            backend=backend,
+            n_ctx=request.n_ctx or (base.n_ctx if base else 2048),
+            gpu_layers=request.gpu_layers
+            if request.gpu_layers is not None
+            else (base.gpu_layers if base else -1),
+            pin=request.pin if request.pin is not None else (base.pin if base else False),
+            lora=base.lora if base is not None and request.path is None else "",
+            cpu_repack=base.cpu_repack if base is not None else None,
+            n_ctx_max=base.n_ctx_max if base is not None else 0,
+        )
+    except ValueError as exc:
+        field_name, _, message = str(exc).partition(": ")
+        raise InvalidRequest(field_name, message) from None
+    return fit_context(entry, asked=request.n_ctx is not None)
+
+
+def fit_context(entry: CatalogEntry, *, asked: bool) -> CatalogEntry:
+    """Cap n_ctx at the model's trained context: a client asking for more is refused."""
+    if entry.backend != "gguf":
+        return entry
+    n_ctx = fit_gguf_n_ctx(entry.path, entry.n_ctx, entry.n_ctx_max, asked=asked)
+    if n_ctx == entry.n_ctx:
+        return entry
+    log.info(
+        "loading %s with n_ctx %d instead of its catalog's %d: past what the model was "
+        "trained for (or its n_ctx_max)",
+        entry.name,
+        n_ctx,
+        entry.n_ctx,
+    )
+    return replace(entry, n_ctx=n_ctx)
+
+
+def backend_for(path: Path) -> Backend:
+    """Tell the backend from the file's suffix, or ask the client to name it."""
+    if path.suffix in (".pt", ".pt2"):
+        return "torch"
+    if path.suffix == ".gguf":
+        return "gguf"
+    raise InvalidRequest("model_type", f"cannot tell the backend of {path.name}; give model_type")
+
+
+def need_mb(entry: CatalogEntry, *, on_gpu: bool) -> float:
+    """Estimate the MiB `entry` will claim once loaded, on a GPU or on the host."""
+    if entry.backend == "torch":
+        try:
+            tensors = Path(entry.path).stat().st_size / MIB * TORCH_ALLOCATOR_FACTOR
+        except OSError as exc:
+            raise ModelFileInvalid(f"cannot read {entry.path}: {exc.strerror}") from None
+        return tensors + (CUDA_CONTEXT_MB if on_gpu else TORCH_HOST_MB)
+    estimate = estimate_gguf_memory(
+        entry.path, n_ctx=entry.n_ctx, gpu_layers=entry.gpu_layers, on_gpu=on_gpu
+    )
+    return float(estimate.total_mb)
+
+
+def worker_spec(
+    entry: CatalogEntry,
+    *,
+    device_kind: DeviceKind,
+    device_index: int | None,
+    cpu_repack: bool,
+) -> WorkerSpec:
+    """Return what the worker process for `entry` is started with on its device."""
+    load = LoadSpec(
+        backend=entry.backend,
+        path=entry.path,
+        n_ctx=entry.n_ctx,
+        gpu_layers=entry.gpu_layers if device_kind == "nvml" else 0,
+        device_kind=device_kind,
+        device_index=device_index,
+        lora_path=entry.lora or None,
+        cpu_repack=cpu_repack,
+    )
+    return WorkerSpec(name=entry.name, load=load)
+
+
+__all__ = ["backend_for", "entry_for", "fit_context", "need_mb", "worker_spec"]
