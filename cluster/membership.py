@@ -219,18 +219,6 @@ class Membership:
         m = self._members.get(name)
         return m.view() if m is not None else None
 
-    def alive_names(self) -> list[str]:
-        """Return the names of alive members (suspects count: they may still refute)."""
-        return [
-            m.name
-            for m in self._members.values()
-            if m.state in (MemberState.ALIVE, MemberState.SUSPECT)
-        ]
-
-    def num_members(self) -> int:
-        """Return the member count memberlist uses for its estimates (dead not yet reaped too)."""
-        return len(self._members)
-
     def events(self) -> list[MemberEvent]:
         """Return and clear the events since the last call."""
         events, self._events = self._events, []
@@ -295,15 +283,6 @@ class Membership:
         else:
             # Election messages share the wire; the caller routes them elsewhere.
             self.counters.drop("not_membership")
-        return out
-
-    def handle_packet(
-        self, messages: Iterable[Message], src: Address, now: float, reliable: bool = False
-    ) -> list[Outbound]:
-        """Process every message of one packet."""
-        out: list[Outbound] = []
-        for msg in messages:
-            out.extend(self.handle(msg, src, now, reliable))
         return out
 
     def tick(self, now: float) -> list[Outbound]:

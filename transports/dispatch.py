@@ -115,7 +115,6 @@ STATUS_BY_CODE: dict[str, int] = {
     "goal_not_found": 404,
     "dataset_not_allowed": 403,
     "insufficient_memory": 507,
-    "torch_missing": 501,
     "unsupported_model": 400,
     "name_taken": 409,  # a job output that would shadow a model; "replace": true allows it
     # Limits on what waits and what is stored (learning.max_queued_jobs, goals.max_open_goals;

@@ -51,9 +51,3 @@ class JobMemoryUnavailable(LearningError):
     """The job could not claim the memory it needs before its deadline."""
 
     code = "insufficient_memory"
-
-
-class TorchMissing(LearningError):
-    """torch is not installed (the optional extra `moc-node[torch]`)."""
-
-    code = "torch_missing"
