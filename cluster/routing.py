@@ -47,7 +47,7 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
-class Placement:
+class LoadTarget:
     """Where the primary should load a model: a node and one of its devices."""
 
     node: str
@@ -97,7 +97,7 @@ def choose_load_target(
     has_file: Callable[[str], bool] | None = None,
     *,
     exclude: Collection[str] = (),
-) -> Placement | None:
+) -> LoadTarget | None:
     """Return the device with the most free memory that fits the model, or None.
 
     A model is never split across devices, so one device must fit it whole. `has_file(node)`,
@@ -119,7 +119,7 @@ def choose_load_target(
                 best = key
     if best is None:
         return None
-    return Placement(best[1], best[2], -best[0])
+    return LoadTarget(best[1], best[2], -best[0])
 
 
 def route(members: Collection[ClusterMember], model: str, local: str) -> Route:

@@ -18,7 +18,7 @@ from zmq.utils import z85
 SECTION = "server"
 
 
-class ConfigError(ValueError):
+class ServerConfigError(ValueError):
     """A `[server]` key is unknown or holds a bad value; the message names the key."""
 
 
@@ -150,16 +150,16 @@ class ServerConfig:
         for name in ("zmq_port", "rest_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
-                raise ConfigError(f"{name}: {port} is not a TCP port (0..65535)")
+                raise ServerConfigError(f"{name}: {port} is not a TCP port (0..65535)")
         for name in ("max_workers", "max_body_bytes", "max_frame_bytes", "zmq_max_msg_bytes"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be at least 1")
+                raise ServerConfigError(f"{name}: must be at least 1")
         if self.max_pending < 0:
-            raise ConfigError("max_pending: must be 0 or more")
+            raise ServerConfigError("max_pending: must be 0 or more")
         if self.zmq_max_msg_bytes < self.max_frame_bytes:
-            raise ConfigError("zmq_max_msg_bytes: must be >= max_frame_bytes")
+            raise ServerConfigError("zmq_max_msg_bytes: must be >= max_frame_bytes")
         if self.max_connections_per_ip < 0:
-            raise ConfigError("max_connections_per_ip: must be 0 (no cap) or more")
+            raise ServerConfigError("max_connections_per_ip: must be 0 (no cap) or more")
         for name in (
             "request_timeout_s",
             "load_timeout_s",
@@ -172,27 +172,27 @@ class ServerConfig:
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name}: must be a positive number of seconds")
+                raise ServerConfigError(f"{name}: must be a positive number of seconds")
         for path in self.open_paths:
             if not path.startswith("/"):
-                raise ConfigError(f"open_paths: {path!r} must start with '/'")
+                raise ServerConfigError(f"open_paths: {path!r} must start with '/'")
         if any(not key for key in self.api_keys):
-            raise ConfigError("api_keys: keys must not be empty strings")
+            raise ServerConfigError("api_keys: keys must not be empty strings")
         if self.zmq_handshake_timeout_s * 1000 >= 2**31:
-            raise ConfigError("zmq_handshake_timeout_s: must be below 2^31 milliseconds")
+            raise ServerConfigError("zmq_handshake_timeout_s: must be below 2^31 milliseconds")
         for entry in self.zmq_allow_from:
             try:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
-                raise ConfigError(
+                raise ServerConfigError(
                     f"zmq_allow_from: {entry!r} is not an IP address or network (CIDR)"
                 ) from None
         if self.zmq_curve_client_keys_file is not None and self.zmq_curve_secret_key_file is None:
-            raise ConfigError(
+            raise ServerConfigError(
                 "zmq_curve_client_keys_file: needs zmq_curve_secret_key_file (the server's key)"
             )
         if self.zmq_require_api_key and not self.auth_configured:
-            raise ConfigError("zmq_require_api_key: needs api_keys or api_key_file")
+            raise ServerConfigError("zmq_require_api_key: needs api_keys or api_key_file")
 
     @property
     def auth_configured(self) -> bool:
@@ -217,7 +217,7 @@ def load_api_keys(config: ServerConfig) -> frozenset[str]:
             text = Path(config.api_key_file).read_text(encoding="utf-8")
         except OSError as exc:
             # The message names the file, never its contents.
-            raise ConfigError(
+            raise ServerConfigError(
                 f"{SECTION}.api_key_file: cannot read {config.api_key_file}: {exc.strerror}"
             ) from None
         for line in text.splitlines():
@@ -225,7 +225,7 @@ def load_api_keys(config: ServerConfig) -> frozenset[str]:
             if key and not key.startswith("#"):
                 keys.add(key)
         if not keys:
-            raise ConfigError(f"{SECTION}.api_key_file: {config.api_key_file} holds no key")
+            raise ServerConfigError(f"{SECTION}.api_key_file: {config.api_key_file} holds no key")
     return frozenset(keys)
 
 
@@ -249,7 +249,7 @@ class ZmqAuth:
 
 
 def load_zmq_auth(config: ServerConfig) -> ZmqAuth:
-    """Read the ZeroMQ auth settings and the CURVE key files they name; raise ConfigError
+    """Read the ZeroMQ auth settings and the CURVE key files they name; raise ServerConfigError
     naming the key when a file is unreadable or holds no valid key (never showing a key)."""
     allow = tuple(ipaddress.ip_network(entry, strict=False) for entry in config.zmq_allow_from)
     if config.zmq_curve_secret_key_file is None:
@@ -266,7 +266,7 @@ def _read_text(key: str, path: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"{SECTION}.{key}: cannot read {path}: {why}") from None
+        raise ServerConfigError(f"{SECTION}.{key}: cannot read {path}: {why}") from None
 
 
 def is_z85_key(text: str) -> bool:
@@ -285,11 +285,11 @@ def _read_server_key(path: str) -> tuple[bytes, bytes]:
     except (ValueError, OSError, KeyError):
         secret_or_none = None
     if secret_or_none is None or not is_z85_key(secret_or_none.decode("ascii", "replace")):
-        raise ConfigError(
+        raise ServerConfigError(
             f"{SECTION}.{key}: {path} holds neither a Z85 secret key nor a secret certificate"
         )
     if zmq.curve_public(secret_or_none) != public:
-        raise ConfigError(f"{SECTION}.{key}: {path}: the public key does not match the secret")
+        raise ServerConfigError(f"{SECTION}.{key}: {path}: the public key does not match the secret")
     return public, secret_or_none
 
 
@@ -301,8 +301,8 @@ def _read_client_keys(path: str) -> frozenset[bytes]:
         if not entry or entry.startswith("#"):
             continue
         if not is_z85_key(entry):
-            raise ConfigError(f"{SECTION}.{key}: {path} line {number} is not a Z85 public key")
+            raise ServerConfigError(f"{SECTION}.{key}: {path} line {number} is not a Z85 public key")
         found.add(entry.encode("ascii"))
     if not found:
-        raise ConfigError(f"{SECTION}.{key}: {path} holds no key")
+        raise ServerConfigError(f"{SECTION}.{key}: {path} holds no key")
     return frozenset(found)

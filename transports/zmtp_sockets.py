@@ -39,16 +39,16 @@ class QueueFull(Exception):
 
 
 class _Owner(Protocol):
-    def _ready(self, link: _Link, peer: Ready) -> None: ...
+    def _ready(self, conn: _Connection, peer: Ready) -> None: ...
 
-    def _message(self, link: _Link, frames: list[bytes]) -> None: ...
+    def _message(self, conn: _Connection, frames: list[bytes]) -> None: ...
 
-    def _refused(self, link: _Link, error: ZmtpError) -> None: ...
+    def _refused(self, conn: _Connection, error: ZmtpError) -> None: ...
 
-    def _lost(self, link: _Link) -> None: ...
+    def _lost(self, conn: _Connection) -> None: ...
 
 
-class _Link(asyncio.BufferedProtocol):
+class _Connection(asyncio.BufferedProtocol):
     """One ZMTP connection: sends this side's greeting and READY, decodes what the peer sends."""
 
     def __init__(
@@ -141,8 +141,8 @@ class RouterSocket:
         self._handshake_s = handshake_s
         self._max_frame_bytes = max_frame_bytes
         self._max_queued_bytes = max_queued_bytes
-        self._links: dict[bytes, _Link] = {}
-        self._pending: set[_Link] = set()
+        self._connections: dict[bytes, _Connection] = {}
+        self._pending: set[_Connection] = set()
         self._next_id = secrets.randbits(32)
         self._server: asyncio.Server | None = None
 
@@ -155,10 +155,10 @@ class RouterSocket:
     def send(self, frames: list[bytes]) -> bool:
         """Send `frames[1:]` to the connection `frames[0]` names; False when it is gone (or not
         reading, past the limit): the message is dropped, as libzmq's ROUTER drops it."""
-        link = self._links.get(frames[0])
-        if link is None or link.queued() > self._max_queued_bytes:
+        conn = self._connections.get(frames[0])
+        if conn is None or conn.queued() > self._max_queued_bytes:
             return False
-        link.write(encode_message(frames[1:]))
+        conn.write(encode_message(frames[1:]))
         return True
 
     def close(self) -> None:
@@ -166,37 +166,37 @@ class RouterSocket:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for link in [*self._links.values(), *self._pending]:
-            link.abort()
-        self._links.clear()
+        for conn in [*self._connections.values(), *self._pending]:
+            conn.abort()
+        self._connections.clear()
         self._pending.clear()
 
-    def _accept(self) -> _Link:
-        link = _Link(self, "ROUTER", self._max_frame_bytes, self._handshake_s)
-        self._pending.add(link)
-        return link
+    def _accept(self) -> _Connection:
+        conn = _Connection(self, "ROUTER", self._max_frame_bytes, self._handshake_s)
+        self._pending.add(conn)
+        return conn
 
-    def _ready(self, link: _Link, peer: Ready) -> None:
-        self._pending.discard(link)
-        if peer.identity and peer.identity[:1] != b"\x00" and peer.identity not in self._links:
-            link.routing_id = peer.identity  # as libzmq: ids starting with 0 are its own
+    def _ready(self, conn: _Connection, peer: Ready) -> None:
+        self._pending.discard(conn)
+        if peer.identity and peer.identity[:1] != b"\x00" and peer.identity not in self._connections:
+            conn.routing_id = peer.identity  # as libzmq: ids starting with 0 are its own
         else:
             self._next_id = (self._next_id + 1) & 0xFFFFFFFF
-            link.routing_id = b"\x00" + self._next_id.to_bytes(4, "big")
-        self._links[link.routing_id] = link
+            conn.routing_id = b"\x00" + self._next_id.to_bytes(4, "big")
+        self._connections[conn.routing_id] = conn
 
-    def _message(self, link: _Link, frames: list[bytes]) -> None:
-        self._on_frames([link.routing_id, *frames])
+    def _message(self, conn: _Connection, frames: list[bytes]) -> None:
+        self._on_frames([conn.routing_id, *frames])
 
-    def _refused(self, link: _Link, error: ZmtpError) -> None:
+    def _refused(self, conn: _Connection, error: ZmtpError) -> None:
         log.debug("peer connection refused: %s", error)
         if self._on_refused is not None:
             self._on_refused(error.reason)
 
-    def _lost(self, link: _Link) -> None:
-        self._pending.discard(link)
-        if self._links.get(link.routing_id) is link:
-            del self._links[link.routing_id]
+    def _lost(self, conn: _Connection) -> None:
+        self._pending.discard(conn)
+        if self._connections.get(conn.routing_id) is conn:
+            del self._connections[conn.routing_id]
 
 
 class DealerSocket:
@@ -219,9 +219,9 @@ class DealerSocket:
         self._max_frame_bytes = max_frame_bytes
         self._max_queued = max_queued
         self._max_queued_bytes = max_queued_bytes
-        self._link: _Link | None = None
+        self._conn: _Connection | None = None
         """The connection whose handshake is done: messages go straight out on it."""
-        self._handshaking: _Link | None = None
+        self._handshaking: _Connection | None = None
         """Connected, waiting for the peer's READY: a message sent before it is a protocol error
         to libzmq, which reads it as a handshake command and drops the connection."""
         self._waiting: list[bytes] = []
@@ -230,11 +230,11 @@ class DealerSocket:
 
     def send(self, frames: list[bytes]) -> None:
         """Send one message now, or once the handshake is done; QueueFull when too much waits."""
-        link = self._link
-        if link is not None:
-            if link.queued() > self._max_queued_bytes:
-                raise QueueFull(f"{link.queued()} bytes wait for the peer")
-            link.write(encode_message(frames))
+        conn = self._conn
+        if conn is not None:
+            if conn.queued() > self._max_queued_bytes:
+                raise QueueFull(f"{conn.queued()} bytes wait for the peer")
+            conn.write(encode_message(frames))
             return
         if self._closed:
             raise QueueFull("the socket is closed")
@@ -251,16 +251,16 @@ class DealerSocket:
         if self._connecting is not None:
             self._connecting.cancel()
             self._connecting = None
-        for link in (self._link, self._handshaking):
-            if link is not None:
-                link.abort()
-        self._link = self._handshaking = None
+        for conn in (self._conn, self._handshaking):
+            if conn is not None:
+                conn.abort()
+        self._conn = self._handshaking = None
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, link = await loop.create_connection(
-                lambda: _Link(self, "DEALER", self._max_frame_bytes, HANDSHAKE_S),
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self, "DEALER", self._max_frame_bytes, HANDSHAKE_S),
                 self._host,
                 self._port,
             )
@@ -271,30 +271,30 @@ class DealerSocket:
             return
         self._connecting = None
         if self._closed:
-            link.abort()
+            conn.abort()
             return
-        self._handshaking = link  # the waiting messages go once the peer's READY is in
+        self._handshaking = conn  # the waiting messages go once the peer's READY is in
 
     def _broken(self, why: str) -> None:
         if self._on_broken is not None and not self._closed:
             self._on_broken(why)
 
-    def _ready(self, link: _Link, peer: Ready) -> None:
-        if link is not self._handshaking:
+    def _ready(self, conn: _Connection, peer: Ready) -> None:
+        if conn is not self._handshaking:
             return
-        self._handshaking, self._link = None, link
+        self._handshaking, self._conn = None, conn
         for data in self._waiting:
-            link.write(data)
+            conn.write(data)
         self._waiting.clear()
 
-    def _message(self, link: _Link, frames: list[bytes]) -> None:
+    def _message(self, conn: _Connection, frames: list[bytes]) -> None:
         self._on_frames(frames)
 
-    def _refused(self, link: _Link, error: ZmtpError) -> None:
+    def _refused(self, conn: _Connection, error: ZmtpError) -> None:
         log.debug("peer %s:%d sent what is not ZMTP: %s", self._host, self._port, error)
 
-    def _lost(self, link: _Link) -> None:
-        if link is self._link or link is self._handshaking:
-            self._link = self._handshaking = None
+    def _lost(self, conn: _Connection) -> None:
+        if conn is self._conn or conn is self._handshaking:
+            self._conn = self._handshaking = None
             self._waiting.clear()
             self._broken(f"the connection to {self._host}:{self._port} was lost")

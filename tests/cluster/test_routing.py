@@ -8,7 +8,7 @@ from cluster.messages import MemberState
 from cluster.meta import DeviceMeta, ModelMeta, NodeMeta
 from cluster.routing import (
     ClusterMember,
-    Placement,
+    LoadTarget,
     Route,
     RouteKind,
     choose_load_target,
@@ -97,35 +97,35 @@ def test_loading_on_lists_alive_members_loading_the_model_by_name() -> None:
             500,
             [node("a", free=(400,)), node("b", free=(600,))],
             None,
-            Placement("b", "cuda:0", 600),
+            LoadTarget("b", "cuda:0", 600),
         ),
         (500, [node("a", free=(300, 300))], None, None),
         (
             500,
             [node("a", free=(600,)), node("b", free=(100, 900))],
             None,
-            Placement("b", "cuda:1", 900),
+            LoadTarget("b", "cuda:1", 900),
         ),
         (
             500,
             [node("a", free=(600,)), node("b", free=(900,))],
             lambda n: n == "a",
-            Placement("a", "cuda:0", 600),
+            LoadTarget("a", "cuda:0", 600),
         ),
         (500, [node("a", free=(600,))], lambda n: False, None),
         (
             500,
             [node("b", free=(700,)), node("a", free=(700,))],
             None,
-            Placement("a", "cuda:0", 700),
+            LoadTarget("a", "cuda:0", 700),
         ),
         (
             500,
             [node("a", free=(900,), leaving=True), node("b", free=(900,), state=S), node("c")],
             None,
-            Placement("c", "cuda:0", 1000),
+            LoadTarget("c", "cuda:0", 1000),
         ),
-        (1000, [node("a", free=(1000,))], None, Placement("a", "cuda:0", 1000)),
+        (1000, [node("a", free=(1000,))], None, LoadTarget("a", "cuda:0", 1000)),
     ],
     ids=[
         "no-members",
@@ -143,14 +143,14 @@ def test_choose_load_target(
     need: int,
     members: list[ClusterMember],
     has_file: object,
-    expected: Placement | None,
+    expected: LoadTarget | None,
 ) -> None:
     assert choose_load_target(need, members, has_file) == expected  # type: ignore[arg-type]
 
 
 def test_choose_load_target_can_exclude_nodes() -> None:
     members = [node("a", free=(900,)), node("b", free=(800,))]
-    assert choose_load_target(500, members, exclude={"a"}) == Placement("b", "cuda:0", 800)
+    assert choose_load_target(500, members, exclude={"a"}) == LoadTarget("b", "cuda:0", 800)
 
 
 @pytest.mark.parametrize(

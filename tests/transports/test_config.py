@@ -9,9 +9,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from moc_node.config import ConfigError as LoadError
+from moc_node.config import ConfigError as FileConfigError
 from moc_node.config import build
-from transports.config import ConfigError, ServerConfig, load_api_keys, load_zmq_auth
+from transports.config import ServerConfig, ServerConfigError, load_api_keys, load_zmq_auth
 
 
 def from_mapping(table: dict[str, Any]) -> ServerConfig:
@@ -68,7 +68,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
 def test_a_bad_value_stops_the_start_with_a_message_naming_the_key(
     table: dict[str, Any], start: str
 ) -> None:
-    with pytest.raises(LoadError) as caught:
+    with pytest.raises(FileConfigError) as caught:
         from_mapping(table)
     assert str(caught.value).startswith(start)
 
@@ -81,7 +81,7 @@ def test_keys_from_the_file_join_the_configured_ones_skipping_comments(tmp_path:
 
 
 def test_an_unreadable_key_file_is_refused_without_showing_contents(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ServerConfigError) as caught:
         load_api_keys(ServerConfig(api_key_file=str(tmp_path / "missing")))
     assert "server.api_key_file" in str(caught.value)
 
@@ -91,7 +91,7 @@ def test_an_empty_key_file_is_refused_rather_than_silently_opening_the_server(
 ) -> None:
     key_file = tmp_path / "keys"
     key_file.write_text("# nothing yet\n", encoding="utf-8")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ServerConfigError):
         load_api_keys(ServerConfig(api_key_file=str(key_file)))
 
 
@@ -166,7 +166,7 @@ def test_a_bad_curve_key_file_is_refused_at_load_naming_the_key_not_the_secret(
         zmq_curve_client_keys_file=None if clients_file is None else str(clients_file),
     )
 
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ServerConfigError) as caught:
         load_zmq_auth(config)
 
     assert str(caught.value).startswith(names)
