@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Backend = Literal["gguf", "torch"]
+
+DEFAULT_N_CTX = 2048
+"""A model's context in tokens when neither its catalog entry nor the load request names one:
+llama.cpp's own default in its examples, and what a small model is trained for (a model trained
+for less is capped to what it was trained for)."""
 FinishReason = Literal["stop", "length", "cancelled"]
 
 

@@ -155,7 +155,7 @@ class WorkerChannel:
         self._pidfd = _watch_exit(self._loop, worker, self._on_exit)
 
     @property
-    def in_flight(self) -> int:
+    def unanswered(self) -> int:
         """Requests sent and not yet answered."""
         return len(self._waiting)
 

@@ -1,21 +1,22 @@
-"""The supervisor side of a model worker process, used by the ModelActor.
+"""The supervisor side of a model worker process, used by the ModelActor: a `WorkerHandle`.
 
 `WorkerProcess` spawns `python -m actors.worker.main`, hands it the model to load over a ZMQ PAIR
-socket on `ipc://{runtime_dir}/{name}-{uuid}.sock`, and then runs one request at a time through
-it. Every wait is a short poll that also checks the process, so a worker that dies is noticed
-within ~50 ms and reported as WorkerCrashed (with its signal or exit code) instead of a hang.
-A worker that crashed in native code is described by the function that crashed and the CPU
-(actors/worker/native_crash.py reads them from the worker's log), else by the end of its log.
+socket on `ipc://{runtime_dir}/{name}-{uuid}.sock` (the control socket), and once it is loaded
+opens request channels to it (actors/worker/channel.py, over the Unix socket the worker listens
+on): the one path a request takes. Every wait of the load is a short poll that also checks the
+process, so a worker that dies while loading is noticed within ~50 ms and reported with its
+signal or exit code instead of a hang. A worker that crashed in native code is described by the
+function that crashed and the CPU (actors/worker/native_crash.py reads them from the worker's
+log), else by the end of its log.
 
-Threading: `start` and `run` are called from one thread (the actor's). `stop` and `alive` may be
-called from any thread; a `stop` during `run` signals the process rather than touching the
-socket (ZMQ sockets are not thread-safe), and `run` then ends with WorkerCrashed.
+Threading: `start` is called from one thread (the actor's). `stop`, `kill`, `alive` and `pid`
+may be called from any thread; a `stop` during `start` signals the process rather than touching
+the socket (ZMQ sockets are not thread-safe), and `start` then fails.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import re
 import signal
@@ -25,69 +26,29 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
 import actors
-from actors.errors import InvalidRequest, ModelLoadFailed, RequestTimeout, WorkerCrashed
-from actors.types import Backend, DeviceKind, InferRequest, InferResult
-from actors.worker.channel import WorkerChannel, infer_message, result_of
+from actors.errors import ModelLoadFailed, WorkerCrashed
+from actors.worker.channel import WorkerChannel
+from actors.worker.handle import WorkerSpec
 from actors.worker.native_crash import describe_crash
 from actors.worker.protocol import (
     PROTOCOL_VERSION,
-    Cancel,
-    Done,
-    Failed,
     Hello,
-    Load,
     Loaded,
     LoadFailed,
     Message,
     ProtocolError,
     Shutdown,
-    Token,
     decode,
     encode,
 )
 
-_POLL_S = 0.05  # how long one wait lasts before the process and deadlines are checked again
-_CANCEL_GRACE_S = 30.0  # a worker that ignores a cancel this long (one huge prompt eval) is killed
+_POLL_S = 0.05  # how long one wait of the load lasts before the process is checked again
 _MAX_IPC_PATH = 100  # sun_path holds 108 bytes; leave room for the terminating NUL
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    """What one worker process loads; `gpu_layers` -1 offloads every layer.
-
-    `n_threads` 0 lets llama.cpp choose (half the cores); set it to pin decode threads.
-    `cpu_repack` lets llama.cpp repack CPU-resident GGUF weights (`[models] cpu_repack`).
-    """
-
-    name: str
-    path: str
-    backend: Backend
-    n_ctx: int = 2048
-    gpu_layers: int = 0
-    device_kind: DeviceKind = "cpu"
-    device_index: int | None = None
-    seed: int = 0
-    lora_path: str | None = None
-    n_threads: int = 0
-    cpu_repack: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedInfo:
-    """What the worker reported once the model was loaded; memory in MiB, measured."""
-
-    pid: int
-    measured_mb: float
-    load_seconds: float
-    version: str
-    n_ctx: int
 
 
 def describe_exit(returncode: int) -> str:
@@ -115,8 +76,7 @@ class WorkerProcess:
         self.spec = spec
         self.runtime_dir = Path(runtime_dir)
         self.version = ""
-        self.memory_mb: float | None = None  # measured after the load, then after each request
-        self.peak_memory_mb: float | None = None
+        self.peak_memory_mb: float | None = None  # measured after the load and each request
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: zmq.Socket[bytes] | None = None
@@ -124,9 +84,8 @@ class WorkerProcess:
         self._data_path: Path | None = None
         self._log_path: Path | None = None
         self._log_mark = 0  # the log's size when the load finished: later errors show only past it
-        self._busy = False  # a run() owns the socket
+        self._loading = False  # start() owns the socket
         self._stopped = False
-        self._ids = itertools.count(1)
 
     # -- state visible from any thread ------------------------------------------------------
 
@@ -172,7 +131,7 @@ class WorkerProcess:
 
     # -- start ----------------------------------------------------------------------------
 
-    def start(self, timeout: float = 300.0) -> LoadedInfo:
+    def start(self, timeout: float = 300.0) -> Loaded:
         """Spawn the worker and load the model; raise ModelLoadFailed with the worker's reason."""
         if self._proc is not None:
             raise RuntimeError(f"worker for {self.spec.name} was already started")
@@ -188,17 +147,17 @@ class WorkerProcess:
         sock.bind(f"ipc://{self._sock_path}")
         self._sock = sock
         with self._lock:
-            self._busy = True  # the handshake owns the socket
+            self._loading = True  # the handshake owns the socket
         try:
             self._spawn()
             info = self._handshake(deadline, timeout)
         except BaseException:
             with self._lock:
-                self._busy = False
+                self._loading = False
             self.stop(timeout=2.0)
             raise
         with self._lock:
-            self._busy = False
+            self._loading = False
             stopped = self._stopped
         if stopped:  # stop() came from another thread while the model loaded
             self.stop()
@@ -230,7 +189,7 @@ class WorkerProcess:
         with self._lock:
             self._proc = proc
 
-    def _handshake(self, deadline: float, timeout: float) -> LoadedInfo:
+    def _handshake(self, deadline: float, timeout: float) -> Loaded:
         hello = self._wait_load_step(deadline, timeout, "starting")
         if not isinstance(hello, Hello):
             raise ModelLoadFailed(f"worker for {self.spec.name} sent {type(hello).__name__} first")
@@ -239,35 +198,19 @@ class WorkerProcess:
                 f"worker for {self.spec.name} speaks protocol {hello.version}, "
                 f"expected {PROTOCOL_VERSION}"
             )
-        s = self.spec
-        sent = self._send(
-            Load(
-                s.backend,
-                s.path,
-                s.n_ctx,
-                s.gpu_layers,
-                s.device_kind,
-                s.device_index,
-                s.seed,
-                s.lora_path,
-                s.n_threads,
-                s.cpu_repack,
-            )
-        )
-        if not sent:
-            raise ModelLoadFailed(f"worker for {s.name} went away before it could load")
+        name = self.spec.name
+        if not self._send(self.spec.load):
+            raise ModelLoadFailed(f"worker for {name} went away before it could load")
         reply = self._wait_load_step(deadline, timeout, "loading")
         if isinstance(reply, LoadFailed):
-            raise ModelLoadFailed(f"cannot load {s.name}: {reply.error}")
+            raise ModelLoadFailed(f"cannot load {name}: {reply.error}")
         if not isinstance(reply, Loaded):
-            raise ModelLoadFailed(f"worker for {s.name} answered Load with {type(reply).__name__}")
+            raise ModelLoadFailed(f"worker for {name} answered the load with {type(reply).__name__}")
         self.version = reply.version
         self.note_memory(reply.measured_mb)
         with contextlib.suppress(OSError):
             self._log_mark = self._log_path.stat().st_size if self._log_path else 0
-        return LoadedInfo(
-            reply.pid, reply.measured_mb, reply.load_seconds, reply.version, reply.n_ctx
-        )
+        return reply
 
     def _wait_load_step(self, deadline: float, timeout: float, doing: str) -> Message:
         while True:
@@ -291,86 +234,8 @@ class WorkerProcess:
         """Open a request channel to the started worker (on the running event loop)."""
         return WorkerChannel(self)
 
-    def run(
-        self,
-        req: InferRequest,
-        *,
-        on_token: Callable[[str], None] | None = None,
-        cancelled: Callable[[], bool] = lambda: False,
-        deadline: float | None = None,
-    ) -> InferResult:
-        """Run one request through the worker, streaming text through `on_token`.
-
-        `cancelled()` and the monotonic `deadline` are checked between tokens (every ~50 ms
-        when no token comes); either makes the worker stop, with finish_reason "cancelled" or
-        RequestTimeout respectively.
-        """
-        with self._lock:
-            if self._stopped or self._sock is None or self._proc is None:
-                raise WorkerCrashed(f"worker for {self.spec.name} is not running")
-            self._busy = True
-        try:
-            return self._run(req, on_token, cancelled, deadline)
-        finally:
-            with self._lock:
-                self._busy = False
-                if self._stopped:
-                    self._close_socket()
-
-    def _run(
-        self,
-        req: InferRequest,
-        on_token: Callable[[str], None] | None,
-        cancelled: Callable[[], bool],
-        deadline: float | None,
-    ) -> InferResult:
-        rid = next(self._ids)
-        started = time.monotonic()
-        sent = self._send(infer_message(rid, req, stream=on_token is not None))
-        if not sent:
-            self._recv_or_crash(0.5)  # says how the worker died, if it did
-            raise WorkerCrashed(f"worker for {self.spec.name} is not taking requests")
-        cancel_sent_at: float | None = None
-        timed_out = False
-        sink_error: Exception | None = None  # on_token failed: stop the worker, then re-raise
-        while True:
-            msg = self._recv_or_crash(_POLL_S)
-            if isinstance(msg, Token) and msg.request_id == rid:
-                if on_token is not None and sink_error is None:
-                    try:
-                        on_token(msg.text)
-                    except Exception as exc:
-                        sink_error = exc
-            elif isinstance(msg, Done) and msg.request_id == rid:
-                self.note_memory(msg.memory_mb)
-                if sink_error is not None:
-                    raise sink_error
-                if timed_out:
-                    raise RequestTimeout(f"request to {self.spec.name} passed its deadline")
-                return result_of(msg, started, self.version)
-            elif isinstance(msg, Failed) and msg.request_id == rid:
-                if msg.kind == "invalid_request":
-                    raise InvalidRequest(msg.field or "request", msg.message)
-                raise WorkerCrashed(
-                    f"worker for {self.spec.name} failed the request: {msg.message}"
-                )
-            now = time.monotonic()
-            if cancel_sent_at is None:
-                if deadline is not None and now >= deadline:
-                    timed_out = True
-                if timed_out or sink_error is not None or cancelled():
-                    self._send(Cancel(rid))  # if the worker is gone, the next poll says so
-                    cancel_sent_at = now
-            elif now - cancel_sent_at > _CANCEL_GRACE_S:
-                # The worker is stuck inside one native call: only a kill frees it.
-                self.kill()
-                raise RequestTimeout(
-                    f"worker for {self.spec.name} ignored a cancel for {_CANCEL_GRACE_S:g} s and was killed"
-                )
-
     def note_memory(self, mb: float) -> None:
         """Record the memory a reply reported, keeping the peak."""
-        self.memory_mb = mb
         self.peak_memory_mb = mb if self.peak_memory_mb is None else max(self.peak_memory_mb, mb)
 
     # -- stop -----------------------------------------------------------------------------
@@ -382,8 +247,8 @@ class WorkerProcess:
             first = not self._stopped
             self._stopped = True
             if first and proc is not None and proc.poll() is None:
-                if self._busy:
-                    proc.send_signal(signal.SIGTERM)  # the socket belongs to run() right now
+                if self._loading:
+                    proc.send_signal(signal.SIGTERM)  # the socket belongs to start() right now
                 else:
                     if not self._send(Shutdown()):
                         proc.send_signal(signal.SIGTERM)
@@ -394,7 +259,7 @@ class WorkerProcess:
                 proc.kill()
                 proc.wait()
         with self._lock:
-            if not self._busy:
+            if not self._loading:
                 self._close_socket()
         if proc is not None and proc.returncode == 0 and self._log_path is not None:
             self._log_path.unlink(missing_ok=True)  # keep the logs of workers that failed
@@ -443,17 +308,6 @@ class WorkerProcess:
         except ProtocolError as exc:
             raise WorkerCrashed(f"worker for {self.spec.name} sent garbage: {exc}") from exc
 
-    def _recv_or_crash(self, timeout_s: float) -> Message | None:
-        msg = self._recv(timeout_s)
-        if msg is None and self.exit_code() is not None:
-            # A reply may have landed just before the exit: read it before giving up.
-            msg = self._recv(0)
-            if msg is None:
-                raise WorkerCrashed(
-                    f"worker for {self.spec.name} {self.describe_end()} during the request"
-                )
-        return msg
-
     def _log_detail(self, limit: int = 400) -> str:
         """Return what the worker's log says of its end, for error messages.
 
@@ -475,3 +329,4 @@ class WorkerProcess:
             return f": {crash}; log: {self._log_path}"
         text = log[-limit:].decode("utf-8", errors="replace").strip()
         return f": {text}" if text else ""
+

@@ -8,14 +8,23 @@ that died is replaced, never restarted.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from actors.errors import WorkerCrashed
 from actors.types import InferRequest, InferResult
-from actors.worker.client import WorkerSpec
-from actors.worker.protocol import Loaded
+from actors.worker.protocol import Loaded, LoadSpec
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """One worker to start: the model it loads, and the name it answers to in messages and
+    file names (the model's name; the worker itself never hears it)."""
+
+    name: str
+    load: LoadSpec
 
 
 class RequestChannel(Protocol):
@@ -32,7 +41,7 @@ class RequestChannel(Protocol):
 
     def stream(
         self, req: InferRequest, deadline: float | None = None
-    ) -> AsyncIterator[str | InferResult]:
+    ) -> AsyncGenerator[str | InferResult, None]:
         """Yield the request's text piece by piece, then its result."""
         ...
 
@@ -84,4 +93,4 @@ WorkerFactory = Callable[[WorkerSpec, Path], WorkerHandle]
 """Make the worker for a spec, with its sockets and log under the runtime directory."""
 
 
-__all__ = ["RequestChannel", "WorkerFactory", "WorkerHandle"]
+__all__ = ["RequestChannel", "WorkerFactory", "WorkerHandle", "WorkerSpec"]

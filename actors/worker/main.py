@@ -1,17 +1,16 @@
-"""The model worker process: one model, one request at a time, driven by its supervisor over ZMQ.
+"""The model worker process: one model, one request at a time, driven by its supervisor.
 
     python -m actors.worker.main --endpoint ipc:///run/moc/tiny-1f2e.sock \
         --data-socket /run/moc/tiny-1f2e-data.sock --parent-pid 1234
 
-The worker connects a PAIR socket to the supervisor's endpoint, says Hello, loads what the Load
-message names, replies with what the load cost (measured, not estimated), then serves Infer
-messages until Shutdown. Requests come on the control socket (from the supervisor's thread) or
-on the Unix stream socket the worker listens on (from the node's event loop, several in flight
-at once; actors/worker/routes.py): they queue here in arrival order, so the next one starts the
-moment the last one ends, and each answer goes back on the route its request came from. A
-watchdog thread ends the process as soon as its parent is gone, so a killed node leaves no
-orphan holding memory. Imports stay lean: the backend's library is imported
-only once the Load message says which one.
+The worker connects a ZMQ PAIR socket to the supervisor's endpoint (the control socket), says
+Hello, loads what the LoadSpec names, replies with what the load cost (measured, not estimated),
+then serves until Shutdown. Requests come only on the Unix stream socket the worker listens on
+(from the node's event loop through actors/worker/channel.py, several in flight at once;
+actors/worker/routes.py): they queue here in arrival order, so the next one starts the moment
+the last one ends, and each answer goes back on the link its request came from. A watchdog
+thread ends the process as soon as its parent is gone, so a killed node leaves no orphan holding
+memory. Imports stay lean: the backend's library is imported only once the LoadSpec says which.
 """
 
 from __future__ import annotations
@@ -35,13 +34,12 @@ import zmq
 from actors.worker.backends import (
     BackendError,
     BadRequest,
-    Generation,
     LoadedModel,
-    LoadSpec,
-    check_model_file,
-    load_model,
-    prepare_crash_reports,
+    check_generation,
+    generation_of,
 )
+from actors.worker.backends.loader import check_model_file, load_model, prepare_crash_reports
+from actors.worker.memory import nvml_process_mb, nvml_used_mb, rss_mb
 from actors.worker.native_crash import install_native_handler
 from actors.worker.protocol import (
     PROTOCOL_VERSION,
@@ -50,9 +48,9 @@ from actors.worker.protocol import (
     Failed,
     Hello,
     Infer,
-    Load,
     Loaded,
     LoadFailed,
+    LoadSpec,
     Message,
     ProtocolError,
     Shutdown,
@@ -78,66 +76,6 @@ _LOOK_EVERY_S = 0.005  # how often a running request checks for a Cancel (cancel
 _SEND_TIMEOUT_MS = SEND_TIMEOUT_S * 1000
 
 
-_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
-
-
-_statm: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/statm), opened once
-
-
-def rss_mb() -> float:
-    """Return this process's resident set size in MiB.
-
-    Read from /proc/self/statm (one short line, regenerated at each read from offset 0) rather
-    than /proc/self/status, and through a descriptor kept open: it is read after every request,
-    where parsing the longer file was a tenth of a one-token request's time and opening and
-    closing the file another few percent.
-    """
-    global _statm
-    pid = os.getpid()
-    if _statm is None or _statm[0] != pid:  # a forked child must read its own file
-        _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
-    return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE_MB
-
-
-def nvml_process_mb(device_index: int, pid: int) -> float | None:
-    """Return the GPU memory `pid` holds on the device, via NVML; None if NVML cannot say."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory is not None:
-                return float(proc.usedGpuMemory) / (1024.0 * 1024.0)
-        return None  # in another pid namespace NVML reports host pids: the caller falls back
-    except pynvml.NVMLError:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def nvml_used_mb(device_index: int) -> float | None:
-    """Return the memory in use on the whole device, via NVML; None without NVML."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / (1024.0 * 1024.0)
-    except pynvml.NVMLError:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def import_backend_library(backend: str) -> None:
     """Import the backend's native library up front, so its own pages do not count as the model's.
 
@@ -147,22 +85,6 @@ def import_backend_library(backend: str) -> None:
     if module is not None:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
-
-
-def check_generation(gen: Generation) -> None:
-    """Refuse parameters no backend can honour; BadRequest names the field."""
-    given = [name for name in ("prompt", "messages", "tensors") if getattr(gen, name) is not None]
-    if len(given) != 1:
-        raise BadRequest(
-            "prompt", f"exactly one of prompt, messages, tensors is needed, got {given or 'none'}"
-        )
-    if gen.tensors is None:
-        if gen.max_tokens < 1:
-            raise BadRequest("max_tokens", f"must be at least 1, got {gen.max_tokens}")
-        if not 0.0 <= gen.temperature <= 100.0:
-            raise BadRequest("temperature", f"must be between 0 and 100, got {gen.temperature}")
-        if not 0.0 <= gen.top_p <= 1.0:
-            raise BadRequest("top_p", f"must be between 0 and 1, got {gen.top_p}")
 
 
 _crash_file: IO[str] | None = None
@@ -212,13 +134,14 @@ def start_watchdog(parent_pid: int, exit_code: int = EXIT_ORPHANED) -> threading
     return thread
 
 
-Route = ControlRoute | StreamRoute
-
-
 class Worker:
-    """The serving loop around the sockets and one loaded model."""
+    """The serving loop around the sockets and one loaded model.
 
-    def __init__(self, sock: zmq.Socket[bytes], listener: socket.socket | None = None) -> None:
+    The supervisor's control socket carries the load and, after it, only Shutdown; requests
+    and their cancels come on the data links (one per connection to the listening socket).
+    """
+
+    def __init__(self, sock: zmq.Socket[bytes], listener: socket.socket) -> None:
         self.sock = sock
         self.control = ControlRoute(sock)
         self.listener = listener
@@ -229,13 +152,11 @@ class Worker:
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         # The poller names plain sockets by descriptor: these map them back.
-        self.listen_fd = -1
-        if listener is not None:
-            self.listen_fd = listener.fileno()
-            self.poller.register(self.listen_fd, zmq.POLLIN)
+        self.listen_fd = listener.fileno()
+        self.poller.register(self.listen_fd, zmq.POLLIN)
         self.links: dict[int, StreamRoute] = {}
-        self.pending: deque[tuple[Route, Infer]] = deque()
-        self.current: tuple[Route, int] | None = None
+        self.pending: deque[tuple[StreamRoute, Infer]] = deque()
+        self.current: tuple[StreamRoute, int] | None = None
         self.current_cancelled = False
 
     def memory_mb(self) -> float:
@@ -244,10 +165,6 @@ class Worker:
             return self.gpu_mb
         return max(0.0, rss_mb() - self.rss_before)
 
-    def send(self, msg: Message, route: Route | None = None) -> None:
-        """Send one message on `route` (the supervisor's socket by default)."""
-        (route or self.control).send(msg)
-
     def recv(self, timeout_ms: int) -> Message | None:
         """Return the next control message, or None when none arrives within `timeout_ms`."""
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
@@ -255,7 +172,7 @@ class Worker:
         return decode(self.sock.recv())
 
     def take(self, timeout_ms: int) -> None:
-        """Take every message waiting on any route: queue requests, apply cancels."""
+        """Take every message waiting on any socket: queue requests, apply cancels."""
         for source, _ in self.poller.poll(timeout_ms):
             if source is self.sock:
                 self._take_control()
@@ -271,12 +188,16 @@ class Worker:
             except zmq.Again:
                 return
             try:
-                self.accept(self.control, decode(frame))
+                msg = decode(frame)
             except ProtocolError as exc:
                 print(f"moc worker: dropping a bad frame: {exc}", file=sys.stderr)
+                continue
+            if isinstance(msg, Shutdown):
+                self.shutdown = True
+            else:  # requests come on the data links
+                print(f"moc worker: unexpected {type(msg).__name__} on control", file=sys.stderr)
 
     def _connect(self) -> None:
-        assert self.listener is not None
         with contextlib.suppress(BlockingIOError):  # another poll took it first
             conn, _ = self.listener.accept()
             route = StreamRoute(conn)
@@ -305,18 +226,16 @@ class Worker:
         if self.current is not None and self.current[0] is route:
             self.current_cancelled = True
 
-    def accept(self, route: Route, msg: Message) -> None:
-        """Act on one message that arrived while serving or idle."""
+    def accept(self, route: StreamRoute, msg: Message) -> None:
+        """Act on one message from a data link, while serving or idle."""
         if isinstance(msg, Infer):
             self.pending.append((route, msg))
         elif isinstance(msg, Cancel):
             self.cancel(route, msg.request_id)
-        elif isinstance(msg, Shutdown):
-            self.shutdown = True
         else:
-            print(f"moc worker: unexpected {type(msg).__name__}", file=sys.stderr)
+            print(f"moc worker: unexpected {type(msg).__name__} on a data link", file=sys.stderr)
 
-    def cancel(self, route: Route, rid: int) -> None:
+    def cancel(self, route: StreamRoute, rid: int) -> None:
         """Cancel the running request between tokens, or a queued one before it starts."""
         if self.current == (route, rid):
             self.current_cancelled = True
@@ -324,52 +243,40 @@ class Worker:
         for queued in self.pending:
             if queued[0] is route and queued[1].request_id == rid:
                 self.pending.remove(queued)
-                self.send(Done(rid, "", 0, 0, "cancelled", None, self.memory_mb()), route)
+                route.send(Done(rid, "", 0, 0, "cancelled", None, self.memory_mb()))
                 return
         # Otherwise it already finished: its Done is on the way.
 
-    def load(self, msg: Load) -> bool:
+    def load(self, spec: LoadSpec) -> bool:
         """Load the model, measure what it cost and tell the supervisor; False on failure."""
-        on_gpu = msg.device_kind == "nvml"
-        spec = LoadSpec(
-            backend=msg.backend,
-            path=msg.path,
-            n_ctx=msg.n_ctx,
-            gpu_layers=msg.gpu_layers,
-            on_gpu=on_gpu,
-            device_index=msg.device_index,
-            seed=msg.seed,
-            lora_path=msg.lora_path,
-            n_threads=msg.n_threads,
-            cpu_repack=msg.cpu_repack,
-        )
-        device = msg.device_index or 0
+        device = spec.device_index or 0
         started = time.monotonic()
         try:
             check_model_file(spec)
-            import_backend_library(msg.backend)
-            record_crashes(msg.backend)
+            import_backend_library(spec.backend)
+            record_crashes(spec.backend)
             self.rss_before = rss_mb()
-            gpu_before = nvml_used_mb(device) if on_gpu else None
+            gpu_before = nvml_used_mb(device) if spec.on_gpu else None
             self.model = load_model(spec)
         except BackendError as exc:
-            self.send(LoadFailed(str(exc)))
+            self.control.send(LoadFailed(str(exc)))
             return False
         except Exception as exc:  # a bug or an unexpected library error: still say why
-            self.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
+            self.control.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
             return False
         seconds = time.monotonic() - started
-        if on_gpu:
+        if spec.on_gpu:
             gpu = nvml_process_mb(device, os.getpid())
             if gpu is None and gpu_before is not None:
                 after = nvml_used_mb(device)
                 gpu = None if after is None else max(0.0, after - gpu_before)
             self.gpu_mb = gpu  # None: NVML cannot say, so fall back to host RSS
         measured = self.memory_mb()
-        self.send(Loaded(os.getpid(), measured, seconds, self.model.version, self.model.n_ctx))
+        model = self.model
+        self.control.send(Loaded(os.getpid(), measured, seconds, model.version, model.n_ctx))
         return True
 
-    def serve(self, route: Route, msg: Infer) -> None:
+    def serve(self, route: StreamRoute, msg: Infer) -> None:
         """Run one request to completion, cancellation or failure, and answer it."""
         assert self.model is not None
         rid = msg.request_id
@@ -389,30 +296,21 @@ class Worker:
             return self.current_cancelled or self.shutdown
 
         emit: Callable[[str], None] = (
-            (lambda text: self.send(Token(rid, text), route)) if msg.stream else (lambda _: None)
+            (lambda text: route.send(Token(rid, text))) if msg.stream else (lambda _: None)
         )
-        gen = Generation(
-            prompt=msg.prompt,
-            messages=msg.messages,
-            tensors=msg.tensors,
-            max_tokens=msg.max_tokens,
-            temperature=msg.temperature,
-            top_p=msg.top_p,
-            stop=msg.stop,
-            seed=msg.seed,
-        )
+        gen = generation_of(msg)
         try:
             check_generation(gen)
             out = self.model.run(gen, emit, should_stop)
         except BadRequest as exc:
-            self.send(Failed(rid, "invalid_request", exc.field, exc.message), route)
+            route.send(Failed(rid, "invalid_request", exc.field, exc.message))
             return
         except Exception as exc:
-            self.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"), route)
+            route.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"))
             return
         finally:
             self.current = None
-        self.send(
+        route.send(
             Done(
                 rid,
                 out.text,
@@ -421,8 +319,7 @@ class Worker:
                 out.finish_reason,
                 out.tensors,
                 self.memory_mb(),
-            ),
-            route,
+            )
         )
 
     def loop(self) -> int:
@@ -436,13 +333,13 @@ class Worker:
         return EXIT_OK
 
 
-def run_worker(endpoint: str, parent_pid: int, data_socket: str | None = None) -> int:
+def run_worker(endpoint: str, data_socket: str, parent_pid: int) -> int:
     """Connect, load and serve; return the process exit code."""
     # Ctrl-C in a terminal reaches the whole process group: the node drains its requests and
     # then stops us, so a SIGINT must not kill the worker under an in-flight request.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A crash inside llama.cpp or torch then leaves the Python stack in the worker's log; the
-    # Load message adds the native stack (record_crashes again, with its backend).
+    # LoadSpec adds the native stack (record_crashes again, with its backend).
     record_crashes()
     start_watchdog(parent_pid)
     ctx = zmq.Context()
@@ -451,17 +348,17 @@ def run_worker(endpoint: str, parent_pid: int, data_socket: str | None = None) -
     sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
     sock.connect(endpoint)
     # Listening before Hello, so the data socket exists by the time the supervisor hears from us.
-    listener = listen(data_socket) if data_socket is not None else None
+    listener = listen(data_socket)
     worker = Worker(sock, listener)
     try:
-        worker.send(Hello(PROTOCOL_VERSION, os.getpid()))
+        worker.control.send(Hello(PROTOCOL_VERSION, os.getpid()))
         msg = None
         while msg is None:
             msg = worker.recv(_POLL_MS)
         if isinstance(msg, Shutdown):
             return EXIT_OK
-        if not isinstance(msg, Load):
-            print(f"moc worker: expected Load, got {type(msg).__name__}", file=sys.stderr)
+        if not isinstance(msg, LoadSpec):
+            print(f"moc worker: expected LoadSpec, got {type(msg).__name__}", file=sys.stderr)
             return EXIT_PROTOCOL
         if not worker.load(msg):
             return EXIT_LOAD_FAILED
@@ -473,8 +370,7 @@ def run_worker(endpoint: str, parent_pid: int, data_socket: str | None = None) -
         if worker.model is not None:
             worker.model.close()
         sock.close()
-        if listener is not None:
-            listener.close()
+        listener.close()
         ctx.term()
 
 
@@ -483,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="moc-node model worker (started by the node)")
     parser.add_argument("--endpoint", required=True, help="ZMQ endpoint of the supervisor")
     parser.add_argument(
-        "--data-socket", help="Unix socket path to listen on for the node's event loop"
+        "--data-socket", required=True, help="Unix socket path to listen on for requests"
     )
     parser.add_argument("--parent-pid", type=int, default=os.getppid(), help="exit when it dies")
     args = parser.parse_args(argv)
-    return run_worker(args.endpoint, args.parent_pid, args.data_socket)
+    return run_worker(args.endpoint, args.data_socket, args.parent_pid)
 
 
 if __name__ == "__main__":

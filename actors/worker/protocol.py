@@ -4,7 +4,7 @@ A frame is a msgpack array `[type, field, field, ...]`, fields in the dataclass'
 and chat messages travel as msgpack extension types (raw bytes plus dtype and shape: never a
 pickle). Sequences decode as tuples, so decoded messages compare equal to the ones encoded.
 
-Conversation: the worker connects and sends `Hello`; the supervisor answers `Load`; the worker
+Conversation: the worker connects and sends `Hello`; the supervisor answers `LoadSpec`; the worker
 replies `Loaded` or `LoadFailed`; then for each `Infer` the worker sends zero or more `Token`s
 and exactly one `Done` or `Failed`. `Cancel` may arrive at any time (stale ones are ignored);
 `Shutdown` makes the worker exit.
@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import msgpack
 
-from actors.types import ChatMessage, TensorData
+from actors.types import DEFAULT_N_CTX, Backend, ChatMessage, DeviceKind, TensorData
 
 # Bump when a message changes shape; the supervisor refuses a worker that speaks another version.
 PROTOCOL_VERSION = 1
@@ -57,34 +57,46 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """Worker -> supervisor: connected and ready for a Load."""
+    """Worker -> supervisor: connected and ready for a LoadSpec."""
 
     version: int
     pid: int
 
 
 @dataclass(frozen=True, slots=True)
-class Load:
-    """Supervisor -> worker: load this model. `n_threads` 0 lets the backend choose.
+class LoadSpec:
+    """Supervisor -> worker: load this model; also what the backend loads (one shape for both).
 
-    `cpu_repack` lets llama.cpp repack CPU-resident weights (see `[models] cpu_repack`).
+    `n_ctx` is the context in tokens (a torch model ignores it); `gpu_layers` -1 offloads every
+    layer; `device_kind` "nvml" puts the model on GPU `device_index`. `n_threads` 0 lets the
+    backend choose (llama.cpp: half the cores); set it to pin decode threads. `cpu_repack` lets
+    llama.cpp repack CPU-resident GGUF weights (see `[models] cpu_repack` in
+    actors/serving/config.py for why it is off by default).
     """
 
-    backend: str
+    backend: Backend
     path: str
-    n_ctx: int
-    gpu_layers: int
-    device_kind: str
-    device_index: int | None
-    seed: int
-    lora_path: str | None
+    n_ctx: int = DEFAULT_N_CTX
+    gpu_layers: int = 0
+    device_kind: DeviceKind = "cpu"
+    device_index: int | None = None
+    seed: int = 0
+    lora_path: str | None = None
     n_threads: int = 0
     cpu_repack: bool = False
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the model goes to a GPU (a simulated device is the CPU)."""
+        return self.device_kind == "nvml"
 
 
 @dataclass(frozen=True, slots=True)
 class Loaded:
-    """Worker -> supervisor: the model is ready; memory measured in MiB across the load."""
+    """Worker -> supervisor: the model is ready; memory measured in MiB across the load.
+
+    `n_ctx` is the context the backend made (0 for a tensor model).
+    """
 
     pid: int
     measured_mb: float
@@ -166,11 +178,11 @@ class Shutdown:
     """Supervisor -> worker: exit now."""
 
 
-Message = Hello | Load | Loaded | LoadFailed | Infer | Token | Done | Failed | Cancel | Shutdown
+Message = Hello | LoadSpec | Loaded | LoadFailed | Infer | Token | Done | Failed | Cancel | Shutdown
 
 _BY_TYPE: dict[int, type[Any]] = {
     MsgType.HELLO: Hello,
-    MsgType.LOAD: Load,
+    MsgType.LOAD: LoadSpec,
     MsgType.LOADED: Loaded,
     MsgType.LOAD_FAILED: LoadFailed,
     MsgType.INFER: Infer,
@@ -335,8 +347,8 @@ __all__ = [
     "Failed",
     "Hello",
     "Infer",
-    "Load",
     "LoadFailed",
+    "LoadSpec",
     "Loaded",
     "Message",
     "MsgType",

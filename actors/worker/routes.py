@@ -1,15 +1,16 @@
 """Where a worker's requests come from and its answers go: the supervisor's socket or a data link.
 
-The control route is the supervisor's ZMQ PAIR socket (Hello, Load, and requests from its
-thread). A data route is one connection to the Unix stream socket the worker listens on, from the
+The control route is the supervisor's ZMQ PAIR socket (Hello, the load and its answer, Shutdown).
+A data route is one connection to the Unix stream socket the worker listens on, from the
 node's event loop: length-prefixed frames (actors/worker/protocol.py) written straight into the
 kernel, with no ZMQ I/O thread on either side. Under load on few cores each hand-off to such a
 thread was a wake-up that could preempt the sender: sends through the ZMQ data socket took ~170
 us of the event loop's wall time, against ~2 us when measured alone.
 
-Every route answers `send`; a route whose peer left drops what it would send (the peer cannot
-read it) and says so through `closed`, while one whose peer stopped reading for
-`SEND_TIMEOUT_S` ends the worker: nobody is listening any more.
+Requests and their answers travel only on data routes. Every route answers `send`; a data
+route whose peer left drops what it would send (the peer cannot read it) and says so through
+`closed`, while a peer that stopped reading for `SEND_TIMEOUT_S` ends the worker: nobody is
+listening any more.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ def orphaned() -> SystemExit:
 class ControlRoute:
     """The supervisor's PAIR socket (its SNDTIMEO set by the caller)."""
 
-    closed = False
-
     def __init__(self, sock: zmq.Socket[bytes]) -> None:
         self.sock = sock
 
@@ -55,15 +54,16 @@ class StreamRoute:
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
-        self.closed = False
+        self.fd = conn.fileno()  # kept: a closed socket's fileno() is -1, and the poller needs it
+        self.closed = False  # the peer is gone (or we closed the link): sends are dropped
         self._reader = FrameReader()
         # Blocking sends with a kernel timeout; reads never block (MSG_DONTWAIT).
         conn.setblocking(True)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
 
     def fileno(self) -> int:
-        """Return the connection's descriptor (for the poller)."""
-        return self.conn.fileno()
+        """Return the connection's descriptor (for the poller), even once closed."""
+        return self.fd
 
     def send(self, msg: Message) -> None:
         """Send one message; drop it if the peer is gone, exit if it stopped reading."""
@@ -74,7 +74,8 @@ class StreamRoute:
         except BlockingIOError:  # SO_SNDTIMEO passed with the peer's buffer still full
             raise orphaned() from None
         except OSError:  # EPIPE, ECONNRESET: the node closed this link
-            self.close()
+            # Not closed here: the link stays in the poller until its read says so (_drop).
+            self.closed = True
 
     def read(self) -> list[Message] | None:
         """Return the messages waiting now, or None once the peer has closed the link.
@@ -96,9 +97,8 @@ class StreamRoute:
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
-        if not self.closed:
-            self.closed = True
-            self.conn.close()
+        self.closed = True
+        self.conn.close()
 
 
 def listen(path: str) -> socket.socket:

@@ -1,51 +1,34 @@
 """Model backends as the worker process sees them: load once, then serve one request at a time.
 
-Each backend module imports its heavy library (llama_cpp, torch) only when a model is loaded, so
-the worker pays for the one it uses and the node process pays for none.
+This module holds what every backend shares (the request, the outcome, the errors, the model's
+Protocol); `loader.py` picks the backend for a `LoadSpec`. Each backend module imports its heavy
+library (llama_cpp, torch) only when a model is loaded, so the worker pays for the one it uses
+and the node process pays for none.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from actors.types import ChatMessage, FinishReason, TensorData
-
-
-@dataclass(frozen=True, slots=True)
-class LoadSpec:
-    """What to load and where; `n_threads` 0 lets the backend choose.
-
-    `cpu_repack` lets llama.cpp repack CPU-resident GGUF weights into its CPU-specific layouts
-    (its "extra buffer types", AMX among them); off, they stay as the file has them. See
-    `[models] cpu_repack` in actors/serving/config.py for why it is off by default.
-    """
-
-    backend: str
-    path: str
-    n_ctx: int = 2048
-    gpu_layers: int = 0
-    on_gpu: bool = False
-    device_index: int | None = None
-    seed: int = 0
-    lora_path: str | None = None
-    n_threads: int = 0
-    cpu_repack: bool = False
+from actors.types import ChatMessage, FinishReason, GenerationParams, TensorData
+from actors.worker.protocol import Infer, LoadSpec
 
 
 @dataclass(frozen=True, slots=True)
 class Generation:
-    """One request as a backend receives it: exactly one of prompt, messages, tensors is set."""
+    """One request as a backend receives it: exactly one of prompt, messages, tensors is set.
+
+    The sampling parameters and their defaults are the request's own (`GenerationParams`).
+    """
 
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     tensors: tuple[TensorData, ...] | None = None
-    max_tokens: int = 50
-    temperature: float = 0.7
-    top_p: float = 0.9
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,51 +83,44 @@ class LoadedModel(Protocol):
         ...
 
 
-def load_model(spec: LoadSpec) -> LoadedModel:
-    """Load `spec` with its backend; raise BackendError with a useful message on failure."""
-    if spec.backend == "gguf":
-        from actors.worker.backends.gguf import GgufModel
-
-        return GgufModel.load(spec)
-    if spec.backend == "torch":
-        from actors.worker.backends.torch import TorchModel
-
-        return TorchModel.load(spec)
-    raise BackendError(f"unknown backend {spec.backend!r} (expected 'gguf' or 'torch')")
+def generation_of(msg: Infer) -> Generation:
+    """Take a request off the wire (where every field is set) for the backend."""
+    params = GenerationParams(msg.max_tokens, msg.temperature, msg.top_p, msg.stop, msg.seed)
+    return Generation(msg.prompt, msg.messages, msg.tensors, params)
 
 
-def prepare_crash_reports(backend: str) -> int | None:
-    """Ready `backend`'s native library for crash reports in this (worker) process.
-
-    Return the address of a C function `void f(void)` that prints the calling thread's native
-    stack, for a fatal-signal handler (actors/worker/native_crash.py), or None when the backend has none.
-    """
-    if backend == "gguf":
-        from actors.worker.backends.gguf import prepare_crash_reports as gguf_crash_reports
-
-        return gguf_crash_reports()
-    return None
-
-
-def check_model_file(spec: LoadSpec) -> None:
-    """Check the file's format cheaply, before the backend's library is imported."""
-    if spec.backend == "gguf":
-        from actors.worker.backends.gguf import check_gguf_file
-
-        check_gguf_file(spec.path)
-    elif spec.backend == "torch":
-        from actors.worker.backends.torch import check_torch_file
-
-        check_torch_file(spec.path)
-    else:
-        raise BackendError(f"unknown backend {spec.backend!r} (expected 'gguf' or 'torch')")
+def check_generation(gen: Generation) -> None:
+    """Refuse parameters no backend can honour; BadRequest names the field."""
+    given = [name for name in ("prompt", "messages", "tensors") if getattr(gen, name) is not None]
+    if len(given) != 1:
+        raise BadRequest(
+            "prompt", f"exactly one of prompt, messages, tensors is needed, got {given or 'none'}"
+        )
+    if gen.tensors is None:
+        p = gen.params
+        if p.max_tokens < 1:
+            raise BadRequest("max_tokens", f"must be at least 1, got {p.max_tokens}")
+        if not 0.0 <= p.temperature <= 100.0:
+            raise BadRequest("temperature", f"must be between 0 and 100, got {p.temperature}")
+        if not 0.0 <= p.top_p <= 1.0:
+            raise BadRequest("top_p", f"must be between 0 and 1, got {p.top_p}")
 
 
 def file_version(path: str, label: str) -> str:
     """Build a version string from a label and the file's size and mtime (cheap, no hashing)."""
-    import hashlib
-    import os
-
     st = os.stat(path)
     digest = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
     return f"{label}@{digest}"
+
+
+__all__ = [
+    "BackendError",
+    "BadRequest",
+    "Generation",
+    "LoadSpec",  # the wire's LoadSpec, which is also what a backend loads
+    "LoadedModel",
+    "Outcome",
+    "check_generation",
+    "file_version",
+    "generation_of",
+]

@@ -27,17 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from actors.types import FinishReason
-from actors.worker.backends import (
-    BackendError,
-    BadRequest,
-    Generation,
-    LoadSpec,
-    Outcome,
-    file_version,
-)
+from actors.types import FinishReason, GenerationParams
+from actors.worker.backends import BackendError, BadRequest, Generation, Outcome, file_version
 from actors.worker.backends.sampler_cache import SamplerCache
 from actors.worker.backends.stops import StopMatcher
+from actors.worker.protocol import LoadSpec
 
 # Sampler defaults of Llama.create_completion that the wire does not carry.
 _TOP_K = 40
@@ -357,23 +351,24 @@ class GgufModel:
         if len(tokens) >= n_ctx:
             field = "messages" if gen.messages is not None else "prompt"
             raise BadRequest(field, f"prompt is {len(tokens)} tokens; the context holds {n_ctx}")
-        budget = min(gen.max_tokens, n_ctx - len(tokens))
+        params = gen.params
+        budget = min(params.max_tokens, n_ctx - len(tokens))
         if not tokens:
             # An empty prompt on a model without BOS: llama.cpp needs one token to start from.
             tokens = [self._llm.token_bos()]
-        return self._generate(tokens, budget, gen, gen.stop + extra_stops, emit, should_stop)
+        return self._generate(tokens, budget, params, params.stop + extra_stops, emit, should_stop)
 
     def _generate(
         self,
         tokens: list[int],
         budget: int,
-        gen: Generation,
+        params: GenerationParams,
         stops: tuple[str, ...],
         emit: Callable[[str], None],
         should_stop: Callable[[], bool],
     ) -> Outcome:
         llm, lib = self._llm, self._llama_cpp
-        llm.set_seed(gen.seed if gen.seed is not None else self._seed)
+        llm.set_seed(params.seed if params.seed is not None else self._seed)
         matcher = StopMatcher(stops)
         decoder = _UTF8(errors="ignore")
         vocab = llm._model.vocab
@@ -385,9 +380,9 @@ class GgufModel:
         stream = llm.generate(
             tokens,
             top_k=_TOP_K,
-            top_p=gen.top_p,
+            top_p=params.top_p,
             min_p=_MIN_P,
-            temp=gen.temperature,
+            temp=params.temperature,
             repeat_penalty=_REPEAT_PENALTY,
         )
         try:

@@ -15,14 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from actors.types import TensorData
-from actors.worker.backends import (
-    BackendError,
-    BadRequest,
-    Generation,
-    LoadSpec,
-    Outcome,
-    file_version,
-)
+from actors.worker.backends import BackendError, BadRequest, Generation, Outcome, file_version
+from actors.worker.protocol import LoadSpec
 
 _TORCH_MISSING = (
     "the torch backend needs PyTorch, which is an optional extra: pip install 'moc-node[torch]'"
@@ -151,8 +145,8 @@ class TorchModel:
             raise BadRequest("tensors", "a torch model takes tensors, not text")
         torch = self._torch
         inputs = [to_torch(torch, t).to(self._device) for t in gen.tensors]
-        if gen.seed is not None:
-            torch.manual_seed(gen.seed)
+        if gen.params.seed is not None:
+            torch.manual_seed(gen.params.seed)
         try:
             with torch.inference_mode():
                 result = self._fn(*inputs)

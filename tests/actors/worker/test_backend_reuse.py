@@ -10,27 +10,44 @@ from typing import Any
 
 import pytest
 
-from actors.worker.backends import Generation, LoadSpec, Outcome
+from actors.types import GenerationParams
+from actors.worker.backends import Generation, Outcome
 from actors.worker.backends.gguf import GgufModel
+from actors.worker.protocol import LoadSpec
 
 # Sampled (temperature > 0, several seeds, several tokens so the generator's state moves) and
 # greedy requests, repeated and interleaved, as a worker sees them one after another.
 REQUESTS = [
-    Generation(prompt="hello", max_tokens=1),
-    Generation(prompt="hello", max_tokens=1),
-    Generation(prompt="The quick brown fox", max_tokens=24, temperature=0.9, seed=3),
-    Generation(prompt="The quick brown fox", max_tokens=24, temperature=0.9, seed=3),
-    Generation(prompt="The quick brown fox", max_tokens=24, temperature=0.9, seed=4),
-    Generation(prompt="hello", max_tokens=12, temperature=0.0, top_p=1.0),
-    Generation(prompt="The quick brown fox", max_tokens=24, temperature=1.3, top_p=0.8, seed=3),
-    Generation(prompt="The quick brown fox", max_tokens=24, temperature=0.9, seed=3),
-    Generation(prompt="hello", max_tokens=16, temperature=0.7),
-    Generation(prompt="hello", max_tokens=16, temperature=0.7),
+    Generation(prompt="hello", params=GenerationParams(max_tokens=1)),
+    Generation(prompt="hello", params=GenerationParams(max_tokens=1)),
+    Generation(
+        prompt="The quick brown fox",
+        params=GenerationParams(max_tokens=24, temperature=0.9, seed=3),
+    ),
+    Generation(
+        prompt="The quick brown fox",
+        params=GenerationParams(max_tokens=24, temperature=0.9, seed=3),
+    ),
+    Generation(
+        prompt="The quick brown fox",
+        params=GenerationParams(max_tokens=24, temperature=0.9, seed=4),
+    ),
+    Generation(prompt="hello", params=GenerationParams(max_tokens=12, temperature=0.0, top_p=1.0)),
+    Generation(
+        prompt="The quick brown fox",
+        params=GenerationParams(max_tokens=24, temperature=1.3, top_p=0.8, seed=3),
+    ),
+    Generation(
+        prompt="The quick brown fox",
+        params=GenerationParams(max_tokens=24, temperature=0.9, seed=3),
+    ),
+    Generation(prompt="hello", params=GenerationParams(max_tokens=16, temperature=0.7)),
+    Generation(prompt="hello", params=GenerationParams(max_tokens=16, temperature=0.7)),
 ]
 
 
 def load(path: Path, *, reuse: bool) -> GgufModel:
-    spec = LoadSpec(backend="gguf", path=str(path), n_ctx=256, seed=7, n_threads=1)
+    spec = LoadSpec("gguf", str(path), n_ctx=256, seed=7, n_threads=1)
     return GgufModel.load(spec, reuse=reuse)
 
 
@@ -61,7 +78,10 @@ def test_reused_samplers_and_caches_give_the_outputs_of_fresh_ones(
 def test_a_streamed_request_emits_the_same_pieces_with_reuse(
     models: tuple[GgufModel, GgufModel],
 ) -> None:
-    gen = Generation(prompt="The quick brown fox", max_tokens=20, temperature=0.9, seed=11)
+    gen = Generation(
+        prompt="The quick brown fox",
+        params=GenerationParams(max_tokens=20, temperature=0.9, seed=11),
+    )
     pieces: dict[bool, list[str]] = {False: [], True: []}
     for model, reuse in zip(models, (False, True), strict=True):
         for _ in range(2):  # the second run takes the cached chain and prompt
@@ -92,7 +112,9 @@ def test_chains_that_leave_the_cache_are_freed_at_once_not_at_a_full_collection(
     try:
         for seed in range(40):
             model.run(
-                Generation(prompt="hello", max_tokens=2, seed=seed), lambda _: None, lambda: False
+                Generation(prompt="hello", params=GenerationParams(max_tokens=2, seed=seed)),
+                lambda _: None,
+                lambda: False,
             )
         assert len(built) == 40
         assert sum(ref() is not None for ref in built) == len(cache) == 8

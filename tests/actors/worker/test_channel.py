@@ -14,15 +14,11 @@ from pathlib import Path
 import pytest
 
 from actors.errors import InvalidRequest, RequestTimeout, WorkerCrashed
-from actors.types import GenerationParams, InferRequest, InferResult
+from actors.types import InferRequest, InferResult
 from actors.worker.channel import WorkerChannel
-from actors.worker.client import WorkerProcess, WorkerSpec
-
-PROMPT = "The quick brown fox"
-
-
-def greedy(max_tokens: int) -> GenerationParams:
-    return GenerationParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0)
+from actors.worker.client import WorkerProcess
+from tests.actors.worker.workers import PROMPT, greedy, start_worker
+from tests.support import wait_for
 
 
 def request(prompt: str = PROMPT, max_tokens: int = 8) -> InferRequest:
@@ -30,18 +26,13 @@ def request(prompt: str = PROMPT, max_tokens: int = 8) -> InferRequest:
 
 
 def start(path: Path, runtime_dir: Path, name: str = "tiny") -> WorkerProcess:
-    w = WorkerProcess(
-        WorkerSpec(name=name, path=str(path), backend="gguf", n_ctx=512, n_threads=1),
-        runtime_dir=runtime_dir,
-    )
-    w.start(timeout=60)
-    return w
+    return start_worker(path, runtime_dir, name, n_ctx=512, n_threads=1)
 
 
 @pytest.fixture
 async def channel(tiny_gguf: Path, runtime_dir: Path) -> AsyncIterator[WorkerChannel]:
     worker = await asyncio.to_thread(start, tiny_gguf, runtime_dir)
-    ch = WorkerChannel(worker)
+    ch = worker.open_channel()
     yield ch
     ch.close()
     await asyncio.to_thread(worker.stop)
@@ -51,12 +42,12 @@ async def test_requests_in_flight_at_once_each_get_their_own_greedy_answer(
     channel: WorkerChannel,
 ) -> None:
     prompts = [f"{PROMPT} {i}" for i in range(12)]
-    # The same requests one at a time through the supervisor's own socket: the reference.
-    expected = [(await asyncio.to_thread(channel.worker.run, request(p))).text for p in prompts]
+    # The same requests one at a time: the reference.
+    expected = [(await channel.infer(request(p))).text for p in prompts]
     results = await asyncio.gather(*(channel.infer(request(p)) for p in prompts))
     assert [r.text for r in results] == expected
     assert all(r.tokens_generated == 8 for r in results)
-    assert channel.in_flight == 0
+    assert channel.unanswered == 0
 
 
 async def test_streamed_pieces_concatenate_to_the_whole_text(channel: WorkerChannel) -> None:
@@ -76,8 +67,7 @@ async def test_a_caller_that_leaves_cancels_its_request_in_the_worker(
 ) -> None:
     long = asyncio.create_task(channel.infer(request(max_tokens=400)))
     queued = asyncio.create_task(channel.infer(request(max_tokens=400)))
-    while channel.in_flight < 2:  # both sent
-        await asyncio.sleep(0)
+    await wait_for(lambda: channel.unanswered == 2, 10, "both requests to be sent")
     queued.cancel()  # still waiting in the worker's queue: it never starts
     long.cancel()  # running: stopped between tokens
     for task in (long, queued):
@@ -85,7 +75,7 @@ async def test_a_caller_that_leaves_cancels_its_request_in_the_worker(
             await task
     after = await channel.infer(request(max_tokens=2))
     assert after.tokens_generated == 2
-    assert channel.in_flight == 0
+    assert channel.unanswered == 0
 
 
 async def test_a_passed_deadline_raises_request_timeout_and_the_next_request_is_served(
@@ -109,7 +99,7 @@ async def test_kill_9_fails_every_request_in_flight_with_worker_crashed(
     small_gguf: Path, runtime_dir: Path
 ) -> None:
     worker = await asyncio.to_thread(start, small_gguf, runtime_dir, "victim")
-    ch = WorkerChannel(worker)
+    ch = worker.open_channel()
     try:
         first_token = asyncio.Event()
 
@@ -118,8 +108,7 @@ async def test_kill_9_fails_every_request_in_flight_with_worker_crashed(
                 first_token.set()
 
         streaming = asyncio.create_task(watch())
-        while ch.in_flight < 1:
-            await asyncio.sleep(0)
+        await wait_for(lambda: ch.unanswered == 1, 10, "the stream to be sent")
         # Queued in the worker behind the stream.
         tasks = [asyncio.create_task(ch.infer(request(max_tokens=1000))) for _ in range(3)]
         await asyncio.wait_for(first_token.wait(), 60)  # the worker is busy on one of them
@@ -142,12 +131,11 @@ async def test_a_closed_channel_fails_its_requests_and_a_new_channel_is_served(
 ) -> None:
     worker = channel.worker
     queued = [asyncio.create_task(channel.infer(request(max_tokens=400))) for _ in range(4)]
-    while channel.in_flight < 4:
-        await asyncio.sleep(0)
+    await wait_for(lambda: channel.unanswered == 4, 10, "the four requests to be sent")
     channel.close()
     outcomes = await asyncio.gather(*queued, return_exceptions=True)
     assert all(isinstance(o, WorkerCrashed) for o in outcomes), outcomes
-    fresh = WorkerChannel(worker)
+    fresh = worker.open_channel()
     try:
         assert (await fresh.infer(request(max_tokens=2))).tokens_generated == 2
         assert worker.alive
@@ -182,7 +170,7 @@ async def test_a_channel_to_a_worker_gone_fails_its_requests_instead_of_its_crea
 ) -> None:
     worker = await asyncio.to_thread(start, tiny_gguf, runtime_dir, "gone")
     await asyncio.to_thread(worker.stop)
-    ch = WorkerChannel(worker)  # the lane builds one and lets the request fail through it
+    ch = worker.open_channel()  # the lane builds one and lets the request fail through it
     try:
         with pytest.raises(WorkerCrashed, match="cannot reach"):
             await ch.infer(request())

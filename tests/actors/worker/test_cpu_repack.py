@@ -19,10 +19,11 @@ import pytest
 from actors.gguf_synth import write_preset
 from actors.serving.config import CatalogEntry, ModelsConfig
 from actors.types import GenerationParams, InferRequest, LoadRequest
-from actors.worker.client import WorkerProcess, WorkerSpec
+from actors.worker.client import WorkerProcess
 from actors.worker.native_crash import describe_cpu
 from moc_node.app import build_runtime
 from moc_node.config import build
+from tests.actors.worker.workers import run_request, worker_for
 from tests.moc_node.conftest import CountingWorkers, make_config
 
 PROMPT = "The quick brown fox"
@@ -35,7 +36,10 @@ REPACKS_Q4_0 = any(flag in describe_cpu().split() for flag in ("avx2", "asimddp"
 def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The "small" preset (4 layers, 256 wide: every matrix repackable) as q8_0 and q4_0."""
     root = tmp_path_factory.mktemp("quantized")
-    return {q: write_preset(root / f"small-{q}.gguf", "small", seed=3, dtype=q) for q in ("q8_0", "q4_0")}  # type: ignore[arg-type]
+    return {
+        q: write_preset(root / f"small-{q}.gguf", "small", seed=3, dtype=q)
+        for q in ("q8_0", "q4_0")
+    }  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -46,11 +50,10 @@ def started() -> Iterator[list[WorkerProcess]]:
         worker.stop()
 
 
-def start(path: Path, runtime_dir: Path, workers: list[WorkerProcess], **kw: object) -> WorkerProcess:
-    worker = WorkerProcess(
-        WorkerSpec(name=path.stem, path=str(path), backend="gguf", n_ctx=256, n_threads=1, **kw),  # type: ignore[arg-type]
-        runtime_dir=runtime_dir,
-    )
+def start(
+    path: Path, runtime_dir: Path, workers: list[WorkerProcess], **kw: object
+) -> WorkerProcess:
+    worker = worker_for(path, runtime_dir, path.stem, n_ctx=256, n_threads=1, **kw)
     workers.append(worker)
     worker.start(timeout=60)
     return worker
@@ -71,7 +74,7 @@ def test_a_quantized_model_loads_and_generates_in_a_real_worker(
     worker = start(quantized[quant], runtime_dir, started)
     params = GenerationParams(max_tokens=24, temperature=0.0, top_p=1.0)
     for _ in range(2):  # the first decode is where llama.cpp's AMX matmul crashed
-        result = worker.run(InferRequest(model=quant, prompt=PROMPT, params=params))
+        result = run_request(worker, InferRequest(model=quant, prompt=PROMPT, params=params))
         assert result.tokens_generated == 24
         assert result.text.isascii() and result.text.isprintable()
     assert worker.alive

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[3]
 LOAD_COLLECT_CLOSE = textwrap.dedent(
     """
     import gc, sys
-    from actors.worker.backends import LoadSpec, load_model
+    from actors.worker.backends.loader import load_model
+    from actors.worker.protocol import LoadSpec
 
     first = load_model(LoadSpec(backend="gguf", path=sys.argv[1], n_ctx=64))
     gc.collect()  # the hook's cycle (hook -> callback -> closure -> hook) goes here if unowned
@@ -33,7 +34,9 @@ LOAD_COLLECT_CLOSE = textwrap.dedent(
 BAD_FILE_THEN_LOAD = textwrap.dedent(
     """
     import sys
-    from actors.worker.backends import BackendError, LoadSpec, load_model
+    from actors.worker.backends import BackendError
+    from actors.worker.backends.loader import load_model
+    from actors.worker.protocol import LoadSpec
 
     try:
         load_model(LoadSpec(backend="gguf", path=sys.argv[2], n_ctx=64))

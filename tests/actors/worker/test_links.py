@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import select
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import pytest
 import zmq
 
 from actors.worker.main import Worker
-from actors.worker.protocol import Cancel, Done, FrameReader, Infer, frame_bytes
+from actors.worker.protocol import Cancel, Done, FrameReader, Infer, Token, frame_bytes
 from actors.worker.routes import listen
+from tests.support import wait_until
 
 
 def infer(rid: int) -> Infer:
@@ -42,12 +42,14 @@ def connect(worker: Worker) -> socket.socket:
     return link
 
 
-def take_until(worker: Worker, done: Callable[[], object]) -> None:
+def take_until(worker: Worker, done: Callable[[], object], what: str = "the messages") -> None:
     """Let the worker take what arrived until `done()` holds (10 s at most)."""
-    deadline = time.monotonic() + 10
-    while not done():
-        assert time.monotonic() < deadline, "the worker never took the messages"
-        worker.take(50)
+
+    def took() -> bool:
+        worker.take(10)
+        return bool(done())
+
+    wait_until(took, 10, what)
 
 
 def test_requests_from_a_link_queue_in_arrival_order(worker: Worker) -> None:
@@ -79,3 +81,17 @@ def test_a_queued_request_cancelled_from_its_link_is_answered_cancelled(worker: 
     assert isinstance(reply, Done)
     assert (reply.request_id, reply.finish_reason) == (5, "cancelled")
     link.close()
+
+
+def test_a_link_whose_peer_left_before_its_answer_is_dropped_without_ending_the_worker(
+    worker: Worker,
+) -> None:
+    link = connect(worker)
+    link.sendall(frame_bytes(infer(7)))
+    take_until(worker, lambda: len(worker.pending) == 1)
+    route, _ = worker.pending[0]
+    link.close()  # the node gave up on the request while it ran
+    route.send(Token(7, "lost"))  # EPIPE: dropped
+    assert route.closed
+    take_until(worker, lambda: not worker.links, "the closed link to be dropped")
+    assert not worker.pending

@@ -17,7 +17,6 @@ import pytest
 
 from actors.errors import ModelLoadFailed, WorkerCrashed
 from actors.types import GenerationParams, InferRequest
-from actors.worker.client import WorkerProcess, WorkerSpec
 from actors.worker.native_crash import (
     Frame,
     crashed_frames,
@@ -25,6 +24,7 @@ from actors.worker.native_crash import (
     describe_crash,
     parse_frames,
 )
+from tests.actors.worker.workers import run_request, worker_for
 
 LIB = "/venv/lib/python3.11/site-packages/llama_cpp/lib"
 
@@ -119,7 +119,7 @@ def test_a_gdb_stack_of_another_thread_than_the_faulting_one_names_nothing() -> 
 
 
 def test_a_log_with_only_a_python_stack_names_no_native_function() -> None:
-    log = "Fatal Python error: Segmentation fault\n\n  File \"x.py\", line 3 in <module>\n"
+    log = 'Fatal Python error: Segmentation fault\n\n  File "x.py", line 3 in <module>\n'
     assert describe_crash(log, cpu="X") is None
 
 
@@ -185,14 +185,13 @@ def test_a_crash_on_the_first_decode_names_the_native_function_and_the_cpu(
     debugger: str,
 ) -> None:
     crash_in_worker(tmp_path, monkeypatch, CRASH_ON_DECODE)
-    worker = WorkerProcess(
-        WorkerSpec(name="victim", path=str(tiny_gguf), backend="gguf", n_ctx=256, n_threads=1),
-        runtime_dir=runtime_dir,
-    )
+    worker = worker_for(tiny_gguf, runtime_dir, "victim", n_ctx=256, n_threads=1)
     try:
         worker.start(timeout=60)
         with pytest.raises(WorkerCrashed) as err:
-            worker.run(InferRequest(model="victim", prompt="hi", params=GenerationParams(4)))
+            run_request(
+                worker, InferRequest(model="victim", prompt="hi", params=GenerationParams(4))
+            )
     finally:
         worker.stop()
     message = str(err.value)
@@ -211,10 +210,7 @@ def test_a_crash_while_loading_names_the_native_function_though_stderr_was_silen
 ) -> None:
     crash_in_worker(tmp_path, monkeypatch, CRASH_WHILE_LOADING)
     monkeypatch.setenv("PATH", "/nonexistent")  # glibc's printer: it writes to fd 2
-    worker = WorkerProcess(
-        WorkerSpec(name="victim", path=str(tiny_gguf), backend="gguf", n_ctx=256, n_threads=1),
-        runtime_dir=runtime_dir,
-    )
+    worker = worker_for(tiny_gguf, runtime_dir, "victim", n_ctx=256, n_threads=1)
     with pytest.raises(ModelLoadFailed) as err:
         worker.start(timeout=60)
     message = str(err.value)

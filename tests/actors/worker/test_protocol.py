@@ -17,9 +17,9 @@ from actors.worker.protocol import (
     FrameReader,
     Hello,
     Infer,
-    Load,
     Loaded,
     LoadFailed,
+    LoadSpec,
     Message,
     MsgType,
     ProtocolError,
@@ -35,8 +35,8 @@ _TENSOR = TensorData("float32", (2, 2), struct.pack("<4f", 1.0, 2.0, 3.0, 4.0))
 
 MESSAGES: list[Message] = [
     Hello(PROTOCOL_VERSION, 4242),
-    Load("gguf", "/models/tiny.gguf", 2048, -1, "cpu", None, 7, None, 2),
-    Load("torch", "/m/x.pt2", 0, 0, "nvml", 1, 0, "/m/lora.gguf"),
+    LoadSpec("gguf", "/models/tiny.gguf", 2048, -1, "cpu", None, 7, None, 2),
+    LoadSpec("torch", "/m/x.pt2", 0, 0, "nvml", 1, 0, "/m/lora.gguf"),
     Loaded(4242, 123.5, 0.25, "tiny@abc", 2048),
     LoadFailed("llama.cpp could not load /x: bad magic"),
     Infer(1, True, "hello", None, None, 16, 0.0, 0.9, ("\n", "END"), None),

@@ -15,7 +15,8 @@ import torch
 
 from actors.errors import InvalidRequest, ModelLoadFailed
 from actors.types import InferRequest, TensorData
-from actors.worker.client import WorkerProcess, WorkerSpec
+from actors.worker.client import WorkerProcess
+from tests.actors.worker.workers import run_request, worker_for
 
 # torch.jit is deprecated upstream but TorchScript files are what the legacy fleet ships.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -54,9 +55,7 @@ def affine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Work
     path = tmp_path_factory.mktemp("torch") / "affine.pt"
     torch.jit.trace(module, torch.zeros(1, 4)).save(str(path))
     runtime = Path(tempfile.mkdtemp(prefix="moc-rt-"))
-    w = WorkerProcess(
-        WorkerSpec(name="affine", path=str(path), backend="torch", n_threads=1), runtime_dir=runtime
-    )
+    w = worker_for(path, runtime, "affine", backend="torch", n_threads=1)
     w.start(timeout=120)
     yield module, w
     w.stop()
@@ -68,7 +67,7 @@ def test_a_torchscript_module_gives_the_same_tensor_as_torch_in_process(
 ) -> None:
     module, w = affine
     x = torch.arange(8, dtype=torch.float32).reshape(2, 4) / 7.0
-    result = w.run(InferRequest(model="affine", tensors=(tensor(x),)))
+    result = run_request(w, InferRequest(model="affine", tensors=(tensor(x),)))
     assert result.tensors is not None
     (out,) = result.tensors
     with torch.no_grad():
@@ -82,10 +81,10 @@ def test_inputs_of_the_wrong_shape_are_an_invalid_request(
 ) -> None:
     _, w = affine
     with pytest.raises(InvalidRequest, match="rejected its inputs") as err:
-        w.run(InferRequest(model="affine", tensors=(tensor(torch.zeros(2, 5)),)))
+        run_request(w, InferRequest(model="affine", tensors=(tensor(torch.zeros(2, 5)),)))
     assert err.value.field == "tensors"
     with pytest.raises(InvalidRequest, match="takes tensors, not text"):
-        w.run(InferRequest(model="affine", prompt="hello"))
+        run_request(w, InferRequest(model="affine", prompt="hello"))
     assert w.alive
 
 
@@ -97,13 +96,10 @@ def test_an_exported_program_gives_the_same_tensors_as_torch_in_process(
     n = torch.tensor([1, 2, 3], dtype=torch.int64)
     path = tmp_path / "two.pt2"
     torch.export.save(torch.export.export(module, (x, n)), str(path))
-    w = WorkerProcess(
-        WorkerSpec(name="two", path=str(path), backend="torch", n_threads=1),
-        runtime_dir=runtime_dir,
-    )
+    w = worker_for(path, runtime_dir, "two", backend="torch", n_threads=1)
     w.start(timeout=120)
     try:
-        result = w.run(InferRequest(model="two", tensors=(tensor(x), tensor(n))))
+        result = run_request(w, InferRequest(model="two", tensors=(tensor(x), tensor(n))))
     finally:
         w.stop()
     assert result.tensors is not None
@@ -116,8 +112,6 @@ def test_an_exported_program_gives_the_same_tensors_as_torch_in_process(
 def test_a_pickled_module_is_refused_not_unpickled(tmp_path: Path, runtime_dir: Path) -> None:
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"not": "a torchscript archive"}))
-    w = WorkerProcess(
-        WorkerSpec(name="evil", path=str(path), backend="torch"), runtime_dir=runtime_dir
-    )
+    w = worker_for(path, runtime_dir, "evil", backend="torch")
     with pytest.raises(ModelLoadFailed, match="pickled modules are refused"):
         w.start(timeout=120)

@@ -1,4 +1,5 @@
-"""Real worker processes running real llama.cpp on generated models, driven over real ZMQ."""
+"""Real worker processes running real llama.cpp on generated models, driven through the one
+request path production takes (tests/actors/worker/workers.py)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,12 @@ import pytest
 from actors.errors import InvalidRequest, ModelLoadFailed, RequestTimeout, WorkerCrashed
 from actors.types import ChatMessage, GenerationParams, InferRequest, TensorData
 from actors.worker.backends.gguf import open_llama
-from actors.worker.client import LoadedInfo, WorkerProcess, WorkerSpec
+from actors.worker.client import WorkerProcess
+from actors.worker.protocol import Loaded
+from tests.actors.worker.workers import PROMPT, greedy, run_request, worker_for
+from tests.support import wait_until
 
 N_CTX = 1024
-PROMPT = "The quick brown fox"
-
-
-def greedy(max_tokens: int, stop: tuple[str, ...] = ()) -> GenerationParams:
-    return GenerationParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, stop=stop)
 
 
 def process_gone(pid: int) -> bool:
@@ -40,14 +39,6 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def wait_until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        threading.Event().wait(0.02)
-
-
 @pytest.fixture(scope="module")
 def shared_runtime() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="moc-rt-"))
@@ -56,14 +47,9 @@ def shared_runtime() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_worker(
-    tiny_gguf: Path, shared_runtime: Path
-) -> Iterator[tuple[WorkerProcess, LoadedInfo]]:
+def tiny_worker(tiny_gguf: Path, shared_runtime: Path) -> Iterator[tuple[WorkerProcess, Loaded]]:
     """One worker on the tiny model, shared by the tests that leave it running."""
-    w = WorkerProcess(
-        WorkerSpec(name="tiny", path=str(tiny_gguf), backend="gguf", n_ctx=N_CTX, n_threads=1),
-        runtime_dir=shared_runtime,
-    )
+    w = worker_for(tiny_gguf, shared_runtime, "tiny", n_ctx=N_CTX, n_threads=1)
     info = w.start(timeout=60)
     yield w, info
     w.stop()
@@ -86,16 +72,13 @@ def direct_llama(tiny_gguf: Path) -> Any:
     llm.close()
 
 
-def start_worker(path: Path, runtime_dir: Path, name: str = "w", **kw: Any) -> WorkerProcess:
-    w = WorkerProcess(
-        WorkerSpec(name=name, path=str(path), backend="gguf", n_ctx=N_CTX, n_threads=1, **kw),
-        runtime_dir=runtime_dir,
-    )
+def start_worker(path: Path, runtime_dir: Path, name: str = "w") -> WorkerProcess:
+    w = worker_for(path, runtime_dir, name, n_ctx=N_CTX, n_threads=1)
     w.start(timeout=60)
     return w
 
 
-def test_the_worker_reports_what_it_loaded(tiny_worker: tuple[WorkerProcess, LoadedInfo]) -> None:
+def test_the_worker_reports_what_it_loaded(tiny_worker: tuple[WorkerProcess, Loaded]) -> None:
     w, info = tiny_worker
     assert info.pid == w.pid and w.alive
     assert info.n_ctx == N_CTX
@@ -105,11 +88,11 @@ def test_the_worker_reports_what_it_loaded(tiny_worker: tuple[WorkerProcess, Loa
 
 
 def test_greedy_text_equals_llama_cpp_byte_for_byte(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo], direct_llama: Any
+    tiny_worker: tuple[WorkerProcess, Loaded], direct_llama: Any
 ) -> None:
     w, _ = tiny_worker
     expected = direct_llama.create_completion(PROMPT, max_tokens=48, temperature=0.0)
-    result = w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(48)))
+    result = run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(48)))
     assert result.text == expected["choices"][0]["text"]
     assert result.tokens_generated == 48 == len(result.text)  # one printable byte per token
     assert result.text.isprintable() and result.text.isascii()
@@ -118,26 +101,27 @@ def test_greedy_text_equals_llama_cpp_byte_for_byte(
 
 
 def test_streamed_pieces_concatenate_to_the_whole_text(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+    tiny_worker: tuple[WorkerProcess, Loaded],
 ) -> None:
     w, _ = tiny_worker
-    whole = w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(40)))
+    whole = run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(40)))
     pieces: list[str] = []
-    streamed = w.run(
-        InferRequest(model="tiny", prompt=PROMPT, params=greedy(40)), on_token=pieces.append
+    streamed = run_request(
+        w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(40)), on_token=pieces.append
     )
     assert len(pieces) == 40
     assert "".join(pieces) == streamed.text == whole.text
 
 
 def test_a_stop_sequence_split_across_tokens_is_never_emitted(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+    tiny_worker: tuple[WorkerProcess, Loaded],
 ) -> None:
     w, _ = tiny_worker
-    full = w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(60))).text
+    full = run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(60))).text
     stop = full[20:23]  # three tokens: one byte each
     pieces: list[str] = []
-    result = w.run(
+    result = run_request(
+        w,
         InferRequest(model="tiny", prompt=PROMPT, params=greedy(60, stop=(stop,))),
         on_token=pieces.append,
     )
@@ -147,24 +131,24 @@ def test_a_stop_sequence_split_across_tokens_is_never_emitted(
     assert stop not in "".join(pieces)
 
 
-def test_max_tokens_bounds_the_output(tiny_worker: tuple[WorkerProcess, LoadedInfo]) -> None:
+def test_max_tokens_bounds_the_output(tiny_worker: tuple[WorkerProcess, Loaded]) -> None:
     w, _ = tiny_worker
-    result = w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(5)))
+    result = run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(5)))
     assert result.tokens_generated == 5
     assert len(result.text) == 5
     assert result.finish_reason == "length"
 
 
-def test_the_same_seed_samples_the_same_text(tiny_worker: tuple[WorkerProcess, LoadedInfo]) -> None:
+def test_the_same_seed_samples_the_same_text(tiny_worker: tuple[WorkerProcess, Loaded]) -> None:
     w, _ = tiny_worker
     params = GenerationParams(max_tokens=32, temperature=1.0, top_p=0.95, seed=1234)
-    a = w.run(InferRequest(model="tiny", prompt=PROMPT, params=params))
-    b = w.run(InferRequest(model="tiny", prompt=PROMPT, params=params))
+    a = run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=params))
+    b = run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=params))
     assert a.text == b.text and len(a.text) == 32
 
 
 def test_chat_uses_the_model_template_like_llama_cpp(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo], direct_llama: Any
+    tiny_worker: tuple[WorkerProcess, Loaded], direct_llama: Any
 ) -> None:
     w, _ = tiny_worker
     messages = (ChatMessage("system", "Be brief."), ChatMessage("user", "Hello there"))
@@ -173,59 +157,42 @@ def test_chat_uses_the_model_template_like_llama_cpp(
         max_tokens=24,
         temperature=0.0,
     )
-    result = w.run(InferRequest(model="tiny", messages=messages, params=greedy(24)))
+    result = run_request(w, InferRequest(model="tiny", messages=messages, params=greedy(24)))
     assert result.text == expected["choices"][0]["message"]["content"]
     assert result.prompt_tokens == expected["usage"]["prompt_tokens"]
     assert result.tokens_generated == 24
 
 
 def test_a_prompt_longer_than_the_context_is_an_invalid_request(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+    tiny_worker: tuple[WorkerProcess, Loaded],
 ) -> None:
     w, _ = tiny_worker
     with pytest.raises(InvalidRequest, match="context holds") as err:
-        w.run(InferRequest(model="tiny", prompt="x" * (N_CTX + 10), params=greedy(4)))
+        run_request(w, InferRequest(model="tiny", prompt="x" * (N_CTX + 10), params=greedy(4)))
     assert err.value.field == "prompt"
     assert w.alive  # the worker survives a bad request
 
 
 def test_tensors_sent_to_a_gguf_model_are_an_invalid_request(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+    tiny_worker: tuple[WorkerProcess, Loaded],
 ) -> None:
     w, _ = tiny_worker
     tensor = TensorData("float32", (1,), b"\x00\x00\x80\x3f")
     with pytest.raises(InvalidRequest) as err:
-        w.run(InferRequest(model="tiny", tensors=(tensor,)))
+        run_request(w, InferRequest(model="tiny", tensors=(tensor,)))
     assert err.value.field == "tensors"
 
 
-def test_cancel_stops_a_stream_between_tokens(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo],
-) -> None:
-    w, _ = tiny_worker
-    pieces: list[str] = []
-    result = w.run(
-        InferRequest(model="tiny", prompt=PROMPT, params=greedy(900)),
-        on_token=pieces.append,
-        cancelled=lambda: len(pieces) >= 3,
-    )
-    assert result.finish_reason == "cancelled"
-    assert 3 <= result.tokens_generated < 900
-    assert "".join(pieces) == result.text
-    # The worker is free again at once.
-    assert w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(3))).tokens_generated == 3
-
-
 def test_a_passed_deadline_raises_request_timeout(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+    tiny_worker: tuple[WorkerProcess, Loaded],
 ) -> None:
     w, _ = tiny_worker
     with pytest.raises(RequestTimeout):
-        w.run(
-            InferRequest(model="tiny", prompt=PROMPT, params=greedy(900)),
-            deadline=time.monotonic(),
-        )
-    assert w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(2))).tokens_generated == 2
+        run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(900)), timeout_s=0.0)
+    assert (
+        run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(2))).tokens_generated
+        == 2
+    )
 
 
 def test_kill_9_mid_request_raises_worker_crashed_promptly_and_leaves_no_zombie(
@@ -244,7 +211,8 @@ def test_kill_9_mid_request_raises_worker_crashed_promptly_and_leaves_no_zombie(
     with pytest.raises(
         WorkerCrashed, match=r"worker for victim died \(signal 9 \(SIGKILL\)\) during the request"
     ):
-        w.run(
+        run_request(
+            w,
             InferRequest(model="victim", prompt=PROMPT, params=greedy(1000)),
             on_token=kill_on_first_token,
         )
@@ -264,25 +232,31 @@ def test_stop_leaves_no_process_and_no_socket(tiny_gguf: Path, runtime_dir: Path
     assert not w.alive
     assert not os.path.exists(f"/proc/{pid}")
     assert list(runtime_dir.glob("*.sock")) == []
-    with pytest.raises(WorkerCrashed, match="not running"):
-        w.run(InferRequest(model="w", prompt="x", params=greedy(1)))
+    with pytest.raises(WorkerCrashed, match="cannot reach the worker for w"):
+        run_request(w, InferRequest(model="w", prompt="x", params=greedy(1)))
 
 
-def test_stop_from_another_thread_ends_a_running_request(
+def test_a_stop_from_another_thread_cancels_the_running_request_and_the_worker_exits(
     small_gguf: Path, runtime_dir: Path
 ) -> None:
     w = start_worker(small_gguf, runtime_dir, name="busy")
-    first = threading.Event()
+    pieces: list[str] = []
+    stopping: list[threading.Thread] = []
 
-    def on_token(_text: str) -> None:
-        if not first.is_set():
-            first.set()
-            threading.Thread(target=w.stop).start()
+    def on_token(text: str) -> None:
+        pieces.append(text)
+        if not stopping:
+            stopping.append(threading.Thread(target=w.stop))
+            stopping[0].start()
 
-    with pytest.raises(WorkerCrashed, match="was stopped during the request"):
-        w.run(InferRequest(model="busy", prompt=PROMPT, params=greedy(1000)), on_token=on_token)
-    wait_until(lambda: not w.alive, 10, "the worker to exit")
-    w.stop()
+    result = run_request(
+        w, InferRequest(model="busy", prompt=PROMPT, params=greedy(1000)), on_token=on_token
+    )
+    assert result.finish_reason == "cancelled"
+    assert 1 <= result.tokens_generated < 1000
+    assert "".join(pieces) == result.text
+    stopping[0].join(timeout=30)
+    assert w.exit_code() == 0  # it answered, then left on the Shutdown
     assert list(runtime_dir.glob("*.sock")) == []
 
 
@@ -293,9 +267,8 @@ def test_the_worker_exits_by_itself_when_its_supervisor_dies(
         f"""
         import sys, threading
         from pathlib import Path
-        from actors.worker.client import WorkerProcess, WorkerSpec
-        w = WorkerProcess(WorkerSpec(name="orphan", path={str(tiny_gguf)!r}, backend="gguf", n_ctx=256),
-                          runtime_dir=Path({str(runtime_dir)!r}))
+        from tests.actors.worker.workers import worker_for
+        w = worker_for(Path({str(tiny_gguf)!r}), Path({str(runtime_dir)!r}), "orphan", n_ctx=256)
         info = w.start(timeout=60)
         print(info.pid, flush=True)
         threading.Event().wait()
@@ -326,9 +299,7 @@ def test_a_file_that_is_not_gguf_fails_to_load_with_a_clear_message(
 ) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"PK\x03\x04 definitely not a model" * 10)
-    w = WorkerProcess(
-        WorkerSpec(name="bad", path=str(bad), backend="gguf"), runtime_dir=runtime_dir
-    )
+    w = worker_for(bad, runtime_dir, "bad")
     with pytest.raises(ModelLoadFailed, match=r"cannot load bad: .*bad.gguf is not a GGUF file"):
         w.start(timeout=60)
     assert not w.alive
@@ -339,9 +310,7 @@ def test_a_truncated_gguf_fails_to_load_with_llama_cpps_reason(
 ) -> None:
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny_gguf.read_bytes()[:20000])
-    w = WorkerProcess(
-        WorkerSpec(name="cut", path=str(cut), backend="gguf"), runtime_dir=runtime_dir
-    )
+    w = worker_for(cut, runtime_dir, "cut")
     with pytest.raises(ModelLoadFailed, match=r"cannot load cut: llama.cpp could not load") as err:
         w.start(timeout=60)
     assert str(cut) in str(err.value)
@@ -351,10 +320,7 @@ def test_a_truncated_gguf_fails_to_load_with_llama_cpps_reason(
 
 
 def test_a_missing_file_fails_to_load(tmp_path: Path, runtime_dir: Path) -> None:
-    w = WorkerProcess(
-        WorkerSpec(name="gone", path=str(tmp_path / "nope.gguf"), backend="gguf"),
-        runtime_dir=runtime_dir,
-    )
+    w = worker_for(tmp_path / "nope.gguf", runtime_dir, "gone")
     with pytest.raises(ModelLoadFailed, match="does not exist"):
         w.start(timeout=60)
 
@@ -363,7 +329,12 @@ def test_a_long_runtime_dir_still_gets_a_working_socket(tiny_gguf: Path, tmp_pat
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     w = start_worker(tiny_gguf, deep, name="deep")
     try:
-        assert w.run(InferRequest(model="deep", prompt="a", params=greedy(2))).tokens_generated == 2
+        assert (
+            run_request(
+                w, InferRequest(model="deep", prompt="a", params=greedy(2))
+            ).tokens_generated
+            == 2
+        )
     finally:
         w.stop()
 
@@ -386,16 +357,16 @@ def test_a_long_runtime_dir_still_gets_a_working_socket(tiny_gguf: Path, tmp_pat
     ids=["max-tokens-zero", "negative-temperature", "top-p-above-one", "no-input", "two-inputs"],
 )
 def test_malformed_parameters_are_refused_naming_the_field(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo], request_: InferRequest, field: str
+    tiny_worker: tuple[WorkerProcess, Loaded], request_: InferRequest, field: str
 ) -> None:
     w, _ = tiny_worker
     with pytest.raises(InvalidRequest) as err:
-        w.run(request_)
+        run_request(w, request_)
     assert err.value.field == field
 
 
 def test_a_failing_token_callback_stops_the_request_and_is_raised(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+    tiny_worker: tuple[WorkerProcess, Loaded],
 ) -> None:
     w, _ = tiny_worker
 
@@ -403,16 +374,24 @@ def test_a_failing_token_callback_stops_the_request_and_is_raised(
         raise ConnectionResetError("client went away")
 
     with pytest.raises(ConnectionResetError):
-        w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(900)), on_token=broken)
-    # The worker was told to stop, so the next request is served at once and in full.
-    assert w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(4))).tokens_generated == 4
+        run_request(
+            w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(900)), on_token=broken
+        )
+    # Leaving the stream cancelled it in the worker: the next request is served, in full.
+    assert (
+        run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(4))).tokens_generated
+        == 4
+    )
 
 
 def test_a_terminal_ctrl_c_does_not_kill_the_worker(
-    tiny_worker: tuple[WorkerProcess, LoadedInfo],
+    tiny_worker: tuple[WorkerProcess, Loaded],
 ) -> None:
     w, _ = tiny_worker
     assert w.pid is not None
     os.kill(w.pid, signal.SIGINT)  # what the terminal sends to the whole process group
-    assert w.run(InferRequest(model="tiny", prompt=PROMPT, params=greedy(3))).tokens_generated == 3
+    assert (
+        run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(3))).tokens_generated
+        == 3
+    )
     assert w.alive
