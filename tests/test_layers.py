@@ -40,10 +40,6 @@ KNOWN_CYCLES = [
     # Node and ClusterLink import each other (under TYPE_CHECKING): a local and a clustered
     # Node behind one NodeAPI removes it.
     frozenset({"moc_node.node", "moc_node.cluster_link"}),
-    # The backends package's load_model imports gguf/torch inside functions, and they import
-    # the shared types (LoadSpec, Generation, ...) from the package: those types in a module of
-    # their own removes it.
-    frozenset({"actors.worker.backends", "actors.worker.backends.gguf", "actors.worker.backends.torch"}),
 ]
 
 
