@@ -20,20 +20,11 @@ from cluster.messages import MemberState, Ping
 from cluster.meta import DeviceMeta, ModelMeta, NodeMeta
 from cluster.runner import ClusterEvent, ClusterRunner
 from cluster.udp import frame
+from tests.support import wait_for
 
 KEY = Keyring((b"runner-test-cluster-key-01234567",))
 WRONG = Keyring((b"some-other-clusters-key-76543210",))
 LOCAL = dataclasses.replace(local(), bind="127.0.0.1:0")
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Poll `cond` until it holds; fail with `what` after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
 
 
 def states(r: ClusterRunner) -> dict[str, MemberState]:
@@ -91,7 +82,7 @@ async def test_five_runners_in_one_process_converge_with_their_metadata(cluster:
             return meta
 
         await cluster.add(f"n{i}", meta=provider)
-    await until(cluster.converged, what="5 nodes seeing 5 alive")
+    await wait_for(cluster.converged, what="5 nodes seeing 5 alive", timeout=10.0)
     view = {m.name: m for m in cluster.runners["n3"].members()}
     assert view["n1"].meta is not None
     assert view["n1"].meta.model_names == {"model-1"}
@@ -107,11 +98,11 @@ async def test_a_silent_runner_is_declared_dead_and_a_leaving_one_is_left(
 ) -> None:
     for i in range(5):
         await cluster.add(f"n{i}")
-    await until(cluster.converged, what="convergence")
+    await wait_for(cluster.converged, what="convergence", timeout=10.0)
     await cluster.runners["n4"].stop()  # no goodbye, like kill -9
     assert await cluster.runners["n3"].leave(timeout=5.0)
     rest = ["n0", "n1", "n2"]
-    await until(
+    await wait_for(
         lambda: all(
             states(cluster.runners[o]).get("n4") == MemberState.DEAD
             and states(cluster.runners[o]).get("n3") == MemberState.LEFT
@@ -164,7 +155,7 @@ async def test_the_members_a_runner_reports_always_match_its_state_machine(
                     checks += 1
             await asyncio.sleep(0.005)
 
-    await asyncio.gather(until(cluster.converged, what="convergence"), watch(1.0))
+    await asyncio.gather(wait_for(cluster.converged, what="convergence", timeout=10.0), watch(1.0))
     models["n1"] = (ModelMeta("m", 1),)
     await watch(1.0)
     await cluster.runners["n3"].stop()
@@ -176,14 +167,14 @@ async def test_metadata_changes_reach_the_peers(cluster: Cluster) -> None:
     current = NodeMeta(devices=(DeviceMeta("cuda:0", 1000, 900, 0),))
     a = await cluster.add("a", meta=lambda: current)
     b = await cluster.add("b")
-    await until(cluster.converged)
+    await wait_for(cluster.converged, timeout=10.0)
     current = dataclasses.replace(current, loaded=(ModelMeta("m", 2),))
 
     def b_sees_m() -> bool:
         seen = b.member("a")
         return seen is not None and seen.meta is not None and seen.meta.queue_of("m") == 2
 
-    await until(b_sees_m, what="b seeing a's new model")
+    await wait_for(b_sees_m, what="b seeing a's new model", timeout=10.0)
     assert a.membership.incarnation > 1
 
 
@@ -191,7 +182,9 @@ async def test_member_events_reach_the_hook_with_decoded_metadata(cluster: Clust
     events: list[ClusterEvent] = []
     await cluster.add("a", on_event=events.append)
     await cluster.add("b", meta=lambda: NodeMeta(http="127.0.0.1:8008"))
-    await until(lambda: any(e.kind == EventKind.JOINED and e.name == "b" for e in events))
+    await wait_for(
+        lambda: any(e.kind == EventKind.JOINED and e.name == "b" for e in events), timeout=10.0
+    )
     joined = next(e for e in events if e.name == "b")
     assert joined.meta is not None and joined.meta.http == "127.0.0.1:8008"
 
@@ -207,7 +200,7 @@ async def test_unsigned_forged_garbage_and_oversized_datagrams_are_counted_and_d
 ) -> None:
     a = await cluster.add("a")
     b = await cluster.add("b")
-    await until(cluster.converged)
+    await wait_for(cluster.converged, timeout=10.0)
     ping = [Ping(1, "a", "mallory")]
     _send_raw(
         a.addr,
@@ -225,17 +218,18 @@ async def test_unsigned_forged_garbage_and_oversized_datagrams_are_counted_and_d
         w.write(bad)
         await w.drain()
         w.close()
-    await until(
+    await wait_for(
         lambda: (
             a.dropped().get("unauthenticated", 0) == 3
             and a.dropped().get("malformed", 0) == 2
             and a.dropped().get("oversized", 0) == 2
         ),
         what="drop counters",
+        timeout=10.0,
     )
     # Nothing of it reached the machines or broke the loop: b still gets acks.
     probes = b.membership.counters.probes
-    await until(lambda: b.membership.counters.probes > probes + 2)
+    await wait_for(lambda: b.membership.counters.probes > probes + 2, timeout=10.0)
     assert b.membership.counters.probe_failures == 0
     assert "mallory" not in states(a)
 
@@ -245,7 +239,7 @@ async def test_three_voters_over_real_sockets_elect_exactly_one_primary(cluster:
     for i in range(3):
         await cluster.add(f"v{i}", config=config)
     rs = list(cluster.runners.values())
-    await until(lambda: sum(r.is_primary() for r in rs) == 1, what="one primary")
+    await wait_for(lambda: sum(r.is_primary() for r in rs) == 1, what="one primary", timeout=10.0)
     # Hold for several lease lengths: never two acting, and every view names the same one.
     loop = asyncio.get_running_loop()
     end = loop.time() + 3 * config.lease_s
@@ -260,7 +254,7 @@ async def test_three_voters_over_real_sockets_elect_exactly_one_primary(cluster:
     term = primary.election.term
     assert term >= 1
     # The fences of the other voters know the term: an older command is refused.
-    await until(lambda: all(r.fence.highest >= term for r in rs))
+    await wait_for(lambda: all(r.fence.highest >= term for r in rs), timeout=10.0)
     assert not rs[0].fence.admit(term - 1)
     assert rs[0].fence.admit(term)
 
@@ -269,9 +263,9 @@ async def test_metrics_report_members_primary_and_traffic(cluster: Cluster) -> N
     registry = CollectorRegistry()
     a = await cluster.add("a", registry=registry)
     await cluster.add("b")
-    await until(cluster.converged)
+    await wait_for(cluster.converged, timeout=10.0)
     _send_raw(a.addr, [b"\x00junk"])
-    await until(lambda: a.dropped().get("malformed", 0) == 1)
+    await wait_for(lambda: a.dropped().get("malformed", 0) == 1, timeout=10.0)
     text = generate_latest(registry).decode()
     assert 'moc_cluster_members{state="alive"} 2.0' in text
     assert "moc_cluster_primary 0.0" in text
@@ -296,7 +290,7 @@ async def test_random_and_signed_nonsense_never_stops_the_loop(cluster: Cluster)
 
     a = await cluster.add("a")
     b = await cluster.add("b")
-    await until(cluster.converged)
+    await wait_for(cluster.converged, timeout=10.0)
     rng = random.Random(4)
     junk = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 300))) for _ in range(200)]
     # Correctly signed headers over random bodies reach msgpack and the field checks.
@@ -318,17 +312,19 @@ async def test_random_and_signed_nonsense_never_stops_the_loop(cluster: Cluster)
         batch = payloads[i : i + 25]
         sent = i + len(batch)
         _send_raw(a.addr, batch)
-        await until(lambda sent=sent: decode_drops() >= sent, what=f"{sent} drops")
+        await wait_for(lambda sent=sent: decode_drops() >= sent, what=f"{sent} drops", timeout=10.0)
     assert decode_drops() == len(payloads)
     _send_raw(a.addr, odd)
-    await until(lambda: a.dropped().get("bad_address", 0) >= 1, what="the host name refused")
+    await wait_for(
+        lambda: a.dropped().get("bad_address", 0) >= 1, what="the host name refused", timeout=10.0
+    )
     # The ghost's metadata is garbage: it is listed without metadata, counted once.
-    await until(lambda: a.member("ghost") is not None)
+    await wait_for(lambda: a.member("ghost") is not None, timeout=10.0)
     ghost = a.member("ghost")
     assert ghost is not None and ghost.meta is None
     assert a.dropped().get("bad_meta") == 1
     probes = b.membership.counters.probes
-    await until(lambda: b.membership.counters.probes > probes + 2)
+    await wait_for(lambda: b.membership.counters.probes > probes + 2, timeout=10.0)
     assert states(b)["a"] == MemberState.ALIVE
 
 
@@ -347,7 +343,7 @@ async def test_a_message_a_machine_cannot_handle_is_counted_and_nothing_escapes_
     try:
         a = await cluster.add("a")
         b = await cluster.add("b")
-        await until(cluster.converged)
+        await wait_for(cluster.converged, timeout=10.0)
         # A signed, well formed message that the state machine fails on (a bug's stand-in).
         real_handle = a.membership.handle
 
@@ -358,13 +354,19 @@ async def test_a_message_a_machine_cannot_handle_is_counted_and_nothing_escapes_
 
         a.membership.handle = failing_handle  # type: ignore[method-assign]
         _send_raw(a.addr, [encode_packet([Suspect(1, "a", "mallory")], KEY, 1400)])
-        await until(lambda: a.dropped().get("handler_error", 0) == 1, what="handler_error")
+        await wait_for(
+            lambda: a.dropped().get("handler_error", 0) == 1, what="handler_error", timeout=10.0
+        )
         # A local record the wire cannot carry (2**64): push-pulls either way fail to encode it,
         # counted, not raised in a task.
         a.membership._local.incarnation = 2**64
-        await until(lambda: a.dropped().get("unsendable", 0) >= 2, what="unsendable push-pulls")
+        await wait_for(
+            lambda: a.dropped().get("unsendable", 0) >= 2,
+            what="unsendable push-pulls",
+            timeout=10.0,
+        )
         probes = b.membership.counters.probes
-        await until(lambda: b.membership.counters.probes > probes + 2)
+        await wait_for(lambda: b.membership.counters.probes > probes + 2, timeout=10.0)
         assert b.membership.counters.probe_failures == 0
     finally:
         loop.set_exception_handler(None)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 import zmq
 
+from tests.support import wait_for
 from transports.loop_socket import LoopSocket
 
 
@@ -53,10 +53,7 @@ async def test_closing_twice_leaves_alone_whatever_reuses_the_descriptor_number(
     fd = int(sock.getsockopt(zmq.FD))
     pump.close()
     # ZMQ's reaper thread closes the socket's descriptor a moment later: wait for it.
-    deadline = time.monotonic() + 5
-    while fd_open(fd):
-        assert time.monotonic() < deadline, "ZMQ never closed the socket's descriptor"
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: not fd_open(fd), timeout=5, what="ZMQ closing the socket's descriptor")
     streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     try:
         # POSIX hands out the lowest free number, so one of these connections (either end)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import zmq
 import zmq.asyncio
 
+from tests.support import wait_for
 from transports.zmtp import greeting
 from transports.zmtp_sockets import DealerSocket, QueueFull, RouterSocket
 
@@ -28,13 +29,6 @@ class Inbox:
 
     async def next(self) -> list[bytes]:
         return await asyncio.wait_for(self.items.get(), 5)
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 5
-    while not check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -103,7 +97,9 @@ async def test_a_reply_to_a_connection_that_is_gone_is_dropped(
     await dealer.send_multipart([b"hi"])
     ident = (await inbox.next())[0]
     dealer.close()
-    await until(lambda: not sock.send([ident, b"late"]), "the closed connection was kept")
+    await wait_for(
+        lambda: not sock.send([ident, b"late"]), timeout=5, what="the closed connection was kept"
+    )
     assert not sock.send([b"\x00nobody", b"x"])
 
 
@@ -176,7 +172,7 @@ async def test_a_dealer_with_no_one_listening_says_it_is_broken_at_once() -> Non
     try:
         began = time.monotonic()
         dealer.send([b"anyone?"])
-        await until(lambda: bool(broken), "no word of the refused connection")
+        await wait_for(lambda: bool(broken), timeout=5, what="no word of the refused connection")
         assert "cannot connect" in broken[0] and time.monotonic() - began < 1
     finally:
         dealer.close()
@@ -194,7 +190,7 @@ async def test_a_dealer_whose_connection_drops_says_so_and_reconnects_on_its_nex
         dealer.send([b"before"])
         assert (await inbox.next())[1] == b"before"
         first.close()  # the peer restarts
-        await until(lambda: bool(broken), "the lost connection went unnoticed")
+        await wait_for(lambda: bool(broken), timeout=5, what="the lost connection went unnoticed")
         assert "lost" in broken[0]
         second = RouterSocket(inbox, max_frame_bytes=LIMIT)
         await second.bind("127.0.0.1", port)
@@ -246,7 +242,9 @@ async def test_garbage_closes_only_its_own_connection_and_is_counted(
     reader, writer = await raw_connection(port)
     try:
         writer.write(send)
-        await until(lambda: refused == [reason], f"not refused as {reason}: {refused}")
+        await wait_for(
+            lambda: refused == [reason], timeout=5, what=f"not refused as {reason}: {refused}"
+        )
         await asyncio.wait_for(reader.read(), 5)  # read() returns at EOF: the server closed it
         await good.send_multipart([b"still served"])
         assert (await inbox.next())[1:] == [b"still served"]
