@@ -238,7 +238,11 @@ class ModelManager(LoopReplyActor):
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
         events = self.actor_ref.proxy()
         slot.lane = ModelLane(
-            entry.name, events=events, breaker=slot.breaker, abort=self._deps.abort
+            entry.name,
+            events=events,
+            breaker=slot.breaker,
+            abort=self._deps.abort,
+            clock=self._deps.clock,
         )
         slot.actor = ModelActor.start(
             spec,
@@ -251,6 +255,7 @@ class ModelManager(LoopReplyActor):
             load_timeout=self._models_config.load_timeout,
             worker_factory=self._deps.worker_factory,
             memory_watch=self._deps.memory_watch,
+            clock=self._deps.clock,
         )
         slot.actor.proxy().load()
 

@@ -19,7 +19,7 @@ from actors.serving.estimate import (
     split_weights,
 )
 from actors.types import GenerationParams, InferRequest
-from actors.worker.client import WorkerProcess, WorkerSpec
+from tests.actors.worker.workers import run_request, worker_for
 from transports.dispatch import classify
 
 MIB = 1024 * 1024
@@ -131,16 +131,15 @@ def test_the_estimate_is_within_ten_percent_of_the_measured_working_size(
         {"tiny": "tiny_gguf", "small": "small_gguf"}.get(size, "medium_gguf")
     )
     estimate = estimate_gguf_memory(path, n_ctx=N_CTX)
-    worker = WorkerProcess(
-        WorkerSpec(name=size, path=str(path), backend="gguf", n_ctx=N_CTX), runtime_dir=runtime_dir
-    )
+    worker = worker_for(path, runtime_dir, size, n_ctx=N_CTX)
     loaded = worker.start(timeout=120)
     try:
         prompt = "ab" * (N_CTX // 2 - 8)  # one token a byte: fills all but a few cells
-        result = worker.run(
+        result = run_request(
+            worker,
             InferRequest(
                 model=size, prompt=prompt, params=GenerationParams(max_tokens=4, temperature=0.0)
-            )
+            ),
         )
     finally:
         worker.stop()

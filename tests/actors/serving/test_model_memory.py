@@ -21,7 +21,8 @@ from actors.gguf_synth import SIZES, write_llama_gguf
 from actors.serving.config import CircuitBreakerConfig
 from actors.serving.lane import ModelLane
 from actors.serving.memory_watch import MemoryWatch
-from actors.serving.model import ModelActor, worker_memory_kills_total
+from actors.serving.metrics import worker_memory_kills_total
+from actors.serving.model import ModelActor
 from actors.serving.probes import process_rss_mb
 from actors.serving.resilience import CircuitBreaker
 from actors.types import GenerationParams, InferRequest
