@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from actors.gguf_synth import SIZES, write_preset
-from actors.worker.backends import Generation, LoadSpec
+from actors.types import GenerationParams
+from actors.worker.backends import Generation
 from actors.worker.backends.gguf import GgufModel, describe_buffers
 from actors.worker.native_crash import describe_cpu
+from actors.worker.protocol import LoadSpec
 
 QUANTS = ("q4_0", "q8_0")
 BODY = "The quick brown fox jumps over the lazy dog, and then it runs on. " * 2  # ~130 bytes
@@ -44,7 +46,7 @@ def measure(model: GgufModel, prompt: str, tokens: int) -> tuple[float, float, i
     stamps: list[float] = []
     start = time.perf_counter()
     out = model.run(
-        Generation(prompt=prompt, max_tokens=tokens, temperature=0.0, top_p=1.0),
+        Generation(prompt, params=GenerationParams(max_tokens=tokens, temperature=0.0, top_p=1.0)),
         lambda _text: stamps.append(time.perf_counter()),
         lambda: False,
     )

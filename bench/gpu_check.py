@@ -178,7 +178,9 @@ def check_torch(workdir: Path, figures: dict[str, Any]) -> None:
     import torch
 
     from actors.types import TensorData
-    from actors.worker.backends import Generation, LoadSpec, load_model
+    from actors.worker.backends import Generation
+    from actors.worker.backends.loader import load_model
+    from actors.worker.protocol import LoadSpec
 
     path = workdir / "mlp.pt"
     write_torch_program(path)
@@ -186,7 +188,8 @@ def check_torch(workdir: Path, figures: dict[str, Any]) -> None:
     gen = Generation(tensors=(TensorData("float32", batch.shape, batch.tobytes()),))
     results: dict[str, np.ndarray] = {}
     for device, on_gpu in DEVICES:
-        model = load_model(LoadSpec(backend="torch", path=str(path), on_gpu=on_gpu))
+        kind = "nvml" if on_gpu else "cpu"
+        model = load_model(LoadSpec(backend="torch", path=str(path), device_kind=kind))
         model.run(gen, lambda _t: None, lambda: False)  # warm-up: kernels, allocator
         began = time.perf_counter()
         for _ in range(20):
@@ -409,17 +412,20 @@ LOADS = {
         "import llama_cpp as l; m = l.Llama(model_path=P, n_ctx=512, n_gpu_layers=-1, verbose=False)"
     ),
     "moc backend, main_gpu 0": (
-        "from actors.worker.backends import LoadSpec, load_model; m = load_model(LoadSpec(backend='gguf', "
-        "path=P, n_ctx=512, gpu_layers=-1, on_gpu=True, device_index=0))"
+        "from actors.worker.backends.loader import load_model; from actors.worker.protocol import "
+        "LoadSpec; m = load_model(LoadSpec(backend='gguf', path=P, n_ctx=512, gpu_layers=-1, "
+        "device_kind='nvml', device_index=0))"
     ),
     "moc backend, no main_gpu": (
-        "from actors.worker.backends import LoadSpec, load_model; m = load_model(LoadSpec(backend='gguf', "
-        "path=P, n_ctx=512, gpu_layers=-1, on_gpu=True))"
+        "from actors.worker.backends.loader import load_model; from actors.worker.protocol import "
+        "LoadSpec; m = load_model(LoadSpec(backend='gguf', path=P, n_ctx=512, gpu_layers=-1, "
+        "device_kind='nvml'))"
     ),
     "moc worker process": (
-        "from pathlib import Path; from actors.worker.client import WorkerProcess, WorkerSpec; "
-        "w = WorkerProcess(WorkerSpec(name='g', path=P, backend='gguf', n_ctx=512, gpu_layers=-1, "
-        "device_kind='nvml', device_index=0), runtime_dir=Path(P).parent / 'wrt'); "
+        "from pathlib import Path; from actors.worker.client import WorkerProcess; "
+        "from actors.worker.handle import WorkerSpec; from actors.worker.protocol import LoadSpec; "
+        "w = WorkerProcess(WorkerSpec('g', LoadSpec(backend='gguf', path=P, n_ctx=512, "
+        "gpu_layers=-1, device_kind='nvml', device_index=0)), runtime_dir=Path(P).parent / 'wrt'); "
         "print(w.start()); w.stop()"
     ),
 }

@@ -17,6 +17,7 @@ last line: {"throughput_ratio", "submit_to_served_s", ...}.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import tempfile
@@ -37,8 +38,10 @@ from actors.learning.lora import attach_lora, lora_parameters
 from actors.learning.spec import parse_params
 from actors.learning.tokenizer import Tokenizer
 from actors.learning.trainers import build_examples, collate, split_eval
-from actors.types import GenerationParams, InferRequest
-from actors.worker.client import WorkerProcess, WorkerSpec
+from actors.types import GenerationParams, InferRequest, InferResult
+from actors.worker.client import WorkerProcess
+from actors.worker.handle import WorkerSpec
+from actors.worker.protocol import LoadSpec
 
 SENTENCES = [
     f"The {a} {v} on the {n} while the {b} watched from the {m}."
@@ -92,6 +95,15 @@ def plain_loop(model_path: Path, data: Path, tp: Any) -> float:
     return steady_tok_s(ends, tokens)
 
 
+
+async def serve_once(worker: WorkerProcess, req: InferRequest) -> InferResult:
+    """Serve one request through a channel to the worker, as the node's lane does."""
+    channel = worker.open_channel()
+    try:
+        return await channel.infer(req)
+    finally:
+        channel.close()
+
 class ActorRun:
     """A LearningActor whose jobs' adapters are served, one job at a time, with timings."""
 
@@ -123,23 +135,20 @@ class ActorRun:
             self.tokens[event["step"]] = event["tokens"]
 
     def _register(self, name: str, path: Path, base: str | None) -> None:
+        load = LoadSpec("gguf", str(self.model_path), n_ctx=256, lora_path=str(path))
         worker = WorkerProcess(
-            WorkerSpec(
-                name=name,
-                path=str(self.model_path),
-                backend="gguf",
-                n_ctx=256,
-                lora_path=str(path),
-            ),
-            runtime_dir=Path(tempfile.mkdtemp(prefix="moc-b-")),
+            WorkerSpec(name, load), runtime_dir=Path(tempfile.mkdtemp(prefix="moc-b-"))
         )
         worker.start()
         try:
-            worker.run(
-                InferRequest(
-                    model=name,
-                    prompt="The cat",
-                    params=GenerationParams(max_tokens=8, temperature=0.0),
+            asyncio.run(
+                serve_once(
+                    worker,
+                    InferRequest(
+                        model=name,
+                        prompt="The cat",
+                        params=GenerationParams(max_tokens=8, temperature=0.0),
+                    ),
                 )
             )
         finally:

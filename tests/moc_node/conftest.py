@@ -18,8 +18,9 @@ from actors.serving.config import (
     ResourcesConfig,
     SimulatedDevice,
 )
-from actors.serving.model import WorkerFactory, _default_worker
-from actors.worker.client import WorkerProcess, WorkerSpec
+from actors.worker.client import WorkerProcess
+from actors.worker.handle import RequestChannel, WorkerFactory, WorkerHandle, WorkerSpec
+from actors.worker.protocol import Loaded
 from moc_node.app import Runtime, build_runtime
 from moc_node.config import Config, NodeConfig
 
@@ -47,20 +48,43 @@ class CountingWorkers:
         self.started: list[str] = []
         self.workers: list[WorkerProcess] = []
 
-    def __call__(self, spec: WorkerSpec, runtime_dir: Path) -> WorkerProcess:
-        worker = _CountingWorker(spec, runtime_dir=runtime_dir, on_start=self.started.append)
+    def __call__(self, spec: WorkerSpec, runtime_dir: Path) -> WorkerHandle:
+        worker = WorkerProcess(spec, runtime_dir=runtime_dir)
         self.workers.append(worker)
-        return worker
+        return _CountedWorker(worker, self.started.append)
 
 
-class _CountingWorker(WorkerProcess):
-    def __init__(self, spec: WorkerSpec, *, runtime_dir: Path, on_start: Callable[[str], None]):
-        super().__init__(spec, runtime_dir=runtime_dir)
+class _CountedWorker:
+    """A real worker whose starts are counted: a WorkerHandle around it, not a subclass."""
+
+    def __init__(self, worker: WorkerProcess, on_start: Callable[[str], None]) -> None:
+        self._worker = worker
         self._on_start = on_start
 
-    def start(self, timeout: float = 300.0):  # type: ignore[no-untyped-def]
-        self._on_start(self.spec.name)
-        return super().start(timeout)
+    @property
+    def pid(self) -> int | None:
+        return self._worker.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._worker.alive
+
+    @property
+    def peak_memory_mb(self) -> float | None:
+        return self._worker.peak_memory_mb
+
+    def start(self, timeout: float = 300.0) -> Loaded:
+        self._on_start(self._worker.name)
+        return self._worker.start(timeout)
+
+    def open_channel(self) -> RequestChannel:
+        return self._worker.open_channel()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._worker.stop(timeout)
+
+    def kill(self) -> None:
+        self._worker.kill()
 
 
 def make_config(
@@ -117,4 +141,4 @@ async def runtime_factory(workers: CountingWorkers) -> AsyncIterator[Callable[[C
             await runtime.close()
 
 
-__all__ = ["CountingWorkers", "make_config", "catalog_of", "_default_worker"]
+__all__ = ["CountingWorkers", "make_config", "catalog_of"]

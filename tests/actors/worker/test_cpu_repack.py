@@ -147,7 +147,8 @@ async def test_the_node_passes_each_models_setting_to_its_worker(
         for name in ("plain", "fast"):
             await runtime.node.load(LoadRequest(name=name))
         by_name = {w.spec.name: w for w in workers.workers}
-        assert (by_name["plain"].spec.cpu_repack, by_name["fast"].spec.cpu_repack) == (False, True)
+        plain, fast = by_name["plain"].spec.load, by_name["fast"].spec.load
+        assert (plain.cpu_repack, fast.cpu_repack) == (False, True)
         assert "(cpu_repack off)" in weights_line(by_name["plain"])
         assert "(cpu_repack on)" in weights_line(by_name["fast"])
     finally:
