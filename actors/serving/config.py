@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from actors.names import name_problem
+from actors.types import DEFAULT_N_CTX
 
 DeviceMode = Literal["auto", "cpu", "simulated"]
 
@@ -105,7 +106,7 @@ class CatalogEntry:
     """GGUF file, TorchScript `.pt` or torch.export `.pt2`; must lie inside `node.model_dirs`."""
     backend: Literal["gguf", "torch"] = "gguf"
     """Which worker backend runs it."""
-    n_ctx: int = 2048
+    n_ctx: int = DEFAULT_N_CTX
     """Context length in tokens; the KV cache grows linearly with it."""
     n_ctx_max: int = 0
     """Largest `n_ctx` a load of this model may ask for (this entry's or a client's); 0 = the

@@ -18,7 +18,7 @@ from actors.serving.config import CatalogEntry
 from actors.serving.context import fit_gguf_n_ctx
 from actors.serving.estimate import CUDA_CONTEXT_MB, estimate_gguf_memory
 from actors.serving.paths import resolve_model_path
-from actors.types import Backend, DeviceKind, LoadRequest
+from actors.types import DEFAULT_N_CTX, Backend, DeviceKind, LoadRequest
 from actors.worker.handle import WorkerSpec
 from actors.worker.protocol import LoadSpec
 
@@ -48,7 +48,7 @@ def entry_for(
             name=request.name,
             path=str(resolved),
             backend=backend,
-            n_ctx=request.n_ctx or (base.n_ctx if base else 2048),
+            n_ctx=request.n_ctx or (base.n_ctx if base else DEFAULT_N_CTX),
             gpu_layers=request.gpu_layers
             if request.gpu_layers is not None
             else (base.gpu_layers if base else -1),
