@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Any
 
 import msgpack
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from actors.types import ChatMessage, TensorData
+from actors.types import Backend, ChatMessage, DeviceKind, TensorData
 from actors.worker import protocol as wp
 from cluster import codec
 from cluster.errors import (
@@ -30,7 +31,7 @@ from cluster.errors import (
 )
 from cluster.keyring import Keyring
 from cluster.messages import MESSAGE_CLASSES, PROTOCOL_VERSION, PushNodeState
-from transports import zmq_legacy as zl
+from transports import zmq_codec as zc
 from transports.dispatch import ACTIONS, BadFrame, classify
 
 SETTINGS = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -127,7 +128,7 @@ zmq_bodies = st.one_of(
     json_values.map(json_frame),
     msgpack_values.map(msgpack_frame),
 )
-LABELS = {*ACTIONS, zl.NO_ACTION, zl.UNKNOWN_ACTION}
+LABELS = {*ACTIONS, zc.NO_ACTION, zc.UNKNOWN_ACTION}
 
 
 def answer_frame(body: bytes) -> tuple[bytes, str, str, bool]:
@@ -137,25 +138,25 @@ def answer_frame(body: bytes) -> tuple[bytes, str, str, bool]:
     metric label and whether the request reached the action table.
     """
     try:
-        encoding, obj = zl.decode_frame(body)
+        encoding, obj = zc.decode_frame(body)
     except BadFrame as exc:
-        encoding = zl.guess_encoding(body)
+        encoding = zc.guess_encoding(body)
         err = classify(exc)
-        return zl.encode_reply(zl.error_reply(err, None, 1.0), encoding), encoding, "none", False
-    label = zl.action_label(obj)
-    request_id, parsed = zl.parse_request(obj, encoding)
+        return zc.encode_reply(zc.error_reply(err, None, 1.0), encoding), encoding, "none", False
+    label = zc.action_label(obj)
+    request_id, parsed = zc.parse_request(obj, encoding)
     if isinstance(parsed, BaseException):
         err = classify(parsed)
         # A refusal of the client's frame is the client's fault (or a feature not there yet),
         # never an internal error.
         assert err.code != "internal_error", parsed
         assert 400 <= err.status < 500 or err.code == "not_available"
-        reply = zl.encode_reply(zl.error_reply(err, request_id, 1.0), encoding)
+        reply = zc.encode_reply(zc.error_reply(err, request_id, 1.0), encoding)
         return reply, encoding, label, False
     assert parsed.action.name in ACTIONS
     assert isinstance(parsed.payload, dict)
     # A success reply echoes the id: it must be encodable in the request's encoding.
-    zl.encode_reply(zl.success_reply({"ok": True}, request_id, 1.0), encoding)
+    zc.encode_reply(zc.success_reply({"ok": True}, request_id, 1.0), encoding)
     return b"", encoding, label, True
 
 
@@ -179,7 +180,7 @@ def test_any_zmq_frame_is_answered_in_its_encoding_or_reaches_the_table(body: by
 @SETTINGS
 @given(st.lists(st.binary(max_size=12), max_size=6))
 def test_any_multipart_message_splits_into_an_envelope_and_a_body(frames: list[bytes]) -> None:
-    envelope, body = zl.split_envelope(frames)
+    envelope, body = zc.split_envelope(frames)
     assert envelope + body == frames
     assert len(envelope) <= max(1, len(frames))
 
@@ -213,6 +214,8 @@ WORKER_FIELDS: dict[str, st.SearchStrategy[Any]] = {
         tuple
     ),
     "tuple[TensorData, ...] | None": st.none() | st.lists(tensors(), max_size=2).map(tuple),
+    "Backend": st.sampled_from(typing.get_args(Backend)),
+    "DeviceKind": st.sampled_from(typing.get_args(DeviceKind)),
 }
 
 

@@ -36,7 +36,7 @@ from actors.serving.config import CatalogEntry
 from moc_node.app import Runtime, build_runtime
 from tests.moc_node.conftest import make_config
 from tests.transports.conftest import server_config
-from transports import zmq_legacy as zl
+from transports import zmq_codec as zc
 from transports.config import ServerConfig
 from transports.dispatch import ACTIONS, BadFrame
 from transports.http import HttpServer
@@ -185,14 +185,14 @@ def bad_zmq_message(rng: random.Random, i: int) -> list[bytes]:
 
 def predicted_bad(frames: list[bytes]) -> bool:
     """Tell whether the server must refuse this message (as the ROUTER will see it)."""
-    _, body = zl.split_envelope([b"identity", *frames])
+    _, body = zc.split_envelope([b"identity", *frames])
     if len(body) != 1:
         return True
     try:
-        encoding, obj = zl.decode_frame(body[0])
+        encoding, obj = zc.decode_frame(body[0])
     except BadFrame:
         return True
-    return isinstance(zl.parse_request(obj, encoding)[1], BaseException)
+    return isinstance(zc.parse_request(obj, encoding)[1], BaseException)
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:
@@ -267,7 +267,7 @@ async def test_random_and_mutated_zmq_frames_are_answered_counted_and_do_not_dis
     assert answered[False] >= bad > ZMQ_FRAMES // 2  # the stream was mostly garbage
     assert good == ZMQ_FRAMES // (GOOD_EVERY + 1)
     for labels in label_sets("moc_zmq_requests_total"):
-        assert labels["action"] in {*ACTIONS, zl.NO_ACTION, zl.UNKNOWN_ACTION}
+        assert labels["action"] in {*ACTIONS, zc.NO_ACTION, zc.UNKNOWN_ACTION}
     assert worker_pid(served) == pid  # the model's worker never crashed or restarted
     assert served.runtime.node.health().status != "unhealthy"
 
