@@ -31,11 +31,22 @@ class TensorData:
 
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
+    """How one request samples and how long it may run: the only place these defaults are
+    written (the transports, the worker's wire and the backends all take them from here).
+
+    A request that names no parameter gets these, whichever front it came through.
+    """
+
     max_tokens: int = 50
+    """Most tokens to generate (the context may end it sooner)."""
     temperature: float = 0.7
+    """0 is greedy; higher flattens the distribution."""
     top_p: float = 0.9
+    """Nucleus sampling: draw only from the likeliest tokens that cover this probability."""
     stop: tuple[str, ...] = ()
+    """Text that ends the output; never part of it."""
     seed: int | None = None
+    """The draw's seed; None takes the worker's (LoadSpec.seed)."""
 
 
 @dataclass(frozen=True, slots=True)

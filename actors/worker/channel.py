@@ -53,7 +53,9 @@ class ChannelPeer(Protocol):
         ...
 
     @property
-    def pid(self) -> int | None: ...
+    def pid(self) -> int | None:
+        """The process to watch for its exit (None: never started)."""
+        ...
 
     @property
     def version(self) -> str:
@@ -68,7 +70,9 @@ class ChannelPeer(Protocol):
         """Say how the worker ended."""
         ...
 
-    def kill(self) -> None: ...
+    def kill(self) -> None:
+        """End a worker that sent garbage."""
+        ...
 
 
 def finish_reason(wire: str) -> FinishReason:
@@ -130,7 +134,6 @@ class WorkerChannel:
     def __init__(self, worker: ChannelPeer) -> None:
         self.worker = worker
         self.closed: WorkerCrashed | None = None
-        self.crash_counted = False  # the lane counts a worker's death once, however many it failed
         self._waiting: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._loop = asyncio.get_running_loop()

@@ -70,7 +70,7 @@ def _socket_dir(runtime_dir: Path, filename: str) -> Path:
 
 
 class WorkerProcess:
-    """One model worker process and the socket to it."""
+    """One model worker process and its control socket; requests go through `open_channel`."""
 
     def __init__(self, spec: WorkerSpec, *, runtime_dir: Path) -> None:
         self.spec = spec
