@@ -342,16 +342,12 @@ class ModelManager(LoopReplyActor):
                 )
             )
         slot.state = "loaded"
-        slot.measured_mb = info.measured_mb
         slot.version = info.version
         slot.pid = info.pid
         slot.last_used = self._deps.clock()
         slot.last_used_wall = time.time()
-        # At load time llama.cpp has reserved its compute buffers but not touched them, so the
-        # measurement is below the working size: claim the larger of it and the estimate.
-        self._deps.ledgers[slot.device].claim(name, max(info.measured_mb, slot.estimate_mb or 0.0))
+        self._measured(slot, info.measured_mb)
         device_label = self._device_label(slot.device)
-        metrics.model_memory_usage_mb.labels(name, device_label).set(info.measured_mb)
         if first:
             slot.load_seconds = info.load_seconds
             metrics.model_load_duration_seconds.labels(name).observe(info.load_seconds)
@@ -425,10 +421,18 @@ class ModelManager(LoopReplyActor):
         slot = self._slots.get(name)
         if slot is None or slot.state != "loaded" or slot.device is None:
             return
-        slot.measured_mb = mb
-        self._deps.ledgers[slot.device].claim(name, max(mb, slot.estimate_mb or 0.0))
-        metrics.model_memory_usage_mb.labels(name, self._device_label(slot.device)).set(mb)
+        self._measured(slot, mb)
         self._publish(name)
+
+    def _measured(self, slot: Slot, mb: float) -> None:
+        """Adopt a measurement of a resident model as its size and (at least) its claim."""
+        assert slot.device is not None
+        slot.measured_mb = mb
+        # At load time llama.cpp has reserved its compute buffers but not touched them, so the
+        # measurement is below the working size: claim the larger of it and the estimate.
+        self._deps.ledgers[slot.device].claim(slot.entry.name, max(mb, slot.estimate_mb or 0.0))
+        label = self._device_label(slot.device)
+        metrics.model_memory_usage_mb.labels(slot.entry.name, label).set(mb)
 
     def model_used(self, name: str) -> None:
         slot = self._slots.get(name)
