@@ -366,6 +366,7 @@ class ModelManager(LoopReplyActor):
             reply(slot.lane, None)
 
     def model_load_failed(self, name: str, error: Exception) -> None:
+        """Fail a load: whoever waits is told `error`, and the model's actor is stopped."""
         slot = self._slots.get(name)
         if slot is None:
             return
@@ -381,6 +382,7 @@ class ModelManager(LoopReplyActor):
         self._publish(name)
 
     def model_stopped(self, name: str) -> None:
+        """Forget a stopped model's claim and actor; answer unloads, start what waited on it."""
         slot = self._slots.get(name)
         if slot is None:
             return
@@ -435,6 +437,7 @@ class ModelManager(LoopReplyActor):
         metrics.model_memory_usage_mb.labels(slot.entry.name, label).set(mb)
 
     def model_used(self, name: str) -> None:
+        """Note that a model served a request now (its idle time starts again)."""
         slot = self._slots.get(name)
         if slot is not None:
             slot.last_used = self._deps.clock()

@@ -1,0 +1,81 @@
+"""What a load request becomes: the request's fields over the catalog's, checked and fitted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.errors import InvalidRequest, ModelNotFound, PathNotAllowed
+from actors.serving.config import CatalogEntry
+from actors.serving.entry import backend_for, entry_for, need_mb, worker_spec
+from actors.types import LoadRequest
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("m.gguf", "gguf"), ("m.pt", "torch"), ("m.pt2", "torch")],
+    ids=["gguf", "torchscript", "torch-export"],
+)
+def test_the_backend_follows_from_the_files_suffix(name: str, expected: str) -> None:
+    assert backend_for(Path(name)) == expected
+
+
+def test_a_file_of_no_known_kind_asks_the_client_for_model_type() -> None:
+    with pytest.raises(InvalidRequest, match="model_type"):
+        backend_for(Path("m.bin"))
+
+
+def test_a_request_by_name_alone_takes_the_catalog_entry(tiny_gguf: Path) -> None:
+    base = CatalogEntry("m", str(tiny_gguf), n_ctx=64, pin=True, lora="/a.gguf")
+    entry = entry_for(LoadRequest(name="m"), base, [tiny_gguf.parent])
+    assert (entry.path, entry.n_ctx, entry.pin, entry.lora) == (str(tiny_gguf), 64, True, "/a.gguf")
+
+
+def test_the_requests_fields_win_over_the_catalogs(tiny_gguf: Path) -> None:
+    base = CatalogEntry("m", str(tiny_gguf), n_ctx=64, pin=True, lora="/a.gguf")
+    request = LoadRequest(name="m", path=tiny_gguf.name, n_ctx=32, pin=False, gpu_layers=3)
+    entry = entry_for(request, base, [tiny_gguf.parent])
+    assert (entry.n_ctx, entry.pin, entry.gpu_layers) == (32, False, 3)
+    assert entry.lora == ""  # another file: the catalog's adapter was made for its own
+
+
+def test_a_name_neither_loaded_nor_in_the_catalog_needs_a_path() -> None:
+    with pytest.raises(ModelNotFound, match="not in the catalog"):
+        entry_for(LoadRequest(name="m"), None, [Path("/models")])
+
+
+def test_a_path_outside_the_model_directories_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
+    with pytest.raises(PathNotAllowed):
+        entry_for(LoadRequest(name="m", path=str(tiny_gguf)), None, [tmp_path])
+
+
+def test_a_bad_field_is_refused_naming_it(tiny_gguf: Path) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        entry_for(LoadRequest(name="m", path=str(tiny_gguf), n_ctx=8), None, [tiny_gguf.parent])
+    assert refused.value.field == "n_ctx"
+
+
+def test_a_context_past_the_trained_one_is_refused_when_asked_and_capped_from_the_catalog(
+    tiny_gguf: Path,
+) -> None:
+    dirs = [tiny_gguf.parent]
+    with pytest.raises(InvalidRequest, match="n_ctx"):
+        entry_for(LoadRequest(name="m", path=str(tiny_gguf), n_ctx=1_000_000), None, dirs)
+    base = CatalogEntry("m", str(tiny_gguf), n_ctx=1_000_000)
+    assert entry_for(LoadRequest(name="m"), base, dirs).n_ctx < 1_000_000
+
+
+def test_a_torch_program_needs_its_file_size_and_a_fifth_more(tmp_path: Path) -> None:
+    program = tmp_path / "m.pt"
+    program.write_bytes(b"\0" * (10 * 1024 * 1024))
+    entry = CatalogEntry("m", str(program), backend="torch")
+    assert need_mb(entry, on_gpu=False) == pytest.approx(10 * 1.2 + 64)
+
+
+def test_gpu_layers_reach_the_worker_only_on_a_gpu(tiny_gguf: Path) -> None:
+    entry = CatalogEntry("m", str(tiny_gguf), gpu_layers=-1)
+    on_cpu = worker_spec(entry, device_kind="cpu", device_index=None, cpu_repack=False)
+    on_gpu = worker_spec(entry, device_kind="nvml", device_index=1, cpu_repack=False)
+    assert (on_cpu.load.gpu_layers, on_gpu.load.gpu_layers) == (0, -1)
+    assert (on_gpu.name, on_gpu.load.device_index) == ("m", 1)
