@@ -1,15 +1,15 @@
 """Wiring: build the actors and the Node from a Config, serve the transports, handle signals.
 
 The only place where production objects are chosen; everything else takes them as arguments.
+Here, once, the node is chosen: a LocalNode, or a ClusteredNode around it when `[cluster]
+enabled`; the fronts, the watchdog and the learning/goal services get whichever it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -17,31 +17,33 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import prometheus_client
 import pykka
-import zmq
 
+from actors.serving.board import ModelBoard
 from actors.serving.config import CatalogEntry
 from actors.serving.gpu import GPUActor
 from actors.serving.ledger import Budget, Ledger
-from actors.serving.manager import ManagerDeps, ModelBoard, ModelManager
+from actors.serving.manager import ManagerDeps, ModelManager
 from actors.serving.memory_watch import MemoryWatch
-from actors.serving.model import WorkerFactory, _default_worker
+from actors.serving.model import worker_process
 from actors.serving.probes import discover
 from actors.serving.resilience import BulkheadRegistry
 from actors.serving.store import StateStore
 from actors.serving.ticker import Ticker
+from actors.types import LoadRequest
+from actors.worker.handle import WorkerFactory
 from cluster.keyring import Keyring
-from cluster.runner import ClusterRunner
-from moc_node.cluster_link import ClusterLink
+from moc_node.clustered.node import ClusteredNode
 from moc_node.config import Config, ConfigError, load_config
-from moc_node.node import Node
-from moc_node.preflight import Keys, Listener, check, listener, preflight
+from moc_node.node import LocalNode, Node
+from moc_node.preflight import Keys, Listener, check, listen, listener, preflight
+from moc_node.proxies import DeviceProxy, ManagerProxy, typed
 from moc_node.sdnotify import Notifier, watchdog
-from moc_node.services import Services, learning_output_dir, start_services
+from moc_node.services import Deploy, Services, learning_output_dir, start_services
 from moc_node.term_store import TermStore
+from moc_node.witness import serve_witness
 
 log = logging.getLogger(__name__)
 
@@ -69,77 +71,44 @@ class Front:
     listener: Listener
 
 
-async def listen(listener: Listener, start: Callable[[], Awaitable[None]]) -> None:
-    """Run `start`, which binds `listener`; a bind that fails is a ConfigError naming its key.
-
-    A port in use, an address not on this host or a privileged port: the config is wrong for
-    this host, so the start ends with one line (and exit 2) instead of a traceback.
-    """
-    try:
-        await start()
-    except (OSError, zmq.ZMQError) as exc:
-        raise ConfigError(
-            f"{listener.key}: cannot listen on {listener.address}: {_bind_reason(exc)}"
-        ) from None
-
-
-def _bind_reason(exc: OSError | zmq.ZMQError) -> str:
-    # aiohttp rewrites strerror into a sentence quoting the address; the errno's text is enough.
-    code = exc.errno
-    if isinstance(code, int) and code in errno.errorcode:
-        return os.strerror(code)
-    return str(exc.strerror or exc)
-
-
 @dataclass
 class Runtime:
-    """A built node with everything that must be stopped with it."""
+    """A built node with everything that must be stopped with it.
+
+    `node` is what the fronts serve: the LocalNode, or with `[cluster] enabled` the
+    ClusteredNode around it (also in `clustered`), chosen once in `build_runtime`.
+    """
 
     config: Config
     node: Node
-    manager: pykka.ActorRef[Any]
+    manager: ManagerProxy
     store: StateStore
     tickers: list[Ticker] = field(default_factory=list)
     runtime_dir: Path | None = None
-    link: ClusterLink | None = None
+    clustered: ClusteredNode | None = None
     services: Services | None = None
 
-    async def join_cluster(self, keyring: Keyring, http_port: int, zmq_port: int) -> None:
-        """Start gossip and the peer RPC (when `[cluster] enabled`), and route through them.
+    async def join_cluster(self, http_port: int, zmq_port: int) -> None:
+        """Start the peer RPC and gossip, advertising these client ports (when clustered).
 
-        `keyring` comes from the preflight; a port that cannot be bound is a ConfigError.
+        A port that cannot be bound is a ConfigError naming its key.
         """
-        cluster = self.config.cluster
-        if not cluster.enabled:
+        if self.clustered is None:
             return
-        if not keyring.enabled:
-            log.warning("cluster without key_file: gossip and peer RPC are NOT authenticated")
-        self.link = ClusterLink(
-            self.node,
-            cluster,
-            name=cluster.name or self.config.node.name,
-            keyring=keyring,
-            term_store=TermStore(self.store),
-            generation=self.store.next_generation(),
-            http_port=http_port,
-            zmq_port=zmq_port,
-            request_timeout=self.config.server.request_timeout_s,
-        )
-        # ClusterLink.start, one listener at a time, so that a failed bind names its key.
-        await listen(listener(self.config, "cluster.peer_port"), self.link.server.start)
-        await listen(listener(self.config, "cluster.bind"), self.link.runner.start)
-        self.node.attach_cluster(self.link)
+        self.clustered.advertise(http_port, zmq_port)
+        # ClusteredNode.join, one listener at a time, so that a failed bind names its key.
+        await listen(listener(self.config, "cluster.peer_port"), self.clustered.server.start)
+        await listen(listener(self.config, "cluster.bind"), self.clustered.link.start)
 
     async def leave_cluster(self) -> None:
         """Announce the leave (peers stop routing here), after the drain has begun."""
-        if self.link is not None:
-            await self.link.leave()
+        if self.clustered is not None:
+            await self.clustered.leave()
 
     async def close(self) -> None:
         """Unload the models (remembering them), stop the actors and timers."""
-        if self.link is not None:
-            await self.link.stop()
-            self.link = None
+        if self.clustered is not None:
+            await self.clustered.stop_cluster()
         if self.services is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.services.stop)
             self.services = None
@@ -151,12 +120,21 @@ class Runtime:
 
     def reload(self, config: Config) -> None:
         """Adopt a new catalog and keep_alive (SIGHUP)."""
-        self.manager.proxy().reconfigure(config.models)  # not awaited: the loop never blocks
+        self.manager.reconfigure(config.models)  # not awaited: the loop never blocks
         self.config = dataclasses.replace(self.config, models=config.models)
 
 
-def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_worker) -> Runtime:
-    """Start the actors for `config` and return the Node over them."""
+def build_runtime(
+    config: Config,
+    *,
+    keyring: Keyring | None = None,
+    worker_factory: WorkerFactory = worker_process,
+) -> Runtime:
+    """Start the actors for `config` and return the Node over them.
+
+    With `[cluster] enabled` the node is a ClusteredNode, sealing peer traffic with `keyring`
+    (the preflight's; None: unauthenticated); it joins in `Runtime.join_cluster`.
+    """
     state = config.node.state_path
     state.mkdir(parents=True, exist_ok=True)
     (state / "models").mkdir(exist_ok=True)
@@ -191,13 +169,13 @@ def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_wo
             memory_watch=MemoryWatch(resources.gpu_poll_interval, resources.worker_memory_limit_mb),
         )
     )
-    gpu_proxies = [ref.proxy() for ref in gpu_refs]
-    manager_proxy = manager.proxy()
+    gpu_proxies = [typed(ref, DeviceProxy) for ref in gpu_refs]
+    manager_proxy = typed(manager, ManagerProxy)
     tickers = [
         Ticker(resources.gpu_poll_interval, lambda: _poll_all(gpu_proxies), "gpu-poll").start(),
-        Ticker(1.0, manager_proxy.expire_idle, "keep-alive").start(),
+        Ticker(1.0, lambda: _tell(manager_proxy.expire_idle()), "keep-alive").start(),
     ]
-    node = Node(
+    local = LocalNode(
         name=config.node.name,
         manager=manager,
         board=board,
@@ -207,16 +185,57 @@ def build_runtime(config: Config, *, worker_factory: WorkerFactory = _default_wo
         store=store,
         abort=abort,
     )
-    runtime = Runtime(config, node, manager, store, tickers, runtime_dir)
+    node: Node = local
+    clustered: ClusteredNode | None = None
+    deploy: Deploy = _load_here(local)
+    if config.cluster.enabled:
+        clustered = _clustered_node(config, local, store, keyring or Keyring(()))
+        node, deploy = clustered, clustered.place  # one load cluster-wide, by the primary
+    runtime = Runtime(config, node, manager_proxy, store, tickers, runtime_dir, clustered)
     runtime.services = start_services(
-        config, node, board, manager, ledgers, asyncio.get_running_loop()
+        config,
+        board,
+        manager_proxy,
+        ledgers,
+        asyncio.get_running_loop(),
+        deploy=deploy,
+        unload=local.unload,
     )
+    if runtime.services is not None:
+        local.attach_services(runtime.services)
     return runtime
 
 
-def _poll_all(gpu_proxies: list[Any]) -> None:
+def _load_here(local: LocalNode) -> Deploy:
+    async def load(name: str) -> object:
+        return await local.load(LoadRequest(name=name))
+
+    return load
+
+
+def _clustered_node(
+    config: Config, local: LocalNode, store: StateStore, keyring: Keyring
+) -> ClusteredNode:
+    if not keyring.enabled:
+        log.warning("cluster without key_file: gossip and peer RPC are NOT authenticated")
+    return ClusteredNode(
+        local,
+        config.cluster,
+        name=config.cluster.name or config.node.name,
+        keyring=keyring,
+        term_store=TermStore(store),
+        generation=store.next_generation(),
+        request_timeout=config.server.request_timeout_s,
+    )
+
+
+def _poll_all(gpu_proxies: list[DeviceProxy]) -> None:
     for proxy in gpu_proxies:
         proxy.poll()
+
+
+def _tell(_reply: pykka.Future[None]) -> None:
+    """Drop an actor's reply: a tick is a message sent, never waited on (the loop never blocks)."""
 
 
 def with_demo_model(config: Config) -> Config:
@@ -265,7 +284,7 @@ async def serve(
     everything already started (fronts, actors, workers) has been stopped.
     """
     notifier = Notifier()
-    runtime = build_runtime(config)
+    runtime = build_runtime(config, keyring=keys.cluster)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     fronts: list[Front] = []
@@ -286,7 +305,7 @@ async def serve(
         if config.cluster.enabled:
             notifier.status("joining the cluster")
         http_port = _bound_port(fronts, "server.rest_port")
-        await runtime.join_cluster(keys.cluster, http_port, _bound_port(fronts, "server.zmq_port"))
+        await runtime.join_cluster(http_port, _bound_port(fronts, "server.zmq_port"))
         notifier.status("restoring models")
         await runtime.node.start()
         loaded = sum(m.state == "loaded" for m in runtime.node.models())
@@ -335,44 +354,6 @@ def _reload(runtime: Runtime, config_path: str | None, notifier: Notifier) -> No
     runtime.reload(config)
     log.info("configuration reloaded (catalog: %d models)", len(config.models.catalog))
     notifier.ready(f"reloaded: {len(config.models.catalog)} model(s) in the catalog")
-
-
-async def serve_witness(config: Config, keyring: Keyring) -> int:
-    """Run only a voter: it gossips and votes in elections, never serves or holds models.
-
-    The third voter of a two-host cluster, so that one host plus the witness keep a majority
-    through a partition (see README, "Partitions").
-    """
-    name = config.cluster.name or config.node.name
-    if name not in config.cluster.voters:
-        log.warning("witness %s is not in [cluster] voters: it will not vote", name)
-    if not keyring.enabled:
-        log.warning("cluster without key_file: gossip and peer RPC are NOT authenticated")
-    store = StateStore(config.node.state_path / "witness.db")
-    runner = ClusterRunner(
-        config.cluster,
-        name,
-        keyring,
-        TermStore(store),
-        registry=prometheus_client.REGISTRY,
-    )
-    notifier = Notifier()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await listen(listener(config, "cluster.bind"), runner.start)
-        notifier.ready(f"witness {name} voting")
-        log.info("witness %s voting in the cluster", name)
-        await stop.wait()
-        notifier.stopping()
-        await runner.leave(timeout=2.0)
-    finally:
-        await runner.stop()
-        store.close()
-        notifier.close()
-    return 0
 
 
 def run(config_path: str | None, *, witness: bool = False) -> int:

@@ -4,20 +4,24 @@
 here with one `ConfigError` line naming the key, before any port opens, any actor or worker
 starts, or any file is written. What the key files hold comes back as `Keys` and is handed to
 the wiring, so no file is read a second time. The checks read file metadata, the key files and
-(for a named `cluster.advertise`) the resolver; they write nothing.
+(for a named `cluster.advertise`) the resolver; they write nothing. A bind that still fails
+later (`listen`, a port taken meanwhile) is the same one line naming its key.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
 import socket
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+import zmq
 
 from actors.errors import ModelNotFound, PathNotAllowed
 from actors.serving.paths import resolve_model_path
@@ -319,3 +323,25 @@ def _reason(exc: BaseException) -> str:
     """The OS's words for an error, without Python's decoration."""
     strerror = getattr(exc, "strerror", None)
     return str(strerror) if strerror else str(exc) or type(exc).__name__
+
+
+async def listen(listener: Listener, start: Callable[[], Awaitable[None]]) -> None:
+    """Run `start`, which binds `listener`; a bind that fails is a ConfigError naming its key.
+
+    A port in use, an address not on this host or a privileged port: the config is wrong for
+    this host, so the start ends with one line (and exit 2) instead of a traceback.
+    """
+    try:
+        await start()
+    except (OSError, zmq.ZMQError) as exc:
+        raise ConfigError(
+            f"{listener.key}: cannot listen on {listener.address}: {_bind_reason(exc)}"
+        ) from None
+
+
+def _bind_reason(exc: OSError | zmq.ZMQError) -> str:
+    # aiohttp rewrites strerror into a sentence quoting the address; the errno's text is enough.
+    code = exc.errno
+    if isinstance(code, int) and code in errno.errorcode:
+        return os.strerror(code)
+    return str(exc.strerror or exc)

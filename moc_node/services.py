@@ -9,21 +9,21 @@ import asyncio
 import importlib.util
 import logging
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pykka
 
+from actors.bridge import Reply
 from actors.errors import ModelNotFound
+from actors.serving.board import ModelBoard
 from actors.serving.config import CatalogEntry
 from actors.serving.ledger import Ledger
-from actors.serving.manager import ModelBoard
 from actors.serving.placement import DeviceRoom, choose_device
-from actors.types import LoadRequest
 from moc_node.config import Config
-from moc_node.node import Node
+from moc_node.proxies import GoalsProxy, LearningProxy, ManagerProxy, typed
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +60,31 @@ class JobMemory:
             self._ledgers[device].release(f"job:{job_id}")
 
 
+Deploy = Callable[[str], Coroutine[Any, Any, object]]
+"""Have a model loaded (in a cluster: wherever the primary places it); called on the loop."""
+Unload = Callable[[str], Coroutine[Any, Any, object]]
+"""Unload a model from this node; called on the loop."""
+
+
 @dataclass
 class Services:
-    """The started learning and goal actors."""
+    """The started learning and goal actors, and their typed proxies."""
 
-    learning: pykka.ActorRef[Any]
-    goals: pykka.ActorRef[Any]
+    learning_ref: pykka.ActorRef[Any]
+    goals_ref: pykka.ActorRef[Any]
+    learning: LearningProxy = field(init=False)
+    goals: GoalsProxy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.learning = typed(self.learning_ref, LearningProxy)
+        self.goals = typed(self.goals_ref, GoalsProxy)
 
     def stop(self) -> None:
         """Stop goals first (their steps follow jobs), then learning; running work resumes later."""
-        self.goals.proxy().stop_all().get(timeout=60)
-        self.goals.stop()
-        self.learning.proxy().stop_all().get(timeout=60)
-        self.learning.stop()
+        self.goals.stop_all().get(timeout=60)
+        self.goals_ref.stop()
+        self.learning.stop_all().get(timeout=60)
+        self.learning_ref.stop()
 
 
 def learning_output_dir(config: Config) -> Path:
@@ -81,13 +93,19 @@ def learning_output_dir(config: Config) -> Path:
 
 def start_services(
     config: Config,
-    node: Node,
     board: ModelBoard,
-    manager: pykka.ActorRef[Any],
+    manager: ManagerProxy,
     ledgers: Mapping[str, Ledger],
     loop: asyncio.AbstractEventLoop,
+    *,
+    deploy: Deploy,
+    unload: Unload,
 ) -> Services | None:
-    """Start learning and goals when torch is installed; None (features off) otherwise."""
+    """Start learning and goals when torch is installed; None (features off) otherwise.
+
+    `deploy` and `unload` run on `loop`; the goal steps that call them run in threads of their
+    own, which wait for the answer.
+    """
     if not torch_available():
         log.info("torch is not installed: learning jobs and goals are disabled")
         return None
@@ -97,7 +115,6 @@ def start_services(
     state = config.node.state_path
     learning_config = config.learning.resolved(state)
     memory = JobMemory(ledgers)
-    manager_proxy = manager.proxy()
 
     def resolve_model(name: str) -> Path:
         info = board.get(name)
@@ -106,7 +123,7 @@ def start_services(
         # An adapter model is its adapter file: scoring applies it to the base it names.
         return Path(info.adapter or info.path)
 
-    def register(name: str, path: Path, base: str | None) -> None:
+    def register(name: str, path: Path, base: str | None, done: Reply[None]) -> None:
         if base is None:
             entry = CatalogEntry(name=name, path=str(path))
         else:
@@ -116,18 +133,20 @@ def start_services(
             entry = CatalogEntry(
                 name=name, path=base_info.path, n_ctx=base_info.n_ctx or 2048, lora=str(path)
             )
-        manager_proxy.register(entry).get(timeout=30)
-        log.info("registered %s (%s)", name, f"LoRA on {base}" if base else "new GGUF")
+        kind = f"LoRA on {base}" if base else "new GGUF"
 
-    def load(name: str) -> object:
-        """Deploy: through the primary when in a cluster (one load cluster-wide), else here."""
-        link = node.cluster
-        if link is not None:
-            return asyncio.run_coroutine_threadsafe(link.place(name), loop).result()
-        return asyncio.run_coroutine_threadsafe(node.load(LoadRequest(name=name)), loop).result()
+        def registered(value: None, error: Exception | None) -> None:
+            if error is None:
+                log.info("registered %s (%s)", name, kind)
+            done(value, error)
 
-    def unload(name: str) -> object:
-        return asyncio.run_coroutine_threadsafe(node.unload(name), loop).result()
+        manager.register(entry, registered)  # answers `done` later: nobody waits for it
+
+    def load_blocking(name: str) -> object:
+        return asyncio.run_coroutine_threadsafe(deploy(name), loop).result()
+
+    def unload_blocking(name: str) -> object:
+        return asyncio.run_coroutine_threadsafe(unload(name), loop).result()
 
     learning = LearningActor.start(
         learning_config,
@@ -140,9 +159,8 @@ def start_services(
         config.goals.resolved(state),
         learning=learning.proxy(),
         resolve_model=resolve_model,
-        load=load,
-        unload=unload,
+        load=load_blocking,
+        unload=unload_blocking,
         eval_dirs=learning_config.dataset_dirs,
     )
-    node.attach_services(learning, goals)
     return Services(learning, goals)

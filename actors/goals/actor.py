@@ -23,6 +23,7 @@ from typing import Any
 
 import pykka
 
+from actors.bridge import LoopReplyActor
 from actors.goals import metrics
 from actors.goals.config import GoalsConfig
 from actors.goals.errors import (
@@ -62,7 +63,7 @@ class _Run:
     interrupt: Interrupt
 
 
-class GoalActor(pykka.ThreadingActor):
+class GoalActor(LoopReplyActor):
     """Keeps and runs goals; every public method is called through the actor's proxy.
 
     `learning` is a LearningService or the LearningActor's ref / proxy. `load` and `unload`

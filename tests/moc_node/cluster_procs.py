@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from actors.gguf_synth import write_preset
+from tests import support
 
 NAMES = ("node-a", "node-b", "node-c")
 KEY = "6d6f632d6e6f64652d746573742d6b65792d3332"
@@ -97,17 +97,15 @@ class NodeProc:
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `check` until it is true; a check that raises OSError/ValueError counts as false."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """Wait until `check` is true; a check that raises OSError/ValueError counts as false."""
+
+    def holds() -> bool:
         try:
-            if check():
-                return
+            return check()
         except (OSError, ValueError):
-            pass  # not up yet
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)  # polling a condition with a deadline
+            return False  # not up yet
+
+    support.wait_until(holds, timeout, what)
 
 
 def spawn(config: Path, log: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:

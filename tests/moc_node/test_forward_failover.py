@@ -1,6 +1,7 @@
 """A holder that never acknowledges is replaced by the next holder (in one process, real sockets).
 
-Three members gossip over real UDP/TCP on loopback: the requester (a real ClusterLink), holder
+Three members gossip over real UDP/TCP on loopback: the requester (a real ClusterLink and
+Forwarder, serving nothing itself), holder
 node-b, whose advertised peer port is a ROUTER socket that swallows every request, and holder
 node-c, a real PeerServer. node-b sorts first (same load, lower name), so it is tried first.
 """
@@ -11,14 +12,12 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any, cast
 
 import pytest
 import zmq
 import zmq.asyncio
 
 from actors.types import (
-    DeviceInfo,
     GenerationParams,
     InferRequest,
     InferResult,
@@ -32,8 +31,9 @@ from cluster.keyring import Keyring
 from cluster.meta import ModelMeta, NodeMeta
 from cluster.routing import holders
 from cluster.runner import ClusterRunner
-from moc_node.cluster_link import ClusterLink, forward_retries_total
-from moc_node.node import Node
+from moc_node.clustered.forwarding import Forwarder, forward_retries_total
+from moc_node.clustered.link import ClusterLink
+from tests.support import wait_for
 from transports.peer import PeerServer
 
 KEY = Keyring((b"forward-failover-test-key-012345",))
@@ -41,16 +41,21 @@ CONFIG = dataclasses.replace(local(), bind="127.0.0.1:0", peer_port=0)
 REQUEST_TIMEOUT = 30.0
 
 
-class Requester:
-    """The little of a Node a ClusterLink reads to gossip (it holds nothing itself)."""
+class NothingHere:
+    """The requester's own serving: it holds nothing, so nothing may be served here."""
 
-    draining = False
+    async def infer(self, req: InferRequest) -> InferResult:
+        raise AssertionError("the requester holds nothing")
 
-    def models(self) -> list[ModelInfo]:
-        return []
+    async def infer_stream(
+        self, req: InferRequest
+    ) -> AsyncGenerator[TokenChunk | InferResult, None]:
+        raise AssertionError("the requester holds nothing")
+        yield  # an async generator, as the Protocol says
 
-    def devices(self) -> list[DeviceInfo]:
-        return []
+
+async def nowhere(model: str) -> str:
+    raise AssertionError("nothing is placed in this test")
 
 
 class Holder:
@@ -71,23 +76,20 @@ class Holder:
     async def peer_place(self, model: str) -> str:
         raise AssertionError("nothing is placed in this test")
 
+    async def peer_restore(self, model: str, node: str) -> str:
+        raise AssertionError("nothing is restored in this test")
+
 
 @dataclass
 class Cluster:
     link: ClusterLink
+    forwarder: Forwarder
     hole: zmq.asyncio.Socket
     """node-b's advertised peer endpoint: receives requests, never answers."""
 
 
 def advertising(peer_port: int) -> NodeMeta:
     return NodeMeta(loaded=(ModelMeta("m"),), peer=f"127.0.0.1:{peer_port}")
-
-
-async def until(check: Any, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)  # polling a condition with a deadline
 
 
 @pytest.fixture
@@ -109,24 +111,21 @@ async def cluster() -> AsyncIterator[Cluster]:
     )
     await c.start()
     link = ClusterLink(
-        cast(Node, Requester()),
         dataclasses.replace(CONFIG, seeds=seed),
         name="node-a",
         keyring=KEY,
         term_store=MemoryTermStore(),
-        generation=1,
-        http_port=0,
-        zmq_port=0,
+        meta=NodeMeta,  # holds nothing, advertises nothing
         request_timeout=REQUEST_TIMEOUT,
     )
     await link.start()
     try:
-        await until(
+        await wait_for(
             lambda: holders(link.runner.members(), "m", exclude="node-a") == ["node-b", "node-c"],
             15,
             "both holders gossiped, node-b first",
         )
-        yield Cluster(link, hole)
+        yield Cluster(link, Forwarder(link, NothingHere(), nowhere), hole)
     finally:
         await link.stop()
         await c.stop()
@@ -156,7 +155,7 @@ async def test_a_holder_that_never_acknowledges_is_replaced_by_the_next(cluster:
     before = retries("infer")
     loop = asyncio.get_running_loop()
     began = loop.time()
-    result = await cluster.link.infer_remote(request())
+    result = await cluster.forwarder.infer(request())
     elapsed = loop.time() - began
     assert result.text == "served by node-c"
     assert retries("infer") == before + 1
@@ -170,7 +169,7 @@ async def test_a_stream_whose_holder_never_acknowledges_comes_from_the_next(
     cluster: Cluster,
 ) -> None:
     before = retries("stream")
-    items = [i async for i in cluster.link.serve_remote(request(), stream=True)]
+    items = [i async for i in cluster.forwarder.stream(request())]
     assert [i.text for i in items] == ["served ", "served by node-c"]
     assert retries("stream") == before + 1
     assert await swallowed(cluster.hole) == 1

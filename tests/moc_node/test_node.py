@@ -28,6 +28,7 @@ from actors.types import GenerationParams, InferRequest, InferResult, LoadReques
 from moc_node.app import Runtime
 from moc_node.config import Config
 from tests.moc_node.conftest import CountingWorkers, catalog_of, make_config
+from tests.support import wait_for
 
 GREEDY = GenerationParams(max_tokens=8, temperature=0.0, seed=1)
 Factory = Callable[..., Runtime]
@@ -54,12 +55,6 @@ def pid_alive(pid: int) -> bool:
     return status.exists() and status.read_text().split(") ")[1][0] != "Z"
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_cold_catalog_model_loads_on_first_request_and_answers(
@@ -199,7 +194,7 @@ async def test_one_worker_death_fails_every_request_in_flight_but_counts_once_fo
     stream = node.infer_stream(request("a", max_tokens=2000))
     assert isinstance(await stream.__anext__(), TokenChunk)  # running in the worker
     queued = [asyncio.create_task(node.infer(request("a", f"p{i}"))) for i in range(5)]
-    await wait_for(lambda: node.models()[0].in_flight == 6)
+    await wait_for(lambda: node.models()[0].in_flight == 6, 15, "six requests in flight")
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(WorkerCrashed):
         async for _ in stream:
@@ -316,7 +311,7 @@ async def test_keep_alive_unloads_an_idle_model(
     )
     node = (await started(runtime_factory, config)).node
     loaded = await node.load(LoadRequest(name="a"))
-    await wait_for(lambda: node.models()[0].state == "available")
+    await wait_for(lambda: node.models()[0].state == "available", 15, "the model unloaded")
     assert loaded.pid is not None and not pid_alive(loaded.pid)
 
 
@@ -329,7 +324,9 @@ async def test_a_pinned_model_outlives_keep_alive(
     await node.load(LoadRequest(name="a"))
     await node.load(LoadRequest(name="b"))
     # once the unpinned one has expired, the expiry round has passed over the pinned one too
-    await wait_for(lambda: {m.name: m.state for m in node.models()}["b"] == "available")
+    await wait_for(
+        lambda: {m.name: m.state for m in node.models()}["b"] == "available", 15, "b unloaded"
+    )
     assert {m.name: m.state for m in node.models()}["a"] == "loaded"
 
 

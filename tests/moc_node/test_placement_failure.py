@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from actors.errors import InsufficientMemory, ModelNotFound
-from moc_node.cluster_link import placement_failure
+from moc_node.clustered.placement import placement_failure
 from transports.peer_wire import PeerUnavailable
 
 NOT_HERE = ModelNotFound("not in this node's catalog")

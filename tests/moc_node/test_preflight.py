@@ -20,10 +20,12 @@ import pykka
 import pytest
 import zmq
 
-from moc_node.app import Front, Runtime, default_servers, serve, serve_witness
+from moc_node.app import Front, Runtime, default_servers, serve
 from moc_node.config import Config, ConfigError, from_mapping, load_config
 from moc_node.node import Node
 from moc_node.preflight import Keys, Listener, check_listeners, preflight
+from moc_node.witness import serve_witness
+from tests.support import wait_for
 
 KEY_HEX = "00112233445566778899aabbccddeeff"
 SECRET_LINE = "zz-secret-looking-line"
@@ -440,7 +442,7 @@ async def test_the_node_serves_with_the_keys_read_by_the_preflight_and_never_rer
         return fronts
 
     async def probe(runtime: Runtime) -> None:
-        assert runtime.link is not None  # joined with the keyring the preflight read
+        assert runtime.clustered is not None  # joined with the keyring the preflight read
         url = f"http://127.0.0.1:{fronts[0].server.port}/models"
         async with aiohttp.ClientSession() as session:
             for headers in ({}, {"X-API-Key": "file-key"}):
@@ -491,10 +493,11 @@ path = "{models / "m.gguf"}"
     async def reload_a_broken_edit(runtime: Runtime) -> None:
         path.write_text(good + "preload = true\n")  # its file is missing: could not start
         os.kill(os.getpid(), signal.SIGHUP)
-        deadline = asyncio.get_running_loop().time() + 10
-        while not refused and asyncio.get_running_loop().time() < deadline:
+        def logged() -> bool:
             refused.extend(m for r in caplog.records if "reload refused" in (m := r.getMessage()))
-            await asyncio.sleep(0.01)  # polling the log with a deadline
+            return bool(refused)
+
+        await wait_for(logged, 10, "the refused reload logged")
         assert runtime.config.models.catalog[0].preload is False  # the running config kept
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import wait_until
+
 READY_TIMEOUT = 120.0  # a cold interpreter importing llama.cpp on a busy 2-core machine
 
 
@@ -53,13 +55,6 @@ def is_worker(pid: int) -> bool:
         return False
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until it holds; fail naming `what` past the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not before the deadline: {what}")
-        time.sleep(0.05)  # polling a condition with a deadline
 
 
 @dataclass

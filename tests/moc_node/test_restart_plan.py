@@ -8,7 +8,7 @@ from actors.serving.store import LoadedRecord
 from cluster.messages import MemberState
 from cluster.meta import ModelMeta, NodeMeta
 from cluster.routing import ClusterMember
-from moc_node.cluster_link import RestorePlan, plan_restore
+from moc_node.clustered.restore import RestorePlan, plan_restore
 
 ME = "node-b"
 

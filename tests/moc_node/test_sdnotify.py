@@ -16,6 +16,7 @@ import pytest
 
 from actors.gguf_synth import write_preset
 from moc_node.sdnotify import Notifier, watchdog
+from tests.support import wait_for
 
 
 @pytest.fixture
@@ -78,8 +79,7 @@ async def test_the_watchdog_pings_while_the_actors_answer() -> None:
         return True
 
     task = asyncio.create_task(watchdog(recorder, alive, 0.02))
-    while len(recorder.sent) < 3:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: len(recorder.sent) >= 3, 5, "three pings")
     task.cancel()
     assert {m for _, m in recorder.sent} == {"WATCHDOG=1"}
 
@@ -96,8 +96,7 @@ async def test_hung_actors_stop_the_watchdog_pings() -> None:
         return True
 
     task = asyncio.create_task(watchdog(recorder, alive, 0.02))
-    while checks < 3:  # three checks timed out: none may have pinged
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: checks >= 3, 5, "three checks timed out")  # none may have pinged
     task.cancel()
     assert recorder.sent == []
 
@@ -109,13 +108,11 @@ async def test_a_stalled_event_loop_sends_no_pings() -> None:
         return True
 
     task = asyncio.create_task(watchdog(recorder, alive, 0.02))
-    while not recorder.sent:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: bool(recorder.sent), 5, "a first ping")
     stalled_from = time.monotonic()
     time.sleep(0.3)  # deliberately block the loop: this is the stall under test
     stalled_to = time.monotonic()
-    while recorder.sent[-1][0] < stalled_to:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: recorder.sent[-1][0] >= stalled_to, 5, "a ping after the stall")
     task.cancel()
     assert not [t for t, _ in recorder.sent if stalled_from < t < stalled_to]
 
