@@ -102,7 +102,7 @@ def record_crashes(backend: str | None = None) -> None:
     """Have a fatal signal leave the Python stack, then the native one, in the worker's log.
 
     The native stack needs a printer from the backend's library (llama.cpp has one), known once
-    the Load message names the backend: it is installed as the signal handler, then
+    the LoadSpec names the backend: it is installed as the signal handler, then
     faulthandler is enabled again so that it chains to that handler after writing the Python
     stack (actors/worker/native_crash.py). Through a copy of stderr: llama-cpp-python points fd 2 at
     /dev/null while it loads a model.

@@ -4,10 +4,11 @@ A frame is a msgpack array `[type, field, field, ...]`, fields in the dataclass'
 and chat messages travel as msgpack extension types (raw bytes plus dtype and shape: never a
 pickle). Sequences decode as tuples, so decoded messages compare equal to the ones encoded.
 
-Conversation: the worker connects and sends `Hello`; the supervisor answers `LoadSpec`; the worker
-replies `Loaded` or `LoadFailed`; then for each `Infer` the worker sends zero or more `Token`s
-and exactly one `Done` or `Failed`. `Cancel` may arrive at any time (stale ones are ignored);
-`Shutdown` makes the worker exit.
+Conversation, on the control socket (ZMQ PAIR): the worker connects and sends `Hello`; the
+supervisor answers `LoadSpec`; the worker replies `Loaded` or `LoadFailed`; later `Shutdown`
+makes it exit. On each data link (a connection to the worker's Unix socket): for each `Infer`
+the worker sends zero or more `Token`s and exactly one `Done` or `Failed`; `Cancel` may arrive
+at any time (stale ones are ignored). A request never travels on the control socket.
 
 On the data socket (a Unix stream socket, see actors/worker/channel.py) each frame travels with a
 4-byte little-endian length before it: `frame_bytes` adds it, `FrameReader` takes a byte stream
