@@ -30,6 +30,18 @@ from cluster.messages import (
     PushNodeState,
 )
 
+__all__ = [
+    "FLAG_HMAC",
+    "HEADER_BYTES",
+    "MAGIC",
+    "PACKET_OVERHEAD",
+    "decode_packet",
+    "encode_message",
+    "encode_packet",
+    "message_size",
+    "message_to_wire",
+]
+
 MAGIC = 0xC5
 FLAG_HMAC = 0x01
 HEADER_BYTES = 3

@@ -14,6 +14,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "CLUSTER_KEYS",
+    "PROFILES",
+    "WILDCARDS",
+    "ClusterConfig",
+    "from_mapping",
+    "lan",
+    "local",
+    "parse_hostport",
+    "push_pull_scale",
+    "require_enabled",
+    "retransmit_limit",
+    "suspicion_timeout",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:

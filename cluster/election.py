@@ -28,6 +28,17 @@ from cluster.config import ClusterConfig
 from cluster.membership import MemberView, Outbound, Rng
 from cluster.messages import Address, LeaseReply, LeaseRequest, MemberState, Message
 
+__all__ = [
+    "WINDOWS_KEPT",
+    "Election",
+    "ElectionCounters",
+    "Fence",
+    "majority",
+    "MembershipView",
+    "MemoryTermStore",
+    "TermStore",
+]
+
 
 class TermStore(Protocol):
     """Durable storage of the highest term this node has seen (SQLite in the node)."""

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "ClusterError",
+    "LocalUsageError",
+    "MalformedPacket",
+    "OversizedPacket",
+    "PeerProtocolError",
+    "Unauthenticated",
+    "UnsupportedVersion",
+]
+
 
 class ClusterError(Exception):
     """Base of every error the cluster package raises."""

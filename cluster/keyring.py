@@ -10,6 +10,15 @@ from pathlib import Path
 
 from cluster.errors import LocalUsageError
 
+__all__ = [
+    "MAX_KEY_FILE_BYTES",
+    "MIN_KEY_BYTES",
+    "TAG_BYTES",
+    "Keyring",
+    "parse_keys",
+    "read_key_file",
+]
+
 TAG_BYTES = 32
 """HMAC-SHA256 tag length; the full digest, no truncation."""
 

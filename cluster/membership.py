@@ -37,6 +37,17 @@ from cluster.messages import (
 )
 from cluster.suspicion import Suspicion
 
+__all__ = [
+    "MAX_INCARNATION",
+    "Counters",
+    "EventKind",
+    "MemberEvent",
+    "Membership",
+    "MemberView",
+    "Outbound",
+    "Rng",
+]
+
 MAX_INCARNATION = 2**64 - 1
 """The largest incarnation the wire (msgpack, unsigned 64 bits) carries."""
 

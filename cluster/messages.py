@@ -10,6 +10,26 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
+__all__ = [
+    "MESSAGE_CLASSES",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Address",
+    "Alive",
+    "Dead",
+    "IndirectPing",
+    "LeaseReply",
+    "LeaseRequest",
+    "MemberState",
+    "Message",
+    "MessageType",
+    "Nack",
+    "Ping",
+    "PushNodeState",
+    "PushPull",
+    "Suspect",
+]
+
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; a packet of another version is dropped and counted."""
 

@@ -23,6 +23,22 @@ import msgpack
 
 from cluster.errors import LocalUsageError, PeerProtocolError
 
+__all__ = [
+    "FREE_MEMORY_STEP",
+    "MAX_META_BYTES",
+    "META_VERSION",
+    "MIN_PUBLISH_INTERVAL_S",
+    "REFRESH_S",
+    "BadMeta",
+    "decode_meta",
+    "DeviceMeta",
+    "encode_meta",
+    "fit_meta",
+    "ModelMeta",
+    "NodeMeta",
+    "should_publish",
+]
+
 META_VERSION = 1
 """Major version of the metadata layout; a different one is refused (fields are appended)."""
 

@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+__all__ = [
+    "MEMBER_STATES",
+    "ClusterCollector",
+    "ClusterStats",
+    "register",
+]
+
 MEMBER_STATES = ("alive", "suspect", "dead", "left")
 
 

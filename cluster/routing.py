@@ -13,6 +13,18 @@ from dataclasses import dataclass
 from cluster.messages import Address, MemberState
 from cluster.meta import NodeMeta
 
+__all__ = [
+    "choose_load_target",
+    "ClusterMember",
+    "holders",
+    "loading_on",
+    "LoadTarget",
+    "route",
+    "Route",
+    "RouteKind",
+    "takes_work",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterMember:

@@ -51,6 +51,15 @@ from cluster.udp import (
     stream_exchange,
 )
 
+__all__ = [
+    "MAX_INBOUND_STREAMS",
+    "Clock",
+    "ClusterEvent",
+    "ClusterRunner",
+    "EventHook",
+    "MetaProvider",
+]
+
 log = logging.getLogger(__name__)
 
 MetaProvider = Callable[[], NodeMeta]

@@ -17,6 +17,18 @@ from typing import Any
 from cluster.errors import MalformedPacket, OversizedPacket
 from cluster.messages import Address
 
+__all__ = [
+    "FRAME_HEADER_BYTES",
+    "DatagramHandler",
+    "Endpoints",
+    "frame",
+    "open_endpoints",
+    "peer_address",
+    "read_frame",
+    "stream_exchange",
+    "StreamHandler",
+]
+
 FRAME_HEADER_BYTES = 4
 
 DatagramHandler = Callable[[bytes, Address], None]

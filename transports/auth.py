@@ -14,6 +14,13 @@ from typing import Any
 
 from transports.dispatch import ErrorReply
 
+__all__ = [
+    "PATH_REFUSALS",
+    "client_error",
+    "KeyRing",
+    "public_health",
+]
+
 
 class KeyRing:
     """The accepted API keys, compared in constant time (no key is kept in clear)."""

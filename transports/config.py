@@ -15,6 +15,16 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+__all__ = [
+    "SECTION",
+    "is_z85_key",
+    "load_api_keys",
+    "load_zmq_auth",
+    "ServerConfig",
+    "ServerConfigError",
+    "ZmqAuth",
+]
+
 SECTION = "server"
 
 

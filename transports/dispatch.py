@@ -47,6 +47,32 @@ from transports.api import NodeAPI
 from transports.config import ServerConfig
 from transports.tensors import tensor_view
 
+__all__ = [
+    "ACTIONS",
+    "LEGACY_FIELDS",
+    "SHUTDOWN_RETRY_AFTER_S",
+    "STATUS",
+    "STATUS_BY_CODE",
+    "Action",
+    "BadFrame",
+    "classify",
+    "ClientTimeout",
+    "device_view",
+    "Dispatcher",
+    "ErrorReply",
+    "Handler",
+    "health_view",
+    "infer_result_view",
+    "lookup_action",
+    "model_view",
+    "paged",
+    "PayloadTooLarge",
+    "TransportError",
+    "Unauthorized",
+    "UnknownAction",
+    "View",
+]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")

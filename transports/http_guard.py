@@ -21,6 +21,18 @@ from aiohttp import web
 
 from transports.metrics import HTTP_CONNECTIONS_REFUSED
 
+__all__ = [
+    "HEADER_TIMEOUT",
+    "TOO_MANY",
+    "TOO_MANY_RESPONSE",
+    "AddressCounts",
+    "connection_middleware",
+    "GuardedConnection",
+    "GuardedSite",
+    "peer_address",
+    "refusal_response",
+]
+
 log = logging.getLogger(__name__)
 
 TOO_MANY = "too_many_connections"

@@ -16,6 +16,22 @@ from prometheus_client import (
     generate_latest,
 )
 
+__all__ = [
+    "HTTP_CONNECTIONS_REFUSED",
+    "IN_FLIGHT",
+    "PEER_DROPPED",
+    "PEER_REQUESTS",
+    "REQUEST_DURATION",
+    "REST_REQUESTS",
+    "STREAMS_CLOSED_BY_CLIENT",
+    "ZAP_DENIED",
+    "ZMQ_CONNECTIONS_DROPPED",
+    "ZMQ_REQUESTS",
+    "record_http",
+    "render",
+    "ZmqRecorder",
+]
+
 # Latency buckets from a 0.5 ms health check to a multi-minute generation.
 _BUCKETS = (
     0.0005,

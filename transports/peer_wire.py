@@ -33,6 +33,29 @@ from actors.types import (
 )
 from cluster.keyring import TAG_BYTES, Keyring
 
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "MAX_SKEW_S",
+    "MAX_ZMTP_FRAME_BYTES",
+    "PEER_PROTOCOL",
+    "Envelope",
+    "error_from_wire",
+    "error_to_wire",
+    "Kind",
+    "load_from_wire",
+    "load_to_wire",
+    "Op",
+    "open_frames",
+    "PeerUnavailable",
+    "PeerWireError",
+    "request_from_wire",
+    "request_to_wire",
+    "result_from_wire",
+    "result_to_wire",
+    "seal",
+    "token_from_wire",
+]
+
 PEER_PROTOCOL = 2
 """2: frames name their sender and destination ("s", "d"). A node refuses frames of any other
 version (counted as reason="version"): all nodes of a cluster run the same version."""

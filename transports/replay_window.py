@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import heapq
 
+__all__ = ["DEFAULT_CAPACITY", "ReplayWindow", "RequestKey"]
+
 RequestKey = tuple[str, str, int]
 """(sender's node name, request id, operation code): the request id is unique per sender."""
 

@@ -16,6 +16,29 @@ from actors.errors import InvalidRequest
 from actors.types import Backend, ChatMessage, GenerationParams, InferRequest, LoadRequest
 from transports.tensors import parse_tensors
 
+__all__ = [
+    "BACKENDS",
+    "CHAT_ROLES",
+    "DEFAULTS",
+    "MAX_INPUT_CHARS",
+    "MAX_NAME_CHARS",
+    "MAX_STOP_SEQUENCES",
+    "MAX_TOKENS_RANGE",
+    "PAGE_LIMIT_DEFAULT",
+    "PAGE_LIMIT_MAX",
+    "PAGE_OFFSET_MAX",
+    "TEMPERATURE_RANGE",
+    "TOP_P_RANGE",
+    "Page",
+    "parse_chat",
+    "parse_completion",
+    "parse_infer",
+    "parse_load",
+    "parse_model_name",
+    "parse_page",
+    "require_object",
+]
+
 MAX_INPUT_CHARS = 10_000
 MAX_TOKENS_RANGE = (1, 2048)
 TEMPERATURE_RANGE = (0.0, 2.0)

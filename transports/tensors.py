@@ -19,6 +19,14 @@ from typing import Any
 from actors.errors import InvalidRequest
 from actors.types import TensorData
 
+__all__ = [
+    "ITEM_SIZES",
+    "MAX_DIMS",
+    "MAX_TENSORS",
+    "parse_tensors",
+    "tensor_view",
+]
+
 # Bytes per element of the dtypes the torch backend accepts (torch's names).
 ITEM_SIZES: dict[str, int] = {
     "float64": 8,

@@ -23,6 +23,21 @@ from transports.config import ZmqAuth
 from transports.loop_socket import LoopSocket
 from transports.metrics import ZAP_DENIED, ZMQ_CONNECTIONS_DROPPED
 
+__all__ = [
+    "LOOPBACK",
+    "ZAP_DOMAIN",
+    "ZAP_ENDPOINT",
+    "address_allowed",
+    "bind_host",
+    "HandshakeMonitor",
+    "parse_zap_request",
+    "zap_reply",
+    "zap_verdict",
+    "ZapHandler",
+    "ZapRequest",
+    "ZapVerdict",
+]
+
 log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"

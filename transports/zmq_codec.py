@@ -27,6 +27,26 @@ from transports.dispatch import (
     lookup_action,
 )
 
+__all__ = [
+    "KEY_FIELD",
+    "NO_ACTION",
+    "OPEN_ACTIONS",
+    "UNKNOWN_ACTION",
+    "action_label",
+    "check_key",
+    "decode_frame",
+    "DuplicateKey",
+    "echo_id",
+    "encode_reply",
+    "Encoding",
+    "error_reply",
+    "guess_encoding",
+    "parse_request",
+    "Request",
+    "split_envelope",
+    "success_reply",
+]
+
 Encoding = Literal["json", "msgpack"]
 
 # First bytes of a msgpack map (fixmap, map16, map32): such frames skip the JSON attempt.

@@ -58,6 +58,8 @@ from transports.zmq_codec import (
     success_reply,
 )
 
+__all__ = ["serve_zmq", "ZmqServer"]
+
 log = logging.getLogger(__name__)
 
 class ZmqServer:

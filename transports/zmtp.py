@@ -19,6 +19,23 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+__all__ = [
+    "GREETING_BYTES",
+    "MECHANISM",
+    "SIGNATURE_HEAD",
+    "VERSION",
+    "command",
+    "Decoder",
+    "encode_message",
+    "Event",
+    "greeting",
+    "Ping",
+    "pong",
+    "Ready",
+    "ready",
+    "ZmtpError",
+]
+
 SIGNATURE_HEAD = b"\xff" + b"\x00" * 8 + b"\x7f"
 VERSION = (3, 1)
 MECHANISM = b"NULL".ljust(20, b"\x00")

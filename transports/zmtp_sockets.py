@@ -18,6 +18,15 @@ from typing import Protocol, cast
 
 from transports.zmtp import Decoder, Ping, Ready, ZmtpError, encode_message, greeting, pong, ready
 
+__all__ = [
+    "HANDSHAKE_S",
+    "READ_BYTES",
+    "DealerSocket",
+    "OnFrames",
+    "QueueFull",
+    "RouterSocket",
+]
+
 log = logging.getLogger(__name__)
 
 OnFrames = Callable[[list[bytes]], None]
