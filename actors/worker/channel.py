@@ -4,7 +4,7 @@ The ModelActor starts, restarts and stops the worker process from its thread; re
 the event loop straight to the worker over this channel, with no thread in between: a Unix
 stream socket written and read from the loop's descriptor callbacks, length-prefixed frames
 (actors/worker/protocol.py). No ZMQ here: its I/O thread cost a wake-up per send that, on a
-busy machine with few cores, preempted the event loop (see actors/worker/routes.py). Each
+busy machine with few cores, preempted the event loop (see actors/worker/links.py). Each
 request gets an id and a queue; the read callback hands every reply to its request's queue. The
 worker queues what it receives, so the next request starts the moment the last one ends.
 

@@ -7,7 +7,7 @@ The worker connects a ZMQ PAIR socket to the supervisor's endpoint (the control 
 Hello, loads what the LoadSpec names, replies with what the load cost (measured, not estimated),
 then serves until Shutdown. Requests come only on the Unix stream socket the worker listens on
 (from the node's event loop through actors/worker/channel.py, several in flight at once;
-actors/worker/routes.py): they queue here in arrival order, so the next one starts the moment
+actors/worker/links.py): they queue here in arrival order, so the next one starts the moment
 the last one ends, and each answer goes back on the link its request came from. A watchdog
 thread ends the process as soon as its parent is gone, so a killed node leaves no orphan holding
 memory. Imports stay lean: the backend's library is imported only once the LoadSpec says which.
@@ -39,6 +39,13 @@ from actors.worker.backends import (
     generation_of,
 )
 from actors.worker.backends.loader import check_model_file, load_model, prepare_crash_reports
+from actors.worker.links import (
+    EXIT_ORPHANED,
+    SEND_TIMEOUT_S,
+    ControlSocket,
+    DataLink,
+    listen,
+)
 from actors.worker.memory import nvml_process_mb, nvml_used_mb, rss_mb
 from actors.worker.native_crash import install_native_handler
 from actors.worker.protocol import (
@@ -56,13 +63,6 @@ from actors.worker.protocol import (
     Shutdown,
     Token,
     decode,
-)
-from actors.worker.routes import (
-    EXIT_ORPHANED,
-    SEND_TIMEOUT_S,
-    ControlRoute,
-    StreamRoute,
-    listen,
 )
 
 # Exit codes, so the supervisor's log says why a worker went away.
@@ -143,7 +143,7 @@ class Worker:
 
     def __init__(self, sock: zmq.Socket[bytes], listener: socket.socket) -> None:
         self.sock = sock
-        self.control = ControlRoute(sock)
+        self.control = ControlSocket(sock)
         self.listener = listener
         self.model: LoadedModel | None = None
         self.shutdown = False
@@ -154,9 +154,9 @@ class Worker:
         # The poller names plain sockets by descriptor: these map them back.
         self.listen_fd = listener.fileno()
         self.poller.register(self.listen_fd, zmq.POLLIN)
-        self.links: dict[int, StreamRoute] = {}
-        self.pending: deque[tuple[StreamRoute, Infer]] = deque()
-        self.current: tuple[StreamRoute, int] | None = None
+        self.links: dict[int, DataLink] = {}
+        self.pending: deque[tuple[DataLink, Infer]] = deque()
+        self.current: tuple[DataLink, int] | None = None
         self.current_cancelled = False
 
     def memory_mb(self) -> float:
@@ -200,50 +200,50 @@ class Worker:
     def _connect(self) -> None:
         with contextlib.suppress(BlockingIOError):  # another poll took it first
             conn, _ = self.listener.accept()
-            route = StreamRoute(conn)
-            self.links[route.fileno()] = route
-            self.poller.register(route.fileno(), zmq.POLLIN)
+            link = DataLink(conn)
+            self.links[link.fileno()] = link
+            self.poller.register(link.fileno(), zmq.POLLIN)
 
-    def _take_stream(self, route: StreamRoute) -> None:
+    def _take_stream(self, link: DataLink) -> None:
         try:
-            messages = route.read()
+            messages = link.read()
         except ProtocolError as exc:
             print(f"moc worker: closing a data link that sent garbage: {exc}", file=sys.stderr)
             messages = None
         if messages is None:
-            self._drop(route)
+            self._drop(link)
             return
         for msg in messages:
-            self.accept(route, msg)
+            self.accept(link, msg)
 
-    def _drop(self, route: StreamRoute) -> None:
+    def _drop(self, link: DataLink) -> None:
         """Forget a closed data link: its queued requests, and the running one at its next look."""
-        fd = route.fileno()
+        fd = link.fileno()
         self.poller.unregister(fd)
         del self.links[fd]
-        route.close()
-        self.pending = deque(item for item in self.pending if item[0] is not route)
-        if self.current is not None and self.current[0] is route:
+        link.close()
+        self.pending = deque(item for item in self.pending if item[0] is not link)
+        if self.current is not None and self.current[0] is link:
             self.current_cancelled = True
 
-    def accept(self, route: StreamRoute, msg: Message) -> None:
+    def accept(self, link: DataLink, msg: Message) -> None:
         """Act on one message from a data link, while serving or idle."""
         if isinstance(msg, Infer):
-            self.pending.append((route, msg))
+            self.pending.append((link, msg))
         elif isinstance(msg, Cancel):
-            self.cancel(route, msg.request_id)
+            self.cancel(link, msg.request_id)
         else:
             print(f"moc worker: unexpected {type(msg).__name__} on a data link", file=sys.stderr)
 
-    def cancel(self, route: StreamRoute, rid: int) -> None:
+    def cancel(self, link: DataLink, rid: int) -> None:
         """Cancel the running request between tokens, or a queued one before it starts."""
-        if self.current == (route, rid):
+        if self.current == (link, rid):
             self.current_cancelled = True
             return
         for queued in self.pending:
-            if queued[0] is route and queued[1].request_id == rid:
+            if queued[0] is link and queued[1].request_id == rid:
                 self.pending.remove(queued)
-                route.send(Done(rid, "", 0, 0, "cancelled", None, self.memory_mb()))
+                link.send(Done(rid, "", 0, 0, "cancelled", None, self.memory_mb()))
                 return
         # Otherwise it already finished: its Done is on the way.
 
@@ -276,11 +276,11 @@ class Worker:
         self.control.send(Loaded(os.getpid(), measured, seconds, model.version, model.n_ctx))
         return True
 
-    def serve(self, route: StreamRoute, msg: Infer) -> None:
+    def serve(self, link: DataLink, msg: Infer) -> None:
         """Run one request to completion, cancellation or failure, and answer it."""
         assert self.model is not None
         rid = msg.request_id
-        self.current = (route, rid)
+        self.current = (link, rid)
         self.current_cancelled = False
 
         next_look = time.monotonic() + _LOOK_EVERY_S
@@ -296,21 +296,21 @@ class Worker:
             return self.current_cancelled or self.shutdown
 
         emit: Callable[[str], None] = (
-            (lambda text: route.send(Token(rid, text))) if msg.stream else (lambda _: None)
+            (lambda text: link.send(Token(rid, text))) if msg.stream else (lambda _: None)
         )
         gen = generation_of(msg)
         try:
             check_generation(gen)
             out = self.model.run(gen, emit, should_stop)
         except BadRequest as exc:
-            route.send(Failed(rid, "invalid_request", exc.field, exc.message))
+            link.send(Failed(rid, "invalid_request", exc.field, exc.message))
             return
         except Exception as exc:
-            route.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"))
+            link.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"))
             return
         finally:
             self.current = None
-        route.send(
+        link.send(
             Done(
                 rid,
                 out.text,
@@ -328,8 +328,8 @@ class Worker:
             if not self.pending:
                 self.take(_POLL_MS)
                 continue
-            route, msg = self.pending.popleft()
-            self.serve(route, msg)
+            link, msg = self.pending.popleft()
+            self.serve(link, msg)
         return EXIT_OK
 
 

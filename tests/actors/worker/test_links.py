@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import zmq
 
+from actors.worker.links import listen
 from actors.worker.main import Worker
 from actors.worker.protocol import Cancel, Done, FrameReader, Infer, Token, frame_bytes
-from actors.worker.routes import listen
 from tests.support import wait_until
 
 
@@ -67,8 +67,8 @@ def test_a_link_that_closes_takes_its_queued_requests_with_it(worker: Worker) ->
     take_until(worker, lambda: len(worker.pending) == 3)
     leaving.close()
     take_until(worker, lambda: len(worker.pending) == 1)
-    route, msg = worker.pending[0]
-    assert msg.request_id == 1 and not route.closed
+    data_link, msg = worker.pending[0]
+    assert msg.request_id == 1 and not data_link.closed
     staying.close()
 
 
@@ -89,9 +89,9 @@ def test_a_link_whose_peer_left_before_its_answer_is_dropped_without_ending_the_
     link = connect(worker)
     link.sendall(frame_bytes(infer(7)))
     take_until(worker, lambda: len(worker.pending) == 1)
-    route, _ = worker.pending[0]
+    data_link, _ = worker.pending[0]
     link.close()  # the node gave up on the request while it ran
-    route.send(Token(7, "lost"))  # EPIPE: dropped
-    assert route.closed
+    data_link.send(Token(7, "lost"))  # EPIPE: dropped
+    assert data_link.closed
     take_until(worker, lambda: not worker.links, "the closed link to be dropped")
     assert not worker.pending

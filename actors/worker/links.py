@@ -1,16 +1,16 @@
-"""Where a worker's requests come from and its answers go: the supervisor's socket or a data link.
+"""The worker's two kinds of socket: the supervisor's control socket, and its data links.
 
-The control route is the supervisor's ZMQ PAIR socket (Hello, the load and its answer, Shutdown).
-A data route is one connection to the Unix stream socket the worker listens on, from the
-node's event loop: length-prefixed frames (actors/worker/protocol.py) written straight into the
-kernel, with no ZMQ I/O thread on either side. Under load on few cores each hand-off to such a
-thread was a wake-up that could preempt the sender: sends through the ZMQ data socket took ~170
-us of the event loop's wall time, against ~2 us when measured alone.
+The control socket is the supervisor's ZMQ PAIR socket (Hello, the load and its answer, Shutdown).
+A data link is one connection to the Unix stream socket the worker listens on, from the node's
+event loop (its other end is a WorkerChannel, actors/worker/channel.py): length-prefixed frames
+(actors/worker/protocol.py) written straight into the kernel, with no ZMQ I/O thread on either
+side. Under load on few cores each hand-off to such a thread was a wake-up that could preempt
+the sender: sends through the ZMQ data socket took ~170 us of the event loop's wall time,
+against ~2 us when measured alone.
 
-Requests and their answers travel only on data routes. Every route answers `send`; a data
-route whose peer left drops what it would send (the peer cannot read it) and says so through
-`closed`, while a peer that stopped reading for `SEND_TIMEOUT_S` ends the worker: nobody is
-listening any more.
+Requests and their answers travel only on data links. Both answer `send`; a data link whose
+peer left drops what it would send (the peer cannot read it) and says so through `closed`,
+while a peer that stopped reading for `SEND_TIMEOUT_S` ends the worker: nobody is listening.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def orphaned() -> SystemExit:
     return SystemExit(EXIT_ORPHANED)
 
 
-class ControlRoute:
+class ControlSocket:
     """The supervisor's PAIR socket (its SNDTIMEO set by the caller)."""
 
     def __init__(self, sock: zmq.Socket[bytes]) -> None:
@@ -49,7 +49,7 @@ class ControlRoute:
             raise orphaned() from None
 
 
-class StreamRoute:
+class DataLink:
     """One connection on the data socket, from the node's event loop."""
 
     def __init__(self, conn: socket.socket) -> None:
