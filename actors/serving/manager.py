@@ -28,6 +28,7 @@ from actors.errors import (
 )
 from actors.serving import metrics
 from actors.serving.board import ModelBoard
+from actors.serving.catalog import add_registered, adopt_catalog
 from actors.serving.config import CatalogEntry, CircuitBreakerConfig, ModelsConfig
 from actors.serving.entry import entry_for, need_mb, worker_spec
 from actors.serving.lane import ModelLane
@@ -78,30 +79,19 @@ class ModelManager(LoopReplyActor):
         self.reconfigure(deps.models)
         for record in deps.store.registered():
             backend: Backend = "torch" if record.backend == "torch" else "gguf"
-            self._add_registered(
-                CatalogEntry(record.name, record.path, backend, record.n_ctx, lora=record.lora)
-            )
+            entry = CatalogEntry(record.name, record.path, backend, record.n_ctx, lora=record.lora)
+            add_registered(self._slots, entry)
+            self._publish(entry.name)
 
     # -- configuration --------------------------------------------------------------------
 
     def reconfigure(self, models: ModelsConfig) -> None:
         """Adopt a new catalog and keep_alive (SIGHUP); loaded models stay loaded."""
         self._models_config = models
-        names = {entry.name for entry in models.catalog}
+        for name in adopt_catalog(self._slots, models.catalog):
+            self._drop(name)
         for entry in models.catalog:
-            slot = self._slots.get(entry.name)
-            if slot is None:
-                self._slots[entry.name] = Slot(entry=entry, in_catalog=True)
-            else:
-                slot.in_catalog = True
-                if slot.state in ("available", "failed"):
-                    slot.entry = entry
             self._publish(entry.name)
-        for name, slot in list(self._slots.items()):
-            if slot.in_catalog and not slot.registered and name not in names:
-                slot.in_catalog = False
-                if slot.state in ("available", "failed"):
-                    self._drop(name)
 
     def ping(self) -> bool:
         """Answer True: the watchdog's proof that this actor still takes messages."""
@@ -119,23 +109,12 @@ class ModelManager(LoopReplyActor):
             self._deps.store.record_registered(
                 RegisteredRecord(entry.name, entry.path, entry.lora, entry.backend, entry.n_ctx)
             )
-            self._add_registered(entry)
+            add_registered(self._slots, entry)
         except Exception as exc:
             reply(None, exc)
         else:
+            self._publish(entry.name)
             reply(None, None)
-
-    def _add_registered(self, entry: CatalogEntry) -> None:
-        slot = self._slots.get(entry.name)
-        if slot is None:
-            self._slots[entry.name] = Slot(entry=entry, in_catalog=True, registered=True)
-        else:
-            slot.in_catalog = slot.registered = True
-            if slot.state in ("available", "failed"):
-                slot.entry = entry
-            else:
-                slot.next_entry = entry  # adopted when the loaded one stops
-        self._publish(entry.name)
 
     def preload_names(self) -> list[str]:
         """Return catalog names to load at start."""
@@ -395,15 +374,7 @@ class ModelManager(LoopReplyActor):
                 self._deps.store.record_unloaded(name)
             except StateNotWritable as exc:  # the model is stopped whatever the store says
                 log.warning("%s", exc)
-        if slot.next_entry is not None:
-            slot.entry, slot.next_entry = slot.next_entry, None
-        failed = slot.state == "failed"
-        slot.state = "failed" if failed else "available"
-        slot.device = None
-        slot.actor = None
-        slot.lane = None
-        slot.pid = None
-        slot.measured_mb = None
+        slot.come_to_rest()
         self._refresh_loaded_gauge()
         unloaded, slot.unload_waiters = slot.unload_waiters, []
         info = model_info(slot, self._device_label)

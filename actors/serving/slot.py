@@ -54,6 +54,23 @@ class Slot:
     error: str | None = None
     next_entry: CatalogEntry | None = None  # a replacement registered while this one is loaded
 
+    @property
+    def at_rest(self) -> bool:
+        """Neither loading, loaded nor unloading: no worker, and its entry may change."""
+        return self.state in ("available", "failed")
+
+    def come_to_rest(self) -> None:
+        """Forget the stopped worker: a failed load stays failed, else the model is available;
+        an entry registered while it ran takes over now."""
+        if self.next_entry is not None:
+            self.entry, self.next_entry = self.next_entry, None
+        self.state = "failed" if self.state == "failed" else "available"
+        self.device = None
+        self.actor = None
+        self.lane = None
+        self.pid = None
+        self.measured_mb = None
+
 
 def resident(slot: Slot, *, claimed_mb: float, busy: bool, now: float) -> Resident:
     """Describe a resident slot for placement and expiry (`busy`: requests admitted or waiting)."""
