@@ -80,10 +80,6 @@ class Config:
     goals: GoalsConfig = field(default_factory=GoalsConfig)
 
 
-# Sections whose features have not landed: named so that a file using them gets a clear error.
-RESERVED_SECTIONS: tuple[str, ...] = ()
-
-
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read the TOML file (if any), apply environment overrides and build a checked Config."""
     data: dict[str, Any] = {}
@@ -107,9 +103,6 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 def from_mapping(data: Mapping[str, Any]) -> Config:
     """Build a checked Config from parsed TOML (environment overrides already applied)."""
     data = dict(data)
-    for name in RESERVED_SECTIONS:
-        if name in data:
-            raise ConfigError(f"{name}: this section is reserved for a feature not available yet")
     # Sections with presets build themselves: `profile` picks the base the other keys override.
     loaders = {"cluster": _cluster}
     custom: dict[str, Any] = {}
