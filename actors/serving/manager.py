@@ -1,8 +1,8 @@
 """ModelManager: decides which models are loaded where, and starts and stops their actors.
 
-Every decision is a pure function: placement, eviction and expiry in `placement`, what a load
-request becomes in `entry`. This actor keeps one `Slot` per model, calls those functions and
-sends messages. It never waits on another actor: loads and unloads finish later, as
+Every decision lives outside this actor: placement, eviction and expiry are pure functions in
+`placement`, what a load request becomes is `entry`, catalog reloads and registered outputs are
+`catalog`. This actor keeps one `Slot` per model, calls those functions and sends messages. It never waits on another actor: loads and unloads finish later, as
 `model_loaded` / `model_stopped` messages from the ModelActors, and whoever asked is answered
 through its `Reply` then. After each change it publishes the slot on the `ModelBoard`.
 """
