@@ -44,35 +44,3 @@ def test_a_ledger_keeps_its_sums_under_concurrent_claims() -> None:
     for t in threads:
         t.join()
     assert ledger.info().claimed_mb == 2_000
-
-
-def test_waiting_for_release_returns_once_three_quarters_are_back() -> None:
-    from actors.serving.gpu import wait_for_release
-
-    readings = iter(
-        [DeviceReading(8_000, 5_000), DeviceReading(8_000, 4_500), DeviceReading(8_000, 4_200)]
-    )
-    now = [0.0]
-    assert wait_for_release(
-        lambda: next(readings),
-        5_000,
-        1_000,
-        clock=lambda: now[0],
-        pause=lambda s: now.__setitem__(0, now[0] + s),
-    )
-    assert now[0] == 0.5  # two pauses: 500 MiB back is not yet 75%, 800 MiB is
-
-
-def test_waiting_for_release_gives_up_after_the_timeout() -> None:
-    from actors.serving.gpu import wait_for_release
-
-    now = [0.0]
-    back = wait_for_release(
-        lambda: DeviceReading(8_000, 5_000),
-        5_000,
-        1_000,
-        timeout=1.0,
-        clock=lambda: now[0],
-        pause=lambda s: now.__setitem__(0, now[0] + s),
-    )
-    assert back is False and now[0] >= 1.0

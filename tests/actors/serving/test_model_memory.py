@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from actors.errors import WorkerCrashed
 from actors.gguf_synth import SIZES, write_llama_gguf
 from actors.serving.config import CircuitBreakerConfig
 from actors.serving.lane import ModelLane
 from actors.serving.memory_watch import MemoryWatch
-from actors.serving.metrics import worker_memory_kills_total
 from actors.serving.model import ModelActor
 from actors.serving.probes import process_rss_mb
 from actors.serving.resilience import CircuitBreaker
@@ -135,7 +135,7 @@ def _loaded_rss(model: Path, runtime: Path) -> float:
 
 
 def kills() -> float:
-    return worker_memory_kills_total.labels("tiny")._value.get()  # type: ignore[no-any-return]
+    return REGISTRY.get_sample_value("moc_worker_memory_kills_total", {"model": "tiny"}) or 0.0
 
 
 async def test_a_worker_past_the_memory_limit_is_killed_its_request_fails_saying_so_and_a_new_one_serves(
