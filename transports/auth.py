@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from transports.dispatch import ErrorReply
+from transports.errors import ErrorReply
 
 __all__ = [
     "PATH_REFUSALS",

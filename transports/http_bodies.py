@@ -1,7 +1,7 @@
 """What every HTTP route reads and writes: the JSON body in, JSON out, and the error shape.
 
 Errors on `/v1/...` come in OpenAI's shape, elsewhere in the legacy shape; both carry the code
-and status `transports.dispatch.classify` gives, so an error reads the same on every transport.
+and status `transports.errors.classify` gives, so an error reads the same on every transport.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from aiohttp import web
 from actors.errors import InvalidRequest
 from transports.auth import client_error
 from transports.config import ServerConfig
-from transports.dispatch import ClientTimeout, Dispatcher, ErrorReply, PayloadTooLarge
+from transports.dispatch import Dispatcher
+from transports.errors import ClientTimeout, ErrorReply, PayloadTooLarge
 
 __all__ = [
     "CONFIG_KEY",

@@ -18,7 +18,7 @@ from aiohttp.web_log import AccessLogger
 
 from transports.auth import KeyRing
 from transports.config import ServerConfig
-from transports.dispatch import ErrorReply, classify
+from transports.errors import ErrorReply, classify
 from transports.http_bodies import error_response
 from transports.metrics import IN_FLIGHT, record_http
 

@@ -21,7 +21,7 @@ from actors.errors import MocError, ModelNotFound, RequestTimeout
 from actors.types import InferRequest, InferResult, TokenChunk
 from transports import schema
 from transports.auth import client_error
-from transports.dispatch import classify
+from transports.errors import classify
 from transports.http_bodies import (
     CONFIG_KEY,
     dispatcher_of,

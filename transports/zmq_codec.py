@@ -18,14 +18,8 @@ import msgpack
 from actors.errors import InvalidRequest
 from actors.names import text_problem
 from transports.auth import KeyRing
-from transports.dispatch import (
-    ACTIONS,
-    Action,
-    BadFrame,
-    ErrorReply,
-    Unauthorized,
-    lookup_action,
-)
+from transports.dispatch import ACTIONS, Action, lookup_action
+from transports.errors import BadFrame, ErrorReply, Unauthorized
 
 __all__ = [
     "KEY_FIELD",

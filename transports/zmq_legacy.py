@@ -32,13 +32,8 @@ from actors.errors import Overloaded
 from transports.api import NodeAPI
 from transports.auth import KeyRing, client_error, public_health
 from transports.config import ServerConfig, ZmqAuth, load_api_keys, load_zmq_auth
-from transports.dispatch import (
-    BadFrame,
-    Dispatcher,
-    ErrorReply,
-    PayloadTooLarge,
-    classify,
-)
+from transports.dispatch import Dispatcher
+from transports.errors import BadFrame, ErrorReply, PayloadTooLarge, classify
 from transports.loop_socket import LoopSocket
 from transports.metrics import IN_FLIGHT, ZmqRecorder
 from transports.zmq_auth import ZAP_DOMAIN, HandshakeMonitor, ZapHandler, bind_host

@@ -32,7 +32,8 @@ from cluster.errors import (
 from cluster.keyring import Keyring
 from cluster.messages import MESSAGE_CLASSES, PROTOCOL_VERSION, PushNodeState
 from transports import zmq_codec as zc
-from transports.dispatch import ACTIONS, BadFrame, classify
+from transports.dispatch import ACTIONS
+from transports.errors import BadFrame, classify
 
 SETTINGS = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 

@@ -38,7 +38,8 @@ from tests.moc_node.conftest import make_config
 from tests.transports.conftest import server_config
 from transports import zmq_codec as zc
 from transports.config import ServerConfig
-from transports.dispatch import ACTIONS, BadFrame
+from transports.dispatch import ACTIONS
+from transports.errors import BadFrame
 from transports.http import HttpServer
 from transports.http_middleware import METHODS, UNPARSED_ROUTE
 from transports.zmq_legacy import ZmqServer

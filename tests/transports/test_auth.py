@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from transports.auth import PATH_REFUSALS, KeyRing, client_error, public_health
-from transports.dispatch import ErrorReply
+from transports.errors import ErrorReply
 
 
 def test_a_key_ring_accepts_its_keys_only() -> None:

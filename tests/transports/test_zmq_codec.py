@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transports.dispatch import BadFrame
+from transports.errors import BadFrame
 from transports.zmq_codec import decode_frame, split_envelope
 
 

@@ -20,7 +20,7 @@ from actors.serving.estimate import (
 )
 from actors.types import GenerationParams, InferRequest
 from tests.actors.worker.workers import run_request, worker_for
-from transports.dispatch import classify
+from transports.errors import classify
 
 MIB = 1024 * 1024
 
