@@ -15,6 +15,7 @@ from cluster.meta import NodeMeta
 
 __all__ = [
     "choose_load_target",
+    "claimed_primary",
     "ClusterMember",
     "holders",
     "loading_on",
@@ -132,6 +133,24 @@ def choose_load_target(
     if best is None:
         return None
     return LoadTarget(best[1], best[2], -best[0])
+
+
+def claimed_primary(members: Iterable[ClusterMember], local: str) -> tuple[str, int] | None:
+    """Return (name, term) of the primary that other members' metadata claims, or None.
+
+    Alive members other than `local` only, with a term above 0; the highest term wins and a tie
+    goes to the member met first. Gossip can lag a lease by a round: a placement command still
+    carries its term through the `Fence`.
+    """
+    best: tuple[int, str] | None = None
+    for m in members:
+        if m.name == local or m.state != MemberState.ALIVE:
+            continue
+        if m.meta is None or m.meta.primary_term == 0:
+            continue
+        if best is None or m.meta.primary_term > best[0]:
+            best = (m.meta.primary_term, m.name)
+    return None if best is None else (best[1], best[0])
 
 
 def route(members: Collection[ClusterMember], model: str, local: str) -> Route:

@@ -38,9 +38,9 @@ from cluster.election import Election, Fence, TermStore
 from cluster.errors import LocalUsageError, PeerProtocolError
 from cluster.keyring import Keyring
 from cluster.membership import EventKind, Membership, Outbound
-from cluster.messages import Address, MemberState, Message
+from cluster.messages import Address, Message
 from cluster.meta import BadMeta, NodeMeta, decode_meta, encode_meta, should_publish
-from cluster.routing import ClusterMember
+from cluster.routing import ClusterMember, claimed_primary
 from cluster.udp import (
     FRAME_HEADER_BYTES,
     Endpoints,
@@ -294,16 +294,7 @@ class ClusterRunner:
         """
         if self.is_primary():
             return self.name, self.election.term
-        best: tuple[int, str] | None = None
-        for v in self._m.members():
-            if v.name == self.name or v.state != MemberState.ALIVE:
-                continue
-            meta = self._decode(v.meta)
-            if meta is None or meta.primary_term == 0:
-                continue
-            if best is None or meta.primary_term > best[0]:
-                best = (meta.primary_term, v.name)
-        return None if best is None else (best[1], best[0])
+        return claimed_primary(self._view().values(), self.name)
 
     def dropped(self) -> dict[str, int]:
         """Return dropped messages by reason: decoding here plus the machines' own drops."""

@@ -12,6 +12,7 @@ from cluster.routing import (
     Route,
     RouteKind,
     choose_load_target,
+    claimed_primary,
     holders,
     loading_on,
     route,
@@ -29,12 +30,14 @@ def node(
     free: tuple[int, ...] = (1000,),
     leaving: bool = False,
     meta: bool = True,
+    term: int = 0,
 ) -> ClusterMember:
     m = NodeMeta(
         devices=tuple(DeviceMeta(f"cuda:{i}", 24000, f, 0) for i, f in enumerate(free)),
         loaded=tuple(ModelMeta(k, q) for k, q in (loaded or {}).items()),
         loading=loading,
         leaving=leaving,
+        primary_term=term,
     )
     return ClusterMember(name, ("127.0.0.1", 7946), state, 1, m if meta else None)
 
@@ -178,3 +181,30 @@ def test_choose_load_target_can_exclude_nodes() -> None:
 )
 def test_route(members: list[ClusterMember], expected: Route) -> None:
     assert route(members, "m", "me") == expected
+
+
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        ([node("a"), node("b")], None),
+        ([node("a"), node("b", term=3)], ("b", 3)),
+        ([node("b", term=3), node("c", term=5)], ("c", 5)),
+        ([node("c", term=5), node("b", term=5)], ("c", 5)),
+        ([node("me", term=9), node("b", term=2)], ("b", 2)),
+        ([node("b", term=7, state=S), node("c", term=7, state=D), node("d", term=1)], ("d", 1)),
+        ([node("b", meta=False)], None),
+    ],
+    ids=[
+        "no claim",
+        "one claim",
+        "the highest term wins",
+        "a tie goes to the member met first",
+        "this node's own metadata is not a claim",
+        "only alive members count",
+        "no metadata, no claim",
+    ],
+)
+def test_the_claimed_primary_is_the_alive_peer_with_the_highest_term(
+    members: list[ClusterMember], expected: tuple[str, int] | None
+) -> None:
+    assert claimed_primary(members, "me") == expected
