@@ -1,0 +1,93 @@
+"""Pure decisions of the batching engine: which slot a prompt takes, what one step decodes.
+
+No llama.cpp here: the engine (gguf_engine.py) asks these functions and does the I/O. A slot is
+one sequence of the shared llama.cpp context; its cache is the tokens whose KV it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    """What slot choice needs to know of one free slot."""
+
+    index: int
+    cached: Sequence[int]  # the tokens whose KV this slot's sequence holds, in order
+    last_used: int  # when it last took a request (any increasing count); 0: never
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The slot a prompt takes and how many of its leading tokens are already in its KV."""
+
+    index: int
+    reused: int
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Return the length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | None:
+    """Pick the free slot whose cache shares the longest prefix with `prompt`; None if none free.
+
+    Ties go to the least recently used slot (its cache is the least likely to be wanted again),
+    then to the lowest index. At most len(prompt) - 1 tokens are reused: the last prompt token
+    must be decoded again to get the logits of the first generated token.
+    """
+    best: tuple[int, int, int] | None = None  # (-reused, last_used, index): smallest wins
+    for slot in free:
+        reused = min(common_prefix(prompt, slot.cached), max(len(prompt) - 1, 0))
+        key = (-reused, slot.last_used, slot.index)
+        if best is None or key < best:
+            best = key
+    if best is None:
+        return None
+    return Choice(index=best[2], reused=-best[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Wants:
+    """One running sequence as the step planner sees it."""
+
+    seq: int  # its sequence id (its slot)
+    generating: bool  # True: it has a sampled token to decode; False: its prompt is unfinished
+    prompt_left: int = 0  # prompt tokens not yet decoded (prefilling sequences only)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Tokens one sequence decodes in this step: one for a generating sequence, else a chunk."""
+
+    seq: int
+    n_tokens: int
+
+
+def plan_step(running: Sequence[Wants], budget: int) -> list[Chunk]:
+    """Plan one decode: every generating sequence's next token, then prompt chunks in order.
+
+    Generating sequences always get their token (so running streams never stall behind a long
+    prompt); the rest of `budget` (tokens per step) goes to unfinished prompts in the order given
+    (admission order, so the oldest prompt finishes first). A budget smaller than the number of
+    generating sequences is a caller's bug: the engine keeps budget >= slots.
+    """
+    generating = [w for w in running if w.generating]
+    if len(generating) > budget:
+        raise ValueError(f"{len(generating)} generating sequences exceed the budget of {budget}")
+    plan = [Chunk(w.seq, 1) for w in generating]
+    left = budget - len(plan)
+    for w in running:
+        if w.generating or w.prompt_left <= 0 or left <= 0:
+            continue
+        take = min(w.prompt_left, left)
+        plan.append(Chunk(w.seq, take))
+        left -= take
+    return plan

@@ -1,0 +1,440 @@
+"""The continuous-batching engine on real llama.cpp, with generated f32 models.
+
+The models' output rows are zero except for printable ASCII (actors/gguf_synth.py), so greedy
+text is printable, one byte per token, and runs to max_tokens: texts compare byte for byte.
+"One at a time" is each request alone on a fresh one-slot engine. With flash attention off the
+engine also equals the one-at-a-time backend (gguf.py, llama-cpp-python's `Llama.generate`), an
+independent implementation; with it on (llama.cpp's choice on the CPU) llama.cpp's attention
+rounds differently from that backend's, so the engine is compared with itself there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from actors.gguf_synth import write_preset
+from actors.types import GenerationParams
+from actors.worker.backends import BadRequest, Generation
+from actors.worker.backends.gguf import GgufModel
+from actors.worker.backends.gguf_engine import Finish, GgufEngine, Request
+from actors.worker.native_crash import describe_cpu
+from actors.worker.protocol import LoadSpec
+
+N_CTX = 256
+GREEDY = GenerationParams(max_tokens=24, temperature=0.0)
+PROMPTS = (
+    "The quick brown fox",
+    "Hello",
+    "abc",
+    "The quick brown dog jumps",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, " * 2,
+    "zz",
+)
+SEEDED = tuple(
+    GenerationParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=s) for s in (1, 2, 3)
+)
+
+# llama.cpp repacks q4_0 on x86 with AVX2, on Arm with NEON dot products, into AMX tiles on AMX.
+REPACKS_Q4_0 = any(flag in describe_cpu().split() for flag in ("avx2", "asimddp", "amx_int8"))
+
+MakeEngine = Callable[..., GgufEngine]  # (parallel, step_tokens=64, flash_attn=None) -> engine
+OneAtATime = Callable[..., str]  # (prompt, sampling=GREEDY) -> the text of the request alone
+
+
+def spec(path: Path) -> LoadSpec:
+    return LoadSpec(backend="gguf", path=str(path), n_ctx=N_CTX, n_threads=1)
+
+
+@pytest.fixture
+def engine_for(small_gguf: Path) -> Iterator[MakeEngine]:
+    """Make engines on the small model; close them all at teardown."""
+    made: list[GgufEngine] = []
+
+    def make(parallel: int, step_tokens: int = 64, flash_attn: bool | None = None) -> GgufEngine:
+        engine = GgufEngine.load(
+            spec(small_gguf), parallel=parallel, step_tokens=step_tokens, flash_attn=flash_attn
+        )
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(small_gguf: Path) -> OneAtATime:
+    """Return the text of a request run alone on a fresh one-slot engine (remembered)."""
+    texts: dict[tuple[str, GenerationParams], str] = {}
+
+    def run(prompt: str, s: GenerationParams = GREEDY) -> str:
+        if (prompt, s) not in texts:
+            engine = GgufEngine.load(spec(small_gguf), parallel=1)
+            try:
+                record = submit(engine, prompt, s)
+                drain(engine)
+                texts[prompt, s] = finished(record).text
+            finally:
+                engine.close()
+        return texts[prompt, s]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def backend_text(small_gguf: Path) -> Iterator[OneAtATime]:
+    """Return the one-at-a-time backend's text for a prompt and sampling."""
+    model = GgufModel.load(spec(small_gguf))
+
+    def run(prompt: str, s: GenerationParams = GREEDY) -> str:
+        gen = Generation(prompt=prompt, params=s)
+        return model.run(gen, lambda _: None, lambda: False).text
+
+    yield run
+    model.close()
+
+
+class Record:
+    """A request's emitted pieces and its Finish."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.finish: Finish | None = None
+        self.request: Request | None = None
+
+    def emit(self, piece: str) -> None:
+        self.pieces.append(piece)
+
+    def done(self, finish: Finish) -> None:
+        assert self.finish is None, "done called twice"
+        self.finish = finish
+
+
+def submit(engine: GgufEngine, prompt: str, s: GenerationParams = GREEDY) -> Record:
+    record = Record()
+    record.request = engine.submit(prompt, s, emit=record.emit, done=record.done)
+    return record
+
+
+def drain(engine: GgufEngine, max_steps: int = 10_000) -> int:
+    """Step until no work is left; return the steps taken."""
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < max_steps, "the engine never ran out of work"
+    return steps
+
+
+def finished(record: Record) -> Finish:
+    assert record.finish is not None, "the request never finished"
+    return record.finish
+
+
+def test_greedy_outputs_of_requests_run_concurrently_equal_the_same_requests_run_one_at_a_time(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=4, step_tokens=16)  # 6 requests: two queue; prompts chunk
+    records = [submit(engine, p) for p in PROMPTS]
+    drain(engine)
+    for prompt, record in zip(PROMPTS, records, strict=True):
+        f = finished(record)
+        assert f.text == one_at_a_time(prompt), prompt
+        assert f.finish_reason == "length" and f.tokens_generated == GREEDY.max_tokens
+        assert "".join(record.pieces) == f.text
+        assert f.error == ""
+
+
+def test_seeded_sampling_under_concurrency_equals_each_request_alone(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=3)
+    records = [submit(engine, "The quick brown fox", s) for s in SEEDED]
+    drain(engine)
+    texts = [finished(r).text for r in records]
+    assert texts == [one_at_a_time("The quick brown fox", s) for s in SEEDED]
+    assert len(set(texts)) == 3  # each sequence drew from its own seeded chain
+
+
+def test_with_flash_attention_off_concurrent_texts_equal_the_one_at_a_time_backend(
+    engine_for: MakeEngine, backend_text: OneAtATime
+) -> None:
+    engine = engine_for(parallel=4, step_tokens=16, flash_attn=False)
+    greedy = [submit(engine, p) for p in PROMPTS]
+    seeded = [submit(engine, "The quick brown fox", s) for s in SEEDED]
+    drain(engine)
+    assert [finished(r).text for r in greedy] == [backend_text(p) for p in PROMPTS]
+    assert [finished(r).text for r in seeded] == [
+        backend_text("The quick brown fox", s) for s in SEEDED
+    ]
+
+
+def test_cancelling_one_sequence_leaves_the_others_outputs_unchanged(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=3)
+    records = [submit(engine, p) for p in PROMPTS[:3]]
+    for _ in range(6):
+        engine.step()
+    victim = records[1]
+    assert victim.request is not None and engine.cancel(victim.request)
+    drain(engine)
+    cancelled = finished(victim)
+    assert cancelled.finish_reason == "cancelled"
+    assert 0 < cancelled.tokens_generated < GREEDY.max_tokens
+    assert one_at_a_time(PROMPTS[1]).startswith(cancelled.text)
+    for i in (0, 2):
+        assert finished(records[i]).text == one_at_a_time(PROMPTS[i])
+    assert not engine.cancel(victim.request)  # already over: nothing to cancel
+
+
+def test_a_request_cancelled_from_another_requests_callback_is_not_sampled_again(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=2)
+    victim = submit(engine, PROMPTS[1])
+    killer = Record()
+
+    def emit(piece: str) -> None:
+        killer.emit(piece)
+        if len(killer.pieces) == 3:
+            assert victim.request is not None
+            engine.cancel(victim.request)
+
+    killer.request = engine.submit(PROMPTS[0], GREEDY, emit=emit, done=killer.done)
+    drain(engine)
+    assert finished(victim).finish_reason == "cancelled"
+    assert finished(killer).text == one_at_a_time(PROMPTS[0])
+
+
+def test_a_slot_reused_by_a_different_prompt_gives_the_same_output_as_a_fresh_engine(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=1)
+    long_first = submit(engine, PROMPTS[4])  # leaves ~150 tokens of KV in the one slot
+    drain(engine)
+    second = submit(engine, PROMPTS[2])  # shares only BOS with what the slot holds
+    drain(engine)
+    f = finished(second)
+    assert f.prompt_tokens_reused == 1  # BOS
+    assert f.error == "" and f.text == one_at_a_time(PROMPTS[2])
+    assert finished(long_first).text == one_at_a_time(PROMPTS[4])
+    # What the slot holds now is exactly the second prompt and the tokens decoded after it.
+    held = engine.slot_tokens(0)
+    assert len(held) == f.prompt_tokens + f.tokens_generated - 1
+    assert list(held[: f.prompt_tokens]) == engine.prompt_tokens(PROMPTS[2])
+
+
+def test_prefix_reuse_decodes_only_the_remainder_and_gives_the_same_greedy_output(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    history = "System: answer briefly. User: tell me about foxes. Assistant: "
+    engine = engine_for(parallel=2)
+    first = submit(engine, history)
+    other = submit(engine, "An unrelated conversation")
+    drain(engine)
+    first_text = finished(first).text
+    follow_up = history + first_text + " User: and dogs? Assistant: "
+    before = engine.decoded_tokens
+    second = submit(engine, follow_up)
+    drain(engine)
+    f = finished(second)
+    n_prompt = len(engine.prompt_tokens(follow_up))
+    # The slot held the history and all but the last generated token; that token and the new
+    # turn are all that was decoded, plus the generated tokens but the last.
+    assert f.prompt_tokens_reused == len(engine.prompt_tokens(history)) + GREEDY.max_tokens - 1
+    assert engine.decoded_tokens - before == (n_prompt - f.prompt_tokens_reused) + (
+        f.tokens_generated - 1
+    )
+    assert f.text == one_at_a_time(follow_up)
+    assert finished(other).prompt_tokens_reused == 0
+
+
+def test_the_same_prompt_again_reuses_all_but_its_last_token(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=1)
+    drain_first = submit(engine, PROMPTS[0])
+    drain(engine)
+    again = submit(engine, PROMPTS[0])
+    drain(engine)
+    n_prompt = len(engine.prompt_tokens(PROMPTS[0]))
+    assert finished(drain_first).prompt_tokens_reused == 0
+    assert finished(again).prompt_tokens_reused == n_prompt - 1
+    assert finished(again).text == finished(drain_first).text == one_at_a_time(PROMPTS[0])
+
+
+def test_stop_sequences_and_max_tokens_apply_to_each_sequence_alone(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=3)
+    full = one_at_a_time(PROMPTS[0])
+    stop = full[10:13]
+    cut = full.index(stop)
+    stopped = submit(
+        engine, PROMPTS[0], GenerationParams(max_tokens=24, temperature=0.0, stop=(stop,))
+    )
+    short = submit(engine, PROMPTS[1], GenerationParams(max_tokens=7, temperature=0.0))
+    plain = submit(engine, PROMPTS[2])
+    drain(engine)
+    s = finished(stopped)
+    assert s.finish_reason == "stop" and s.text == full[:cut]
+    assert "".join(stopped.pieces) == full[:cut]  # the stop sequence was never streamed
+    f = finished(short)
+    assert f.finish_reason == "length" and f.tokens_generated == 7
+    assert f.text == one_at_a_time(PROMPTS[1])[:7]
+    assert finished(plain).text == one_at_a_time(PROMPTS[2])
+
+
+def test_no_step_decodes_more_than_step_tokens_and_streams_keep_moving_during_a_long_prefill(
+    engine_for: MakeEngine,
+) -> None:
+    engine = engine_for(parallel=3, step_tokens=8)
+    running = submit(engine, PROMPTS[1], GenerationParams(max_tokens=40, temperature=0.0))
+    while not running.pieces:
+        assert engine.step() <= 8
+    long_prompt = submit(engine, PROMPTS[4])  # ~120 tokens: 18 steps of 7
+    n_long = len(engine.prompt_tokens(PROMPTS[4]))
+    steps = 0
+    while not long_prompt.pieces:
+        pieces_before = len(running.pieces)
+        assert engine.step() <= 8
+        steps += 1
+        assert len(running.pieces) == pieces_before + 1  # one token every step, prefill or not
+    assert steps >= n_long // 7
+    drain(engine)
+
+
+def test_requests_beyond_the_slots_wait_and_start_in_arrival_order(engine_for: MakeEngine) -> None:
+    engine = engine_for(parallel=2)
+    steps_run = 0
+    started: list[int] = []
+
+    def submit_watching(i: int, max_tokens: int) -> Record:
+        record = Record()
+
+        def emit(piece: str) -> None:
+            if not record.pieces:
+                started.append(i)
+            record.emit(piece)
+
+        record.request = engine.submit(
+            PROMPTS[i],
+            GenerationParams(max_tokens=max_tokens, temperature=0.0),
+            emit=emit,
+            done=record.done,
+        )
+        return record
+
+    records = [submit_watching(i, 5 + 3 * i) for i in range(5)]
+    assert engine.queue_depth == 5 and engine.slots_busy == 0
+    engine.step()
+    steps_run += 1
+    assert engine.queue_depth == 3 and engine.slots_busy == 2
+    drain(engine)
+    assert started == [0, 1, 2, 3, 4]
+    assert all(finished(r).tokens_generated == 5 + 3 * i for i, r in enumerate(records))
+    assert engine.queue_depth == 0 and engine.slots_busy == 0
+
+
+def test_a_queued_request_cancelled_before_it_starts_ends_at_once(engine_for: MakeEngine) -> None:
+    engine = engine_for(parallel=1)
+    first = submit(engine, PROMPTS[0])
+    queued = submit(engine, PROMPTS[1])
+    engine.step()
+    assert queued.request is not None and engine.cancel(queued.request)
+    f = finished(queued)
+    assert f.finish_reason == "cancelled" and f.tokens_generated == 0 and f.text == ""
+    drain(engine)
+    assert finished(first).finish_reason == "length"
+
+
+def test_a_prompt_longer_than_a_slots_context_is_refused_naming_the_field(
+    engine_for: MakeEngine,
+) -> None:
+    engine = engine_for(parallel=2)
+    with pytest.raises(BadRequest) as caught:
+        engine.submit(
+            "x" * N_CTX, GREEDY, emit=lambda _: None, done=lambda _: None, field="messages"
+        )
+    assert caught.value.field == "messages"
+    assert f"the context holds {N_CTX}" in caught.value.message
+    assert not engine.has_work()
+
+
+def test_generation_stops_at_the_end_of_a_slots_context(engine_for: MakeEngine) -> None:
+    engine = engine_for(parallel=2)
+    prompt = "y" * (N_CTX - 6)
+    record = submit(engine, prompt, GenerationParams(max_tokens=50, temperature=0.0))
+    drain(engine)
+    f = finished(record)
+    assert f.finish_reason == "length"
+    assert f.prompt_tokens + f.tokens_generated == N_CTX
+
+
+def test_closing_the_engine_cancels_what_runs_and_what_waits(small_gguf: Path) -> None:
+    engine = GgufEngine.load(spec(small_gguf), parallel=1)
+    running = submit(engine, PROMPTS[0])
+    waiting = submit(engine, PROMPTS[1])
+    engine.step()
+    engine.close()
+    assert finished(running).finish_reason == "cancelled"
+    assert finished(waiting).finish_reason == "cancelled"
+    engine.close()  # twice is harmless
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_field(
+    engine_for: MakeEngine,
+) -> None:
+    engine = engine_for(parallel=1)
+    with pytest.raises(BadRequest) as caught:
+        engine.submit([1, 10**6], GREEDY, emit=lambda _: None, done=lambda _: None)
+    assert caught.value.field == "prompt" and "outside the vocabulary" in caught.value.message
+    assert not engine.has_work()
+
+
+def test_a_failed_decode_fails_the_requests_of_that_batch_and_the_engine_serves_on(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=2)
+    records = [submit(engine, p) for p in PROMPTS[:2]]
+    for _ in range(3):
+        engine.step()
+    victim = records[0].request
+    assert victim is not None and victim.slot is not None
+    # A fault inside llama.cpp, simulated: the sequence loses KV behind the engine's back, so
+    # llama.cpp refuses the next batch (its positions no longer follow on).
+    engine._lib.llama_memory_seq_rm(engine._mem, victim.slot.index, 2, -1)
+    engine.step()
+    for record in records:
+        f = finished(record)
+        assert f.finish_reason == "cancelled" and "llama_decode returned" in f.error
+    assert not engine.has_work() and engine.slot_tokens(0) == engine.slot_tokens(1) == ()
+    after = submit(engine, PROMPTS[2])
+    drain(engine)
+    assert finished(after).text == one_at_a_time(PROMPTS[2])
+
+
+def test_cpu_weights_are_repacked_only_when_asked(tmp_path: Path) -> None:
+    """Off (the default), q4_0 weights stay in the file's layout and decode; on, llama.cpp
+    repacks them where the CPU can (no decode then: on AMX hosts that matmul crashes)."""
+    path = write_preset(tmp_path / "small-q4_0.gguf", "small", seed=3, dtype="q4_0")
+    off = GgufEngine.load(spec(path), parallel=2)
+    try:
+        assert off.weight_buffers and not {"CPU_REPACK", "AMX"} & set(off.weight_buffers)
+        record = submit(off, PROMPTS[0], GenerationParams(max_tokens=4, temperature=0.0))
+        drain(off)
+        assert finished(record).tokens_generated == 4
+    finally:
+        off.close()
+    if not REPACKS_Q4_0:
+        return
+    on = GgufEngine.load(replace(spec(path), cpu_repack=True), parallel=2)
+    try:
+        assert {"CPU_REPACK", "AMX"} & set(on.weight_buffers)
+    finally:
+        on.close()

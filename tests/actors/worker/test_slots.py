@@ -1,0 +1,133 @@
+"""The batching engine's pure decisions: which slot a prompt takes, what one step decodes."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.worker.backends.slots import (
+    Choice,
+    Chunk,
+    SlotView,
+    Wants,
+    choose_slot,
+    common_prefix,
+    plan_step,
+)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ((), (), 0),
+        ((1, 2, 3), (), 0),
+        ((1, 2, 3), (1, 2, 3), 3),
+        ((1, 2, 3), (1, 2), 2),
+        ((1, 2, 3), (1, 9, 3), 1),
+        ((7,), (8,), 0),
+    ],
+    ids=["empty", "one-empty", "equal", "one-is-a-prefix", "differ-in-the-middle", "differ-first"],
+)
+def test_common_prefix_counts_the_leading_tokens_both_share(
+    a: tuple[int, ...], b: tuple[int, ...], expected: int
+) -> None:
+    assert common_prefix(a, b) == expected
+    assert common_prefix(b, a) == expected
+
+
+PROMPT = (1, 10, 11, 12, 13)
+
+CHOICES = [
+    ("no-free-slot", PROMPT, [], None),
+    (
+        "the-only-free-slot-even-if-it-shares-nothing",
+        PROMPT,
+        [SlotView(2, (1, 50), 9)],
+        Choice(2, 1),
+    ),
+    (
+        "the-longest-shared-prefix-wins",
+        PROMPT,
+        [SlotView(0, (1, 10), 1), SlotView(1, (1, 10, 11, 12), 5), SlotView(2, (1,), 0)],
+        Choice(1, 4),
+    ),
+    (
+        "a-tie-goes-to-the-least-recently-used",
+        PROMPT,
+        [SlotView(0, (1, 10, 99), 7), SlotView(1, (1, 10, 98), 3), SlotView(2, (1, 10), 5)],
+        Choice(1, 2),
+    ),
+    (
+        "a-tie-in-age-goes-to-the-lowest-index",
+        PROMPT,
+        [SlotView(3, (), 0), SlotView(1, (), 0)],
+        Choice(1, 0),
+    ),
+    (
+        "a-cached-copy-of-the-whole-prompt-still-leaves-its-last-token-to-decode",
+        PROMPT,
+        [SlotView(0, PROMPT + (77, 78), 1)],
+        Choice(0, len(PROMPT) - 1),
+    ),
+    ("a-one-token-prompt-reuses-nothing", (1,), [SlotView(0, (1, 2), 1)], Choice(0, 0)),
+    ("an-empty-cache-reuses-nothing", PROMPT, [SlotView(0, (), 4)], Choice(0, 0)),
+]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "free", "expected"), [c[1:] for c in CHOICES], ids=[c[0] for c in CHOICES]
+)
+def test_a_prompt_takes_the_free_slot_sharing_its_longest_prefix(
+    prompt: tuple[int, ...], free: list[SlotView], expected: Choice | None
+) -> None:
+    assert choose_slot(prompt, free) == expected
+
+
+PLANS = [
+    ("nothing-running", [], 8, []),
+    (
+        "every-generating-sequence-gets-one-token",
+        [Wants(0, True), Wants(3, True), Wants(1, True)],
+        8,
+        [Chunk(0, 1), Chunk(3, 1), Chunk(1, 1)],
+    ),
+    (
+        "a-prompt-takes-what-the-generating-sequences-leave",
+        [Wants(0, True), Wants(1, False, 100), Wants(2, True)],
+        8,
+        [Chunk(0, 1), Chunk(2, 1), Chunk(1, 6)],
+    ),
+    (
+        "a-short-prompt-takes-only-what-it-needs-and-the-next-gets-the-rest",
+        [Wants(4, False, 3), Wants(5, False, 10)],
+        8,
+        [Chunk(4, 3), Chunk(5, 5)],
+    ),
+    (
+        "the-oldest-prompt-goes-first-and-a-later-one-waits-when-nothing-is-left",
+        [Wants(2, False, 50), Wants(0, False, 5)],
+        8,
+        [Chunk(2, 8)],
+    ),
+    (
+        "generating-sequences-that-fill-the-budget-leave-prompts-for-the-next-step",
+        [Wants(0, True), Wants(1, True), Wants(2, False, 4)],
+        2,
+        [Chunk(0, 1), Chunk(1, 1)],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("running", "budget", "expected"), [p[1:] for p in PLANS], ids=[p[0] for p in PLANS]
+)
+def test_a_step_decodes_every_next_token_then_prompt_chunks_within_the_budget(
+    running: list[Wants], budget: int, expected: list[Chunk]
+) -> None:
+    plan = plan_step(running, budget)
+    assert plan == expected
+    assert sum(c.n_tokens for c in plan) <= budget
+
+
+def test_a_budget_smaller_than_the_generating_sequences_is_refused() -> None:
+    with pytest.raises(ValueError, match="exceed the budget"):
+        plan_step([Wants(0, True), Wants(1, True)], 1)
