@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import pykka
 
@@ -37,6 +37,10 @@ class LaneEvents(Protocol):
     def model_memory(self, name: str, mb: float) -> object: ...
 
 
+Restart = Callable[[], pykka.Future[bool]]
+"""The ModelActor's `restart` through its proxy: a future of whether a worker runs now."""
+
+
 class LaneClosed(ModelNotLoaded):
     """The model is being unloaded: ask the manager again (it may load it anew)."""
 
@@ -58,7 +62,7 @@ class ModelLane:
         self._breaker = breaker
         self._abort = abort or threading.Event()
         self._clock = clock
-        self._restart: Callable[[], Any] | None = None  # the actor's restart, a pykka future
+        self._restart: Restart | None = None
         self._worker: WorkerHandle | None = None
         self._measured_mb = 0.0
         self._channel: RequestChannel | None = None
@@ -74,7 +78,7 @@ class ModelLane:
 
     # -- the actor's side (any thread) ------------------------------------------------------
 
-    def bind(self, restart: Callable[[], Any]) -> None:
+    def bind(self, restart: Restart) -> None:
         """Name the actor call that restarts the worker (returns a pykka future of a bool)."""
         self._restart = restart
 

@@ -62,7 +62,8 @@ class ManagerDeps:
     board: ModelBoard
     abort: threading.Event
     probes: Mapping[str, DeviceProbe] = field(default_factory=dict)
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = time.monotonic  # idle times, load times, breakers
+    wall_clock: Callable[[], float] = time.time  # only for clients: when a model was last used
     worker_factory: WorkerFactory = worker_process
     memory_watch: MemoryWatch = MemoryWatch()
 
@@ -324,7 +325,7 @@ class ModelManager(LoopReplyActor):
         slot.version = info.version
         slot.pid = info.pid
         slot.last_used = self._deps.clock()
-        slot.last_used_wall = time.time()
+        slot.last_used_wall = self._deps.wall_clock()
         self._measured(slot, info.measured_mb)
         device_label = self._device_label(slot.device)
         if first:
@@ -412,7 +413,7 @@ class ModelManager(LoopReplyActor):
         slot = self._slots.get(name)
         if slot is not None:
             slot.last_used = self._deps.clock()
-            slot.last_used_wall = time.time()
+            slot.last_used_wall = self._deps.wall_clock()
             if self._models_config.keep_alive_seconds == 0:
                 self.expire_idle()
 

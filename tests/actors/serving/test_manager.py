@@ -37,7 +37,8 @@ from tests.support import FakeClock, wait_for
 
 REQ = InferRequest(model="a", prompt="hi", params=GenerationParams(max_tokens=2))
 MEASURED_MB = 100.0  # what each fake worker reports at load: the claim (above the estimate)
-ROOM_FOR_TWO_MB = 220.0  # two claims of 100 MiB leave less than a tiny model's estimate
+ROOM_FOR_TWO_MB = 220.0
+WALL_S = 1_765_000_000.0  # the wall clock clients see in last_used  # two claims of 100 MiB leave less than a tiny model's estimate
 
 
 class Rig:
@@ -74,6 +75,7 @@ class Rig:
                 board=self.board,
                 abort=self.abort,
                 clock=self.clock,
+                wall_clock=lambda: WALL_S,
                 worker_factory=self.workers,
                 memory_watch=MemoryWatch(poll_s=3600.0),  # no measuring between requests
             )
@@ -136,6 +138,7 @@ async def test_a_cold_model_is_loaded_on_first_acquire_and_served_through_its_la
     assert (await lane.infer(REQ)).text == "ok"
     info = rig.board.get("a")
     assert info is not None and info.state == "loaded" and info.version == "a-v1"
+    assert info.last_used == WALL_S
     assert rig.board.lane("a") is lane
     assert rig.ledger.claims() == {"a": MEASURED_MB}  # the measurement: above the estimate
     assert await rig.acquire("a") is lane and len(rig.workers.made) == 1  # loaded once
