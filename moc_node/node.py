@@ -175,12 +175,12 @@ class LocalNode:
         """Stop taking requests and wait (up to `timeout`) for the in-flight ones to finish."""
         self._draining = True
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._in_flight() > 0:
+        while time.monotonic() < deadline and self._occupancy() > 0:
             await asyncio.sleep(0.05)  # polling a condition with a deadline
-        if self._in_flight():
+        if self._occupancy():
             log.warning(
                 "%d request(s) still running after %.0f s: aborting them",
-                self._in_flight(),
+                self._occupancy(),
                 timeout,
             )
 
@@ -206,7 +206,8 @@ class LocalNode:
             ref.stop()
         self._store.close()
 
-    def _in_flight(self) -> int:
+    def _occupancy(self) -> int:
+        """Requests admitted or waiting in every model's bulkhead."""
         return sum(self._bulkheads.occupancy(m.name) for m in self._board.snapshot(0.0))
 
     # -- NodeAPI ----------------------------------------------------------------------------

@@ -75,5 +75,5 @@ async def test_forget_drops_an_idle_bulkhead_and_its_series_but_never_a_busy_one
     assert name not in models_in_metrics()
     registry.forget(name)  # forgetting twice, or a name never seen, is harmless
     registry.forget("never-asked-for")
-    assert registry.get(name).in_flight == 0
+    assert registry.get(name).occupancy == 0
     assert REGISTRY.get_sample_value("moc_bulkhead_active_requests", {"model": name}) == 0
