@@ -251,3 +251,22 @@ async def test_a_load_that_fails_leaves_the_model_failed_naming_why_and_claims_n
     info = rig.board.get("a")
     assert info is not None and info.state == "failed"
     assert info.error is not None and "will not load" in info.error
+
+
+async def test_a_model_asked_for_while_it_unloads_is_loaded_again_once_it_stopped(
+    make: Make,
+) -> None:
+    rig = make()
+    lane = await rig.acquire("a")
+    rig.workers.hold.set()
+    running = asyncio.ensure_future(lane.infer(REQ))
+    await wait_for(lambda: len(rig.workers.waiting) == 1, 5, "the request at the worker")
+    unloaded = asyncio.ensure_future(rig.unload("a"))
+    await wait_for(lambda: rig.state("a") == "unloading", 5, "a to be unloading")
+    again = asyncio.ensure_future(rig.acquire("a"))
+    rig.workers.release()
+    await running
+    assert (await unloaded).state == "available"
+    fresh = await again
+    assert fresh is not lane and rig.state("a") == "loaded"
+    assert [w.stopped for w in rig.workers.of("a")] == [True, False]
