@@ -70,6 +70,11 @@ class Node(NodeAPI, Protocol):
         """True once `drain` began: no new requests are taken."""
         ...
 
+    @property
+    def closed(self) -> bool:
+        """True once `close` began."""
+        ...
+
     async def start(self) -> None:
         """Restore the models of the last run, preload the configured ones, become ready."""
 

@@ -13,14 +13,13 @@ from typing import Protocol
 
 import prometheus_client
 
-from actors.types import InferRequest, InferResult, TokenChunk
+from actors.types import InferRequest, InferResult
 from cluster.routing import RouteKind, holders
 from moc_node.clustered.link import ClusterLink
+from moc_node.node import StreamItem
 from transports.peer_wire import PeerUnavailable
 
 log = logging.getLogger(__name__)
-
-StreamItem = TokenChunk | InferResult
 
 forward_retries_total = prometheus_client.Counter(
     "moc_cluster_forward_retries",

@@ -129,6 +129,10 @@ class ClusteredNode:
     def draining(self) -> bool:
         return self._local.draining
 
+    @property
+    def closed(self) -> bool:
+        return self._local.closed
+
     def is_ready(self) -> bool:
         return self._local.is_ready()
 

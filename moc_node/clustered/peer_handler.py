@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
+from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo
 from moc_node.clustered.placement import Placement
-from moc_node.node import LocalNode
+from moc_node.node import LocalNode, StreamItem
 
 
 class PeerHandler:
@@ -23,9 +23,7 @@ class PeerHandler:
     async def peer_infer(self, req: InferRequest) -> InferResult:
         return await self._local.infer(req)
 
-    def peer_infer_stream(
-        self, req: InferRequest
-    ) -> AsyncGenerator[TokenChunk | InferResult, None]:
+    def peer_infer_stream(self, req: InferRequest) -> AsyncGenerator[StreamItem, None]:
         return self._local.infer_stream(req)
 
     async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo:
