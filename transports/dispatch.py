@@ -35,11 +35,11 @@ from transports.tensors import tensor_view
 
 __all__ = [
     "ACTIONS",
+    "ActionHandler",
     "LEGACY_FIELDS",
     "Action",
     "device_view",
     "Dispatcher",
-    "Handler",
     "health_view",
     "infer_result_view",
     "lookup_action",
@@ -51,7 +51,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-Handler = Callable[["Dispatcher", Mapping[str, Any]], Awaitable[Any]]
+ActionHandler = Callable[["Dispatcher", Mapping[str, Any]], Awaitable[Any]]
 View = Callable[["Dispatcher", Mapping[str, Any]], Any]
 
 
@@ -60,7 +60,7 @@ class Action:
     """One entry of the table."""
 
     name: str
-    handler: Handler
+    handler: ActionHandler
     view: View | None = None
     """The same answer computed without awaiting anything, when the action has one: a transport
     may then answer inside its receive callback, with no task. An action without a view may

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
 from aiohttp.web_log import AccessLogger
 
 from transports.auth import KeyRing
@@ -33,8 +34,6 @@ __all__ = [
     "metrics_middleware",
     "presented_key",
 ]
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 COUNTED_KEY = web.RequestKey("counted", bool)
 """Set on every request the metrics middleware counts; `RefusalCounter` counts the others."""

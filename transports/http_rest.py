@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from transports import schema
 from transports.auth import public_health
@@ -14,8 +13,6 @@ from transports.http_middleware import AUTHENTICATED_KEY
 from transports.metrics import render
 
 __all__ = ["add_routes"]
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def add_routes(r: web.UrlDispatcher) -> None:

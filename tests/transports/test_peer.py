@@ -59,7 +59,7 @@ def env(code: int, rid: str, ts: float, body: object = None, *args: object) -> E
     return Envelope(code, rid, ts, body, *args, src=CLIENT, dst=SERVER)  # type: ignore[arg-type]
 
 
-class Handler:
+class FakePeerHandler:
     """Serves model "m"; "slow" streams until cancelled; "held" answers when released; anything
     else is not found."""
 
@@ -105,8 +105,8 @@ class Handler:
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[Handler, PeerServer, PeerClient]]:
-    handler = Handler()
+async def served() -> AsyncIterator[tuple[FakePeerHandler, PeerServer, PeerClient]]:
+    handler = FakePeerHandler()
     server = PeerServer(handler, KEY, name=SERVER, host="127.0.0.1", port=0)
     await server.start()
     client = PeerClient(KEY, name=CLIENT, ack_timeout=2.0)
@@ -119,7 +119,7 @@ def req(model: str = "m", text: str = "hi", max_tokens: int = 5) -> InferRequest
     return InferRequest(model=model, prompt=text, params=GenerationParams(max_tokens=max_tokens))
 
 
-async def test_an_inference_round_trips(served: tuple[Handler, PeerServer, PeerClient]) -> None:
+async def test_an_inference_round_trips(served: tuple[FakePeerHandler, PeerServer, PeerClient]) -> None:
     _, server, client = served
     result = await client.infer(at(server), req(text="echo"), timeout=5)
     assert result.text == "echo" and result.model_version == "v1"
@@ -127,7 +127,7 @@ async def test_an_inference_round_trips(served: tuple[Handler, PeerServer, PeerC
 
 
 async def test_a_stream_arrives_piece_by_piece(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
 ) -> None:
     _, server, client = served
     items = [i async for i in client.stream(at(server), req(), timeout=5)]
@@ -136,7 +136,7 @@ async def test_a_stream_arrives_piece_by_piece(
 
 
 async def test_errors_come_back_as_the_same_domain_errors(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
 ) -> None:
     _, server, client = served
     address = at(server)
@@ -151,7 +151,7 @@ async def test_errors_come_back_as_the_same_domain_errors(
 
 
 async def test_closing_a_stream_cancels_the_work_on_the_peer(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
 ) -> None:
     handler, server, client = served
     stream = client.stream(at(server), req("slow"), timeout=5)
@@ -162,7 +162,7 @@ async def test_closing_a_stream_cancels_the_work_on_the_peer(
 
 
 async def test_a_load_carries_the_primarys_term(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
 ) -> None:
     handler, server, client = served
     await client.load(at(server), LoadRequest(name="x"), term=7, timeout=5)
@@ -204,7 +204,7 @@ def dropped(reason: str) -> float:
          "sealed-for-another-node", "previous-protocol", "no-sender-or-destination"],
 )  # fmt: skip
 async def test_forged_stale_and_malformed_frames_are_counted_and_dropped(
-    served: tuple[Handler, PeerServer, PeerClient], reason: str, frames: object
+    served: tuple[FakePeerHandler, PeerServer, PeerClient], reason: str, frames: object
 ) -> None:
     _, server, client = served
     before = dropped(reason)
@@ -249,7 +249,7 @@ class RawRequester:
 
 
 @pytest.fixture
-async def raw(served: tuple[Handler, PeerServer, PeerClient]) -> AsyncIterator[RawRequester]:
+async def raw(served: tuple[FakePeerHandler, PeerServer, PeerClient]) -> AsyncIterator[RawRequester]:
     requester = RawRequester(served[1].port)
     yield requester
     requester.sock.close(linger=0)
@@ -266,7 +266,7 @@ async def test_an_answer_ready_within_the_grace_is_sent_without_an_ack(
 
 
 async def test_an_answer_not_ready_within_the_grace_is_acknowledged_first(
-    served: tuple[Handler, PeerServer, PeerClient], raw: RawRequester
+    served: tuple[FakePeerHandler, PeerServer, PeerClient], raw: RawRequester
 ) -> None:
     handler = served[0]
     began = time.monotonic()
@@ -296,7 +296,7 @@ async def test_a_load_is_acknowledged_at_once_whatever_the_requester_waits(
 
 
 async def test_a_slow_answer_outlasts_the_ack_timeout_once_acknowledged(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
 ) -> None:
     handler, server, _ = served
     client = PeerClient(KEY, name=CLIENT, ack_timeout=0.3)
@@ -311,7 +311,7 @@ async def test_a_slow_answer_outlasts_the_ack_timeout_once_acknowledged(
 
 
 async def test_many_requests_in_flight_on_one_connection_all_get_their_own_answers(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
 ) -> None:
     # More than one read batch, with sends and arrivals interleaved on both sockets: a wake-up
     # lost between a send and a read would leave some of these waiting forever.
@@ -327,7 +327,7 @@ async def test_many_requests_in_flight_on_one_connection_all_get_their_own_answe
 
 
 async def test_a_signed_request_with_a_nonsense_body_is_an_invalid_request_not_a_crash(
-    served: tuple[Handler, PeerServer, PeerClient], raw: RawRequester
+    served: tuple[FakePeerHandler, PeerServer, PeerClient], raw: RawRequester
 ) -> None:
     await raw.sock.send_multipart(seal(KEY, env(Op.INFER, "r1", time.time(), {"model": "m"})))
     reply = await raw.reply()
@@ -359,7 +359,7 @@ async def test_requests_in_flight_to_a_silent_peer_all_fail_unavailable_and_noth
 
 
 async def test_a_request_cancelled_before_its_task_starts_leaves_nothing_behind(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
 ) -> None:
     # Both frames handled in one go, as one descriptor callback may: the task is cancelled
     # before its first step, so only the CANCEL's own bookkeeping can forget it.
@@ -375,7 +375,7 @@ async def test_a_request_cancelled_before_its_task_starts_leaves_nothing_behind(
 
 
 async def test_a_request_in_flight_when_the_peer_goes_away_fails_at_once(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
 ) -> None:
     # Its answer could only come back on the connection that broke: no timeout to wait out.
     _, server, client = served
@@ -450,7 +450,7 @@ LOAD_BODY = load_to_wire(LoadRequest(name="x"))
     ids=["load", "place", "infer"],
 )
 async def test_a_captured_request_sent_again_is_dropped_as_a_replay_and_not_carried_out_again(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
     raw: RawRequester,
     op: Op,
     body: object,
@@ -474,7 +474,7 @@ async def test_a_captured_request_sent_again_is_dropped_as_a_replay_and_not_carr
 
 
 async def test_a_request_sealed_for_one_node_is_refused_by_another(
-    served: tuple[Handler, PeerServer, PeerClient],
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
 ) -> None:
     handler, b, _ = served
     c = PeerServer(handler, KEY, name="node-c", host="127.0.0.1", port=0)
@@ -492,7 +492,7 @@ async def test_a_request_sealed_for_one_node_is_refused_by_another(
 async def test_a_frame_sealed_before_the_server_started_is_refused_as_a_possible_replay() -> None:
     # Its previous incarnation may have taken it, and that window is gone with it.
     captured = seal(KEY, env(Op.LOAD, "r1", time.time(), LOAD_BODY, 3))
-    handler = Handler()
+    handler = FakePeerHandler()
     server = PeerServer(handler, KEY, name=SERVER, host="127.0.0.1", port=0)
     await server.start()
     try:
