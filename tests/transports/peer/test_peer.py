@@ -5,25 +5,32 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
 
-import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from prometheus_client import REGISTRY
 
 from actors.errors import InvalidRequest, ModelNotFound, Overloaded
 from actors.types import (
-    GenerationParams,
-    InferRequest,
     InferResult,
     LoadRequest,
-    ModelInfo,
     TokenChunk,
 )
-from cluster.keyring import Keyring
 from tests.support import wait_for
+from tests.transports.peer.fakes import (
+    CLIENT,
+    KEY,
+    OTHER_KEY,
+    SERVER,
+    FakePeerHandler,
+    RawRequester,
+    at,
+    dropped,
+    env,
+    req,
+    signed,
+    silent_at,
+)
 from transports.peer import PeerAddress, PeerClient, PeerServer
 from transports.peer.server import ACK_GRACE_FRACTION
 from transports.peer_wire import (
@@ -32,91 +39,10 @@ from transports.peer_wire import (
     Kind,
     Op,
     PeerUnavailable,
-    load_to_wire,
-    open_frames,
     request_to_wire,
     result_from_wire,
     seal,
 )
-
-KEY = Keyring((b"k" * 32,))
-OTHER_KEY = Keyring((b"x" * 32,))
-SERVER = "node-b"
-CLIENT = "node-a"
-
-
-def at(server: PeerServer) -> PeerAddress:
-    return PeerAddress(server.name, f"127.0.0.1:{server.port}")
-
-
-def silent_at(port: int) -> PeerAddress:
-    """A peer at `port` that is not a PeerServer (silent, or nobody listening)."""
-    return PeerAddress(SERVER, f"127.0.0.1:{port}")
-
-
-def env(code: int, rid: str, ts: float, body: object = None, *args: object) -> Envelope:
-    """A request from CLIENT sealed for SERVER."""
-    return Envelope(code, rid, ts, body, *args, src=CLIENT, dst=SERVER)  # type: ignore[arg-type]
-
-
-class FakePeerHandler:
-    """Serves model "m"; "slow" streams until cancelled; "held" answers when released; anything
-    else is not found."""
-
-    def __init__(self) -> None:
-        self.closed = asyncio.Event()
-        self.release = asyncio.Event()
-        self.loads: list[tuple[str, int | None]] = []
-        self.calls: list[tuple[str, str]] = []
-        """(operation, model) of every request the handler was asked to carry out."""
-
-    async def peer_infer(self, req: InferRequest) -> InferResult:
-        self.calls.append(("infer", req.model))
-        if req.model == "held":  # answers only once the test releases it
-            await self.release.wait()
-            return InferResult("released", 1, 1, "length", 1.0, "v1")
-        if req.model == "busy":
-            raise Overloaded("model 'busy' is overloaded", retry_after=3.0)
-        if req.params.max_tokens > 100:
-            raise InvalidRequest("max_tokens", "too many")
-        if req.model != "m":
-            raise ModelNotFound(f"model {req.model!r} is not here")
-        return InferResult(req.prompt or "", 1, 1, "length", 1.0, "v1")
-
-    async def peer_infer_stream(
-        self, req: InferRequest
-    ) -> AsyncGenerator[TokenChunk | InferResult, None]:
-        try:
-            for i in range(1_000_000 if req.model == "slow" else 3):
-                yield TokenChunk(f"t{i} ")
-                await asyncio.sleep(0)
-            yield InferResult("t0 t1 t2 ", 3, 1, "length", 1.0, "v1")
-        finally:
-            self.closed.set()
-
-    async def peer_place(self, model: str) -> str:
-        self.calls.append(("place", model))
-        return f"holder-of-{model}"
-
-    async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo:
-        self.calls.append(("load", req.name))
-        self.loads.append((req.name, term))
-        return ModelInfo(name=req.name, backend="gguf", path="/m", state="loaded")
-
-
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[FakePeerHandler, PeerServer, PeerClient]]:
-    handler = FakePeerHandler()
-    server = PeerServer(handler, KEY, name=SERVER, host="127.0.0.1", port=0)
-    await server.start()
-    client = PeerClient(KEY, name=CLIENT, ack_timeout=2.0)
-    yield handler, server, client
-    client.close()
-    await server.stop()
-
-
-def req(model: str = "m", text: str = "hi", max_tokens: int = 5) -> InferRequest:
-    return InferRequest(model=model, prompt=text, params=GenerationParams(max_tokens=max_tokens))
 
 
 async def test_an_inference_round_trips(served: tuple[FakePeerHandler, PeerServer, PeerClient]) -> None:
@@ -181,10 +107,6 @@ async def test_a_dead_peer_is_reported_unavailable_quickly() -> None:
     client.close()
 
 
-def dropped(reason: str) -> float:
-    return REGISTRY.get_sample_value("moc_peer_messages_dropped_total", {"reason": reason}) or 0.0
-
-
 @pytest.mark.parametrize(
     ("reason", "frames"),
     [
@@ -217,42 +139,6 @@ async def test_forged_stale_and_malformed_frames_are_counted_and_dropped(
     sock.close(linger=0)
     # the server keeps serving
     assert (await client.infer(at(server), req(), timeout=5)).text == "hi"
-
-
-def signed(fields: dict[str, object]) -> list[bytes]:
-    """Frames of a payload built by hand (a shape `seal` does not make), signed with KEY."""
-    payload = msgpack.packb(fields, use_bin_type=True)
-    return [payload, KEY.sign(payload)]
-
-
-class RawRequester:
-    """A bare DEALER socket: sends one request, reads the peer's replies frame by frame."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(f"tcp://127.0.0.1:{port}")
-
-    async def send(self, model: str, ack_s: float | None, op: Op = Op.INFER) -> None:
-        body = (
-            load_to_wire(LoadRequest(name=model)) if op == Op.LOAD else request_to_wire(req(model))
-        )
-        await self.sock.send_multipart(seal(KEY, env(op, "r1", time.time(), body, 1, ack_s)))
-
-    async def reply(self, timeout: float = 5.0) -> Envelope:
-        assert await self.sock.poll(int(timeout * 1000)), "no reply"
-        frames = await self.sock.recv_multipart()
-        return open_frames(KEY, frames, time.time(), dst=CLIENT, src=SERVER)
-
-    async def silent(self) -> bool:
-        return not await self.sock.poll(100)
-
-
-@pytest.fixture
-async def raw(served: tuple[FakePeerHandler, PeerServer, PeerClient]) -> AsyncIterator[RawRequester]:
-    requester = RawRequester(served[1].port)
-    yield requester
-    requester.sock.close(linger=0)
 
 
 async def test_an_answer_ready_within_the_grace_is_sent_without_an_ack(
@@ -416,112 +302,3 @@ async def test_a_peer_address_that_is_not_host_port_is_unavailable_not_a_crash(
             await client.infer(PeerAddress(SERVER, address), req(), timeout=5)
     finally:
         client.close()
-
-
-# ---- replay defence ------------------------------------------------------------------------
-
-
-async def outsider_sends(port: int, frames: list[bytes]) -> bool:
-    """Send captured frames from a connection of its own; return whether anything came back."""
-    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        await sock.send_multipart(frames)
-        return bool(await sock.poll(200))
-    finally:
-        sock.close()
-
-
-async def until_counted(reason: str, before: float) -> None:
-    await wait_for(lambda: dropped(reason) > before, timeout=5, what=f"a {reason} drop counted")
-
-
-LOAD_BODY = load_to_wire(LoadRequest(name="x"))
-
-
-@pytest.mark.parametrize(
-    ("op", "body", "call"),
-    [
-        (Op.LOAD, LOAD_BODY, ("load", "x")),
-        (Op.PLACE, "m", ("place", "m")),
-        (Op.INFER, request_to_wire(req()), ("infer", "m")),
-    ],
-    ids=["load", "place", "infer"],
-)
-async def test_a_captured_request_sent_again_is_dropped_as_a_replay_and_not_carried_out_again(
-    served: tuple[FakePeerHandler, PeerServer, PeerClient],
-    raw: RawRequester,
-    op: Op,
-    body: object,
-    call: tuple[str, str],
-) -> None:
-    handler, server, _ = served
-    captured = seal(KEY, env(op, "r1", time.time(), body, 3, 2.0))
-    await raw.sock.send_multipart(captured)
-    replies = [await raw.reply()]
-    while replies[-1].code == Kind.ACK:
-        replies.append(await raw.reply())
-    assert replies[-1].code == Kind.RESULT and handler.calls == [call]
-
-    before = dropped("replay")
-    assert not await outsider_sends(server.port, captured)  # never answered
-    await until_counted("replay", before)
-    await raw.sock.send_multipart(captured)  # nor on the requester's own connection
-    await until_counted("replay", before + 1)
-    assert await raw.silent()
-    assert handler.calls == [call]  # carried out once
-
-
-async def test_a_request_sealed_for_one_node_is_refused_by_another(
-    served: tuple[FakePeerHandler, PeerServer, PeerClient],
-) -> None:
-    handler, b, _ = served
-    c = PeerServer(handler, KEY, name="node-c", host="127.0.0.1", port=0)
-    await c.start()
-    try:
-        for_b = seal(KEY, env(Op.LOAD, "r1", time.time(), LOAD_BODY, 3))
-        before = dropped("misdirected")
-        assert not await outsider_sends(c.port, for_b)
-        await until_counted("misdirected", before)
-        assert handler.calls == []
-    finally:
-        await c.stop()
-
-
-async def test_a_frame_sealed_before_the_server_started_is_refused_as_a_possible_replay() -> None:
-    # Its previous incarnation may have taken it, and that window is gone with it.
-    captured = seal(KEY, env(Op.LOAD, "r1", time.time(), LOAD_BODY, 3))
-    handler = FakePeerHandler()
-    server = PeerServer(handler, KEY, name=SERVER, host="127.0.0.1", port=0)
-    await server.start()
-    try:
-        before = dropped("replay")
-        assert not await outsider_sends(server.port, captured)
-        await until_counted("replay", before)
-        assert handler.calls == []
-    finally:
-        await server.stop()
-
-
-async def test_a_reply_not_sealed_for_the_client_is_dropped_and_the_request_fails_unavailable() -> (
-    None
-):
-    router = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    client = PeerClient(KEY, name=CLIENT, ack_timeout=0.5)
-    try:
-        call = asyncio.create_task(client.infer(silent_at(port), req(), timeout=5))
-        ident, *frames = await asyncio.wait_for(router.recv_multipart(), 5)
-        request = open_frames(KEY, frames, time.time(), dst=SERVER, src=CLIENT)
-        before = dropped("misdirected")
-        for_another = Envelope(Kind.RESULT, request.request_id, time.time(), None,
-                               src=SERVER, dst="node-c")  # fmt: skip
-        await router.send_multipart([ident, *seal(KEY, for_another)])
-        with pytest.raises(PeerUnavailable):
-            await call
-        assert dropped("misdirected") == before + 1
-    finally:
-        client.close()
-        router.close()
