@@ -25,7 +25,6 @@ if str(ROOT) not in sys.path:
 
 import msgpack  # noqa: E402
 
-from tests.fuzz.test_live_cluster_frames import mutate  # noqa: E402
 from tests.fuzz.test_live_frames import (  # noqa: E402
     bad_exchange,
     bad_zmq_message,
@@ -33,6 +32,7 @@ from tests.fuzz.test_live_frames import (  # noqa: E402
     http_request,
     legacy,
 )
+from tests.integration.live_cluster import mutate  # noqa: E402
 from transports.peer_wire import MAX_FRAME_BYTES  # noqa: E402
 from transports.zmtp import command, encode_message, greeting, ready  # noqa: E402
 
