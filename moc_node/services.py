@@ -18,6 +18,8 @@ import pykka
 
 from actors.bridge import Reply
 from actors.errors import ModelNotFound
+from actors.goals.actor import GoalActor
+from actors.learning.actor import LearningActor
 from actors.serving.board import ModelBoard
 from actors.serving.config import CatalogEntry
 from actors.serving.ledger import Ledger
@@ -109,9 +111,6 @@ def start_services(
     if not torch_available():
         log.info("torch is not installed: learning jobs and goals are disabled")
         return None
-    from actors.goals.actor import GoalActor
-    from actors.learning.actor import LearningActor
-
     state = config.node.state_path
     learning_config = config.learning.resolved(state)
     memory = JobMemory(ledgers)
