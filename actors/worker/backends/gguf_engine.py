@@ -442,11 +442,17 @@ class GgufEngine:
                 request.pending = None
             else:
                 request.next_prompt += len(tokens)
+        raised: list[Exception] = []
         for request, index in outputs:
             if not request.running:  # cancelled by an earlier request's callback
                 continue
             token = lib.llama_sampler_sample(request.sampler, self._ctx, index)
-            self._take(request, token)
+            try:
+                self._take(request, token)
+            except Exception as exc:  # a `done` callback's: the others still get their token
+                raised.append(exc)
+        if raised:
+            raise raised[0]
         return n
 
     def _admit(self) -> None:
@@ -499,9 +505,11 @@ class GgufEngine:
         piece = request.decoder.decode(self._piece(token))
         safe = request.matcher.feed(piece) if piece else ""
         if safe:
-            request.out.append(safe)
-            request.emit(safe)
+            error = self._emit(request, safe)
             if not request.running:  # its own callback cancelled it
+                return
+            if error:
+                self._finish(request, "cancelled", error)
                 return
         if request.matcher.stopped:
             self._finish(request, "stop")
@@ -517,8 +525,7 @@ class GgufEngine:
             tail = request.matcher.feed(request.decoder.decode(b"", final=True))
             tail += request.matcher.flush()
             if tail:
-                request.out.append(tail)
-                request.emit(tail)
+                error = self._emit(request, tail) or error
         request.done(
             Finish(
                 "".join(request.out),
@@ -529,6 +536,16 @@ class GgufEngine:
                 error,
             )
         )
+
+    @staticmethod
+    def _emit(request: Request, text: str) -> str:
+        """Stream `text`; return "" or what the callback raised (the request then ends)."""
+        request.out.append(text)
+        try:
+            request.emit(text)
+        except Exception as exc:
+            return f"emit failed: {type(exc).__name__}: {exc}"
+        return ""
 
     def _release(self, request: Request) -> None:
         slot = request.slot

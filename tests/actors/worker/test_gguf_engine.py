@@ -438,3 +438,41 @@ def test_cpu_weights_are_repacked_only_when_asked(tmp_path: Path) -> None:
         assert {"CPU_REPACK", "AMX"} & set(on.weight_buffers)
     finally:
         on.close()
+
+
+def test_a_callback_that_raises_ends_only_its_own_request(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=3)
+    broken = Record()
+
+    def emit(piece: str) -> None:
+        broken.emit(piece)
+        if len(broken.pieces) == 4:
+            raise BrokenPipeError("the client went away")
+
+    broken.request = engine.submit(PROMPTS[0], GREEDY, emit=emit, done=broken.done)
+    others = [submit(engine, p) for p in PROMPTS[1:3]]
+    drain(engine)
+    f = finished(broken)
+    assert f.finish_reason == "cancelled" and "BrokenPipeError" in f.error
+    assert f.tokens_generated == 4
+    assert [finished(r).text for r in others] == [one_at_a_time(p) for p in PROMPTS[1:3]]
+
+
+def test_a_done_callback_that_raises_surfaces_from_step_and_the_others_go_on(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=2)
+
+    def done(_: Finish) -> None:
+        raise RuntimeError("the caller's bug")
+
+    engine.submit(
+        PROMPTS[0], GenerationParams(max_tokens=3, temperature=0.0), emit=lambda _: None, done=done
+    )
+    other = submit(engine, PROMPTS[1])
+    with pytest.raises(RuntimeError, match="the caller's bug"):
+        drain(engine)
+    drain(engine)
+    assert finished(other).text == one_at_a_time(PROMPTS[1])
