@@ -1,7 +1,7 @@
 """The domain errors of the actors package.
 
 Every error a client can cause or meet has its own class, so the transports can map it to a
-status code once (`transports/dispatch.py`) instead of parsing messages.
+status code once (`transports/errors.py`) instead of parsing messages.
 """
 
 from __future__ import annotations

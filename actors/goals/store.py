@@ -345,16 +345,6 @@ class GoalStore:
                 (json.dumps(dict(result), default=str), now, goal_id, index),
             )
 
-    def fail_goal(self, goal_id: str, reason: str, now: float) -> bool:
-        """Fail a goal that cannot go on (e.g. its step could not be started); False if ended."""
-        with self._lock:
-            cur = self._db.execute(
-                "UPDATE goals SET status = 'failed', error = ?, finished_at = ?, updated_at = ? "
-                "WHERE id = ? AND status IN ('pending', 'running')",
-                (reason, now, now, goal_id),
-            )
-            return cur.rowcount == 1
-
     # -- internals --------------------------------------------------------------------------
 
     def _touch(self, goal_id: str, now: float) -> None:

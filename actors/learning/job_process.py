@@ -116,7 +116,7 @@ def run(
         try:
             import torch
 
-            from actors.learning.runner import JobContext, run_job
+            from actors.learning.training import JobContext, run_job
 
             if config.torch_threads:
                 torch.set_num_threads(config.torch_threads)

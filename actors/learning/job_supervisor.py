@@ -46,11 +46,11 @@ PRELOAD = (
     "torch._dynamo",
     "gguf",
     "llama_cpp",
-    "actors.learning.runner",
+    "actors.learning.training",
     "actors.learning.job_process",
 )
 
-Ending = Literal["completed", "stopped", "failed"]
+JobEnding = Literal["completed", "stopped", "failed"]
 
 _server_lock = threading.Lock()
 _warming: threading.Thread | None = None
@@ -90,7 +90,7 @@ def _warm() -> None:
 class JobExit:
     """How a job's process ended: its result, or why it failed; `killed` if we killed it."""
 
-    ending: Ending
+    ending: JobEnding
     output_path: Path | None = None
     lora_base: str | None = None
     error: str | None = None

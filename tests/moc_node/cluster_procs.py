@@ -191,7 +191,9 @@ def start_cluster(
     key_file.write_text(KEY + "\n")
     where = {n: (addresses or {}).get(n, Addresses()) for n in names}
     count = len(names)
-    gossip, peer, http, zmq = (free_ports(count) for _ in range(4))
+    # One call: ports from separate calls may repeat (each call frees its sockets on return).
+    ports = free_ports(4 * count)
+    gossip, peer, http, zmq = (ports[i * count : (i + 1) * count] for i in range(4))
     seeds = [f"{where[n].cluster}:{gossip[i]}" for i, n in enumerate(names)]
     nodes: dict[str, NodeProc] = {}
     try:

@@ -30,7 +30,7 @@ from actors.learning.trainers import Trainer, build_examples, make_trainer
 
 _PROGRESS_EVERY_S = 0.25  # how often progress rows are written between checkpoints
 
-Ending = Literal["completed", "cancelled", "stopped"]
+TrainingEnding = Literal["completed", "cancelled", "stopped"]
 
 
 class Interrupted(Exception):
@@ -41,7 +41,7 @@ class Interrupted(Exception):
 class JobResult:
     """How a run ended; `output_path` is set when it completed."""
 
-    ending: Ending
+    ending: TrainingEnding
     output_path: Path | None = None
     lora_base: str | None = None
 
