@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transports.replay_window import ReplayWindow
+from transports.replay_window import DEFAULT_CAPACITY, ReplayWindow
 
 SPAN = 30.0
 T0 = 1_000.0
@@ -104,3 +106,29 @@ def test_no_frame_is_ever_taken_twice_whatever_the_order_times_and_capacity(
                 taken.add(replayed)
             assert len(w) <= capacity
         sent.append(frame)
+
+
+def test_a_frame_stamped_nan_is_refused_and_does_not_stop_older_keys_expiring() -> None:
+    # NaN compares false both ways: taken, it would sit in the time order and stop expiry.
+    w = window()
+    assert not w.admit(("node-a", "nan", 2), float("nan"), now=T0 + 1)
+    assert w.admit(("node-a", "r1", 2), T0 + 1, now=T0 + 1)
+    assert w.admit(("node-a", "r2", 2), T0 + 1 + SPAN + 5, now=T0 + 1 + SPAN + 5)
+    assert len(w) == 1  # r1 expired
+
+
+def test_a_full_window_holds_a_request_in_half_the_310_bytes_of_a_key_tuple_and_heap_entry() -> None:
+    # Keys built as the peer server builds them, fresh strs per frame, which the window must
+    # not keep: full at the default capacity, ~7.5 MiB instead of ~19 MiB.
+    n, sender = DEFAULT_CAPACITY, "b"
+    w = ReplayWindow(SPAN, n, floor=T0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            ts = T0 + 1 + i / 10_000  # all within the span
+            assert w.admit((f"node-{sender}", f"0123456789abcdef-{i}", 2), ts, ts)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held / n < 160, f"{held / n:.0f} bytes per request held"
