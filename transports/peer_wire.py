@@ -176,7 +176,7 @@ def open_frames(
     code, rid, ts, term = obj.get("c"), obj.get("id"), obj.get("ts"), obj.get("t")
     if not isinstance(code, int) or not isinstance(rid, str) or not isinstance(ts, int | float):
         raise PeerWireError("malformed", "missing code, id or timestamp")
-    if abs(now - ts) > MAX_SKEW_S:
+    if not abs(now - ts) <= MAX_SKEW_S:  # written so that a NaN stamp is refused too
         raise PeerWireError("stale", f"timestamp {now - ts:+.1f} s off")
     sender, to = obj.get("s"), obj.get("d")
     if not isinstance(sender, str) or not sender or not isinstance(to, str) or not to:

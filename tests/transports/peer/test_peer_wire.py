@@ -145,3 +145,16 @@ def test_a_frame_is_tagged_with_the_standard_hmac_sha256_of_its_payload(size: in
     assert Keyring((b"o" * 32, key)).verify(payload, tag)  # any key of a rotation verifies
     assert not old.verify(payload, tag)
     assert not Keyring((key,)).verify(payload + b"x", tag)
+
+
+@pytest.mark.parametrize("ts", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_a_frame_stamped_nan_or_infinite_is_refused_as_stale(ts: float) -> None:
+    # NaN compares false both ways: past a `>` skew check it reached the replay window, whose
+    # expiry it stopped (the window then emptied only at its capacity).
+    payload = msgpack.packb(
+        {"v": PEER_PROTOCOL, "c": int(Op.PING), "id": "r", "ts": ts, "b": None, "t": None,
+         "s": "node-a", "d": "node-b"}
+    )  # fmt: skip
+    with pytest.raises(PeerWireError) as refused:
+        open_frames(KEY, [payload, KEY.sign(payload)], time.time(), dst="node-b")
+    assert refused.value.reason == "stale"
