@@ -37,6 +37,7 @@ from actors.worker.handle import WorkerFactory
 from cluster.keyring import Keyring
 from moc_node.clustered.node import ClusteredNode
 from moc_node.config import Config, ConfigError, load_config
+from moc_node.heap_trim import TRIM_INTERVAL_S, heap_trimmer
 from moc_node.node import LocalNode, Node
 from moc_node.preflight import Keys, Listener, check, listen, listener, preflight
 from moc_node.proxies import DeviceProxy, ManagerProxy, typed
@@ -175,6 +176,9 @@ def build_runtime(
         Ticker(resources.gpu_poll_interval, lambda: _poll_all(gpu_proxies), "gpu-poll").start(),
         Ticker(1.0, lambda: _tell(manager_proxy.expire_idle()), "keep-alive").start(),
     ]
+    trim = heap_trimmer()
+    if trim is not None:  # glibc: hand freed heap pages back to the OS (see moc_node/heap_trim)
+        tickers.append(Ticker(TRIM_INTERVAL_S, trim, "heap-trim").start())
     local = LocalNode(
         name=config.node.name,
         manager=manager,
