@@ -31,10 +31,18 @@ Good requests go all along (HTTP and ZMQ infer on `m`, /health, /models, /metric
 completion forwarded through another member over the fuzzed peer port) and must all succeed.
 `crashes` counts node process deaths and worker restarts (the worker pid of `m` changed);
 `rss_growth_pct` is the target node's own RSS from after the warm-up (200 frames per port) to
-the end of the fuzz; `rss_curve` and `rss_b_per_frame_second_half` tell a leak (still growing late
-in a port's phase) from a high-water mark. `--json` prints, last: frames, crashes,
-good_request_failures, rss_growth_pct, and per port outcomes, drops by reason, rates, examples of
-rare outcomes, slowloris, probes, and the failures each node logged (ERROR lines, tracebacks).
+the end of the fuzz (after the 40 s slowloris hold). It counts what bounded structures take as
+they fill under the fuzz's load as well as leaks: the peer replay window holds every request of
+the last 30 s (~120 bytes each: 7,700 requests, ~1.2 MB, in the peer phase), and the node hands
+freed C-heap pages back to the OS only every 30 s (moc_node/heap_trim.py), so a reading can
+fall before or after a trim. `rss_phases` tells them apart: per port, the growth over its whole
+phase and over the second half of its phase (RSS read when half its frames were sent), in % of
+the RSS after the warm-up. A leak grows in both halves; a structure that fills, or an allocator
+high-water mark, shows in the first. `rss_curve` and `rss_b_per_frame_second_half` (bytes per
+frame, from the 1 s samples) say the same over time. `--json` prints, last: frames, crashes,
+good_request_failures, rss_growth_pct, rss_phases, and per port outcomes, drops by reason,
+rates, examples of rare outcomes, slowloris, probes, and the failures each node logged (ERROR
+lines, tracebacks).
 
 Every frame comes from `random.Random(f"{seed}:{port}:{index}")` (builders in
 bench/fuzz_frames.py): `--show PORT:INDEX` prints a zmq or http frame without a node; gossip and
@@ -93,29 +101,30 @@ from fuzz_frames import (  # noqa: E402
 )
 from soak import rss_kb  # noqa: E402
 
-from tests.fuzz.test_live_cluster_frames import (  # noqa: E402
-    FUZZ,
-    KEYRING,
-    Cluster,
-    Member,
-    PeerCaller,
-    Pinger,
-    bad_datagram,
-    bad_peer_message,
-    bad_stream,
-    by_label,
-    capture,
-    forward,
-    healthy,
-    member,
-    scrape,
-    sealed,
-)
-from tests.fuzz.test_live_cluster_frames import exchange as stream_exchange  # noqa: E402
 from tests.fuzz.test_live_frames import (  # noqa: E402
     decode_reply,
     encode,
     legacy,
+)
+from tests.integration.gossip_frames import capture  # noqa: E402
+from tests.integration.live_cluster import (  # noqa: E402
+    FUZZ,
+    KEYRING,
+    Cluster,
+    Member,
+    by_label,
+    healthy,
+    member,
+    scrape,
+)
+from tests.integration.test_live_gossip_datagrams import Pinger, bad_datagram  # noqa: E402
+from tests.integration.test_live_gossip_streams import bad_stream  # noqa: E402
+from tests.integration.test_live_gossip_streams import exchange as stream_exchange  # noqa: E402
+from tests.integration.test_live_peer_frames import (  # noqa: E402
+    PeerCaller,
+    bad_peer_message,
+    forward,
+    sealed,
 )
 from tests.moc_node.cluster_procs import (  # noqa: E402
     NAMES,
@@ -196,11 +205,17 @@ class Run:
     rss: list[tuple[str, int, int]] = field(default_factory=list)
     rss_at: float = 0.0
     """(phase, frames the phase's port has sent, target node RSS in KiB), every RSS_EVERY_S."""
+    half: int = 0
+    """Frames into the current phase at which its midpoint RSS is read (0: none)."""
+    rss_mid: dict[str, int] = field(default_factory=dict)
+    """Port -> the target's RSS in KiB when its phase had sent `half` frames."""
 
     def record(self, port: str, index: int, data: bytes, outcome: str) -> None:
         with self.lock:
             rec = self.ports[port]
             rec.sent += 1
+            if port == self.phase and rec.sent == self.half:
+                self.rss_mid[port] = rss_kb(self.target.node.proc.pid)
             rec.outcomes[outcome] += 1
             rec.last.append((index, data))
             if outcome in ("timeout", "unanswered"):
@@ -767,6 +782,29 @@ def second_half_growth(samples: list[tuple[str, int, int]], ports: list[str]) ->
     return out
 
 
+def rss_phases(
+    at_end: dict[str, int], at_half: dict[str, int], ports: list[str]
+) -> dict[str, dict[str, float]]:
+    """Return, per port, the target's RSS growth over its whole phase and over the phase's
+    second half, both in % of the RSS after the warm-up (the base of `rss_growth_pct`).
+    A leak grows in both halves; a bounded structure filling up, or an allocator high-water
+    mark, shows in the whole phase but not, or far less, in its second half."""
+    base, before, out = at_end["after_warmup"], at_end["after_warmup"], {}
+    for port in ports:
+        if port not in at_end:
+            break
+        row = {"whole_pct": pct_of(base, before, at_end[port])}
+        if port in at_half:
+            row["second_half_pct"] = pct_of(base, at_half[port], at_end[port])
+        out[port] = row
+        before = at_end[port]
+    return out
+
+
+def pct_of(base: int, start: int, end: int) -> float:
+    return round((end - start) / base * 100.0, 2) if base else 0.0
+
+
 def pct(start: int, end: int) -> float:
     return round((end - start) / start * 100.0, 2) if start else 0.0
 
@@ -810,9 +848,10 @@ def fuzz(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for port in ports:
             if run.stop.is_set():
                 break
+            n = count or QUICK_FRAMES[port]
+            run.half = n // 2
             run.phase = port
             t0 = time.monotonic()
-            n = count or QUICK_FRAMES[port]
             fuzz_port(run, port, n, WARMUP_FRAMES, c, captured)
             run.ports[port].seconds = round(time.monotonic() - t0, 1)
             rss_by_phase[port] = rss_kb(target.node.proc.pid)
@@ -843,6 +882,7 @@ def fuzz(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "crashes": len(run.node_deaths) + len(restarts),
         "good_request_failures": len(run.good_failures),
         "rss_growth_pct": pct(rss_start, rss_end),
+        "rss_phases": rss_phases(rss_by_phase, run.rss_mid, ports),
         "node_deaths": run.node_deaths,
         "worker_restarts": len(restarts),
         "model_gone_observed": gone,
@@ -950,6 +990,7 @@ def print_report(f: dict[str, Any]) -> None:
           f"{f['worker_restarts']})  good requests {sum(f['good_requests'].values())}, "
           f"failed {f['good_request_failures']}  RSS {f['rss_kb']} KiB, "
           f"growth {f['rss_growth_pct']} %")  # fmt: skip
+    print(f"RSS growth per phase, % of the RSS after the warm-up: {f['rss_phases']}")
     for row in f["good_failure_examples"]:
         print(f"  good failure: {row}")
     print(f"slowloris {f['slowloris']}")
