@@ -19,7 +19,9 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 
-TRIM_INTERVAL_S = 30.0
+TRIM_INTERVAL_S = 10.0
+"""Often enough that a burst's freed buffers leave RSS within seconds (at 30 s the full fuzz run
+still read +6.5%, swinging ~2 MB between trims); at <= 1.2 ms a call that is 0.01% of a thread."""
 
 
 def heap_trimmer() -> Callable[[], None] | None:
