@@ -1,0 +1,473 @@
+"""Serving under concurrency: the node against llama.cpp's own server, in one run (issue 15).
+
+On the ~51M generated model ("medium50m", f32), one server at a time on 127.0.0.1, each
+stopped before the next starts:
+
+1. `moc-node run` (a real process, the model in its catalog), then `llama-server -np 8` (its own
+   defaults; context 8 x N_CTX so each slot has the node's context), then `llama_cpp.server`
+   (llama-cpp-python's own server, its defaults):
+   - aggregate tokens/s of 1, 4 and 8 concurrent 32-token streams (closed-loop clients, each
+     sends its next request when the last ends; tokens summed over clients / wall time), with
+     the time to the first content token of every request (TTFT p50 at 1 and 8 streams);
+   - node and llama-server only: 8 chats interleaved (every first turn, then every second
+     turn, one request at a time); each second turn repeats its first turn's prompt and answer
+     (~80% of the context) and adds a line: second-turn TTFT / first-turn TTFT says whether a
+     server reuses a conversation's cached prefix while others ran in between;
+   - node and llama-server only: 1-token `/v1/completions` req/s at 16 clients;
+2. `llama-batched-bench`, decode only, 1, 4 and 8 parallel sequences: the ceiling.
+
+llama.cpp's tools are built from the source the installed llama-cpp-python vendors
+(bench/llama_tools.py). The node is measured as its catalog configures it: the catalog keys
+`parallel` and `n_threads` are written only when `CatalogEntry` has them (`--node-parallel`,
+`--node-threads`), so the same script measures the node before and after continuous batching.
+
+    .venv/bin/python bench/batching.py --quick --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for _path in (str(ROOT), str(BENCH)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import llama_tools  # noqa: E402
+from http_load import (  # noqa: E402
+    MODEL,
+    PROMPT,
+    START_TIMEOUT,
+    completion_body,
+    free_port,
+    load,
+    peer_available,
+    stop,
+    wait_http,
+)
+
+SIZE = "medium50m"
+N_CTX = 512
+"""Context per sequence: the node's n_ctx, each llama-server slot's share."""
+SLOTS = 8
+STREAM_TOKENS = 32
+LEVELS = (1, 4, 8)
+CHATS = 8
+PREFIX_CHARS = 400
+"""First-turn prompt length; the vocabulary is bytes, so ~one token a character."""
+TURN_TOKENS = 8
+RPS_CLIENTS = 16
+
+GOALS = {
+    "ratio_1": (">=", 0.9),
+    "ratio_8": (">=", 0.85),
+    "ttft_ratio_8_vs_1": ("<=", 2.0),
+    "prefix_ttft_ratio": ("<=", 0.25),
+    "rps_ratio_vs_llama_server": (">=", 1.5),
+}
+
+
+# ---- one streamed request ----
+
+
+async def stream_once(
+    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int
+) -> tuple[float, int, str]:
+    """Send one streamed completion; return (TTFT s, tokens produced, text).
+
+    TTFT is request start to the first event carrying text. Tokens are the server's
+    `usage.completion_tokens` when it sends usage, else the events that carried text.
+    """
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "seed": 1,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    first: float | None = None
+    events = 0
+    usage: int | None = None
+    text: list[str] = []
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status} {(await resp.read())[:300]!r}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if isinstance(data.get("usage"), dict):
+                usage = int(data["usage"].get("completion_tokens") or 0) or usage
+            for choice in data.get("choices") or ():
+                piece = choice.get("text") or ""
+                if piece:
+                    first = first if first is not None else time.perf_counter()
+                    events += 1
+                    text.append(piece)
+    if first is None:
+        raise RuntimeError(f"{url}: a stream ended without a content token")
+    return first - t0, usage if usage is not None else events, "".join(text)
+
+
+# ---- phases ----
+
+
+def session_for(clients: int) -> aiohttp.ClientSession:
+    """A connection per request: llama-server (cpp-httplib) closes a kept-alive connection
+    after 5 requests, and a request racing that close fails; each server pays the same."""
+    connector = aiohttp.TCPConnector(limit=clients, force_close=True)
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), connector=connector)
+
+
+async def streams(url: str, clients: int, rounds: int) -> dict[str, float]:
+    """`clients` closed-loop clients, `rounds` 32-token streams each: tokens/s, TTFT p50."""
+    ttfts: list[float] = []
+    tokens = 0
+    async with session_for(clients) as session:
+        await stream_once(session, url, PROMPT, 4)  # warm-up: connections, first-use costs
+
+        async def client(i: int) -> None:
+            nonlocal tokens
+            prompt = f"Client {i}. {PROMPT}"  # its own prompt: no cache shared across clients
+            for _ in range(rounds):
+                ttft, produced, _text = await stream_once(session, url, prompt, STREAM_TOKENS)
+                ttfts.append(ttft)
+                tokens += produced
+
+        began = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        wall = time.perf_counter() - began
+    return {
+        "tok_s": tokens / wall,
+        "ttft_p50_ms": statistics.median(ttfts) * 1000,
+        "tokens": tokens,
+        "seconds": wall,
+    }
+
+
+def chat_prefix(chat: int) -> str:
+    """A first-turn prompt of PREFIX_CHARS, its own from the first characters on."""
+    rng = random.Random(chat)
+    words = ["river", "stone", "quiet", "lamp", "orbit", "maple", "signal", "copper", "wander"]
+    text = f"Chat {chat}. Notes:"
+    while len(text) < PREFIX_CHARS - 4:
+        text += " " + rng.choice(words)
+    return text[: PREFIX_CHARS - 4] + "\nQ:"
+
+
+async def chats(url: str) -> dict[str, float]:
+    """CHATS conversations interleaved, one request at a time: all first turns, then all second
+    turns (first prompt + its answer + a new line). Return both TTFT medians and their ratio."""
+    first_ttfts: list[float] = []
+    second_ttfts: list[float] = []
+    async with session_for(1) as session:
+        await stream_once(session, url, PROMPT, 2)  # warm-up, a prompt no chat shares
+        turns: list[str] = []
+        for chat in range(CHATS):
+            prompt = chat_prefix(chat)
+            ttft, _n, answer = await stream_once(session, url, prompt, TURN_TOKENS)
+            first_ttfts.append(ttft)
+            turns.append(prompt + answer + "\nAnd then?\nQ:")
+        for prompt in turns:
+            ttft, _n, _answer = await stream_once(session, url, prompt, TURN_TOKENS)
+            second_ttfts.append(ttft)
+    first, second = statistics.median(first_ttfts), statistics.median(second_ttfts)
+    return {
+        "first_ttft_ms": first * 1000,
+        "second_ttft_ms": second * 1000,
+        "ratio": second / first,
+        "second_prompt_chars": float(statistics.median(len(t) for t in turns)),
+    }
+
+
+async def rps(url: str, seconds: float) -> dict[str, float]:
+    """1-token completions from RPS_CLIENTS back-to-back clients (bench/http_load.py's load)."""
+    phase = await load("1-token", url + "/v1/completions", completion_body(1), RPS_CLIENTS,
+                       seconds, 1)
+    return {"rps": phase.rps, "p99_ms": phase.pct(0.99), "silent": float(phase.silent)}
+
+
+async def measure(url: str, rounds: int, seconds: float, full: bool) -> dict[str, Any]:
+    """Every phase against one server; `full` adds the chats and the 1-token load."""
+    out: dict[str, Any] = {"streams": {}}
+    for clients in LEVELS:
+        out["streams"][clients] = await streams(url, clients, rounds)
+        progress(f"{clients} streams: {out['streams'][clients]['tok_s']:.1f} tokens/s")
+    if full:
+        out["chats"] = await chats(url)
+        progress(f"chats: second/first TTFT {out['chats']['ratio']:.3f}")
+        out["rps"] = await rps(url, seconds)
+        progress(f"1-token: {out['rps']['rps']:.0f} req/s")
+    return out
+
+
+def progress(text: str) -> None:
+    """One line on stderr as each phase ends: a long run shows where it is."""
+    print(f"batching {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+# ---- servers ----
+
+
+def node_catalog_keys(parallel: int | None, threads: int | None) -> dict[str, int]:
+    """The catalog keys to write: `parallel` and `n_threads` where the node has them."""
+    from actors.serving.config import CatalogEntry
+
+    known = {f.name for f in dataclasses.fields(CatalogEntry)}
+    wanted = {"parallel": parallel, "n_threads": threads}
+    missing = [k for k, v in wanted.items() if v is not None and k not in known]
+    if missing:
+        raise SystemExit(f"this node's catalog has no key {', '.join(missing)} (CatalogEntry)")
+    if parallel is None and "parallel" in known:
+        wanted["parallel"] = SLOTS  # as llama-server -np 8
+    return {k: v for k, v in wanted.items() if v is not None}
+
+
+def start_node(workdir: Path, model: Path, keys: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
+    """`moc-node run` with `model` in its catalog as MODEL (context N_CTX, `keys` added)."""
+    rest = free_port()
+    extra = "".join(f"{k} = {v}\n" for k, v in keys.items())
+    config = workdir / "node.toml"
+    config.write_text(
+        f'[node]\nname = "bench-batching"\nstate_dir = "{workdir / "state"}"\n'
+        f'model_dirs = ["{model.parent}"]\n\n'
+        f'[server]\nhost = "127.0.0.1"\nrest_port = {rest}\nzmq_port = {free_port()}\n\n'
+        f'[resources]\ndevices = "cpu"\n\n'
+        f'[[models.catalog]]\nname = "{MODEL}"\npath = "{model}"\nn_ctx = {N_CTX}\n'
+        f"preload = true\npin = true\n{extra}",
+        encoding="utf-8",
+    )
+    return launch(
+        [sys.executable, "-m", "moc_node.cli", "run", "--config", str(config)],
+        workdir / "node.log", rest, "/ready",
+    )
+
+
+def start_llama_server(workdir: Path, model: Path, tool: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`llama-server -np 8`, context for 8 slots of N_CTX, every other setting its default."""
+    port = free_port()
+    argv = [str(tool), "-m", str(model), "-np", str(SLOTS), "-c", str(SLOTS * N_CTX),
+            "--host", "127.0.0.1", "--port", str(port)]
+    return launch(argv, workdir / "llama-server.log", port, "/health", llama_tools.env_for(tool))
+
+
+def start_llama_cpp_server(workdir: Path, model: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m llama_cpp.server` on the file, its defaults."""
+    port = free_port()
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+            "--model_alias", MODEL, "--host", "127.0.0.1", "--port", str(port)]
+    return launch(argv, workdir / "llama_cpp.server.log", port, "/v1/models")
+
+
+def launch(
+    argv: list[str], log: Path, port: int, ready: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a server logging to `log`; return it once `ready` answers 200."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(proc, url + ready, log, START_TIMEOUT)
+    return proc, url
+
+
+def llama_server_settings(tool: Path, log: Path) -> dict[str, Any]:
+    """What llama-server chose itself: cache_prompt (its --help; /props omits it), threads (its
+    log)."""
+    said = subprocess.run([str(tool), "--help"], capture_output=True, text=True,
+                          env=llama_tools.env_for(tool), timeout=60, check=False)
+    default = re.search(r"--cache-prompt\b.*\(default: (\w+)\)", said.stdout + said.stderr)
+    threads = re.search(r"n_threads = (\d+)", log.read_text(errors="replace"))
+    return {
+        "cache_prompt": default.group(1) if default else None,
+        "n_threads": int(threads.group(1)) if threads else None,
+    }
+
+
+def batched_bench(
+    tool: Path, model: Path, npl: tuple[int, ...], ntg: int, npp: int, n_ctx: int
+) -> dict[int, float]:
+    """`llama-batched-bench` with its defaults: decode-only tokens/s per parallel sequences."""
+    argv = [str(tool), "-m", str(model), "-c", str(n_ctx), "-npp", str(npp), "-ntg", str(ntg),
+            "-npl", ",".join(map(str, npl)), "--output-format", "jsonl"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=llama_tools.env_for(tool),
+                          timeout=600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-batched-bench failed ({done.returncode}): {done.stderr[-800:]}")
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {int(r["pl"]): float(r["speed_tg"]) for r in rows}
+
+
+# ---- main ----
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from actors.gguf_synth import write_preset
+
+    rounds = args.rounds or (2 if args.quick else 6)
+    seconds = 4.0 if args.quick else 15.0
+    version = llama_tools.installed_version()
+    tools = llama_tools.build(version)
+    keys = node_catalog_keys(args.node_parallel, args.node_threads)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="moc-batching-") as tmp:
+        workdir = Path(tmp)
+        model = write_preset(workdir / "models" / f"{args.size}.gguf", args.size, seed=1)
+
+        progress(f"model written; starting the node with catalog keys {keys}")
+        proc, url = start_node(workdir, model, keys)
+        try:
+            results["node"] = await measure(url, rounds, seconds, full=True)
+        finally:
+            stop(proc)
+
+        progress("starting llama-server")
+        proc, url = start_llama_server(workdir, model, tools["llama-server"])
+        try:
+            settings = llama_server_settings(tools["llama-server"], workdir / "llama-server.log")
+            results["llama-server"] = await measure(url, rounds, seconds, full=True)
+        finally:
+            stop(proc)
+
+        why_not = peer_available()
+        if why_not is None:
+            progress("starting llama_cpp.server")
+            proc, url = start_llama_cpp_server(workdir, model)
+            try:
+                results["llama_cpp.server"] = await measure(url, rounds, seconds, full=False)
+            finally:
+                stop(proc)
+
+        progress("llama-batched-bench")
+        npp = len(f"Client 0. {PROMPT}")
+        ceiling = batched_bench(tools["llama-batched-bench"], model, LEVELS, STREAM_TOKENS, npp,
+                                SLOTS * N_CTX)
+    return report(results, ceiling, settings, keys, why_not, rounds, seconds, version, args.size)
+
+
+def report(
+    results: dict[str, dict[str, Any]],
+    ceiling: dict[int, float],
+    settings: dict[str, Any],
+    keys: dict[str, int],
+    why_not: str | None,
+    rounds: int,
+    seconds: float,
+    version: str,
+    size: str,
+) -> dict[str, Any]:
+    """Print the table; return the JSON figures."""
+    built = llama_tools.describe(version)
+    node, server = results["node"], results["llama-server"]
+
+    def tok(name: str, n: int) -> float:
+        return float(results[name]["streams"][n]["tok_s"])
+
+    print(f"batching: model {size} (generated, f32), {os.cpu_count()} CPUs, {STREAM_TOKENS}-token "
+          f"streams, {rounds} per client per level; n_ctx {N_CTX} per sequence")
+    print(f"llama.cpp tools: llama-cpp-python {built.get('llama_cpp_python')}, "
+          f"{str(built.get('llama_server_version', '?')).replace(chr(10), '; ')}")
+    print(f"  build flags: {' '.join(built.get('cmake_flags', []))}; CPU {built.get('cpu')}")
+    print(f"  llama-server -np {SLOTS} -c {SLOTS * N_CTX}: chose n_threads "
+          f"{settings.get('n_threads')}, cache_prompt {settings.get('cache_prompt')}")
+    print(f"node catalog keys added: {keys or 'none (the node has no parallel/n_threads yet)'}")
+    print(f"\naggregate tokens/s{'':14}{'1':>9}{'4':>9}{'8':>9}{'8 vs 1':>9}"
+          f"{'TTFT1 ms':>10}{'TTFT8 ms':>10}")
+    for name, got in results.items():
+        s = got["streams"]
+        print(f"{name:<32}{s[1]['tok_s']:9.1f}{s[4]['tok_s']:9.1f}{s[8]['tok_s']:9.1f}"
+              f"{s[8]['tok_s'] / s[1]['tok_s']:8.2f}x{s[1]['ttft_p50_ms']:10.1f}"
+              f"{s[8]['ttft_p50_ms']:10.1f}")
+    print(f"{'llama-batched-bench decode only':<32}{ceiling.get(1, 0):9.1f}{ceiling.get(4, 0):9.1f}"
+          f"{ceiling.get(8, 0):9.1f}")
+    if why_not is not None:
+        print(f"llama_cpp.server: unavailable ({why_not})")
+    print(f"\n{CHATS} interleaved chats (second turn ~{node['chats']['second_prompt_chars']:.0f} "
+          f"tokens, first ~{PREFIX_CHARS}):")
+    for name in ("node", "llama-server"):
+        c = results[name]["chats"]
+        print(f"  {name:<14} first-turn TTFT {c['first_ttft_ms']:8.1f} ms, second-turn "
+              f"{c['second_ttft_ms']:8.1f} ms: {c['ratio']:.3f}x")
+    print(f"1-token req/s at {RPS_CLIENTS} clients ({seconds:g} s):")
+    for name in ("node", "llama-server"):
+        r = results[name]["rps"]
+        print(f"  {name:<14} {r['rps']:8.0f} req/s, p99 {r['p99_ms']:.1f} ms, "
+              f"{r['silent']:.0f} failed")
+
+    figures: dict[str, Any] = {
+        "ratio_1": tok("node", 1) / tok("llama-server", 1),
+        "ratio_8": tok("node", 8) / tok("llama-server", 8),
+        "scale_8_vs_1": tok("node", 8) / tok("node", 1),
+        "ttft_ratio_8_vs_1": node["streams"][8]["ttft_p50_ms"] / node["streams"][1]["ttft_p50_ms"],
+        "prefix_ttft_ratio": node["chats"]["ratio"],
+        "rps_ratio_vs_llama_server": node["rps"]["rps"] / server["rps"]["rps"],
+    }
+    print("\ngoals:")
+    for key, (sign, goal) in GOALS.items():
+        value = figures[key]
+        met = value >= goal if sign == ">=" else value <= goal
+        print(f"  {key:<28}{value:8.3f}   goal {sign} {goal:<5} {'met' if met else 'NOT met'}")
+    print(f"  {'scale_8_vs_1':<28}{figures['scale_8_vs_1']:8.3f}   (llama-server "
+          f"{tok('llama-server', 8) / tok('llama-server', 1):.2f}x)")
+
+    raw: dict[str, Any] = {
+        name: {
+            "tok_s": {n: round(v["tok_s"], 1) for n, v in got["streams"].items()},
+            "ttft_p50_ms": {n: round(v["ttft_p50_ms"], 1) for n, v in got["streams"].items()},
+            **({"chats": {k: round(v, 3) for k, v in got["chats"].items()}} if "chats" in got else {}),
+            **({"rps": {k: round(v, 2) for k, v in got["rps"].items()}} if "rps" in got else {}),
+        }
+        for name, got in results.items()
+    }
+    return {
+        **{k: round(v, 3) for k, v in figures.items()},
+        "servers": raw,
+        "batched_bench_tok_s": {n: round(v, 1) for n, v in ceiling.items()},
+        "llama_server_settings": settings,
+        "node_catalog_keys": keys,
+        "llama_cpp_server_unavailable": why_not,
+        "tools": built,
+        "rounds": rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="2 streams per client per level")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--rounds", type=int, help="streams per client per level")
+    parser.add_argument("--size", default=SIZE, help="generated preset (a smoke test: tiny)")
+    parser.add_argument("--node-parallel", type=int,
+                        help=f"catalog `parallel` (default {SLOTS} where the node has the key)")
+    parser.add_argument("--node-threads", type=int,
+                        help="catalog `n_threads` (default: unset, the node chooses)")
+    args = parser.parse_args(argv)
+    figures = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
