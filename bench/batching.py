@@ -140,19 +140,22 @@ def session_for(clients: int) -> aiohttp.ClientSession:
 
 
 async def streams(url: str, clients: int, rounds: int) -> dict[str, float]:
-    """`clients` closed-loop clients, `rounds` 32-token streams each: tokens/s, TTFT p50."""
+    """`clients` closed-loop clients, `rounds` 32-token streams each: tokens/s, TTFT p50, and
+    how many streams ended short (llama_cpp.server by default ends a stream when another
+    request arrives: its `interrupt_requests`)."""
     ttfts: list[float] = []
-    tokens = 0
+    tokens = short = 0
     async with session_for(clients) as session:
         await stream_once(session, url, PROMPT, 4)  # warm-up: connections, first-use costs
 
         async def client(i: int) -> None:
-            nonlocal tokens
+            nonlocal tokens, short
             prompt = f"Client {i}. {PROMPT}"  # its own prompt: no cache shared across clients
             for _ in range(rounds):
                 ttft, produced, _text = await stream_once(session, url, prompt, STREAM_TOKENS)
                 ttfts.append(ttft)
                 tokens += produced
+                short += produced < STREAM_TOKENS
 
         began = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
@@ -161,6 +164,7 @@ async def streams(url: str, clients: int, rounds: int) -> dict[str, float]:
         "tok_s": tokens / wall,
         "ttft_p50_ms": statistics.median(ttfts) * 1000,
         "tokens": tokens,
+        "short": short,
         "seconds": wall,
     }
 
@@ -386,17 +390,18 @@ def report(
           f"streams, {rounds} per client per level; n_ctx {N_CTX} per sequence")
     print(f"llama.cpp tools: llama-cpp-python {built.get('llama_cpp_python')}, "
           f"{str(built.get('llama_server_version', '?')).replace(chr(10), '; ')}")
-    print(f"  build flags: {' '.join(built.get('cmake_flags', []))}; CPU {built.get('cpu')}")
+    flags: Any = built.get("cmake_flags") or []
+    print(f"  build flags: {' '.join(map(str, flags))}; CPU {built.get('cpu')}")
     print(f"  llama-server -np {SLOTS} -c {SLOTS * N_CTX}: chose n_threads "
           f"{settings.get('n_threads')}, cache_prompt {settings.get('cache_prompt')}")
     print(f"node catalog keys added: {keys or 'none (the node has no parallel/n_threads yet)'}")
     print(f"\naggregate tokens/s{'':14}{'1':>9}{'4':>9}{'8':>9}{'8 vs 1':>9}"
-          f"{'TTFT1 ms':>10}{'TTFT8 ms':>10}")
+          f"{'TTFT1 ms':>10}{'TTFT8 ms':>10}{'short':>7}")
     for name, got in results.items():
         s = got["streams"]
         print(f"{name:<32}{s[1]['tok_s']:9.1f}{s[4]['tok_s']:9.1f}{s[8]['tok_s']:9.1f}"
               f"{s[8]['tok_s'] / s[1]['tok_s']:8.2f}x{s[1]['ttft_p50_ms']:10.1f}"
-              f"{s[8]['ttft_p50_ms']:10.1f}")
+              f"{s[8]['ttft_p50_ms']:10.1f}{sum(v['short'] for v in s.values()):7d}")
     print(f"{'llama-batched-bench decode only':<32}{ceiling.get(1, 0):9.1f}{ceiling.get(4, 0):9.1f}"
           f"{ceiling.get(8, 0):9.1f}")
     if why_not is not None:
@@ -433,6 +438,7 @@ def report(
         name: {
             "tok_s": {n: round(v["tok_s"], 1) for n, v in got["streams"].items()},
             "ttft_p50_ms": {n: round(v["ttft_p50_ms"], 1) for n, v in got["streams"].items()},
+            "short_streams": sum(v["short"] for v in got["streams"].values()),
             **({"chats": {k: round(v, 3) for k, v in got["chats"].items()}} if "chats" in got else {}),
             **({"rps": {k: round(v, 2) for k, v in got["rps"].items()}} if "rps" in got else {}),
         }
