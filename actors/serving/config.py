@@ -15,6 +15,9 @@ from actors.types import DEFAULT_N_CTX
 
 DeviceMode = Literal["auto", "cpu", "simulated"]
 
+MAX_PARALLEL = 64
+"""Most slots one model may have (llama.cpp's own limit on sequences per context is 256)."""
+
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -125,6 +128,8 @@ class CatalogEntry:
     cpu_repack: bool | None = None
     """Overrides `[models] cpu_repack` for this model: true lets llama.cpp repack this model's
     CPU-resident weights, false forbids it; unset follows the node's setting."""
+    parallel: int = 0
+    """Overrides `[models] parallel` for this model (1..64); 0 = the node's setting."""
 
     def __post_init__(self) -> None:
         problem = name_problem(self.name)  # the rule clients' names follow, so they can ask
@@ -134,6 +139,11 @@ class CatalogEntry:
         _require(16 <= self.n_ctx <= 1_048_576, "n_ctx", "must be in 16..1048576")
         _require(0 <= self.n_ctx_max <= 1_048_576, "n_ctx_max", "must be in 0..1048576")
         _require(self.gpu_layers >= -1, "gpu_layers", "must be >= -1")
+        _require(
+            self.parallel == 0 or 1 <= self.parallel <= MAX_PARALLEL,
+            "parallel",
+            f"must be 0 (the node's setting) or in 1..{MAX_PARALLEL}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +172,12 @@ class ModelsConfig:
     CPUs most H100/H200 servers carry (ggml-org/llama.cpp#20824): a crash on every request
     costs more than the speed. Turn on for CPUs without AMX, or per model with the catalog
     entry's `cpu_repack`."""
+    parallel: int = 1
+    """Requests a GGUF model serves at once, like llama-server's `-np` (1..64). Above 1 they are
+    batched in one llama.cpp context, one sequence (slot) each, and every slot has its own
+    `n_ctx` of KV cache: the memory estimate and claim grow with `n_ctx * parallel`. Further
+    requests wait for a free slot. 1 serves one request at a time. A model with a LoRA adapter is
+    served one at a time whatever this says. A catalog entry's `parallel` overrides it."""
 
     def __post_init__(self) -> None:
         try:
@@ -170,6 +186,7 @@ class ModelsConfig:
             raise ValueError(f"keep_alive: {exc}") from None
         _require(self.max_loaded >= 0, "max_loaded", "must be >= 0")
         _require(self.load_timeout > 0, "load_timeout", "must be > 0 seconds")
+        _require(1 <= self.parallel <= MAX_PARALLEL, "parallel", f"must be in 1..{MAX_PARALLEL}")
         names = [entry.name for entry in self.catalog]
         _require(len(names) == len(set(names)), "catalog", "model names must be unique")
         for name in self.preload:

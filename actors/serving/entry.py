@@ -19,6 +19,7 @@ from actors.serving.context import fit_gguf_n_ctx
 from actors.serving.estimate import CUDA_CONTEXT_MB, estimate_gguf_memory
 from actors.serving.paths import resolve_model_path
 from actors.types import DEFAULT_N_CTX, Backend, DeviceKind, LoadRequest
+from actors.worker.backends.gguf_engine import STEP_TOKENS
 from actors.worker.handle import WorkerSpec
 from actors.worker.protocol import LoadSpec
 
@@ -56,6 +57,7 @@ def entry_for(
             lora=base.lora if base is not None and request.path is None else "",
             cpu_repack=base.cpu_repack if base is not None else None,
             n_ctx_max=base.n_ctx_max if base is not None else 0,
+            parallel=base.parallel if base is not None else 0,  # the catalog's, never a client's
         )
     except ValueError as exc:
         field_name, _, message = str(exc).partition(": ")
@@ -89,16 +91,36 @@ def backend_for(path: Path) -> Backend:
     raise InvalidRequest("model_type", f"cannot tell the backend of {path.name}; give model_type")
 
 
-def need_mb(entry: CatalogEntry, *, on_gpu: bool) -> float:
-    """Estimate the MiB `entry` will claim once loaded, on a GPU or on the host."""
+def slots_of(entry: CatalogEntry, node_parallel: int | None = None) -> int:
+    """Return the requests `entry` serves at once: its `parallel`, else the node's, else 1.
+
+    Only a GGUF model without a LoRA adapter batches (the engine takes no adapter yet).
+    """
+    if entry.backend != "gguf" or entry.lora:
+        return 1
+    return entry.parallel or node_parallel or 1
+
+
+def need_mb(entry: CatalogEntry, *, on_gpu: bool, node_parallel: int | None = None) -> float:
+    """Estimate the MiB `entry` will claim once loaded, on a GPU or on the host.
+
+    A model with slots holds the KV cache of every slot (`slots_of`).
+    """
     if entry.backend == "torch":
         try:
             tensors = Path(entry.path).stat().st_size / MIB * TORCH_ALLOCATOR_FACTOR
         except OSError as exc:
             raise ModelFileInvalid(f"cannot read {entry.path}: {exc.strerror}") from None
         return tensors + (CUDA_CONTEXT_MB if on_gpu else TORCH_HOST_MB)
+    slots = slots_of(entry, node_parallel)
+    step = {"n_batch": STEP_TOKENS, "n_ubatch": STEP_TOKENS} if slots > 1 else {}
     estimate = estimate_gguf_memory(
-        entry.path, n_ctx=entry.n_ctx, gpu_layers=entry.gpu_layers, on_gpu=on_gpu
+        entry.path,
+        n_ctx=entry.n_ctx,
+        gpu_layers=entry.gpu_layers,
+        on_gpu=on_gpu,
+        parallel=slots,
+        **step,
     )
     return float(estimate.total_mb)
 
@@ -109,8 +131,12 @@ def worker_spec(
     device_kind: DeviceKind,
     device_index: int | None,
     cpu_repack: bool,
+    node_parallel: int | None = None,
 ) -> WorkerSpec:
-    """Return what the worker process for `entry` is started with on its device."""
+    """Return what the worker process for `entry` is started with on its device.
+
+    `node_parallel` is `[models] parallel`, for an entry that leaves it to the node.
+    """
     load = LoadSpec(
         backend=entry.backend,
         path=entry.path,
@@ -120,8 +146,9 @@ def worker_spec(
         device_index=device_index,
         lora_path=entry.lora or None,
         cpu_repack=cpu_repack,
+        parallel=slots_of(entry, node_parallel),
     )
     return WorkerSpec(name=entry.name, load=load)
 
 
-__all__ = ["backend_for", "entry_for", "fit_context", "need_mb", "worker_spec"]
+__all__ = ["backend_for", "entry_for", "fit_context", "need_mb", "slots_of", "worker_spec"]

@@ -24,7 +24,16 @@ context. Right after a CPU load less is resident (the compute buffer is reserved
 are touched only by long prompts); the worker reports its memory after every request so the
 supervisor can follow the real peak.
 
-The test `tests/actors/serving/test_estimate.py` loads three sizes through the worker and compares.
+A model served with `parallel` > 1 slots (the batching engine, actors/worker/backends/
+gguf_engine.py) holds a KV cache of `n_ctx` positions per slot, so the KV part is multiplied by
+`parallel`. Its context lets llama.cpp turn flash attention on (as llama-server does), so its
+compute buffer has no attention-score matrix: the activations and logits of one micro-batch
+(`n_ubatch`, the engine's step) and the attention mask of one slot's context; it makes its own
+small batch, and its fixed host cost, fitted the same way (ENGINE_FIXED_OVERHEAD_MB), is a
+little higher (flash attention's per-thread work buffers, the slots' sampler chains).
+
+The test `tests/actors/serving/test_estimate.py` loads three sizes through the worker and compares
+(and two with 4 slots).
 """
 
 from __future__ import annotations
@@ -45,6 +54,10 @@ MIB = 1024.0 * 1024.0
 # 0.3.36 (CPU build) with the synthetic tiny, small and medium models at n_ctx 512 and 1024: the
 # residue after the sized parts ranged 1.5-3.3 MiB. See tests/actors/serving/test_estimate.py.
 FIXED_OVERHEAD_MB = 3.0
+
+# The same residue for the batching engine: with 4 slots of 512 tokens, 4 prompts filling them,
+# the tiny, small and medium50m models left 4.7, 4.5 and 6.7 MiB after the sized parts.
+ENGINE_FIXED_OVERHEAD_MB = 4.6
 
 # Device memory every worker process holds on a GPU before its first tensor: the CUDA context,
 # the loaded kernels and the libraries' handles. Measured on an H200 (driver 580.159.04, CUDA
@@ -302,13 +315,17 @@ def estimate_gguf_memory(
     on_gpu: bool = False,
     n_batch: int = 512,
     n_ubatch: int = 512,
+    parallel: int = 1,
 ) -> MemoryEstimate:
-    """Estimate the memory `path` needs with a context of `n_ctx` tokens.
+    """Estimate the memory `path` needs with a context of `n_ctx` tokens per slot.
 
     On the CPU (`on_gpu` False) everything is counted on the host. On a GPU the estimate is
     of device memory: offloaded weights, the KV cache and compute buffer of offloaded layers.
-    `n_batch`/`n_ubatch` are llama-cpp-python's defaults (both capped at n_ctx).
+    `n_batch`/`n_ubatch` are llama-cpp-python's defaults (both capped at n_ctx); with
+    `parallel` > 1 (the batching engine) pass its step as both.
     """
+    if parallel > 1:
+        return _estimate_engine(path, n_ctx, gpu_layers, on_gpu, n_ubatch, parallel)
     header = read_gguf_header(path)
     hp = _hparams(header)
     n_batch = min(n_batch, n_ctx)
@@ -329,6 +346,39 @@ def estimate_gguf_memory(
         batch = n_batch * min(n_ctx * 4, 4096)
         output = hp.n_vocab * 4 + hp.n_embd * 4
         overhead = (batch + output) / MIB + FIXED_OVERHEAD_MB
+    return MemoryEstimate(
+        weights_mb=weights / MIB,
+        kv_mb=kv / MIB,
+        compute_mb=compute / MIB,
+        overhead_mb=overhead,
+    )
+
+
+def _estimate_engine(
+    path: str | Path, n_ctx: int, gpu_layers: int, on_gpu: bool, n_ubatch: int, parallel: int
+) -> MemoryEstimate:
+    """Estimate the batching engine: `parallel` KV caches, flash attention's compute buffer."""
+    header = read_gguf_header(path)
+    hp = _hparams(header)
+    n_ubatch = min(n_ubatch, n_ctx * parallel)
+    device_w, host_w = split_weights(header, hp.n_layer, gpu_layers)
+    if on_gpu:
+        kv_layers = hp.n_layer if gpu_layers < 0 else min(gpu_layers, hp.n_layer)
+        weights = device_w
+    else:
+        weights, kv_layers = device_w + host_w, hp.n_layer
+    kv = 2 * kv_layers * n_ctx * hp.n_embd_kv * 2 * parallel
+    f32 = 4
+    compute = 0
+    if kv_layers or not on_gpu:
+        acts = n_ubatch * (2 * hp.n_embd + 2 * hp.n_ff) * f32
+        logits = n_ubatch * hp.n_vocab * f32
+        mask = n_ubatch * n_ctx * f32  # a slot's stream: each sequence attends to its own cells
+        compute = acts + logits + mask
+    overhead = CUDA_CONTEXT_MB
+    if not on_gpu:
+        output = parallel * (hp.n_vocab * 4 + hp.n_embd * 4)
+        overhead = output / MIB + ENGINE_FIXED_OVERHEAD_MB
     return MemoryEstimate(
         weights_mb=weights / MIB,
         kv_mb=kv / MIB,

@@ -1,4 +1,4 @@
-"""The model worker process: one model, one request at a time, driven by its supervisor.
+"""The model worker process: one model, driven by its supervisor.
 
     python -m actors.worker.main --endpoint ipc:///run/moc/tiny-1f2e.sock \
         --data-socket /run/moc/tiny-1f2e-data.sock --parent-pid 1234
@@ -11,6 +11,10 @@ actors/worker/links.py): they queue here in arrival order, so the next one start
 the last one ends, and each answer goes back on the link its request came from. A watchdog
 thread ends the process as soon as its parent is gone, so a killed node leaves no orphan holding
 memory. Imports stay lean: the backend's library is imported only once the LoadSpec says which.
+
+A GGUF model loaded with `parallel` > 1 slots is a batching engine instead: every request is
+submitted the moment it arrives and the loop steps the engine once per turn (actors/worker/
+batching.py). Torch models, parallel 1 and LoRA adapters keep the one-at-a-time loop.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from actors.worker.backends import (
     check_generation,
     generation_of,
 )
+from actors.worker.backends.gguf_engine import GgufEngine
 from actors.worker.backends.loader import check_model_file, load_model, prepare_crash_reports
+from actors.worker.batching import EngineDriver
 from actors.worker.links import (
     EXIT_ORPHANED,
     SEND_TIMEOUT_S,
@@ -145,7 +151,8 @@ class Worker:
         self.sock = sock
         self.control = ControlSocket(sock)
         self.listener = listener
-        self.model: LoadedModel | None = None
+        self.model: LoadedModel | None = None  # one request at a time
+        self.driver: EngineDriver | None = None  # or a batching engine
         self.shutdown = False
         self.rss_before = 0.0
         self.gpu_mb: float | None = None  # measured once: GPU buffers are all allocated at load
@@ -223,13 +230,18 @@ class Worker:
         del self.links[fd]
         link.close()
         self.pending = deque(item for item in self.pending if item[0] is not link)
+        if self.driver is not None:
+            self.driver.drop(link)
         if self.current is not None and self.current[0] is link:
             self.current_cancelled = True
 
     def accept(self, link: DataLink, msg: Message) -> None:
         """Act on one message from a data link, while serving or idle."""
         if isinstance(msg, Infer):
-            self.pending.append((link, msg))
+            if self.driver is not None:
+                self.driver.submit(link, msg)
+            else:
+                self.pending.append((link, msg))
         elif isinstance(msg, Cancel):
             self.cancel(link, msg.request_id)
         else:
@@ -237,6 +249,9 @@ class Worker:
 
     def cancel(self, link: DataLink, rid: int) -> None:
         """Cancel the running request between tokens, or a queued one before it starts."""
+        if self.driver is not None:
+            self.driver.cancel(link, rid)
+            return
         if self.current == (link, rid):
             self.current_cancelled = True
             return
@@ -257,7 +272,11 @@ class Worker:
             record_crashes(spec.backend)
             self.rss_before = rss_mb()
             gpu_before = nvml_used_mb(device) if spec.on_gpu else None
-            self.model = load_model(spec)
+            loaded = load_model(spec)
+            if isinstance(loaded, GgufEngine):
+                self.driver = EngineDriver(loaded, self.memory_mb)
+            else:
+                self.model = loaded
         except BackendError as exc:
             self.control.send(LoadFailed(str(exc)))
             return False
@@ -272,9 +291,17 @@ class Worker:
                 gpu = None if after is None else max(0.0, after - gpu_before)
             self.gpu_mb = gpu  # None: NVML cannot say, so fall back to host RSS
         measured = self.memory_mb()
-        model = self.model
+        model = self.driver.engine if self.driver is not None else self.model
+        assert model is not None
         self.control.send(Loaded(os.getpid(), measured, seconds, model.version, model.n_ctx))
         return True
+
+    def close(self) -> None:
+        """Free the model (an engine first cancels, and answers, what it still holds)."""
+        if self.driver is not None:
+            self.driver.engine.close()
+        if self.model is not None:
+            self.model.close()
 
     def serve(self, link: DataLink, msg: Infer) -> None:
         """Run one request to completion, cancellation or failure, and answer it."""
@@ -324,12 +351,22 @@ class Worker:
 
     def loop(self) -> int:
         """Serve requests in arrival order until Shutdown; return the exit code."""
+        if self.driver is not None:
+            return self.loop_batched(self.driver)
         while not self.shutdown:
             if not self.pending:
                 self.take(_POLL_MS)
                 continue
             link, msg = self.pending.popleft()
             self.serve(link, msg)
+        return EXIT_OK
+
+    def loop_batched(self, driver: EngineDriver) -> int:
+        """Take what arrived (without waiting while the engine has work), then step once."""
+        while not self.shutdown:
+            self.take(0 if driver.has_work() else _POLL_MS)
+            if driver.has_work() and not self.shutdown:
+                driver.step()
         return EXIT_OK
 
 
@@ -367,8 +404,7 @@ def run_worker(endpoint: str, data_socket: str, parent_pid: int) -> int:
         print(f"moc worker: protocol error: {exc}", file=sys.stderr)
         return EXIT_PROTOCOL
     finally:
-        if worker.model is not None:
-            worker.model.close()
+        worker.close()
         sock.close()
         listener.close()
         ctx.term()

@@ -18,7 +18,7 @@ apart again. Both are pure: the sockets are the callers'.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from enum import IntEnum
 from typing import Any, Literal
 
@@ -72,7 +72,9 @@ class LoadSpec:
     layer; `device_kind` "nvml" puts the model on GPU `device_index`. `n_threads` 0 lets the
     backend choose (llama.cpp: half the cores); set it to pin decode threads. `cpu_repack` lets
     llama.cpp repack CPU-resident GGUF weights (see `[models] cpu_repack` in
-    actors/serving/config.py for why it is off by default).
+    actors/serving/config.py for why it is off by default). `parallel` > 1 serves that many
+    requests at once on a GGUF model, each slot with its own `n_ctx` of KV cache (the batching
+    engine); 1 serves them one at a time.
     """
 
     backend: Backend
@@ -85,6 +87,7 @@ class LoadSpec:
     lora_path: str | None = None
     n_threads: int = 0
     cpu_repack: bool = False
+    parallel: int = 1
 
     @property
     def on_gpu(self) -> bool:
@@ -195,6 +198,12 @@ _BY_TYPE: dict[int, type[Any]] = {
 }
 _BY_CLASS: dict[type[Any], int] = {cls: num for num, cls in _BY_TYPE.items()}
 _FIELD_COUNT: dict[int, int] = {num: len(fields(cls)) for num, cls in _BY_TYPE.items()}
+# Fields a frame may leave off at its end: those with defaults (LoadSpec's `parallel`, added
+# later), so a frame from a peer one field older still decodes.
+_REQUIRED_COUNT: dict[int, int] = {
+    num: sum(f.default is MISSING and f.default_factory is MISSING for f in fields(cls))
+    for num, cls in _BY_TYPE.items()
+}
 # Field names per class, looked up once: `fields()` on every message was a few percent of it.
 _FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in _BY_CLASS
@@ -288,8 +297,9 @@ def decode(frame: bytes) -> Message:
     cls = _BY_TYPE.get(num)
     if cls is None:
         raise ProtocolError(f"unknown message type {num}")
-    if len(values) != _FIELD_COUNT[num]:
-        raise ProtocolError(f"{cls.__name__} needs {_FIELD_COUNT[num]} fields, got {len(values)}")
+    most = _FIELD_COUNT[num]
+    if not _REQUIRED_COUNT[num] <= len(values) <= most:
+        raise ProtocolError(f"{cls.__name__} needs {most} fields, got {len(values)}")
     msg: Message = cls(*values)
     return msg
 

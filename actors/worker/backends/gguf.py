@@ -19,15 +19,17 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import functools
 import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.types import FinishReason, GenerationParams
+from actors.types import ChatMessage, FinishReason, GenerationParams
 from actors.worker.backends import BackendError, BadRequest, Generation, Outcome, file_version
 from actors.worker.backends.sampler_cache import SamplerCache
 from actors.worker.backends.stops import StopMatcher
@@ -198,6 +200,41 @@ def check_gguf_file(path: str) -> None:
         raise BackendError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
 
 
+@dataclass(frozen=True, slots=True)
+class ChatPrompt:
+    """Messages rendered with a chat template: the text to tokenize and the template's stops."""
+
+    text: str
+    add_bos: bool  # False when the template already wrote the BOS text
+    stops: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=8)
+def _chat_formatter(template: str, bos_text: str, eos_text: str) -> Any:
+    """Compile a chat template once per model (a worker serves one, the tests a few)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    return Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
+
+
+def render_chat(
+    template: str, *, bos_text: str, eos_text: str, messages: Sequence[ChatMessage]
+) -> ChatPrompt:
+    """Render `messages` with `template` as create_chat_completion does (both GGUF backends).
+
+    Raise BadRequest on "messages" when the template fails (a jinja2 error or its own
+    raise_exception, e.g. roles that do not alternate).
+    """
+    formatter = _chat_formatter(template, bos_text, eos_text)
+    given: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        rendered = formatter(messages=given)
+    except Exception as exc:  # jinja2 errors and the template's raise_exception
+        raise BadRequest("messages", f"chat template failed: {exc}") from exc
+    extra = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
+    return ChatPrompt(rendered.prompt, not rendered.added_special, tuple(s for s in extra if s))
+
+
 class GgufModel:
     """A GGUF model loaded with llama-cpp-python."""
 
@@ -208,7 +245,6 @@ class GgufModel:
         self._llama_cpp = llama_cpp
         self._version = version
         self._seed = seed
-        self._chat: Any | None = None
         # Per-request work that gives the same answer every time, done once (`reuse` False
         # turns it off, for tests that compare both ways): sampler chains, the tokens of
         # recent prompts, the bytes of each token.
@@ -287,26 +323,16 @@ class GgufModel:
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise BadRequest("messages", "this model has no chat template; send a prompt instead")
-        if self._chat is None:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-            model = self._llm._model
-            eos, bos = self._llm.token_eos(), self._llm.token_bos()
-            self._chat = Jinja2ChatFormatter(
-                template=template,
-                eos_token=model.token_get_text(eos) if eos != -1 else "",
-                bos_token=model.token_get_text(bos) if bos != -1 else "",
-            )
-        messages: list[Any] = [{"role": m.role, "content": m.content} for m in gen.messages or ()]
-        try:
-            rendered = self._chat(messages=messages)
-        except Exception as exc:  # jinja2 errors and the template's raise_exception
-            raise BadRequest("messages", f"chat template failed: {exc}") from exc
-        tokens = self._llm.tokenize(
-            rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+        model = self._llm._model
+        eos, bos = self._llm.token_eos(), self._llm.token_bos()
+        chat = render_chat(
+            template,
+            bos_text=model.token_get_text(bos) if bos != -1 else "",
+            eos_text=model.token_get_text(eos) if eos != -1 else "",
+            messages=gen.messages or (),
         )
-        extra = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
-        return tokens, tuple(s for s in extra if s)
+        tokens = self._llm.tokenize(chat.text.encode("utf-8"), add_bos=chat.add_bos, special=True)
+        return tokens, chat.stops
 
     def _completion_prompt(self, prompt: str) -> list[int]:
         """Tokenize a prompt as create_completion does (BOS when the model wants it).

@@ -6,14 +6,28 @@ import those types, and this module, which imports the backends, draw no circle.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from actors.worker.backends import BackendError, LoadedModel
 from actors.worker.protocol import LoadSpec
+
+if TYPE_CHECKING:
+    from actors.worker.backends.gguf_engine import GgufEngine
 
 _UNKNOWN = "unknown backend {!r} (expected 'gguf' or 'torch')"
 
 
-def load_model(spec: LoadSpec) -> LoadedModel:
-    """Load `spec` with its backend; raise BackendError with a useful message on failure."""
+def load_model(spec: LoadSpec) -> LoadedModel | GgufEngine:
+    """Load `spec` with its backend; raise BackendError with a useful message on failure.
+
+    A GGUF model with `parallel` > 1 slots and no LoRA adapter is the batching engine, which
+    serves many requests at once. Parallel 1 and LoRA keep the one-at-a-time GgufModel in this
+    slice: the engine takes no adapter yet, and one slot gains nothing from batching.
+    """
+    if spec.backend == "gguf" and spec.parallel > 1 and not spec.lora_path:
+        from actors.worker.backends.gguf_engine import GgufEngine
+
+        return GgufEngine.load(spec, parallel=spec.parallel)
     if spec.backend == "gguf":
         from actors.worker.backends.gguf import GgufModel
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 
 from actors.errors import ModelFileInvalid
 from actors.gguf_synth import N_VOCAB, SIZES, write_preset
+from actors.serving.config import CatalogEntry
+from actors.serving.entry import need_mb
 from actors.serving.estimate import (
     CUDA_CONTEXT_MB,
     GgufFormatError,
@@ -18,7 +21,7 @@ from actors.serving.estimate import (
     read_gguf_header,
     split_weights,
 )
-from actors.types import GenerationParams, InferRequest
+from actors.types import GenerationParams, InferRequest, InferResult
 from tests.actors.worker.workers import run_request, worker_for
 from transports.errors import classify
 
@@ -150,6 +153,42 @@ def test_the_estimate_is_within_ten_percent_of_the_measured_working_size(
     assert error <= 0.10, (
         f"{size}: estimate {estimate} vs measured {measured:.2f} MiB ({error:.1%})"
     )
+
+
+@pytest.mark.parametrize("size", ["small", "medium50m"])
+def test_with_four_slots_the_estimate_counts_every_slots_kv_and_is_within_ten_percent(
+    size: str, request: pytest.FixtureRequest, runtime_dir: Path
+) -> None:
+    """Four prompts fill the four slots of a batching worker at once; compare its peak RSS."""
+    path: Path = request.getfixturevalue({"small": "small_gguf"}.get(size, "medium_gguf"))
+    entry = CatalogEntry(name=size, path=str(path), n_ctx=N_CTX, parallel=4)
+    need = need_mb(entry, on_gpu=False)
+    kv_one = estimate_gguf_memory(path, n_ctx=N_CTX).kv_mb
+    assert estimate_gguf_memory(path, n_ctx=N_CTX, parallel=4).kv_mb == 4 * kv_one
+    worker = worker_for(path, runtime_dir, size, n_ctx=N_CTX, parallel=4)
+    worker.start(timeout=120)
+    prompts = [chr(ord("a") + i) + "b" * (N_CTX - 20) for i in range(4)]  # distinct: no reuse
+
+    async def fill() -> list[InferResult]:
+        async def one(prompt: str) -> InferResult:
+            channel = worker.open_channel()
+            try:
+                req = InferRequest(model=size, prompt=prompt, params=GenerationParams(4, 0.0))
+                return await channel.infer(req)
+            finally:
+                channel.close()
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        results = asyncio.run(fill())
+    finally:
+        worker.stop()
+    assert all(r.prompt_tokens > N_CTX - 24 for r in results)
+    measured = worker.peak_memory_mb
+    assert measured is not None
+    error = abs(need - measured) / measured
+    assert error <= 0.10, f"{size}: estimate {need:.2f} vs measured {measured:.2f} MiB ({error:.1%})"
 
 
 # ---- headers a client may craft: each fails as a GgufFormatError (a 400), never another error --

@@ -25,6 +25,7 @@ from actors.worker.protocol import (
     ProtocolError,
     Shutdown,
     Token,
+    astuple_shallow,
     decode,
     encode,
     frame_bytes,
@@ -36,6 +37,7 @@ _TENSOR = TensorData("float32", (2, 2), struct.pack("<4f", 1.0, 2.0, 3.0, 4.0))
 MESSAGES: list[Message] = [
     Hello(PROTOCOL_VERSION, 4242),
     LoadSpec("gguf", "/models/tiny.gguf", 2048, -1, "cpu", None, 7, None, 2),
+    LoadSpec("gguf", "/models/tiny.gguf", 512, 0, "cpu", None, 0, None, 0, False, 8),
     LoadSpec("torch", "/m/x.pt2", 0, 0, "nvml", 1, 0, "/m/lora.gguf"),
     Loaded(4242, 123.5, 0.25, "tiny@abc", 2048),
     LoadFailed("llama.cpp could not load /x: bad magic"),
@@ -143,3 +145,9 @@ def test_a_stream_frame_longer_than_the_limit_is_garbage() -> None:
 def test_a_stream_frame_that_is_not_a_message_is_refused() -> None:
     with pytest.raises(ProtocolError):
         FrameReader().feed(struct.pack("<I", 3) + b"abc")
+
+
+def test_a_load_spec_from_a_peer_without_the_parallel_field_decodes_with_one_slot() -> None:
+    old = msgpack.packb([MsgType.LOAD, *astuple_shallow(LoadSpec("gguf", "/m/t.gguf"))][:-1])
+    spec = decode(old)
+    assert isinstance(spec, LoadSpec) and spec.parallel == 1 and spec.path == "/m/t.gguf"

@@ -1,0 +1,142 @@
+"""Drive the continuous-batching GGUF engine from the worker's loop (`LoadSpec.parallel` > 1).
+
+The one-at-a-time worker runs each request to its end before reading the next; with an engine
+the loop instead submits every request the moment it arrives and calls `step()` once per turn,
+so all of them decode together (actors/worker/backends/gguf_engine.py). This module turns the
+wire's messages into engine calls and the engine's callbacks into answers:
+
+- Infer: submitted at once; its text streams as Token frames when it asked to stream, and its
+  end comes back as Done (with the worker's memory now) or Failed (a failed decode: internal;
+  a prompt that does not fit or a bad parameter: invalid_request naming the field).
+- Cancel: cancels that one request, queued or running; the others go on untouched.
+- A data link that closes: every request that came on it is cancelled (its answers are dropped).
+
+Chat messages are rendered with the model's template as the one-at-a-time backend renders them
+(`render_chat` in actors/worker/backends/gguf.py), with the template's stops.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from actors.worker.backends import BadRequest, Generation, check_generation, generation_of
+from actors.worker.backends.gguf import render_chat
+from actors.worker.backends.gguf_engine import Finish, GgufEngine, Request
+from actors.worker.links import DataLink
+from actors.worker.protocol import Done, Failed, Infer, Token
+
+_Key = tuple[DataLink, int]  # a request is named by its link and its id on that link
+
+
+class EngineDriver:
+    """The requests in flight on one engine, by link and id, and how each is answered."""
+
+    def __init__(self, engine: GgufEngine, memory_mb: Callable[[], float]) -> None:
+        self.engine = engine
+        self.memory_mb = memory_mb
+        self.requests: dict[_Key, Request] = {}
+        self._special: tuple[str, str] | None = None  # BOS and EOS texts, read once
+
+    def has_work(self) -> bool:
+        """Return True while a request is queued or running in the engine."""
+        return self.engine.has_work()
+
+    def submit(self, link: DataLink, msg: Infer) -> None:
+        """Hand one request to the engine, or answer it Failed at once when it is invalid."""
+        rid = msg.request_id
+        key = (link, rid)
+        ended = False
+
+        def done(finish: Finish) -> None:
+            nonlocal ended
+            ended = True
+            self.requests.pop(key, None)
+            link.send(self._answer(rid, finish))
+
+        emit: Callable[[str], None] = (
+            (lambda text: link.send(Token(rid, text))) if msg.stream else _ignore
+        )
+        gen = generation_of(msg)
+        try:
+            check_generation(gen)
+            prompt, stops, field = self._prompt(gen)
+            request = self.engine.submit(
+                prompt, gen.params, emit=emit, done=done, extra_stops=stops, field=field
+            )
+        except BadRequest as exc:
+            link.send(Failed(rid, "invalid_request", exc.field, exc.message))
+            return
+        except Exception as exc:  # a bug or a library error: this request fails, not the worker
+            link.send(Failed(rid, "internal", "", f"{type(exc).__name__}: {exc}"))
+            return
+        if not ended:  # nothing to generate ends it inside submit
+            self.requests[key] = request
+
+    def cancel(self, link: DataLink, rid: int) -> None:
+        """Cancel one request; its Done ("cancelled") goes out from the engine's callback."""
+        request = self.requests.get((link, rid))
+        if request is not None:
+            self.engine.cancel(request)
+        # Otherwise it already finished: its answer is on the way.
+
+    def drop(self, link: DataLink) -> None:
+        """Cancel every request that came on `link` (closed: their answers are dropped)."""
+        for key in [key for key in self.requests if key[0] is link]:
+            request = self.requests.get(key)
+            if request is not None:  # a callback may have ended it meanwhile
+                self.engine.cancel(request)
+
+    def step(self) -> None:
+        """Decode one batch; a callback's error is logged, the other requests go on."""
+        try:
+            self.engine.step()
+        except Exception as exc:
+            print(f"moc worker: a request's answer failed: {exc!r}", file=sys.stderr)
+
+    def _answer(self, rid: int, finish: Finish) -> Done | Failed:
+        if finish.error:
+            return Failed(rid, "internal", "", finish.error)
+        out = finish.outcome()
+        return Done(
+            rid,
+            out.text,
+            out.tokens_generated,
+            out.prompt_tokens,
+            out.finish_reason,
+            None,
+            self.memory_mb(),
+        )
+
+    def _prompt(self, gen: Generation) -> tuple[str | list[int], tuple[str, ...], str]:
+        """Return what to submit: the prompt text or the chat's tokens, extra stops, field."""
+        if gen.tensors is not None:
+            raise BadRequest("tensors", "a GGUF model takes text, not tensors")
+        if gen.messages is None:
+            return gen.prompt or "", (), "prompt"
+        template = self.engine.metadata("tokenizer.chat_template")
+        if not template:
+            raise BadRequest("messages", "this model has no chat template; send a prompt instead")
+        bos_text, eos_text = self._special_texts()
+        chat = render_chat(template, bos_text=bos_text, eos_text=eos_text, messages=gen.messages)
+        tokens = self.engine.tokenize(chat.text, add_bos=chat.add_bos, special=True)
+        return tokens, chat.stops, "messages"
+
+    def _special_texts(self) -> tuple[str, str]:
+        """Return the model's BOS and EOS token texts (what a template's bos_token names)."""
+        if self._special is None:
+            # The engine has no public accessor for these yet: its library handle and vocab.
+            lib, vocab = self.engine._lib, self.engine._vocab
+
+            def text(token: int) -> str:
+                if token == -1:
+                    return ""
+                raw: bytes = lib.llama_vocab_get_text(vocab, token)
+                return raw.decode("utf-8", errors="replace")
+
+            self._special = (text(lib.llama_vocab_bos(vocab)), text(lib.llama_vocab_eos(vocab)))
+        return self._special
+
+
+def _ignore(_: str) -> None:
+    """Drop a piece of text: the request did not ask to stream."""

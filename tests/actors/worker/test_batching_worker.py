@@ -1,0 +1,187 @@
+"""A worker loaded with `parallel` slots serves its requests together (actors/worker/batching.py).
+
+Real worker processes, real llama.cpp, generated models; each request on its own channel, as
+the serving lane sends them, all from one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.errors import InvalidRequest, WorkerCrashed
+from actors.types import ChatMessage, InferRequest, InferResult
+from actors.worker.client import WorkerProcess
+from tests.actors.worker.workers import greedy, run_request, worker_for
+
+N_CTX = 256
+PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "Hello, world"]
+
+Arrival = tuple[int, float]  # (request index, when a piece arrived)
+
+
+@pytest.fixture(scope="module")
+def engine_worker(
+    small_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One worker with 4 slots on the small model, shared by the tests that leave it running."""
+    runtime = tmp_path_factory.mktemp("rt", numbered=True)
+    w = worker_for(small_gguf, Path(runtime), "slots", n_ctx=N_CTX, n_threads=1, parallel=4)
+    w.start(timeout=120)
+    yield w
+    w.stop()
+
+
+def request(prompt: str, max_tokens: int = 24) -> InferRequest:
+    return InferRequest(model="slots", prompt=prompt, params=greedy(max_tokens))
+
+
+async def _one(
+    worker: WorkerProcess,
+    index: int,
+    req: InferRequest,
+    arrivals: list[Arrival],
+    on_piece: Callable[[int, int], None],
+) -> InferResult:
+    """Stream one request on its own channel; `on_piece(index, count)` may raise to leave."""
+    channel = worker.open_channel()
+    count = 0
+    try:
+        async with contextlib.aclosing(channel.stream(req)) as items:
+            async for item in items:
+                if isinstance(item, InferResult):
+                    return item
+                arrivals.append((index, time.monotonic()))
+                count += 1
+                on_piece(index, count)
+        raise AssertionError("the stream ended without a result")
+    finally:
+        channel.close()
+
+
+def run_together(
+    worker: WorkerProcess,
+    reqs: list[InferRequest],
+    on_piece: Callable[[int, int], None] = lambda _i, _n: None,
+) -> tuple[list[InferResult | BaseException], list[Arrival]]:
+    """Run `reqs` at once, streaming; return each one's result (or error) and piece arrivals."""
+    arrivals: list[Arrival] = []
+
+    async def main() -> list[InferResult | BaseException]:
+        runs = [_one(worker, i, r, arrivals, on_piece) for i, r in enumerate(reqs)]
+        return await asyncio.gather(*runs, return_exceptions=True)
+
+    return asyncio.run(main()), arrivals
+
+
+def texts(results: list[InferResult | BaseException]) -> list[str]:
+    out = []
+    for result in results:
+        assert isinstance(result, InferResult), result
+        out.append(result.text)
+    return out
+
+
+def test_four_concurrent_greedy_requests_interleave_and_equal_each_request_run_alone(
+    engine_worker: WorkerProcess,
+) -> None:
+    alone = [run_request(engine_worker, request(p)).text for p in PROMPTS]
+    results, arrivals = run_together(engine_worker, [request(p) for p in PROMPTS])
+    assert texts(results) == alone
+    assert all(isinstance(r, InferResult) and r.tokens_generated == 24 for r in results)
+    # Decoded together: every request had its first piece before any had its last.
+    first = {i: min(t for j, t in arrivals if j == i) for i in range(len(PROMPTS))}
+    last = {i: max(t for j, t in arrivals if j == i) for i in range(len(PROMPTS))}
+    assert max(first.values()) < min(last.values())
+
+
+def test_streamed_pieces_concatenate_to_each_requests_text(engine_worker: WorkerProcess) -> None:
+    pieces: dict[int, list[str]] = {}
+    results, _ = run_together(engine_worker, [request(p, 16) for p in PROMPTS[:3]])
+    for i, p in enumerate(PROMPTS[:3]):
+        streamed: list[str] = []
+        result = run_request(engine_worker, request(p, 16), on_token=streamed.append)
+        pieces[i] = streamed
+        assert "".join(streamed) == result.text == texts(results)[i]
+
+
+class Leave(Exception):
+    """Raised from a token callback: the client leaves its stream, which cancels the request."""
+
+
+def test_cancelling_one_stream_mid_way_leaves_the_others_unchanged(
+    engine_worker: WorkerProcess,
+) -> None:
+    alone = [run_request(engine_worker, request(p, 48)).text for p in PROMPTS[:3]]
+
+    def leave_second(index: int, count: int) -> None:
+        if index == 1 and count == 3:
+            raise Leave
+
+    results, _ = run_together(engine_worker, [request(p, 48) for p in PROMPTS[:3]], leave_second)
+    assert isinstance(results[1], Leave)
+    assert [results[0], results[2]] == [
+        r for r in results if isinstance(r, InferResult)
+    ]  # only the one that left is missing
+    assert [r.text for r in results if isinstance(r, InferResult)] == [alone[0], alone[2]]
+    # Its slot is free again: four more requests all complete.
+    again, _ = run_together(engine_worker, [request(p, 4) for p in PROMPTS])
+    assert all(isinstance(r, InferResult) and r.tokens_generated == 4 for r in again)
+
+
+def test_chat_messages_render_with_the_template_as_the_one_at_a_time_worker_does(
+    engine_worker: WorkerProcess, small_gguf: Path, runtime_dir: Path
+) -> None:
+    messages = (ChatMessage("system", "Be brief."), ChatMessage("user", "Hello there"))
+    chat = InferRequest(model="slots", messages=messages, params=greedy(16))
+    single = worker_for(small_gguf, runtime_dir, "single", n_ctx=N_CTX, n_threads=1)
+    single.start(timeout=120)
+    try:
+        expected = run_request(single, chat)
+    finally:
+        single.stop()
+    results, _ = run_together(engine_worker, [chat, chat])
+    for result in results:
+        assert isinstance(result, InferResult)
+        assert result.prompt_tokens == expected.prompt_tokens
+        assert result.text == expected.text
+
+
+def test_a_prompt_longer_than_a_slot_is_an_invalid_request_and_the_worker_serves_on(
+    engine_worker: WorkerProcess,
+) -> None:
+    with pytest.raises(InvalidRequest, match="context holds") as err:
+        run_request(engine_worker, request("x" * (N_CTX + 10)))
+    assert err.value.field == "prompt"
+    assert run_request(engine_worker, request(PROMPTS[0], 2)).tokens_generated == 2
+
+
+def test_killing_the_worker_fails_exactly_the_requests_in_flight(
+    small_gguf: Path, runtime_dir: Path
+) -> None:
+    w = worker_for(small_gguf, runtime_dir, "victim", n_ctx=N_CTX, n_threads=1, parallel=4)
+    w.start(timeout=120)
+    pid = w.pid
+    assert pid is not None
+    done_before = run_request(w, request(PROMPTS[0], 2))  # answered before: stays answered
+
+    def kill_once_all_stream(_index: int, _count: int) -> None:
+        if pid is not None and _count == 2:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    try:
+        results, _ = run_together(w, [request(p, 200) for p in PROMPTS], kill_once_all_stream)
+    finally:
+        w.stop()
+    assert done_before.tokens_generated == 2
+    assert len(results) == 4
+    for result in results:
+        assert isinstance(result, WorkerCrashed), result
