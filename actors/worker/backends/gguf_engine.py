@@ -300,6 +300,19 @@ class GgufEngine:
         """Return a GGUF metadata value as text (the chat template, say), or None."""
         return _meta(self._lib, self._model, key)
 
+    def special_texts(self) -> tuple[str, str]:
+        """Return the texts of the BOS and EOS tokens ("" where the model has none): what a chat
+        template's bos_token and eos_token name."""
+        lib, vocab = self._lib, self._vocab
+
+        def text(token: int) -> str:
+            if token == -1:
+                return ""
+            raw: bytes = lib.llama_vocab_get_text(vocab, token)
+            return raw.decode("utf-8", errors="replace")
+
+        return text(lib.llama_vocab_bos(vocab)), text(lib.llama_vocab_eos(vocab))
+
     def slot_tokens(self, index: int) -> tuple[int, ...]:
         """Return the tokens whose KV slot `index` holds (for tests and metrics)."""
         return tuple(self._slots[index].cached)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.gguf_synth import write_preset
+from actors.gguf_synth import CHATML_TEMPLATE, write_preset
 from actors.types import GenerationParams
 from actors.worker.backends import BadRequest, Generation
 from actors.worker.backends.gguf import GgufModel
@@ -476,3 +476,12 @@ def test_a_done_callback_that_raises_surfaces_from_step_and_the_others_go_on(
         drain(engine)
     drain(engine)
     assert finished(other).text == one_at_a_time(PROMPTS[1])
+
+
+def test_the_engine_names_the_models_special_tokens_and_chat_template(
+    engine_for: MakeEngine,
+) -> None:
+    engine = engine_for(parallel=1)
+    assert engine.special_texts() == ("<s>", "</s>")  # actors/gguf_synth.py's vocabulary
+    assert engine.metadata("tokenizer.chat_template") == CHATML_TEMPLATE
+    assert engine.metadata("no.such.key") is None
