@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,9 @@ import pytest
 
 from actors.errors import InvalidRequest, WorkerCrashed
 from actors.types import ChatMessage, InferRequest, InferResult
+from actors.worker.channel import infer_message
 from actors.worker.client import WorkerProcess
+from actors.worker.protocol import FrameReader, Token, frame_bytes
 from tests.actors.worker.workers import greedy, run_request, worker_for
 
 N_CTX = 256
@@ -103,12 +106,10 @@ def test_four_concurrent_greedy_requests_interleave_and_equal_each_request_run_a
 
 
 def test_streamed_pieces_concatenate_to_each_requests_text(engine_worker: WorkerProcess) -> None:
-    pieces: dict[int, list[str]] = {}
     results, _ = run_together(engine_worker, [request(p, 16) for p in PROMPTS[:3]])
     for i, p in enumerate(PROMPTS[:3]):
         streamed: list[str] = []
         result = run_request(engine_worker, request(p, 16), on_token=streamed.append)
-        pieces[i] = streamed
         assert "".join(streamed) == result.text == texts(results)[i]
 
 
@@ -127,10 +128,9 @@ def test_cancelling_one_stream_mid_way_leaves_the_others_unchanged(
 
     results, _ = run_together(engine_worker, [request(p, 48) for p in PROMPTS[:3]], leave_second)
     assert isinstance(results[1], Leave)
-    assert [results[0], results[2]] == [
-        r for r in results if isinstance(r, InferResult)
-    ]  # only the one that left is missing
-    assert [r.text for r in results if isinstance(r, InferResult)] == [alone[0], alone[2]]
+    kept = [r for r in results if isinstance(r, InferResult)]
+    assert kept == [results[0], results[2]]  # only the one that left is missing
+    assert [r.text for r in kept] == [alone[0], alone[2]]
     # Its slot is free again: four more requests all complete.
     again, _ = run_together(engine_worker, [request(p, 4) for p in PROMPTS])
     assert all(isinstance(r, InferResult) and r.tokens_generated == 4 for r in again)
@@ -185,3 +185,36 @@ def test_killing_the_worker_fails_exactly_the_requests_in_flight(
     assert len(results) == 4
     for result in results:
         assert isinstance(result, WorkerCrashed), result
+
+
+def test_a_data_link_that_closes_cancels_its_requests_and_frees_their_slots(
+    tiny_gguf: Path, runtime_dir: Path
+) -> None:
+    """Two long requests fill both slots from a raw link that then closes, sending no Cancel.
+
+    A short request after that is served at once: measured against one long request run
+    alone (the time the short one would wait if the closed link's requests still ran).
+    """
+    long_tokens = 1900
+    w = worker_for(tiny_gguf, runtime_dir, "drop", n_ctx=2048, n_threads=1, parallel=2)
+    w.start(timeout=120)
+    try:
+        started = time.monotonic()
+        run_request(w, InferRequest(model="drop", prompt="a", params=greedy(long_tokens)))
+        long_alone = time.monotonic() - started
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.connect(w.data_socket)
+            for rid in (1, 2):
+                long_req = InferRequest(model="drop", prompt="ab", params=greedy(long_tokens))
+                raw.sendall(frame_bytes(infer_message(rid, long_req, stream=True)))
+            reader = FrameReader()
+            streaming: set[int] = set()
+            while streaming != {1, 2}:  # both hold a slot and decode
+                streaming |= {m.request_id for m in reader.feed(raw.recv(65536)) if isinstance(m, Token)}
+        started = time.monotonic()
+        short = run_request(w, InferRequest(model="drop", prompt="b", params=greedy(4)))
+        waited = time.monotonic() - started
+    finally:
+        w.stop()
+    assert short.tokens_generated == 4
+    assert waited < long_alone / 2, f"short request took {waited:.2f} s, a long one {long_alone:.2f} s"
