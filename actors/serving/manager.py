@@ -165,7 +165,7 @@ class ModelManager(LoopReplyActor):
         # Models go to NVML GPUs when there are any; on the CPU (or a simulated device) all
         # stays on the host.
         on_gpu = any(ledger.kind == "nvml" for ledger in self._deps.ledgers.values())
-        need = need_mb(entry, on_gpu=on_gpu)
+        need = need_mb(entry, on_gpu=on_gpu, node_parallel=self._models_config.parallel)
         residents = self._residents()
         rooms = [
             DeviceRoom(name, ledger.headroom_mb()) for name, ledger in self._deps.ledgers.items()
@@ -214,6 +214,7 @@ class ModelManager(LoopReplyActor):
             device_kind=ledger.kind,
             device_index=self._deps.device_index.get(device),
             cpu_repack=self._models_config.cpu_repack_for(entry),
+            node_parallel=self._models_config.parallel,
         )
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
         events = self.actor_ref.proxy()

@@ -36,7 +36,6 @@ class EngineDriver:
         self.engine = engine
         self.memory_mb = memory_mb
         self.requests: dict[_Key, Request] = {}
-        self._special: tuple[str, str] | None = None  # BOS and EOS texts, read once
 
     def has_work(self) -> bool:
         """Return True while a request is queued or running in the engine."""
@@ -117,25 +116,10 @@ class EngineDriver:
         template = self.engine.metadata("tokenizer.chat_template")
         if not template:
             raise BadRequest("messages", "this model has no chat template; send a prompt instead")
-        bos_text, eos_text = self._special_texts()
+        bos_text, eos_text = self.engine.special_texts()
         chat = render_chat(template, bos_text=bos_text, eos_text=eos_text, messages=gen.messages)
         tokens = self.engine.tokenize(chat.text, add_bos=chat.add_bos, special=True)
         return tokens, chat.stops, "messages"
-
-    def _special_texts(self) -> tuple[str, str]:
-        """Return the model's BOS and EOS token texts (what a template's bos_token names)."""
-        if self._special is None:
-            # The engine has no public accessor for these yet: its library handle and vocab.
-            lib, vocab = self.engine._lib, self.engine._vocab
-
-            def text(token: int) -> str:
-                if token == -1:
-                    return ""
-                raw: bytes = lib.llama_vocab_get_text(vocab, token)
-                return raw.decode("utf-8", errors="replace")
-
-            self._special = (text(lib.llama_vocab_bos(vocab)), text(lib.llama_vocab_eos(vocab)))
-        return self._special
 
 
 def _ignore(_: str) -> None:

@@ -87,7 +87,7 @@ class _LlamaLog:
 _log: _LlamaLog | None = None
 
 
-def _llama_log(llama_cpp: Any) -> _LlamaLog:
+def llama_log(llama_cpp: Any) -> _LlamaLog:
     """Return the process's llama.cpp log hook, installed on first use, its lines cleared."""
     global _log
     if _log is None:
@@ -263,7 +263,7 @@ class GgufModel:
             import llama_cpp
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise BackendError(f"llama-cpp-python is not installed: {exc}") from exc
-        log = _llama_log(llama_cpp)
+        log = llama_log(llama_cpp)
         kwargs: dict[str, Any] = {
             "model_path": spec.path,
             "n_ctx": spec.n_ctx,

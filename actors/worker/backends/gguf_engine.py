@@ -38,7 +38,7 @@ from typing import Any
 
 from actors.types import FinishReason, GenerationParams
 from actors.worker.backends import BackendError, BadRequest, Outcome, file_version
-from actors.worker.backends.gguf import _llama_log, check_gguf_file, describe_buffers
+from actors.worker.backends.gguf import check_gguf_file, describe_buffers, llama_log
 from actors.worker.backends.slots import SlotView, Wants, choose_slot, plan_step
 from actors.worker.backends.stops import StopMatcher
 from actors.worker.protocol import LoadSpec
@@ -186,7 +186,7 @@ class GgufEngine:
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise BackendError(f"llama-cpp-python is not installed: {exc}") from exc
         lib = llama_cpp.llama_cpp
-        log = _llama_log(llama_cpp)
+        log = llama_log(llama_cpp)
         global _backend_ready
         if not _backend_ready:
             lib.llama_backend_init()

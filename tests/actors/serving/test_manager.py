@@ -52,6 +52,7 @@ class Rig:
         keep_alive: str = "5m",
         pinned: tuple[str, ...] = (),
         total_mb: float = ROOM_FOR_TWO_MB,
+        parallel: int = 1,
     ) -> None:
         self.clock = FakeClock()
         self.workers = FakeWorkers(measured_mb=MEASURED_MB)
@@ -64,7 +65,7 @@ class Rig:
         catalog = tuple(CatalogEntry(n, str(model), pin=n in pinned) for n in ("a", "b", "c"))
         self.ref = ModelManager.start(
             ManagerDeps(
-                models=ModelsConfig(keep_alive=keep_alive, catalog=catalog),
+                models=ModelsConfig(keep_alive=keep_alive, catalog=catalog, parallel=parallel),
                 ledgers={"cpu": self.ledger},
                 device_index={"cpu": None},
                 model_dirs=[model.parent],
@@ -142,6 +143,13 @@ async def test_a_cold_model_is_loaded_on_first_acquire_and_served_through_its_la
     assert rig.board.lane("a") is lane
     assert rig.ledger.claims() == {"a": MEASURED_MB}  # the measurement: above the estimate
     assert await rig.acquire("a") is lane and len(rig.workers.made) == 1  # loaded once
+
+
+async def test_the_node_default_parallel_reaches_the_worker_of_a_gguf_model(make: Make) -> None:
+    rig = make(parallel=4, total_mb=10_000.0)
+    await rig.acquire("a")
+    (worker,) = rig.workers.of("a")
+    assert worker.spec.load.parallel == 4
 
 
 async def test_a_model_that_does_not_fit_evicts_the_idle_model_longest_unused(make: Make) -> None:
