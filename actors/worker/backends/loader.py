@@ -6,9 +6,11 @@ import those types, and this module, which imports the backends, draw no circle.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from actors.worker.backends import BackendError, LoadedModel
+from actors.worker.backends.threads import physical_cores
 from actors.worker.protocol import LoadSpec
 
 if TYPE_CHECKING:
@@ -24,6 +26,10 @@ def load_model(spec: LoadSpec) -> LoadedModel | GgufEngine:
     serves many requests at once. Parallel 1 and LoRA keep the one-at-a-time GgufModel in this
     slice: the engine takes no adapter yet, and one slot gains nothing from batching.
     """
+    if spec.backend == "gguf" and spec.n_threads <= 0:
+        # llama.cpp's own choice, which neither llama.cpp's context default (4) nor
+        # llama-cpp-python's (half the logical CPUs) is: see backends/threads.py.
+        spec = dataclasses.replace(spec, n_threads=physical_cores())
     if spec.backend == "gguf" and spec.parallel > 1 and not spec.lora_path:
         from actors.worker.backends.gguf_engine import GgufEngine
 
