@@ -36,22 +36,36 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | None:
-    """Pick the free slot whose cache shares the longest prefix with `prompt`; None if none free.
+SIMILARITY = 0.5
+"""A slot is taken for its cache only when it already holds at least this share of the prompt
+(llama.cpp server's `--slot-prompt-similarity`, 0.5): otherwise a prompt that shares a few
+leading tokens with everything (a chat template's header, "Chat 3.") would take the warmest
+slot and evict the conversation it holds, and every interleaved chat would re-decode its
+history."""
 
-    Ties go to the least recently used slot (its cache is the least likely to be wanted again),
-    then to the lowest index. At most len(prompt) - 1 tokens are reused: the last prompt token
-    must be decoded again to get the logits of the first generated token.
+
+def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | None:
+    """Pick the free slot for `prompt`; None if none is free.
+
+    The slot sharing the longest prefix with `prompt` wins when that prefix is at least
+    SIMILARITY of the prompt (ties: least recently used, then lowest index); otherwise the least
+    recently used slot, whose cache is the least likely to be wanted again. At most
+    len(prompt) - 1 tokens are reused: the last prompt token must be decoded again to get the
+    logits of the first generated token.
     """
-    best: tuple[int, int, int] | None = None  # (-reused, last_used, index): smallest wins
-    for slot in free:
-        reused = min(common_prefix(prompt, slot.cached), max(len(prompt) - 1, 0))
-        key = (-reused, slot.last_used, slot.index)
-        if best is None or key < best:
-            best = key
-    if best is None:
+    if not free:
         return None
-    return Choice(index=best[2], reused=-best[0])
+    cap = max(len(prompt) - 1, 0)
+
+    def reuse(slot: SlotView) -> int:
+        return min(common_prefix(prompt, slot.cached), cap)
+
+    best = min(free, key=lambda s: (-reuse(s), s.last_used, s.index))
+    shared = reuse(best)
+    if shared > 0 and shared >= SIMILARITY * len(prompt):
+        return Choice(index=best.index, reused=shared)
+    oldest = min(free, key=lambda s: (s.last_used, s.index))
+    return Choice(index=oldest.index, reused=reuse(oldest))
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,14 @@ CHOICES = [
         [SlotView(0, PROMPT + (77, 78), 1)],
         Choice(0, len(PROMPT) - 1),
     ),
+    (
+        # Found through the node: interleaved chats all share "Chat " with the warm slot, so
+        # each first turn evicted the last chat and no second turn found its history.
+        "a-short-shared-prefix-does-not-take-a-warm-slot-from-its-conversation",
+        PROMPT,
+        [SlotView(0, (1, 10, 40, 41, 42, 43), 5), SlotView(1, (), 0)],
+        Choice(1, 0),
+    ),
     ("a-one-token-prompt-reuses-nothing", (1,), [SlotView(0, (1, 2), 1)], Choice(0, 0)),
     ("an-empty-cache-reuses-nothing", PROMPT, [SlotView(0, (), 4)], Choice(0, 0)),
 ]
@@ -76,7 +84,7 @@ CHOICES = [
 @pytest.mark.parametrize(
     ("prompt", "free", "expected"), [c[1:] for c in CHOICES], ids=[c[0] for c in CHOICES]
 )
-def test_a_prompt_takes_the_free_slot_sharing_its_longest_prefix(
+def test_a_prompt_takes_the_slot_holding_most_of_it_else_the_least_recently_used(
     prompt: tuple[int, ...], free: list[SlotView], expected: Choice | None
 ) -> None:
     assert choose_slot(prompt, free) == expected
