@@ -40,7 +40,9 @@ def pair_and_witness(
     write_preset(models / "m.gguf", "tiny")
     key_file = tmp_path / "cluster.key"
     key_file.write_text(KEY + "\n")
-    gossip, peer, http, zmq = (free_ports(3) for _ in range(4))
+    # One call: ports from separate calls may repeat (each call frees its sockets on return).
+    free = free_ports(12)
+    gossip, peer, http, zmq = (free[i * 3 : (i + 1) * 3] for i in range(4))
     seeds = [f"127.0.0.1:{p}" for p in gossip]
     extra = f"witnesses = {json.dumps([WITNESS])}"
     nodes: dict[str, NodeProc] = {}
