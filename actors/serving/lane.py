@@ -111,8 +111,7 @@ class ModelLane:
         try:
             result = await channel.infer(req, deadline)
         except Exception as exc:
-            explained = self._explained(exc, worker)
-            self._failed(explained, channel, worker)
+            explained = self._count_failure(exc, channel, worker)
             if explained is exc:
                 raise
             raise explained from exc
@@ -132,13 +131,20 @@ class ModelLane:
                     self._succeeded(item)
                 yield item
         except Exception as exc:
-            explained = self._explained(exc, worker)
-            self._failed(explained, channel, worker)
+            explained = self._count_failure(exc, channel, worker)
             if explained is exc:
                 raise
             raise explained from exc
         finally:
             self._leave()
+
+    def _count_failure(
+        self, exc: Exception, channel: RequestChannel, worker: WorkerHandle
+    ) -> Exception:
+        """Count a failed request; return what to raise: the worker's reason when it died."""
+        explained = self._explained(exc, worker)
+        self._failed(explained, channel, worker)
+        return explained
 
     async def _enter(self) -> tuple[RequestChannel, WorkerHandle]:
         if self._abort.is_set():
