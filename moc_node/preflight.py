@@ -156,6 +156,7 @@ def listeners(config: Config) -> list[Listener]:
     found = [
         Listener("server.rest_port", server.host, server.rest_port),
         Listener("server.zmq_port", server.host, server.zmq_port),
+        Listener("server.grpc_port", server.host, server.grpc_port),
     ]
     cluster = config.cluster
     if cluster.enabled:

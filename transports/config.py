@@ -50,6 +50,21 @@ class ServerConfig:
     """TCP port of the HTTP server (legacy REST, OpenAI-compatible API, /metrics). 8008 is the
     legacy port (a contract). 0 binds a free port (tests)."""
 
+    grpc_port: int = 7212
+    """TCP port of the legacy gRPC `ModelOps` service (and grpc.health.v1.Health). 7212 is the
+    legacy port (a contract). 0 binds a free port (tests)."""
+
+    tls_cert_file: str | None = None
+    """PEM certificate chain the HTTP and gRPC fronts present; with tls_key_file both serve TLS
+    only (a plain-text client is refused). None serves plain text."""
+
+    tls_key_file: str | None = None
+    """PEM private key of tls_cert_file. Both are set or neither."""
+
+    tls_client_ca_file: str | None = None
+    """PEM CA bundle for mutual TLS: when set, HTTP and gRPC clients must present a certificate
+    signed by one of these CAs. Needs tls_cert_file and tls_key_file."""
+
     max_workers: int = 16
     """How many ZMQ requests that call into the node (infer, load, unload) run at once. Cheap
     actions (health, list_models, status) are answered at once and do not count, so a slow infer
@@ -157,7 +172,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         """Reject values that cannot work, naming the key (without the section, as the
         node's config loader prefixes it)."""
-        for name in ("zmq_port", "rest_port"):
+        for name in ("zmq_port", "rest_port", "grpc_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ServerConfigError(f"{name}: {port} is not a TCP port (0..65535)")
@@ -197,6 +212,10 @@ class ServerConfig:
                 raise ServerConfigError(
                     f"zmq_allow_from: {entry!r} is not an IP address or network (CIDR)"
                 ) from None
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ServerConfigError("tls_key_file: tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ServerConfigError("tls_client_ca_file: needs tls_cert_file and tls_key_file")
         if self.zmq_curve_client_keys_file is not None and self.zmq_curve_secret_key_file is None:
             raise ServerConfigError(
                 "zmq_curve_client_keys_file: needs zmq_curve_secret_key_file (the server's key)"
