@@ -140,6 +140,7 @@ class ModelInfo:
     error: str | None = None
     pid: int | None = None  # the worker process
     adapter: str | None = None  # a LoRA adapter applied on top of `path`
+    chat_template: str | None = None  # what chat is rendered with: "model", "chatml"; None: no chat
 
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]

@@ -53,6 +53,7 @@ def _openai_model(view: Mapping[str, Any]) -> dict[str, Any]:
         "owned_by": "moc-node",
         "state": view["state"],
         "backend": view["backend"],
+        "chat_template": view.get("chat_template"),
     }
 
 

@@ -324,6 +324,7 @@ class ModelManager(LoopReplyActor):
             )
         slot.state = "loaded"
         slot.version = info.version
+        slot.chat_template = info.chat_template
         slot.pid = info.pid
         slot.last_used = self._deps.clock()
         slot.last_used_wall = self._deps.wall_clock()

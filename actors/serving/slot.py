@@ -50,6 +50,7 @@ class Slot:
     last_used_wall: float | None = None  # for clients: seconds since the epoch
     load_seconds: float | None = None
     version: str = ""
+    chat_template: str = ""
     pid: int | None = None
     error: str | None = None
     next_entry: CatalogEntry | None = None  # a replacement registered while this one is loaded
@@ -100,6 +101,7 @@ def model_info(slot: Slot, device_label: Callable[[str], str]) -> ModelInfo:
         pinned=entry.pin,
         last_used=slot.last_used_wall,
         version=slot.version,
+        chat_template=slot.chat_template or None,
         n_ctx=entry.n_ctx,
         load_seconds=slot.load_seconds,
         error=slot.error,

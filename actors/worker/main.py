@@ -293,7 +293,10 @@ class Worker:
         measured = self.memory_mb()
         model = self.driver.engine if self.driver is not None else self.model
         assert model is not None
-        self.control.send(Loaded(os.getpid(), measured, seconds, model.version, model.n_ctx))
+        template = getattr(model, "chat_template", "")
+        self.control.send(
+            Loaded(os.getpid(), measured, seconds, model.version, model.n_ctx, template)
+        )
         return True
 
     def close(self) -> None:

@@ -99,7 +99,9 @@ class LoadSpec:
 class Loaded:
     """Worker -> supervisor: the model is ready; memory measured in MiB across the load.
 
-    `n_ctx` is the context the backend made (0 for a tensor model).
+    `n_ctx` is the context the backend made (0 for a tensor model); `chat_template` names the
+    template chat requests are rendered with ("model": the GGUF's own, "chatml": the fallback for
+    a model without one, "": no chat).
     """
 
     pid: int
@@ -107,6 +109,7 @@ class Loaded:
     load_seconds: float
     version: str
     n_ctx: int
+    chat_template: str = ""
 
 
 @dataclass(frozen=True, slots=True)
