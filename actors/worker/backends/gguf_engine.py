@@ -39,12 +39,11 @@ from typing import Any
 from actors.types import FinishReason, GenerationParams
 from actors.worker.backends import BackendError, BadRequest, Outcome, file_version
 from actors.worker.backends.gguf import check_gguf_file, describe_buffers, llama_log
+from actors.worker.backends.sampling import sampler_chain
 from actors.worker.backends.slots import SlotView, Wants, choose_slot, plan_step
 from actors.worker.backends.stops import StopMatcher
 from actors.worker.protocol import LoadSpec
 
-TOP_K = 40  # Llama.create_completion's sampler defaults that the wire does not carry
-MIN_P = 0.05
 STEP_TOKENS = 256
 """Default tokens per step: a prompt chunk costs the running streams at most one such decode."""
 
@@ -491,23 +490,8 @@ class GgufEngine:
             slot.request = request
             request.slot = slot
             request.reused = request.next_prompt = reused
-            request.sampler = self._sampler(request.params)
+            request.sampler = sampler_chain(self._lib, self._vocab, request.params, self._seed)
             self._running.append(request)
-
-    def _sampler(self, p: GenerationParams) -> Any:
-        lib = self._lib
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        seed = (self._seed if p.seed is None else p.seed) & 0xFFFFFFFF
-        if p.temperature == 0.0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-            return chain
-        if p.temperature > 0.0:  # Llama.generate's chain; below 0 it draws from the raw logits
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(TOP_K))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(p.top_p, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(MIN_P, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
-        return chain
 
     def _take(self, request: Request, token: int) -> None:
         """Act on a sampled token: stream it, or end the request."""
