@@ -12,21 +12,27 @@ then on, since the window can no longer tell them from replays. Under a flood th
 letting a replay through. A new window starts with its floor at its creation time: a frame
 sealed before this process started could have been taken by its previous incarnation.
 
-Compact, since a busy node holds tens of thousands: a request is a 64-bit digest of its key in a
-set, and one int in a heap that packs its timestamp's exact bits above that digest. ~120 bytes
-a request, measured, where the key tuple, its fresh strings and a (float, tuple) heap entry took
-~310 (bench/fuzz.py saw the difference in the node's RSS). The digest is the key's `hash`: its
-strings' SipHash is keyed per process, so no one can craft colliding ids offline, and two keys
-sharing a digest (odds ~n / 2^64 a frame, n held) only make that fresh frame refused as a
-replay; a replay is never taken.
+Its memory is fixed when it is made, so a busy node's RSS does not creep while the window fills
+(bench/fuzz.py measured ~120 bytes a request with a set of ints and a heap, ~310 with key
+tuples): a request is a 64-bit digest of its key in an open-addressing table (linear probing,
+at most half full, deletion by backward shift) and, in arrival order, a ring of digests and
+timestamps: 32 bytes of capacity each, ~2 MiB at the default capacity. The digest is the key's
+`hash`: its strings' SipHash is keyed per process, so no one can craft colliding ids offline,
+and two keys sharing a digest (odds ~n / 2^64 a frame, n held) only make that fresh frame
+refused as a replay; a replay is never taken.
+
+The ring forgets in arrival order, not timestamp order. A request stamped later than one that
+arrived after it may be dropped first at capacity; the floor then rises to the highest stamp
+ever dropped, so every dropped request's replay is still refused. Expiry stops at the first
+request of the ring still within the span, so an out-of-order older one may stay a little
+longer: memory stays bounded by the capacity, and holding a key longer never lets a replay in.
 
 No clock here: callers pass `now` and the frame's timestamp, both in seconds.
 """
 
 from __future__ import annotations
 
-import heapq
-import struct
+from array import array
 
 __all__ = ["DEFAULT_CAPACITY", "ReplayWindow", "RequestKey"]
 
@@ -34,33 +40,29 @@ RequestKey = tuple[str, str, int]
 """(sender's node name, request id, operation code): the request id is unique per sender."""
 
 DEFAULT_CAPACITY = 65_536
-"""Requests kept at most (~120 bytes each, measured: ~7.5 MiB full; ~1.6 us per admit, 1.2 with
-the tuple heap this replaced). A forwarded request is one; at the peer RPC's one-connection
-rate (~3,600 requests/s measured, bench/peer_rpc.py) the floor then trails the clock by ~18 s,
-so a fresh frame is never refused; a flood beyond it only makes late frames refused."""
+"""Requests kept at most (32 bytes each, allocated up front: 2 MiB; ~2 us per admit). A
+forwarded request is one; at the peer RPC's one-connection rate (~3,600 requests/s measured,
+bench/peer_rpc.py) the floor then trails the clock by ~18 s, so a fresh frame is never refused;
+a flood beyond it only makes late frames refused."""
 
 _DIGEST = (1 << 64) - 1
-_MAGNITUDE = (1 << 63) - 1
-_DOUBLE = struct.Struct("<d")
-_INT64 = struct.Struct("<q")
-
-
-def _order(ts: float) -> int:
-    """Return the int64 of `ts`'s bits, made to sort as `ts` does (negatives' magnitude flipped)."""
-    bits: int = _INT64.unpack(_DOUBLE.pack(ts))[0]
-    return bits if bits >= 0 else bits ^ _MAGNITUDE
-
-
-def _stamp(order: int) -> float:
-    """Return the timestamp `_order` gave `order` for, exactly."""
-    ts: float = _DOUBLE.unpack(_INT64.pack(order if order >= 0 else order ^ _MAGNITUDE))[0]
-    return ts
+_EMPTY = 0  # a free cell of the table; a key whose digest is 0 is stored as 1
 
 
 class ReplayWindow:
     """Requests seen within the last `span_s` seconds, at most `capacity` of them."""
 
-    __slots__ = ("span_s", "capacity", "floor", "_seen", "_by_ts")
+    __slots__ = (
+        "span_s",
+        "capacity",
+        "floor",
+        "_table",
+        "_mask",
+        "_stamps",
+        "_digests",
+        "_head",
+        "_count",
+    )
 
     def __init__(self, span_s: float, capacity: int = DEFAULT_CAPACITY, *, floor: float) -> None:
         if span_s <= 0 or capacity < 1:
@@ -69,36 +71,86 @@ class ReplayWindow:
         self.capacity = capacity
         self.floor = floor
         """Frames stamped at or before this are refused: the window cannot vouch for them."""
-        self._seen: set[int] = set()  # the digests of the requests held
-        self._by_ts: list[int] = []  # a heap of _order(ts) << 64 | digest: the oldest first
+        size = 1 << (2 * capacity - 1).bit_length()  # at least twice the capacity: half full
+        # Built from bytes so every page is written now, not as the window fills.
+        self._table = array("Q", bytes(8 * size))
+        self._mask = size - 1
+        self._stamps = array("d", bytes(8 * capacity))  # the ring, oldest arrival at _head
+        self._digests = array("Q", bytes(8 * capacity))
+        self._head = 0
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return self._count
 
     def admit(self, key: RequestKey, ts: float, now: float) -> bool:
         """Remember `key` and return True the first time; False for a replay or a frame the
         window cannot vouch for (stamped at or before the floor, or more than the span from
         `now`: the skew check refuses those first, and a far-future one would stay too long;
-        a NaN stamp, which would sit in the heap and stop expiry, compares false and is refused)."""
+        a NaN stamp, which would sit in the ring and stop expiry, compares false and is refused)."""
         self._expire(now)
         if not (ts > self.floor and abs(now - ts) <= self.span_s):
             return False
-        digest = hash(key) & _DIGEST
-        if digest in self._seen:
+        digest = (hash(key) & _DIGEST) or 1
+        if self._find(digest) >= 0:
             return False
-        if len(self._seen) >= self.capacity:
-            oldest = heapq.heappop(self._by_ts)
-            self._seen.discard(oldest & _DIGEST)
-            self.floor = max(self.floor, _stamp(oldest >> 64))
+        if self._count >= self.capacity:
+            self.floor = max(self.floor, self._stamps[self._head])
+            self._drop_oldest()
             if ts <= self.floor:
                 return False
-        self._seen.add(digest)
-        heapq.heappush(self._by_ts, _order(ts) << 64 | digest)
+        self._insert(digest)
+        tail = (self._head + self._count) % self.capacity
+        self._stamps[tail] = ts
+        self._digests[tail] = digest
+        self._count += 1
         return True
 
     def _expire(self, now: float) -> None:
         """Forget requests whose frames are too old to pass the skew check any more."""
-        horizon = _order(now - self.span_s) << 64  # below any entry stamped at the horizon
-        heap = self._by_ts
-        while heap and heap[0] < horizon:
-            self._seen.discard(heapq.heappop(heap) & _DIGEST)
+        horizon = now - self.span_s
+        while self._count and self._stamps[self._head] < horizon:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        self._remove(self._digests[self._head])
+        self._head = (self._head + 1) % self.capacity
+        self._count -= 1
+
+    # --- the table: linear probing from the digest's low bits ---
+
+    def _find(self, digest: int) -> int:
+        """Return the cell holding `digest`, or -1."""
+        table, mask = self._table, self._mask
+        i = digest & mask
+        while True:
+            held = table[i]
+            if held == digest:
+                return i
+            if held == _EMPTY:
+                return -1
+            i = (i + 1) & mask
+
+    def _insert(self, digest: int) -> None:
+        table, mask = self._table, self._mask
+        i = digest & mask
+        while table[i] != _EMPTY:
+            i = (i + 1) & mask
+        table[i] = digest
+
+    def _remove(self, digest: int) -> None:
+        """Free `digest`'s cell, shifting back later entries of its run that may move into it
+        (no tombstones: a lookup still stops at the first free cell)."""
+        table, mask = self._table, self._mask
+        hole = self._find(digest)
+        j = hole
+        while True:
+            j = (j + 1) & mask
+            held = table[j]
+            if held == _EMPTY:
+                break
+            # `held` may fill the hole when the hole lies between its home cell and j.
+            if (j - (held & mask)) & mask >= (j - hole) & mask:
+                table[hole] = held
+                hole = j
+        table[hole] = _EMPTY

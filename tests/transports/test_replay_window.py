@@ -117,18 +117,34 @@ def test_a_frame_stamped_nan_is_refused_and_does_not_stop_older_keys_expiring() 
     assert len(w) == 1  # r1 expired
 
 
-def test_a_full_window_holds_a_request_in_half_the_310_bytes_of_a_key_tuple_and_heap_entry() -> None:
+def test_a_full_window_holds_no_more_memory_than_the_empty_one_it_started_as() -> None:
     # Keys built as the peer server builds them, fresh strs per frame, which the window must
-    # not keep: full at the default capacity, ~7.5 MiB instead of ~19 MiB.
+    # not keep: its 2 MiB are allocated when it is made, so the node's RSS does not creep.
     n, sender = DEFAULT_CAPACITY, "b"
-    w = ReplayWindow(SPAN, n, floor=T0)
     tracemalloc.start()
     try:
-        before = tracemalloc.get_traced_memory()[0]
+        w = ReplayWindow(SPAN, n, floor=T0)
+        made = tracemalloc.get_traced_memory()[0]
         for i in range(n):
             ts = T0 + 1 + i / 10_000  # all within the span
             assert w.admit((f"node-{sender}", f"0123456789abcdef-{i}", 2), ts, ts)
-        held = tracemalloc.get_traced_memory()[0] - before
+        held = tracemalloc.get_traced_memory()[0] - made
     finally:
         tracemalloc.stop()
-    assert held / n < 160, f"{held / n:.0f} bytes per request held"
+    assert len(w) == n
+    assert made <= 2.25 * 2**20, f"{made / 2**20:.2f} MiB for {n} requests"
+    assert held < 4_096, f"{held} bytes more once full"
+
+
+def test_every_held_key_stays_refused_through_a_long_churn_of_the_table() -> None:
+    # Each admit past capacity removes a key from the table (moving others back): a key lost
+    # there would be taken again, since every held one is stamped above the floor.
+    capacity = 64
+    w = window(capacity)
+    for i in range(5_000):
+        ts = T0 + 1 + i / 1_000
+        assert w.admit(("node-a", f"r{i}", 2), ts, ts)
+        if i % 97 == 0:
+            held = range(max(0, i - capacity + 1), i + 1)
+            assert not any(w.admit(("node-a", f"r{k}", 2), T0 + 1 + k / 1_000, ts) for k in held)
+    assert len(w) == capacity
