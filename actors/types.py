@@ -47,14 +47,29 @@ class GenerationParams:
     """Text that ends the output; never part of it."""
     seed: int | None = None
     """The draw's seed; None takes the worker's (LoadSpec.seed)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated, once (OpenAI: -2..2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated (OpenAI: -2..2)."""
+    repeat_penalty: float = 1.0
+    """llama.cpp's repetition penalty: a generated token's positive logit is divided by it, a
+    negative one multiplied (1: off)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to those tokens' logits; -100 bans a token, +100 forces it."""
+    json_schema: str | None = None
+    """Constrain the output to JSON that this JSON Schema (as JSON text) accepts; None: free
+    text. OpenAI's `json_object` is the schema `{"type": "object"}`."""
 
 
 @dataclass(frozen=True, slots=True)
 class InferRequest:
-    """One inference: exactly one of `prompt`, `messages` or `tensors` is set."""
+    """One inference: exactly one of `prompt`, `messages` or `tensors` is set.
+
+    A prompt is text, or the token ids of the model's vocabulary (OpenAI's token-array prompt).
+    """
 
     model: str
-    prompt: str | None = None
+    prompt: str | tuple[int, ...] | None = None
     messages: tuple[ChatMessage, ...] | None = None
     tensors: tuple[TensorData, ...] | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
@@ -70,6 +85,8 @@ class InferResult:
     latency_ms: float
     model_version: str
     tensors: tuple[TensorData, ...] | None = None
+    prompt_tokens_reused: int = 0  # prompt tokens not decoded again: their KV was cached
+    first_token_ms: float | None = None  # in the worker: from taking it to the first token
 
 
 @dataclass(frozen=True, slots=True)

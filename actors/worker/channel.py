@@ -98,6 +98,11 @@ def infer_message(rid: int, req: InferRequest, *, stream: bool) -> Infer:
         p.top_p,
         tuple(p.stop),
         p.seed,
+        p.presence_penalty,
+        p.frequency_penalty,
+        p.repeat_penalty,
+        p.logit_bias,
+        p.json_schema,
     )
 
 
@@ -111,6 +116,8 @@ def result_of(done: Done, started: float, version: str) -> InferResult:
         latency_ms=(time.monotonic() - started) * 1000.0,
         model_version=version,
         tensors=done.tensors,
+        prompt_tokens_reused=done.prompt_tokens_reused,
+        first_token_ms=done.first_token_ms,
     )
 
 

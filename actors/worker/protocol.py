@@ -24,7 +24,14 @@ from typing import Any, Literal
 
 import msgpack
 
-from actors.types import DEFAULT_N_CTX, Backend, ChatMessage, DeviceKind, TensorData
+from actors.types import (
+    DEFAULT_N_CTX,
+    Backend,
+    ChatMessage,
+    DeviceKind,
+    GenerationParams,
+    TensorData,
+)
 
 # Bump when a message changes shape; the supervisor refuses a worker that speaks another version.
 PROTOCOL_VERSION = 1
@@ -119,13 +126,20 @@ class LoadFailed:
     error: str
 
 
+_PARAMS = GenerationParams()  # the defaults of the fields added after the first ten
+
+
 @dataclass(frozen=True, slots=True)
 class Infer:
-    """Supervisor -> worker: one request; exactly one of prompt, messages, tensors is set."""
+    """Supervisor -> worker: one request; exactly one of prompt, messages, tensors is set.
+
+    A prompt is text or token ids. The sampling fields are `GenerationParams`'s, flat; those
+    after `seed` were added later and default as GenerationParams does (older frames decode).
+    """
 
     request_id: int
     stream: bool
-    prompt: str | None
+    prompt: str | tuple[int, ...] | None
     messages: tuple[ChatMessage, ...] | None
     tensors: tuple[TensorData, ...] | None
     max_tokens: int
@@ -133,6 +147,11 @@ class Infer:
     top_p: float
     stop: tuple[str, ...]
     seed: int | None
+    presence_penalty: float = _PARAMS.presence_penalty
+    frequency_penalty: float = _PARAMS.frequency_penalty
+    repeat_penalty: float = _PARAMS.repeat_penalty
+    logit_bias: tuple[tuple[int, float], ...] = _PARAMS.logit_bias
+    json_schema: str | None = _PARAMS.json_schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +177,8 @@ class Done:
     finish_reason: str
     tensors: tuple[TensorData, ...] | None
     memory_mb: float  # the worker's memory now, measured as in Loaded (CPU: RSS growth)
+    prompt_tokens_reused: int = 0  # prompt tokens whose KV a slot already held
+    first_token_ms: float | None = None  # from taking the request to its first token
 
 
 FailureKind = Literal["invalid_request", "internal"]
