@@ -56,8 +56,10 @@ class ModelLane:
         breaker: CircuitBreaker,
         abort: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
+        slots: int = 1,
     ) -> None:
         self.name = name
+        self.slots = slots  # requests the worker decodes at once; more wait in its queue
         self._events = events
         self._breaker = breaker
         self._abort = abort or threading.Event()
@@ -75,6 +77,13 @@ class ModelLane:
         self._used_told = float("-inf")
         self._latency = metrics.inference_latency_seconds.labels(name)
         self._tokens = metrics.inference_tokens_generated_total.labels(name)
+        self._ttft = metrics.inference_time_to_first_token_seconds.labels(name)
+        self._tpot = metrics.inference_time_per_output_token_seconds.labels(name)
+        self._prompt_tokens = metrics.inference_prompt_tokens_total.labels(name)
+        self._reused_tokens = metrics.inference_prompt_tokens_reused_total.labels(name)
+        self._slots_busy = metrics.model_slots_busy.labels(name)
+        self._queue_depth = metrics.model_queue_depth.labels(name)
+        metrics.model_slots.labels(name).set(slots)
 
     # -- the actor's side (any thread) ------------------------------------------------------
 
@@ -159,6 +168,7 @@ class ModelLane:
             )
         with self._idle:
             self._running += 1
+            self._show_occupancy()
         try:
             return await self._ready_channel()
         except BaseException:
@@ -168,8 +178,14 @@ class ModelLane:
     def _leave(self) -> None:
         with self._idle:
             self._running -= 1
+            self._show_occupancy()
             if self._running == 0:
                 self._idle.notify_all()
+
+    def _show_occupancy(self) -> None:
+        """Set the slot gauges from the requests past the breaker (under `_idle`)."""
+        self._slots_busy.set(min(self._running, self.slots))
+        self._queue_depth.set(max(0, self._running - self.slots))
 
     async def _ready_channel(self) -> tuple[RequestChannel, WorkerHandle]:
         """Return a channel to a live worker (and that worker), asking the actor for a new
@@ -205,6 +221,13 @@ class ModelLane:
         self._breaker.record_success()
         self._latency.observe(result.latency_ms / 1000.0)
         self._tokens.inc(result.tokens_generated)
+        self._prompt_tokens.inc(result.prompt_tokens)
+        self._reused_tokens.inc(result.prompt_tokens_reused)
+        if result.first_token_ms is not None:
+            self._ttft.observe(result.first_token_ms / 1000.0)
+            if result.tokens_generated > 1:
+                decoding_ms = max(0.0, result.latency_ms - result.first_token_ms)
+                self._tpot.observe(decoding_ms / 1000.0 / (result.tokens_generated - 1))
         now = self._clock()
         if now - self._used_told >= _USED_EVERY_S:
             self._used_told = now

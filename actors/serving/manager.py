@@ -224,6 +224,7 @@ class ModelManager(LoopReplyActor):
             breaker=slot.breaker,
             abort=self._deps.abort,
             clock=self._deps.clock,
+            slots=spec.load.parallel,
         )
         slot.actor = ModelActor.start(
             spec,

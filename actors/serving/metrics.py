@@ -68,6 +68,36 @@ bulkhead_queued_requests = Gauge(
 bulkhead_rejected_total = Counter(
     "moc_bulkhead_rejected_total", "Requests refused as overloaded", ["model"]
 )
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+"""Per-token times: a decode step is milliseconds on a GPU, tens of them on a small CPU."""
+
+inference_time_to_first_token_seconds = Histogram(
+    "moc_inference_time_to_first_token_seconds",
+    "From the worker taking a request to its first token (queue for a slot and prompt included)",
+    ["model"],
+    buckets=TOKEN_BUCKETS + (30, 60),
+)
+inference_time_per_output_token_seconds = Histogram(
+    "moc_inference_time_per_output_token_seconds",
+    "Mean time between a request's output tokens after the first",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+)
+inference_prompt_tokens_total = Counter(
+    "moc_inference_prompt_tokens_total", "Prompt tokens of finished requests", ["model"]
+)
+inference_prompt_tokens_reused_total = Counter(
+    "moc_inference_prompt_tokens_reused_total",
+    "Prompt tokens whose KV a slot already held (not decoded again)",
+    ["model"],
+)
+model_slots = Gauge(
+    "moc_model_slots", "Requests a loaded model decodes at once (its parallel slots)", ["model"]
+)
+model_slots_busy = Gauge("moc_model_slots_busy", "Slots serving a request now", ["model"])
+model_queue_depth = Gauge(
+    "moc_model_queue_depth", "Requests admitted to a model and waiting for a free slot", ["model"]
+)
 worker_memory_kills_total = Counter(
     "moc_worker_memory_kills_total",
     "Model workers killed for holding more memory than [resources] worker_memory_limit_mb",
@@ -88,6 +118,13 @@ MODEL_METRICS = (
     bulkhead_queued_requests,
     bulkhead_rejected_total,
     worker_memory_kills_total,
+    inference_time_to_first_token_seconds,
+    inference_time_per_output_token_seconds,
+    inference_prompt_tokens_total,
+    inference_prompt_tokens_reused_total,
+    model_slots,
+    model_slots_busy,
+    model_queue_depth,
 )
 """Every metric with a `model` label: a model name lives on /metrics exactly while it is here."""
 

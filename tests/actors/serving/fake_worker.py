@@ -43,6 +43,8 @@ class FakeChannel:
             finish_reason="length",
             latency_ms=1.0,
             model_version=self.worker.version,
+            prompt_tokens_reused=self.worker.workers.prompt_tokens_reused,
+            first_token_ms=self.worker.workers.first_token_ms,
         )
 
     async def stream(
@@ -150,6 +152,8 @@ class FakeWorkers:
         self.made: list[FakeWorker] = []
         self.failing: set[str] = set()  # model names whose loads fail
         self.peak_after_request: float | None = None  # a worker's memory after a request
+        self.first_token_ms: float | None = None  # what each result reports
+        self.prompt_tokens_reused = 0
         self.hold = threading.Event()  # set: requests wait until `release()`
         self.waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.pids = itertools.count(1000)

@@ -9,6 +9,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from actors.bridge import CallbackFuture
 from actors.errors import CircuitOpen, WorkerCrashed
@@ -42,14 +43,18 @@ class Events:
 class Rig:
     """A lane over fake workers; the restart it is bound to starts the next fake worker."""
 
-    def __init__(self, threshold: int = 1, reset_s: float = 10.0) -> None:
+    def __init__(
+        self, threshold: int = 1, reset_s: float = 10.0, *, name: str = "m", slots: int = 1
+    ) -> None:
         self.clock = FakeClock()
         self.events = Events()
         self.workers = FakeWorkers(measured_mb=100.0)
         self.breaker = CircuitBreaker(
             CircuitBreakerConfig(failure_threshold=threshold, reset_timeout=reset_s)
         )
-        self.lane = ModelLane("m", events=self.events, breaker=self.breaker, clock=self.clock)
+        self.lane = ModelLane(
+            name, events=self.events, breaker=self.breaker, clock=self.clock, slots=slots
+        )
         self.lane.bind(self.restart)
         self.restarts = 0
         self.start_worker()
@@ -164,3 +169,43 @@ async def test_a_closed_lane_with_a_request_stuck_reports_it_after_the_timeout()
     assert rig.lane.close(0.0) is False
     rig.workers.release()
     await running
+
+
+def _sample(metric: str, model: str, suffix: str = "") -> float:
+    value = REGISTRY.get_sample_value(metric + suffix, {"model": model})
+    return 0.0 if value is None else value
+
+
+async def test_requests_beyond_the_slots_show_as_queued_and_the_gauges_empty_when_they_end() -> None:
+    rig = Rig(name="lane-slots", slots=2)
+    assert _sample("moc_model_slots", "lane-slots") == 2
+    rig.workers.hold.set()
+    requests = [asyncio.ensure_future(rig.lane.infer(REQ)) for _ in range(3)]
+    await wait_for(lambda: len(rig.workers.waiting) == 3, 5, "three requests at the worker")
+    assert _sample("moc_model_slots_busy", "lane-slots") == 2
+    assert _sample("moc_model_queue_depth", "lane-slots") == 1
+    rig.workers.release()
+    await asyncio.gather(*requests)
+    assert _sample("moc_model_slots_busy", "lane-slots") == 0
+    assert _sample("moc_model_queue_depth", "lane-slots") == 0
+
+
+async def test_a_result_feeds_time_to_first_token_time_per_token_and_prompt_reuse() -> None:
+    rig = Rig(name="lane-times")
+    rig.workers.first_token_ms = 0.4  # the fake's latency is 1 ms for 3 tokens
+    rig.workers.prompt_tokens_reused = 1
+    await rig.lane.infer(REQ)
+    ttft = "moc_inference_time_to_first_token_seconds"
+    tpot = "moc_inference_time_per_output_token_seconds"
+    assert _sample(ttft, "lane-times", "_count") == 1
+    assert _sample(ttft, "lane-times", "_sum") == pytest.approx(0.0004)
+    assert _sample(tpot, "lane-times", "_sum") == pytest.approx(0.0006 / 2)
+    assert _sample("moc_inference_prompt_tokens_total", "lane-times") == 1
+    assert _sample("moc_inference_prompt_tokens_reused_total", "lane-times") == 1
+
+
+async def test_a_result_without_a_first_token_time_observes_no_token_times() -> None:
+    rig = Rig(name="lane-no-times")  # a tensor model's worker reports none
+    await rig.lane.infer(REQ)
+    assert _sample("moc_inference_time_to_first_token_seconds", "lane-no-times", "_count") == 0
+    assert _sample("moc_inference_prompt_tokens_total", "lane-no-times") == 1
