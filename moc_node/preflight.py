@@ -31,6 +31,7 @@ from cluster.keyring import Keyring, read_key_file
 from moc_node.config import Config, ConfigError
 from moc_node.services import learning_output_dir
 from transports.config import ZmqAuth, load_api_keys, load_zmq_auth
+from transports.tls import TlsMaterial, load_tls
 
 T = TypeVar("T")
 
@@ -51,6 +52,9 @@ class Keys:
     """Keys of `cluster.key_file`; empty when none is named (gossip is then unauthenticated)."""
     zmq: ZmqAuth
     """The ZeroMQ front's allow-list and CURVE keys (`server.zmq_curve_*_file`)."""
+    tls: TlsMaterial | None = None
+    """The HTTP and gRPC fronts' certificate, key and client CA (`server.tls_*_file`), checked
+    to load together; None serves plain text."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +120,14 @@ def read_keys(config: Config) -> Keys:
         "server.zmq_curve_client_keys_file": server.zmq_curve_client_keys_file,
     }
     zmq = read_files(curve, lambda: load_zmq_auth(server))
+    tls_files = {
+        "server.tls_cert_file": server.tls_cert_file,
+        "server.tls_key_file": server.tls_key_file,
+        "server.tls_client_ca_file": server.tls_client_ca_file,
+    }
+    tls = read_files(tls_files, lambda: load_tls(server))
     # Each further key file is one more call here and a field of Keys.
-    return Keys(api=api, cluster=cluster, zmq=zmq)
+    return Keys(api=api, cluster=cluster, zmq=zmq, tls=tls)
 
 
 def read_files(files: Mapping[str, str | None], read: Callable[[], T]) -> T:

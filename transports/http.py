@@ -8,6 +8,7 @@ check keys; `transports.http_guard` bounds connections and slow request heads.
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 from aiohttp import web
@@ -77,11 +78,14 @@ class HttpServer:
         dispatcher: Dispatcher | None = None,
         api_keys: frozenset[str] | None = None,
         static_dir: Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context` (see `transports.tls.ssl_context`): serve HTTPS only; None: plain HTTP."""
         self.app = build_app(
             node, config, dispatcher=dispatcher, api_keys=api_keys, static_dir=static_dir
         )
         self._config = config
+        self._ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         self._site: GuardedSite | None = None
         self.port = 0
@@ -106,6 +110,7 @@ class HttpServer:
             config.rest_port,
             max_connections_per_ip=config.max_connections_per_ip,
             header_read_timeout_s=config.header_read_timeout_s,
+            tls=self._ssl_context,
         )
         try:
             await site.start()
@@ -116,7 +121,8 @@ class HttpServer:
         self._site = site
         bound = [addr for addr in runner.addresses if isinstance(addr, tuple)]
         self.port = int(bound[0][1]) if bound else self._config.rest_port
-        log.info("HTTP server listening on %s:%d", self._config.host, self.port)
+        scheme = "HTTP" if self._ssl_context is None else "HTTPS"
+        log.info("%s server listening on %s:%d", scheme, self._config.host, self.port)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, then close."""

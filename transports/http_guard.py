@@ -7,6 +7,11 @@ connection over the per-address cap with a 503 before aiohttp sees it, and close
 not delivered a complete head within `header_read_timeout_s` of connecting, or of the first
 byte of its next request. The app tells it when a head is complete (the middleware runs only
 then) and when the request is over. Each refusal is counted by reason.
+
+Over TLS the guard sits below the handshake: the cap counts TCP connections, the head deadline
+runs from the TCP connect (a client that stalls its handshake is closed like one that stalls its
+head), and a handshake that fails (a plain-text request, a client certificate missing or not
+signed by the client CA) is closed and counted as `tls_handshake`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -23,6 +29,7 @@ from transports.metrics import HTTP_CONNECTIONS_REFUSED
 
 __all__ = [
     "HEADER_TIMEOUT",
+    "TLS_HANDSHAKE",
     "TOO_MANY",
     "TOO_MANY_RESPONSE",
     "AddressCounts",
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 
 TOO_MANY = "too_many_connections"
 HEADER_TIMEOUT = "header_timeout"
+TLS_HANDSHAKE = "tls_handshake"
 
 
 class AddressCounts:
@@ -104,15 +112,21 @@ class GuardedConnection(asyncio.Protocol):
         make_inner: Callable[[], asyncio.Protocol],
         counts: AddressCounts,
         header_timeout_s: float,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._make_inner = make_inner
         self._counts = counts
         self._header_timeout_s = header_timeout_s
+        self._tls = tls
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._address = ""
+        self._admitted = False
         self._deadline: asyncio.TimerHandle | None = None
         self._in_request = False
+        self._handshake: asyncio.Task[None] | None = None
+        self._early: list[bytes] = []
+        """Bytes decrypted right after the handshake, before aiohttp's protocol is made."""
 
     # ---- asyncio.Protocol, forwarded to aiohttp's once admitted ----
 
@@ -123,18 +137,75 @@ class GuardedConnection(asyncio.Protocol):
         if not self._counts.admit(address):
             HTTP_CONNECTIONS_REFUSED.labels(reason=TOO_MANY).inc()
             log.debug("HTTP connection from %s refused: over the per-address cap", address)
-            transport.write(TOO_MANY_RESPONSE)
+            if self._tls is None:  # a TLS client could not read a plain-text answer
+                transport.write(TOO_MANY_RESPONSE)
             transport.close()
             return
         self._address = address
+        self._admitted = True
+        self._transport = transport
+        self._arm()
+        if self._tls is None:
+            self._serve(transport)
+            return
+        # Nothing is read until the handshake owns the socket (start_tls resumes reading).
+        transport.pause_reading()
+        self._handshake = asyncio.get_running_loop().create_task(self._start_tls(transport))
+
+    def _serve(self, transport: asyncio.Transport) -> None:
+        """Hand the connection (decrypted, over TLS) to aiohttp's protocol."""
         self._transport = transport
         self._inner = self._make_inner()
-        self._arm()
         self._inner.connection_made(transport)
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    async def _start_tls(self, transport: asyncio.Transport) -> None:
+        """Run the server side of the handshake; a failed one is closed and counted."""
+        loop = asyncio.get_running_loop()
+        assert self._tls is not None
+        try:
+            # The head deadline (armed at connect) also bounds the handshake: no timer of its own
+            # beyond asyncio's, set to the same length.
+            tls_transport = await loop.start_tls(
+                transport,
+                self,
+                self._tls,
+                server_side=True,
+                ssl_handshake_timeout=self._header_timeout_s,
+            )
+        except asyncio.CancelledError:
+            self._release()  # the head deadline closed it (and counted it), or the server stops
+            raise
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            HTTP_CONNECTIONS_REFUSED.labels(reason=TLS_HANDSHAKE).inc()
+            log.debug("HTTP connection from %s closed: TLS handshake failed: %s", self._address, exc)
+            self._disarm()
+            self._release()
+            transport.close()
+            return
+        finally:
+            self._handshake = None
+        if tls_transport is None or self._transport is None:  # lost as the handshake ended
+            self._disarm()
+            self._release()
+            transport.close()
+            return
+        self._serve(tls_transport)
+
+    def _release(self) -> None:
+        """Give the address's slot back, once."""
+        if self._admitted:
+            self._admitted = False
+            self._counts.release(self._address)
+        self._transport = None
 
     def data_received(self, data: bytes) -> None:
         """Pass bytes on; the first byte of a new request head starts its deadline."""
         if self._inner is None:
+            if self._handshake is not None:  # decrypted before _serve ran: keep them for it
+                self._early.append(data)
             return
         if not self._in_request and self._deadline is None:
             self._arm()
@@ -147,11 +218,10 @@ class GuardedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Release the address's slot and let aiohttp clean up."""
         self._disarm()
+        self._release()
         if self._inner is None:
             return
-        self._counts.release(self._address)
         inner, self._inner = self._inner, None
-        self._transport = None
         inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -193,6 +263,9 @@ class GuardedConnection(asyncio.Protocol):
             return
         HTTP_CONNECTIONS_REFUSED.labels(reason=HEADER_TIMEOUT).inc()
         log.debug("HTTP connection from %s closed: no complete request head", self._address)
+        if self._handshake is not None:  # still in the TLS handshake: start_tls closes it
+            self._handshake.cancel()
+            return
         # Closed without a reply, as nginx and Go do: a 408 here could be read by a client as
         # the answer to a request it is sending on a connection it thinks idle.
         self._transport.close()
@@ -215,7 +288,7 @@ async def connection_middleware(request: web.Request, handler: Any) -> web.Strea
 class GuardedSite(web.BaseSite):
     """A TCP site whose connections go through `GuardedConnection` (else as aiohttp's TCPSite)."""
 
-    __slots__ = ("_host", "_port", "_counts", "_header_timeout_s")
+    __slots__ = ("_host", "_port", "_counts", "_header_timeout_s", "_tls")
 
     def __init__(
         self,
@@ -225,6 +298,7 @@ class GuardedSite(web.BaseSite):
         *,
         max_connections_per_ip: int,
         header_read_timeout_s: float,
+        tls: ssl.SSLContext | None = None,
         backlog: int = 128,
     ) -> None:
         super().__init__(runner, backlog=backlog)
@@ -232,11 +306,13 @@ class GuardedSite(web.BaseSite):
         self._port = port
         self._counts = AddressCounts(max_connections_per_ip)
         self._header_timeout_s = header_read_timeout_s
+        self._tls = tls
 
     @property
     def name(self) -> str:
         """Return the site's URL, as aiohttp names sites in its logs."""
-        return f"http://{self._host or '0.0.0.0'}:{self._port}"
+        scheme = "http" if self._tls is None else "https"
+        return f"{scheme}://{self._host or '0.0.0.0'}:{self._port}"
 
     @property
     def counts(self) -> AddressCounts:
@@ -250,7 +326,7 @@ class GuardedSite(web.BaseSite):
         assert server is not None
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: GuardedConnection(server, self._counts, self._header_timeout_s),
+            lambda: GuardedConnection(server, self._counts, self._header_timeout_s, self._tls),
             self._host,
             self._port,
             backlog=self._backlog,
