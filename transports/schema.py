@@ -24,6 +24,7 @@ __all__ = [
     "MAX_NAME_CHARS",
     "MAX_STOP_SEQUENCES",
     "MAX_TOKENS_RANGE",
+    "MODEL_KINDS",
     "PAGE_LIMIT_DEFAULT",
     "PAGE_LIMIT_MAX",
     "PAGE_OFFSET_MAX",
@@ -47,6 +48,10 @@ MAX_STOP_SEQUENCES = 10
 MAX_NAME_CHARS = names.MODEL_NAME_MAX_BYTES  # bytes of UTF-8; ASCII names: characters
 DEFAULTS = GenerationParams()
 BACKENDS: tuple[Backend, ...] = ("gguf", "torch")
+MODEL_KINDS: tuple[str, ...] = ("llm",)
+"""Legacy `model_type` values, which name the kind of model rather than a backend: the backend
+then follows from the file. "llm" is the one the legacy document uses and the one served
+(text generation); a kind the node cannot serve (vision, audio) is refused, not guessed."""
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 PAGE_LIMIT_DEFAULT = 100
 """Items in one page of a list (jobs, goals, models) when the request names no `limit`."""
@@ -123,15 +128,24 @@ def parse_infer(payload: Mapping[str, Any]) -> InferRequest:
 
 
 def parse_load(payload: Mapping[str, Any]) -> LoadRequest:
-    """Validate a legacy load payload (`model_name`, optional path, type, quantization, layers)."""
+    """Validate a legacy load payload (`model_name`, optional path, type, quantization, layers).
+
+    `model_type` is a backend (gguf, torch) or a legacy kind of model (llm: the backend follows
+    from the file, see `actors.serving.entry.backend_for`). `quantization` is the legacy boolean
+    (or, as before, the name of a GGUF quantization): accepted and without effect, since a GGUF
+    file carries its own quantization and a torch program runs as exported.
+    """
     payload = require_object(payload, "payload")
     name = _model_name(payload, "model_name")
     path = _optional_str(payload, "model_path")
     if path is not None:
         names.check_path(path, "model_path")
-    backend = _optional_str(payload, "model_type")
-    if backend is not None and backend not in BACKENDS:
-        raise InvalidRequest("model_type", f"must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    backend = _backend(_optional_str(payload, "model_type"))
+    quantization = payload.get("quantization")
+    if quantization is not None and not isinstance(quantization, bool | str):
+        raise InvalidRequest("quantization", f"expected a boolean, got {_kind(quantization)}")
+    if isinstance(quantization, str):
+        names.check_text(quantization, "quantization")
     gpu_layers = _optional_int(payload, "gpu_layers", low=-1, high=100_000)
     n_ctx = _optional_int(payload, "n_ctx", low=1, high=1 << 20)
     pin = payload.get("pin")
@@ -144,7 +158,23 @@ def parse_load(payload: Mapping[str, Any]) -> LoadRequest:
         n_ctx=n_ctx,
         gpu_layers=gpu_layers,
         pin=pin,
-        quantization=_optional_text(payload, "quantization"),
+        # The legacy boolean names nothing to keep: only a quantization's name is passed on.
+        quantization=quantization if isinstance(quantization, str) else None,
+    )
+
+
+def _backend(model_type: str | None) -> Backend | None:
+    """Return the backend `model_type` names; None for a legacy kind (or none given)."""
+    if model_type is None or model_type in MODEL_KINDS:
+        return None
+    for backend in BACKENDS:
+        if model_type == backend:
+            return backend
+    accepted = ", ".join((*MODEL_KINDS, *BACKENDS))
+    shown = model_type if len(model_type) <= 40 else model_type[:40] + "..."
+    raise InvalidRequest(
+        "model_type",
+        f"must be one of {accepted} (llm: the backend follows from the file); got {shown!r}",
     )
 
 
