@@ -1,7 +1,8 @@
 """The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
 
-Requests parse with `transports.schema` and run through the same Dispatcher as the legacy routes,
-so limits, timeouts and the error mapping are written once. A streamed answer is server-sent
+Requests parse with `transports.openai_params` (every key honoured or refused) and run through
+the same Dispatcher as the legacy routes, so limits, timeouts and the error mapping are written
+once. A streamed answer is server-sent
 events; its first item is awaited before the headers, so an early refusal keeps its status code.
 """
 
@@ -19,7 +20,6 @@ from aiohttp import web
 
 from actors.errors import MocError, ModelNotFound, RequestTimeout
 from actors.types import InferRequest, InferResult, TokenChunk
-from transports import schema
 from transports.auth import client_error
 from transports.errors import classify
 from transports.http_bodies import (
@@ -31,6 +31,7 @@ from transports.http_bodies import (
     read_json,
 )
 from transports.metrics import STREAMS_CLOSED_BY_CLIENT
+from transports.openai_params import OpenAIRequest, parse_chat, parse_completion
 
 __all__ = ["SSE_DONE", "add_routes", "sse", "usage"]
 
@@ -79,6 +80,8 @@ class _Shape:
     id: str
     created: int
     model: str
+    echo: str = ""
+    """Completions with `echo`: the prompt, sent before the generated text."""
 
     def body(self, result: InferResult) -> dict[str, Any]:
         choice: dict[str, Any] = {
@@ -89,7 +92,7 @@ class _Shape:
         if self.chat:
             choice["message"] = {"role": "assistant", "content": result.text}
         else:
-            choice["text"] = result.text
+            choice["text"] = self.echo + result.text
         return {
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",
@@ -151,28 +154,24 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 async def _v1_completions(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    req, stream = schema.parse_completion(body)
-    return await _openai_infer(request, req, stream, chat=False, body=body)
+    return await _openai_infer(request, parse_completion(await read_json(request)), chat=False)
 
 
 async def _v1_chat(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    req, stream = schema.parse_chat(body)
-    return await _openai_infer(request, req, stream, chat=True, body=body)
+    return await _openai_infer(request, parse_chat(await read_json(request)), chat=True)
 
 
 async def _openai_infer(
-    request: web.Request, req: InferRequest, stream: bool, *, chat: bool, body: Mapping[str, Any]
+    request: web.Request, parsed: OpenAIRequest, *, chat: bool
 ) -> web.StreamResponse:
+    req = parsed.infer
     prefix = "chatcmpl" if chat else "cmpl"
-    shape = _Shape(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), req.model)
+    echo = req.prompt if parsed.echo and isinstance(req.prompt, str) else ""
+    shape = _Shape(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), req.model, echo)
     dispatcher = dispatcher_of(request)
-    if not stream:
+    if not parsed.stream:
         return json_response(shape.body(await dispatcher.infer(req)))
-    options = body.get("stream_options")
-    include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
-    return await _stream(request, dispatcher.with_deadline(req), shape, include_usage)
+    return await _stream(request, dispatcher.with_deadline(req), shape, parsed.include_usage)
 
 
 class _ClientGone(Exception):
@@ -210,6 +209,8 @@ async def _stream(
         try:
             if shape.chat:
                 await send(shape.chunk("", None, role=True))
+            elif shape.echo:
+                await send(shape.chunk(shape.echo, None))
             item: TokenChunk | InferResult = first
             while isinstance(item, TokenChunk):
                 await send(shape.chunk(item.text, None))

@@ -25,7 +25,7 @@ class Generation:
     The sampling parameters and their defaults are the request's own (`GenerationParams`).
     """
 
-    prompt: str | None = None
+    prompt: str | tuple[int, ...] | None = None
     messages: tuple[ChatMessage, ...] | None = None
     tensors: tuple[TensorData, ...] | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
@@ -85,7 +85,18 @@ class LoadedModel(Protocol):
 
 def generation_of(msg: Infer) -> Generation:
     """Take a request off the wire (where every field is set) for the backend."""
-    params = GenerationParams(msg.max_tokens, msg.temperature, msg.top_p, msg.stop, msg.seed)
+    params = GenerationParams(
+        msg.max_tokens,
+        msg.temperature,
+        msg.top_p,
+        msg.stop,
+        msg.seed,
+        msg.presence_penalty,
+        msg.frequency_penalty,
+        msg.repeat_penalty,
+        msg.logit_bias,
+        msg.json_schema,
+    )
     return Generation(msg.prompt, msg.messages, msg.tensors, params)
 
 
@@ -104,6 +115,21 @@ def check_generation(gen: Generation) -> None:
             raise BadRequest("temperature", f"must be between 0 and 100, got {p.temperature}")
         if not 0.0 <= p.top_p <= 1.0:
             raise BadRequest("top_p", f"must be between 0 and 1, got {p.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(p, name) <= 2.0:
+                raise BadRequest(name, f"must be between -2 and 2, got {getattr(p, name)}")
+        if not 0.0 < p.repeat_penalty <= 10.0:
+            raise BadRequest("repeat_penalty", f"must be in (0, 10], got {p.repeat_penalty}")
+        if any(not -100.0 <= bias <= 100.0 for _, bias in p.logit_bias):
+            raise BadRequest("logit_bias", "every bias must be between -100 and 100")
+        if isinstance(gen.prompt, tuple) and not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in gen.prompt
+        ):
+            raise BadRequest("prompt", "token ids must be non-negative integers")
+        if p.json_schema is not None:
+            from actors.worker.backends.sampling import grammar_of  # imports llama_cpp
+
+            grammar_of(p)  # a schema that cannot become a grammar is refused before it runs
 
 
 def file_version(path: str, label: str) -> str:

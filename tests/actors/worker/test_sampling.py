@@ -1,0 +1,145 @@
+"""The sampler chain's OpenAI parameters on real llama.cpp, through the batching engine.
+
+The tiny generated model's greedy text is printable ASCII, one byte token per character, and
+repetitive (actors/gguf_synth.py): every parameter's effect shows in the text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from actors.gguf_synth import BYTE_BASE, N_VOCAB
+from actors.types import GenerationParams
+from actors.worker.backends import BadRequest, Generation, check_generation
+from actors.worker.backends.gguf_engine import Finish, GgufEngine
+from actors.worker.backends.sampling import grammar_of, sampler_chain
+from actors.worker.protocol import LoadSpec
+
+PROMPT = "The quick brown fox"
+GREEDY = GenerationParams(max_tokens=40, temperature=0.0)
+OK_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+ENUM_SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}},
+    "required": ["color", "ok"],
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf: Path) -> Iterator[GgufEngine]:
+    made = GgufEngine.load(
+        LoadSpec(backend="gguf", path=str(tiny_gguf), n_ctx=256, n_threads=1), parallel=2
+    )
+    yield made
+    made.close()
+
+
+def run(engine: GgufEngine, params: GenerationParams, prompt: str = PROMPT) -> Finish:
+    ended: list[Finish] = []
+    engine.submit(prompt, params, emit=lambda _: None, done=ended.append)
+    while engine.has_work():
+        engine.step()
+    assert len(ended) == 1
+    return ended[0]
+
+
+def byte_token(char: str) -> int:
+    return BYTE_BASE + ord(char)
+
+
+def test_greedy_text_without_parameters_repeats_itself(engine: GgufEngine) -> None:
+    text = run(engine, GREEDY).text
+    assert len(text) == 40
+    assert len(set(text)) < 10  # the baseline the penalties are seen against
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"repeat_penalty": 1.5},
+    ],
+    ids=["frequency", "presence", "repeat"],
+)
+def test_a_penalty_makes_greedy_text_less_repetitive(
+    engine: GgufEngine, change: dict[str, float]
+) -> None:
+    plain = run(engine, GREEDY).text
+    penalised = run(engine, replace(GREEDY, **change)).text  # type: ignore[arg-type]
+    assert penalised != plain
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_a_logit_bias_of_100_makes_greedy_output_that_token(engine: GgufEngine) -> None:
+    done = run(engine, replace(GREEDY, logit_bias=((byte_token("x"), 100.0),)))
+    assert done.text == "x" * 40
+
+
+def test_a_logit_bias_of_minus_100_bans_the_token(engine: GgufEngine) -> None:
+    plain = run(engine, GREEDY).text
+    banned = plain[0]
+    done = run(engine, replace(GREEDY, logit_bias=((byte_token(banned), -100.0),)))
+    assert banned not in done.text
+    assert len(done.text) == 40
+
+
+def test_a_json_schema_makes_greedy_output_json_that_the_schema_accepts(
+    engine: GgufEngine,
+) -> None:
+    for schema in (OK_SCHEMA, ENUM_SCHEMA):
+        done = run(engine, replace(GREEDY, max_tokens=100, json_schema=json.dumps(schema)))
+        assert done.finish_reason == "stop"  # the grammar ended it, not max_tokens
+        value = json.loads(done.text)
+        assert set(value) == set(schema["required"])
+        assert isinstance(value["ok"], bool)
+        if "color" in value:
+            assert value["color"] in ("red", "green", "blue")
+
+
+def test_json_object_makes_greedy_output_a_json_object(engine: GgufEngine) -> None:
+    done = run(engine, replace(GREEDY, max_tokens=100, json_schema='{"type": "object"}'))
+    assert done.finish_reason == "stop"
+    assert isinstance(json.loads(done.text), dict)
+
+
+def test_a_seeded_draw_with_a_schema_is_still_valid_json(engine: GgufEngine) -> None:
+    sampled = GenerationParams(max_tokens=100, temperature=0.8, seed=5)
+    done = run(engine, replace(sampled, json_schema=json.dumps(OK_SCHEMA)))
+    assert done.finish_reason == "stop"
+    assert isinstance(json.loads(done.text)["ok"], bool)
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_refused_naming_logit_bias(
+    engine: GgufEngine,
+) -> None:
+    import llama_cpp
+
+    lib = llama_cpp.llama_cpp
+    vocab = engine._vocab  # the engine's own: no public handle, and none is needed elsewhere
+    with pytest.raises(BadRequest) as caught:
+        sampler_chain(lib, vocab, replace(GREEDY, logit_bias=((N_VOCAB, 5.0),)), 0)
+    assert caught.value.field == "logit_bias"
+
+
+@pytest.mark.parametrize(
+    "schema",
+    ['{"type": "nonsense"}', '{"$ref": "#/definitions/missing"}', "not json"],
+    ids=["unknown type", "dangling ref", "not json"],
+)
+def test_a_schema_that_cannot_become_a_grammar_is_refused_before_it_runs(schema: str) -> None:
+    gen = Generation(prompt="x", params=replace(GREEDY, json_schema=schema))
+    with pytest.raises(BadRequest) as caught:
+        check_generation(gen)
+    assert caught.value.field == "response_format.json_schema"
+
+
+def test_no_schema_means_no_grammar() -> None:
+    assert grammar_of(GREEDY) is None
+    grammar = grammar_of(replace(GREEDY, json_schema=json.dumps(OK_SCHEMA)))
+    assert grammar is not None and b"root ::=" in grammar

@@ -1,0 +1,319 @@
+"""Validate OpenAI `/v1/completions` and `/v1/chat/completions` bodies: honoured or refused.
+
+Pure: no I/O. Every key of a body is either honoured (it reaches the request's
+`GenerationParams` or the answer's shape), accepted because it asks for nothing this node would
+do otherwise (`user`, a `null`, `n: 1`, `echo: false`, `tool_choice: "none"`), or refused with
+`InvalidRequest` naming it: a client asking for what we cannot do (log probabilities, tools)
+learns so instead of getting plain text. A key OpenAI does not know is refused as OpenAI
+refuses it ("Unrecognized request argument supplied"). Errors name OpenAI's fields (`prompt`,
+`messages[0].content`), never the legacy payload's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from actors import names
+from actors.errors import InvalidRequest
+from actors.types import GenerationParams, InferRequest
+from transports.schema import (
+    DEFAULTS,
+    MAX_INPUT_CHARS,
+    MAX_TOKENS_RANGE,
+    TEMPERATURE_RANGE,
+    TOP_P_RANGE,
+    _chat_message,
+    _kind,
+    _model_name,
+    _optional_float,
+    _optional_int,
+    _stop_list,
+    _stream_flag,
+    require_object,
+)
+
+__all__ = [
+    "JSON_OBJECT_SCHEMA",
+    "MAX_LOGIT_BIAS",
+    "PENALTY_RANGE",
+    "OpenAIRequest",
+    "parse_chat",
+    "parse_completion",
+]
+
+PENALTY_RANGE = (-2.0, 2.0)
+"""OpenAI's range for presence_penalty and frequency_penalty."""
+REPEAT_PENALTY_RANGE = (0.0, 10.0)
+"""llama.cpp's repeat_penalty (an extension): 1 is off; 0 would divide by zero."""
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MAX_LOGIT_BIAS = 1024
+"""Most tokens one request may bias (OpenAI sets no number; this bounds the worker's array)."""
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+"""`response_format: {"type": "json_object"}`: any JSON object."""
+
+# Keys with the values that ask for nothing beyond what is served anyway (None always does).
+# Any other value is refused as not supported, naming the key.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False),
+    "functions": ([],),
+    "function_call": ("none",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+    "store": (False,),
+    "metadata": ({},),
+    "service_tier": ("auto", "default"),
+    "verbosity": (),
+}
+# Strings a client may send that only identify it or its cache (ignored: nothing to honour).
+_TAGS = ("user", "prompt_cache_key", "safety_identifier")
+_COMMON = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "stream",
+        "stream_options",
+        "presence_penalty",
+        "frequency_penalty",
+        "repeat_penalty",  # llama.cpp's extension
+        "logit_bias",
+        "response_format",  # on completions: llama.cpp's extension
+        "n",
+        "logprobs",
+        "user",
+    }
+)
+_COMPLETION_KEYS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
+_CHAT_KEYS = (
+    _COMMON
+    | {"messages", "max_completion_tokens", "top_logprobs"}
+    | {k for k in _NEUTRAL if k not in ("best_of", "suffix")}
+    | set(_TAGS)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    """A validated OpenAI body: the node's request and how to shape the answer."""
+
+    infer: InferRequest
+    stream: bool = False
+    include_usage: bool = False
+    """Streamed: end with a chunk carrying `usage` (stream_options.include_usage)."""
+    echo: bool = False
+    """Completions: the answer's text starts with the prompt."""
+
+
+def parse_completion(body: Any) -> OpenAIRequest:
+    """Validate a `/v1/completions` body; InvalidRequest names the field at fault."""
+    body = require_object(body, "body")
+    _known_keys(body, _COMPLETION_KEYS)
+    model = _model_name(body, "model")
+    prompt = _prompt(body.get("prompt"))
+    echo = _bool(body, "echo")
+    if echo and not isinstance(prompt, str):
+        raise InvalidRequest("echo", "is supported with a text prompt only")
+    params = _params(body, "max_tokens")
+    stream = _stream_flag(body)
+    return OpenAIRequest(
+        InferRequest(model=model, prompt=prompt, params=params),
+        stream,
+        _include_usage(body, stream),
+        echo,
+    )
+
+
+def parse_chat(body: Any) -> OpenAIRequest:
+    """Validate a `/v1/chat/completions` body; InvalidRequest names the field at fault."""
+    body = require_object(body, "body")
+    _known_keys(body, _CHAT_KEYS)
+    model = _model_name(body, "model")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest("messages", "expected a non-empty list of messages")
+    messages = tuple(_chat_message(m, f"messages[{i}]") for i, m in enumerate(raw))
+    # Newer clients send max_completion_tokens, the same limit under its new name.
+    key = "max_tokens"
+    if body.get("max_completion_tokens") is not None:
+        old = body.get("max_tokens")
+        if old is not None and old != body["max_completion_tokens"]:
+            raise InvalidRequest(
+                "max_completion_tokens", "differs from max_tokens; send one of them"
+            )
+        key = "max_completion_tokens"
+    params = _params(body, key)
+    stream = _stream_flag(body)
+    return OpenAIRequest(
+        InferRequest(model=model, messages=messages, params=params),
+        stream,
+        _include_usage(body, stream),
+    )
+
+
+def _known_keys(body: Mapping[str, Any], known: frozenset[str] | set[str]) -> None:
+    for key in body:
+        if key not in known:
+            raise InvalidRequest(key[:64], "Unrecognized request argument supplied")
+    for key, neutral in _NEUTRAL.items():
+        value = body.get(key)
+        if key in body and value is not None and not _among(value, neutral):
+            raise InvalidRequest(key, "is not supported by this server")
+    for key in _TAGS:
+        if key in body and body[key] is not None and not isinstance(body[key], str):
+            raise InvalidRequest(key, f"expected a string, got {_kind(body[key])}")
+
+
+def _among(value: Any, choices: tuple[Any, ...]) -> bool:
+    # `True == 1` in Python: a boolean is never the integer it equals, nor the reverse.
+    return any(type(value) is type(c) and value == c for c in choices)
+
+
+def _prompt(value: Any) -> str | tuple[int, ...]:
+    """A string, token ids, or a list holding exactly one of either."""
+    if isinstance(value, list) and value and all(_is_token(t) for t in value):
+        return _tokens(value, "prompt")
+    if isinstance(value, list):
+        # The OpenAI API also takes a list of prompts; one prompt per request is what we serve.
+        if len(value) != 1:
+            raise InvalidRequest("prompt", "exactly one prompt per request is supported")
+        value = value[0]
+        if isinstance(value, list):
+            if not value or not all(_is_token(t) for t in value):
+                raise InvalidRequest("prompt[0]", "expected a non-empty list of token ids")
+            return _tokens(value, "prompt[0]")
+    if not isinstance(value, str):
+        raise InvalidRequest("prompt", f"expected a string or token ids, got {_kind(value)}")
+    names.check_text(value, "prompt")
+    if len(value) > MAX_INPUT_CHARS:
+        raise InvalidRequest("prompt", f"is {len(value)} characters; the limit is {MAX_INPUT_CHARS}")
+    return value
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tokens(value: list[int], field: str) -> tuple[int, ...]:
+    if len(value) > MAX_INPUT_CHARS:
+        raise InvalidRequest(field, f"is {len(value)} tokens; the limit is {MAX_INPUT_CHARS}")
+    if any(t < 0 or t >= 1 << 31 for t in value):
+        raise InvalidRequest(field, "token ids are integers from 0 up")
+    return tuple(value)
+
+
+def _params(body: Mapping[str, Any], max_tokens_key: str) -> GenerationParams:
+    max_tokens = _optional_int(
+        body, max_tokens_key, low=MAX_TOKENS_RANGE[0], high=MAX_TOKENS_RANGE[1]
+    )
+    temperature = _optional_float(body, "temperature", TEMPERATURE_RANGE)
+    top_p = _optional_float(body, "top_p", TOP_P_RANGE)
+    seed = _optional_int(body, "seed", low=-(1 << 63), high=(1 << 64) - 1)
+    presence = _optional_float(body, "presence_penalty", PENALTY_RANGE)
+    frequency = _optional_float(body, "frequency_penalty", PENALTY_RANGE)
+    repeat = _optional_float(body, "repeat_penalty", REPEAT_PENALTY_RANGE)
+    if repeat is not None and repeat <= 0.0:
+        raise InvalidRequest("repeat_penalty", "must be above 0 (1 is off)")
+    stop = body.get("stop")
+    return GenerationParams(
+        max_tokens=DEFAULTS.max_tokens if max_tokens is None else max_tokens,
+        temperature=DEFAULTS.temperature if temperature is None else temperature,
+        top_p=DEFAULTS.top_p if top_p is None else top_p,
+        stop=_stop_list([stop] if isinstance(stop, str) else stop, "stop"),
+        seed=seed,
+        presence_penalty=DEFAULTS.presence_penalty if presence is None else presence,
+        frequency_penalty=DEFAULTS.frequency_penalty if frequency is None else frequency,
+        repeat_penalty=DEFAULTS.repeat_penalty if repeat is None else repeat,
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        json_schema=_response_format(body.get("response_format")),
+    )
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token ids (as strings) to a bias in -100..100."""
+    if value is None:
+        return ()
+    value = require_object(value, "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequest("logit_bias", f"has {len(value)} tokens; the limit is {MAX_LOGIT_BIAS}")
+    pairs: list[tuple[int, float]] = []
+    for key, bias in value.items():
+        # ASCII digits only: int() would also take "١٢", "+5", " 7" and "1_0".
+        if not (key.isascii() and key.isdigit()) or len(key) > 9:
+            raise InvalidRequest("logit_bias", f"keys are token ids; got {key[:32]!r}")
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise InvalidRequest(f"logit_bias.{key}", f"expected a number, got {_kind(bias)}")
+        low, high = LOGIT_BIAS_RANGE
+        if not low <= bias <= high or not math.isfinite(bias):
+            raise InvalidRequest(f"logit_bias.{key}", f"must be between -100 and 100; got {bias}")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+def _response_format(value: Any) -> str | None:
+    """Return the JSON Schema (as JSON text) the output must satisfy, or None for free text."""
+    if value is None:
+        return None
+    fmt = require_object(value, "response_format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise InvalidRequest(
+            "response_format.type", "must be one of text, json_object, json_schema"
+        )
+    spec = require_object(fmt.get("json_schema"), "response_format.json_schema")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest("response_format.json_schema.name", "expected a string")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):  # the grammar is always strict
+        raise InvalidRequest("response_format.json_schema.strict", "expected a boolean")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, Mapping):
+        raise InvalidRequest(
+            "response_format.json_schema.schema", f"expected an object, got {_kind(schema)}"
+        )
+    return json.dumps(schema, ensure_ascii=False)
+
+
+def _bool(body: Mapping[str, Any], field: str) -> bool:
+    value = body.get(field)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest(field, f"expected a boolean, got {_kind(value)}")
+    return value
+
+
+def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise InvalidRequest("stream_options", "is only allowed when stream is true")
+    options = require_object(options, "stream_options")
+    for key in options:
+        if key != "include_usage":
+            raise InvalidRequest(
+                f"stream_options.{key[:64]}", "Unrecognized request argument supplied"
+            )
+    return _bool(options, "include_usage")
