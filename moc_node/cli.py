@@ -14,13 +14,21 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 DEFAULT_URL = "http://127.0.0.1:8008"
 LIST_PAGE = 1000  # the most a node sends in one page of a list
 
 
+log = logging.getLogger(__name__)
+
+
 class ClientError(Exception):
     """The node answered with an error, or could not be reached."""
+
+
+class NotReady(ClientError):
+    """The node cannot be reached yet, or answers that it is not ready (503): worth a retry."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     console = Console()
     try:
-        return int(args.handler(_Client(args.url, args.api_key), args, console))
+        client = _Client(args.url, args.api_key)
+        if args.wait:
+            wait_ready(client, args.wait)
+        return int(args.handler(client, args, console))
     except ClientError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
@@ -52,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--url", default=os.environ.get("MOC_URL", DEFAULT_URL))
         p.add_argument("--api-key", default=os.environ.get("MOC_API_KEY"))
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="first wait up to SECONDS for the node to be ready (it may be starting)",
+        )
         return p
 
     client("status", "show the node's health, devices and models").set_defaults(handler=_status)
@@ -83,7 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     load = client("load", "load a model")
     load.add_argument("name")
     load.add_argument("--path", help="model file inside the node's model directories")
-    load.add_argument("--type", dest="model_type", help="gguf or torch")
+    load.add_argument(
+        "--type",
+        dest="model_type",
+        help="llm (the default: the backend follows from the file), gguf or torch",
+    )
     load.set_defaults(handler=_load)
     unload = client("unload", "unload a model")
     unload.add_argument("name")
@@ -127,22 +149,62 @@ def _run(args: argparse.Namespace) -> int:
 
 class _Client:
     def __init__(self, url: str, api_key: str | None) -> None:
-        self._url = url.rstrip("/")
+        self.url = url.rstrip("/")
         self._key = api_key
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 600
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self._url + path, data=data, method=method)
+        request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("Content-Type", "application/json")
         if self._key:
             request.add_header("X-API-Key", self._key)
         try:
-            with urllib.request.urlopen(request, timeout=600) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
-            raise ClientError(f"HTTP {exc.code}: {_error_text(exc.read())}") from None
+            error = NotReady if exc.code == 503 else ClientError
+            raise error(f"HTTP {exc.code}: {_error_text(exc.read())}") from None
         except urllib.error.URLError as exc:
-            raise ClientError(f"cannot reach {self._url}: {exc.reason}") from None
+            raise NotReady(f"cannot reach {self.url}: {exc.reason}") from None
+        except (TimeoutError, ConnectionError) as exc:  # once connected, while reading
+            raise NotReady(f"cannot reach {self.url}: {exc}") from None
+
+
+READY_POLL_S = (0.1, 2.0)
+"""First and longest pause between readiness checks: a node that is just binding its port is
+caught at once; one restoring its models for minutes is asked every two seconds at most."""
+
+
+def wait_ready(client: _Client, seconds: float) -> None:
+    """Return once the node answers GET /ready with 200; NotReady after `seconds` of trying.
+
+    Refused connections and 503s (a node binding its ports, restoring its models, joining its
+    cluster) are retried with exponential backoff and jitter; any other answer (a wrong key,
+    say) ends the wait at once.
+    """
+    first, longest = READY_POLL_S
+    retrying = Retrying(
+        stop=stop_after_delay(seconds),
+        wait=wait_exponential_jitter(multiplier=first, max=longest, jitter=first),
+        retry=retry_if_exception_type(NotReady),
+        before_sleep=lambda state: log.info(
+            "node at %s not ready (%s); retrying",
+            client.url,
+            state.outcome.exception() if state.outcome else None,
+        ),
+        reraise=True,
+    )
+    deadline = time.monotonic() + seconds
+    try:
+        for attempt in retrying:
+            with attempt:
+                # Each check may take what is left of the wait, and no more.
+                left = max(0.1, deadline - time.monotonic())
+                client.call("GET", "/ready", timeout=min(left, 10.0))
+    except NotReady as exc:
+        raise NotReady(f"node at {client.url} not ready after {seconds:g} s: {exc}") from None
 
 
 def _list_all(client: _Client, path: str, key: str, page: int = LIST_PAGE) -> list[Any]:
