@@ -81,10 +81,18 @@ class ResourcesConfig:
     model's working size grows legitimately as its context fills, so a node-wide number would
     have to be chosen per deployment (e.g. the largest model's working size plus a margin)."""
 
+    cpu_threads: int = 0
+    """Threads the models held on the CPU (or a simulated device) decode with, together: each
+    gets its catalog `threads`, the others an even share of the rest, at least one each, and
+    the shares are recomputed as models come and go. 0 = the physical cores this process may
+    run on, llama.cpp's own choice for one model: more threads than cores make its spinning
+    threads preempt each other. Models on a GPU are not counted."""
+
     def __post_init__(self) -> None:
         _require(
             self.devices in ("auto", "cpu", "simulated"), "devices", "one of auto, cpu, simulated"
         )
+        _require(0 <= self.cpu_threads <= 4096, "cpu_threads", "must be in 0..4096")
         _require(self.gpu_poll_interval > 0, "gpu_poll_interval", "must be > 0 seconds")
         _require(self.vram_soft_limit_mb >= 0, "vram_soft_limit_mb", "must be >= 0")
         _require(
@@ -130,6 +138,10 @@ class CatalogEntry:
     CPU-resident weights, false forbids it; unset follows the node's setting."""
     parallel: int = 0
     """Overrides `[models] parallel` for this model (1..64); 0 = the node's setting."""
+    threads: int = 0
+    """Decode threads of this model on the CPU (1..4096), taken from `[resources] cpu_threads`
+    before the other models share the rest; 0 = an even share. On a GPU, the threads of its
+    CPU-resident layers."""
 
     def __post_init__(self) -> None:
         problem = name_problem(self.name)  # the rule clients' names follow, so they can ask
@@ -139,6 +151,7 @@ class CatalogEntry:
         _require(16 <= self.n_ctx <= 1_048_576, "n_ctx", "must be in 16..1048576")
         _require(0 <= self.n_ctx_max <= 1_048_576, "n_ctx_max", "must be in 0..1048576")
         _require(self.gpu_layers >= -1, "gpu_layers", "must be >= -1")
+        _require(0 <= self.threads <= 4096, "threads", "must be in 0..4096")
         _require(
             self.parallel == 0 or 1 <= self.parallel <= MAX_PARALLEL,
             "parallel",

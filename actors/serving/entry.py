@@ -132,10 +132,12 @@ def worker_spec(
     device_index: int | None,
     cpu_repack: bool,
     node_parallel: int | None = None,
+    n_threads: int = 0,
 ) -> WorkerSpec:
     """Return what the worker process for `entry` is started with on its device.
 
-    `node_parallel` is `[models] parallel`, for an entry that leaves it to the node.
+    `node_parallel` is `[models] parallel`, for an entry that leaves it to the node;
+    `n_threads` its share of the CPU (0: the entry's own setting, else the physical cores).
     """
     load = LoadSpec(
         backend=entry.backend,
@@ -147,6 +149,7 @@ def worker_spec(
         lora_path=entry.lora or None,
         cpu_repack=cpu_repack,
         parallel=slots_of(entry, node_parallel),
+        n_threads=n_threads or entry.threads,
     )
     return WorkerSpec(name=entry.name, load=load)
 

@@ -40,7 +40,9 @@ from actors.serving.probes import DeviceProbe
 from actors.serving.resilience import BulkheadRegistry, CircuitBreaker
 from actors.serving.slot import Acquired, Slot, Unloaded, model_info, resident
 from actors.serving.store import LoadedRecord, RegisteredRecord, StateStore
+from actors.serving.threads import thread_shares
 from actors.types import Backend, LoadRequest
+from actors.worker.backends.threads import physical_cores
 from actors.worker.handle import WorkerFactory
 from actors.worker.protocol import Loaded
 
@@ -66,6 +68,7 @@ class ManagerDeps:
     wall_clock: Callable[[], float] = time.time  # only for clients: when a model was last used
     worker_factory: WorkerFactory = worker_process
     memory_watch: MemoryWatch = MemoryWatch()
+    cpu_threads: int = 0  # [resources] cpu_threads: 0 = the physical cores
 
 
 class ModelManager(LoopReplyActor):
@@ -191,6 +194,19 @@ class ModelManager(LoopReplyActor):
             self._start_actor(slot)
         self._publish(entry.name)
 
+    def _cpu_shares(self) -> dict[str, int]:
+        """Each model held on the host CPU (loading or loaded) and its share of the threads."""
+        wanted = {
+            name: slot.entry.threads
+            for name, slot in self._slots.items()
+            if slot.device is not None
+            and self._deps.ledgers[slot.device].kind != "nvml"
+            and slot.state in ("loading", "loaded")
+        }
+        if not wanted:
+            return {}
+        return thread_shares(self._deps.cpu_threads or physical_cores(), wanted)
+
     def _residents(self) -> list[Resident]:
         now = self._deps.clock()
         return [
@@ -215,6 +231,7 @@ class ModelManager(LoopReplyActor):
             device_index=self._deps.device_index.get(device),
             cpu_repack=self._models_config.cpu_repack_for(entry),
             node_parallel=self._models_config.parallel,
+            n_threads=self._cpu_shares().get(entry.name, 0),
         )
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
         events = self.actor_ref.proxy()

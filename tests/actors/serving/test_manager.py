@@ -53,6 +53,7 @@ class Rig:
         pinned: tuple[str, ...] = (),
         total_mb: float = ROOM_FOR_TWO_MB,
         parallel: int = 1,
+        cpu_threads: int = 0,
     ) -> None:
         self.clock = FakeClock()
         self.workers = FakeWorkers(measured_mb=MEASURED_MB)
@@ -79,6 +80,7 @@ class Rig:
                 wall_clock=lambda: WALL_S,
                 worker_factory=self.workers,
                 memory_watch=MemoryWatch(poll_s=3600.0),  # no measuring between requests
+                cpu_threads=cpu_threads,
             )
         )
         self.manager = self.ref.proxy()
@@ -150,6 +152,16 @@ async def test_the_node_default_parallel_reaches_the_worker_of_a_gguf_model(make
     await rig.acquire("a")
     (worker,) = rig.workers.of("a")
     assert worker.spec.load.parallel == 4
+
+
+async def test_models_on_the_cpu_start_with_their_share_of_its_threads(make: Make) -> None:
+    rig = make(cpu_threads=6, total_mb=10_000.0)
+    await rig.acquire("a")
+    await rig.acquire("b")
+    (worker_a,) = rig.workers.of("a")
+    (worker_b,) = rig.workers.of("b")
+    assert worker_a.spec.load.n_threads == 6  # alone, it had them all
+    assert worker_b.spec.load.n_threads == 3
 
 
 async def test_a_model_that_does_not_fit_evicts_the_idle_model_longest_unused(make: Make) -> None:
