@@ -255,7 +255,8 @@ def start_node(workdir: Path, model: Path, keys: dict[str, int]) -> tuple[subpro
     config.write_text(
         f'[node]\nname = "bench-batching"\nstate_dir = "{workdir / "state"}"\n'
         f'model_dirs = ["{model.parent}"]\n\n'
-        f'[server]\nhost = "127.0.0.1"\nrest_port = {rest}\nzmq_port = {free_port()}\n\n'
+        f'[server]\nhost = "127.0.0.1"\nrest_port = {rest}\nzmq_port = {free_port()}\n'
+        f"grpc_port = 0\n\n"
         f'[resources]\ndevices = "cpu"\n\n'
         f'[[models.catalog]]\nname = "{MODEL}"\npath = "{model}"\nn_ctx = {N_CTX}\n'
         f"preload = true\npin = true\n{extra}",

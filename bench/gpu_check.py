@@ -229,6 +229,7 @@ model_dirs = ["{workdir}"]
 host = "127.0.0.1"
 rest_port = {self.rest}
 zmq_port = {free_port()}
+grpc_port = 0
 
 [resources]
 devices = "auto"

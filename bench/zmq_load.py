@@ -249,8 +249,8 @@ def run_phase(
 # ---- the node ----
 
 
-def write_config(workdir: Path, zmq_port: int, rest_port: int) -> Path:
-    """Generate the tiny model and a TOML config serving it on loopback."""
+def write_config(workdir: Path, zmq_port: int, rest_port: int, grpc_port: int = 0) -> Path:
+    """Generate the tiny model and a TOML config serving it on loopback (gRPC: 0, any port)."""
     from actors.gguf_synth import write_preset
 
     models = workdir / "models"
@@ -268,6 +268,7 @@ model_dirs = ["{models}"]
 host = "127.0.0.1"
 zmq_port = {zmq_port}
 rest_port = {rest_port}
+grpc_port = {grpc_port}
 
 [resources]
 devices = "cpu"

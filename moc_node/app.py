@@ -261,16 +261,20 @@ ServerFactory = Callable[[Node, Config, Keys], list[Front]]
 
 
 def default_servers(node: Node, config: Config, keys: Keys) -> list[Front]:
-    """The HTTP server and the legacy ZMQ server, with the keys the preflight read."""
+    """The HTTP server, the legacy ZMQ server and the legacy gRPC server, with the keys the
+    preflight read."""
+    from transports.grpc_server import GrpcServer
     from transports.http import HttpServer
     from transports.zmq_legacy import ZmqServer
 
     static = Path(__file__).with_name("static")
     http = HttpServer(node, config.server, static_dir=static, api_keys=keys.api)
     zmq_server = ZmqServer(node, config.server, api_keys=keys.api, zmq_auth=keys.zmq)
+    grpc_server = GrpcServer(node, config.server, api_keys=keys.api)
     return [
         Front(http, listener(config, "server.rest_port")),
         Front(zmq_server, listener(config, "server.zmq_port")),
+        Front(grpc_server, listener(config, "server.grpc_port")),
     ]
 
 

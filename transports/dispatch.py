@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from actors import names
 from actors.errors import (
     InvalidRequest,
+    MocError,
     RequestTimeout,
 )
 from actors.types import (
@@ -26,6 +27,7 @@ from actors.types import (
     InferResult,
     LoadRequest,
     ModelInfo,
+    TokenChunk,
 )
 from transports import schema
 from transports.api import NodeAPI
@@ -42,6 +44,7 @@ __all__ = [
     "Dispatcher",
     "health_view",
     "infer_result_view",
+    "legacy_field_error",
     "lookup_action",
     "model_view",
     "paged",
@@ -83,6 +86,21 @@ class Dispatcher:
         """Run the action `name` with `payload` and return its JSON-ready result."""
         return await lookup_action(name).handler(self, payload)
 
+    def within(self, seconds: float | None) -> Dispatcher:
+        """Return a dispatcher whose timeouts end within `seconds` (a client's own deadline).
+
+        None, or a deadline past the configured timeouts, returns this dispatcher.
+        """
+        config = self.config
+        if seconds is None or seconds >= max(config.request_timeout_s, config.load_timeout_s):
+            return self
+        bounded = dataclasses.replace(
+            config,
+            request_timeout_s=min(config.request_timeout_s, seconds),
+            load_timeout_s=min(config.load_timeout_s, seconds),
+        )
+        return Dispatcher(self.node, bounded)
+
     def with_deadline(self, req: InferRequest) -> InferRequest:
         """Give `req` the configured request timeout unless it carries its own."""
         if req.timeout_s is None:
@@ -94,6 +112,35 @@ class Dispatcher:
         req = self.with_deadline(req)
         assert req.timeout_s is not None
         return await _within(self.node.infer(req), req.timeout_s, "inference")
+
+    async def stream(self, req: InferRequest) -> AsyncIterator[TokenChunk | InferResult]:
+        """Yield the pieces of one inference, then its InferResult, within its deadline.
+
+        Closing this iterator (or cancelling its consumer) closes the node's stream, which is
+        what cancels the generation.
+        """
+        req = self.with_deadline(req)
+        assert req.timeout_s is not None
+        deadline = asyncio.get_running_loop().time() + req.timeout_s
+        items = self.node.infer_stream(req)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await anext(items)
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"inference did not finish within {req.timeout_s:g} s"
+                    ) from None
+                except StopAsyncIteration:
+                    raise MocError("the node ended the stream without a result") from None
+                yield item
+                if isinstance(item, InferResult):
+                    return
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def load(self, req: LoadRequest) -> ModelInfo:
         """Load a model; past the load timeout the client gets 504 while the load goes on."""
@@ -183,10 +230,15 @@ async def _infer(d: Dispatcher, payload: Mapping[str, Any]) -> Any:
     try:
         return infer_result_view(await d.infer(schema.parse_infer(payload)))
     except InvalidRequest as exc:
-        legacy = LEGACY_FIELDS.get(exc.field)
-        if legacy is None:
-            raise
-        raise InvalidRequest(legacy, str(exc).removeprefix(f"{exc.field}: ")) from None
+        raise legacy_field_error(exc) from None
+
+
+def legacy_field_error(exc: InvalidRequest) -> InvalidRequest:
+    """Return `exc` naming the field as the legacy payload does (input_text, not prompt)."""
+    legacy = LEGACY_FIELDS.get(exc.field)
+    if legacy is None:
+        return exc
+    return InvalidRequest(legacy, str(exc).removeprefix(f"{exc.field}: "))
 
 
 async def _load(d: Dispatcher, payload: Mapping[str, Any]) -> Any:

@@ -18,6 +18,8 @@ from prometheus_client import (
 
 __all__ = [
     "HTTP_CONNECTIONS_REFUSED",
+    "GRPC_REQUESTS",
+    "GrpcRecorder",
     "IN_FLIGHT",
     "PEER_DROPPED",
     "PEER_REQUESTS",
@@ -63,6 +65,12 @@ ZMQ_REQUESTS = Counter(
     "moc_zmq_requests_total",
     "Legacy ZeroMQ requests answered or dropped, by action and outcome (ok or an error code).",
     ["action", "outcome"],
+)
+GRPC_REQUESTS = Counter(
+    "moc_grpc_requests_total",
+    "gRPC calls answered, by method (ModelOps method, or Health/Check and Health/Watch) and "
+    "outcome (ok, or an error code as moc_zmq_requests_total names it).",
+    ["method", "outcome"],
 )
 REQUEST_DURATION = Histogram(
     "moc_request_duration_seconds",
@@ -123,6 +131,28 @@ class ZmqRecorder:
             )
         counter.inc()
         self._histograms[key].observe(seconds)
+
+
+class GrpcRecorder:
+    """Count and time gRPC calls, caching label children (this path runs per call)."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+    def record(self, method: str, outcome: str, seconds: float) -> None:
+        """Count one call and observe its duration."""
+        key = (method, outcome)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                GRPC_REQUESTS.labels(method=method, outcome=outcome),
+                REQUEST_DURATION.labels(
+                    transport="grpc", action=method, outcome="ok" if outcome == "ok" else "error"
+                ),
+            )
+        counter, histogram = children
+        counter.inc()
+        histogram.observe(seconds)
 
 
 _http_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}

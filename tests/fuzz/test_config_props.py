@@ -101,6 +101,7 @@ def base(root: Path) -> dict[str, Any]:
             "host": "127.0.0.1",
             "rest_port": 0,
             "zmq_port": 0,
+            "grpc_port": 0,
             "api_keys": ["inline"],
             "api_key_file": str(root / "api.keys"),
         },

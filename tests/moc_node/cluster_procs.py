@@ -154,6 +154,7 @@ drain_timeout = 5.0
 host = "{addresses.server}"
 rest_port = {ports["http"]}
 zmq_port = {ports["zmq"]}
+grpc_port = 0
 [resources]
 devices = "cpu"
 [[models.catalog]]

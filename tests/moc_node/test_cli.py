@@ -94,7 +94,7 @@ class Refusal:
     toml: str = ""  # sections after the base config
     server: str = ""  # lines added to its [server] section
     key_file: str | None = None  # written to <tmp>/cluster.key
-    occupy: str | None = None  # "rest" or "zmq": a socket of the test's own holds that port
+    occupy: str | None = None  # "rest", "zmq" or "grpc": a socket of the test's own holds that port
     # A bind failure comes after the runtime is built, which logs; a preflight one before.
     only_line: bool = True
 
@@ -111,6 +111,7 @@ REFUSALS: dict[str, Refusal] = {
     "seeds-without-enabled": Refusal("cluster.seeds", '[cluster]\nseeds = ["10.0.0.1:7946"]\n'),
     "http-port-in-use": Refusal("server.rest_port", occupy="rest", only_line=False),
     "zmq-port-in-use": Refusal("server.zmq_port", occupy="zmq", only_line=False),
+    "grpc-port-in-use": Refusal("server.grpc_port", occupy="grpc", only_line=False),
 }
 
 
@@ -118,7 +119,7 @@ REFUSALS: dict[str, Refusal] = {
 def test_run_refuses_a_config_that_cannot_start_with_exit_2_and_one_line(
     tmp_path: Path, case: Refusal
 ) -> None:
-    ports = {"rest": free_port(), "zmq": free_port()}
+    ports = {"rest": free_port(), "zmq": free_port(), "grpc": free_port()}
     holder = socket.socket()
     if case.occupy:
         holder.bind(("127.0.0.1", 0))
@@ -137,6 +138,7 @@ model_dirs = ["{tmp_path / "models"}"]
 host = "127.0.0.1"
 rest_port = {ports["rest"]}
 zmq_port = {ports["zmq"]}
+grpc_port = {ports["grpc"]}
 {case.server.replace("{tmp}", str(tmp_path))}
 [resources]
 devices = "cpu"

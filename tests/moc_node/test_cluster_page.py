@@ -18,12 +18,14 @@ from transports.http import HttpServer
 @pytest.fixture
 async def page(tmp_path: Path) -> AsyncIterator[tuple[Runtime, str]]:
     config = make_config(tmp_path, tmp_path / "models")
-    server_config = dataclasses.replace(config.server, rest_port=0, zmq_port=0, api_keys=("s3cret",))
+    server_config = dataclasses.replace(
+        config.server, rest_port=0, zmq_port=0, grpc_port=0, api_keys=("s3cret",)
+    )
     config = dataclasses.replace(config, server=server_config)
     runtime = build_runtime(config)
     await runtime.node.start()
     keys = read_keys(config)
-    (http, _zmq) = (front.server for front in default_servers(runtime.node, config, keys))
+    http = default_servers(runtime.node, config, keys)[0].server
     assert isinstance(http, HttpServer)
     await http.start()
     yield runtime, f"http://127.0.0.1:{http.port}"

@@ -43,7 +43,7 @@ def table(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     models.mkdir(exist_ok=True)
     data: dict[str, Any] = {
         "node": {"name": "pre", "state_dir": str(tmp_path / "state"), "model_dirs": [str(models)]},
-        "server": {"host": "127.0.0.1", "rest_port": 0, "zmq_port": 0},
+        "server": {"host": "127.0.0.1", "rest_port": 0, "zmq_port": 0, "grpc_port": 0},
         "resources": {"devices": "cpu"},
     }
     for name, values in sections.items():
@@ -479,6 +479,7 @@ model_dirs = ["{models}"]
 [server]
 rest_port = 0
 zmq_port = 0
+grpc_port = 0
 [resources]
 devices = "cpu"
 [[models.catalog]]

@@ -154,6 +154,7 @@ drain_timeout = 60
 host = "127.0.0.1"
 rest_port = {rest_port}
 zmq_port = {zmq_port}
+grpc_port = 0
 
 [resources]
 devices = "cpu"

@@ -133,6 +133,7 @@ model_dirs = ["{models}"]
 [server]
 zmq_port = {free_port()}
 rest_port = {free_port()}
+grpc_port = 0
 [resources]
 devices = "cpu"
 [[models.catalog]]

@@ -277,7 +277,9 @@ def node() -> FakeNode:
 
 def server_config(**overrides: Any) -> ServerConfig:
     """A config on loopback with free ports and short grace periods."""
-    base = ServerConfig(host="127.0.0.1", zmq_port=0, rest_port=0, shutdown_timeout_s=2.0)
+    base = ServerConfig(
+        host="127.0.0.1", zmq_port=0, rest_port=0, grpc_port=0, shutdown_timeout_s=2.0
+    )
     return dataclasses.replace(base, **overrides)
 
 

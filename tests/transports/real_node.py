@@ -1,7 +1,7 @@
 """Fixtures that serve a real Node (real actors, real llama.cpp workers) over the real fronts.
 
 The node is built with `moc_node.app.build_runtime` on generated tiny GGUF models and served
-in-process by `HttpServer` and `ZmqServer` on free loopback ports, as `moc-node run` wires them.
+in-process by `HttpServer`, `ZmqServer` and `GrpcServer` on free loopback ports, as `moc-node run` wires them.
 Test modules import the fixtures they use from here (the `*_fixture` functions; pytest knows
 them by the name without the suffix).
 """
@@ -13,6 +13,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from moc_node.app import Runtime, build_runtime
 from moc_node.node import Node
 from tests.moc_node.conftest import make_config
 from tests.transports.conftest import server_config
+from transports.grpc_server import GrpcServer
 from transports.http import HttpServer
 from transports.zmq_legacy import ZmqServer
 
@@ -38,6 +40,7 @@ class RealNode:
     runtime: Runtime
     http: HttpServer
     zmq: ZmqServer
+    grpc: GrpcServer
     model_root: Path
 
     @property
@@ -51,6 +54,10 @@ class RealNode:
     @property
     def endpoint(self) -> str:
         return self.zmq.endpoint
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc.port}"
 
     def in_flight(self, model: str = MODEL) -> int:
         """Requests the model's bulkhead holds now."""
@@ -83,23 +90,33 @@ async def start_node_fixture(tmp_path: Path, tiny_models: Path) -> AsyncIterator
     running: list[RealNode] = []
 
     async def start(
-        *, bulkhead: BulkheadConfig | None = None, api_keys: tuple[str, ...] = ()
+        *,
+        bulkhead: BulkheadConfig | None = None,
+        api_keys: tuple[str, ...] = (),
+        start_models: bool = True,
+        **server: Any,
     ) -> RealNode:
+        """`start_models` False: the fronts serve, the node is not started (not ready) yet;
+        `server`: more [server] keys."""
         entry = CatalogEntry(
             name=MODEL, path=str(tiny_models / f"{MODEL}.gguf"), n_ctx=N_CTX, preload=True
         )
         config = make_config(
             tmp_path / f"node{len(running)}", tiny_models, catalog=(entry,), bulkhead=bulkhead
         )
-        config = dataclasses.replace(config, server=server_config(api_keys=api_keys))
+        config = dataclasses.replace(config, server=server_config(api_keys=api_keys, **server))
         runtime = build_runtime(config)
         http = HttpServer(runtime.node, config.server)
         zmq_server = ZmqServer(runtime.node, config.server)
-        served = RealNode(runtime, http, zmq_server, tiny_models)
+        grpc_server = GrpcServer(runtime.node, config.server)
+        served = RealNode(runtime, http, zmq_server, grpc_server, tiny_models)
         running.append(served)
         # Fronts first, as the app does: /ready answers 503 while the models are restored.
         await http.start()
         await zmq_server.start()
+        await grpc_server.start()
+        if not start_models:
+            return served
         await runtime.node.start()
         return served
 
@@ -107,4 +124,5 @@ async def start_node_fixture(tmp_path: Path, tiny_models: Path) -> AsyncIterator
     for served in reversed(running):
         await served.http.stop()
         await served.zmq.stop()
+        await served.grpc.stop()
         await served.runtime.close()
