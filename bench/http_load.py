@@ -260,7 +260,9 @@ class Direct:
     def loop_once(self) -> float:
         """Return tokens/s of the worker's own decode loop (the anchor): `Llama.generate` with
         the worker's sampling settings, detokenizing each token."""
-        from actors.worker.backends.gguf import _MIN_P, _REPEAT_PENALTY, _TOP_K
+        from actors.worker.backends.sampling import MIN_P, TOP_K
+
+        _TOP_K, _MIN_P, _REPEAT_PENALTY = TOP_K, MIN_P, 1.0  # 1.0: the engine's, no penalty
 
         llm = self.llm
         t0 = time.perf_counter()
@@ -371,6 +373,7 @@ model_dirs = ["{model.parent}"]
 host = "127.0.0.1"
 rest_port = {rest}
 zmq_port = {free_port()}
+grpc_port = 0
 
 [resources]
 devices = "cpu"

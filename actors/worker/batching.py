@@ -1,9 +1,9 @@
-"""Drive the continuous-batching GGUF engine from the worker's loop (`LoadSpec.parallel` > 1).
+"""Drive the continuous-batching GGUF engine from the worker's loop (every GGUF model).
 
-The one-at-a-time worker runs each request to its end before reading the next; with an engine
-the loop instead submits every request the moment it arrives and calls `step()` once per turn,
-so all of them decode together (actors/worker/backends/gguf_engine.py). This module turns the
-wire's messages into engine calls and the engine's callbacks into answers:
+The worker submits every request the moment it arrives and calls `step()` once per turn, so
+all of them decode together, up to the engine's slots (actors/worker/backends/gguf_engine.py);
+with one slot they run one after another. This module turns the wire's messages into engine
+calls and the engine's callbacks into answers:
 
 - Infer: submitted at once; its text streams as Token frames when it asked to stream, and its
   end comes back as Done (with the worker's memory now) or Failed (a failed decode: internal;
@@ -11,17 +11,16 @@ wire's messages into engine calls and the engine's callbacks into answers:
 - Cancel: cancels that one request, queued or running; the others go on untouched.
 - A data link that closes: every request that came on it is cancelled (its answers are dropped).
 
-Chat messages are rendered with the model's template as the one-at-a-time backend renders them
-(`render_chat` in actors/worker/backends/gguf.py), with the template's stops.
+Chat messages are rendered by the engine: the model's template, or ChatML for a model without
+one, with the template's stops.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from actors.worker.backends import BadRequest, Generation, check_generation, generation_of
-from actors.worker.backends.gguf import render_chat
 from actors.worker.backends.gguf_engine import Finish, GgufEngine, Request
 from actors.worker.links import DataLink
 from actors.worker.protocol import Done, Failed, Infer, Token
@@ -107,19 +106,14 @@ class EngineDriver:
             self.memory_mb(),
         )
 
-    def _prompt(self, gen: Generation) -> tuple[str | list[int], tuple[str, ...], str]:
+    def _prompt(self, gen: Generation) -> tuple[str | Sequence[int], tuple[str, ...], str]:
         """Return what to submit: the prompt text or the chat's tokens, extra stops, field."""
         if gen.tensors is not None:
             raise BadRequest("tensors", "a GGUF model takes text, not tensors")
         if gen.messages is None:
             return gen.prompt or "", (), "prompt"
-        template = self.engine.metadata("tokenizer.chat_template")
-        if not template:
-            raise BadRequest("messages", "this model has no chat template; send a prompt instead")
-        bos_text, eos_text = self.engine.special_texts()
-        chat = render_chat(template, bos_text=bos_text, eos_text=eos_text, messages=gen.messages)
-        tokens = self.engine.tokenize(chat.text, add_bos=chat.add_bos, special=True)
-        return tokens, chat.stops, "messages"
+        tokens, stops = self.engine.chat_prompt(gen.messages)
+        return tokens, stops, "messages"
 
 
 def _ignore(_: str) -> None:

@@ -12,9 +12,9 @@ the last one ends, and each answer goes back on the link its request came from. 
 thread ends the process as soon as its parent is gone, so a killed node leaves no orphan holding
 memory. Imports stay lean: the backend's library is imported only once the LoadSpec says which.
 
-A GGUF model loaded with `parallel` > 1 slots is a batching engine instead: every request is
-submitted the moment it arrives and the loop steps the engine once per turn (actors/worker/
-batching.py). Torch models, parallel 1 and LoRA adapters keep the one-at-a-time loop.
+A GGUF model is a batching engine: every request is submitted the moment it arrives and the
+loop steps the engine once per turn (actors/worker/batching.py), whatever its `parallel` (one
+slot serves them one after another). A torch model runs each request to its end in turn.
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ class Worker:
         self.sock = sock
         self.control = ControlSocket(sock)
         self.listener = listener
-        self.model: LoadedModel | None = None  # one request at a time
-        self.driver: EngineDriver | None = None  # or a batching engine
+        self.model: LoadedModel | None = None  # a torch model: one request at a time
+        self.driver: EngineDriver | None = None  # or a GGUF model's batching engine
         self.shutdown = False
         self.rss_before = 0.0
         self.gpu_mb: float | None = None  # measured once: GPU buffers are all allocated at load
@@ -291,9 +291,12 @@ class Worker:
                 gpu = None if after is None else max(0.0, after - gpu_before)
             self.gpu_mb = gpu  # None: NVML cannot say, so fall back to host RSS
         measured = self.memory_mb()
-        model = self.driver.engine if self.driver is not None else self.model
-        assert model is not None
-        template = getattr(model, "chat_template", "")
+        if self.driver is not None:
+            model: LoadedModel | GgufEngine = self.driver.engine
+            template = self.driver.engine.chat_template
+        else:
+            assert self.model is not None
+            model, template = self.model, ""  # a tensor model takes no chat
         self.control.send(
             Loaded(os.getpid(), measured, seconds, model.version, model.n_ctx, template)
         )
@@ -307,7 +310,7 @@ class Worker:
             self.model.close()
 
     def serve(self, link: DataLink, msg: Infer) -> None:
-        """Run one request to completion, cancellation or failure, and answer it."""
+        """Run one torch request to completion, cancellation or failure, and answer it."""
         assert self.model is not None
         rid = msg.request_id
         self.current = (link, rid)

@@ -14,12 +14,19 @@ llama.cpp's own server drives its slots:
   sequence from the KV cache and decodes only its own remainder (llama.cpp server's
   `cache_prompt`). The KV cache is not unified: each sequence has its own stream of `n_ctx`
   cells, so a slot's prompt can never crowd out another's.
+- When a prompt finishes prefill its slot keeps the logits of its last position (n_vocab
+  floats). A later request whose prompt is exactly that prompt again (agents repeat theirs)
+  decodes nothing: its KV is trimmed to the prompt and its first token is sampled from the
+  saved logits, as llama-cpp-python's `Llama.generate` did for an identical prompt.
 - The slot choice and the step's batch plan are pure functions (slots.py).
 
-Sampling matches the one-at-a-time backend (gguf.py, `Llama.generate`'s chain): greedy at
-temperature 0, else top-k, top-p, min-p, temperature, then a draw seeded per request. Text is
-streamed UTF-8 safe (an incremental decoder holds a character split across tokens) and held back
-while it may be the start of a stop sequence (StopMatcher).
+This is the one GGUF serving path: one slot (`parallel` 1) serves requests one after another
+with the same code. Sampling is `Llama.generate`'s chain (sampling.py): greedy at temperature 0,
+else top-k, top-p, min-p, temperature, then a draw seeded per request. Text is streamed UTF-8
+safe (an incremental decoder holds a character split across tokens) and held back while it may
+be the start of a stop sequence (StopMatcher). Chat is rendered with the model's template, or
+ChatML when the file has none (as llama.cpp's server does). A LoRA adapter (`spec.lora_path`)
+is applied to the context at scale 1.0, as `Llama(lora_path=...)` does.
 
 Not thread-safe: one thread (the worker's request loop) calls submit, cancel and step.
 """
@@ -36,9 +43,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.types import FinishReason, GenerationParams
+import numpy as np
+
+from actors.types import ChatMessage, FinishReason, GenerationParams
 from actors.worker.backends import BackendError, BadRequest, Outcome, file_version
-from actors.worker.backends.gguf import check_gguf_file, describe_buffers, llama_log
+from actors.worker.backends.gguf import (
+    CHATML_STOP,
+    CHATML_TEMPLATE,
+    check_gguf_file,
+    describe_buffers,
+    llama_log,
+    render_chat,
+)
 from actors.worker.backends.sampling import sampler_chain
 from actors.worker.backends.slots import SlotView, Wants, choose_slot, plan_step
 from actors.worker.backends.stops import StopMatcher
@@ -94,12 +110,13 @@ class Request:
         self.matcher = StopMatcher(stop)
         self.decoder = _UTF8(errors="ignore")
         self.out: list[str] = []
+        self.sampler: Any = None  # its chain, from submit until it ends
         # Set at admission:
         self.slot: _Slot | None = None
-        self.sampler: Any = None
         self.reused = 0
         self.next_prompt = 0  # index of the next prompt token to decode
         self.pending: int | None = None  # sampled, to be decoded by the next step
+        self.from_saved = False  # its whole prompt was cached: sample from the slot's logits
         self.produced = 0
 
     @property
@@ -114,6 +131,14 @@ class _Slot:
     cached: list[int]  # the tokens whose KV the sequence holds: positions 0..len-1
     last_used: int = 0
     request: Request | None = None
+    # The logits after cached[:logits_at] (the last prompt that finished prefill here), or 0.
+    logits_at: int = 0
+    logits: np.ndarray | None = None
+
+    def forget_logits_past(self, n: int) -> None:
+        """Drop the saved logits when the KV they follow is cut below them."""
+        if self.logits_at > n:
+            self.logits_at, self.logits = 0, None
 
 
 class GgufEngine:
@@ -130,11 +155,14 @@ class GgufEngine:
         step_tokens: int,
         seed: int,
         version: str,
+        adapter: Any = None,
     ) -> None:
         self._lib = lib
         self._model = model
         self._ctx = ctx
+        self._adapter = adapter  # the LoRA adapter set on the context, freed at close
         self._vocab = lib.llama_model_get_vocab(model)
+        self._n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self._mem = lib.llama_get_memory(ctx)
         self._batch = lib.llama_batch_init(step_tokens, 0, 1)
         self._n_ctx = n_ctx
@@ -147,6 +175,14 @@ class GgufEngine:
         self._tick = itertools.count(1)
         self._pieces: dict[int, bytes] = {}
         self._closed = False
+        template = _meta(lib, model, "tokenizer.chat_template")
+        self._template = template or CHATML_TEMPLATE
+        self._chat_template = "model" if template else "chatml"
+        # A candidates array (llama_token_data: id, logit, p) to sample saved logits from.
+        self._candidates = np.zeros(
+            self._n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)]
+        )
+        self._candidates["id"] = np.arange(self._n_vocab, dtype=np.int32)
         self.weight_buffers: dict[str, float] = {}  # MiB of weights per llama.cpp buffer type
         self.decoded_tokens = 0  # tokens decoded so far, prompt and generated (for tests)
 
@@ -177,8 +213,6 @@ class GgufEngine:
             raise BackendError(
                 f"step_tokens ({step_tokens}) must be at least parallel ({parallel})"
             )
-        if spec.lora_path:
-            raise BackendError("the batching engine does not take LoRA adapters yet")
         check_gguf_file(spec.path)
         try:
             import llama_cpp
@@ -243,7 +277,18 @@ class GgufEngine:
             lib.llama_free(ctx)
             lib.llama_model_free(model)
             raise BackendError(f"llama.cpp gave each sequence fewer than {spec.n_ctx} cells")
+        adapter = None
+        if spec.lora_path:
+            try:
+                adapter = _set_lora(lib, model, ctx, spec.lora_path, log.errors)
+            except BackendError:
+                lib.llama_free(ctx)
+                lib.llama_model_free(model)
+                raise
         name = _meta(lib, model, "general.name") or Path(spec.path).stem
+        version = file_version(spec.path, name)
+        if spec.lora_path:  # the adapter is part of what is served: a new one is a new version
+            version += "+" + file_version(spec.lora_path, Path(spec.lora_path).stem)
         engine = cls(
             lib,
             model,
@@ -252,13 +297,19 @@ class GgufEngine:
             n_ctx=spec.n_ctx,
             step_tokens=step_tokens,
             seed=spec.seed,
-            version=file_version(spec.path, name),
+            version=version,
+            adapter=adapter,
         )
         engine.weight_buffers = dict(log.weights)
+        lora = f", LoRA {spec.lora_path}" if spec.lora_path else ""
+        chat = {
+            "model": "the model's own",
+            "chatml": "ChatML (the model has no tokenizer.chat_template)",
+        }[engine.chat_template]
         print(
             f"moc gguf: loaded {spec.path}: weights in {describe_buffers(engine.weight_buffers)}"
             f" (cpu_repack {'on' if spec.cpu_repack else 'off'}, {parallel} slots of "
-            f"{spec.n_ctx} tokens)",
+            f"{spec.n_ctx} tokens{lora}); chat template: {chat}",
             file=sys.stderr,
             flush=True,
         )
@@ -275,6 +326,11 @@ class GgufEngine:
     def n_ctx(self) -> int:
         """Return the context of one slot in tokens (what one request may use)."""
         return self._n_ctx
+
+    @property
+    def chat_template(self) -> str:
+        """Name the template chat is rendered with: "model" (the GGUF's own) or "chatml"."""
+        return self._chat_template
 
     @property
     def parallel(self) -> int:
@@ -315,6 +371,22 @@ class GgufEngine:
     def slot_tokens(self, index: int) -> tuple[int, ...]:
         """Return the tokens whose KV slot `index` holds (for tests and metrics)."""
         return tuple(self._slots[index].cached)
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[int], tuple[str, ...]]:
+        """Render `messages` with the chat template; return its tokens and its stops.
+
+        Raise BadRequest on "messages" when the template fails.
+        """
+        bos_text, eos_text = self.special_texts()
+        chat = render_chat(
+            self._template, bos_text=bos_text, eos_text=eos_text, messages=messages
+        )
+        if self._chat_template == "model":  # as create_chat_completion tokenizes it
+            return self.tokenize(chat.text, add_bos=chat.add_bos, special=True), chat.stops
+        # As llama.cpp's server tokenizes its ChatML: a BOS where the model wants one, and a
+        # stop at <|im_end|> where that is plain text rather than an end-of-turn token.
+        stops = chat.stops if CHATML_STOP in chat.stops else (*chat.stops, CHATML_STOP)
+        return self.tokenize(chat.text, add_bos=True, special=True), stops
 
     # --- tokens ---
 
@@ -367,7 +439,8 @@ class GgufEngine:
         `emit` gets each piece of text the moment it is safe; `done` gets the Finish once, from
         a later `step` or `cancel` (at once when there is nothing to generate). Generation ends
         at `params.stop` or `extra_stops` (a chat template's). Raise BadRequest naming `field`
-        when the prompt does not fit one slot's context.
+        when the prompt does not fit one slot's context, or naming the parameter the sampler
+        chain refuses.
         """
         if self._closed:
             raise BackendError("the engine is closed")
@@ -388,6 +461,8 @@ class GgufEngine:
         if budget <= 0:
             done(Finish("", 0, n_prompt, 0, "length"))
             return request
+        # Built now, so that parameters llama.cpp refuses (a grammar, a bias) fail this call.
+        request.sampler = sampler_chain(self._lib, self._vocab, params, self._seed)
         self._queue.append(request)
         return request
 
@@ -400,6 +475,7 @@ class GgufEngine:
             self._queue.remove(request)
         except ValueError:
             return False
+        self._free_sampler(request)
         request.done(Finish("", 0, request.n_prompt, 0, "cancelled"))
         return True
 
@@ -410,10 +486,11 @@ class GgufEngine:
         self._admit()
         if not self._running:
             return 0
+        saved = [r for r in self._running if r.from_saved]  # nothing to decode before sampling
         wants = [
             Wants(r.slot.index, r.pending is not None, len(r.prompt) - r.next_prompt)
             for r in self._running
-            if r.slot is not None
+            if r.slot is not None and not r.from_saved
         ]
         plan = plan_step(wants, self._step_tokens)
         batch, lib = self._batch, self._lib
@@ -441,12 +518,13 @@ class GgufEngine:
                     outputs.append((request, n))
                 n += 1
             decoded.append((request, tokens))
-        batch.n_tokens = n
-        rc = lib.llama_decode(self._ctx, batch)
-        if rc != 0:
-            self._fail([r for r, _ in decoded], f"llama_decode returned {rc}")
-            return 0
-        self.decoded_tokens += n
+        if n:
+            batch.n_tokens = n
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                self._fail([r for r, _ in decoded], f"llama_decode returned {rc}")
+                return 0
+            self.decoded_tokens += n
         for request, tokens in decoded:
             assert request.slot is not None
             request.slot.cached.extend(tokens)
@@ -454,24 +532,62 @@ class GgufEngine:
                 request.pending = None
             else:
                 request.next_prompt += len(tokens)
+                if request.next_prompt == len(request.prompt):
+                    self._save_logits(request.slot, request, outputs)
         raised: list[Exception] = []
         for request, index in outputs:
             if not request.running:  # cancelled by an earlier request's callback
                 continue
-            token = lib.llama_sampler_sample(request.sampler, self._ctx, index)
             try:
-                self._take(request, token)
+                self._take(request, lib.llama_sampler_sample(request.sampler, self._ctx, index))
             except Exception as exc:  # a `done` callback's: the others still get their token
+                raised.append(exc)
+        for request in saved:
+            if not request.running:
+                continue
+            request.from_saved = False
+            try:
+                self._take(request, self._sample_saved(request))
+            except Exception as exc:
                 raised.append(exc)
         if raised:
             raise raised[0]
         return n
 
+    def _save_logits(self, slot: _Slot, request: Request, outputs: list[tuple[Request, int]]) -> None:
+        """Keep the logits of the prompt's last position for the same prompt again."""
+        index = next(i for r, i in outputs if r is request)
+        logits = self._lib.llama_get_logits_ith(self._ctx, index)
+        slot.logits = np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).copy()
+        slot.logits_at = len(request.prompt)
+
+    def _sample_saved(self, request: Request) -> int:
+        """Sample from the slot's saved logits as llama_sampler_sample samples a decode's."""
+        slot = request.slot
+        assert slot is not None and slot.logits is not None
+        lib = self._lib
+        candidates = self._candidates.copy()
+        candidates["logit"] = slot.logits
+        array = lib.llama_token_data_array(
+            data=candidates.ctypes.data_as(lib.llama_token_data_p),
+            size=self._n_vocab,
+            selected=-1,
+            sorted=False,
+        )
+        lib.llama_sampler_apply(request.sampler, ctypes.byref(array))
+        if not 0 <= array.selected < self._n_vocab:  # pragma: no cover - llama.cpp asserts it
+            raise RuntimeError(f"the sampler selected candidate {array.selected}")
+        token = int(array.data[array.selected].id)
+        lib.llama_sampler_accept(request.sampler, token)
+        return token
+
     def _admit(self) -> None:
         """Give queued requests free slots, oldest first, each the slot with its longest prefix."""
         while self._queue:
             free = [
-                SlotView(s.index, s.cached, s.last_used) for s in self._slots if s.request is None
+                SlotView(s.index, s.cached, s.last_used, s.logits_at)
+                for s in self._slots
+                if s.request is None
             ]
             request = self._queue[0]
             choice = choose_slot(request.prompt, free)
@@ -486,11 +602,12 @@ class GgufEngine:
                 self._lib.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
                 reused = 0
             del slot.cached[reused:]
+            slot.forget_logits_past(reused)
             slot.last_used = next(self._tick)
             slot.request = request
             request.slot = slot
             request.reused = request.next_prompt = reused
-            request.sampler = sampler_chain(self._lib, self._vocab, request.params, self._seed)
+            request.from_saved = reused == len(request.prompt)
             self._running.append(request)
 
     def _take(self, request: Request, token: int) -> None:
@@ -551,6 +668,9 @@ class GgufEngine:
         request.slot = None
         request.pending = None
         self._running.remove(request)
+        self._free_sampler(request)
+
+    def _free_sampler(self, request: Request) -> None:
         if request.sampler is not None:
             self._lib.llama_sampler_free(request.sampler)
             request.sampler = None
@@ -562,6 +682,7 @@ class GgufEngine:
             assert slot is not None
             self._lib.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
             slot.cached.clear()
+            slot.forget_logits_past(0)
             self._finish(request, "cancelled", error)
 
     def close(self) -> None:
@@ -576,7 +697,25 @@ class GgufEngine:
         lib = self._lib
         lib.llama_batch_free(self._batch)
         lib.llama_free(self._ctx)
+        if self._adapter is not None:
+            lib.llama_adapter_lora_free(self._adapter)
         lib.llama_model_free(self._model)
+
+
+def _set_lora(lib: Any, model: Any, ctx: Any, path: str, errors: Callable[[], str]) -> Any:
+    """Load the LoRA adapter at `path` and set it on `ctx` at scale 1.0; return it."""
+    adapter = lib.llama_adapter_lora_init(model, path.encode())
+    if not adapter:
+        detail = errors()
+        raise BackendError(
+            f"llama.cpp could not load the LoRA adapter {path}" + (f" ({detail})" if detail else "")
+        )
+    adapters = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(1.0)
+    if lib.llama_set_adapters_lora(ctx, adapters, 1, scales) != 0:
+        lib.llama_adapter_lora_free(adapter)
+        raise BackendError(f"llama.cpp could not apply the LoRA adapter {path}")
+    return adapter
 
 
 def _meta(lib: Any, model: Any, key: str) -> str | None:

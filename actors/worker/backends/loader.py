@@ -22,22 +22,17 @@ _UNKNOWN = "unknown backend {!r} (expected 'gguf' or 'torch')"
 def load_model(spec: LoadSpec) -> LoadedModel | GgufEngine:
     """Load `spec` with its backend; raise BackendError with a useful message on failure.
 
-    A GGUF model with `parallel` > 1 slots and no LoRA adapter is the batching engine, which
-    serves many requests at once. Parallel 1 and LoRA keep the one-at-a-time GgufModel in this
-    slice: the engine takes no adapter yet, and one slot gains nothing from batching.
+    A GGUF model is the batching engine, with `parallel` slots (one: requests one after
+    another, on the same code), its LoRA adapter applied when the spec names one.
     """
     if spec.backend == "gguf" and spec.n_threads <= 0:
         # llama.cpp's own choice, which neither llama.cpp's context default (4) nor
         # llama-cpp-python's (half the logical CPUs) is: see backends/threads.py.
         spec = dataclasses.replace(spec, n_threads=physical_cores())
-    if spec.backend == "gguf" and spec.parallel > 1 and not spec.lora_path:
+    if spec.backend == "gguf":
         from actors.worker.backends.gguf_engine import GgufEngine
 
-        return GgufEngine.load(spec, parallel=spec.parallel)
-    if spec.backend == "gguf":
-        from actors.worker.backends.gguf import GgufModel
-
-        return GgufModel.load(spec)
+        return GgufEngine.load(spec, parallel=max(spec.parallel, 1))
     if spec.backend == "torch":
         from actors.worker.backends.torch import TorchModel
 

@@ -17,6 +17,7 @@ class SlotView:
     index: int
     cached: Sequence[int]  # the tokens whose KV this slot's sequence holds, in order
     last_used: int  # when it last took a request (any increasing count); 0: never
+    logits_at: int = 0  # the slot kept the logits after cached[:logits_at]; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +51,19 @@ def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | Non
     The slot sharing the longest prefix with `prompt` wins when that prefix is at least
     SIMILARITY of the prompt (ties: least recently used, then lowest index); otherwise the least
     recently used slot, whose cache is the least likely to be wanted again. At most
-    len(prompt) - 1 tokens are reused: the last prompt token must be decoded again to get the
-    logits of the first generated token.
+    len(prompt) - 1 tokens are reused (the last prompt token must be decoded again to get the
+    logits of the first generated token), unless the slot kept the logits after exactly this
+    prompt: then all of it is, and nothing is decoded.
     """
     if not free:
         return None
     cap = max(len(prompt) - 1, 0)
 
     def reuse(slot: SlotView) -> int:
-        return min(common_prefix(prompt, slot.cached), cap)
+        shared = common_prefix(prompt, slot.cached)
+        if shared == len(prompt) == slot.logits_at > 0:
+            return shared
+        return min(shared, cap)
 
     best = min(free, key=lambda s: (-reuse(s), s.last_used, s.index))
     shared = reuse(best)

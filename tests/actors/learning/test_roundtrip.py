@@ -13,7 +13,7 @@ from actors.learning.spec import parse_params
 from actors.learning.tokenizer import Tokenizer
 from actors.learning.trainers import build_examples, make_trainer
 from actors.worker.backends import LoadSpec
-from actors.worker.backends.gguf import GgufModel
+from actors.worker.backends.gguf_engine import GgufEngine
 from tests.actors.learning.test_forward import llama_logits, served, torch_logits
 
 PROMPT = "The fox stood on the"
@@ -71,8 +71,8 @@ def test_a_lora_adapter_lowers_held_out_loss_and_llama_cpp_serves_it_as_torch_co
     assert served_greedy(tiny_gguf, ids, adapter) == continuation
     assert tok.decode(continuation) != tok.decode(load_llama(tiny_gguf).greedy(ids, 32))
     # What is served is the base and its adapter: the adapter is part of model_version.
-    plain = GgufModel.load(LoadSpec("gguf", str(tiny_gguf), n_ctx=128))
-    adapted = GgufModel.load(LoadSpec("gguf", str(tiny_gguf), n_ctx=128, lora_path=str(adapter)))
+    plain = GgufEngine.load(LoadSpec("gguf", str(tiny_gguf), n_ctx=128))
+    adapted = GgufEngine.load(LoadSpec("gguf", str(tiny_gguf), n_ctx=128, lora_path=str(adapter)))
     try:
         assert adapted.version.startswith(plain.version + "+adapter@")
     finally:

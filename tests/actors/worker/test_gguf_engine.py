@@ -3,9 +3,9 @@
 The models' output rows are zero except for printable ASCII (actors/gguf_synth.py), so greedy
 text is printable, one byte per token, and runs to max_tokens: texts compare byte for byte.
 "One at a time" is each request alone on a fresh one-slot engine. With flash attention off the
-engine also equals the one-at-a-time backend (gguf.py, llama-cpp-python's `Llama.generate`), an
-independent implementation; with it on (llama.cpp's choice on the CPU) llama.cpp's attention
-rounds differently from that backend's, so the engine is compared with itself there.
+engine also equals llama-cpp-python's `Llama.create_completion` (its default: flash attention
+off), an independent implementation; with it on (llama.cpp's choice on the CPU) llama.cpp's
+attention rounds differently, so the engine is compared with itself there.
 """
 
 from __future__ import annotations
@@ -13,14 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import llama_cpp
+import numpy as np
 import pytest
 
-from actors.gguf_synth import CHATML_TEMPLATE, write_preset
-from actors.types import GenerationParams
-from actors.worker.backends import BadRequest, Generation
-from actors.worker.backends.gguf import GgufModel
+from actors.gguf_synth import CHATML_TEMPLATE, SIZES, write_llama_gguf, write_preset
+from actors.learning.export import write_lora_adapter
+from actors.types import ChatMessage, GenerationParams
+from actors.worker.backends import BackendError, BadRequest
+from actors.worker.backends.gguf import open_llama
 from actors.worker.backends.gguf_engine import Finish, GgufEngine, Request
+from actors.worker.backends.sampling import MIN_P, TOP_K
 from actors.worker.native_crash import describe_cpu
 from actors.worker.protocol import LoadSpec
 
@@ -85,17 +90,37 @@ def one_at_a_time(small_gguf: Path) -> OneAtATime:
     return run
 
 
+def llama_python(path: Path, **kwargs: Any) -> Any:
+    """llama-cpp-python's `Llama` on `path`, loaded as the engine loads it (n_ctx, one thread)."""
+    load = {"model_path": str(path), "n_ctx": N_CTX, "n_threads": 1, "n_threads_batch": 1}
+    return open_llama(llama_cpp, {**load, "verbose": False, **kwargs}, cpu_repack=False)
+
+
+def completion_text(llm: Any, prompt: str, s: GenerationParams) -> str:
+    """`create_completion` with the engine's sampler chain (its defaults named explicitly)."""
+    out = llm.create_completion(
+        prompt,
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=TOP_K,
+        min_p=MIN_P,
+        repeat_penalty=1.0,
+        seed=s.seed,
+    )
+    return str(out["choices"][0]["text"])
+
+
 @pytest.fixture(scope="module")
 def backend_text(small_gguf: Path) -> Iterator[OneAtATime]:
-    """Return the one-at-a-time backend's text for a prompt and sampling."""
-    model = GgufModel.load(spec(small_gguf))
+    """Return llama-cpp-python's text for a prompt and sampling."""
+    llm = llama_python(small_gguf)
 
     def run(prompt: str, s: GenerationParams = GREEDY) -> str:
-        gen = Generation(prompt=prompt, params=s)
-        return model.run(gen, lambda _: None, lambda: False).text
+        return completion_text(llm, prompt, s)
 
     yield run
-    model.close()
+    llm.close()
 
 
 class Record:
@@ -254,18 +279,47 @@ def test_prefix_reuse_decodes_only_the_remainder_and_gives_the_same_greedy_outpu
     assert finished(other).prompt_tokens_reused == 0
 
 
-def test_the_same_prompt_again_reuses_all_but_its_last_token(
+def test_the_same_prompt_again_decodes_none_of_it_and_samples_as_a_fresh_decode_does(
     engine_for: MakeEngine, one_at_a_time: OneAtATime
 ) -> None:
     engine = engine_for(parallel=1)
-    drain_first = submit(engine, PROMPTS[0])
-    drain(engine)
-    again = submit(engine, PROMPTS[0])
-    drain(engine)
     n_prompt = len(engine.prompt_tokens(PROMPTS[0]))
-    assert finished(drain_first).prompt_tokens_reused == 0
-    assert finished(again).prompt_tokens_reused == n_prompt - 1
-    assert finished(again).text == finished(drain_first).text == one_at_a_time(PROMPTS[0])
+    one_token = GenerationParams(max_tokens=1, temperature=0.0)
+    first = submit(engine, PROMPTS[0], one_token)
+    drain(engine)
+    before = engine.decoded_tokens
+    again = submit(engine, PROMPTS[0], one_token)  # what an agent repeating itself sends
+    drain(engine)
+    assert engine.decoded_tokens == before  # llama.cpp decoded nothing: the saved logits served
+    assert finished(again).prompt_tokens_reused == n_prompt
+    assert finished(again).text == finished(first).text == one_at_a_time(PROMPTS[0])[:1]
+    # A longer request on the saved logits decodes only its own tokens, greedy or seeded.
+    for s in (GREEDY, SEEDED[0]):
+        before = engine.decoded_tokens
+        long = submit(engine, PROMPTS[0], s)
+        drain(engine)
+        f = finished(long)
+        assert f.prompt_tokens_reused == n_prompt
+        assert engine.decoded_tokens - before == f.tokens_generated - 1
+        assert f.text == one_at_a_time(PROMPTS[0], s)
+
+
+def test_saved_logits_never_outlive_the_kv_they_follow(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    # A prompt, then a prefix of it (which cuts the slot's KV below the saved logits), then the
+    # first prompt again: it must be decoded, not sampled from the logits of the other prompt.
+    engine = engine_for(parallel=1)
+    whole, head = PROMPTS[3], PROMPTS[3][:13]
+    texts = []
+    for prompt in (whole, head, whole):
+        record = submit(engine, prompt)
+        before = engine.decoded_tokens
+        drain(engine)
+        f = finished(record)
+        assert engine.decoded_tokens - before >= f.tokens_generated  # its last prompt token too
+        texts.append(f.text)
+    assert texts == [one_at_a_time(whole), one_at_a_time(head), one_at_a_time(whole)]
 
 
 def test_stop_sequences_and_max_tokens_apply_to_each_sequence_alone(
@@ -485,3 +539,101 @@ def test_the_engine_names_the_models_special_tokens_and_chat_template(
     assert engine.special_texts() == ("<s>", "</s>")  # actors/gguf_synth.py's vocabulary
     assert engine.metadata("tokenizer.chat_template") == CHATML_TEMPLATE
     assert engine.metadata("no.such.key") is None
+
+
+def random_adapter(path: Path, size: str, seed: int = 5) -> Path:
+    """A rank-4 LoRA adapter on every attention query and output matrix of preset `size`."""
+    shape, rank = SIZES[size], 4
+    rng = np.random.default_rng(seed)
+    tensors = {
+        f"blk.{i}.{name}.weight": (
+            rng.standard_normal((rank, shape.n_embd), dtype=np.float32) * 0.5,
+            rng.standard_normal((shape.n_embd, rank), dtype=np.float32) * 0.5,
+        )
+        for i in range(shape.n_layer)
+        for name in ("attn_q", "attn_output")
+    }
+    return write_lora_adapter(path, arch="llama", alpha=float(rank), tensors=tensors)
+
+
+def test_a_lora_adapter_changes_the_output_to_what_llama_cpp_python_serves_with_it(
+    small_gguf: Path, tmp_path: Path
+) -> None:
+    adapter = random_adapter(tmp_path / "adapter.gguf", "small")
+    base = GgufEngine.load(spec(small_gguf), parallel=2, flash_attn=False)
+    adapted = GgufEngine.load(
+        replace(spec(small_gguf), lora_path=str(adapter)), parallel=2, flash_attn=False
+    )
+    try:
+        assert adapted.version == base.version + "+" + adapted.version.split("+", 1)[1]
+        assert adapted.version.split("+", 1)[1].startswith("adapter@")
+        texts = {}
+        for name, engine in (("base", base), ("adapted", adapted)):
+            records = [submit(engine, p) for p in PROMPTS[:2]]
+            drain(engine)
+            texts[name] = [finished(r).text for r in records]
+    finally:
+        base.close()
+        adapted.close()
+    llm = llama_python(small_gguf, lora_path=str(adapter))
+    try:
+        expected = [completion_text(llm, p, GREEDY) for p in PROMPTS[:2]]
+    finally:
+        llm.close()
+    assert texts["adapted"] == expected
+    assert all(a != b for a, b in zip(texts["adapted"], texts["base"], strict=True))
+
+
+def test_an_adapter_that_does_not_load_fails_the_load_with_llama_cpps_reason(
+    small_gguf: Path, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    wrong = random_adapter(tmp_path / "tiny-adapter.gguf", "tiny")  # shapes of another model
+    with pytest.raises(BackendError, match="could not load the LoRA adapter"):
+        GgufEngine.load(replace(spec(small_gguf), lora_path=str(wrong)), parallel=1)
+
+
+@pytest.fixture(scope="module")
+def untemplated_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small preset without tokenizer.chat_template."""
+    shape = SIZES["small"]
+    return write_llama_gguf(
+        tmp_path_factory.mktemp("untemplated") / "plain.gguf",
+        n_layer=shape.n_layer,
+        n_embd=shape.n_embd,
+        n_head=shape.n_head,
+        n_head_kv=shape.n_head_kv,
+        n_ff=shape.n_ff,
+        chat_template=False,
+    )
+
+
+CHAT = (ChatMessage("system", "Be brief."), ChatMessage("user", "Hello there"))
+CHATML_TEXT = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+def test_a_model_without_a_chat_template_renders_chat_as_chatml_and_stops_at_its_end_tag(
+    untemplated_gguf: Path,
+) -> None:
+    engine = GgufEngine.load(spec(untemplated_gguf), parallel=1)
+    try:
+        assert engine.metadata("tokenizer.chat_template") is None
+        assert engine.chat_template == "chatml"
+        tokens, stops = engine.chat_prompt(CHAT)
+        assert tokens == engine.tokenize(CHATML_TEXT, add_bos=True)  # as llama-server: BOS first
+        assert tokens[0] == 1
+        assert engine.tokenize("<|im_start|>", add_bos=False) == [3]  # a control token, parsed
+        assert "<|im_end|>" in stops
+    finally:
+        engine.close()
+
+
+def test_a_model_with_a_chat_template_renders_chat_with_its_own(engine_for: MakeEngine) -> None:
+    engine = engine_for(parallel=1)
+    assert engine.chat_template == "model"
+    tokens, _ = engine.chat_prompt(CHAT)
+    # The synthetic template is ChatML, rendered as create_chat_completion renders a model's
+    # template: no BOS unless the template writes one.
+    assert tokens == engine.tokenize(CHATML_TEXT, add_bos=False)

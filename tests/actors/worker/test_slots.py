@@ -139,3 +139,25 @@ def test_a_step_decodes_every_next_token_then_prompt_chunks_within_the_budget(
 def test_a_budget_smaller_than_the_generating_sequences_is_refused() -> None:
     with pytest.raises(ValueError, match="exceed the budget"):
         plan_step([Wants(0, True), Wants(1, True)], 1)
+
+
+def test_a_slot_that_kept_the_logits_after_exactly_the_prompt_reuses_all_of_it() -> None:
+    kept = SlotView(0, (*PROMPT, 20, 21), last_used=1, logits_at=len(PROMPT))
+    assert choose_slot(PROMPT, [kept]) == Choice(index=0, reused=len(PROMPT))
+
+
+@pytest.mark.parametrize(
+    ("cached", "logits_at"),
+    [
+        ((*PROMPT, 20), 0),  # no logits kept
+        ((*PROMPT, 20), len(PROMPT) + 1),  # logits after a longer prompt
+        ((*PROMPT[:-1], 99, 20), len(PROMPT)),  # logits after another prompt of that length
+    ],
+    ids=["none-kept", "kept-after-a-longer-prompt", "kept-after-another-prompt"],
+)
+def test_without_the_logits_of_exactly_the_prompt_its_last_token_is_decoded_again(
+    cached: tuple[int, ...], logits_at: int
+) -> None:
+    slot = SlotView(0, cached, last_used=1, logits_at=logits_at)
+    reused = min(len(PROMPT) - 1, common_prefix(PROMPT, cached))
+    assert choose_slot(PROMPT, [slot]) == Choice(index=0, reused=reused)
