@@ -25,11 +25,12 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.registry import CollectorRegistry
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from cluster import metrics
 from cluster.codec import decode_packet, encode_packet
@@ -58,12 +59,26 @@ __all__ = [
     "ClusterRunner",
     "EventHook",
     "MetaProvider",
+    "Resolver",
+    "SEED_RESOLVE_MAX_S",
 ]
 
 log = logging.getLogger(__name__)
 
 MetaProvider = Callable[[], NodeMeta]
 Clock = Callable[[], float]
+Resolver = Callable[[str, int], Awaitable[Address]]
+"""Resolve a seed's host name and port to the address to send to; OSError when it does not."""
+
+SEED_RESOLVE_MAX_S = 30.0
+"""Longest pause between two tries to resolve a seed name that does not resolve yet (a peer
+whose container or DNS record comes up later): one query per half minute costs nothing."""
+
+
+async def resolve_udp(host: str, port: int) -> Address:
+    """Resolve `host` with the system resolver, as a gossip (UDP) peer is reached."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=2)  # SOCK_DGRAM
+    return str(infos[0][4][0]), port
 
 MAX_INBOUND_STREAMS = 64
 """Concurrent inbound TCP exchanges; more are refused (counted as "stream_busy")."""
@@ -108,11 +123,13 @@ class ClusterRunner:
         on_event: EventHook | None = None,
         registry: CollectorRegistry | None = None,
         meta_poll_s: float = 0.1,
+        resolve: Resolver = resolve_udp,
     ) -> None:
         """Prepare a runner; nothing is bound until `start`.
 
         `config.bind` may use port 0 (tests): both sockets then share a free port. `registry`,
         when given, receives the `moc_cluster_*` / `moc_gossip_*` collector at start.
+        `resolve` turns seed names into addresses (tests hand in a resolver of their own).
         """
         if not name:
             raise LocalUsageError("a cluster node needs a name")
@@ -126,6 +143,11 @@ class ClusterRunner:
         self.on_event = on_event
         self.registry = registry
         self.meta_poll_s = meta_poll_s
+        self.resolve = resolve
+        self._seeds: list[Address] = []
+        """The seeds' addresses joined through, those resolved late included."""
+        self._resolving: set[str] = set()
+        """Seed names that did not resolve yet and are being retried."""
         self.fence = Fence(term_store)
         """Admit or refuse placement commands by term; kept at the highest term seen."""
         self.traffic = _Traffic()
@@ -173,8 +195,12 @@ class ClusterRunner:
         self._schedule()
 
     async def join(self, seeds: Sequence[str]) -> None:
-        """Join (or re-join) through `host:port` seeds; names are resolved once, here."""
-        loop = asyncio.get_running_loop()
+        """Join (or re-join) through `host:port` seeds.
+
+        A name is resolved once; one that does not resolve yet (its host is not up, or not in
+        DNS yet) is retried in the background with backoff and joined through once it does.
+        The join itself is retried by the membership machine's own timer, not here.
+        """
         resolved: list[Address] = []
         for seed in seeds:
             host, port = parse_hostport(seed, "seeds")
@@ -182,14 +208,41 @@ class ClusterRunner:
                 resolved.append((host, port))
                 continue
             try:
-                infos = await loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
+                resolved.append(await self.resolve(host, port))
             except OSError as exc:
-                log.warning("cluster seed %s does not resolve: %s", seed, exc)
-                continue
-            resolved.append((str(infos[0][4][0]), port))
+                log.warning("cluster seed %s does not resolve yet (%s): retrying", seed, exc)
+                if seed not in self._resolving:
+                    self._resolving.add(seed)
+                    self._spawn(self._resolve_later(seed, host, port))
+        self._seeds = resolved
+        self._join()
+
+    def _join(self) -> None:
+        if self._stopped or self._leaving:
+            return
         self._changing()
-        self._send(self._m.join(resolved, self.clock()))
+        self._send(self._m.join(tuple(self._seeds), self.clock()))
         self._after_step()
+
+    async def _resolve_later(self, seed: str, host: str, port: int) -> None:
+        """Resolve `seed` until it resolves (or the runner stops), then join through it too."""
+        # No stop: a seed may come up hours later; the pause grows from one probe interval to
+        # SEED_RESOLVE_MAX_S, with jitter so that nodes started together do not ask in step.
+        first = self.config.probe_interval_s
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(multiplier=first, max=SEED_RESOLVE_MAX_S, jitter=first),
+            retry=retry_if_exception_type(OSError),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    address = await self.resolve(host, port)
+        finally:
+            self._resolving.discard(seed)
+        log.info("cluster seed %s resolves to %s:%d now: joining through it", seed, *address)
+        self._seeds.append(address)
+        self._join()
 
     async def leave(self, timeout: float) -> bool:
         """Announce a graceful leave and wait until it has been gossiped or `timeout` passes.
