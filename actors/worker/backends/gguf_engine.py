@@ -37,7 +37,7 @@ import codecs
 import ctypes
 import itertools
 import sys
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +64,8 @@ STEP_TOKENS = 256
 """Default tokens per step: a prompt chunk costs the running streams at most one such decode."""
 
 _UTF8 = codecs.getincrementaldecoder("utf-8")
+_CACHED_PROMPTS = 256  # completion prompts whose tokens are kept
+_CACHED_PROMPT_CHARS = 4096  # longer prompts are tokenized each time (their decode dominates)
 _ALL_GPU_LAYERS = 0x7FFFFFFF  # llama.cpp's "every layer" (what Llama() passes for -1)
 _backend_ready = False
 
@@ -179,10 +181,14 @@ class GgufEngine:
         self._template = template or CHATML_TEMPLATE
         self._chat_template = "model" if template else "chatml"
         # A candidates array (llama_token_data: id, logit, p) to sample saved logits from.
+        # One buffer (the engine runs on one thread): samplers reorder it, so it is refilled.
+        self._ids = np.arange(self._n_vocab, dtype=np.int32)
         self._candidates = np.zeros(
             self._n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)]
         )
-        self._candidates["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        self._candidates_at = self._candidates.ctypes.data_as(lib.llama_token_data_p)
+        self._candidates_array = lib.llama_token_data_array()
+        self._prompts: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self.weight_buffers: dict[str, float] = {}  # MiB of weights per llama.cpp buffer type
         self.decoded_tokens = 0  # tokens decoded so far, prompt and generated (for tests)
 
@@ -203,8 +209,8 @@ class GgufEngine:
         `n_threads_batch` (prompt chunks; 0: as n_threads) of 0 leave llama.cpp's default.
         `flash_attn` None lets llama.cpp decide, as llama-server does (on where the device has
         the kernels, the CPU included: 8 streams on the ~50M model, 2 threads, 448 tokens/s
-        against 344 with it off); False is what the one-at-a-time backend runs, whose greedy
-        text the engine then equals byte for byte.
+        against 344 with it off); False is llama-cpp-python's default, whose greedy text the
+        engine then equals byte for byte.
         Raise BackendError with llama.cpp's reason.
         """
         if parallel < 1:
@@ -240,7 +246,7 @@ class GgufEngine:
                 mparams.main_gpu = spec.device_index
         else:
             mparams.n_gpu_layers = 0
-        # As the one-at-a-time backend: read CPU weights into memory (an honest RSS), map on GPU.
+        # Read CPU weights into memory (an honest RSS, see gguf.py); map them on a GPU.
         mparams.load_mode = lib.LLAMA_LOAD_MODE_MMAP if spec.on_gpu else lib.LLAMA_LOAD_MODE_NONE
         model = lib.llama_model_load_from_file(spec.path.encode(), mparams)
         if not model:
@@ -402,11 +408,24 @@ class GgufEngine:
             size = -n
 
     def prompt_tokens(self, prompt: str) -> list[int]:
-        """Tokenize a completion prompt as create_completion does (BOS when the model wants it)."""
+        """Tokenize a completion prompt as create_completion does (BOS when the model wants it).
+
+        Recent short prompts keep their tokens: agents repeat theirs, and tokenizing is a pure
+        function of the text.
+        """
+        cached = self._prompts.get(prompt)
+        if cached is not None:
+            self._prompts.move_to_end(prompt)
+            return list(cached)
         lib, vocab = self._lib, self._vocab
         bos = lib.llama_vocab_bos(vocab)
         head = [bos] if lib.llama_vocab_get_add_bos(vocab) and bos != -1 else []
-        return head + (self.tokenize(prompt, add_bos=False) if prompt else [])
+        tokens = head + (self.tokenize(prompt, add_bos=False) if prompt else [])
+        if len(prompt) <= _CACHED_PROMPT_CHARS:
+            self._prompts[prompt] = tuple(tokens)
+            if len(self._prompts) > _CACHED_PROMPTS:
+                self._prompts.popitem(last=False)
+        return tokens
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -449,9 +468,8 @@ class GgufEngine:
             raise BadRequest(
                 field, f"prompt is {len(tokens)} tokens; the context holds {self._n_ctx}"
             )
-        n_vocab = self._lib.llama_vocab_n_tokens(self._vocab)
-        if any(not 0 <= t < n_vocab for t in tokens):
-            raise BadRequest(field, f"a token id is outside the vocabulary of {n_vocab}")
+        if tokens and (min(tokens) < 0 or max(tokens) >= self._n_vocab):
+            raise BadRequest(field, f"a token id is outside the vocabulary of {self._n_vocab}")
         n_prompt = len(tokens)
         budget = min(params.max_tokens, self._n_ctx - n_prompt)
         if not tokens:
@@ -565,15 +583,14 @@ class GgufEngine:
         """Sample from the slot's saved logits as llama_sampler_sample samples a decode's."""
         slot = request.slot
         assert slot is not None and slot.logits is not None
-        lib = self._lib
-        candidates = self._candidates.copy()
+        lib, candidates, array = self._lib, self._candidates, self._candidates_array
+        candidates["id"] = self._ids
         candidates["logit"] = slot.logits
-        array = lib.llama_token_data_array(
-            data=candidates.ctypes.data_as(lib.llama_token_data_p),
-            size=self._n_vocab,
-            selected=-1,
-            sorted=False,
-        )
+        candidates["p"] = 0.0
+        array.data = self._candidates_at  # a sampler may have pointed it elsewhere
+        array.size = self._n_vocab
+        array.selected = -1
+        array.sorted = False
         lib.llama_sampler_apply(request.sampler, ctypes.byref(array))
         if not 0 <= array.selected < self._n_vocab:  # pragma: no cover - llama.cpp asserts it
             raise RuntimeError(f"the sampler selected candidate {array.selected}")

@@ -31,6 +31,9 @@ class Choice:
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Return the length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
+    head_a, head_b = a[:n], b[:n]
+    if type(head_a) is type(head_b) and head_a == head_b:  # the usual case, compared in C
+        return n
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
@@ -65,12 +68,13 @@ def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | Non
             return shared
         return min(shared, cap)
 
-    best = min(free, key=lambda s: (-reuse(s), s.last_used, s.index))
-    shared = reuse(best)
+    reused = {slot.index: reuse(slot) for slot in free}
+    best = min(free, key=lambda s: (-reused[s.index], s.last_used, s.index))
+    shared = reused[best.index]
     if shared > 0 and shared >= SIMILARITY * len(prompt):
         return Choice(index=best.index, reused=shared)
     oldest = min(free, key=lambda s: (s.last_used, s.index))
-    return Choice(index=oldest.index, reused=reuse(oldest))
+    return Choice(index=oldest.index, reused=reused[oldest.index])
 
 
 @dataclass(frozen=True, slots=True)
