@@ -180,7 +180,9 @@ class GuardedConnection(asyncio.Protocol):
             raise
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             HTTP_CONNECTIONS_REFUSED.labels(reason=TLS_HANDSHAKE).inc()
-            log.debug("HTTP connection from %s closed: TLS handshake failed: %s", self._address, exc)
+            log.debug(
+                "HTTP connection from %s closed: TLS handshake failed: %s", self._address, exc
+            )
             self._disarm()
             self._release()
             transport.close()
