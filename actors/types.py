@@ -90,6 +90,25 @@ class InferResult:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """Embed each input with a GGUF model: text, or token ids of the model's vocabulary."""
+
+    model: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResult:
+    """One vector per input, in order: L2-normalised, each little-endian float32 bytes."""
+
+    vectors: tuple[bytes, ...]
+    prompt_tokens: int
+    latency_ms: float
+    model_version: str
+
+
+@dataclass(frozen=True, slots=True)
 class TokenChunk:
     """A piece of streamed text; the stream ends with one InferResult."""
 

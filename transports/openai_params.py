@@ -19,7 +19,7 @@ from typing import Any
 
 from actors import names
 from actors.errors import InvalidRequest
-from actors.types import GenerationParams, InferRequest
+from actors.types import EmbedRequest, GenerationParams, InferRequest
 from transports.schema import (
     DEFAULTS,
     MAX_INPUT_CHARS,
@@ -38,11 +38,14 @@ from transports.schema import (
 
 __all__ = [
     "JSON_OBJECT_SCHEMA",
+    "MAX_EMBEDDING_INPUTS",
     "MAX_LOGIT_BIAS",
     "PENALTY_RANGE",
+    "EmbeddingsRequest",
     "OpenAIRequest",
     "parse_chat",
     "parse_completion",
+    "parse_embeddings",
 ]
 
 PENALTY_RANGE = (-2.0, 2.0)
@@ -54,6 +57,9 @@ MAX_LOGIT_BIAS = 1024
 """Most tokens one request may bias (OpenAI sets no number; this bounds the worker's array)."""
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 """`response_format: {"type": "json_object"}`: any JSON object."""
+MAX_EMBEDDING_INPUTS = 2048
+"""Most inputs one embeddings request may hold (OpenAI's own limit)."""
+_EMBEDDINGS_KEYS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 
 # Keys with the values that ask for nothing beyond what is served anyway (None always does).
 # Any other value is refused as not supported, naming the key.
@@ -317,3 +323,64 @@ def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
                 f"stream_options.{key[:64]}", "Unrecognized request argument supplied"
             )
     return _bool(options, "include_usage")
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingsRequest:
+    """A validated `/v1/embeddings` body."""
+
+    embed: EmbedRequest
+    base64: bool = False
+    """encoding_format "base64": each vector as base64 of its little-endian float32 bytes."""
+    dimensions: int | None = None
+    """The length the client expects; any other than the model's is refused."""
+
+
+def parse_embeddings(body: Any) -> EmbeddingsRequest:
+    """Validate a `/v1/embeddings` body; InvalidRequest names the field at fault.
+
+    `input` is a string, token ids, or a list of either (up to 2048 inputs); none may be empty.
+    """
+    body = require_object(body, "body")
+    _known_keys(body, _EMBEDDINGS_KEYS)
+    model = _model_name(body, "model")
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in ("float", "base64"):
+        raise InvalidRequest("encoding_format", "must be float or base64")
+    dimensions = _optional_int(body, "dimensions", low=1, high=1 << 20)
+    return EmbeddingsRequest(
+        EmbedRequest(model=model, inputs=_embedding_inputs(body.get("input"))),
+        encoding == "base64",
+        dimensions,
+    )
+
+
+def _embedding_inputs(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    if value is None:
+        raise InvalidRequest("input", "is required")
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(_is_token(t) for t in value)
+    ):
+        return (_embedding_input(value, "input"),)
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("input", "expected a string, token ids or a non-empty list of them")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(
+            "input", f"has {len(value)} inputs; the limit is {MAX_EMBEDDING_INPUTS}"
+        )
+    return tuple(_embedding_input(item, f"input[{i}]") for i, item in enumerate(value))
+
+
+def _embedding_input(value: Any, field: str) -> str | tuple[int, ...]:
+    if isinstance(value, str):
+        if not value:
+            raise InvalidRequest(field, "is empty")
+        names.check_text(value, field)
+        if len(value) > MAX_INPUT_CHARS:
+            raise InvalidRequest(
+                field, f"is {len(value)} characters; the limit is {MAX_INPUT_CHARS}"
+            )
+        return value
+    if isinstance(value, list) and value and all(_is_token(t) for t in value):
+        return _tokens(value, field)
+    raise InvalidRequest(field, f"expected a non-empty string or token ids, got {_kind(value)}")

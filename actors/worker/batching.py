@@ -21,9 +21,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from actors.worker.backends import BadRequest, Generation, check_generation, generation_of
+from actors.worker.backends.embedder import Embedder
 from actors.worker.backends.gguf_engine import Finish, GgufEngine, Request
 from actors.worker.links import DataLink
-from actors.worker.protocol import Done, Failed, Infer, Token
+from actors.worker.protocol import Done, Embed, Embedded, Failed, Infer, Token
 
 _Key = tuple[DataLink, int]  # a request is named by its link and its id on that link
 
@@ -35,6 +36,31 @@ class EngineDriver:
         self.engine = engine
         self.memory_mb = memory_mb
         self.requests: dict[_Key, Request] = {}
+        self.embedder: Embedder | None = None  # made on the first Embed
+
+    def embed(self, link: DataLink, msg: Embed) -> None:
+        """Answer an Embed at once, between two steps: its vectors, or Failed naming the input."""
+        try:
+            if self.embedder is None:
+                self.embedder = self.engine.embedder()
+            embedder = self.embedder
+            tokens = [embedder.tokenize(x) if isinstance(x, str) else list(x) for x in msg.inputs]
+            vectors = embedder.embed(tokens)
+        except BadRequest as exc:
+            link.send(Failed(msg.request_id, "invalid_request", exc.field, exc.message))
+            return
+        except Exception as exc:  # a library error fails this request, not the worker
+            link.send(Failed(msg.request_id, "internal", "", f"{type(exc).__name__}: {exc}"))
+            return
+        used = sum(len(t) for t in tokens)
+        link.send(Embedded(msg.request_id, tuple(vectors), used, self.memory_mb()))
+
+    def close(self) -> None:
+        """Free the embeddings context, then the engine (which frees the model they share)."""
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
+        self.engine.close()
 
     def has_work(self) -> bool:
         """Return True while a request is queued or running in the engine."""

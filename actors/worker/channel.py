@@ -20,15 +20,17 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
 from actors.errors import InvalidRequest, MocError, RequestTimeout, WorkerCrashed
-from actors.types import FinishReason, InferRequest, InferResult
+from actors.types import EmbedRequest, EmbedResult, FinishReason, InferRequest, InferResult
 from actors.worker.protocol import (
     READ_CHUNK,
     Cancel,
     Done,
+    Embed,
+    Embedded,
     Failed,
     FrameReader,
     Infer,
@@ -202,6 +204,26 @@ class WorkerChannel:
         finally:
             self._close(rid, answered)
 
+    async def embed(self, req: EmbedRequest, deadline: float | None = None) -> EmbedResult:
+        """Embed the request's inputs; `deadline` is monotonic (the event loop's clock)."""
+        rid, pending = self._send(lambda rid: Embed(rid, req.inputs), deadline)
+        answered = False
+        try:
+            reply = await pending.replies.get()
+            answered = isinstance(reply, Embedded | Failed)
+            if isinstance(reply, Embedded):
+                self.worker.note_memory(reply.memory_mb)
+                return EmbedResult(
+                    reply.vectors,
+                    reply.prompt_tokens,
+                    (time.monotonic() - pending.started) * 1000.0,
+                    self.worker.version,
+                )
+            self._finish(reply, pending.started)  # raises the error a reply carries
+            raise WorkerCrashed(f"worker for {self.worker.name} answered an embed with {reply!r}")
+        finally:
+            self._close(rid, answered)
+
     def close(self) -> None:
         """Fail what is in flight and let go of the socket (the worker itself is the actor's)."""
         self._fail(WorkerCrashed(f"the channel to {self.worker.name} was closed"))
@@ -216,6 +238,12 @@ class WorkerChannel:
     def _open(
         self, req: InferRequest, deadline: float | None, *, stream: bool
     ) -> tuple[int, _Request]:
+        return self._send(lambda rid: infer_message(rid, req, stream=stream), deadline)
+
+    def _send(
+        self, message: Callable[[int], Message], deadline: float | None
+    ) -> tuple[int, _Request]:
+        """Send the request `message(rid)` builds under a fresh id; return the id and its queue."""
         if self.closed is not None:
             raise self.closed
         rid = next(self._ids)
@@ -226,7 +254,7 @@ class WorkerChannel:
             late = RequestTimeout(f"request to {self.worker.name} passed its deadline")
             pending.timer = self._loop.call_at(deadline, pending.replies.put_nowait, late)
         try:
-            self._write(frame_bytes(infer_message(rid, req, stream=stream)))
+            self._write(frame_bytes(message(rid)))
         except WorkerCrashed:
             self._forget(rid)
             raise

@@ -58,6 +58,7 @@ from actors.worker.protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Done,
+    Embed,
     Failed,
     Hello,
     Infer,
@@ -242,6 +243,12 @@ class Worker:
                 self.driver.submit(link, msg)
             else:
                 self.pending.append((link, msg))
+        elif isinstance(msg, Embed):
+            if self.driver is not None:
+                self.driver.embed(link, msg)
+            else:
+                why = "a tensor model has no embeddings; embed with a GGUF model"
+                link.send(Failed(msg.request_id, "invalid_request", "model", why))
         elif isinstance(msg, Cancel):
             self.cancel(link, msg.request_id)
         else:
@@ -305,7 +312,7 @@ class Worker:
     def close(self) -> None:
         """Free the model (an engine first cancels, and answers, what it still holds)."""
         if self.driver is not None:
-            self.driver.engine.close()
+            self.driver.close()
         if self.model is not None:
             self.model.close()
 

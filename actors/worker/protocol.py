@@ -8,7 +8,7 @@ Conversation, on the control socket (ZMQ PAIR): the worker connects and sends `H
 supervisor answers `LoadSpec`; the worker replies `Loaded` or `LoadFailed`; later `Shutdown`
 makes it exit. On each data link (a connection to the worker's Unix socket): for each `Infer`
 the worker sends zero or more `Token`s and exactly one `Done` or `Failed`; `Cancel` may arrive
-at any time (stale ones are ignored). A request never travels on the control socket.
+at any time (stale ones are ignored); for each `Embed`, one `Embedded` or `Failed`. A request never travels on the control socket.
 
 On the data socket (a Unix stream socket, see actors/worker/channel.py) each frame travels with a
 4-byte little-endian length before it: `frame_bytes` adds it, `FrameReader` takes a byte stream
@@ -50,6 +50,8 @@ class MsgType(IntEnum):
     FAILED = 8
     CANCEL = 9
     SHUTDOWN = 10
+    EMBED = 11
+    EMBEDDED = 12
 
 
 class _Ext(IntEnum):
@@ -206,7 +208,40 @@ class Shutdown:
     """Supervisor -> worker: exit now."""
 
 
-Message = Hello | LoadSpec | Loaded | LoadFailed | Infer | Token | Done | Failed | Cancel | Shutdown
+@dataclass(frozen=True, slots=True)
+class Embed:
+    """Supervisor -> worker: embed each input (text, or token ids); answered by one `Embedded`
+    or `Failed` (an input that does not fit: invalid_request naming `input` or `input[i]`)."""
+
+    request_id: int
+    inputs: tuple[str | tuple[int, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """Worker -> supervisor: one L2-normalised vector per input, each little-endian float32
+    bytes; `prompt_tokens` counts the tokens of every input; `memory_mb` as in Done."""
+
+    request_id: int
+    vectors: tuple[bytes, ...]
+    prompt_tokens: int
+    memory_mb: float
+
+
+Message = (
+    Hello
+    | LoadSpec
+    | Loaded
+    | LoadFailed
+    | Infer
+    | Token
+    | Done
+    | Failed
+    | Cancel
+    | Shutdown
+    | Embed
+    | Embedded
+)
 
 _BY_TYPE: dict[int, type[Any]] = {
     MsgType.HELLO: Hello,
@@ -219,6 +254,8 @@ _BY_TYPE: dict[int, type[Any]] = {
     MsgType.FAILED: Failed,
     MsgType.CANCEL: Cancel,
     MsgType.SHUTDOWN: Shutdown,
+    MsgType.EMBED: Embed,
+    MsgType.EMBEDDED: Embedded,
 }
 _BY_CLASS: dict[type[Any], int] = {cls: num for num, cls in _BY_TYPE.items()}
 _FIELD_COUNT: dict[int, int] = {num: len(fields(cls)) for num, cls in _BY_TYPE.items()}
@@ -379,6 +416,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Cancel",
     "Done",
+    "Embed",
+    "Embedded",
     "Failed",
     "Hello",
     "Infer",

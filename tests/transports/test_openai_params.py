@@ -9,7 +9,12 @@ import pytest
 
 from actors.errors import InvalidRequest
 from actors.types import ChatMessage, GenerationParams
-from transports.openai_params import JSON_OBJECT_SCHEMA, parse_chat, parse_completion
+from transports.openai_params import (
+    JSON_OBJECT_SCHEMA,
+    parse_chat,
+    parse_completion,
+    parse_embeddings,
+)
 
 LONE = "\ud800"
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
@@ -177,3 +182,54 @@ def test_a_bad_or_unsupported_key_is_refused_naming_it(body: dict[str, Any], fie
 def test_an_unknown_key_is_refused_in_openai_words() -> None:
     with pytest.raises(InvalidRequest, match="Unrecognized request argument supplied"):
         parse_chat(chat(foo=1))
+
+
+@pytest.mark.parametrize(
+    ("value", "inputs"),
+    [
+        ("hello", ("hello",)),
+        (["a", "b"], ("a", "b")),
+        ([1, 72, 105], ((1, 72, 105),)),
+        ([[1, 72], [1, 105]], ((1, 72), (1, 105))),
+        (["a", [1, 72]], ("a", (1, 72))),
+    ],
+    ids=["a string", "strings", "token ids", "token id lists", "a mix"],
+)
+def test_embeddings_input_is_a_string_token_ids_or_a_list_of_them(
+    value: Any, inputs: tuple[Any, ...]
+) -> None:
+    parsed = parse_embeddings({"model": "tiny", "input": value})
+    assert parsed.embed.inputs == inputs
+    assert (parsed.base64, parsed.dimensions) == (False, None)
+
+
+def test_embeddings_take_base64_and_dimensions() -> None:
+    parsed = parse_embeddings(
+        {"model": "tiny", "input": "x", "encoding_format": "base64", "dimensions": 64, "user": "u"}
+    )
+    assert (parsed.base64, parsed.dimensions) == (True, 64)
+
+
+BAD_EMBEDDINGS: list[tuple[str, dict[str, Any], str]] = [
+    ("no input", {"model": "tiny"}, "input"),
+    ("an empty string", {"model": "tiny", "input": ""}, "input"),
+    ("an empty list", {"model": "tiny", "input": []}, "input"),
+    ("an empty second string", {"model": "tiny", "input": ["a", ""]}, "input[1]"),
+    ("a number in a list of strings", {"model": "tiny", "input": ["a", 5]}, "input[1]"),
+    ("too many inputs", {"model": "tiny", "input": ["a"] * 2049}, "input"),
+    ("an unknown encoding", {"model": "tiny", "input": "a", "encoding_format": "hex"}, "encoding_format"),
+    ("dimensions 0", {"model": "tiny", "input": "a", "dimensions": 0}, "dimensions"),
+    ("an unknown key", {"model": "tiny", "input": "a", "truncate": True}, "truncate"),
+    ("no model", {"input": "a"}, "model"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"), [c[1:] for c in BAD_EMBEDDINGS], ids=[c[0] for c in BAD_EMBEDDINGS]
+)
+def test_a_bad_embeddings_body_is_refused_naming_the_field(
+    body: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_embeddings(body)
+    assert caught.value.field == field

@@ -47,6 +47,7 @@ import numpy as np
 
 from actors.types import ChatMessage, FinishReason, GenerationParams
 from actors.worker.backends import BackendError, BadRequest, Outcome, file_version
+from actors.worker.backends.embedder import Embedder, pooling_of
 from actors.worker.backends.gguf import (
     CHATML_STOP,
     CHATML_TEMPLATE,
@@ -373,6 +374,14 @@ class GgufEngine:
             return raw.decode("utf-8", errors="replace")
 
         return text(lib.llama_vocab_bos(vocab)), text(lib.llama_vocab_eos(vocab))
+
+    def embedder(self) -> Embedder:
+        """Return a new embeddings context on this engine's weights, pooled as the model says
+        (actors/worker/backends/embedder.py); the caller closes it before the engine."""
+        arch = self.metadata("general.architecture") or ""
+        pooling = pooling_of(self.metadata(f"{arch}.pooling_type"))
+        n_threads = self._lib.llama_n_threads(self._ctx)
+        return Embedder(self._lib, self._model, self._n_ctx, n_threads, pooling)
 
     def slot_tokens(self, index: int) -> tuple[int, ...]:
         """Return the tokens whose KV slot `index` holds (for tests and metrics)."""

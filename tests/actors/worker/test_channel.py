@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from actors.errors import InvalidRequest, RequestTimeout, WorkerCrashed
-from actors.types import InferRequest, InferResult
+from actors.types import EmbedRequest, InferRequest, InferResult
 from actors.worker.channel import WorkerChannel
 from actors.worker.client import WorkerProcess
 from tests.actors.worker.workers import PROMPT, greedy, start_worker
@@ -177,3 +178,23 @@ async def test_a_channel_to_a_worker_gone_fails_its_requests_instead_of_its_crea
         assert ch.closed is not None
     finally:
         ch.close()
+
+
+async def test_an_embed_between_generations_answers_a_unit_vector_per_input(
+    channel: WorkerChannel,
+) -> None:
+    streaming = asyncio.ensure_future(channel.infer(request(max_tokens=64)))
+    result = await channel.embed(EmbedRequest("tiny", ("hello", "hello", "other text")))
+    first, again, other = (struct.unpack("<64f", v) for v in result.vectors)
+    assert math.isclose(math.fsum(v * v for v in first), 1.0, rel_tol=1e-5)
+    assert max(abs(a - b) for a, b in zip(first, again, strict=True)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(first, other, strict=True)) > 0.01
+    assert result.prompt_tokens > 3
+    assert (await streaming).tokens_generated == 64  # the generation went on around it
+
+
+async def test_an_input_past_the_context_is_refused_naming_it(channel: WorkerChannel) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        await channel.embed(EmbedRequest("tiny", ("ok", "x" * 600)))
+    assert caught.value.field == "input[1]"
+    assert (await channel.embed(EmbedRequest("tiny", ("still serving",)))).vectors

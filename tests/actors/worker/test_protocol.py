@@ -13,6 +13,8 @@ from actors.worker.protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Done,
+    Embed,
+    Embedded,
     Failed,
     FrameReader,
     Hello,
@@ -55,12 +57,31 @@ MESSAGES: list[Message] = [
         3,
     ),
     Infer(3, False, None, None, (_TENSOR, TensorData("int64", (0,), b"")), 1, 0.0, 1.0, (), None),
+    Infer(
+        4,
+        True,
+        (1, 72, 105),
+        None,
+        None,
+        8,
+        0.0,
+        1.0,
+        (),
+        None,
+        -0.5,
+        1.5,
+        1.1,
+        ((72, 100.0), (5, -100.0)),
+        '{"type": "object"}',
+    ),
     Token(1, "h\u00e9llo"),
     Done(1, "hello", 5, 3, "length", None, 12.5),
     Done(3, "", 0, 0, "stop", (_TENSOR,), 0.0),
     Failed(2, "invalid_request", "messages", "no chat template"),
     Cancel(9),
     Shutdown(),
+    Embed(5, ("hello", (1, 72, 105))),
+    Embedded(5, (struct.pack("<2f", 0.6, 0.8), struct.pack("<2f", 1.0, 0.0)), 7, 12.5),
 ]
 
 
@@ -81,7 +102,15 @@ def test_message_type_numbers_never_change() -> None:
         "FAILED": 8,
         "CANCEL": 9,
         "SHUTDOWN": 10,
+        "EMBED": 11,
+        "EMBEDDED": 12,
     }
+
+
+def test_an_infer_frame_from_before_the_openai_parameters_decodes_with_their_defaults() -> None:
+    old = msgpack.packb([MsgType.INFER, 1, False, "hi", None, None, 4, 0.7, 0.9, [], None])
+    assert decode(old) == Infer(1, False, "hi", None, None, 4, 0.7, 0.9, (), None)
+    assert decode(old).logit_bias == () and decode(old).json_schema is None  # type: ignore[union-attr]
 
 
 def test_a_frame_starts_with_its_type_number() -> None:
