@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     console = Console()
     try:
-        client = _Client(args.url, args.api_key)
+        client = _Client(args.url, args.api_key, _tls_context(args))
         if args.wait:
             wait_ready(client, args.wait)
         return int(args.handler(client, args, console))
@@ -63,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--url", default=os.environ.get("MOC_URL", DEFAULT_URL))
         p.add_argument("--api-key", default=os.environ.get("MOC_API_KEY"))
+        # For an https:// URL: the CA that signed the node's certificate (else the system's),
+        # and this client's certificate when the node asks for one (tls_client_ca_file).
+        env = os.environ.get
+        p.add_argument("--ca-file", default=env("MOC_CA_FILE"), help="PEM CA bundle")
+        p.add_argument("--cert-file", default=env("MOC_CERT_FILE"), help="PEM client cert")
+        p.add_argument("--key-file", default=env("MOC_KEY_FILE"), help="PEM client key")
         p.add_argument(
             "--wait",
             type=float,
@@ -147,10 +154,25 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """Return the context for an https:// node from --ca-file/--cert-file/--key-file, or None
+    (urllib's default: the system's CAs) when none is given."""
+    if not (args.ca_file or args.cert_file):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=args.ca_file)
+        if args.cert_file:
+            context.load_cert_chain(args.cert_file, args.key_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ClientError(f"cannot use the TLS files: {exc}") from None
+    return context
+
+
 class _Client:
-    def __init__(self, url: str, api_key: str | None) -> None:
+    def __init__(self, url: str, api_key: str | None, tls: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self._key = api_key
+        self._tls = tls
 
     def call(
         self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 600
@@ -161,7 +183,7 @@ class _Client:
         if self._key:
             request.add_header("X-API-Key", self._key)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=self._tls) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             error = NotReady if exc.code == 503 else ClientError
