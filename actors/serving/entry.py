@@ -82,13 +82,26 @@ def fit_context(entry: CatalogEntry, *, asked: bool) -> CatalogEntry:
     return replace(entry, n_ctx=n_ctx)
 
 
+GGUF_MAGIC = b"GGUF"
+ZIP_MAGIC = b"PK\x03\x04"  # TorchScript and torch.export archives are both zips
+
+
 def backend_for(path: Path) -> Backend:
-    """Tell the backend from the file's suffix, or ask the client to name it."""
-    if path.suffix in (".pt", ".pt2"):
-        return "torch"
-    if path.suffix == ".gguf":
+    """Tell the backend from the file's first bytes, whatever its name; refuse naming
+    model_path a file of neither format (the worker checks the archive's kind further)."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise InvalidRequest("model_path", f"cannot read {path.name}: {exc.strerror}") from None
+    if magic == GGUF_MAGIC:
         return "gguf"
-    raise InvalidRequest("model_type", f"cannot tell the backend of {path.name}; give model_type")
+    if magic == ZIP_MAGIC:
+        return "torch"
+    raise InvalidRequest(
+        "model_path",
+        f"{path.name} is neither a GGUF file nor a torch archive (TorchScript or torch.export)",
+    )
 
 
 def slots_of(entry: CatalogEntry, node_parallel: int | None = None) -> int:

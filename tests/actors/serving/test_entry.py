@@ -13,17 +13,34 @@ from actors.types import LoadRequest
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"),
-    [("m.gguf", "gguf"), ("m.pt", "torch"), ("m.pt2", "torch")],
-    ids=["gguf", "torchscript", "torch-export"],
+    ("name", "head", "expected"),
+    [
+        ("m.gguf", b"GGUF\x03\x00\x00\x00", "gguf"),
+        ("m.bin", b"GGUF\x03\x00\x00\x00", "gguf"),
+        ("m.pt", b"PK\x03\x04rest", "torch"),
+        ("m.pt2", b"PK\x03\x04rest", "torch"),
+    ],
+    ids=["gguf", "gguf-under-any-name", "torchscript", "torch-export"],
 )
-def test_the_backend_follows_from_the_files_suffix(name: str, expected: str) -> None:
-    assert backend_for(Path(name)) == expected
+def test_the_backend_follows_from_the_files_first_bytes(
+    tmp_path: Path, name: str, head: bytes, expected: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(head)
+    assert backend_for(path) == expected
 
 
-def test_a_file_of_no_known_kind_asks_the_client_for_model_type() -> None:
-    with pytest.raises(InvalidRequest, match="model_type"):
-        backend_for(Path("m.bin"))
+@pytest.mark.parametrize(
+    "head",
+    [b"", b"GG", b"\x80\x04\x95pickle", b"PK\x05\x06"],
+    ids=["empty", "short", "pickle", "empty-zip"],
+)
+def test_a_file_of_neither_format_is_refused_naming_model_path(tmp_path: Path, head: bytes) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(head)
+    with pytest.raises(InvalidRequest, match="neither a GGUF file nor a torch archive") as info:
+        backend_for(path)
+    assert info.value.field == "model_path"
 
 
 def test_a_request_by_name_alone_takes_the_catalog_entry(tiny_gguf: Path) -> None:
