@@ -59,6 +59,15 @@ class GenerationParams:
     json_schema: str | None = None
     """Constrain the output to JSON that this JSON Schema (as JSON text) accepts; None: free
     text. OpenAI's `json_object` is the schema `{"type": "object"}`."""
+    logprobs: int | None = None
+    """Report each generated token's log probability with this many likeliest alternatives
+    (0..20); None reports none."""
+
+
+TokenLogprob = tuple[bytes, float, tuple[tuple[bytes, float], ...]]
+"""One generated token: its bytes, its log probability, and the likeliest tokens at its place
+(bytes and log probability, likeliest first). Bytes, not text: a token may hold part of a
+character."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,7 @@ class InferResult:
     tensors: tuple[TensorData, ...] | None = None
     prompt_tokens_reused: int = 0  # prompt tokens not decoded again: their KV was cached
     first_token_ms: float | None = None  # in the worker: from taking it to the first token
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True, slots=True)

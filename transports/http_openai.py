@@ -9,6 +9,7 @@ events; its first item is awaited before the headers, so an early refusal keeps 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -19,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from actors.errors import MocError, ModelNotFound, RequestTimeout
-from actors.types import InferRequest, InferResult, TokenChunk
+from actors.types import InferRequest, InferResult, TokenChunk, TokenLogprob
 from transports.auth import client_error
 from transports.errors import classify
 from transports.http_bodies import (
@@ -86,7 +87,7 @@ class _Shape:
     def body(self, result: InferResult) -> dict[str, Any]:
         choice: dict[str, Any] = {
             "index": 0,
-            "logprobs": None,
+            "logprobs": None if result.logprobs is None else self.logprobs(result.logprobs),
             "finish_reason": result.finish_reason,
         }
         if self.chat:
@@ -100,6 +101,25 @@ class _Shape:
             "model": self.model,
             "choices": [choice],
             "usage": usage(result),
+        }
+
+    def logprobs(self, tokens: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+        """Return the tokens' log probabilities in this endpoint's shape."""
+        if self.chat:
+            return {
+                "content": [
+                    {**_token(piece, logprob), "top_logprobs": [_token(*t) for t in top]}
+                    for piece, logprob, top in tokens
+                ],
+                "refusal": None,
+            }
+        texts = [_text(piece) for piece, _, _ in tokens]
+        offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=len(self.echo)))
+        return {
+            "tokens": texts,
+            "token_logprobs": [logprob for _, logprob, _ in tokens],
+            "top_logprobs": [{_text(p): lp for p, lp in top} for _, _, top in tokens],
+            "text_offset": offsets if tokens else [],
         }
 
     def chunk(self, text: str | None, finish_reason: str | None, *, role: bool = False) -> bytes:
@@ -134,6 +154,15 @@ class _Shape:
                 "usage": usage(result),
             }
         )
+
+
+def _text(piece: bytes) -> str:
+    # A token may hold part of a UTF-8 character: its text shows U+FFFD there, its bytes are whole.
+    return piece.decode("utf-8", errors="replace")
+
+
+def _token(piece: bytes, logprob: float) -> dict[str, Any]:
+    return {"token": _text(piece), "logprob": logprob, "bytes": list(piece)}
 
 
 def usage(result: InferResult) -> dict[str, int]:

@@ -57,6 +57,9 @@ MAX_LOGIT_BIAS = 1024
 """Most tokens one request may bias (OpenAI sets no number; this bounds the worker's array)."""
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 """`response_format: {"type": "json_object"}`: any JSON object."""
+MAX_TOP_LOGPROBS = 20
+"""Chat's top_logprobs limit (OpenAI's); completions' logprobs stops at 5, as OpenAI's does."""
+MAX_COMPLETION_LOGPROBS = 5
 MAX_EMBEDDING_INPUTS = 2048
 """Most inputs one embeddings request may hold (OpenAI's own limit)."""
 _EMBEDDINGS_KEYS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
@@ -67,8 +70,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
     "suffix": ("",),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "tools": ([],),
     "tool_choice": ("none",),
     "parallel_tool_calls": (True, False),
@@ -136,8 +137,11 @@ def parse_completion(body: Any) -> OpenAIRequest:
     echo = _bool(body, "echo")
     if echo and not isinstance(prompt, str):
         raise InvalidRequest("echo", "is supported with a text prompt only")
-    params = _params(body, "max_tokens")
     stream = _stream_flag(body)
+    logprobs = _optional_int(body, "logprobs", low=0, high=MAX_COMPLETION_LOGPROBS)
+    if logprobs is not None and echo:
+        raise InvalidRequest("logprobs", "with echo (the prompt's log probabilities) is not supported")
+    params = _params(body, "max_tokens", _unstreamed(logprobs, stream))
     return OpenAIRequest(
         InferRequest(model=model, prompt=prompt, params=params),
         stream,
@@ -164,8 +168,12 @@ def parse_chat(body: Any) -> OpenAIRequest:
                 "max_completion_tokens", "differs from max_tokens; send one of them"
             )
         key = "max_completion_tokens"
-    params = _params(body, key)
     stream = _stream_flag(body)
+    logprobs = _bool(body, "logprobs")
+    top = _optional_int(body, "top_logprobs", low=0, high=MAX_TOP_LOGPROBS)
+    if top and not logprobs:
+        raise InvalidRequest("top_logprobs", "needs logprobs: true")
+    params = _params(body, key, _unstreamed((top or 0) if logprobs else None, stream))
     return OpenAIRequest(
         InferRequest(model=model, messages=messages, params=params),
         stream,
@@ -224,7 +232,15 @@ def _tokens(value: list[int], field: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _params(body: Mapping[str, Any], max_tokens_key: str) -> GenerationParams:
+def _unstreamed(logprobs: int | None, stream: bool) -> int | None:
+    if logprobs is not None and stream:
+        raise InvalidRequest("logprobs", "is not supported with stream; ask without streaming")
+    return logprobs
+
+
+def _params(
+    body: Mapping[str, Any], max_tokens_key: str, logprobs: int | None
+) -> GenerationParams:
     max_tokens = _optional_int(
         body, max_tokens_key, low=MAX_TOKENS_RANGE[0], high=MAX_TOKENS_RANGE[1]
     )
@@ -248,6 +264,7 @@ def _params(body: Mapping[str, Any], max_tokens_key: str) -> GenerationParams:
         repeat_penalty=DEFAULTS.repeat_penalty if repeat is None else repeat,
         logit_bias=_logit_bias(body.get("logit_bias")),
         json_schema=_response_format(body.get("response_format")),
+        logprobs=logprobs,
     )
 
 

@@ -130,6 +130,7 @@ class EngineDriver:
             out.finish_reason,
             None,
             self.memory_mb(),
+            logprobs=finish.logprobs,
         )
 
     def _prompt(self, gen: Generation) -> tuple[str | Sequence[int], tuple[str, ...], str]:

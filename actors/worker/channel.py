@@ -105,6 +105,7 @@ def infer_message(rid: int, req: InferRequest, *, stream: bool) -> Infer:
         p.repeat_penalty,
         p.logit_bias,
         p.json_schema,
+        p.logprobs,
     )
 
 
@@ -120,6 +121,7 @@ def result_of(done: Done, started: float, version: str) -> InferResult:
         tensors=done.tensors,
         prompt_tokens_reused=done.prompt_tokens_reused,
         first_token_ms=done.first_token_ms,
+        logprobs=done.logprobs,
     )
 
 

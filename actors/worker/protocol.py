@@ -31,6 +31,7 @@ from actors.types import (
     DeviceKind,
     GenerationParams,
     TensorData,
+    TokenLogprob,
 )
 
 # Bump when a message changes shape; the supervisor refuses a worker that speaks another version.
@@ -154,6 +155,7 @@ class Infer:
     repeat_penalty: float = _PARAMS.repeat_penalty
     logit_bias: tuple[tuple[int, float], ...] = _PARAMS.logit_bias
     json_schema: str | None = _PARAMS.json_schema
+    logprobs: int | None = _PARAMS.logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,7 @@ class Done:
     memory_mb: float  # the worker's memory now, measured as in Loaded (CPU: RSS growth)
     prompt_tokens_reused: int = 0  # prompt tokens whose KV a slot already held
     first_token_ms: float | None = None  # from taking the request to its first token
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when the Infer asked for them
 
 
 FailureKind = Literal["invalid_request", "internal"]

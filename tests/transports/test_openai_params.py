@@ -124,7 +124,10 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("n true", completion(n=True), "n"),
     ("best_of 2", completion(best_of=2), "best_of"),
     ("a suffix", completion(suffix="end"), "suffix"),
-    ("logprobs", completion(logprobs=1), "logprobs"),
+    ("logprobs past 5", completion(logprobs=6), "logprobs"),
+    ("logprobs a boolean on completions", completion(logprobs=True), "logprobs"),
+    ("logprobs with stream", completion(logprobs=1, stream=True), "logprobs"),
+    ("logprobs with echo", completion(logprobs=1, echo=True), "logprobs"),
     ("echo with token ids", completion(prompt=[1, 2], echo=True), "echo"),
     ("echo not a boolean", completion(echo="yes"), "echo"),
     ("frequency_penalty a string", completion(frequency_penalty="a"), "frequency_penalty"),
@@ -143,8 +146,9 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     ("tool_choice auto", chat(tool_choice="auto"), "tool_choice"),
     ("functions", chat(functions=[{"name": "f"}]), "functions"),
-    ("chat logprobs", chat(logprobs=True), "logprobs"),
-    ("top_logprobs", chat(top_logprobs=3), "top_logprobs"),
+    ("top_logprobs without logprobs", chat(top_logprobs=3), "top_logprobs"),
+    ("top_logprobs past 20", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    ("chat logprobs with stream", chat(logprobs=True, stream=True), "logprobs"),
     ("an audio modality", chat(modalities=["text", "audio"]), "modalities"),
     ("store true", chat(store=True), "store"),
     ("echo on chat", chat(echo=True), "echo"),
@@ -177,6 +181,23 @@ def test_a_bad_or_unsupported_key_is_refused_naming_it(body: dict[str, Any], fie
     with pytest.raises(InvalidRequest) as caught:
         parse(body)
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("body", "logprobs"),
+    [
+        (completion(logprobs=0), 0),
+        (completion(logprobs=5), 5),
+        (completion(), None),
+        (chat(logprobs=True), 0),
+        (chat(logprobs=True, top_logprobs=20), 20),
+        (chat(logprobs=False, top_logprobs=0), None),
+    ],
+    ids=["completion 0", "completion 5", "completion none", "chat", "chat top 20", "chat off"],
+)
+def test_logprobs_ask_for_that_many_alternatives(body: dict[str, Any], logprobs: int | None) -> None:
+    parse = parse_chat if "messages" in body else parse_completion
+    assert parse(body).infer.params.logprobs == logprobs
 
 
 def test_an_unknown_key_is_refused_in_openai_words() -> None:

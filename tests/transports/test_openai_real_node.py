@@ -152,11 +152,50 @@ async def test_include_usage_ends_the_stream_with_the_usage(client: openai.Async
     assert chunks[-1].usage.completion_tokens == 5
 
 
+async def test_completion_logprobs_name_each_token_and_its_likeliest_alternatives(
+    client: openai.AsyncOpenAI,
+) -> None:
+    done = await complete(client, max_tokens=12, logprobs=3)
+    choice = done.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert "".join(lp.tokens) == choice.text
+    assert len(lp.tokens) == 12 and lp.top_logprobs is not None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(12)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3 and logprob <= 0.0
+        best = max(top, key=top.__getitem__)  # greedy took the likeliest
+        assert (best, top[best]) == (token, pytest.approx(logprob))
+
+
+async def test_chat_logprobs_come_in_the_chat_shape(client: openai.AsyncOpenAI) -> None:
+    done = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        temperature=0,
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    choice = done.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    content = choice.logprobs.content
+    assert "".join(t.token for t in content) == choice.message.content
+    for t in content:
+        assert t.bytes == list(t.token.encode()) and len(t.top_logprobs) == 2
+        assert t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+    plain = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=6
+    )
+    assert plain.choices[0].logprobs is None
+
+
 REFUSED: list[tuple[str, bool, dict[str, Any], str]] = [
     ("frequency_penalty a", False, {"frequency_penalty": "a"}, "frequency_penalty"),
     ("presence_penalty 3", True, {"presence_penalty": 3}, "presence_penalty"),
-    ("logprobs", False, {"logprobs": 2}, "logprobs"),
-    ("chat logprobs", True, {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("logprobs with stream", False, {"logprobs": 2, "stream": True}, "logprobs"),
+    ("top_logprobs without logprobs", True, {"top_logprobs": 2}, "top_logprobs"),
     ("tools", True, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("tool_choice", True, {"tool_choice": "required"}, "tool_choice"),
     ("n 2", True, {"n": 2}, "n"),

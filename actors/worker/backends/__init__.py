@@ -96,6 +96,7 @@ def generation_of(msg: Infer) -> Generation:
         msg.repeat_penalty,
         msg.logit_bias,
         msg.json_schema,
+        msg.logprobs,
     )
     return Generation(msg.prompt, msg.messages, msg.tensors, params)
 
@@ -126,6 +127,8 @@ def check_generation(gen: Generation) -> None:
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in gen.prompt
         ):
             raise BadRequest("prompt", "token ids must be non-negative integers")
+        if p.logprobs is not None and not 0 <= p.logprobs <= 20:
+            raise BadRequest("logprobs", f"must be between 0 and 20, got {p.logprobs}")
         if p.json_schema is not None:
             from actors.worker.backends.sampling import grammar_of  # imports llama_cpp
 

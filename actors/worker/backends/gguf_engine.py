@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import itertools
 import sys
 from collections import OrderedDict, deque
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.types import ChatMessage, FinishReason, GenerationParams
+from actors.types import ChatMessage, FinishReason, GenerationParams, TokenLogprob
 from actors.worker.backends import BackendError, BadRequest, Outcome, file_version
 from actors.worker.backends.embedder import Embedder, pooling_of
 from actors.worker.backends.gguf import (
@@ -56,7 +57,7 @@ from actors.worker.backends.gguf import (
     llama_log,
     render_chat,
 )
-from actors.worker.backends.sampling import sampler_chain
+from actors.worker.backends.sampling import sampler_chain, token_logprobs
 from actors.worker.backends.slots import SlotView, Wants, choose_slot, plan_step
 from actors.worker.backends.stops import StopMatcher
 from actors.worker.protocol import LoadSpec
@@ -81,6 +82,7 @@ class Finish:
     prompt_tokens_reused: int  # prompt tokens whose KV a slot already held (not decoded again)
     finish_reason: FinishReason
     error: str = ""  # set when llama.cpp failed the decode (finish_reason is then "cancelled")
+    logprobs: tuple[TokenLogprob, ...] | None = None  # each token's, when the request asked
 
     def outcome(self) -> Outcome:
         """Return the backend-neutral outcome the worker answers with."""
@@ -121,6 +123,7 @@ class Request:
         self.pending: int | None = None  # sampled, to be decoded by the next step
         self.from_saved = False  # its whole prompt was cached: sample from the slot's logits
         self.produced = 0
+        self.logprobs: list[TokenLogprob] = []  # filled when params.logprobs is not None
 
     @property
     def running(self) -> bool:
@@ -566,7 +569,8 @@ class GgufEngine:
             if not request.running:  # cancelled by an earlier request's callback
                 continue
             try:
-                self._take(request, lib.llama_sampler_sample(request.sampler, self._ctx, index))
+                token = lib.llama_sampler_sample(request.sampler, self._ctx, index)
+                self._take(request, token, functools.partial(self._logits, index))
             except Exception as exc:  # a `done` callback's: the others still get their token
                 raised.append(exc)
         for request in saved:
@@ -574,7 +578,8 @@ class GgufEngine:
                 continue
             request.from_saved = False
             try:
-                self._take(request, self._sample_saved(request))
+                row = functools.partial(self._saved_logits, request)
+                self._take(request, self._sample_saved(request), row)
             except Exception as exc:
                 raised.append(exc)
         if raised:
@@ -636,11 +641,29 @@ class GgufEngine:
             request.from_saved = reused == len(request.prompt)
             self._running.append(request)
 
-    def _take(self, request: Request, token: int) -> None:
-        """Act on a sampled token: stream it, or end the request."""
+    def _logits(self, index: int) -> np.ndarray[Any, Any]:
+        """Return the last decode's logits at batch position `index` (a view, not a copy)."""
+        row = self._lib.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+
+    @staticmethod
+    def _saved_logits(request: Request) -> Any:
+        """Return the saved logits a request whose prompt was cached was sampled from."""
+        return request.slot.logits if request.slot is not None else None
+
+    def _take(
+        self, request: Request, token: int, logits: Callable[[], Any] | None = None
+    ) -> None:
+        """Act on a sampled token: stream it, or end the request. `logits` gives the row it was
+        drawn from, read only when the request asked for log probabilities."""
         if self._lib.llama_vocab_is_eog(self._vocab, token):
             self._finish(request, "stop")
             return
+        top_n = request.params.logprobs
+        if top_n is not None and logits is not None and (row := logits()) is not None:
+            logprob, top = token_logprobs(row, token, top_n)
+            alternatives = tuple((self._piece(t), lp) for t, lp in top)
+            request.logprobs.append((self._piece(token), logprob, alternatives))
         request.produced += 1
         piece = request.decoder.decode(self._piece(token))
         safe = request.matcher.feed(piece) if piece else ""
@@ -674,6 +697,7 @@ class GgufEngine:
                 request.reused,
                 reason,
                 error,
+                None if request.params.logprobs is None else tuple(request.logprobs),
             )
         )
 

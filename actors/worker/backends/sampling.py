@@ -13,16 +13,28 @@ import functools
 import json
 from typing import Any
 
+import numpy as np
+
 from actors.types import GenerationParams
 from actors.worker.backends import BadRequest
 
-__all__ = ["MIN_P", "PENALTY_LAST_N", "TOP_K", "grammar_of", "sampler_chain"]
+__all__ = [
+    "MAX_TOP_LOGPROBS",
+    "MIN_P",
+    "PENALTY_LAST_N",
+    "TOP_K",
+    "grammar_of",
+    "sampler_chain",
+    "token_logprobs",
+]
 
 TOP_K = 40  # Llama.create_completion's sampler defaults that the wire does not carry
 MIN_P = 0.05
 PENALTY_LAST_N = 64
 """Generated tokens the penalties look back over: llama.cpp's and llama-cpp-python's default
 (repeat_last_n). OpenAI counts the whole output; past 64 tokens a repeat is no longer seen."""
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives a token's log probabilities list (OpenAI's top_logprobs limit)."""
 SCHEMA_FIELD = "response_format.json_schema"
 """The request field a bad schema is blamed on (OpenAI's name for it)."""
 
@@ -113,3 +125,24 @@ def _schema_grammar(schema: str) -> bytes:
     except Exception as exc:  # the converter raises bare Exceptions, KeyErrors, ValueErrors
         raise BadRequest(SCHEMA_FIELD, f"cannot be turned into a grammar: {exc}") from None
     return gbnf.encode("utf-8")
+
+
+def token_logprobs(
+    logits: np.ndarray[Any, Any], token: int, top_n: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """Return `token`'s log probability under the model's raw `logits` (one row, n_vocab), and
+    the `top_n` likeliest tokens with theirs, likeliest first.
+
+    The model's distribution, before any sampler: what OpenAI reports (a grammar, a bias or a
+    penalty changes what is drawn, not these figures).
+    """
+    row = logits.astype(np.float64, copy=False)
+    peak = float(row.max())
+    log_total = peak + float(np.log(np.exp(row - peak).sum()))
+    top: list[tuple[int, float]] = []
+    if top_n > 0:
+        n = min(top_n, row.shape[0])
+        best = np.argpartition(row, -n)[-n:]
+        best = best[np.argsort(-row[best], kind="stable")]
+        top = [(int(t), float(row[t]) - log_total) for t in best]
+    return float(row[token]) - log_total, top

@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from actors.gguf_synth import BYTE_BASE, N_VOCAB
 from actors.types import GenerationParams
 from actors.worker.backends import BadRequest, Generation, check_generation
 from actors.worker.backends.gguf_engine import Finish, GgufEngine
-from actors.worker.backends.sampling import grammar_of, sampler_chain
+from actors.worker.backends.sampling import grammar_of, sampler_chain, token_logprobs
 from actors.worker.protocol import LoadSpec
 
 PROMPT = "The quick brown fox"
@@ -143,3 +144,34 @@ def test_no_schema_means_no_grammar() -> None:
     assert grammar_of(GREEDY) is None
     grammar = grammar_of(replace(GREEDY, json_schema=json.dumps(OK_SCHEMA)))
     assert grammar is not None and b"root ::=" in grammar
+
+
+def test_token_logprobs_are_the_log_softmax_of_the_raw_logits() -> None:
+    logits = np.array([1.0, 3.0, 2.0, -1.0], dtype=np.float32)
+    expected = logits - np.log(np.exp(logits).sum())
+    logprob, top = token_logprobs(logits, 2, 3)
+    assert logprob == pytest.approx(expected[2])
+    assert [t for t, _ in top] == [1, 2, 0]
+    assert [lp for _, lp in top] == pytest.approx([expected[1], expected[2], expected[0]])
+    assert token_logprobs(logits, 0, 0)[1] == []
+
+
+def test_a_request_for_logprobs_gets_one_per_generated_token(engine: GgufEngine) -> None:
+    done = run(engine, replace(GREEDY, max_tokens=10, logprobs=2))
+    assert done.logprobs is not None and len(done.logprobs) == done.tokens_generated == 10
+    assert b"".join(piece for piece, _, _ in done.logprobs).decode() == done.text
+    for piece, logprob, top in done.logprobs:
+        assert len(top) == 2 and top[0][0] == piece  # greedy: the likeliest token
+        assert top[0][1] == pytest.approx(logprob) and logprob <= 0.0
+    assert run(engine, GREEDY).logprobs is None
+
+
+def test_logprobs_of_a_cached_prompt_come_from_its_saved_logits(engine: GgufEngine) -> None:
+    params = replace(GREEDY, max_tokens=4, logprobs=1)
+    first = run(engine, params, "cached")
+    decoded = engine.decoded_tokens
+    again = run(engine, params, "cached")
+    assert engine.decoded_tokens - decoded == 3  # no prompt token: the first from saved logits
+    assert again.logprobs is not None and first.logprobs is not None
+    assert [p for p, _, _ in again.logprobs] == [p for p, _, _ in first.logprobs]
+    assert [lp for _, lp, _ in again.logprobs] == pytest.approx([lp for _, lp, _ in first.logprobs])
