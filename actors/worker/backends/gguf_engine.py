@@ -57,7 +57,7 @@ from actors.worker.backends.gguf import (
     llama_log,
     render_chat,
 )
-from actors.worker.backends.sampling import sampler_chain, token_logprobs
+from actors.worker.backends.sampling import Candidates, request_samplers, sample, token_logprobs
 from actors.worker.backends.slots import SlotView, Wants, choose_slot, plan_step
 from actors.worker.backends.stops import StopMatcher
 from actors.worker.protocol import LoadSpec
@@ -116,6 +116,7 @@ class Request:
         self.decoder = _UTF8(errors="ignore")
         self.out: list[str] = []
         self.sampler: Any = None  # its chain, from submit until it ends
+        self.grammar: Any = None  # its json_schema's grammar sampler, kept apart from the chain
         # Set at admission:
         self.slot: _Slot | None = None
         self.reused = 0
@@ -184,14 +185,8 @@ class GgufEngine:
         template = _meta(lib, model, "tokenizer.chat_template")
         self._template = template or CHATML_TEMPLATE
         self._chat_template = "model" if template else "chatml"
-        # A candidates array (llama_token_data: id, logit, p) to sample saved logits from.
-        # One buffer (the engine runs on one thread): samplers reorder it, so it is refilled.
-        self._ids = np.arange(self._n_vocab, dtype=np.int32)
-        self._candidates = np.zeros(
-            self._n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)]
-        )
-        self._candidates_at = self._candidates.ctypes.data_as(lib.llama_token_data_p)
-        self._candidates_array = lib.llama_token_data_array()
+        # To sample saved logits, and a grammar's requests: one buffer (one thread uses it).
+        self._candidates = Candidates(lib, self._n_vocab)
         self._prompts: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self.weight_buffers: dict[str, float] = {}  # MiB of weights per llama.cpp buffer type
         self.decoded_tokens = 0  # tokens decoded so far, prompt and generated (for tests)
@@ -492,7 +487,9 @@ class GgufEngine:
             done(Finish("", 0, n_prompt, 0, "length"))
             return request
         # Built now, so that parameters llama.cpp refuses (a grammar, a bias) fail this call.
-        request.sampler = sampler_chain(self._lib, self._vocab, params, self._seed)
+        request.sampler, request.grammar = request_samplers(
+            self._lib, self._vocab, params, self._seed
+        )
         self._queue.append(request)
         return request
 
@@ -569,7 +566,11 @@ class GgufEngine:
             if not request.running:  # cancelled by an earlier request's callback
                 continue
             try:
-                token = lib.llama_sampler_sample(request.sampler, self._ctx, index)
+                if request.grammar is None:
+                    token = lib.llama_sampler_sample(request.sampler, self._ctx, index)
+                else:
+                    logits = self._logits(index)
+                    token = sample(lib, request.sampler, request.grammar, self._candidates, logits)
                 self._take(request, token, functools.partial(self._logits, index))
             except Exception as exc:  # a `done` callback's: the others still get their token
                 raised.append(exc)
@@ -597,20 +598,7 @@ class GgufEngine:
         """Sample from the slot's saved logits as llama_sampler_sample samples a decode's."""
         slot = request.slot
         assert slot is not None and slot.logits is not None
-        lib, candidates, array = self._lib, self._candidates, self._candidates_array
-        candidates["id"] = self._ids
-        candidates["logit"] = slot.logits
-        candidates["p"] = 0.0
-        array.data = self._candidates_at  # a sampler may have pointed it elsewhere
-        array.size = self._n_vocab
-        array.selected = -1
-        array.sorted = False
-        lib.llama_sampler_apply(request.sampler, ctypes.byref(array))
-        if not 0 <= array.selected < self._n_vocab:  # pragma: no cover - llama.cpp asserts it
-            raise RuntimeError(f"the sampler selected candidate {array.selected}")
-        token = int(array.data[array.selected].id)
-        lib.llama_sampler_accept(request.sampler, token)
-        return token
+        return sample(self._lib, request.sampler, request.grammar, self._candidates, slot.logits)
 
     def _admit(self) -> None:
         """Give queued requests free slots, oldest first, each the slot with its longest prefix."""
@@ -724,6 +712,9 @@ class GgufEngine:
         if request.sampler is not None:
             self._lib.llama_sampler_free(request.sampler)
             request.sampler = None
+        if request.grammar is not None:
+            self._lib.llama_sampler_free(request.grammar)
+            request.grammar = None
 
     def _fail(self, requests: list[Request], error: str) -> None:
         """End `requests` after a failed decode; their sequences are dropped whole."""

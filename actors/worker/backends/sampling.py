@@ -1,16 +1,25 @@
-"""How a GGUF request samples: the llama.cpp sampler chain built from its parameters.
+"""How a GGUF request samples: the llama.cpp samplers built from its parameters, and the draw.
 
-Pure construction over llama.cpp's low-level API (`lib` is `llama_cpp.llama_cpp`): the engine
-builds one chain per admitted request and frees it when the request ends. The chain's order is
-llama.cpp's common sampler's: the grammar (a `json_schema` turned into GBNF) first, so every
-later sampler sees only tokens that keep the output valid; then the logit bias and the
-penalties; then top-k, top-p, min-p, temperature and the draw (or greedy).
+Construction over llama.cpp's low-level API (`lib` is `llama_cpp.llama_cpp`): the engine builds
+one chain per request at submit and frees it when the request ends. The chain holds the logit
+bias and the penalties, then top-k, top-p, min-p, temperature and the draw (or greedy). A
+`json_schema` becomes a GBNF grammar sampler kept apart from the chain and used as llama.cpp's
+common sampler uses it: draw with the chain, check the one token drawn against the grammar,
+and only when the grammar refuses it apply the grammar to every candidate and draw again. A
+step the grammar agrees with then costs one token's check, not a pass over the vocabulary.
+`python -m bench.grammar` (2-layer random models, one thread, 64 tokens; two alternated runs
+on a shared 2-core machine): greedy at 128k tokens 3.0-4.2 ms a token with a schema against
+17-20 ms with the grammar first in the chain (1.5-1.6 ms with none); at 32k, 0.9-1.8 ms against
+4.0-6.3 ms (0.28-0.77 ms). A random model's choices are refused often; a model that writes JSON
+when asked passes the check on most steps.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -23,7 +32,11 @@ __all__ = [
     "MIN_P",
     "PENALTY_LAST_N",
     "TOP_K",
+    "Candidates",
     "grammar_of",
+    "grammar_sampler",
+    "request_samplers",
+    "sample",
     "sampler_chain",
     "token_logprobs",
 ]
@@ -39,29 +52,45 @@ SCHEMA_FIELD = "response_format.json_schema"
 """The request field a bad schema is blamed on (OpenAI's name for it)."""
 
 
+def request_samplers(lib: Any, vocab: Any, params: GenerationParams, seed: int) -> tuple[Any, Any]:
+    """Return a request's chain and its grammar sampler (None without a schema); the caller
+    frees both with `llama_sampler_free`. On a refusal (BadRequest) nothing stays allocated."""
+    grammar = grammar_sampler(lib, vocab, params)
+    try:
+        return sampler_chain(lib, vocab, params, seed), grammar
+    except BaseException:
+        if grammar is not None:
+            lib.llama_sampler_free(grammar)
+        raise
+
+
+def grammar_sampler(lib: Any, vocab: Any, params: GenerationParams) -> Any:
+    """Return the grammar sampler of `params.json_schema`, or None; BadRequest names
+    `response_format.json_schema` when the schema cannot become a grammar llama.cpp takes."""
+    grammar = grammar_of(params)
+    if grammar is None:
+        return None
+    sampler = lib.llama_sampler_init_grammar(vocab, grammar, b"root")
+    if not sampler:
+        raise BadRequest(SCHEMA_FIELD, "llama.cpp could not compile the schema's grammar")
+    return sampler
+
+
 def sampler_chain(lib: Any, vocab: Any, params: GenerationParams, seed: int) -> Any:
     """Return a new chain for `params` (the caller frees it with `llama_sampler_free`).
 
-    Greedy at temperature 0; else `Llama.generate`'s chain: top-k, top-p, min-p, temperature,
-    then a draw seeded with `params.seed`, or `seed` when the request names none. Below 0 it
-    draws from the raw logits. Raise BadRequest naming the field when a logit bias names a token
-    outside the vocabulary or llama.cpp refuses the grammar.
+    The logit bias and the penalties first; then greedy at temperature 0, else
+    `Llama.generate`'s chain: top-k, top-p, min-p, temperature, then a draw seeded with
+    `params.seed`, or `seed` when the request names none. Below 0 it draws from the raw logits.
+    Raise BadRequest naming `logit_bias` when a bias names a token outside the vocabulary.
     """
     n_vocab = lib.llama_vocab_n_tokens(vocab)
     bias = _logit_bias(lib, params.logit_bias, n_vocab)  # checked before anything is allocated
-    grammar = grammar_of(params)
-    grammar_sampler = None
-    if grammar is not None:
-        grammar_sampler = lib.llama_sampler_init_grammar(vocab, grammar, b"root")
-        if not grammar_sampler:
-            raise BadRequest(SCHEMA_FIELD, "llama.cpp could not compile the schema's grammar")
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
 
     def add(sampler: Any) -> None:
         lib.llama_sampler_chain_add(chain, sampler)  # the chain owns it from here
 
-    if grammar_sampler is not None:
-        add(grammar_sampler)
     if bias is not None:
         add(lib.llama_sampler_init_logit_bias(n_vocab, len(bias), bias))
     if (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1, 0, 0):
@@ -146,3 +175,67 @@ def token_logprobs(
         best = best[np.argsort(-row[best], kind="stable")]
         top = [(int(t), float(row[t]) - log_total) for t in best]
     return float(row[token]) - log_total, top
+
+
+class Candidates:
+    """One llama_token_data array over the whole vocabulary, reused: samplers run on it when
+    the logits are not a decode's own (a cached prompt's saved row) or a grammar is checked
+    apart. One thread uses it; samplers reorder and resize it, so each use refills it."""
+
+    def __init__(self, lib: Any, n_vocab: int) -> None:
+        self._lib = lib
+        self._n_vocab = n_vocab
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._data = np.zeros(
+            n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)]
+        )
+        self._at = self._data.ctypes.data_as(lib.llama_token_data_p)
+        self._array = lib.llama_token_data_array()
+        self._one = (lib.llama_token_data * 1)()
+        self._one_array = lib.llama_token_data_array()
+
+    def draw(self, logits: np.ndarray[Any, Any], *samplers: Any) -> int:
+        """Apply `samplers` in order to all of `logits`; return the token selected (none is
+        accepted: the caller accepts the one it keeps)."""
+        data, array = self._data, self._array
+        data["id"] = self._ids
+        data["logit"] = logits
+        data["p"] = 0.0
+        array.data = self._at
+        array.size = self._n_vocab
+        array.selected = -1
+        array.sorted = False
+        for sampler in samplers:
+            self._lib.llama_sampler_apply(sampler, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:  # pragma: no cover - llama.cpp asserts it
+            raise RuntimeError(f"the sampler selected candidate {array.selected}")
+        return int(array.data[array.selected].id)
+
+    def allows(self, grammar: Any, token: int) -> bool:
+        """Return whether `grammar`, in its state now, lets `token` come next."""
+        one, array = self._one, self._one_array
+        one[0].id, one[0].logit, one[0].p = token, 1.0, 0.0
+        array.data = ctypes.cast(one, self._lib.llama_token_data_p)
+        array.size = 1
+        array.selected = -1
+        array.sorted = False
+        self._lib.llama_sampler_apply(grammar, ctypes.byref(array))
+        return bool(math.isfinite(array.data[0].logit))
+
+
+def sample(
+    lib: Any, chain: Any, grammar: Any, candidates: Candidates, logits: np.ndarray[Any, Any]
+) -> int:
+    """Draw the next token from `logits` and accept it into `chain` (and `grammar`).
+
+    With a grammar, as llama.cpp's common sampler: draw with the chain alone, and only if the
+    grammar refuses that token apply the grammar to every candidate, then the chain, again.
+    Greedy draws what the grammar first in the chain would; a seeded draw, nearly so.
+    """
+    token = candidates.draw(logits, chain)
+    if grammar is not None and not candidates.allows(grammar, token):
+        token = candidates.draw(logits, grammar, chain)
+    lib.llama_sampler_accept(chain, token)
+    if grammar is not None:
+        lib.llama_sampler_accept(grammar, token)
+    return token

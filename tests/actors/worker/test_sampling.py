@@ -18,7 +18,13 @@ from actors.gguf_synth import BYTE_BASE, N_VOCAB
 from actors.types import GenerationParams
 from actors.worker.backends import BadRequest, Generation, check_generation
 from actors.worker.backends.gguf_engine import Finish, GgufEngine
-from actors.worker.backends.sampling import grammar_of, sampler_chain, token_logprobs
+from actors.worker.backends.sampling import (
+    Candidates,
+    grammar_of,
+    grammar_sampler,
+    sampler_chain,
+    token_logprobs,
+)
 from actors.worker.protocol import LoadSpec
 
 PROMPT = "The quick brown fox"
@@ -175,3 +181,28 @@ def test_logprobs_of_a_cached_prompt_come_from_its_saved_logits(engine: GgufEngi
     assert again.logprobs is not None and first.logprobs is not None
     assert [p for p, _, _ in again.logprobs] == [p for p, _, _ in first.logprobs]
     assert [lp for _, lp, _ in again.logprobs] == pytest.approx([lp for _, lp, _ in first.logprobs])
+
+
+def test_a_grammar_allows_only_the_tokens_that_keep_the_output_valid(engine: GgufEngine) -> None:
+    import llama_cpp
+
+    lib = llama_cpp.llama_cpp
+    vocab = engine._vocab  # the engine's own, as above
+    params = replace(GREEDY, json_schema=json.dumps(OK_SCHEMA))
+    grammar = grammar_sampler(lib, vocab, params)
+    try:
+        candidates = Candidates(lib, N_VOCAB)
+        assert candidates.allows(grammar, byte_token("{"))
+        assert not candidates.allows(grammar, byte_token("x"))
+        lib.llama_sampler_accept(grammar, byte_token("{"))
+        assert candidates.allows(grammar, byte_token('"'))
+        assert not candidates.allows(grammar, byte_token("{"))
+    finally:
+        lib.llama_sampler_free(grammar)
+
+
+def test_a_schema_request_on_a_cached_prompt_is_still_valid_json(engine: GgufEngine) -> None:
+    params = replace(GREEDY, max_tokens=100, json_schema=json.dumps(ENUM_SCHEMA))
+    first, again = run(engine, params, "same prompt"), run(engine, params, "same prompt")
+    assert again.text == first.text and again.finish_reason == "stop"
+    assert json.loads(again.text)["color"] in ("red", "green", "blue")
