@@ -16,7 +16,7 @@ import pytest
 
 from actors.gguf_synth import BYTE_BASE, N_VOCAB
 from actors.types import GenerationParams
-from actors.worker.backends import BadRequest, Generation, check_generation
+from actors.worker.backends import BadRequest
 from actors.worker.backends.gguf_engine import Finish, GgufEngine
 from actors.worker.backends.sampling import (
     Candidates,
@@ -139,11 +139,13 @@ def test_a_logit_bias_outside_the_vocabulary_is_refused_naming_logit_bias(
     ['{"type": "nonsense"}', '{"$ref": "#/definitions/missing"}', "not json"],
     ids=["unknown type", "dangling ref", "not json"],
 )
-def test_a_schema_that_cannot_become_a_grammar_is_refused_before_it_runs(schema: str) -> None:
-    gen = Generation(prompt="x", params=replace(GREEDY, json_schema=schema))
+def test_a_schema_that_cannot_become_a_grammar_is_refused_at_submit(
+    engine: GgufEngine, schema: str
+) -> None:
     with pytest.raises(BadRequest) as caught:
-        check_generation(gen)
+        engine.submit("x", replace(GREEDY, json_schema=schema), emit=print, done=print)
     assert caught.value.field == "response_format.json_schema"
+    assert not engine.has_work()
 
 
 def test_no_schema_means_no_grammar() -> None:
