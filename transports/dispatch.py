@@ -74,9 +74,14 @@ class Action:
 class Dispatcher:
     """Run table actions against one node, with the configured timeouts."""
 
-    def __init__(self, node: NodeAPI, config: ServerConfig) -> None:
+    def __init__(
+        self, node: NodeAPI, config: ServerConfig, *, limit_s: float | None = None
+    ) -> None:
+        """`limit_s`: a client's own deadline, which no timeout of this dispatcher passes."""
         self.node = node
         self.config = config
+        self.request_timeout_s = _capped(config.request_timeout_s, limit_s)
+        self.load_timeout_s = _capped(config.load_timeout_s, limit_s)
 
     def action(self, name: Any) -> Action:
         """Return the table entry for `name`; raise UnknownAction otherwise."""
@@ -91,20 +96,14 @@ class Dispatcher:
 
         None, or a deadline past the configured timeouts, returns this dispatcher.
         """
-        config = self.config
-        if seconds is None or seconds >= max(config.request_timeout_s, config.load_timeout_s):
+        if seconds is None or seconds >= max(self.request_timeout_s, self.load_timeout_s):
             return self
-        bounded = dataclasses.replace(
-            config,
-            request_timeout_s=min(config.request_timeout_s, seconds),
-            load_timeout_s=min(config.load_timeout_s, seconds),
-        )
-        return Dispatcher(self.node, bounded)
+        return Dispatcher(self.node, self.config, limit_s=seconds)
 
     def with_deadline(self, req: InferRequest) -> InferRequest:
         """Give `req` the configured request timeout unless it carries its own."""
         if req.timeout_s is None:
-            return dataclasses.replace(req, timeout_s=self.config.request_timeout_s)
+            return dataclasses.replace(req, timeout_s=self.request_timeout_s)
         return req
 
     async def infer(self, req: InferRequest) -> InferResult:
@@ -145,14 +144,18 @@ class Dispatcher:
     async def load(self, req: LoadRequest) -> ModelInfo:
         """Load a model; past the load timeout the client gets 504 while the load goes on."""
         return await _within(
-            asyncio.shield(self.node.load(req)), self.config.load_timeout_s, "load"
+            asyncio.shield(self.node.load(req)), self.load_timeout_s, "load"
         )
 
     async def unload(self, name: str) -> ModelInfo:
         """Unload a model; past the load timeout the client gets 504 while the unload goes on."""
         return await _within(
-            asyncio.shield(self.node.unload(name)), self.config.load_timeout_s, "unload"
+            asyncio.shield(self.node.unload(name)), self.load_timeout_s, "unload"
         )
+
+
+def _capped(seconds: float, limit: float | None) -> float:
+    return seconds if limit is None else min(seconds, limit)
 
 
 async def _within(aw: Awaitable[T], seconds: float, what: str) -> T:

@@ -14,6 +14,7 @@ The client's deadline bounds the request's timeout. Messages larger than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -237,10 +238,7 @@ class GrpcServer:
         return await self._call("HealthCheck", context, run, open_to_all=True)
 
     async def _infer_stream(self, data: bytes, context: Context) -> AsyncIterator[pb.InferenceChunk]:
-        t0 = time.perf_counter()
-        outcome = "ok"
-        self._in_flight.inc()
-        try:
+        async with self._served("InferStream", context):
             self._admit(context, open_to_all=False, bounded=False)
             req = self._decode(pb.InferenceRequest, data)
             try:
@@ -253,18 +251,8 @@ class GrpcServer:
                     yield grpc_codec.stream_result(item)
                 else:
                     yield pb.InferenceChunk(text=item.text)
-        except asyncio.CancelledError:
-            outcome = _gone(context)
-            raise
-        except Exception as exc:
-            err = client_error(classify(exc))
-            outcome = err.code
-            await _abort(context, err)
-        finally:
-            self._in_flight.dec()
-            self._recorder.record("InferStream", outcome, time.perf_counter() - t0)
 
-    # ---- the shared path of every unary method ----
+    # ---- the shared path of every method ----
 
     async def _call(
         self,
@@ -280,10 +268,7 @@ class GrpcServer:
         `bounded`: the call may wait on the node (infer, load, unload), so it takes one of
         `max_workers` slots, with at most `max_pending` more calls waiting, as on ZMQ.
         """
-        t0 = time.perf_counter()
-        outcome = "ok"
-        self._in_flight.inc()
-        try:
+        async with self._served(method, context):
             self._admit(context, open_to_all=open_to_all, bounded=bounded)
             dispatcher = self._dispatcher.within(context.time_remaining())
             if not bounded:
@@ -294,22 +279,40 @@ class GrpcServer:
                     return await run(dispatcher)
             finally:
                 self._pending -= 1
+        raise AssertionError("unreachable: _served ends a failed call with its status")
+
+    @contextlib.asynccontextmanager
+    async def _served(self, method: str, context: Context) -> AsyncIterator[None]:
+        """Serve one call: hold the in-flight gauge, answer a failure with its status code,
+        count the call under `method` and its outcome."""
+        t0 = time.perf_counter()
+        outcome = "ok"
+        self._in_flight.inc()
+        try:
+            yield
         except asyncio.CancelledError:
+            outcome = _gone(context)
+            raise
+        except GeneratorExit:
+            # grpc closed a stream whose client went away between two messages.
             outcome = _gone(context)
             raise
         except Exception as exc:
             err = client_error(classify(exc))
             outcome = err.code
             await _abort(context, err)
-            raise AssertionError("unreachable: abort ends the call") from None
         finally:
             self._in_flight.dec()
             self._recorder.record(method, outcome, time.perf_counter() - t0)
 
     def _admit(self, context: Context, *, open_to_all: bool, bounded: bool) -> None:
-        if not open_to_all and self._keys and not self._authenticated(context):
-            presented = presented_key(CIMultiDict(context.invocation_metadata() or ()))
-            raise Unauthorized("missing API key" if presented is None else "invalid API key")
+        """Refuse a call without a good key (unless open to all), or past the pending bound."""
+        if not open_to_all and self._keys:
+            presented = _presented_key(context)
+            if presented is None:
+                raise Unauthorized("missing API key")
+            if not self._keys.matches(presented):
+                raise Unauthorized("invalid API key")
         config = self._config
         if bounded and self._pending >= config.max_workers + config.max_pending:
             raise Overloaded("too many gRPC requests in progress", retry_after=1.0)
@@ -320,8 +323,14 @@ class GrpcServer:
     def _authenticated(self, context: Context) -> bool:
         if not self._keys:
             return True
-        presented = presented_key(CIMultiDict(context.invocation_metadata() or ()))
+        presented = _presented_key(context)
         return presented is not None and self._keys.matches(presented)
+
+
+def _presented_key(context: Context) -> str | None:
+    """The key in `x-api-key` or `authorization: Bearer` metadata, read as the HTTP front
+    reads its headers."""
+    return presented_key(CIMultiDict(context.invocation_metadata() or ()))
 
 
 def _raw(data: bytes) -> bytes:

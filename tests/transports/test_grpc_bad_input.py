@@ -97,12 +97,12 @@ async def test_every_bad_infer_field_is_invalid_argument_naming_the_field(stub: 
 
 
 async def test_an_unknown_model_is_not_found_for_infer_stream_and_unload(stub: Any) -> None:
-    for call in (
-        stub.Infer(infer_request(model_name="nope")),
-        stub.InferStream(infer_request(model_name="nope")),
-        stub.UnloadModel(pb.ModelUnloadRequest(model_name="nope")),
+    for call in (  # one at a time: a call starts when it is made
+        lambda: stub.Infer(infer_request(model_name="nope")),
+        lambda: stub.InferStream(infer_request(model_name="nope")),
+        lambda: stub.UnloadModel(pb.ModelUnloadRequest(model_name="nope")),
     ):
-        err = await refusal(call)
+        err = await refusal(call())
         assert err.code() == grpc.StatusCode.NOT_FOUND
         assert "nope" in err.details()
 
