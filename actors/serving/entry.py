@@ -107,9 +107,10 @@ def backend_for(path: Path) -> Backend:
 def slots_of(entry: CatalogEntry, node_parallel: int | None = None) -> int:
     """Return the requests `entry` serves at once: its `parallel`, else the node's, else 1.
 
-    Only a GGUF model without a LoRA adapter batches (the engine takes no adapter yet).
+    Only a GGUF model batches (with or without a LoRA adapter); a torch model serves one
+    request at a time.
     """
-    if entry.backend != "gguf" or entry.lora:
+    if entry.backend != "gguf":
         return 1
     return entry.parallel or node_parallel or 1
 

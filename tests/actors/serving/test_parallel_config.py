@@ -53,13 +53,13 @@ def test_a_bad_parallel_stops_with_one_line_naming_the_key(
     assert "\n" not in str(error.value)
 
 
-def test_the_entry_s_slots_come_from_it_else_the_node_and_are_one_for_lora_or_torch() -> None:
+def test_the_entry_s_slots_come_from_it_else_the_node_and_are_one_for_torch() -> None:
     entry = CatalogEntry(name="m", path="m.gguf")
     assert slots_of(entry) == 1
     assert slots_of(entry, node_parallel=8) == 8
     assert slots_of(CatalogEntry(name="m", path="m.gguf", parallel=4), node_parallel=8) == 4
     lora = CatalogEntry(name="m", path="m.gguf", parallel=4, lora="a.gguf")
-    assert slots_of(lora, node_parallel=8) == 1
+    assert slots_of(lora, node_parallel=8) == 4  # the engine applies the adapter to every slot
     assert slots_of(CatalogEntry(name="m", path="m.pt2", backend="torch", parallel=4)) == 1
 
 
