@@ -261,16 +261,29 @@ ServerFactory = Callable[[Node, Config, Keys], list[Front]]
 
 
 def default_servers(node: Node, config: Config, keys: Keys) -> list[Front]:
-    """The HTTP server, the legacy ZMQ server and the legacy gRPC server, with the keys the
-    preflight read."""
+    """The HTTP server, the legacy ZMQ server and the legacy gRPC server, with the keys and
+    TLS files the preflight read (with TLS, HTTP and gRPC serve it only)."""
     from transports.grpc_server import GrpcServer
     from transports.http import HttpServer
+    from transports.tls import grpc_credentials, ssl_context
     from transports.zmq_legacy import ZmqServer
 
     static = Path(__file__).with_name("static")
-    http = HttpServer(node, config.server, static_dir=static, api_keys=keys.api)
+    tls = keys.tls
+    http = HttpServer(
+        node,
+        config.server,
+        static_dir=static,
+        api_keys=keys.api,
+        ssl_context=None if tls is None else ssl_context(tls),
+    )
     zmq_server = ZmqServer(node, config.server, api_keys=keys.api, zmq_auth=keys.zmq)
-    grpc_server = GrpcServer(node, config.server, api_keys=keys.api)
+    grpc_server = GrpcServer(
+        node,
+        config.server,
+        api_keys=keys.api,
+        credentials=None if tls is None else grpc_credentials(tls),
+    )
     return [
         Front(http, listener(config, "server.rest_port")),
         Front(zmq_server, listener(config, "server.zmq_port")),
