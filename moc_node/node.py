@@ -37,6 +37,8 @@ from actors.serving.resilience import BulkheadRegistry
 from actors.serving.store import LoadedRecord, StateStore
 from actors.types import (
     DeviceInfo,
+    EmbedRequest,
+    EmbedResult,
     HealthReport,
     InferRequest,
     InferResult,
@@ -282,6 +284,30 @@ class LocalNode:
         finally:
             self._count(req.model, outcome)
 
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        """Embed with this node's own models (a cold catalog model is loaded first), through
+        the model's bulkhead like any request."""
+        self._check_open()
+        outcome = "error"
+        try:
+            async with self._bulkheads.get(req.model).slot():
+                lane = await self._lane(req.model)
+                try:
+                    result = await lane.embed(req, self._deadline(req))
+                except LaneClosed:  # unloaded just now: the manager loads it anew
+                    lane = await self._acquire(LoadRequest(name=req.model))
+                    result = await lane.embed(req, self._deadline(req))
+                outcome = "success"
+                return result
+        except MocError as exc:
+            outcome = exc.code
+            raise
+        except asyncio.CancelledError:
+            outcome = Cancelled.code
+            raise
+        finally:
+            self._count(req.model, outcome)
+
     def health(self) -> HealthReport:
         # The board's snapshot: health needs no queue figures (models() adds them per model).
         return health_report(
@@ -404,7 +430,7 @@ class LocalNode:
             model = UNKNOWN_MODEL
         metrics.inference_requests_total.labels(model, outcome).inc()
 
-    def _deadline(self, req: InferRequest) -> float:
+    def _deadline(self, req: InferRequest | EmbedRequest) -> float:
         return time.monotonic() + (req.timeout_s or self._request_timeout)
 
     async def _lane(self, model: str) -> ModelLane:

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 from actors.types import (
     DeviceInfo,
+    EmbedRequest,
+    EmbedResult,
     HealthReport,
     InferRequest,
     InferResult,
@@ -40,6 +42,9 @@ class NodeAPI(Protocol):
 
     def infer_stream(self, req: InferRequest) -> AsyncIterator[TokenChunk | InferResult]:
         """Yield text pieces then one InferResult; closing the iterator cancels generation."""
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        """Embed each input with a GGUF model: one L2-normalised float32 vector per input."""
 
     def health(self) -> HealthReport:
         """Report per-component health."""

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
+"""The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings.
 
 Requests parse with `transports.openai_params` (every key honoured or refused) and run through
 the same Dispatcher as the legacy routes, so limits, timeouts and the error mapping are written
@@ -9,8 +9,11 @@ events; its first item is awaited before the headers, so an early refusal keeps 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import itertools
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -19,8 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-from actors.errors import MocError, ModelNotFound, RequestTimeout
-from actors.types import InferRequest, InferResult, TokenChunk, TokenLogprob
+from actors.errors import InvalidRequest, MocError, ModelNotFound, RequestTimeout
+from actors.types import EmbedResult, InferRequest, InferResult, TokenChunk, TokenLogprob
 from transports.auth import client_error
 from transports.errors import classify
 from transports.http_bodies import (
@@ -32,9 +35,15 @@ from transports.http_bodies import (
     read_json,
 )
 from transports.metrics import STREAMS_CLOSED_BY_CLIENT
-from transports.openai_params import OpenAIRequest, parse_chat, parse_completion
+from transports.openai_params import (
+    EmbeddingsRequest,
+    OpenAIRequest,
+    parse_chat,
+    parse_completion,
+    parse_embeddings,
+)
 
-__all__ = ["SSE_DONE", "add_routes", "sse", "usage"]
+__all__ = ["SSE_DONE", "add_routes", "embeddings_body", "sse", "usage"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,7 @@ def add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/v1/models/{model}", _v1_model)
     r.add_post("/v1/completions", _v1_completions)
     r.add_post("/v1/chat/completions", _v1_chat)
+    r.add_post("/v1/embeddings", _v1_embeddings)
 
 
 def _openai_model(view: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,6 +211,44 @@ async def _openai_infer(
     if not parsed.stream:
         return json_response(shape.body(await dispatcher.infer(req)))
     return await _stream(request, dispatcher.with_deadline(req), shape, parsed.include_usage)
+
+
+async def _v1_embeddings(request: web.Request) -> web.Response:
+    parsed = parse_embeddings(await read_json(request))
+    dispatcher = dispatcher_of(request)
+    seconds = dispatcher.config.request_timeout_s
+    req = dataclasses.replace(parsed.embed, timeout_s=seconds)
+    try:
+        async with asyncio.timeout(seconds):
+            result = await dispatcher.node.embed(req)
+    except TimeoutError:
+        raise RequestTimeout(f"embeddings did not finish within {seconds:g} s") from None
+    return json_response(embeddings_body(parsed, result))
+
+
+def embeddings_body(parsed: EmbeddingsRequest, result: EmbedResult) -> dict[str, Any]:
+    """Return OpenAI's embeddings list; refuse a `dimensions` other than the model's."""
+    n_embd = len(result.vectors[0]) // 4 if result.vectors else 0
+    if parsed.dimensions is not None and parsed.dimensions != n_embd:
+        raise InvalidRequest(
+            "dimensions", f"this model's embeddings have {n_embd} dimensions; got {parsed.dimensions}"
+        )
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": base64.b64encode(vector).decode("ascii")
+            if parsed.base64
+            else list(struct.unpack(f"<{len(vector) // 4}f", vector)),
+        }
+        for i, vector in enumerate(result.vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": parsed.embed.model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
 
 
 class _ClientGone(Exception):

@@ -30,6 +30,7 @@ from actors.types import (
     LoadRequest,
     TensorData,
     TokenChunk,
+    TokenLogprob,
 )
 from cluster.keyring import TAG_BYTES, Keyring
 
@@ -223,6 +224,12 @@ def request_to_wire(req: InferRequest) -> dict[str, Any]:
             "top_p": p.top_p,
             "stop": p.stop,
             "seed": p.seed,
+            "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "repeat_penalty": p.repeat_penalty,
+            "logit_bias": p.logit_bias,
+            "json_schema": p.json_schema,
+            "logprobs": p.logprobs,
         },
         "timeout_s": req.timeout_s,
     }
@@ -235,12 +242,20 @@ def _tensor_to_wire(t: TensorData) -> dict[str, Any]:
 def request_from_wire(body: Any) -> InferRequest:
     """Rebuild an InferRequest from a peer's body; PeerWireError if it does not fit."""
     try:
-        params = GenerationParams(**{**body["params"], "stop": tuple(body["params"]["stop"])})
+        raw = body["params"]
+        params = GenerationParams(
+            **{
+                **raw,
+                "stop": tuple(raw["stop"]),
+                "logit_bias": tuple((int(t), float(b)) for t, b in raw.get("logit_bias", ())),
+            }
+        )
+        prompt = body.get("prompt")
         messages = body.get("messages")
         tensors = body.get("tensors")
         return InferRequest(
             model=str(body["model"]),
-            prompt=body.get("prompt"),
+            prompt=tuple(int(t) for t in prompt) if isinstance(prompt, list) else prompt,
             messages=None if messages is None else tuple(ChatMessage(**m) for m in messages),
             tensors=None if tensors is None else tuple(_tensor(t) for t in tensors),
             params=params,
@@ -266,17 +281,30 @@ def result_to_wire(result: InferResult) -> dict[str, Any]:
         "tensors": None
         if result.tensors is None
         else tuple(_tensor_to_wire(t) for t in result.tensors),
+        "prompt_tokens_reused": result.prompt_tokens_reused,
+        "first_token_ms": result.first_token_ms,
+        "logprobs": result.logprobs,
     }
 
 
 def result_from_wire(body: Any) -> InferResult:
     try:
         tensors = body.get("tensors")
+        logprobs = body.get("logprobs")
         return InferResult(
-            **{**body, "tensors": None if tensors is None else tuple(_tensor(t) for t in tensors)}
+            **{
+                **body,
+                "tensors": None if tensors is None else tuple(_tensor(t) for t in tensors),
+                "logprobs": None if logprobs is None else tuple(_logprob(t) for t in logprobs),
+            }
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise PeerWireError("malformed", f"bad inference result: {exc!r}") from None
+
+
+def _logprob(t: Any) -> TokenLogprob:
+    piece, logprob, top = t
+    return bytes(piece), float(logprob), tuple((bytes(p), float(lp)) for p, lp in top)
 
 
 def token_from_wire(body: Any) -> TokenChunk:

@@ -21,7 +21,7 @@ from actors.bridge import ask
 from actors.errors import CircuitOpen, MocError, ModelNotLoaded, ShuttingDown, WorkerCrashed
 from actors.serving import metrics
 from actors.serving.resilience import CircuitBreaker
-from actors.types import InferRequest, InferResult
+from actors.types import EmbedRequest, EmbedResult, InferRequest, InferResult
 from actors.worker.handle import RequestChannel, WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,22 @@ class ModelLane:
         finally:
             self._leave()
 
+    async def embed(self, req: EmbedRequest, deadline: float | None = None) -> EmbedResult:
+        """Embed the request's inputs through the worker, counted like any request."""
+        channel, worker = await self._enter()
+        try:
+            result = await channel.embed(req, deadline)
+        except Exception as exc:
+            explained = self._count_failure(exc, channel, worker)
+            if explained is exc:
+                raise
+            raise explained from exc
+        finally:
+            self._leave()
+        self._prompt_tokens.inc(result.prompt_tokens)
+        self._served()
+        return result
+
     def _count_failure(
         self, exc: Exception, channel: RequestChannel, worker: WorkerHandle
     ) -> Exception:
@@ -218,7 +234,6 @@ class ModelLane:
             raise WorkerCrashed(f"the worker for {self.name!r} could not be restarted")
 
     def _succeeded(self, result: InferResult) -> None:
-        self._breaker.record_success()
         self._latency.observe(result.latency_ms / 1000.0)
         self._tokens.inc(result.tokens_generated)
         self._prompt_tokens.inc(result.prompt_tokens)
@@ -228,6 +243,11 @@ class ModelLane:
             if result.tokens_generated > 1:
                 decoding_ms = max(0.0, result.latency_ms - result.first_token_ms)
                 self._tpot.observe(decoding_ms / 1000.0 / (result.tokens_generated - 1))
+        self._served()
+
+    def _served(self) -> None:
+        """What every successful request tells: the breaker, the manager (used), the claim."""
+        self._breaker.record_success()
         now = self._clock()
         if now - self._used_told >= _USED_EVERY_S:
             self._used_told = now

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from actors.errors import WorkerCrashed
-from actors.types import InferRequest, InferResult
+from actors.types import EmbedRequest, EmbedResult, InferRequest, InferResult
 from actors.worker.protocol import Loaded, LoadSpec
 
 
@@ -43,6 +43,10 @@ class RequestChannel(Protocol):
         self, req: InferRequest, deadline: float | None = None
     ) -> AsyncGenerator[str | InferResult, None]:
         """Yield the request's text piece by piece, then its result."""
+        ...
+
+    async def embed(self, req: EmbedRequest, deadline: float | None = None) -> EmbedResult:
+        """Embed the request's inputs; `deadline` is monotonic (the event loop's clock)."""
         ...
 
     def close(self) -> None:

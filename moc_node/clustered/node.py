@@ -13,6 +13,8 @@ from typing import Any
 
 from actors.types import (
     DeviceInfo,
+    EmbedRequest,
+    EmbedResult,
     HealthReport,
     InferRequest,
     InferResult,
@@ -147,6 +149,11 @@ class ClusteredNode:
         if self._goes_remote(req.model):
             return self._forwarder.stream(req)
         return self._local.infer_stream(req)
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        """Embed on this node (the peer RPC does not forward embeddings yet): a catalog model
+        it does not hold is loaded here."""
+        return await self._local.embed(req)
 
     async def place(self, model: str) -> str:
         """Have `model` loaded wherever the primary places it; return the holder's name."""

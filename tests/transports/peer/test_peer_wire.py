@@ -52,6 +52,32 @@ def test_a_full_request_encodes_as_asdict_and_comes_back_equal() -> None:
     assert request_from_wire(msgpack.unpackb(_packed(wire), raw=False)) == req
 
 
+def test_the_openai_parameters_and_a_token_prompt_come_back_equal() -> None:
+    req = InferRequest(
+        model="m",
+        prompt=(1, 72, 105),
+        params=GenerationParams(
+            presence_penalty=0.5,
+            frequency_penalty=-1.0,
+            repeat_penalty=1.2,
+            logit_bias=((72, 100.0), (5, -3.5)),
+            json_schema='{"type": "object"}',
+            logprobs=3,
+        ),
+    )
+    wire = request_to_wire(req)
+    assert _packed(wire) == _packed(dataclasses.asdict(req))
+    assert request_from_wire(msgpack.unpackb(_packed(wire), raw=False)) == req
+
+
+def test_a_result_with_logprobs_comes_back_equal() -> None:
+    tokens = ((b"H", -0.25, ((b"H", -0.25), (b"\xc3", -2.0))), (b"i", -0.5, ()))
+    result = InferResult("Hi", 2, 1, "length", 1.5, "v1", logprobs=tokens)
+    wire = result_to_wire(result)
+    assert _packed(wire) == _packed(dataclasses.asdict(result))
+    assert result_from_wire(msgpack.unpackb(_packed(wire), raw=False)) == result
+
+
 def test_a_bare_request_encodes_as_asdict() -> None:
     req = InferRequest(model="m", prompt="p")
     assert _packed(request_to_wire(req)) == _packed(dataclasses.asdict(req))
