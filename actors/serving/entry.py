@@ -87,8 +87,8 @@ ZIP_MAGIC = b"PK\x03\x04"  # TorchScript and torch.export archives are both zips
 
 
 def backend_for(path: Path) -> Backend:
-    """Tell the backend from the file's first bytes, whatever its name; refuse naming
-    model_path a file of neither format (the worker checks the archive's kind further)."""
+    """Tell the backend from the file's first bytes, whatever its name; a file of neither
+    format is ModelFileInvalid (the worker checks the archive's kind further)."""
     try:
         with path.open("rb") as fh:
             magic = fh.read(4)
@@ -98,9 +98,8 @@ def backend_for(path: Path) -> Backend:
         return "gguf"
     if magic == ZIP_MAGIC:
         return "torch"
-    raise InvalidRequest(
-        "model_path",
-        f"{path.name} is neither a GGUF file nor a torch archive (TorchScript or torch.export)",
+    raise ModelFileInvalid(
+        f"{path.name} is neither a GGUF file nor a torch archive (TorchScript or torch.export)"
     )
 
 

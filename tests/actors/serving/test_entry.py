@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.errors import InvalidRequest, ModelNotFound, PathNotAllowed
+from actors.errors import InvalidRequest, ModelFileInvalid, ModelNotFound, PathNotAllowed
 from actors.serving.config import CatalogEntry
 from actors.serving.entry import backend_for, entry_for, need_mb, worker_spec
 from actors.types import LoadRequest
@@ -35,12 +35,13 @@ def test_the_backend_follows_from_the_files_first_bytes(
     [b"", b"GG", b"\x80\x04\x95pickle", b"PK\x05\x06"],
     ids=["empty", "short", "pickle", "empty-zip"],
 )
-def test_a_file_of_neither_format_is_refused_naming_model_path(tmp_path: Path, head: bytes) -> None:
+def test_a_file_of_neither_format_is_refused_as_an_invalid_model_file(
+    tmp_path: Path, head: bytes
+) -> None:
     path = tmp_path / "m.gguf"
     path.write_bytes(head)
-    with pytest.raises(InvalidRequest, match="neither a GGUF file nor a torch archive") as info:
+    with pytest.raises(ModelFileInvalid, match="neither a GGUF file nor a torch archive"):
         backend_for(path)
-    assert info.value.field == "model_path"
 
 
 def test_a_request_by_name_alone_takes_the_catalog_entry(tiny_gguf: Path) -> None:
