@@ -35,7 +35,7 @@ from actors.types import (
 )
 
 # Bump when a message changes shape; the supervisor refuses a worker that speaks another version.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: sampling parameters, token prompts, logprobs, embeddings
 
 
 class MsgType(IntEnum):

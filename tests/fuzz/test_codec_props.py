@@ -202,6 +202,8 @@ def tensors(draw: st.DrawFn) -> TensorData:
     return TensorData(dtype, shape, data)
 
 
+TOKEN_IDS = st.lists(st.integers(0, 2**31 - 1), max_size=4).map(tuple)
+
 WORKER_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "int": WIRE_INTS,
     "float": st.floats(allow_nan=False),  # NaN never equals itself, so round trips cannot show it
@@ -217,6 +219,26 @@ WORKER_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "tuple[TensorData, ...] | None": st.none() | st.lists(tensors(), max_size=2).map(tuple),
     "Backend": st.sampled_from(typing.get_args(Backend)),
     "DeviceKind": st.sampled_from(typing.get_args(DeviceKind)),
+    "float | None": st.none() | st.floats(allow_nan=False),
+    "str | tuple[int, ...] | None": st.none() | st.text(max_size=20) | TOKEN_IDS,
+    "tuple[str | tuple[int, ...], ...]": st.lists(st.text(max_size=8) | TOKEN_IDS, max_size=3).map(
+        tuple
+    ),
+    "tuple[bytes, ...]": st.lists(st.binary(max_size=16), max_size=3).map(tuple),
+    "tuple[tuple[int, float], ...]": st.lists(
+        st.tuples(WIRE_INTS, st.floats(allow_nan=False)), max_size=3
+    ).map(tuple),
+    "tuple[TokenLogprob, ...] | None": st.none()
+    | st.lists(
+        st.tuples(
+            st.binary(max_size=4),
+            st.floats(allow_nan=False),
+            st.lists(st.tuples(st.binary(max_size=4), st.floats(allow_nan=False)), max_size=2).map(
+                tuple
+            ),
+        ),
+        max_size=3,
+    ).map(tuple),
 }
 
 
