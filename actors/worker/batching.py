@@ -130,6 +130,8 @@ class EngineDriver:
             out.finish_reason,
             None,
             self.memory_mb(),
+            prompt_tokens_reused=finish.prompt_tokens_reused,
+            first_token_ms=finish.first_token_ms,
             logprobs=finish.logprobs,
         )
 

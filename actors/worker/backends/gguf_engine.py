@@ -38,6 +38,7 @@ import ctypes
 import functools
 import itertools
 import sys
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class Finish:
     finish_reason: FinishReason
     error: str = ""  # set when llama.cpp failed the decode (finish_reason is then "cancelled")
     logprobs: tuple[TokenLogprob, ...] | None = None  # each token's, when the request asked
+    first_token_ms: float | None = None  # from submit to its first sampled token; None: none
 
     def outcome(self) -> Outcome:
         """Return the backend-neutral outcome the worker answers with."""
@@ -124,6 +126,8 @@ class Request:
         self.pending: int | None = None  # sampled, to be decoded by the next step
         self.from_saved = False  # its whole prompt was cached: sample from the slot's logits
         self.produced = 0
+        self.submitted_at = time.monotonic()
+        self.first_token_ms: float | None = None
         self.logprobs: list[TokenLogprob] = []  # filled when params.logprobs is not None
 
     @property
@@ -644,6 +648,8 @@ class GgufEngine:
     ) -> None:
         """Act on a sampled token: stream it, or end the request. `logits` gives the row it was
         drawn from, read only when the request asked for log probabilities."""
+        if request.first_token_ms is None:
+            request.first_token_ms = (time.monotonic() - request.submitted_at) * 1000.0
         if self._lib.llama_vocab_is_eog(self._vocab, token):
             self._finish(request, "stop")
             return
@@ -686,6 +692,7 @@ class GgufEngine:
                 reason,
                 error,
                 None if request.params.logprobs is None else tuple(request.logprobs),
+                request.first_token_ms,
             )
         )
 

@@ -131,6 +131,20 @@ def test_a_stop_sequence_split_across_tokens_is_never_emitted(
     assert stop not in "".join(pieces)
 
 
+def test_the_same_prompt_again_reports_every_prompt_token_reused_and_its_first_token_time(
+    tiny_worker: tuple[WorkerProcess, Loaded],
+) -> None:
+    w, _ = tiny_worker
+    req = InferRequest(model="tiny", prompt="An agent repeats this prompt.", params=greedy(1))
+    first, again = run_request(w, req), run_request(w, req)
+    assert first.prompt_tokens_reused < first.prompt_tokens  # decoded (all but a BOS, maybe)
+    assert again.prompt_tokens_reused == again.prompt_tokens == first.prompt_tokens
+    assert again.text == first.text
+    for result in (first, again):
+        assert result.first_token_ms is not None
+        assert 0.0 <= result.first_token_ms <= result.latency_ms
+
+
 def test_max_tokens_bounds_the_output(tiny_worker: tuple[WorkerProcess, Loaded]) -> None:
     w, _ = tiny_worker
     result = run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(5)))
