@@ -11,6 +11,7 @@ refuses it ("Unrecognized request argument supplied"). Errors name OpenAI's fiel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -19,24 +20,21 @@ from typing import Any
 
 from actors import names
 from actors.errors import InvalidRequest
-from actors.types import EmbedRequest, GenerationParams, InferRequest
+from actors.types import ChatMessage, EmbedRequest, GenerationParams, InferRequest
 from transports.schema import (
     DEFAULTS,
     MAX_INPUT_CHARS,
-    MAX_TOKENS_RANGE,
-    TEMPERATURE_RANGE,
-    TOP_P_RANGE,
-    _chat_message,
-    _kind,
-    _model_name,
-    _optional_float,
-    _optional_int,
-    _stop_list,
-    _stream_flag,
+    kind_of,
+    model_name,
+    optional_float,
+    optional_int,
     require_object,
+    sampling_params,
+    stop_list,
 )
 
 __all__ = [
+    "CHAT_ROLES",
     "JSON_OBJECT_SCHEMA",
     "MAX_EMBEDDING_INPUTS",
     "MAX_LOGIT_BIAS",
@@ -48,6 +46,7 @@ __all__ = [
     "parse_embeddings",
 ]
 
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 PENALTY_RANGE = (-2.0, 2.0)
 """OpenAI's range for presence_penalty and frequency_penalty."""
 REPEAT_PENALTY_RANGE = (0.0, 10.0)
@@ -132,13 +131,13 @@ def parse_completion(body: Any) -> OpenAIRequest:
     """Validate a `/v1/completions` body; InvalidRequest names the field at fault."""
     body = require_object(body, "body")
     _known_keys(body, _COMPLETION_KEYS)
-    model = _model_name(body, "model")
+    model = model_name(body, "model")
     prompt = _prompt(body.get("prompt"))
     echo = _bool(body, "echo")
     if echo and not isinstance(prompt, str):
         raise InvalidRequest("echo", "is supported with a text prompt only")
-    stream = _stream_flag(body)
-    logprobs = _optional_int(body, "logprobs", low=0, high=MAX_COMPLETION_LOGPROBS)
+    stream = _bool(body, "stream")
+    logprobs = optional_int(body, "logprobs", low=0, high=MAX_COMPLETION_LOGPROBS)
     if logprobs is not None and echo:
         raise InvalidRequest("logprobs", "with echo (the prompt's log probabilities) is not supported")
     params = _params(body, "max_tokens", _unstreamed(logprobs, stream))
@@ -154,7 +153,7 @@ def parse_chat(body: Any) -> OpenAIRequest:
     """Validate a `/v1/chat/completions` body; InvalidRequest names the field at fault."""
     body = require_object(body, "body")
     _known_keys(body, _CHAT_KEYS)
-    model = _model_name(body, "model")
+    model = model_name(body, "model")
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise InvalidRequest("messages", "expected a non-empty list of messages")
@@ -168,9 +167,9 @@ def parse_chat(body: Any) -> OpenAIRequest:
                 "max_completion_tokens", "differs from max_tokens; send one of them"
             )
         key = "max_completion_tokens"
-    stream = _stream_flag(body)
+    stream = _bool(body, "stream")
     logprobs = _bool(body, "logprobs")
-    top = _optional_int(body, "top_logprobs", low=0, high=MAX_TOP_LOGPROBS)
+    top = optional_int(body, "top_logprobs", low=0, high=MAX_TOP_LOGPROBS)
     if top and not logprobs:
         raise InvalidRequest("top_logprobs", "needs logprobs: true")
     params = _params(body, key, _unstreamed((top or 0) if logprobs else None, stream))
@@ -181,17 +180,42 @@ def parse_chat(body: Any) -> OpenAIRequest:
     )
 
 
+def _chat_message(value: Any, field: str) -> ChatMessage:
+    msg = require_object(value, field)
+    role = msg.get("role")
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        raise InvalidRequest(f"{field}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
+    content = msg.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):
+        # Content parts: only text parts can be served by a text model.
+        texts = []
+        for j, part in enumerate(content):
+            part_obj = require_object(part, f"{field}.content[{j}]")
+            if part_obj.get("type") != "text" or not isinstance(part_obj.get("text"), str):
+                raise InvalidRequest(f"{field}.content[{j}]", "only text parts are supported")
+            texts.append(names.check_text(part_obj["text"], f"{field}.content[{j}].text"))
+        content = "".join(texts)
+    elif not isinstance(content, str):
+        raise InvalidRequest(f"{field}.content", f"expected a string, got {kind_of(content)}")
+    else:
+        names.check_text(content, f"{field}.content")
+    return ChatMessage(role=role, content=content)
+
+
 def _known_keys(body: Mapping[str, Any], known: frozenset[str] | set[str]) -> None:
     for key in body:
         if key not in known:
-            raise InvalidRequest(key[:64], "Unrecognized request argument supplied")
+            # An empty key is named as JSON writes it: a refusal always names its field.
+            raise InvalidRequest(key[:64] or '""', "Unrecognized request argument supplied")
     for key, neutral in _NEUTRAL.items():
         value = body.get(key)
         if key in body and value is not None and not _among(value, neutral):
             raise InvalidRequest(key, "is not supported by this server")
     for key in _TAGS:
         if key in body and body[key] is not None and not isinstance(body[key], str):
-            raise InvalidRequest(key, f"expected a string, got {_kind(body[key])}")
+            raise InvalidRequest(key, f"expected a string, got {kind_of(body[key])}")
 
 
 def _among(value: Any, choices: tuple[Any, ...]) -> bool:
@@ -213,7 +237,7 @@ def _prompt(value: Any) -> str | tuple[int, ...]:
                 raise InvalidRequest("prompt[0]", "expected a non-empty list of token ids")
             return _tokens(value, "prompt[0]")
     if not isinstance(value, str):
-        raise InvalidRequest("prompt", f"expected a string or token ids, got {_kind(value)}")
+        raise InvalidRequest("prompt", f"expected a string or token ids, got {kind_of(value)}")
     names.check_text(value, "prompt")
     if len(value) > MAX_INPUT_CHARS:
         raise InvalidRequest("prompt", f"is {len(value)} characters; the limit is {MAX_INPUT_CHARS}")
@@ -241,24 +265,19 @@ def _unstreamed(logprobs: int | None, stream: bool) -> int | None:
 def _params(
     body: Mapping[str, Any], max_tokens_key: str, logprobs: int | None
 ) -> GenerationParams:
-    max_tokens = _optional_int(
-        body, max_tokens_key, low=MAX_TOKENS_RANGE[0], high=MAX_TOKENS_RANGE[1]
+    stop = body.get("stop")
+    base = sampling_params(
+        body,
+        max_tokens_key=max_tokens_key,
+        stop=stop_list([stop] if isinstance(stop, str) else stop, "stop"),
     )
-    temperature = _optional_float(body, "temperature", TEMPERATURE_RANGE)
-    top_p = _optional_float(body, "top_p", TOP_P_RANGE)
-    seed = _optional_int(body, "seed", low=-(1 << 63), high=(1 << 64) - 1)
-    presence = _optional_float(body, "presence_penalty", PENALTY_RANGE)
-    frequency = _optional_float(body, "frequency_penalty", PENALTY_RANGE)
-    repeat = _optional_float(body, "repeat_penalty", REPEAT_PENALTY_RANGE)
+    presence = optional_float(body, "presence_penalty", PENALTY_RANGE)
+    frequency = optional_float(body, "frequency_penalty", PENALTY_RANGE)
+    repeat = optional_float(body, "repeat_penalty", REPEAT_PENALTY_RANGE)
     if repeat is not None and repeat <= 0.0:
         raise InvalidRequest("repeat_penalty", "must be above 0 (1 is off)")
-    stop = body.get("stop")
-    return GenerationParams(
-        max_tokens=DEFAULTS.max_tokens if max_tokens is None else max_tokens,
-        temperature=DEFAULTS.temperature if temperature is None else temperature,
-        top_p=DEFAULTS.top_p if top_p is None else top_p,
-        stop=_stop_list([stop] if isinstance(stop, str) else stop, "stop"),
-        seed=seed,
+    return dataclasses.replace(
+        base,
         presence_penalty=DEFAULTS.presence_penalty if presence is None else presence,
         frequency_penalty=DEFAULTS.frequency_penalty if frequency is None else frequency,
         repeat_penalty=DEFAULTS.repeat_penalty if repeat is None else repeat,
@@ -281,7 +300,7 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
         if not (key.isascii() and key.isdigit()) or len(key) > 9:
             raise InvalidRequest("logit_bias", f"keys are token ids; got {key[:32]!r}")
         if isinstance(bias, bool) or not isinstance(bias, int | float):
-            raise InvalidRequest(f"logit_bias.{key}", f"expected a number, got {_kind(bias)}")
+            raise InvalidRequest(f"logit_bias.{key}", f"expected a number, got {kind_of(bias)}")
         low, high = LOGIT_BIAS_RANGE
         if not low <= bias <= high or not math.isfinite(bias):
             raise InvalidRequest(f"logit_bias.{key}", f"must be between -100 and 100; got {bias}")
@@ -313,7 +332,7 @@ def _response_format(value: Any) -> str | None:
     schema = spec.get("schema", {})
     if not isinstance(schema, Mapping):
         raise InvalidRequest(
-            "response_format.json_schema.schema", f"expected an object, got {_kind(schema)}"
+            "response_format.json_schema.schema", f"expected an object, got {kind_of(schema)}"
         )
     return json.dumps(schema, ensure_ascii=False)
 
@@ -323,7 +342,7 @@ def _bool(body: Mapping[str, Any], field: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise InvalidRequest(field, f"expected a boolean, got {_kind(value)}")
+        raise InvalidRequest(field, f"expected a boolean, got {kind_of(value)}")
     return value
 
 
@@ -360,11 +379,11 @@ def parse_embeddings(body: Any) -> EmbeddingsRequest:
     """
     body = require_object(body, "body")
     _known_keys(body, _EMBEDDINGS_KEYS)
-    model = _model_name(body, "model")
+    model = model_name(body, "model")
     encoding = body.get("encoding_format")
     if encoding is not None and encoding not in ("float", "base64"):
         raise InvalidRequest("encoding_format", "must be float or base64")
-    dimensions = _optional_int(body, "dimensions", low=1, high=1 << 20)
+    dimensions = optional_int(body, "dimensions", low=1, high=1 << 20)
     return EmbeddingsRequest(
         EmbedRequest(model=model, inputs=_embedding_inputs(body.get("input"))),
         encoding == "base64",
@@ -400,4 +419,4 @@ def _embedding_input(value: Any, field: str) -> str | tuple[int, ...]:
         return value
     if isinstance(value, list) and value and all(_is_token(t) for t in value):
         return _tokens(value, field)
-    raise InvalidRequest(field, f"expected a non-empty string or token ids, got {_kind(value)}")
+    raise InvalidRequest(field, f"expected a non-empty string or token ids, got {kind_of(value)}")

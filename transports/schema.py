@@ -1,4 +1,4 @@
-"""Validate request payloads into `actors.types` values.
+"""Validate legacy request payloads into `actors.types` values; the field checks fronts share.
 
 Pure: no I/O. Every refusal is an `InvalidRequest(field, message)` naming the field, so a client
 learns what to fix. Limits are those of the legacy contract (DESIGN §4).
@@ -13,12 +13,11 @@ from typing import Any
 
 from actors import names
 from actors.errors import InvalidRequest
-from actors.types import Backend, ChatMessage, GenerationParams, InferRequest, LoadRequest
+from actors.types import Backend, GenerationParams, InferRequest, LoadRequest
 from transports.tensors import parse_tensors
 
 __all__ = [
     "BACKENDS",
-    "CHAT_ROLES",
     "DEFAULTS",
     "MAX_INPUT_CHARS",
     "MAX_NAME_CHARS",
@@ -31,13 +30,17 @@ __all__ = [
     "TEMPERATURE_RANGE",
     "TOP_P_RANGE",
     "Page",
-    "parse_chat",
-    "parse_completion",
+    "kind_of",
+    "model_name",
+    "optional_float",
+    "optional_int",
     "parse_infer",
     "parse_load",
     "parse_model_name",
     "parse_page",
     "require_object",
+    "sampling_params",
+    "stop_list",
 ]
 
 MAX_INPUT_CHARS = 10_000
@@ -52,7 +55,6 @@ MODEL_KINDS: tuple[str, ...] = ("llm",)
 """Legacy `model_type` values, which name the kind of model rather than a backend: the backend
 then follows from the file. "llm" is the one the legacy document uses and the one served
 (text generation); a kind the node cannot serve (vision, audio) is refused, not guessed."""
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 PAGE_LIMIT_DEFAULT = 100
 """Items in one page of a list (jobs, goals, models) when the request names no `limit`."""
 PAGE_LIMIT_MAX = 1000
@@ -89,13 +91,13 @@ def _page_int(payload: Mapping[str, Any], field: str, low: int, high: int) -> in
         if not (value.isascii() and value.isdigit()) or len(value) > 9:
             raise InvalidRequest(field, f"expected an integer in {low}..{high}, got a string")
         value = int(value)
-    return _optional_int({field: value}, field, low=low, high=high)
+    return optional_int({field: value}, field, low=low, high=high)
 
 
 def require_object(value: Any, field: str) -> Mapping[str, Any]:
     """Return `value` if it is a mapping with string keys, else refuse naming `field`."""
     if not isinstance(value, Mapping):
-        raise InvalidRequest(field, f"expected an object, got {_kind(value)}")
+        raise InvalidRequest(field, f"expected an object, got {kind_of(value)}")
     if not all(isinstance(k, str) for k in value):
         raise InvalidRequest(field, "object keys must be strings")
     return value
@@ -107,7 +109,7 @@ def parse_infer(payload: Mapping[str, Any]) -> InferRequest:
     A torch model takes `input_tensors` instead of `input_text` (see transports.tensors).
     """
     payload = require_object(payload, "payload")
-    model = _model_name(payload, "model_name")
+    model = model_name(payload, "model_name")
     if payload.get("input_tensors") is not None:
         if payload.get("input_text") is not None:
             raise InvalidRequest("input_tensors", "send input_text or input_tensors, not both")
@@ -119,10 +121,10 @@ def parse_infer(payload: Mapping[str, Any]) -> InferRequest:
         raise InvalidRequest(
             "input_text", f"is {len(text)} characters; the limit is {MAX_INPUT_CHARS}"
         )
-    params = _params(
+    params = sampling_params(
         payload,
         max_tokens_key="max_tokens",
-        stop=_stop_list(payload.get("stop_sequences"), "stop_sequences"),
+        stop=stop_list(payload.get("stop_sequences"), "stop_sequences"),
     )
     return InferRequest(model=model, prompt=text, params=params)
 
@@ -136,21 +138,21 @@ def parse_load(payload: Mapping[str, Any]) -> LoadRequest:
     file carries its own quantization and a torch program runs as exported.
     """
     payload = require_object(payload, "payload")
-    name = _model_name(payload, "model_name")
+    name = model_name(payload, "model_name")
     path = _optional_str(payload, "model_path")
     if path is not None:
         names.check_path(path, "model_path")
     backend = _backend(_optional_str(payload, "model_type"))
     quantization = payload.get("quantization")
     if quantization is not None and not isinstance(quantization, bool | str):
-        raise InvalidRequest("quantization", f"expected a boolean, got {_kind(quantization)}")
+        raise InvalidRequest("quantization", f"expected a boolean, got {kind_of(quantization)}")
     if isinstance(quantization, str):
         names.check_text(quantization, "quantization")
-    gpu_layers = _optional_int(payload, "gpu_layers", low=-1, high=100_000)
-    n_ctx = _optional_int(payload, "n_ctx", low=1, high=1 << 20)
+    gpu_layers = optional_int(payload, "gpu_layers", low=-1, high=100_000)
+    n_ctx = optional_int(payload, "n_ctx", low=1, high=1 << 20)
     pin = payload.get("pin")
     if pin is not None and not isinstance(pin, bool):
-        raise InvalidRequest("pin", f"expected a boolean, got {_kind(pin)}")
+        raise InvalidRequest("pin", f"expected a boolean, got {kind_of(pin)}")
     return LoadRequest(
         name=name,
         path=path,
@@ -180,75 +182,20 @@ def _backend(model_type: str | None) -> Backend | None:
 
 def parse_model_name(payload: Mapping[str, Any]) -> str:
     """Validate a payload that only names a model (`model_name`), as unload does."""
-    return _model_name(require_object(payload, "payload"), "model_name")
+    return model_name(require_object(payload, "payload"), "model_name")
 
 
-def parse_completion(body: Mapping[str, Any]) -> tuple[InferRequest, bool]:
-    """Validate an OpenAI `/v1/completions` body; return the request and whether to stream."""
-    body = require_object(body, "body")
-    model = _model_name(body, "model")
-    prompt = body.get("prompt")
-    # The OpenAI API also takes a list of prompts; one prompt per request is what we serve.
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise InvalidRequest("prompt", "exactly one prompt per request is supported")
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidRequest("prompt", f"expected a string, got {_kind(prompt)}")
-    names.check_text(prompt, "prompt")
-    _single_choice(body)
-    params = _params(body, max_tokens_key="max_tokens", stop=_openai_stop(body))
-    return InferRequest(model=model, prompt=prompt, params=params), _stream_flag(body)
-
-
-def parse_chat(body: Mapping[str, Any]) -> tuple[InferRequest, bool]:
-    """Validate an OpenAI `/v1/chat/completions` body; return the request and whether to stream."""
-    body = require_object(body, "body")
-    model = _model_name(body, "model")
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise InvalidRequest("messages", "expected a non-empty list of messages")
-    messages = tuple(_chat_message(m, f"messages[{i}]") for i, m in enumerate(raw))
-    _single_choice(body)
-    # Newer clients send max_completion_tokens instead of max_tokens.
-    key = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
-    params = _params(body, max_tokens_key=key, stop=_openai_stop(body))
-    return InferRequest(model=model, messages=messages, params=params), _stream_flag(body)
-
-
-def _chat_message(value: Any, field: str) -> ChatMessage:
-    msg = require_object(value, field)
-    role = msg.get("role")
-    if not isinstance(role, str) or role not in CHAT_ROLES:
-        raise InvalidRequest(f"{field}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
-    content = msg.get("content")
-    if content is None:
-        content = ""
-    elif isinstance(content, list):
-        # Content parts: only text parts can be served by a text model.
-        texts = []
-        for j, part in enumerate(content):
-            part_obj = require_object(part, f"{field}.content[{j}]")
-            if part_obj.get("type") != "text" or not isinstance(part_obj.get("text"), str):
-                raise InvalidRequest(f"{field}.content[{j}]", "only text parts are supported")
-            texts.append(names.check_text(part_obj["text"], f"{field}.content[{j}].text"))
-        content = "".join(texts)
-    elif not isinstance(content, str):
-        raise InvalidRequest(f"{field}.content", f"expected a string, got {_kind(content)}")
-    else:
-        names.check_text(content, f"{field}.content")
-    return ChatMessage(role=role, content=content)
-
-
-def _params(
+def sampling_params(
     body: Mapping[str, Any], *, max_tokens_key: str, stop: tuple[str, ...]
 ) -> GenerationParams:
-    max_tokens = _optional_int(
+    """Validate the sampling fields every front shares (the token limit under `max_tokens_key`,
+    `temperature`, `top_p`, `seed`); the rest of the parameters keep their defaults."""
+    max_tokens = optional_int(
         body, max_tokens_key, low=MAX_TOKENS_RANGE[0], high=MAX_TOKENS_RANGE[1]
     )
-    temperature = _optional_float(body, "temperature", TEMPERATURE_RANGE)
-    top_p = _optional_float(body, "top_p", TOP_P_RANGE)
-    seed = _optional_int(body, "seed", low=-(1 << 63), high=(1 << 64) - 1)
+    temperature = optional_float(body, "temperature", TEMPERATURE_RANGE)
+    top_p = optional_float(body, "top_p", TOP_P_RANGE)
+    seed = optional_int(body, "seed", low=-(1 << 63), high=(1 << 64) - 1)
     return GenerationParams(
         max_tokens=DEFAULTS.max_tokens if max_tokens is None else max_tokens,
         temperature=DEFAULTS.temperature if temperature is None else temperature,
@@ -258,18 +205,12 @@ def _params(
     )
 
 
-def _openai_stop(body: Mapping[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    return _stop_list(stop, "stop")
-
-
-def _stop_list(value: Any, field: str) -> tuple[str, ...]:
+def stop_list(value: Any, field: str) -> tuple[str, ...]:
+    """Validate stop sequences: at most 10 non-empty strings (None: none)."""
     if value is None:
         return ()
     if not isinstance(value, list | tuple):
-        raise InvalidRequest(field, f"expected a list of strings, got {_kind(value)}")
+        raise InvalidRequest(field, f"expected a list of strings, got {kind_of(value)}")
     if len(value) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(field, f"has {len(value)} entries; the limit is {MAX_STOP_SEQUENCES}")
     for i, item in enumerate(value):
@@ -281,22 +222,8 @@ def _stop_list(value: Any, field: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _single_choice(body: Mapping[str, Any]) -> None:
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise InvalidRequest("n", "only n = 1 is supported")
-
-
-def _stream_flag(body: Mapping[str, Any]) -> bool:
-    stream = body.get("stream", False)
-    if stream is None:
-        return False
-    if not isinstance(stream, bool):
-        raise InvalidRequest("stream", f"expected a boolean, got {_kind(stream)}")
-    return stream
-
-
-def _model_name(body: Mapping[str, Any], field: str) -> str:
+def model_name(body: Mapping[str, Any], field: str) -> str:
+    """Return the model name `body[field]` (required), checked as every model name is."""
     return names.check_name(_required_str(body, field), field)
 
 
@@ -309,7 +236,7 @@ def _required_str(body: Mapping[str, Any], field: str) -> str:
         raise InvalidRequest(field, "is required")
     value = body[field]
     if not isinstance(value, str):
-        raise InvalidRequest(field, f"expected a string, got {_kind(value)}")
+        raise InvalidRequest(field, f"expected a string, got {kind_of(value)}")
     return value
 
 
@@ -318,35 +245,32 @@ def _optional_str(body: Mapping[str, Any], field: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise InvalidRequest(field, f"expected a string, got {_kind(value)}")
+        raise InvalidRequest(field, f"expected a string, got {kind_of(value)}")
     return value
 
 
-def _optional_text(body: Mapping[str, Any], field: str) -> str | None:
-    value = _optional_str(body, field)
-    return None if value is None else names.check_text(value, field)
-
-
-def _optional_int(body: Mapping[str, Any], field: str, *, low: int, high: int) -> int | None:
+def optional_int(body: Mapping[str, Any], field: str, *, low: int, high: int) -> int | None:
+    """Return the integer `body[field]` in low..high, or None when absent or null."""
     value = body.get(field)
     if value is None:
         return None
     # bool is an int subclass; `true` is not a token count.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(field, f"expected an integer, got {_kind(value)}")
+        raise InvalidRequest(field, f"expected an integer, got {kind_of(value)}")
     if not low <= value <= high:
         raise InvalidRequest(field, f"must be between {low} and {high}; got {value}")
     return value
 
 
-def _optional_float(
+def optional_float(
     body: Mapping[str, Any], field: str, bounds: tuple[float, float]
 ) -> float | None:
+    """Return the finite number `body[field]` within `bounds`, or None when absent or null."""
     value = body.get(field)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(field, f"expected a number, got {_kind(value)}")
+        raise InvalidRequest(field, f"expected a number, got {kind_of(value)}")
     low, high = bounds
     # Range first: an integer too large for a float (JSON allows 10**400) makes isfinite raise
     # OverflowError; NaN fails every comparison, so the range check refuses it too.
@@ -355,7 +279,7 @@ def _optional_float(
     return float(value)
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     """Name a JSON-ish type for error messages without echoing the value."""
     if value is None:
         return "null"

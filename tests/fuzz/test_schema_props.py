@@ -1,4 +1,5 @@
-"""Property tests of `transports.schema`: any payload parses within the limits or is refused.
+"""Property tests of `transports.schema` (legacy payloads) and `transports.openai_params` (OpenAI
+bodies): any payload parses within the limits or is refused.
 
 The payloads are what JSON and msgpack decoding can produce (strings, numbers of any size, NaN and
 infinities, booleans, null, bytes, lists, objects with string or bytes keys), both free-form and
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from actors.errors import InvalidRequest
 from actors.types import GenerationParams, InferRequest
-from transports import schema
+from transports import openai_params, schema
 
 SETTINGS = settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 
@@ -121,27 +122,59 @@ chat_messages = st.lists(
     st.fixed_dictionaries(
         {},
         optional={
-            "role": st.sampled_from([*schema.CHAT_ROLES, "robot"]),
+            "role": st.sampled_from([*openai_params.CHAT_ROLES, "robot"]),
             "content": st.one_of(st.text(max_size=10), chat_parts, json_like),
         },
     ),
     max_size=4,
 )
+token_ids = st.lists(st.integers(min_value=-2, max_value=2**31), max_size=4)
 OPENAI = {
     "model": names,
     "n": st.one_of(st.sampled_from([1, 1.0, 2, True]), json_like),
     "stream": json_like,
+    "stream_options": st.one_of(st.just({"include_usage": True}), json_like),
     "stop": stops,
-    "max_completion_tokens": ints_near_limits,
+    "presence_penalty": numbers,
+    "frequency_penalty": numbers,
+    "repeat_penalty": numbers,
+    "logit_bias": st.one_of(
+        st.dictionaries(st.sampled_from(["0", "7", "-1", "x", "1" * 10]), numbers, max_size=3),
+        json_like,
+    ),
+    "response_format": st.one_of(
+        st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "yaml"}]),
+        st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": json_like}),
+        json_like,
+    ),
+    "logprobs": st.one_of(ints_near_limits, st.booleans()),
     **SAMPLING,
 }
 completion_bodies = shaped(
     {"model": "tiny", "prompt": "hello"},
-    {"prompt": st.one_of(texts, st.lists(texts, max_size=2)), **OPENAI},
+    {
+        "prompt": st.one_of(texts, st.lists(texts, max_size=2), token_ids, st.lists(token_ids)),
+        "echo": json_like,
+        **OPENAI,
+    },
 )
 chat_bodies = shaped(
     {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
-    {"messages": chat_messages, **OPENAI},
+    {
+        "messages": chat_messages,
+        "max_completion_tokens": ints_near_limits,
+        "top_logprobs": ints_near_limits,
+        **OPENAI,
+    },
+)
+embeddings_bodies = shaped(
+    {"model": "tiny", "input": "hello"},
+    {
+        "model": names,
+        "input": st.one_of(texts, token_ids, st.lists(st.one_of(texts, token_ids), max_size=3)),
+        "encoding_format": st.sampled_from(["float", "base64", "hex"]),
+        "dimensions": ints_near_limits,
+    },
 )
 
 
@@ -208,29 +241,66 @@ def test_an_unload_payload_names_a_model_or_is_refused_naming_a_field(payload: A
         assert_model_name(result)
 
 
+def assert_openai_params_within_limits(params: GenerationParams) -> None:
+    assert_params_within_limits(params)
+    low, high = openai_params.PENALTY_RANGE
+    for value in (params.presence_penalty, params.frequency_penalty):
+        assert type(value) is float and low <= value <= high
+    assert type(params.repeat_penalty) is float and params.repeat_penalty > 0
+    assert len(params.logit_bias) <= openai_params.MAX_LOGIT_BIAS
+    for token, bias in params.logit_bias:
+        assert type(token) is int and token >= 0 and -100 <= bias <= 100
+    assert params.json_schema is None or type(params.json_schema) is str
+    assert params.logprobs is None or 0 <= params.logprobs <= 20
+
+
+def assert_prompt(prompt: Any) -> None:
+    if isinstance(prompt, tuple):  # token ids
+        assert prompt and all(type(t) is int and 0 <= t < 2**31 for t in prompt)
+    else:
+        assert type(prompt) is str and len(prompt) <= schema.MAX_INPUT_CHARS
+
+
 @SETTINGS
 @given(st.one_of(completion_bodies, json_like))
+# Found by this test: an empty key was refused naming the field "".
+@example({"model": "tiny", "prompt": "hello", "": None})
 def test_a_completion_body_parses_within_the_limits_or_is_refused_naming_a_field(
     body: Any,
 ) -> None:
-    result = outcome(schema.parse_completion, body)
+    result = outcome(openai_params.parse_completion, body)
     if not isinstance(result, InvalidRequest):
-        req, stream = result
-        assert_model_name(req.model)
-        assert type(req.prompt) is str
-        assert stream in (True, False)
-        assert_params_within_limits(req.params)
+        assert_model_name(result.infer.model)
+        assert_prompt(result.infer.prompt)
+        assert result.stream in (True, False)
+        assert not result.include_usage or result.stream
+        assert_openai_params_within_limits(result.infer.params)
 
 
 @SETTINGS
 @given(st.one_of(chat_bodies, json_like))
 def test_a_chat_body_parses_within_the_limits_or_is_refused_naming_a_field(body: Any) -> None:
-    result = outcome(schema.parse_chat, body)
+    result = outcome(openai_params.parse_chat, body)
     if not isinstance(result, InvalidRequest):
-        req, stream = result
+        req = result.infer
         assert_model_name(req.model)
         assert req.messages
         for message in req.messages:
-            assert message.role in schema.CHAT_ROLES and type(message.content) is str
-        assert stream in (True, False)
-        assert_params_within_limits(req.params)
+            assert message.role in openai_params.CHAT_ROLES and type(message.content) is str
+        assert result.stream in (True, False)
+        assert_openai_params_within_limits(req.params)
+
+
+@SETTINGS
+@given(st.one_of(embeddings_bodies, json_like))
+def test_an_embeddings_body_parses_within_the_limits_or_is_refused_naming_a_field(
+    body: Any,
+) -> None:
+    result = outcome(openai_params.parse_embeddings, body)
+    if not isinstance(result, InvalidRequest):
+        assert_model_name(result.embed.model)
+        assert 1 <= len(result.embed.inputs) <= openai_params.MAX_EMBEDDING_INPUTS
+        for item in result.embed.inputs:
+            assert item  # never empty
+            assert_prompt(item)
+        assert result.base64 in (True, False)

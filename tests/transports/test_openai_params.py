@@ -119,6 +119,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("a list of one empty token list", completion(prompt=[[]]), "prompt[0]"),
     ("a prompt with a lone surrogate", completion(prompt=f"a{LONE}"), "prompt"),
     ("an unknown key", completion(temprature=0.5), "temprature"),
+    ("an empty key", completion(**{"": 1}), '""'),
     ("a chat-only key on completions", completion(tools=[]), "tools"),
     ("n of 2", completion(n=2), "n"),
     ("n true", completion(n=True), "n"),
@@ -172,6 +173,25 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("no messages", chat(messages=None), "messages"),
     ("a bad role", chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
     ("an image part", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content[0]"),
+    ("no model", {"prompt": "a"}, "model"),
+    ("a model with a lone surrogate", completion(model=LONE), "model"),
+    ("stream not a boolean", completion(stream="yes"), "stream"),
+    ("a listed prompt with a lone surrogate", completion(prompt=[LONE]), "prompt"),
+    ("a stop with a lone surrogate", completion(stop=LONE), "stop[0]"),
+    ("eleven stops", completion(stop=[str(i) for i in range(11)]), "stop"),
+    ("empty messages", chat(messages=[]), "messages"),
+    ("a message not an object", chat(messages=["hi"]), "messages[0]"),
+    ("content a number", chat(messages=[{"role": "user", "content": 1}]), "messages[0].content"),
+    (
+        "content with a lone surrogate",
+        chat(messages=[{"role": "user", "content": f"hi {LONE}"}]),
+        "messages[0].content",
+    ),
+    (
+        "a text part with a lone surrogate",
+        chat(messages=[{"role": "user", "content": [{"type": "text", "text": LONE}]}]),
+        "messages[0].content[0].text",
+    ),
 ]
 
 

@@ -1,4 +1,7 @@
-"""Validation of infer, load, completion and chat payloads (pure, table-driven)."""
+"""Validation of legacy infer and load payloads (pure, table-driven).
+
+OpenAI bodies are tests/transports/test_openai_params.py's.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Any
 import pytest
 
 from actors.errors import InvalidRequest
-from actors.types import ChatMessage, GenerationParams
+from actors.types import GenerationParams
 from transports import schema
 
 GOOD = {"model_name": "tiny", "input_text": "hello"}
@@ -122,106 +125,4 @@ def test_a_bad_load_payload_is_refused_naming_the_field(
 ) -> None:
     with pytest.raises(InvalidRequest) as caught:
         schema.parse_load(payload)
-    assert caught.value.field == field
-
-
-def test_a_completion_body_accepts_one_prompt_in_a_list_and_a_single_stop_string() -> None:
-    req, stream = schema.parse_completion(
-        {
-            "model": "tiny",
-            "prompt": ["hi"],
-            "stop": "\n",
-            "max_tokens": 5,
-            "stream": True,
-            "seed": 3,
-        }
-    )
-    assert (req.prompt, req.params.stop, req.params.max_tokens, req.params.seed, stream) == (
-        "hi",
-        ("\n",),
-        5,
-        3,
-        True,
-    )
-
-
-BAD_OPENAI: list[tuple[str, dict[str, Any], str]] = [
-    ("no prompt", {"model": "tiny"}, "prompt"),
-    ("two prompts", {"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
-    ("n of 2", {"model": "tiny", "prompt": "a", "n": 2}, "n"),
-    ("stream not a bool", {"model": "tiny", "prompt": "a", "stream": "yes"}, "stream"),
-    ("no model", {"prompt": "a"}, "model"),
-    ("prompt with a lone surrogate", {"model": "tiny", "prompt": f"a{LONE}"}, "prompt"),
-    ("listed prompt with a lone surrogate", {"model": "tiny", "prompt": [LONE]}, "prompt"),
-    ("stop with a lone surrogate", {"model": "tiny", "prompt": "a", "stop": LONE}, "stop[0]"),
-    ("model with a lone surrogate", {"model": LONE, "prompt": "a"}, "model"),
-]
-
-
-@pytest.mark.parametrize(
-    ("body", "field"), [c[1:] for c in BAD_OPENAI], ids=[c[0] for c in BAD_OPENAI]
-)
-def test_a_bad_completion_body_is_refused_naming_the_field(
-    body: dict[str, Any], field: str
-) -> None:
-    with pytest.raises(InvalidRequest) as caught:
-        schema.parse_completion(body)
-    assert caught.value.field == field
-
-
-def test_a_chat_body_keeps_the_messages_and_joins_text_parts() -> None:
-    req, stream = schema.parse_chat(
-        {
-            "model": "tiny",
-            "messages": [
-                {"role": "system", "content": "be brief"},
-                {
-                    "role": "user",
-                    "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}],
-                },
-            ],
-            "max_completion_tokens": 7,
-        }
-    )
-    assert req.messages == (ChatMessage("system", "be brief"), ChatMessage("user", "hi there"))
-    assert req.params.max_tokens == 7
-    assert stream is False
-
-
-BAD_CHAT: list[tuple[str, dict[str, Any], str]] = [
-    ("no messages", {"model": "tiny"}, "messages"),
-    ("empty messages", {"model": "tiny", "messages": []}, "messages"),
-    ("message not an object", {"model": "tiny", "messages": ["hi"]}, "messages[0]"),
-    (
-        "bad role",
-        {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
-        "messages[0].role",
-    ),
-    (
-        "content a number",
-        {"model": "tiny", "messages": [{"role": "user", "content": 1}]},
-        "messages[0].content",
-    ),
-    (
-        "image part",
-        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-        "messages[0].content[0]",
-    ),
-    (
-        "content with a lone surrogate",
-        {"model": "tiny", "messages": [{"role": "user", "content": f"hi {LONE}"}]},
-        "messages[0].content",
-    ),
-    (
-        "text part with a lone surrogate",
-        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
-        "messages[0].content[0].text",
-    ),
-]
-
-
-@pytest.mark.parametrize(("body", "field"), [c[1:] for c in BAD_CHAT], ids=[c[0] for c in BAD_CHAT])
-def test_a_bad_chat_body_is_refused_naming_the_field(body: dict[str, Any], field: str) -> None:
-    with pytest.raises(InvalidRequest) as caught:
-        schema.parse_chat(body)
     assert caught.value.field == field
