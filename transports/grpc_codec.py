@@ -20,6 +20,7 @@ __all__ = [
     "CODE_BY_ERROR",
     "CODE_BY_STATUS",
     "GrpcError",
+    "Refused",
     "grpc_error",
     "health_reply",
     "infer_payload",
@@ -71,6 +72,15 @@ class GrpcError:
     code: grpc.StatusCode
     details: str
     trailers: tuple[tuple[str, str], ...]
+
+
+class Refused(Exception):
+    """A call the gRPC front refuses by itself (no node error): counted as `outcome`."""
+
+    def __init__(self, outcome: str, error: GrpcError) -> None:
+        super().__init__(error.details)
+        self.outcome = outcome
+        self.error = error
 
 
 def grpc_error(err: ErrorReply) -> GrpcError:

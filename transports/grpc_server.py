@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from multidict import CIMultiDict
 
 from actors.errors import InvalidRequest, Overloaded
@@ -34,8 +33,10 @@ from transports.api import NodeAPI
 from transports.auth import KeyRing, client_error, public_health
 from transports.config import ServerConfig, load_api_keys
 from transports.dispatch import Dispatcher, legacy_field_error
-from transports.errors import ErrorReply, PayloadTooLarge, Unauthorized, classify
+from transports.errors import PayloadTooLarge, Unauthorized, classify
+from transports.grpc_codec import GrpcError, Refused
 from transports.grpc_gen import modelops_pb2 as pb
+from transports.grpc_health import ReadinessHealth
 from transports.http_middleware import presented_key
 from transports.metrics import IN_FLIGHT, GrpcRecorder
 
@@ -79,10 +80,8 @@ class GrpcServer:
         self._config = config
         self._keys = KeyRing(load_api_keys(config) if api_keys is None else api_keys)
         self._credentials = credentials
-        self._readiness_poll_s = readiness_poll_s
         self._server: Any = None  # grpc.aio.Server
-        self._health = health.aio.HealthServicer()
-        self._readiness: asyncio.Task[None] | None = None
+        self._health = ReadinessHealth(node.is_ready, HEALTH_SERVICES, poll_s=readiness_poll_s)
         self._workers = asyncio.Semaphore(config.max_workers)
         self._pending = 0
         self._recorder = GrpcRecorder()
@@ -103,8 +102,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        server.add_generic_rpc_handlers((self._handlers(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server.add_generic_rpc_handlers((self._handlers(), self._health.handlers(self._served)))
         address = f"{host}:{config.grpc_port}"
         try:
             if self._credentials is None:
@@ -113,11 +111,10 @@ class GrpcServer:
                 port = server.add_secure_port(address, self._credentials)
         except RuntimeError as exc:  # grpc says only "failed to bind"
             raise OSError(errno.EADDRNOTAVAIL, str(exc)) from None
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
         self.port = port
-        self._readiness = asyncio.create_task(self._follow_readiness())
+        await self._health.start()
         if not self._keys:
             log.warning("no API keys configured: the gRPC port is open (dev only)")
         log.info(
@@ -128,12 +125,9 @@ class GrpcServer:
         )
 
     async def stop(self) -> None:
-        """Say NOT_SERVING, let calls in flight finish within the grace period, then close."""
-        if self._readiness is not None:
-            self._readiness.cancel()
-            await asyncio.gather(self._readiness, return_exceptions=True)
-            self._readiness = None
-        await self._health.enter_graceful_shutdown()
+        """Say NOT_SERVING (ending health watches), let calls in flight finish within the
+        grace period, then close."""
+        await self._health.stop()
         if self._server is not None:
             await self._server.stop(self._config.shutdown_timeout_s)
             self._server = None
@@ -144,26 +138,6 @@ class GrpcServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    # ---- readiness -> grpc.health.v1 ----
-
-    async def _follow_readiness(self) -> None:
-        """Keep the Health service's status equal to the node's readiness (/ready's answer)."""
-        serving: bool | None = None
-        while True:
-            ready = self._node.is_ready()
-            if ready != serving:
-                serving = ready
-                await self._set_health(
-                    health_pb2.HealthCheckResponse.SERVING
-                    if ready
-                    else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
-            await asyncio.sleep(self._readiness_poll_s)
-
-    async def _set_health(self, status: Any) -> None:
-        for service in HEALTH_SERVICES:
-            await self._health.set(service, status)
 
     # ---- the method table ----
 
@@ -283,27 +257,29 @@ class GrpcServer:
 
     @contextlib.asynccontextmanager
     async def _served(self, method: str, context: Context) -> AsyncIterator[None]:
-        """Serve one call: hold the in-flight gauge, answer a failure with its status code,
-        count the call under `method` and its outcome."""
+        """Serve one call: hold the in-flight gauge, count the call under `method` and its
+        outcome, and answer a failure with its status code (after counting it: the status is
+        on the wire as soon as it is sent)."""
         t0 = time.perf_counter()
         outcome = "ok"
+        error: GrpcError | None = None
         self._in_flight.inc()
         try:
             yield
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: grpc closed a stream whose client left between two messages.
             outcome = _gone(context)
             raise
-        except GeneratorExit:
-            # grpc closed a stream whose client went away between two messages.
-            outcome = _gone(context)
-            raise
+        except Refused as refused:
+            outcome, error = refused.outcome, refused.error
         except Exception as exc:
             err = client_error(classify(exc))
-            outcome = err.code
-            await _abort(context, err)
+            outcome, error = err.code, grpc_codec.grpc_error(err)
         finally:
             self._in_flight.dec()
             self._recorder.record(method, outcome, time.perf_counter() - t0)
+        if error is not None:
+            await context.abort(error.code, error.details, trailing_metadata=error.trailers)
 
     def _admit(self, context: Context, *, open_to_all: bool, bounded: bool) -> None:
         """Refuse a call without a good key (unless open to all), or past the pending bound."""
@@ -351,12 +327,6 @@ def _decode(message: Callable[[], M], data: bytes, limit: int) -> M:
     except Exception:  # protobuf's DecodeError, whichever backend raises it
         raise InvalidRequest("request", f"is not a valid {msg.DESCRIPTOR.name}") from None  # type: ignore[attr-defined]
     return msg
-
-
-async def _abort(context: Context, err: ErrorReply) -> None:
-    """End the call with `err` as a status code, details and trailers (grpc raises to end it)."""
-    refusal = grpc_codec.grpc_error(err)
-    await context.abort(refusal.code, refusal.details, trailing_metadata=refusal.trailers)
 
 
 def _gone(context: Context) -> str:

@@ -244,12 +244,15 @@ async def test_grpc_health_follows_readiness_from_not_serving_to_serving_to_drai
 ) -> None:
     served = await start_node(api_keys=(KEY,), start_models=False)
     health = health_pb2_grpc.HealthStub(await channel(served))
+    checks, unknown = grpc_count("Health/Check", "ok"), grpc_count("Health/Check", "unknown_service")
     for service in ("", "ModelOps"):  # open: no key needed
         check = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert check.status == NOT_SERVING
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await health.Check(health_pb2.HealthCheckRequest(service="Nope"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert grpc_count("Health/Check", "ok") == checks + 2
+    assert grpc_count("Health/Check", "unknown_service") == unknown + 1
 
     watch = health.Watch(health_pb2.HealthCheckRequest(service="ModelOps"))
     assert (await watch.read()).status == NOT_SERVING
@@ -262,3 +265,17 @@ async def test_grpc_health_follows_readiness_from_not_serving_to_serving_to_drai
     assert (await asyncio.wait_for(watch.read(), 10)).status == NOT_SERVING
     watch.cancel()
     await drained
+
+
+async def test_stopping_the_server_tells_health_watchers_not_serving_and_ends_their_streams(
+    start_node: StartNode, channel: Any
+) -> None:
+    served = await start_node()
+    health = health_pb2_grpc.HealthStub(await channel(served))
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+    while (await asyncio.wait_for(watch.read(), 10)).status != SERVING:
+        pass  # the service follows readiness within its poll interval
+    # Within the grace period (2 s here): an open Watch does not hold the stop.
+    await asyncio.wait_for(served.grpc.stop(), 1.5)
+    assert (await watch.read()).status == NOT_SERVING
+    assert await watch.read() is grpc.aio.EOF
