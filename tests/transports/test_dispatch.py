@@ -11,6 +11,8 @@ from actors.errors import (
     ModelAlreadyLoaded,
     RequestTimeout,
 )
+from actors.types import InferResult, TokenChunk
+from transports import schema
 from transports.dispatch import Dispatcher, lookup_action
 from transports.errors import UnknownAction
 
@@ -88,3 +90,37 @@ async def test_an_id_with_a_lone_surrogate_is_refused_before_the_node_is_asked(
     with pytest.raises(InvalidRequest) as refused:
         await Dispatcher(node, server_config()).call(action, {field: "ab\ud800"})
     assert refused.value.field == field
+
+
+async def test_a_client_deadline_caps_the_timeouts_and_a_later_one_changes_nothing(
+    node: FakeNode,
+) -> None:
+    d = Dispatcher(node, server_config(request_timeout_s=120.0, load_timeout_s=600.0))
+    bounded = d.within(0.5)
+    assert (bounded.request_timeout_s, bounded.load_timeout_s) == (0.5, 0.5)
+    assert d.within(None) is d and d.within(900.0) is d
+    await bounded.call("infer", {"model_name": "tiny", "input_text": "hi"})
+    assert node.requests[-1].timeout_s == 0.5
+
+
+async def test_a_stream_yields_pieces_then_the_result_and_closing_it_closes_the_nodes(
+    node: FakeNode,
+) -> None:
+    d = Dispatcher(node, server_config())
+    req = schema.parse_infer({"model_name": "tiny", "input_text": "hi", "max_tokens": 3})
+    items = [item async for item in d.stream(req)]
+    assert [type(i) for i in items] == [TokenChunk] * 3 + [InferResult]
+    early = d.stream(req)
+    assert isinstance(await anext(early), TokenChunk)
+    node.stream_closed.clear()
+    await early.aclose()
+    assert node.stream_closed.is_set()
+
+
+async def test_a_stream_past_its_deadline_ends_as_a_timeout(node: FakeNode) -> None:
+    node.gate = asyncio.Event()  # never set: the first piece never comes
+    d = Dispatcher(node, server_config(request_timeout_s=0.05))
+    req = schema.parse_infer({"model_name": "tiny", "input_text": "hi"})
+    with pytest.raises(RequestTimeout):
+        [item async for item in d.stream(req)]
+    assert node.stream_closed.is_set()
