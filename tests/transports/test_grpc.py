@@ -279,3 +279,21 @@ async def test_stopping_the_server_tells_health_watchers_not_serving_and_ends_th
     await asyncio.wait_for(served.grpc.stop(), 1.5)
     assert (await watch.read()).status == NOT_SERVING
     assert await watch.read() is grpc.aio.EOF
+
+
+async def test_the_legacy_documents_load_example_loads_over_grpc_and_a_bad_kind_names_the_field(
+    start_node: StartNode, channel: Any
+) -> None:
+    served = await start_node()
+    stub = pb_grpc.ModelOpsStub(await channel(served))
+    path = str(served.model_root / "b.gguf")
+    example = pb.ModelLoadRequest(
+        model_name="new-model", model_path=path, model_type="llm", quantization=True
+    )
+    loaded = await stub.LoadModel(example)
+    assert loaded.success and loaded.message == "model new-model loaded"
+    assert (await stub.Infer(infer_request(model_name="new-model"))).tokens_generated == 4
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.LoadModel(pb.ModelLoadRequest(model_name="c", model_path=path, model_type="xyz"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("model_type: ")
