@@ -110,6 +110,7 @@ class GrpcServer:
             else:
                 port = server.add_secure_port(address, self._credentials)
         except RuntimeError as exc:  # grpc says only "failed to bind"
+            await server.stop(None)
             raise OSError(errno.EADDRNOTAVAIL, str(exc)) from None
         await server.start()
         self._server = server
