@@ -7,8 +7,9 @@ trailing metadata, and every call is counted in `moc_grpc_requests_total{method,
 
 Who may call: `x-api-key` metadata or `authorization: Bearer <key>`, checked like the HTTP
 front's header (transports.auth.KeyRing); HealthCheck and the Health service are open.
-The client's deadline bounds the request's timeout. Messages larger than
-`server.max_body_bytes` are refused by grpc itself (RESOURCE_EXHAUSTED).
+The client's deadline bounds the request's timeout. A message larger than
+`server.max_body_bytes` (the HTTP body limit: a gRPC message is an HTTP/2 body) is refused
+with RESOURCE_EXHAUSTED and counted `too_large` (see HARD_LIMIT_FACTOR).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
@@ -58,6 +59,17 @@ refused by the method, as RESOURCE_EXHAUSTED counted `too_large`; one past this,
 M = TypeVar("M")
 Context = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 Handler = Callable[[Any, Context], Awaitable[Any]]
+
+
+class _Message(Protocol):
+    """What `_decode` uses of a generated protobuf message."""
+
+    DESCRIPTOR: Any
+
+    def ParseFromString(self, data: bytes) -> int: ...
+
+
+Msg = TypeVar("Msg", bound=_Message)
 
 
 class GrpcServer:
@@ -213,6 +225,8 @@ class GrpcServer:
         return await self._call("HealthCheck", context, run, open_to_all=True)
 
     async def _infer_stream(self, data: bytes, context: Context) -> AsyncIterator[pb.InferenceChunk]:
+        # Not bounded by max_workers, as HTTP's streams are not: a stream would hold a slot for
+        # its whole length; the model's bulkhead bounds it, as every request.
         async with self._served("InferStream", context):
             self._admit(context, open_to_all=False, bounded=False)
             req = self._decode(pb.InferenceRequest, data)
@@ -294,7 +308,7 @@ class GrpcServer:
         if bounded and self._pending >= config.max_workers + config.max_pending:
             raise Overloaded("too many gRPC requests in progress", retry_after=1.0)
 
-    def _decode(self, message: Callable[[], M], data: bytes) -> M:
+    def _decode(self, message: Callable[[], Msg], data: bytes) -> Msg:
         return _decode(message, data, self._config.max_body_bytes)
 
     def _authenticated(self, context: Context) -> bool:
@@ -316,7 +330,7 @@ def _raw(data: bytes) -> bytes:
     return data
 
 
-def _decode(message: Callable[[], M], data: bytes, limit: int) -> M:
+def _decode(message: Callable[[], Msg], data: bytes, limit: int) -> Msg:
     """Parse `data` as `message`, refusing it past `limit` bytes or when it does not parse."""
     if len(data) > limit:
         raise PayloadTooLarge(
@@ -324,9 +338,9 @@ def _decode(message: Callable[[], M], data: bytes, limit: int) -> M:
         )
     msg = message()
     try:
-        msg.ParseFromString(data)  # type: ignore[attr-defined]
+        msg.ParseFromString(data)
     except Exception:  # protobuf's DecodeError, whichever backend raises it
-        raise InvalidRequest("request", f"is not a valid {msg.DESCRIPTOR.name}") from None  # type: ignore[attr-defined]
+        raise InvalidRequest("request", f"is not a valid {msg.DESCRIPTOR.name}") from None
     return msg
 
 
