@@ -6,8 +6,8 @@ reply kind, a request id, a timestamp, the sender's and the destination's node n
 Replay defence: a frame stamped more than MAX_SKEW_S from the receiver's clock is refused, one
 sealed for another node is refused (`misdirected`: a frame captured on its way to B cannot be
 sent to C), and within the skew the receiver's replay window (transports/replay_window.py)
-refuses a request id it has taken before. Domain values (InferRequest, InferResult, LoadRequest)
-are converted here and nowhere else.
+refuses a request id it has taken before. Domain values (InferRequest, InferResult, LoadRequest,
+EmbedRequest, EmbedResult) are converted here and nowhere else.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from actors import errors as domain_errors
 from actors.errors import MocError
 from actors.types import (
     ChatMessage,
+    EmbedRequest,
+    EmbedResult,
     GenerationParams,
     InferRequest,
     InferResult,
@@ -40,6 +42,10 @@ __all__ = [
     "MAX_ZMTP_FRAME_BYTES",
     "PEER_PROTOCOL",
     "Envelope",
+    "embed_from_wire",
+    "embed_result_from_wire",
+    "embed_result_to_wire",
+    "embed_to_wire",
     "error_from_wire",
     "error_to_wire",
     "Kind",
@@ -88,6 +94,7 @@ class Op(enum.IntEnum):
     CANCEL = 5
     PLACE = 6
     RESTORE = 7
+    EMBED = 8
 
 
 class Kind(enum.IntEnum):
@@ -311,6 +318,74 @@ def token_from_wire(body: Any) -> TokenChunk:
     if not isinstance(body, str):
         raise PeerWireError("malformed", "token body is not text")
     return TokenChunk(body)
+
+
+def embed_to_wire(req: EmbedRequest) -> dict[str, Any]:
+    """Return the request as a map (what dataclasses.asdict gives)."""
+    return {"model": req.model, "inputs": req.inputs, "timeout_s": req.timeout_s}
+
+
+def embed_from_wire(body: Any) -> EmbedRequest:
+    """Rebuild an EmbedRequest from a peer's body; PeerWireError if it does not fit.
+
+    Checked field by field, not by the dataclass: a string iterates as characters and a
+    boolean is an integer, so a wrong type would otherwise pass as something else.
+    """
+    if not isinstance(body, dict):
+        raise PeerWireError("malformed", "bad embeddings request: not a map")
+    model, inputs, timeout_s = body.get("model"), body.get("inputs"), body.get("timeout_s")
+    if not isinstance(model, str) or not model:
+        raise PeerWireError("malformed", "bad embeddings request: no model name")
+    if not isinstance(inputs, list) or not inputs:
+        raise PeerWireError("malformed", "bad embeddings request: inputs is not a non-empty list")
+    if timeout_s is not None and not _seconds(timeout_s):
+        raise PeerWireError("malformed", "bad embeddings request: timeout_s is not seconds")
+    return EmbedRequest(model, tuple(_embed_input(i) for i in inputs), timeout_s)
+
+
+def _embed_input(value: Any) -> str | tuple[int, ...]:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+        return tuple(value)
+    raise PeerWireError("malformed", "bad embeddings request: an input is neither text nor tokens")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seconds(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and 0 < value < float("inf")
+
+
+def embed_result_to_wire(result: EmbedResult) -> dict[str, Any]:
+    """Return the result as a map (what dataclasses.asdict gives)."""
+    return {
+        "vectors": result.vectors,
+        "prompt_tokens": result.prompt_tokens,
+        "latency_ms": result.latency_ms,
+        "model_version": result.model_version,
+    }
+
+
+def embed_result_from_wire(body: Any) -> EmbedResult:
+    """Rebuild an EmbedResult from a peer's answer; PeerWireError if it does not fit."""
+    if not isinstance(body, dict):
+        raise PeerWireError("malformed", "bad embeddings result: not a map")
+    vectors, tokens = body.get("vectors"), body.get("prompt_tokens")
+    latency, version = body.get("latency_ms"), body.get("model_version")
+    if not (
+        isinstance(vectors, list)
+        and all(isinstance(v, bytes) for v in vectors)
+        and isinstance(tokens, int)
+        and isinstance(latency, int | float)
+        and not isinstance(tokens, bool)
+        and not isinstance(latency, bool)
+        and isinstance(version, str)
+    ):
+        raise PeerWireError("malformed", "bad embeddings result: a field is missing or mistyped")
+    return EmbedResult(tuple(vectors), tokens, float(latency), version)
 
 
 def load_to_wire(req: LoadRequest) -> dict[str, Any]:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import prometheus_client
 
-from actors.types import InferRequest, InferResult
+from actors.types import EmbedRequest, EmbedResult, InferRequest, InferResult
 from cluster.routing import RouteKind, holders
 from moc_node.clustered.link import ClusterLink
 from moc_node.node import StreamItem
+from transports.peer import PeerAddress
 from transports.peer_wire import PeerUnavailable
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ class ServesHere(Protocol):
 
     def infer_stream(self, req: InferRequest) -> AsyncGenerator[StreamItem, None]: ...
 
+    async def embed(self, req: EmbedRequest) -> EmbedResult: ...
+
+
+_Req = TypeVar("_Req", InferRequest, EmbedRequest)
+_Answer = TypeVar("_Answer")
+
 
 class Forwarder:
     """Route requests to the peers that hold the model, or to where the primary places it."""
@@ -48,20 +55,33 @@ class Forwarder:
 
     async def infer(self, req: InferRequest) -> InferResult:
         """Run a whole inference for a model this node does not hold."""
+        return await self._answer(req, "infer", self._here.infer, self._link.client.infer)
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        """Embed with a model this node does not hold."""
+        return await self._answer(req, "embed", self._here.embed, self._link.client.embed)
+
+    async def _answer(
+        self,
+        req: _Req,
+        mode: str,
+        here: Callable[[_Req], Awaitable[_Answer]],
+        there: Callable[[PeerAddress, _Req, float], Awaitable[_Answer]],
+    ) -> _Answer:
+        """Serve a request answered once: here if the model was placed here, else on the first
+        holder that acknowledges (`mode` labels the retries)."""
         # A coroutine, not stream()'s generator: the non-streaming hot path of forwarding.
         nodes = await self._destination(req.model)
         if nodes == (self._link.name,):
-            return await self._here.infer(req)
+            return await here(req)
         candidates = self._candidates(nodes)
         for attempt, holder in enumerate(candidates, 1):
             try:
-                return await self._link.client.infer(
-                    self._link.peer_address(holder), req, timeout=self._link.timeout
-                )
+                return await there(self._link.peer_address(holder), req, self._link.timeout)
             except PeerUnavailable as exc:
                 if attempt == len(candidates):
                     raise
-                forward_retries_total.labels("infer").inc()
+                forward_retries_total.labels(mode).inc()
                 log.info("forwarding %s: %s; trying the next holder", req.model, exc)
         raise AssertionError("unreachable: candidates is never empty")
 

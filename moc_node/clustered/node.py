@@ -151,8 +151,8 @@ class ClusteredNode:
         return self._local.infer_stream(req)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        """Embed on this node (the peer RPC does not forward embeddings yet): a catalog model
-        it does not hold is loaded here."""
+        if self._goes_remote(req.model):
+            return await self._forwarder.embed(req)
         return await self._local.embed(req)
 
     async def place(self, model: str) -> str:

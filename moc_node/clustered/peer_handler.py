@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo
+from actors.types import (
+    EmbedRequest,
+    EmbedResult,
+    InferRequest,
+    InferResult,
+    LoadRequest,
+    ModelInfo,
+)
 from moc_node.clustered.placement import Placement
 from moc_node.node import LocalNode, StreamItem
 
@@ -25,6 +32,9 @@ class PeerHandler:
 
     def peer_infer_stream(self, req: InferRequest) -> AsyncGenerator[StreamItem, None]:
         return self._local.infer_stream(req)
+
+    async def peer_embed(self, req: EmbedRequest) -> EmbedResult:
+        return await self._local.embed(req)
 
     async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo:
         """Load on the primary's command (refused from a deposed primary's term)."""

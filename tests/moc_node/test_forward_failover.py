@@ -1,4 +1,5 @@
-"""A holder that never acknowledges is replaced by the next holder (in one process, real sockets).
+"""A holder that never acknowledges is replaced by the next holder (in one process, real sockets),
+for an inference, a stream and an embedding alike.
 
 Three members gossip over real UDP/TCP on loopback: the requester (a real ClusterLink and
 Forwarder, serving nothing itself), holder
@@ -18,6 +19,8 @@ import zmq
 import zmq.asyncio
 
 from actors.types import (
+    EmbedRequest,
+    EmbedResult,
     GenerationParams,
     InferRequest,
     InferResult,
@@ -53,6 +56,9 @@ class NothingHere:
         raise AssertionError("the requester holds nothing")
         yield  # an async generator, as the Protocol says
 
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        raise AssertionError("the requester holds nothing")
+
 
 async def nowhere(model: str) -> str:
     raise AssertionError("nothing is placed in this test")
@@ -69,6 +75,9 @@ class Holder:
     ) -> AsyncGenerator[TokenChunk | InferResult, None]:
         yield TokenChunk("served ")
         yield InferResult("served by node-c", 2, 1, "length", 1.0, "v1")
+
+    async def peer_embed(self, req: EmbedRequest) -> EmbedResult:
+        return EmbedResult((b"node-c",), 1, 1.0, "v1")
 
     async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo:
         raise AssertionError("nothing is placed in this test")
@@ -173,3 +182,13 @@ async def test_a_stream_whose_holder_never_acknowledges_comes_from_the_next(
     assert [i.text for i in items] == ["served ", "served by node-c"]
     assert retries("stream") == before + 1
     assert await swallowed(cluster.hole) == 1
+
+
+async def test_an_embedding_whose_holder_never_acknowledges_comes_from_the_next(
+    cluster: Cluster,
+) -> None:
+    before = retries("embed")
+    result = await cluster.forwarder.embed(EmbedRequest("m", ("hi",)))
+    assert result.vectors == (b"node-c",)
+    assert retries("embed") == before + 1
+    assert await swallowed(cluster.hole) == 1  # node-b was asked first, and only once

@@ -8,9 +8,9 @@ so a libzmq DEALER or ROUTER is still a peer; see that module for why not throug
 
 A caller must hear from the peer within its `ack_timeout`, so it can tell "the peer is down"
 (silence: try another holder) from "the peer is working on it". The request carries that
-timeout; for an inference the peer answers straight away when the answer is ready within a
-fraction of it (one message, not an ack and then the answer: most forwarded requests), and sends
-an ACK only when it is not; loads and placements are acknowledged at once. Streams send one
+timeout; for an inference or an embedding the peer answers straight away when the answer is
+ready within a fraction of it (one message, not an ack and then the answer: most forwarded
+requests), and sends an ACK only when it is not; loads and placements are acknowledged at once. Streams send one
 TOKEN frame per piece and end with RESULT or ERROR; a CANCEL stops the peer's generation. Frames
 that fail authentication, are stale, malformed, sealed for another node (`misdirected`) or
 replayed (a request id the server's replay window has taken before: `replay`) are counted and

@@ -14,11 +14,18 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from actors.types import InferRequest, InferResult, LoadRequest, TokenChunk
+from actors.types import (
+    EmbedRequest,
+    EmbedResult,
+    InferRequest,
+    InferResult,
+    LoadRequest,
+    TokenChunk,
+)
 from cluster.keyring import Keyring
 from transports.metrics import PEER_DROPPED
 from transports.peer.deadlines import Deadlines
@@ -29,6 +36,8 @@ from transports.peer_wire import (
     Op,
     PeerUnavailable,
     PeerWireError,
+    embed_result_from_wire,
+    embed_to_wire,
     error_from_wire,
     load_to_wire,
     open_frames,
@@ -206,16 +215,24 @@ class PeerClient:
     async def ping(self, peer: PeerAddress) -> float:
         """Return the round trip to `peer` in seconds."""
         began = time.perf_counter()
-        async for _ in self._call(peer, Op.PING, None, None):
-            pass
+        await self._answer(peer, Op.PING, None, 10.0)
         return time.perf_counter() - began
 
     async def infer(self, peer: PeerAddress, req: InferRequest, timeout: float) -> InferResult:
         """Run a whole inference on the peer."""
+        return result_from_wire(await self._answer(peer, Op.INFER, request_to_wire(req), timeout))
+
+    async def embed(self, peer: PeerAddress, req: EmbedRequest, timeout: float) -> EmbedResult:
+        """Embed the request's inputs on the peer."""
+        body = await self._answer(peer, Op.EMBED, embed_to_wire(req), timeout)
+        return embed_result_from_wire(body)
+
+    async def _answer(
+        self, peer: PeerAddress, op: Op, body: Any, timeout: float, term: int | None = None
+    ) -> Any:
+        """Send a request answered once (no stream); return the answer's body, raise its error."""
         # A coroutine, not a walk over _call: no async generator to finalise per request.
-        connection, rid, replies = await self._send_request(
-            peer, Op.INFER, request_to_wire(req), None
-        )
+        connection, rid, replies = await self._send_request(peer, op, body, term)
         finished = False
         try:
             deadline = time.monotonic() + timeout
@@ -224,7 +241,7 @@ class PeerClient:
                 finished = env.code in _LAST
                 if finished:
                     _raise_error(env)
-                    return result_from_wire(env.body)
+                    return env.body
         finally:
             self._settle(peer, connection, rid, finished)
 
@@ -232,18 +249,29 @@ class PeerClient:
         self, peer: PeerAddress, req: InferRequest, timeout: float
     ) -> AsyncGenerator[TokenChunk | InferResult, None]:
         """Stream an inference from the peer; closing the iterator cancels it there."""
-        async for env in self._call(peer, Op.STREAM, request_to_wire(req), None, timeout):
-            if env.code == Kind.TOKEN:
-                yield token_from_wire(env.body)
-            else:
-                yield result_from_wire(env.body)
+        connection, rid, replies = await self._send_request(
+            peer, Op.STREAM, request_to_wire(req), None
+        )
+        finished = False
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                env = replies.next() or await self._next_reply(peer, replies, deadline, timeout)
+                finished = env.code in _LAST
+                _raise_error(env)
+                if env.code == Kind.TOKEN:
+                    yield token_from_wire(env.body)
+                elif finished:
+                    yield result_from_wire(env.body)
+                    return
+        finally:
+            self._settle(peer, connection, rid, finished)
 
     async def load(
         self, peer: PeerAddress, req: LoadRequest, term: int | None, timeout: float
     ) -> None:
         """Ask the peer to load a model under the primary's `term` (a fencing token)."""
-        async for _ in self._call(peer, Op.LOAD, load_to_wire(req), term, timeout):
-            return
+        await self._answer(peer, Op.LOAD, load_to_wire(req), timeout, term)
 
     async def place(self, peer: PeerAddress, model: str, timeout: float) -> str:
         """Ask the primary `peer` to place `model`; return the node that holds it."""
@@ -254,31 +282,10 @@ class PeerClient:
         return await self._node_answer(peer, Op.RESTORE, [model, node], timeout)
 
     async def _node_answer(self, peer: PeerAddress, op: Op, body: Any, timeout: float) -> str:
-        what = op.name.lower()
-        async for env in self._call(peer, op, body, None, timeout):
-            if not isinstance(env.body, str):
-                raise PeerUnavailable(f"primary {peer} answered {what} without a node")
-            return env.body
-        raise PeerUnavailable(f"primary {peer} ended {what} without an answer")
-
-    async def _call(
-        self, peer: PeerAddress, op: Op, body: Any, term: int | None, timeout: float = 10.0
-    ) -> AsyncIterator[Envelope]:
-        """Send one request; yield TOKEN envelopes and the final RESULT/PONG; raise on ERROR."""
-        connection, rid, replies = await self._send_request(peer, op, body, term)
-        finished = False
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                env = replies.next() or await self._next_reply(peer, replies, deadline, timeout)
-                finished = env.code in _LAST
-                _raise_error(env)
-                if finished or env.code == Kind.TOKEN:
-                    yield env
-                if finished:
-                    return
-        finally:
-            self._settle(peer, connection, rid, finished)
+        node = await self._answer(peer, op, body, timeout)
+        if not isinstance(node, str):
+            raise PeerUnavailable(f"primary {peer} answered {op.name.lower()} without a node")
+        return node
 
     async def _send_request(
         self, peer: PeerAddress, op: Op, body: Any, term: int | None

@@ -2,7 +2,9 @@
 
 Each request runs as a task; an inference's ACK is held back for a fraction of the requester's
 ack timeout, so that a quick answer goes alone. Frames that fail authentication, are stale,
-malformed, sealed for another node or replayed are counted and dropped, never answered.
+malformed, sealed for another node or replayed are counted and dropped, never answered. A
+signed request whose body does not decode is refused (an invalid_request error) and counted
+with outcome "malformed".
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
 from actors.errors import InvalidRequest
-from actors.types import InferRequest, InferResult, LoadRequest, ModelInfo, TokenChunk
+from actors.types import (
+    EmbedRequest,
+    EmbedResult,
+    InferRequest,
+    InferResult,
+    LoadRequest,
+    ModelInfo,
+    TokenChunk,
+)
 from cluster.keyring import Keyring
 from transports.metrics import PEER_DROPPED, PEER_REQUESTS
 from transports.peer.deadlines import Deadlines
@@ -27,6 +37,8 @@ from transports.peer_wire import (
     Kind,
     Op,
     PeerWireError,
+    embed_from_wire,
+    embed_result_to_wire,
     error_to_wire,
     load_from_wire,
     open_frames,
@@ -53,6 +65,8 @@ def _count_served(op: Op, outcome: str) -> None:
 
 
 _OPS = {int(op): op for op in Op}
+_ANSWERED_SOON = frozenset({Op.INFER, Op.STREAM, Op.EMBED})
+"""Requests whose answer often comes within the ack grace: their ACK is held back for it."""
 
 WARN_EVERY_S = 60.0
 """Refusals that point at a misconfigured cluster (another protocol version, frames sealed for
@@ -71,6 +85,8 @@ class PeerHandler(Protocol):
     def peer_infer_stream(
         self, req: InferRequest
     ) -> AsyncGenerator[TokenChunk | InferResult, None]: ...
+
+    async def peer_embed(self, req: EmbedRequest) -> EmbedResult: ...
 
     async def peer_load(self, req: LoadRequest, term: int | None) -> ModelInfo: ...
 
@@ -184,7 +200,7 @@ class PeerServer:
             return
         # Loads and placements take seconds, so holding back their ack saves nothing, and a
         # requester that does not say how long it waits (an older peer) expects it at once.
-        defer = env.ack_s is not None and op in (Op.INFER, Op.STREAM)
+        defer = env.ack_s is not None and op in _ANSWERED_SOON
         if not defer:
             self._send(key, Kind.ACK, None)
         task = asyncio.create_task(self._run(key, op, env))
@@ -209,9 +225,10 @@ class PeerServer:
             self._forget(key)
             _count_served(op, "cancelled")
             raise
+        except PeerWireError as exc:  # a signed request whose body makes no sense: refused
+            outcome = exc.reason  # counted as "malformed", not as a client's invalid request
+            kind, body = Kind.ERROR, error_to_wire(InvalidRequest("request", str(exc)))
         except Exception as exc:
-            if isinstance(exc, PeerWireError):  # a signed request whose body makes no sense
-                exc = InvalidRequest("request", str(exc))
             outcome = getattr(exc, "code", "internal_error")
             kind, body = Kind.ERROR, error_to_wire(exc)
         # Forgotten and counted before the answer goes (no done callback after it): once it is
@@ -235,6 +252,9 @@ class PeerServer:
                     else:
                         return Kind.RESULT, result_to_wire(item)
             raise RuntimeError("the stream ended without a result")
+        if op == Op.EMBED:
+            embedded = await self._handler.peer_embed(embed_from_wire(env.body))
+            return Kind.RESULT, embed_result_to_wire(embedded)
         if op == Op.LOAD:
             info = await self._handler.peer_load(load_from_wire(env.body), env.term)
             return Kind.RESULT, {"name": info.name, "state": info.state}

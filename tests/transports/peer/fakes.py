@@ -13,6 +13,8 @@ from prometheus_client import REGISTRY
 
 from actors.errors import InvalidRequest, ModelNotFound, Overloaded
 from actors.types import (
+    EmbedRequest,
+    EmbedResult,
     GenerationParams,
     InferRequest,
     InferResult,
@@ -73,7 +75,7 @@ class FakePeerHandler:
             raise InvalidRequest("max_tokens", "too many")
         if req.model != "m":
             raise ModelNotFound(f"model {req.model!r} is not here")
-        return InferResult(req.prompt or "", 1, 1, "length", 1.0, "v1")
+        return InferResult(req.prompt if isinstance(req.prompt, str) else "", 1, 1, "length", 1.0, "v1")
 
     async def peer_infer_stream(
         self, req: InferRequest
@@ -85,6 +87,14 @@ class FakePeerHandler:
             yield InferResult("t0 t1 t2 ", 3, 1, "length", 1.0, "v1")
         finally:
             self.closed.set()
+
+    async def peer_embed(self, req: EmbedRequest) -> EmbedResult:
+        """One vector per input: its text (or token ids as bytes), so a test can tell them apart."""
+        self.calls.append(("embed", req.model))
+        if req.model != "m":
+            raise ModelNotFound(f"model {req.model!r} is not here")
+        vectors = tuple(i.encode() if isinstance(i, str) else bytes(i) for i in req.inputs)
+        return EmbedResult(vectors, len(req.inputs), 1.5, "v1")
 
     async def peer_place(self, model: str) -> str:
         self.calls.append(("place", model))

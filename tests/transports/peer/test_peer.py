@@ -9,9 +9,12 @@ import time
 import pytest
 import zmq
 import zmq.asyncio
+from prometheus_client import REGISTRY
 
 from actors.errors import InvalidRequest, ModelNotFound, Overloaded
 from actors.types import (
+    EmbedRequest,
+    EmbedResult,
     InferResult,
     LoadRequest,
     TokenChunk,
@@ -39,6 +42,7 @@ from transports.peer_wire import (
     Kind,
     Op,
     PeerUnavailable,
+    embed_to_wire,
     request_to_wire,
     result_from_wire,
     seal,
@@ -215,6 +219,7 @@ async def test_many_requests_in_flight_on_one_connection_all_get_their_own_answe
 async def test_a_signed_request_with_a_nonsense_body_is_an_invalid_request_not_a_crash(
     served: tuple[FakePeerHandler, PeerServer, PeerClient], raw: RawRequester
 ) -> None:
+    before = served_count("infer", "malformed")
     await raw.sock.send_multipart(seal(KEY, env(Op.INFER, "r1", time.time(), {"model": "m"})))
     reply = await raw.reply()
     if reply.code == Kind.ACK:
@@ -222,6 +227,7 @@ async def test_a_signed_request_with_a_nonsense_body_is_an_invalid_request_not_a
     assert reply.code == Kind.ERROR
     assert reply.body["code"] == "invalid_request"
     assert "bad inference request" in reply.body["message"]
+    assert served_count("infer", "malformed") == before + 1
     _, server, client = served
     assert (await client.infer(at(server), req(), timeout=5)).text == "hi"
 
@@ -302,3 +308,62 @@ async def test_a_peer_address_that_is_not_host_port_is_unavailable_not_a_crash(
             await client.infer(PeerAddress(SERVER, address), req(), timeout=5)
     finally:
         client.close()
+
+
+async def test_an_embedding_round_trips_with_text_and_token_inputs(
+    served: tuple[FakePeerHandler, PeerServer, PeerClient],
+) -> None:
+    _, server, client = served
+    embed = EmbedRequest("m", ("hello", (1, 2, 3)), timeout_s=4.0)
+    result = await client.embed(at(server), embed, timeout=5)
+    assert result == EmbedResult((b"hello", b"\x01\x02\x03"), 2, 1.5, "v1")
+    with pytest.raises(ModelNotFound):
+        await client.embed(at(server), EmbedRequest("other", ("x",)), timeout=5)
+
+
+def served_count(op: str, outcome: str) -> float:
+    labels = {"op": op, "outcome": outcome}
+    return REGISTRY.get_sample_value("moc_peer_requests_total", labels) or 0.0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m"},
+        {"model": "m", "inputs": "hello"},  # a string, not a list of inputs
+        {"model": "m", "inputs": []},
+        {"model": "m", "inputs": [""]},
+        {"model": "m", "inputs": [[1, True]]},
+        {"model": 7, "inputs": ["x"]},
+        {"model": "m", "inputs": ["x"], "timeout_s": -1},
+        ["m", ["x"]],
+    ],
+    ids=["no inputs", "inputs a string", "no input", "an empty input", "a boolean token",
+         "model a number", "a negative timeout", "not a map"],
+)  # fmt: skip
+async def test_a_signed_embed_request_with_a_malformed_body_is_refused_and_counted(
+    served: tuple[FakePeerHandler, PeerServer, PeerClient], raw: RawRequester, body: object
+) -> None:
+    handler, server, client = served
+    before = served_count("embed", "malformed")
+    await raw.sock.send_multipart(seal(KEY, env(Op.EMBED, "r1", time.time(), body)))
+    reply = await raw.reply()
+    if reply.code == Kind.ACK:
+        reply = await raw.reply()
+    assert reply.code == Kind.ERROR
+    assert reply.body["code"] == "invalid_request"
+    assert "bad embeddings request" in reply.body["message"]
+    assert served_count("embed", "malformed") == before + 1
+    assert ("embed", "m") not in handler.calls  # refused before the model was asked
+    result = await client.embed(at(server), EmbedRequest("m", ("x",)), timeout=5)
+    assert result.vectors == (b"x",)  # and the server keeps serving
+
+
+async def test_a_well_formed_embed_request_sent_raw_is_answered_without_an_ack(
+    raw: RawRequester,
+) -> None:
+    body = embed_to_wire(EmbedRequest("m", ("hi",)))
+    await raw.sock.send_multipart(seal(KEY, env(Op.EMBED, "r1", time.time(), body, None, 2.0)))
+    first = await raw.reply()
+    assert first.code == Kind.RESULT  # answered within the grace: no ack before it
+    assert first.body["vectors"] == [b"hi"]

@@ -1,4 +1,5 @@
-"""The peer wire's hand-built maps encode exactly what dataclasses.asdict gives."""
+"""The peer wire's hand-built maps encode exactly what dataclasses.asdict gives, and what a peer
+sends decodes to the same value or is refused as malformed."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import time
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors.types import (
     ChatMessage,
+    EmbedRequest,
+    EmbedResult,
     GenerationParams,
     InferRequest,
     InferResult,
@@ -23,6 +28,10 @@ from transports.peer_wire import (
     Envelope,
     Op,
     PeerWireError,
+    embed_from_wire,
+    embed_result_from_wire,
+    embed_result_to_wire,
+    embed_to_wire,
     open_frames,
     request_from_wire,
     request_to_wire,
@@ -90,6 +99,83 @@ def test_a_result_with_tensors_encodes_as_asdict_and_comes_back_equal() -> None:
     assert result_from_wire(msgpack.unpackb(_packed(wire), raw=False)) == result
     bare = InferResult("t", 1, 2, "length", 1.5, "v1")
     assert _packed(result_to_wire(bare)) == _packed(dataclasses.asdict(bare))
+
+
+embed_inputs = st.lists(
+    st.one_of(
+        st.text(min_size=1, max_size=20),
+        st.lists(st.integers(min_value=0, max_value=2**31 - 1), min_size=1, max_size=5).map(tuple),
+    ),
+    min_size=1,
+    max_size=4,
+).map(tuple)
+embed_requests = st.builds(
+    EmbedRequest,
+    model=st.text(min_size=1, max_size=12),
+    inputs=embed_inputs,
+    timeout_s=st.one_of(st.none(), st.floats(min_value=0.001, max_value=1e6)),
+)
+embed_results = st.builds(
+    EmbedResult,
+    vectors=st.lists(st.binary(max_size=64), max_size=4).map(tuple),
+    prompt_tokens=st.integers(min_value=0, max_value=2**31),
+    latency_ms=st.floats(allow_nan=False),
+    model_version=st.text(max_size=12),
+)
+
+
+@settings(deadline=None, max_examples=200)
+@given(embed_requests, embed_results)
+def test_an_embed_request_and_result_encode_as_asdict_and_come_back_equal(
+    req: EmbedRequest, result: EmbedResult
+) -> None:
+    wire = embed_to_wire(req)
+    assert _packed(wire) == _packed(dataclasses.asdict(req))
+    assert embed_from_wire(msgpack.unpackb(_packed(wire), raw=False)) == req
+    answer = embed_result_to_wire(result)
+    assert _packed(answer) == _packed(dataclasses.asdict(result))
+    assert embed_result_from_wire(msgpack.unpackb(_packed(answer), raw=False)) == result
+
+
+json_like = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+              st.binary(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)  # fmt: skip
+embed_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.one_of(st.just("m"), json_like),
+        "inputs": st.one_of(st.lists(st.one_of(st.text(max_size=4), json_like)), json_like),
+        "timeout_s": json_like,
+    },
+)
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.one_of(embed_bodies, json_like))
+def test_any_embed_body_decodes_to_a_request_or_is_refused_as_malformed(body: object) -> None:
+    try:
+        req = embed_from_wire(body)
+    except PeerWireError as exc:
+        assert exc.reason == "malformed"
+        return
+    assert req.model and req.inputs
+    assert all(isinstance(i, str) and i or isinstance(i, tuple) and i for i in req.inputs)
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.one_of(st.fixed_dictionaries({}, optional={k: json_like for k in (
+    "vectors", "prompt_tokens", "latency_ms", "model_version")}), json_like))  # fmt: skip
+def test_any_embed_answer_decodes_to_a_result_or_is_refused_as_malformed(body: object) -> None:
+    try:
+        result = embed_result_from_wire(body)
+    except PeerWireError as exc:
+        assert exc.reason == "malformed"
+        return
+    assert all(type(v) is bytes for v in result.vectors)
 
 
 KEY = Keyring((b"k" * 32,))
