@@ -216,14 +216,23 @@ async def test_many_requests_in_flight_on_one_connection_all_get_their_own_answe
     assert len(pings) == 100
 
 
+def served_count(op: str, outcome: str) -> float:
+    labels = {"op": op, "outcome": outcome}
+    return REGISTRY.get_sample_value("moc_peer_requests_total", labels) or 0.0
+
+
+async def answer(raw: RawRequester, op: Op, body: object) -> Envelope:
+    """Send a signed request with `body`; return its answer (after an ACK, if one comes)."""
+    await raw.sock.send_multipart(seal(KEY, env(op, "r1", time.time(), body)))
+    reply = await raw.reply()
+    return await raw.reply() if reply.code == Kind.ACK else reply
+
+
 async def test_a_signed_request_with_a_nonsense_body_is_an_invalid_request_not_a_crash(
     served: tuple[FakePeerHandler, PeerServer, PeerClient], raw: RawRequester
 ) -> None:
     before = served_count("infer", "malformed")
-    await raw.sock.send_multipart(seal(KEY, env(Op.INFER, "r1", time.time(), {"model": "m"})))
-    reply = await raw.reply()
-    if reply.code == Kind.ACK:
-        reply = await raw.reply()
+    reply = await answer(raw, Op.INFER, {"model": "m"})
     assert reply.code == Kind.ERROR
     assert reply.body["code"] == "invalid_request"
     assert "bad inference request" in reply.body["message"]
@@ -321,11 +330,6 @@ async def test_an_embedding_round_trips_with_text_and_token_inputs(
         await client.embed(at(server), EmbedRequest("other", ("x",)), timeout=5)
 
 
-def served_count(op: str, outcome: str) -> float:
-    labels = {"op": op, "outcome": outcome}
-    return REGISTRY.get_sample_value("moc_peer_requests_total", labels) or 0.0
-
-
 @pytest.mark.parametrize(
     "body",
     [
@@ -346,10 +350,7 @@ async def test_a_signed_embed_request_with_a_malformed_body_is_refused_and_count
 ) -> None:
     handler, server, client = served
     before = served_count("embed", "malformed")
-    await raw.sock.send_multipart(seal(KEY, env(Op.EMBED, "r1", time.time(), body)))
-    reply = await raw.reply()
-    if reply.code == Kind.ACK:
-        reply = await raw.reply()
+    reply = await answer(raw, Op.EMBED, body)
     assert reply.code == Kind.ERROR
     assert reply.body["code"] == "invalid_request"
     assert "bad embeddings request" in reply.body["message"]
