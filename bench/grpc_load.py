@@ -15,7 +15,7 @@ always meets the node first. The goal
 (issue 16): gRPC at >= 0.8x the HTTP front's req/s with a p99 no worse.
 
 Prints a table (with the CPU microseconds per answered request that the node and its worker,
-and the client process, used over each phase, warm-up included); `--json` adds one JSON object as the last line: rps, p99_ms and p50_ms (each
+and the client process, used over each counted window); `--json` adds one JSON object as the last line: rps, p99_ms and p50_ms (each
 per front), ratio_vs_http (per front), errors, goal_met.
 
     .venv/bin/python bench/grpc_load.py --quick --json
@@ -159,7 +159,7 @@ def run_phase(
     front: str, target: str, clients: int, seconds: float, servers: list[int]
 ) -> tuple[Phase, dict[str, float]]:
     """Run one front's clients in a fresh process for `seconds` after the warm-up; return the
-    phase and the CPU seconds the client process and the `servers` (node, worker) used."""
+    phase and the CPU seconds the `servers` (node, worker) and the client process used then."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     begin = time.time() + START_S + WARMUP_S
@@ -168,17 +168,21 @@ def run_phase(
     )
     proc.start()
     assert proc.pid is not None
+    pids = {"server": servers, "client": [proc.pid]}
+
+    def used() -> dict[str, float]:
+        return {role: sum(cpu_seconds(pid) for pid in found) for role, found in pids.items()}
+
     try:
-        server0 = sum(cpu_seconds(pid) for pid in servers)
-        client0 = cpu_seconds(proc.pid)
-        phase: Phase = out.get(timeout=seconds + 300)
-        cpu = {
-            "server": sum(cpu_seconds(pid) for pid in servers) - server0,
-            "client": cpu_seconds(proc.pid) - client0,
-        }
+        # CPU over the counted window only: sampled at its start and at its end.
+        time.sleep(max(0.0, begin - time.time()))
+        before = used()
+        time.sleep(max(0.0, begin + seconds - time.time()))
+        after = used()
+        phase: Phase = out.get(timeout=300)
     finally:
         proc.join(timeout=30)
-    return phase, cpu
+    return phase, {role: after[role] - before[role] for role in pids}
 
 
 # ---- main ----
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for front, p in phases.items():
         vs = ratio[front]
-        # CPU per answered request (the phase's whole time, warm-up included, over its answers).
+        # CPU per answered request, over the counted window.
         per = {role: s * 1e6 / p.ok if p.ok else float("nan") for role, s in cpu[front].items()}
         print(
             f"{front:<8}{p.ok:>9}{p.silent:>8}{p.rps:>10.0f}{p.pct(0.5):>9.2f}"
