@@ -168,6 +168,7 @@ def build_runtime(
             probes={p.name: p for p in probes},
             worker_factory=worker_factory,
             memory_watch=MemoryWatch(resources.gpu_poll_interval, resources.worker_memory_limit_mb),
+            cpu_threads=resources.cpu_threads,
         )
     )
     gpu_proxies = [typed(ref, DeviceProxy) for ref in gpu_refs]
