@@ -15,6 +15,7 @@ from typing import Any
 from transports.errors import ErrorReply
 
 __all__ = [
+    "presented_key",
     "PATH_REFUSALS",
     "client_error",
     "KeyRing",
@@ -67,3 +68,16 @@ def client_error(err: ErrorReply) -> ErrorReply:
     message names them; `classify` has logged it whole)."""
     safe = PATH_REFUSALS.get(err.code)
     return err if safe is None else replace(err, message=safe)
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """Return the key in `X-API-Key` or `Authorization: Bearer` (HTTP headers or gRPC metadata,
+    looked up case-insensitively), if any."""
+    key = headers.get("X-API-Key")
+    if key:
+        return key
+    auth = headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None

@@ -66,14 +66,16 @@ class ServerConfig:
     signed by one of these CAs. Needs tls_cert_file and tls_key_file."""
 
     max_workers: int = 16
-    """How many ZMQ requests that call into the node (infer, load, unload) run at once. Cheap
+    """How many ZMQ and gRPC requests that call into the node (infer, load, unload) run at
+    once, per front. Cheap
     actions (health, list_models, status) are answered at once and do not count, so a slow infer
     never delays a health check. 16 is the legacy value; the per-model bulkhead, not this, bounds
     work per model."""
 
     max_pending: int = 256
-    """ZMQ requests allowed to wait for one of `max_workers` slots; past that the server answers
-    "overloaded" at once instead of queueing without bound. 256 matches the bulkhead queue."""
+    """ZMQ and gRPC requests allowed to wait for one of `max_workers` slots; past that the
+    server answers "overloaded" (gRPC: RESOURCE_EXHAUSTED) at once instead of queueing without
+    bound. 256 matches the bulkhead queue."""
 
     api_keys: tuple[str, ...] = ()
     """Accepted API keys (`X-API-Key` or `Authorization: Bearer`). Empty together with no
@@ -89,7 +91,8 @@ class ServerConfig:
     Prometheus need no secret. Everything else needs a key when keys are configured."""
 
     max_body_bytes: int = 1_048_576
-    """Largest HTTP request body in bytes (1 MiB); larger ones get 413 before being read whole.
+    """Largest HTTP request body and gRPC message in bytes (1 MiB); larger ones get 413
+    (gRPC: RESOURCE_EXHAUSTED) before being read whole.
     A 10,000-character prompt is at most 40 KB of UTF-8, so 1 MiB leaves room for chat histories
     while bounding memory per request."""
 
@@ -318,7 +321,9 @@ def _read_server_key(path: str) -> tuple[bytes, bytes]:
             f"{SECTION}.{key}: {path} holds neither a Z85 secret key nor a secret certificate"
         )
     if zmq.curve_public(secret_or_none) != public:
-        raise ServerConfigError(f"{SECTION}.{key}: {path}: the public key does not match the secret")
+        raise ServerConfigError(
+            f"{SECTION}.{key}: {path}: the public key does not match the secret"
+        )
     return public, secret_or_none
 
 
@@ -330,7 +335,9 @@ def _read_client_keys(path: str) -> frozenset[bytes]:
         if not entry or entry.startswith("#"):
             continue
         if not is_z85_key(entry):
-            raise ServerConfigError(f"{SECTION}.{key}: {path} line {number} is not a Z85 public key")
+            raise ServerConfigError(
+                f"{SECTION}.{key}: {path} line {number} is not a Z85 public key"
+            )
         found.add(entry.encode("ascii"))
     if not found:
         raise ServerConfigError(f"{SECTION}.{key}: {path} holds no key")

@@ -31,14 +31,13 @@ from actors.errors import InvalidRequest, Overloaded
 from actors.types import InferResult
 from transports import grpc_codec, schema
 from transports.api import NodeAPI
-from transports.auth import KeyRing, client_error, public_health
+from transports.auth import KeyRing, client_error, presented_key, public_health
 from transports.config import ServerConfig, load_api_keys
 from transports.dispatch import Dispatcher, legacy_field_error
 from transports.errors import PayloadTooLarge, Unauthorized, classify
 from transports.grpc_codec import GrpcError, Refused
 from transports.grpc_gen import modelops_pb2 as pb
 from transports.grpc_health import ReadinessHealth
-from transports.http_middleware import presented_key
 from transports.metrics import IN_FLIGHT, GrpcRecorder
 
 __all__ = ["GrpcServer", "HEALTH_SERVICES", "SERVICE"]
@@ -224,7 +223,9 @@ class GrpcServer:
 
         return await self._call("HealthCheck", context, run, open_to_all=True)
 
-    async def _infer_stream(self, data: bytes, context: Context) -> AsyncIterator[pb.InferenceChunk]:
+    async def _infer_stream(
+        self, data: bytes, context: Context
+    ) -> AsyncIterator[pb.InferenceChunk]:
         # Not bounded by max_workers, as HTTP's streams are not: a stream would hold a slot for
         # its whole length; the model's bulkhead bounds it, as every request.
         async with self._served("InferStream", context):

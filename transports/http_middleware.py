@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 from aiohttp.web_log import AccessLogger
 
-from transports.auth import KeyRing
+from transports.auth import KeyRing, presented_key
 from transports.config import ServerConfig
 from transports.errors import ErrorReply, classify
 from transports.http_bodies import error_response
@@ -32,7 +31,6 @@ __all__ = [
     "error_middleware",
     "method_label",
     "metrics_middleware",
-    "presented_key",
 ]
 
 COUNTED_KEY = web.RequestKey("counted", bool)
@@ -134,9 +132,7 @@ def auth_middleware(keys: frozenset[str], config: ServerConfig) -> Any:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         presented = presented_key(request.headers) if ring else None
-        request[AUTHENTICATED_KEY] = not ring or (
-            presented is not None and ring.matches(presented)
-        )
+        request[AUTHENTICATED_KEY] = not ring or (presented is not None and ring.matches(presented))
         # The cluster page's own files hold no data (the page sends a key for /cluster).
         page = request.path == "/" or request.path.startswith("/static/")
         if not request[AUTHENTICATED_KEY] and request.path not in open_paths and not page:
@@ -147,16 +143,3 @@ def auth_middleware(keys: frozenset[str], config: ServerConfig) -> Any:
         return await handler(request)
 
     return auth
-
-
-def presented_key(headers: Mapping[str, str]) -> str | None:
-    """Return the key in `X-API-Key` or `Authorization: Bearer`, if any."""
-    key = headers.get("X-API-Key")
-    if key:
-        return key
-    auth = headers.get("Authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return None
-
