@@ -9,6 +9,8 @@ test_grpc_bad_input.py.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -198,8 +200,14 @@ async def test_a_deadline_shorter_than_the_generation_ends_it_with_deadline_exce
     served = await start_node()
     stub = pb_grpc.ModelOpsStub(await channel(served))
     timeouts = grpc_count("Infer", "timeout")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Infer(infer_request(max_tokens=LONG), timeout=0.5)
+    (pid,) = [m.pid for m in served.node.models() if m.name == MODEL]
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the worker makes no progress: only the deadline can end it
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Infer(infer_request(max_tokens=LONG), timeout=0.5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await wait_for(lambda: served.in_flight() == 0, timeout=10.0, what="the slot to be freed")
     await wait_for(lambda: grpc_count("Infer", "timeout") == timeouts + 1, timeout=5.0)
