@@ -19,7 +19,6 @@ from actors.serving.context import fit_gguf_n_ctx
 from actors.serving.estimate import CUDA_CONTEXT_MB, estimate_gguf_memory
 from actors.serving.paths import resolve_model_path
 from actors.types import DEFAULT_N_CTX, Backend, DeviceKind, LoadRequest
-from actors.worker.backends.gguf_engine import STEP_TOKENS
 from actors.worker.handle import WorkerSpec
 from actors.worker.protocol import LoadSpec
 
@@ -125,15 +124,12 @@ def need_mb(entry: CatalogEntry, *, on_gpu: bool, node_parallel: int | None = No
         except OSError as exc:
             raise ModelFileInvalid(f"cannot read {entry.path}: {exc.strerror}") from None
         return tensors + (CUDA_CONTEXT_MB if on_gpu else TORCH_HOST_MB)
-    slots = slots_of(entry, node_parallel)
-    step = {"n_batch": STEP_TOKENS, "n_ubatch": STEP_TOKENS} if slots > 1 else {}
     estimate = estimate_gguf_memory(
         entry.path,
         n_ctx=entry.n_ctx,
         gpu_layers=entry.gpu_layers,
         on_gpu=on_gpu,
-        parallel=slots,
-        **step,
+        parallel=slots_of(entry, node_parallel),
     )
     return float(estimate.total_mb)
 

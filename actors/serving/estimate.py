@@ -1,36 +1,28 @@
 """Estimate the memory a GGUF model needs from its header, before loading it.
 
 The header is read with a small streaming parser (scalar metadata and tensor shapes; arrays such
-as the vocabulary are skipped), so an estimate costs milliseconds even for large files. The sum:
+as the vocabulary are skipped), so an estimate costs milliseconds even for large files. Every
+GGUF model is served by the batching engine (actors/worker/backends/gguf_engine.py), with
+`parallel` slots of `n_ctx` tokens each. The sum:
 
 - weights: the bytes of every tensor placed on the device. On the CPU that is all of them; on a
   GPU the repeating layers up to `gpu_layers` and, when every layer is offloaded, the output head
   (llama.cpp keeps the token embeddings on the host).
-- KV cache: f16 keys and values for `n_ctx` positions, 2 * n_layer * n_ctx * n_embd_kv * 2 bytes.
-- compute: llama.cpp's graph buffer for one micro-batch of `n_ubatch` tokens at a full context.
-  Flash attention is off (llama-cpp-python's default), so the attention scores and mask,
-  n_ubatch * n_ctx * (n_head + 1) f32, dominate for long contexts, plus the activations and
-  logits of the micro-batch. On the CPU add ggml's work buffer, where the attention weights are
-  converted to f16 for the product with V (n_ubatch * n_ctx * n_head * 2 bytes).
-- overhead: host allocations besides those buffers: llama-cpp-python's batch (one seq-id array
-  of n_ctx int32 per batch slot), llama.cpp's output buffer, and a fixed cost (FIXED_OVERHEAD_MB).
-  On a GPU, the worker process's CUDA context instead (CUDA_CONTEXT_MB).
-  llama-cpp-python's `scores` array (n_batch * n_vocab f32) is *not* counted: it is allocated
-  uninitialised and only written with `logits_all=True`, which the worker never sets, so its
-  pages never become resident.
+- KV cache: f16 keys and values for `n_ctx` positions per slot,
+  2 * n_layer * n_ctx * n_embd_kv * 2 * parallel bytes.
+- compute: llama.cpp's graph buffer for one micro-batch of `n_ubatch` tokens (the engine's
+  step). The engine lets llama.cpp turn flash attention on (as llama-server does), so there is no
+  attention-score matrix: the activations and logits of the micro-batch and the attention mask of
+  one slot's context.
+- overhead: per slot its output row and the logits kept for a repeated prompt, and a fixed
+  host cost (ENGINE_FIXED_OVERHEAD_MB: the context, the thread pool's work buffers, the slots'
+  sampler chains, the vocabulary maps, allocator slack). On a GPU, the worker process's CUDA
+  context instead (CUDA_CONTEXT_MB).
 
-What this estimates is the working size: the memory resident once a prompt has filled the
-context. Right after a CPU load less is resident (the compute buffer is reserved but its pages
+What this estimates is the working size: the memory resident once prompts have filled the
+slots. Right after a CPU load less is resident (the compute buffer is reserved but its pages
 are touched only by long prompts); the worker reports its memory after every request so the
 supervisor can follow the real peak.
-
-A model served with `parallel` > 1 slots (the batching engine, actors/worker/backends/
-gguf_engine.py) holds a KV cache of `n_ctx` positions per slot, so the KV part is multiplied by
-`parallel`. Its context lets llama.cpp turn flash attention on (as llama-server does), so its
-compute buffer has no attention-score matrix: the activations and logits of one micro-batch
-(`n_ubatch`, the engine's step) and the attention mask of one slot's context; it makes its own
-small batch, and its fixed host cost, fitted the same way (ENGINE_FIXED_OVERHEAD_MB), is a
-little higher (flash attention's per-thread work buffers, the slots' sampler chains).
 
 The test `tests/actors/serving/test_estimate.py` loads three sizes through the worker and compares
 (and two with 4 slots).
@@ -46,17 +38,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from actors.errors import ModelFileInvalid
+from actors.worker.backends.gguf_engine import STEP_TOKENS
 
 MIB = 1024.0 * 1024.0
 
-# A fixed host cost of one loaded model beyond its sized buffers: the llama context and sampler
-# objects, the thread pool, the vocabulary maps and allocator slack. Fitted on llama-cpp-python
-# 0.3.36 (CPU build) with the synthetic tiny, small and medium models at n_ctx 512 and 1024: the
-# residue after the sized parts ranged 1.5-3.3 MiB. See tests/actors/serving/test_estimate.py.
-FIXED_OVERHEAD_MB = 3.0
-
-# The same residue for the batching engine: with 4 slots of 512 tokens, 4 prompts filling them,
-# the tiny, small and medium50m models left 4.7, 4.5 and 6.7 MiB after the sized parts.
+# A fixed host cost of one loaded model beyond its sized buffers, fitted on llama-cpp-python
+# 0.3.36 (CPU build): with 4 slots of 512 tokens, 4 prompts filling them, the tiny, small and
+# medium50m models left 4.7, 4.5 and 6.7 MiB after the sized parts.
 ENGINE_FIXED_OVERHEAD_MB = 4.6
 
 # Device memory every worker process holds on a GPU before its first tensor: the CUDA context,
@@ -313,51 +301,15 @@ def estimate_gguf_memory(
     n_ctx: int,
     gpu_layers: int = -1,
     on_gpu: bool = False,
-    n_batch: int = 512,
-    n_ubatch: int = 512,
+    n_ubatch: int = STEP_TOKENS,
     parallel: int = 1,
 ) -> MemoryEstimate:
-    """Estimate the memory `path` needs with a context of `n_ctx` tokens per slot.
+    """Estimate the memory the batching engine needs for `path`: `parallel` slots of `n_ctx`
+    tokens each and micro-batches of `n_ubatch` tokens.
 
     On the CPU (`on_gpu` False) everything is counted on the host. On a GPU the estimate is
     of device memory: offloaded weights, the KV cache and compute buffer of offloaded layers.
-    `n_batch`/`n_ubatch` are llama-cpp-python's defaults (both capped at n_ctx); with
-    `parallel` > 1 (the batching engine) pass its step as both.
     """
-    if parallel > 1:
-        return _estimate_engine(path, n_ctx, gpu_layers, on_gpu, n_ubatch, parallel)
-    header = read_gguf_header(path)
-    hp = _hparams(header)
-    n_batch = min(n_batch, n_ctx)
-    n_ubatch = min(n_ubatch, n_batch)
-    device_w, host_w = split_weights(header, hp.n_layer, gpu_layers)
-    if on_gpu:
-        n_off = hp.n_layer if gpu_layers < 0 else min(gpu_layers, hp.n_layer)
-        weights, kv_layers = device_w, n_off
-    else:
-        weights, kv_layers = device_w + host_w, hp.n_layer
-    kv = 2 * kv_layers * n_ctx * hp.n_embd_kv * 2
-    compute = _compute_bytes(hp, n_ctx, n_ubatch) if (kv_layers or not on_gpu) else 0
-    overhead = CUDA_CONTEXT_MB
-    if not on_gpu:
-        compute += n_ubatch * n_ctx * hp.n_head * 2  # ggml-cpu's f16 copy of the attention weights
-        # Each of n_batch seq-id arrays is a malloc of n_ctx int32; past one page only its first
-        # page (the chunk header's) is touched.
-        batch = n_batch * min(n_ctx * 4, 4096)
-        output = hp.n_vocab * 4 + hp.n_embd * 4
-        overhead = (batch + output) / MIB + FIXED_OVERHEAD_MB
-    return MemoryEstimate(
-        weights_mb=weights / MIB,
-        kv_mb=kv / MIB,
-        compute_mb=compute / MIB,
-        overhead_mb=overhead,
-    )
-
-
-def _estimate_engine(
-    path: str | Path, n_ctx: int, gpu_layers: int, on_gpu: bool, n_ubatch: int, parallel: int
-) -> MemoryEstimate:
-    """Estimate the batching engine: `parallel` KV caches, flash attention's compute buffer."""
     header = read_gguf_header(path)
     hp = _hparams(header)
     n_ubatch = min(n_ubatch, n_ctx * parallel)
@@ -377,7 +329,7 @@ def _estimate_engine(
         compute = acts + logits + mask
     overhead = CUDA_CONTEXT_MB
     if not on_gpu:
-        output = parallel * (hp.n_vocab * 4 + hp.n_embd * 4)
+        output = parallel * (2 * hp.n_vocab * f32 + hp.n_embd * f32)
         overhead = output / MIB + ENGINE_FIXED_OVERHEAD_MB
     return MemoryEstimate(
         weights_mb=weights / MIB,
@@ -385,12 +337,3 @@ def _estimate_engine(
         compute_mb=compute / MIB,
         overhead_mb=overhead,
     )
-
-
-def _compute_bytes(hp: _Hparams, n_ctx: int, n_ubatch: int) -> int:
-    """Size llama.cpp's graph buffer for one micro-batch at a full context (flash attention off)."""
-    f32 = 4
-    scores = n_ubatch * n_ctx * (hp.n_head + 1) * f32  # KQ (softmaxed in place) and the mask
-    acts = n_ubatch * (2 * hp.n_embd + 2 * hp.n_ff) * f32
-    logits = n_ubatch * hp.n_vocab * f32
-    return scores + acts + logits
