@@ -31,8 +31,8 @@ from typing import Any
 
 from actors.gguf_synth import SIZES, write_preset
 from actors.types import GenerationParams
-from actors.worker.backends import Generation
-from actors.worker.backends.gguf import GgufModel, describe_buffers
+from actors.worker.backends.gguf import describe_buffers
+from actors.worker.backends.gguf_engine import Finish, GgufEngine
 from actors.worker.native_crash import describe_cpu
 from actors.worker.protocol import LoadSpec
 
@@ -41,15 +41,20 @@ BODY = "The quick brown fox jumps over the lazy dog, and then it runs on. " * 2 
 N_CTX = 1024
 
 
-def measure(model: GgufModel, prompt: str, tokens: int) -> tuple[float, float, int]:
+def measure(model: GgufEngine, prompt: str, tokens: int) -> tuple[float, float, int]:
     """Decode `tokens` greedily; return (decode tokens/s, prompt tokens/s, prompt tokens)."""
     stamps: list[float] = []
+    finished: list[Finish] = []
     start = time.perf_counter()
-    out = model.run(
-        Generation(prompt, params=GenerationParams(max_tokens=tokens, temperature=0.0, top_p=1.0)),
-        lambda _text: stamps.append(time.perf_counter()),
-        lambda: False,
+    model.submit(
+        prompt,
+        GenerationParams(max_tokens=tokens, temperature=0.0, top_p=1.0),
+        emit=lambda _text: stamps.append(time.perf_counter()),
+        done=finished.append,
     )
+    while model.has_work():
+        model.step()
+    out = finished[0]
     if out.tokens_generated != tokens or len(stamps) != tokens:
         raise RuntimeError(f"expected {tokens} tokens, got {out.tokens_generated}")
     decode = (tokens - 1) / (stamps[-1] - stamps[0])
@@ -60,8 +65,9 @@ def measure(model: GgufModel, prompt: str, tokens: int) -> tuple[float, float, i
 def bench_quant(path: Path, threads: int, tokens: int, runs: int) -> dict[str, Any]:
     """Load `path` with repacking off and on; alternate runs; return medians and ratios."""
     models = {
-        repack: GgufModel.load(
-            LoadSpec(backend="gguf", path=str(path), n_ctx=N_CTX, n_threads=threads, cpu_repack=repack)
+        repack: GgufEngine.load(
+            LoadSpec(backend="gguf", path=str(path), n_ctx=N_CTX, n_threads=threads, cpu_repack=repack),
+            parallel=1,
         )
         for repack in (False, True)
     }
@@ -71,7 +77,7 @@ def bench_quant(path: Path, threads: int, tokens: int, runs: int) -> dict[str, A
         prompt_tokens = 0
         for run in range(runs + 1):  # run 0 warms caches and is not counted
             for repack in (False, True) if run % 2 else (True, False):
-                # A new first letter each time: llama-cpp-python would reuse a cached prefix.
+                # A new first letter each time: the engine would reuse a cached prefix.
                 prompt = chr(ord("A") + (2 * run + repack) % 26) + BODY
                 d, p, prompt_tokens = measure(models[repack], prompt, tokens)
                 if run:

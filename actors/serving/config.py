@@ -189,8 +189,8 @@ class ModelsConfig:
     """Requests a GGUF model serves at once, like llama-server's `-np` (1..64). Above 1 they are
     batched in one llama.cpp context, one sequence (slot) each, and every slot has its own
     `n_ctx` of KV cache: the memory estimate and claim grow with `n_ctx * parallel`. Further
-    requests wait for a free slot. 1 serves one request at a time. Torch models serve one at a
-    time whatever this says. A catalog entry's `parallel` overrides it."""
+    requests wait for a free slot. 1 is one slot: requests run one after another, on the same
+    engine. Torch models serve one at a time whatever this says. A catalog entry's `parallel` overrides it."""
 
     def __post_init__(self) -> None:
         try:
