@@ -194,18 +194,26 @@ class ModelManager(LoopReplyActor):
             self._start_actor(slot)
         self._publish(entry.name)
 
-    def _cpu_shares(self) -> dict[str, int]:
-        """Each model held on the host CPU (loading or loaded) and its share of the threads."""
-        wanted = {
-            name: slot.entry.threads
+    def _reshare_cpu(self) -> dict[str, int]:
+        """Share the CPU's threads among the models held there (loading or loaded), tell each
+        running one whose share changed, and return the shares."""
+        held = {
+            name: slot
             for name, slot in self._slots.items()
             if slot.device is not None
             and self._deps.ledgers[slot.device].kind != "nvml"
             and slot.state in ("loading", "loaded")
         }
-        if not wanted:
+        if not held:
             return {}
-        return thread_shares(self._deps.cpu_threads or physical_cores(), wanted)
+        wanted = {name: slot.entry.threads for name, slot in held.items()}
+        shares = thread_shares(self._deps.cpu_threads or physical_cores(), wanted)
+        for name, slot in held.items():
+            if slot.threads != shares[name] and slot.actor is not None:
+                log.info("%s now decodes with %d thread(s)", name, shares[name])
+                slot.actor.proxy().set_threads(shares[name])  # told, not awaited
+            slot.threads = shares[name]
+        return shares
 
     def _residents(self) -> list[Resident]:
         now = self._deps.clock()
@@ -231,7 +239,7 @@ class ModelManager(LoopReplyActor):
             device_index=self._deps.device_index.get(device),
             cpu_repack=self._models_config.cpu_repack_for(entry),
             node_parallel=self._models_config.parallel,
-            n_threads=self._cpu_shares().get(entry.name, 0),
+            n_threads=self._reshare_cpu().get(entry.name, 0),
         )
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
         events = self.actor_ref.proxy()
@@ -396,6 +404,8 @@ class ModelManager(LoopReplyActor):
             except StateNotWritable as exc:  # the model is stopped whatever the store says
                 log.warning("%s", exc)
         slot.come_to_rest()
+        slot.threads = 0
+        self._reshare_cpu()  # the models left on the CPU take its threads back
         self._refresh_loaded_gauge()
         unloaded, slot.unload_waiters = slot.unload_waiters, []
         info = model_info(slot, self._device_label)

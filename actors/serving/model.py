@@ -12,6 +12,7 @@ breaker and restart take it from there as for any crash.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -124,6 +125,12 @@ class ModelActor(LoopReplyActor):
         if self._abort.is_set():
             return False
         return self._restart()
+
+    def set_threads(self, n_threads: int) -> None:
+        """Compute with `n_threads` from now on; a restarted worker starts with them too."""
+        load = dataclasses.replace(self.spec.load, n_threads=n_threads)
+        self.spec = dataclasses.replace(self.spec, load=load)
+        self._worker.set_threads(n_threads)
 
     @property
     def worker(self) -> WorkerHandle:

@@ -51,6 +51,7 @@ class Slot:
     load_seconds: float | None = None
     version: str = ""
     chat_template: str = ""
+    threads: int = 0  # its share of the CPU's threads when held there (0: not on the CPU)
     pid: int | None = None
     error: str | None = None
     next_entry: CatalogEntry | None = None  # a replacement registered while this one is loaded

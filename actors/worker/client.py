@@ -42,6 +42,7 @@ from actors.worker.protocol import (
     LoadFailed,
     Message,
     ProtocolError,
+    SetThreads,
     Shutdown,
     decode,
     encode,
@@ -263,6 +264,13 @@ class WorkerProcess:
                 self._close_socket()
         if proc is not None and proc.returncode == 0 and self._log_path is not None:
             self._log_path.unlink(missing_ok=True)  # keep the logs of workers that failed
+
+    def set_threads(self, n_threads: int) -> bool:
+        """Tell the loaded model to compute with `n_threads`; False when no worker takes it."""
+        with self._lock:
+            if self._loading or self._stopped:
+                return False
+            return self._send(SetThreads(n_threads))
 
     def kill(self) -> None:
         """Kill the worker at once and reap it."""

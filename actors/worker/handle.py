@@ -88,6 +88,11 @@ class WorkerHandle(Protocol):
         """Ask the worker to exit, kill it after `timeout`, reap it. Safe to call twice."""
         ...
 
+    def set_threads(self, n_threads: int) -> bool:
+        """Tell the loaded model to compute with `n_threads` CPU threads; False if no worker
+        takes it (not started, loading, or stopped)."""
+        ...
+
     def kill(self) -> None:
         """Kill the worker at once and reap it."""
         ...

@@ -67,6 +67,7 @@ from actors.worker.protocol import (
     LoadSpec,
     Message,
     ProtocolError,
+    SetThreads,
     Shutdown,
     Token,
     decode,
@@ -202,6 +203,12 @@ class Worker:
                 continue
             if isinstance(msg, Shutdown):
                 self.shutdown = True
+            elif isinstance(msg, SetThreads):  # between two steps or requests: safe
+                if self.driver is not None:
+                    self.driver.engine.set_threads(msg.n_threads)
+                elif self.model is not None:
+                    self.model.set_threads(msg.n_threads)
+                print(f"moc worker: computing with {msg.n_threads} thread(s)", file=sys.stderr)
             else:  # requests come on the data links
                 print(f"moc worker: unexpected {type(msg).__name__} on control", file=sys.stderr)
 

@@ -53,6 +53,7 @@ class MsgType(IntEnum):
     SHUTDOWN = 10
     EMBED = 11
     EMBEDDED = 12
+    SET_THREADS = 13
 
 
 class _Ext(IntEnum):
@@ -212,6 +213,14 @@ class Shutdown:
 
 
 @dataclass(frozen=True, slots=True)
+class SetThreads:
+    """Supervisor -> worker (control): decode with `n_threads` from the next step on (the
+    model's share of the CPU changed as other models came or went)."""
+
+    n_threads: int
+
+
+@dataclass(frozen=True, slots=True)
 class Embed:
     """Supervisor -> worker: embed each input (text, or token ids); answered by one `Embedded`
     or `Failed` (an input that does not fit: invalid_request naming `input` or `input[i]`)."""
@@ -242,6 +251,7 @@ Message = (
     | Failed
     | Cancel
     | Shutdown
+    | SetThreads
     | Embed
     | Embedded
 )
@@ -259,6 +269,7 @@ _BY_TYPE: dict[int, type[Any]] = {
     MsgType.SHUTDOWN: Shutdown,
     MsgType.EMBED: Embed,
     MsgType.EMBEDDED: Embedded,
+    MsgType.SET_THREADS: SetThreads,
 }
 _BY_CLASS: dict[type[Any], int] = {cls: num for num, cls in _BY_TYPE.items()}
 _FIELD_COUNT: dict[int, int] = {num: len(fields(cls)) for num, cls in _BY_TYPE.items()}
@@ -430,6 +441,7 @@ __all__ = [
     "Message",
     "MsgType",
     "ProtocolError",
+    "SetThreads",
     "Shutdown",
     "Token",
     "decode",

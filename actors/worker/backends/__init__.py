@@ -78,6 +78,10 @@ class LoadedModel(Protocol):
         """
         ...
 
+    def set_threads(self, n_threads: int) -> None:
+        """Compute the next requests with `n_threads` CPU threads."""
+        ...
+
     def close(self) -> None:
         """Release the model's memory."""
         ...

@@ -733,6 +733,10 @@ class GgufEngine:
             slot.forget_logits_past(0)
             self._finish(request, "cancelled", error)
 
+    def set_threads(self, n_threads: int) -> None:
+        """Decode (and prefill) with `n_threads` from the next step on."""
+        self._lib.llama_set_n_threads(self._ctx, n_threads, n_threads)
+
     def close(self) -> None:
         """Cancel what is left and free the sampler chains, the batch, the context, the model."""
         if self._closed:

@@ -133,6 +133,10 @@ class TorchModel:
         """Tensor programs have no context window."""
         return 0
 
+    def set_threads(self, n_threads: int) -> None:
+        """Run the next requests with `n_threads` intra-op threads."""
+        self._torch.set_num_threads(n_threads)
+
     def close(self) -> None:
         """Drop the program (its memory goes with the process)."""
         self._fn = _closed

@@ -89,6 +89,7 @@ class FakeWorker:
         self.peak_memory_mb: float | None = None
         self.served = 0
         self.stopped = False
+        self.threads: list[int] = []  # what set_threads was told, in order
         self._pid: int | None = None
         self._alive = False
         self._channels: list[FakeChannel] = []
@@ -128,6 +129,12 @@ class FakeWorker:
     def stop(self, timeout: float = 10.0) -> None:
         self.stopped = True
         self._die("stopped")
+
+    def set_threads(self, n_threads: int) -> bool:
+        if not self._alive:
+            return False
+        self.threads.append(n_threads)
+        return True
 
     def kill(self) -> None:
         self._die("died (signal 9)")

@@ -37,8 +37,8 @@ from tests.support import FakeClock, wait_for
 
 REQ = InferRequest(model="a", prompt="hi", params=GenerationParams(max_tokens=2))
 MEASURED_MB = 100.0  # what each fake worker reports at load: the claim (above the estimate)
-ROOM_FOR_TWO_MB = 220.0
-WALL_S = 1_765_000_000.0  # the wall clock clients see in last_used  # two claims of 100 MiB leave less than a tiny model's estimate
+ROOM_FOR_TWO_MB = 204.0  # two claims of 100 MiB leave less than a tiny model's estimate (~8 MiB)
+WALL_S = 1_765_000_000.0  # the wall clock clients see in last_used
 
 
 class Rig:
@@ -154,14 +154,17 @@ async def test_the_node_default_parallel_reaches_the_worker_of_a_gguf_model(make
     assert worker.spec.load.parallel == 4
 
 
-async def test_models_on_the_cpu_start_with_their_share_of_its_threads(make: Make) -> None:
+async def test_models_on_the_cpu_share_its_threads_as_they_come_and_go(make: Make) -> None:
     rig = make(cpu_threads=6, total_mb=10_000.0)
     await rig.acquire("a")
-    await rig.acquire("b")
     (worker_a,) = rig.workers.of("a")
+    assert worker_a.spec.load.n_threads == 6  # alone, it has them all
+    await rig.acquire("b")
     (worker_b,) = rig.workers.of("b")
-    assert worker_a.spec.load.n_threads == 6  # alone, it had them all
     assert worker_b.spec.load.n_threads == 3
+    await wait_for(lambda: worker_a.threads == [3], 5, "a told to make room")
+    await rig.unload("b")
+    await wait_for(lambda: worker_a.threads == [3, 6], 5, "a given the threads back")
 
 
 async def test_a_model_that_does_not_fit_evicts_the_idle_model_longest_unused(make: Make) -> None:
@@ -180,7 +183,7 @@ async def test_a_model_that_does_not_fit_evicts_the_idle_model_longest_unused(ma
 async def test_a_model_with_requests_is_not_evicted_so_a_load_that_needs_its_room_is_refused(
     make: Make,
 ) -> None:
-    rig = make(total_mb=120.0)  # room for one model
+    rig = make(total_mb=104.0)  # room for one model (a claim of 100 MiB, an estimate of ~8)
     await rig.acquire("a")
     async with rig.bulkheads.get("a").slot():  # a request admitted to a
         with pytest.raises(InsufficientMemory, match="no device has room"):

@@ -637,3 +637,13 @@ def test_a_model_with_a_chat_template_renders_chat_with_its_own(engine_for: Make
     # The synthetic template is ChatML, rendered as create_chat_completion renders a model's
     # template: no BOS unless the template writes one.
     assert tokens == engine.tokenize(CHATML_TEXT, add_bos=False)
+
+
+def test_set_threads_changes_the_threads_llama_cpp_computes_with(engine_for: MakeEngine) -> None:
+    engine = engine_for(parallel=1)
+    engine.set_threads(3)
+    assert engine._lib.llama_n_threads(engine._ctx) == 3
+    assert engine._lib.llama_n_threads_batch(engine._ctx) == 3
+    record = submit(engine, "Hello")
+    drain(engine)
+    assert finished(record).tokens_generated > 0

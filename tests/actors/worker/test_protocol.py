@@ -25,6 +25,7 @@ from actors.worker.protocol import (
     Message,
     MsgType,
     ProtocolError,
+    SetThreads,
     Shutdown,
     Token,
     astuple_shallow,
@@ -82,6 +83,7 @@ MESSAGES: list[Message] = [
     Failed(2, "invalid_request", "messages", "no chat template"),
     Cancel(9),
     Shutdown(),
+    SetThreads(4),
     Embed(5, ("hello", (1, 72, 105))),
     Embedded(5, (struct.pack("<2f", 0.6, 0.8), struct.pack("<2f", 1.0, 0.0)), 7, 12.5),
 ]
@@ -106,6 +108,7 @@ def test_message_type_numbers_never_change() -> None:
         "SHUTDOWN": 10,
         "EMBED": 11,
         "EMBEDDED": 12,
+        "SET_THREADS": 13,
     }
 
 

@@ -409,3 +409,20 @@ def test_a_terminal_ctrl_c_does_not_kill_the_worker(
         == 3
     )
     assert w.alive
+
+
+def test_a_worker_told_a_new_thread_count_computes_with_it_and_keeps_serving(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
+    w = start_worker(tiny_gguf, tmp_path)
+    try:
+        before = run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(8)))
+        assert w.set_threads(2)
+        log = w.log_path
+        assert log is not None
+        wait_until(lambda: "computing with 2 thread(s)" in log.read_text(), 10, "the worker's note")
+        after = run_request(w, InferRequest(model="tiny", prompt=PROMPT, params=greedy(8)))
+        assert after.tokens_generated == before.tokens_generated == 8
+    finally:
+        w.stop()
+    assert not w.set_threads(1)  # a stopped worker takes nothing
