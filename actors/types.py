@@ -187,6 +187,7 @@ class ModelInfo:
     pid: int | None = None  # the worker process
     adapter: str | None = None  # a LoRA adapter applied on top of `path`
     chat_template: str | None = None  # what chat is rendered with: "model", "chatml"; None: no chat
+    slots: int | None = None  # requests it decodes at once while loaded (its `parallel`)
 
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]

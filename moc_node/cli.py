@@ -281,6 +281,26 @@ def _models_table(models: list[dict[str, Any]]) -> Table:
     return table
 
 
+def slots_table(models: list[dict[str, Any]]) -> Table:
+    """Render the loaded models' slots: busy of all, and requests waiting for one."""
+    table = Table(title="slots")
+    for column in ("model", "state", "slots busy", "waiting", "in flight"):
+        table.add_column(column)
+    for m in models:
+        if m.get("state") not in ("loaded", "loading"):
+            continue
+        slots = m.get("slots")
+        in_flight = int(m.get("in_flight") or 0)
+        queued = int(m.get("queued") or 0)  # waiting for the model to load
+        if slots:
+            busy = f"{min(in_flight, slots)}/{slots}"
+            waiting = max(0, in_flight - slots) + queued
+        else:
+            busy, waiting = "-", queued
+        table.add_row(str(m.get("name")), str(m.get("state")), busy, str(waiting), str(in_flight))
+    return table
+
+
 def _num(value: Any) -> str:
     return "-" if value is None else f"{float(value):.0f}"
 
@@ -438,13 +458,15 @@ def _goals(client: _Client, args: argparse.Namespace, console: Console) -> int:
 
 
 def _top(client: _Client, args: argparse.Namespace, console: Console) -> int:
+    from rich.console import Group
     from rich.live import Live
 
     done = 0
     with Live(console=console, refresh_per_second=4, screen=False) as live:
         while True:
             try:
-                live.update(cluster_table(client.call("GET", "/cluster")))
+                cluster = cluster_table(client.call("GET", "/cluster"))
+                live.update(Group(cluster, slots_table(_list_all(client, "/models", "models"))))
             except ClientError as exc:
                 live.update(f"[red]{exc}[/red]")
             done += 1

@@ -241,6 +241,7 @@ class ModelManager(LoopReplyActor):
             node_parallel=self._models_config.parallel,
             n_threads=self._reshare_cpu().get(entry.name, 0),
         )
+        slot.slots = spec.load.parallel
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)
         events = self.actor_ref.proxy()
         slot.lane = ModelLane(

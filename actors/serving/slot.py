@@ -52,6 +52,7 @@ class Slot:
     version: str = ""
     chat_template: str = ""
     threads: int = 0  # its share of the CPU's threads when held there (0: not on the CPU)
+    slots: int | None = None  # requests its worker decodes at once, once started
     pid: int | None = None
     error: str | None = None
     next_entry: CatalogEntry | None = None  # a replacement registered while this one is loaded
@@ -72,6 +73,7 @@ class Slot:
         self.lane = None
         self.pid = None
         self.measured_mb = None
+        self.slots = None
 
 
 def resident(slot: Slot, *, claimed_mb: float, busy: bool, now: float) -> Resident:
@@ -103,6 +105,7 @@ def model_info(slot: Slot, device_label: Callable[[str], str]) -> ModelInfo:
         last_used=slot.last_used_wall,
         version=slot.version,
         chat_template=slot.chat_template or None,
+        slots=slot.slots,
         n_ctx=entry.n_ctx,
         load_seconds=slot.load_seconds,
         error=slot.error,

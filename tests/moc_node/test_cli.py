@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from moc_node.app import Runtime, build_runtime
-from moc_node.cli import main
+from moc_node.cli import main, slots_table
 from tests.moc_node.conftest import catalog_of, make_config
 from transports.http import HttpServer
 
@@ -56,6 +56,7 @@ async def test_the_client_commands_drive_a_node(
     assert code == 0 and "test-node" in out and "single node" in out
     code, out = await run_cli(capsys, "top", "--iterations", "2", "--interval", "0.05", "--url", url)
     assert code == 0 and "test-node" in out
+    assert "slots busy" in out and "0/1" in out  # model a: one slot, idle
     code, out = await run_cli(capsys, "unload", "b", "--url", url)
     assert code == 0
     assert {m.name: m.state for m in runtime.node.models()}["a"] == "loaded"
@@ -197,3 +198,20 @@ def test_an_error_an_actor_hands_back_to_its_caller_logs_no_traceback(
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
     assert not [r for r in caplog.records if r.name.startswith("pykka") and r.exc_info]
+
+
+def test_the_slots_table_shows_busy_slots_and_what_waits_for_one() -> None:
+    from rich.console import Console
+
+    models = [
+        {"name": "big", "state": "loaded", "slots": 8, "in_flight": 11, "queued": 0},
+        {"name": "cold", "state": "loading", "slots": 4, "in_flight": 0, "queued": 2},
+        {"name": "gone", "state": "available", "slots": None, "in_flight": 0, "queued": 0},
+    ]
+    console = Console(width=120, record=True)
+    console.print(slots_table(models))
+    rows = [line.split("│") for line in console.export_text().splitlines() if "│" in line]
+    cells = {r[1].strip(): [c.strip() for c in r[2:-1]] for r in rows if r[1].strip()}
+    assert cells["big"] == ["loaded", "8/8", "3", "11"]  # 3 past the slots wait in the worker
+    assert cells["cold"] == ["loading", "0/4", "2", "0"]  # 2 wait for the load
+    assert "gone" not in cells
