@@ -12,9 +12,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pykka
 
@@ -52,6 +52,7 @@ from moc_node.services import Services
 from transports.api import NodeAPI
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The `model` label of requests for a name that serves no model: one series for all of them.
 UNKNOWN_MODEL = "(unknown)"
@@ -238,26 +239,9 @@ class LocalNode:
 
     async def infer(self, req: InferRequest) -> InferResult:
         """Run a whole inference with this node's own models."""
-        self._check_open()
-        outcome = "error"
-        try:
-            async with self._bulkheads.get(req.model).slot():
-                lane = await self._lane(req.model)
-                try:
-                    result = await lane.infer(req, self._deadline(req))
-                except LaneClosed:  # unloaded just now: the manager loads it anew
-                    lane = await self._acquire(LoadRequest(name=req.model))
-                    result = await lane.infer(req, self._deadline(req))
-                outcome = "success"
-                return result
-        except MocError as exc:
-            outcome = exc.code
-            raise
-        except asyncio.CancelledError:
-            outcome = Cancelled.code  # the caller left; the lane cancelled it in the worker
-            raise
-        finally:
-            self._count(req.model, outcome)
+        return await self._through_lane(
+            req.model, lambda lane: lane.infer(req, self._deadline(req))
+        )
 
     async def infer_stream(self, req: InferRequest) -> AsyncGenerator[StreamItem, None]:
         """Stream an inference from this node's own models: pieces, then the result."""
@@ -287,26 +271,33 @@ class LocalNode:
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         """Embed with this node's own models (a cold catalog model is loaded first), through
         the model's bulkhead like any request."""
+        return await self._through_lane(
+            req.model, lambda lane: lane.embed(req, self._deadline(req))
+        )
+
+    async def _through_lane(self, model: str, call: Callable[[ModelLane], Awaitable[T]]) -> T:
+        """Make one whole call on `model`'s lane inside its bulkhead, counted by outcome; a
+        lane closed just now (the model was unloaded) is asked for anew, once."""
         self._check_open()
         outcome = "error"
         try:
-            async with self._bulkheads.get(req.model).slot():
-                lane = await self._lane(req.model)
+            async with self._bulkheads.get(model).slot():
+                lane = await self._lane(model)
                 try:
-                    result = await lane.embed(req, self._deadline(req))
+                    result = await call(lane)
                 except LaneClosed:  # unloaded just now: the manager loads it anew
-                    lane = await self._acquire(LoadRequest(name=req.model))
-                    result = await lane.embed(req, self._deadline(req))
+                    lane = await self._acquire(LoadRequest(name=model))
+                    result = await call(lane)
                 outcome = "success"
                 return result
         except MocError as exc:
             outcome = exc.code
             raise
         except asyncio.CancelledError:
-            outcome = Cancelled.code
+            outcome = Cancelled.code  # the caller left; the lane cancelled it in the worker
             raise
         finally:
-            self._count(req.model, outcome)
+            self._count(model, outcome)
 
     def health(self) -> HealthReport:
         # The board's snapshot: health needs no queue figures (models() adds them per model).

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
-from typing import Protocol
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import pykka
 
@@ -27,6 +27,9 @@ from actors.worker.handle import RequestChannel, WorkerHandle
 log = logging.getLogger(__name__)
 
 _USED_EVERY_S = 0.5  # how often, at most, the manager hears that a busy model was used
+
+
+T = TypeVar("T")
 
 
 class LaneEvents(Protocol):
@@ -116,16 +119,7 @@ class ModelLane:
 
     async def infer(self, req: InferRequest, deadline: float | None = None) -> InferResult:
         """Run one whole request through the worker."""
-        channel, worker = await self._enter()
-        try:
-            result = await channel.infer(req, deadline)
-        except Exception as exc:
-            explained = self._count_failure(exc, channel, worker)
-            if explained is exc:
-                raise
-            raise explained from exc
-        finally:
-            self._leave()
+        result = await self._through_worker(lambda channel: channel.infer(req, deadline))
         self._succeeded(result)
         return result
 
@@ -149,9 +143,17 @@ class ModelLane:
 
     async def embed(self, req: EmbedRequest, deadline: float | None = None) -> EmbedResult:
         """Embed the request's inputs through the worker, counted like any request."""
+        result = await self._through_worker(lambda channel: channel.embed(req, deadline))
+        self._prompt_tokens.inc(result.prompt_tokens)
+        self._served()
+        return result
+
+    async def _through_worker(self, call: Callable[[RequestChannel], Awaitable[T]]) -> T:
+        """Make one call on a live worker's channel; a failure is counted and, when the worker
+        died, raised as its reason."""
         channel, worker = await self._enter()
         try:
-            result = await channel.embed(req, deadline)
+            return await call(channel)
         except Exception as exc:
             explained = self._count_failure(exc, channel, worker)
             if explained is exc:
@@ -159,9 +161,6 @@ class ModelLane:
             raise explained from exc
         finally:
             self._leave()
-        self._prompt_tokens.inc(result.prompt_tokens)
-        self._served()
-        return result
 
     def _count_failure(
         self, exc: Exception, channel: RequestChannel, worker: WorkerHandle
