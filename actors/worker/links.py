@@ -57,6 +57,7 @@ class DataLink:
         self.fd = conn.fileno()  # kept: a closed socket's fileno() is -1, and the poller needs it
         self.closed = False  # the peer is gone (or we closed the link): sends are dropped
         self._reader = FrameReader()
+        self._held: list[bytes] | None = None  # frames kept for one write (see hold)
         # Blocking sends with a kernel timeout; reads never block (MSG_DONTWAIT).
         conn.setblocking(True)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
@@ -66,11 +67,33 @@ class DataLink:
         return self.fd
 
     def send(self, msg: Message) -> None:
-        """Send one message; drop it if the peer is gone, exit if it stopped reading."""
+        """Send one message (or keep it while held); drop it if the peer is gone, exit if it
+        stopped reading."""
         if self.closed:
             return
+        if self._held is not None:
+            self._held.append(frame_bytes(msg))
+        else:
+            self._write(frame_bytes(msg))
+
+    def hold(self) -> None:
+        """Keep what is sent until `release`, which writes it all at once.
+
+        The worker holds its links through a step: the step's Token frames of every stream
+        then reach the node in one write, one wake-up of its event loop instead of one each.
+        """
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Write what was held since `hold` in one go, and send directly again."""
+        held, self._held = self._held, None
+        if held and not self.closed:
+            self._write(b"".join(held))
+
+    def _write(self, data: bytes) -> None:
         try:
-            self.conn.sendall(frame_bytes(msg))
+            self.conn.sendall(data)
         except BlockingIOError:  # SO_SNDTIMEO passed with the peer's buffer still full
             raise orphaned() from None
         except OSError:  # EPIPE, ECONNRESET: the node closed this link

@@ -386,8 +386,19 @@ class Worker:
         while not self.shutdown:
             self.take(0 if driver.has_work() else _POLL_MS)
             if driver.has_work() and not self.shutdown:
-                driver.step()
+                self._step(driver)
         return EXIT_OK
+
+    def _step(self, driver: EngineDriver) -> None:
+        """Step once with every link held: each link gets the step's answers in one write."""
+        links = list(self.links.values())
+        for link in links:
+            link.hold()
+        try:
+            driver.step()
+        finally:
+            for link in links:
+                link.release()
 
 
 def run_worker(endpoint: str, data_socket: str, parent_pid: int) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from actors.worker.links import listen
+from actors.worker.links import DataLink, listen
 from actors.worker.main import Worker
 from actors.worker.protocol import Cancel, Done, FrameReader, Infer, Token, frame_bytes
 from tests.support import wait_until
@@ -95,3 +95,33 @@ def test_a_link_whose_peer_left_before_its_answer_is_dropped_without_ending_the_
     assert data_link.closed
     take_until(worker, lambda: not worker.links, "the closed link to be dropped")
     assert not worker.pending
+
+
+def test_a_held_link_writes_nothing_until_release_then_every_frame_in_order_at_once() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = DataLink(ours)
+    link.hold()
+    for rid in (1, 2, 3):
+        link.send(Token(rid, f"piece {rid}"))
+    assert select.select([theirs], [], [], 0.05)[0] == []  # nothing written while held
+    link.release()
+    reader = FrameReader()
+    assert select.select([theirs], [], [], 5)[0] == [theirs]
+    got = reader.feed(theirs.recv(1 << 16))  # one write: every frame in one read
+    assert got == [Token(1, "piece 1"), Token(2, "piece 2"), Token(3, "piece 3")]
+    link.send(Token(4, "direct"))  # released: sent at once again
+    assert select.select([theirs], [], [], 5)[0] == [theirs]
+    assert reader.feed(theirs.recv(1 << 16)) == [Token(4, "direct")]
+    link.close()
+    theirs.close()
+
+
+def test_releasing_a_held_link_whose_peer_left_drops_its_frames_and_marks_it_closed() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = DataLink(ours)
+    link.hold()
+    link.send(Token(1, "lost"))
+    theirs.close()
+    link.release()
+    assert link.closed
+    link.close()
