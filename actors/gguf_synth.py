@@ -207,8 +207,11 @@ def write_llama_gguf(
     return out
 
 
-def write_preset(path: str | Path, size: str, *, seed: int = 0, dtype: Dtype = "f32") -> Path:
-    """Write the preset `size` (a key of SIZES) to `path`."""
+def write_preset(
+    path: str | Path, size: str, *, seed: int = 0, dtype: Dtype = "f32", chat_template: bool = True
+) -> Path:
+    """Write the preset `size` (a key of SIZES) to `path` (`chat_template` False: without
+    tokenizer.chat_template, as many base models ship)."""
     shape = SIZES[size]
     return write_llama_gguf(
         path,
@@ -220,6 +223,7 @@ def write_preset(path: str | Path, size: str, *, seed: int = 0, dtype: Dtype = "
         seed=seed,
         dtype=dtype,
         name=f"moc-synthetic-{size}",
+        chat_template=chat_template,
     )
 
 

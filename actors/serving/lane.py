@@ -9,10 +9,11 @@ lane to go idle before it stops a worker on unload.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Protocol, TypeVar
 
 import pykka
@@ -128,18 +129,11 @@ class ModelLane:
     ) -> AsyncGenerator[str | InferResult, None]:
         """Yield the request's text piece by piece, then its result."""
         channel, worker = await self._enter()
-        try:
+        with self._leaving(channel, worker):
             async for item in channel.stream(req, deadline):
                 if isinstance(item, InferResult):
                     self._succeeded(item)
                 yield item
-        except Exception as exc:
-            explained = self._count_failure(exc, channel, worker)
-            if explained is exc:
-                raise
-            raise explained from exc
-        finally:
-            self._leave()
 
     async def embed(self, req: EmbedRequest, deadline: float | None = None) -> EmbedResult:
         """Embed the request's inputs through the worker, counted like any request."""
@@ -152,8 +146,16 @@ class ModelLane:
         """Make one call on a live worker's channel; a failure is counted and, when the worker
         died, raised as its reason."""
         channel, worker = await self._enter()
-        try:
+        with self._leaving(channel, worker):
             return await call(channel)
+        raise AssertionError("unreachable: _leaving re-raises what it catches")
+
+    @contextlib.contextmanager
+    def _leaving(self, channel: RequestChannel, worker: WorkerHandle) -> Iterator[None]:
+        """Leave the lane when the request ends; a failure is counted and, when the worker
+        died, raised as its reason."""
+        try:
+            yield
         except Exception as exc:
             explained = self._count_failure(exc, channel, worker)
             if explained is exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from actors.gguf_synth import SIZES, write_llama_gguf, write_preset
+from actors.gguf_synth import write_preset
 from actors.serving.config import CatalogEntry
 from actors.types import ChatMessage, InferRequest
 from moc_node.app import build_runtime
@@ -33,16 +33,7 @@ CHATML_TEXT = (
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """plain.gguf (no tokenizer.chat_template) and templated.gguf, both the tiny preset."""
     root = tmp_path_factory.mktemp("chat-template-models")
-    shape = SIZES["tiny"]
-    write_llama_gguf(
-        root / "plain.gguf",
-        n_layer=shape.n_layer,
-        n_embd=shape.n_embd,
-        n_head=shape.n_head,
-        n_head_kv=shape.n_head_kv,
-        n_ff=shape.n_ff,
-        chat_template=False,
-    )
+    write_preset(root / "plain.gguf", "tiny", chat_template=False)
     write_preset(root / "templated.gguf", "tiny")
     return root
 

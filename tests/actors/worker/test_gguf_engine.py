@@ -19,7 +19,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from actors.gguf_synth import CHATML_TEMPLATE, SIZES, write_llama_gguf, write_preset
+from actors.gguf_synth import CHATML_TEMPLATE, SIZES, write_preset
 from actors.learning.export import write_lora_adapter
 from actors.types import ChatMessage, GenerationParams
 from actors.worker.backends import BackendError, BadRequest
@@ -595,15 +595,8 @@ def test_an_adapter_that_does_not_load_fails_the_load_with_llama_cpps_reason(
 @pytest.fixture(scope="module")
 def untemplated_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The small preset without tokenizer.chat_template."""
-    shape = SIZES["small"]
-    return write_llama_gguf(
-        tmp_path_factory.mktemp("untemplated") / "plain.gguf",
-        n_layer=shape.n_layer,
-        n_embd=shape.n_embd,
-        n_head=shape.n_head,
-        n_head_kv=shape.n_head_kv,
-        n_ff=shape.n_ff,
-        chat_template=False,
+    return write_preset(
+        tmp_path_factory.mktemp("untemplated") / "plain.gguf", "small", chat_template=False
     )
 
 
