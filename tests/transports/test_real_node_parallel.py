@@ -7,6 +7,8 @@ the call both fronts make.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from actors.types import InferRequest, InferResult
 from moc_node.app import Runtime, build_runtime
 from tests.actors.worker.workers import greedy
 from tests.moc_node.conftest import make_config
+from tests.support import wait_for
 
 MODEL = "slots"
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "Hello, world"]
@@ -34,6 +37,10 @@ async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
     await built.node.start()
     yield built
     await built.close()
+
+
+def in_flight(runtime: Runtime) -> int:
+    return next(m.in_flight for m in runtime.node.models() if m.name == MODEL)
 
 
 async def stream(
@@ -52,7 +59,17 @@ async def test_four_concurrent_streams_are_decoded_together_and_equal_each_run_a
 ) -> None:
     alone = [await stream(runtime, p, []) for p in PROMPTS]
     arrivals: list[tuple[str, float]] = []
-    together = await asyncio.gather(*(stream(runtime, p, arrivals) for p in PROMPTS))
+    # The worker is stopped while the four are sent, so none can finish (24 tokens of the small
+    # model take milliseconds) before the others have arrived; then it decodes them together.
+    (pid,) = [m.pid for m in runtime.node.models() if m.name == MODEL]
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        streams = [asyncio.ensure_future(stream(runtime, p, arrivals)) for p in PROMPTS]
+        await wait_for(lambda: in_flight(runtime) == len(PROMPTS), 10, "four requests admitted")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    together = await asyncio.gather(*streams)
     assert [r.text for r in together] == [r.text for r in alone]
     assert all(r.tokens_generated == 24 for r in together)
     first = [min(t for p, t in arrivals if p == prompt) for prompt in PROMPTS]
