@@ -91,7 +91,8 @@ class CpuProbe:
         self.index: int | None = None
         self._proc = proc
         self._lock = threading.Lock()
-        self._last_cpu: tuple[int, int] | None = None
+        self._last_cpu = (0, 0)  # (idle, total) ticks: the first reading covers since boot
+        self._last_percent: float | None = None
 
     def read(self) -> DeviceReading:
         info = _meminfo(self._proc / "meminfo")
@@ -100,15 +101,19 @@ class CpuProbe:
         return DeviceReading(total, total - available, self._utilization(), None)
 
     def _utilization(self) -> float | None:
-        """Percent of CPU time busy since the previous reading (None on the first)."""
+        """Percent of CPU time busy since the previous reading (the first: since boot, so the
+        gauge has a value from the node's start); two readings within one clock tick repeat
+        the last figure."""
         fields = (self._proc / "stat").read_text().split("\n", 1)[0].split()[1:]
         ticks = [int(v) for v in fields]
         idle, total = ticks[3] + ticks[4], sum(ticks)
         with self._lock:
-            last, self._last_cpu = self._last_cpu, (idle, total)
-        if last is None or total == last[1]:
-            return None
-        return round(100.0 * (1 - (idle - last[0]) / (total - last[1])), 1)
+            last_idle, last_total = self._last_cpu
+            if total > last_total:
+                self._last_cpu = (idle, total)
+                busy = 1 - (idle - last_idle) / (total - last_total)
+                self._last_percent = round(100.0 * busy, 1)
+            return self._last_percent
 
 
 class SimulatedProbe:
