@@ -88,6 +88,8 @@ ZIP_MAGIC = b"PK\x03\x04"  # TorchScript and torch.export archives are both zips
 def backend_for(path: Path) -> Backend:
     """Tell the backend from the file's first bytes, whatever its name; a file of neither
     format is ModelFileInvalid (the worker checks the archive's kind further)."""
+    if not path.is_file():  # a FIFO would block the manager on open, a directory fail it
+        raise ModelFileInvalid(f"{path.name} is not a regular file")
     try:
         with path.open("rb") as fh:
             magic = fh.read(4)

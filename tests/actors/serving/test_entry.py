@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,13 @@ def test_gpu_layers_reach_the_worker_only_on_a_gpu(tiny_gguf: Path) -> None:
     on_gpu = worker_spec(entry, device_kind="nvml", device_index=1, cpu_repack=False)
     assert (on_cpu.load.gpu_layers, on_gpu.load.gpu_layers) == (0, -1)
     assert (on_gpu.name, on_gpu.load.device_index) == ("m", 1)
+
+
+def test_a_fifo_or_a_directory_is_refused_without_being_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "m.gguf"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    directory = tmp_path / "d.gguf"
+    directory.mkdir()
+    for path in (fifo, directory):
+        with pytest.raises(ModelFileInvalid, match="not a regular file"):
+            backend_for(path)
