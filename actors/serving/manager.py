@@ -410,14 +410,14 @@ class ModelManager(LoopReplyActor):
         self._refresh_loaded_gauge()
         unloaded, slot.unload_waiters = slot.unload_waiters, []
         info = model_info(slot, self._device_label)
-        for answer in unloaded:
-            answer(info, None)
         self._unblock(name)
         waiting, slot.load_waiters = slot.load_waiters, []
         if not slot.in_catalog and not waiting:
             self._drop(name)
         else:
             self._publish(name)
+        for answer in unloaded:  # after the board shows it gone: the caller may look at once
+            answer(info, None)
         for reply in waiting:  # requests that came while it was unloading: load it again
             self.acquire(LoadRequest(name=name, path=slot.entry.path), reply)
 
@@ -485,4 +485,3 @@ class ModelManager(LoopReplyActor):
         slot = self._slots.get(name)
         if slot is not None:
             self._deps.board.put(model_info(slot, self._device_label), slot.breaker, slot.lane)
-
