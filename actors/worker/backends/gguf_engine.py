@@ -13,7 +13,10 @@ llama.cpp's own server drives its slots:
   sharing the longest prefix with its prompt (ties: least recently used), drops the rest of that
   sequence from the KV cache and decodes only its own remainder (llama.cpp server's
   `cache_prompt`). The KV cache is not unified: each sequence has its own stream of `n_ctx`
-  cells, so a slot's prompt can never crowd out another's.
+  cells, so a slot's prompt can never crowd out another's, and attention reads only its own.
+- llama.cpp decodes such a batch in one pass only over consecutive sequences listed in order,
+  so the batch lists them by slot, and a slot in a gap between the step's sequences takes a
+  throwaway token (its last one again, after its cache) that is removed right after the decode.
 - When a prompt finishes prefill its slot keeps the logits of its last position (n_vocab
   floats). A later request whose prompt is exactly that prompt again (agents repeat theirs)
   decodes nothing: its KV is trimmed to the prompt and its first token is sampled from the
@@ -59,7 +62,14 @@ from actors.worker.backends.gguf import (
     render_chat,
 )
 from actors.worker.backends.sampling import Candidates, request_samplers, sample, token_logprobs
-from actors.worker.backends.slots import SlotView, Wants, choose_slot, plan_step
+from actors.worker.backends.slots import (
+    Chunk,
+    SlotView,
+    Wants,
+    choose_slot,
+    gap_fillers,
+    plan_step,
+)
 from actors.worker.backends.stops import StopMatcher
 from actors.worker.protocol import LoadSpec
 
@@ -181,6 +191,10 @@ class GgufEngine:
         self._seed = seed
         self._version = version
         self._slots = [_Slot(i, []) for i in range(parallel)]
+        # A recurrent state cannot take a token back: its slots are never fillers.
+        self._fillable = not (
+            lib.llama_model_is_recurrent(model) or lib.llama_model_is_hybrid(model)
+        )
         self._queue: deque[Request] = deque()
         self._running: list[Request] = []  # in admission order: prompts are served oldest first
         self._tick = itertools.count(1)
@@ -194,6 +208,7 @@ class GgufEngine:
         self._prompts: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self.weight_buffers: dict[str, float] = {}  # MiB of weights per llama.cpp buffer type
         self.decoded_tokens = 0  # tokens decoded so far, prompt and generated (for tests)
+        self.filler_tokens = 0  # throwaway tokens that joined a step's sequences (for tests)
 
     @classmethod
     def load(
@@ -395,9 +410,7 @@ class GgufEngine:
         Raise BadRequest on "messages" when the template fails.
         """
         bos_text, eos_text = self.special_texts()
-        chat = render_chat(
-            self._template, bos_text=bos_text, eos_text=eos_text, messages=messages
-        )
+        chat = render_chat(self._template, bos_text=bos_text, eos_text=eos_text, messages=messages)
         if self._chat_template == "model":  # as create_chat_completion tokenizes it
             return self.tokenize(chat.text, add_bos=chat.add_bos, special=True), chat.stops
         # As llama.cpp's server tokenizes its ChatML: a BOS where the model wants one, and a
@@ -524,12 +537,21 @@ class GgufEngine:
             if r.slot is not None and not r.from_saved
         ]
         plan = plan_step(wants, self._step_tokens)
+        fillers = self._fillers(plan)
         batch, lib = self._batch, self._lib
         n = 0
         outputs: list[tuple[Request, int]] = []  # (request, batch index of its logits)
         decoded: list[tuple[Request, list[int]]] = []
-        for chunk in plan:
+        for chunk in sorted([*plan, *(Chunk(seq, 0) for seq in fillers)], key=lambda c: c.seq):
             slot = self._slots[chunk.seq]
+            if chunk.n_tokens == 0:  # a filler: its slot's last token again, after its cache
+                batch.token[n] = slot.cached[-1] if slot.cached else 0
+                batch.pos[n] = len(slot.cached)
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.index
+                batch.logits[n] = False
+                n += 1
+                continue
             request = slot.request
             assert request is not None
             if request.pending is not None:
@@ -552,10 +574,13 @@ class GgufEngine:
         if n:
             batch.n_tokens = n
             rc = lib.llama_decode(self._ctx, batch)
+            self._drop_fillers(fillers)
             if rc != 0:
                 self._fail([r for r, _ in decoded], f"llama_decode returned {rc}")
                 return 0
+            n -= len(fillers)
             self.decoded_tokens += n
+            self.filler_tokens += len(fillers)
         for request, tokens in decoded:
             assert request.slot is not None
             request.slot.cached.extend(tokens)
@@ -591,7 +616,29 @@ class GgufEngine:
             raise raised[0]
         return n
 
-    def _save_logits(self, slot: _Slot, request: Request, outputs: list[tuple[Request, int]]) -> None:
+    def _fillers(self, plan: list[Chunk]) -> list[int]:
+        """The slots outside `plan` that take a throwaway token so that it decodes in one pass."""
+        if not self._fillable:
+            return []
+        planned = {c.seq for c in plan}
+        open_ = {
+            s.index for s in self._slots if s.index not in planned and len(s.cached) < self._n_ctx
+        }
+        spare = self._step_tokens - sum(c.n_tokens for c in plan)
+        return gap_fillers(planned, open_, spare)
+
+    def _drop_fillers(self, fillers: list[int]) -> None:
+        """Remove the fillers' tokens: each slot's cache is again exactly its `cached`."""
+        for index in fillers:
+            slot = self._slots[index]
+            if not self._lib.llama_memory_seq_rm(self._mem, index, len(slot.cached), -1):
+                self._lib.llama_memory_seq_rm(self._mem, index, -1, -1)  # never left unsure
+                slot.cached.clear()
+                slot.forget_logits_past(0)
+
+    def _save_logits(
+        self, slot: _Slot, request: Request, outputs: list[tuple[Request, int]]
+    ) -> None:
         """Keep the logits of the prompt's last position for the same prompt again."""
         index = next(i for r, i in outputs if r is request)
         logits = self._lib.llama_get_logits_ith(self._ctx, index)
@@ -643,9 +690,7 @@ class GgufEngine:
         """Return the saved logits a request whose prompt was cached was sampled from."""
         return request.slot.logits if request.slot is not None else None
 
-    def _take(
-        self, request: Request, token: int, logits: Callable[[], Any] | None = None
-    ) -> None:
+    def _take(self, request: Request, token: int, logits: Callable[[], Any] | None = None) -> None:
         """Act on a sampled token: stream it, or end the request. `logits` gives the row it was
         drawn from, read only when the request asked for log probabilities."""
         if request.first_token_ms is None:

@@ -304,6 +304,37 @@ def test_the_same_prompt_again_decodes_none_of_it_and_samples_as_a_fresh_decode_
         assert f.text == one_at_a_time(PROMPTS[0], s)
 
 
+def test_a_slot_that_fills_a_gap_in_a_step_keeps_its_cache_exactly(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    # Slots 0 and 2 decode while slot 1 sits between them: slot 1 takes a throwaway token each
+    # step (so the step is one pass, see slots.gap_fillers), and must hold the same KV after,
+    # idle or starting a request whose prompt it holds (sampled from saved logits, its first
+    # step decodes nothing of it, and its next decodes right where the throwaway token was).
+    engine = engine_for(parallel=3)
+    first = [submit(engine, p) for p in PROMPTS[:3]]  # slots 0, 1, 2
+    drain(engine)
+    held = engine.slot_tokens(1)
+    outer = [submit(engine, PROMPTS[0]), submit(engine, PROMPTS[2])]  # back in slots 0 and 2
+    before = engine.decoded_tokens
+    engine.step()
+    engine.step()
+    assert engine.filler_tokens > 0
+    assert engine.slot_tokens(1) == held
+    again = submit(engine, PROMPTS[1])  # its whole prompt is still in slot 1, logits and all
+    drain(engine)
+    f = finished(again)
+    assert f.prompt_tokens_reused == f.prompt_tokens
+    assert engine.decoded_tokens - before == sum(
+        finished(r).tokens_generated - 1 for r in (*outer, again)
+    )
+    assert f.text == finished(first[1]).text == one_at_a_time(PROMPTS[1])
+    assert [finished(r).text for r in outer] == [
+        one_at_a_time(PROMPTS[0]),
+        one_at_a_time(PROMPTS[2]),
+    ]
+
+
 def test_saved_logits_never_outlive_the_kv_they_follow(
     engine_for: MakeEngine, one_at_a_time: OneAtATime
 ) -> None:

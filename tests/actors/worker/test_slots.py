@@ -11,6 +11,7 @@ from actors.worker.backends.slots import (
     Wants,
     choose_slot,
     common_prefix,
+    gap_fillers,
     plan_step,
 )
 
@@ -93,16 +94,16 @@ def test_a_prompt_takes_the_slot_holding_most_of_it_else_the_least_recently_used
 PLANS = [
     ("nothing-running", [], 8, []),
     (
-        "every-generating-sequence-gets-one-token",
+        "every-generating-sequence-gets-one-token-listed-by-sequence",
         [Wants(0, True), Wants(3, True), Wants(1, True)],
         8,
-        [Chunk(0, 1), Chunk(3, 1), Chunk(1, 1)],
+        [Chunk(0, 1), Chunk(1, 1), Chunk(3, 1)],
     ),
     (
         "a-prompt-takes-what-the-generating-sequences-leave",
         [Wants(0, True), Wants(1, False, 100), Wants(2, True)],
         8,
-        [Chunk(0, 1), Chunk(2, 1), Chunk(1, 6)],
+        [Chunk(0, 1), Chunk(1, 6), Chunk(2, 1)],
     ),
     (
         "a-short-prompt-takes-only-what-it-needs-and-the-next-gets-the-rest",
@@ -115,6 +116,12 @@ PLANS = [
         [Wants(2, False, 50), Wants(0, False, 5)],
         8,
         [Chunk(2, 8)],
+    ),
+    (
+        "the-budget-goes-by-admission-order-the-chunks-by-sequence",
+        [Wants(5, False, 6), Wants(1, False, 50)],
+        8,
+        [Chunk(1, 2), Chunk(5, 6)],
     ),
     (
         "generating-sequences-that-fill-the-budget-leave-prompts-for-the-next-step",
@@ -161,3 +168,23 @@ def test_without_the_logits_of_exactly_the_prompt_its_last_token_is_decoded_agai
     slot = SlotView(0, cached, last_used=1, logits_at=logits_at)
     reused = min(len(PROMPT) - 1, common_prefix(PROMPT, cached))
     assert choose_slot(PROMPT, [slot]) == Choice(index=0, reused=reused)
+
+
+FILLERS = [
+    ("nothing-planned", set(), {0, 1, 2}, 8, []),
+    ("a-run-needs-none", {2, 3, 4}, {0, 1, 5}, 8, []),
+    ("every-gap-filled-by-an-open-slot", {0, 2, 4, 6}, {1, 3, 5, 7}, 8, [1, 3, 5]),
+    ("only-between-the-lowest-and-highest", {3, 5}, {0, 1, 4, 6, 7}, 8, [4]),
+    ("a-slot-that-cannot-take-a-token-stays-a-gap", {0, 3}, {2}, 8, [2]),
+    ("at-most-the-batchs-room-lowest-first", {0, 7}, {1, 2, 3, 4, 5, 6}, 2, [1, 2]),
+    ("no-room-no-fillers", {0, 2}, {1}, 0, []),
+]
+
+
+@pytest.mark.parametrize(
+    ("planned", "open_", "spare", "expected"), [f[1:] for f in FILLERS], ids=[f[0] for f in FILLERS]
+)
+def test_gaps_between_the_steps_sequences_are_filled_by_open_slots_within_the_room(
+    planned: set[int], open_: set[int], spare: int, expected: list[int]
+) -> None:
+    assert gap_fillers(planned, open_, spare) == expected
