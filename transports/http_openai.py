@@ -17,7 +17,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -93,6 +93,19 @@ class _Shape:
     model: str
     echo: str = ""
     """Completions with `echo`: the prompt, sent before the generated text."""
+    _piece_frame: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Every token's chunk is the same event but for its text, which comes last: encode the
+        # rest once per stream (a streamed token costs the node one JSON string, not an event).
+        marker = "\x00piece\x00"
+        head, _, tail = self.chunk(marker, None).rpartition(dumps(marker).encode("utf-8"))
+        object.__setattr__(self, "_piece_frame", (head, tail))
+
+    def piece(self, text: str) -> bytes:
+        """Return the chunk carrying one piece of generated text: `chunk(text, None)`."""
+        head, tail = self._piece_frame
+        return head + dumps(text).encode("utf-8") + tail
 
     def body(self, result: InferResult) -> dict[str, Any]:
         choice: dict[str, Any] = {
@@ -231,7 +244,8 @@ def embeddings_body(parsed: EmbeddingsRequest, result: EmbedResult) -> dict[str,
     n_embd = len(result.vectors[0]) // 4 if result.vectors else 0
     if parsed.dimensions is not None and parsed.dimensions != n_embd:
         raise InvalidRequest(
-            "dimensions", f"this model's embeddings have {n_embd} dimensions; got {parsed.dimensions}"
+            "dimensions",
+            f"this model's embeddings have {n_embd} dimensions; got {parsed.dimensions}",
         )
     data = [
         {
@@ -290,7 +304,7 @@ async def _stream(
                 await send(shape.chunk(shape.echo, None))
             item: TokenChunk | InferResult = first
             while isinstance(item, TokenChunk):
-                await send(shape.chunk(item.text, None))
+                await send(shape.piece(item.text))
                 item = await _next_item(items, deadline)
             await send(shape.chunk(None if shape.chat else "", item.finish_reason))
             if include_usage:
@@ -342,4 +356,3 @@ async def _close(items: AsyncIterator[Any]) -> None:
             await aclose()
         except Exception:
             log.exception("closing the node's token stream failed")
-

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from transports.http import HttpServer
+from transports.http_openai import _Shape
 
 from .conftest import FakeNode
 
@@ -154,3 +155,14 @@ async def test_concurrent_streams_are_served_side_by_side(client: openai.AsyncOp
         return "".join([c.choices[0].text async for c in stream])
 
     assert await asyncio.gather(*(one() for _ in range(8))) == ["Hello, world! How"] * 8
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+@pytest.mark.parametrize(
+    "text", ["", "plain", 'quo"te\\ and \n', "caf\u00e9 \u2603 \U0001f600", "\x00piece\x00"]
+)
+def test_a_tokens_chunk_is_the_whole_event_with_only_its_text_encoded_per_token(
+    chat: bool, text: str
+) -> None:
+    shape = _Shape(chat, "id-\x00piece\x00", 1, 'model "m"')
+    assert shape.piece(text) == shape.chunk(text, None)
