@@ -111,10 +111,11 @@ class EngineDriver:
             if request is not None:  # a callback may have ended it meanwhile
                 self.engine.cancel(request)
 
-    def step(self) -> None:
-        """Decode one batch; a callback's error is logged, the other requests go on."""
+    def step(self, flush: Callable[[], None] | None = None) -> None:
+        """Decode one batch (`flush`: see GgufEngine.step); a callback's error is logged, the
+        other requests go on."""
         try:
-            self.engine.step()
+            self.engine.step(flush)
         except Exception as exc:
             print(f"moc worker: a request's answer failed: {exc!r}", file=sys.stderr)
 

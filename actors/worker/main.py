@@ -390,12 +390,19 @@ class Worker:
         return EXIT_OK
 
     def _step(self, driver: EngineDriver) -> None:
-        """Step once with every link held: each link gets the step's answers in one write."""
+        """Step once with every link held: each link gets the step's answers in one write (two
+        when first tokens from saved logits leave before the decode)."""
         links = list(self.links.values())
+
+        def flush() -> None:
+            for link in links:
+                link.release()
+                link.hold()
+
         for link in links:
             link.hold()
         try:
-            driver.step()
+            driver.step(flush)
         finally:
             for link in links:
                 link.release()

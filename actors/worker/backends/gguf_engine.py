@@ -525,16 +525,25 @@ class GgufEngine:
 
     # --- the step ---
 
-    def step(self) -> int:
-        """Admit what fits, decode one batch, sample and stream; return the tokens decoded."""
+    def step(self, flush: Callable[[], None] | None = None) -> int:
+        """Admit what fits, decode one batch, sample and stream; return the tokens decoded.
+
+        A request whose whole prompt was cached gets its first token from the saved logits
+        before the decode, and its next in this very decode; `flush` is called after those
+        first tokens are emitted, so that they can leave before the decode runs.
+        """
         self._admit()
+        raised = self._first_from_saved()
+        if raised is not None and flush is not None:
+            flush()
         if not self._running:
+            if raised:
+                raise raised[0]
             return 0
-        saved = [r for r in self._running if r.from_saved]  # nothing to decode before sampling
         wants = [
             Wants(r.slot.index, r.pending is not None, len(r.prompt) - r.next_prompt)
             for r in self._running
-            if r.slot is not None and not r.from_saved
+            if r.slot is not None
         ]
         plan = plan_step(wants, self._step_tokens)
         fillers = self._fillers(plan)
@@ -577,6 +586,8 @@ class GgufEngine:
             self._drop_fillers(fillers)
             if rc != 0:
                 self._fail([r for r, _ in decoded], f"llama_decode returned {rc}")
+                if raised:
+                    raise raised[0]
                 return 0
             n -= len(fillers)
             self.decoded_tokens += n
@@ -590,7 +601,7 @@ class GgufEngine:
                 request.next_prompt += len(tokens)
                 if request.next_prompt == len(request.prompt):
                     self._save_logits(request.slot, request, outputs)
-        raised: list[Exception] = []
+        raised = raised or []
         for request, index in outputs:
             if not request.running:  # cancelled by an earlier request's callback
                 continue
@@ -603,18 +614,27 @@ class GgufEngine:
                 self._take(request, token, functools.partial(self._logits, index))
             except Exception as exc:  # a `done` callback's: the others still get their token
                 raised.append(exc)
+        if raised:
+            raise raised[0]
+        return n
+
+    def _first_from_saved(self) -> list[Exception] | None:
+        """Sample the first token of each request admitted onto its whole prompt's saved logits;
+        return the errors its callbacks raised, or None when there was no such request."""
+        saved = [r for r in self._running if r.from_saved]
+        if not saved:
+            return None
+        raised: list[Exception] = []
         for request in saved:
-            if not request.running:
+            if not request.running:  # cancelled by an earlier request's callback
                 continue
             request.from_saved = False
             try:
                 row = functools.partial(self._saved_logits, request)
                 self._take(request, self._sample_saved(request), row)
-            except Exception as exc:
+            except Exception as exc:  # a callback's: the others still get their token
                 raised.append(exc)
-        if raised:
-            raise raised[0]
-        return n
+        return raised
 
     def _fillers(self, plan: list[Chunk]) -> list[int]:
         """The slots outside `plan` that take a throwaway token so that it decodes in one pass."""

@@ -335,6 +335,32 @@ def test_a_slot_that_fills_a_gap_in_a_step_keeps_its_cache_exactly(
     ]
 
 
+def test_a_cached_prompts_first_token_leaves_before_the_decode_and_its_second_comes_from_it(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=2)
+    submit(engine, PROMPTS[0])
+    drain(engine)
+    other = submit(engine, PROMPTS[1])
+    engine.step()  # other's prompt: from here on every step decodes its next token
+    again = submit(engine, PROMPTS[0])  # all of it cached, logits too
+    produced_at_flush: list[int] = []
+
+    def flush() -> None:
+        assert again.request is not None
+        produced_at_flush.append(again.request.produced)
+
+    before = engine.decoded_tokens
+    engine.step(flush)
+    assert again.request is not None
+    assert produced_at_flush == [1]  # sampled from the saved logits, before the decode
+    assert again.request.produced == 2  # its first token was decoded in this same step
+    assert engine.decoded_tokens - before == 2  # with other's next token
+    drain(engine)
+    assert finished(again).text == one_at_a_time(PROMPTS[0])
+    assert finished(other).text == one_at_a_time(PROMPTS[1])
+
+
 def test_saved_logits_never_outlive_the_kv_they_follow(
     engine_for: MakeEngine, one_at_a_time: OneAtATime
 ) -> None:
