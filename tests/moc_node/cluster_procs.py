@@ -10,6 +10,7 @@ and for its HTTP server, so a partition can cut one without the other.
 from __future__ import annotations
 
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -30,26 +31,38 @@ KEY = "6d6f632d6e6f64652d746573742d6b65792d3332"
 
 
 def free_ports(n: int) -> list[int]:
-    """Return n distinct ports free on loopback for both UDP and TCP (gossip uses both)."""
-    socks: list[socket.socket] = []
+    """Return n distinct ports free on loopback for both UDP and TCP (gossip uses both).
+
+    Picked below the kernel's ephemeral range: a port found free there could be taken by any
+    outgoing connection before the node binds it (seen once: "cluster.bind: Address already in
+    use"), one below it only by another explicit bind.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
     ports: list[int] = []
-    try:
-        while len(ports) < n:
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            udp.bind(("127.0.0.1", 0))
-            socks.append(udp)
-            port = udp.getsockname()[1]
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(tcp)
-            try:
-                tcp.bind(("127.0.0.1", port))
-            except OSError:
-                continue  # taken for TCP: keep both held so the next pick differs
+    while len(ports) < n:
+        port = rng.randrange(max(1024, low - 20000), low)
+        if port not in ports and _bindable(port):
             ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
     return ports
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    """True if `port` binds on loopback for UDP and TCP now."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
 
 
 @dataclass
