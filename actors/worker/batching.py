@@ -97,6 +97,14 @@ class EngineDriver:
         if not ended:  # nothing to generate ends it inside submit
             self.requests[key] = request
 
+    def admit_cached(self) -> bool:
+        """Start the queued requests whose prompt is cached, beside a running decode."""
+        try:
+            return self.engine.admit_cached()
+        except Exception as exc:
+            print(f"moc worker: a request's answer failed: {exc!r}", file=sys.stderr)
+            return True
+
     def cancel(self, link: DataLink, rid: int) -> None:
         """Cancel one request; its Done ("cancelled") goes out from the engine's callback."""
         request = self.requests.get((link, rid))
@@ -111,11 +119,15 @@ class EngineDriver:
             if request is not None:  # a callback may have ended it meanwhile
                 self.engine.cancel(request)
 
-    def step(self, flush: Callable[[], None] | None = None) -> None:
-        """Decode one batch (`flush`: see GgufEngine.step); a callback's error is logged, the
-        other requests go on."""
+    def step(
+        self,
+        flush: Callable[[], None] | None = None,
+        during: Callable[[int], None] | None = None,
+    ) -> None:
+        """Decode one batch (`flush`, `during`: see GgufEngine.step); a callback's error is
+        logged, the other requests go on."""
         try:
-            self.engine.step(flush)
+            self.engine.step(flush, during)
         except Exception as exc:
             print(f"moc worker: a request's answer failed: {exc!r}", file=sys.stderr)
 

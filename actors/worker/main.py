@@ -220,11 +220,7 @@ class Worker:
             self.poller.register(link.fileno(), zmq.POLLIN)
 
     def _take_stream(self, link: DataLink) -> None:
-        try:
-            messages = link.read()
-        except ProtocolError as exc:
-            print(f"moc worker: closing a data link that sent garbage: {exc}", file=sys.stderr)
-            messages = None
+        messages = _read(link)
         if messages is None:
             self._drop(link)
             return
@@ -390,22 +386,76 @@ class Worker:
         return EXIT_OK
 
     def _step(self, driver: EngineDriver) -> None:
-        """Step once with every link held: each link gets the step's answers in one write (two
-        when first tokens from saved logits leave before the decode)."""
+        """Step once with every link held: each link gets the step's answers in one write (more
+        when first tokens from saved logits leave before or during the decode)."""
         links = list(self.links.values())
+        later: list[tuple[DataLink, Message | None]] = []
 
         def flush() -> None:
             for link in links:
                 link.release()
                 link.hold()
 
+        def during(decoded_fd: int) -> None:
+            self._beside_decode(driver, decoded_fd, flush, later)
+
         for link in links:
             link.hold()
         try:
-            driver.step(flush)
+            driver.step(flush, during)
         finally:
             for link in links:
                 link.release()
+        for link, msg in later:  # what came during the decode, in order
+            if self.links.get(link.fileno()) is not link:
+                continue  # dropped meanwhile
+            if msg is None:
+                self._drop(link)
+            else:
+                self.accept(link, msg)
+
+    def _beside_decode(
+        self,
+        driver: EngineDriver,
+        decoded_fd: int,
+        flush: Callable[[], None],
+        later: list[tuple[DataLink, Message | None]],
+    ) -> None:
+        """While the engine decodes (on the main thread; this runs on the engine's other one),
+        take requests from the data links: one whose prompt is cached gets its first token now
+        (its time to first token is then not a whole decode), the rest of what comes waits in
+        `later` for the step to end. Returns once `decoded_fd` is readable."""
+        poller = zmq.Poller()
+        poller.register(decoded_fd, zmq.POLLIN)
+        for fd in self.links:
+            poller.register(fd, zmq.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            for fd in ready - {decoded_fd}:
+                link = self.links[fd]
+                messages = _read(link)
+                if messages is None:
+                    poller.unregister(fd)  # a closed socket stays readable
+                    later.append((link, None))
+                    continue
+                for msg in messages:
+                    if isinstance(msg, Infer):
+                        driver.submit(link, msg)
+                    else:
+                        later.append((link, msg))
+            if driver.admit_cached():
+                flush()
+            if decoded_fd in ready:
+                return
+
+
+def _read(link: DataLink) -> list[Message] | None:
+    """Return the messages a data link holds now, or None when it closed or sent garbage."""
+    try:
+        return link.read()
+    except ProtocolError as exc:
+        print(f"moc worker: closing a data link that sent garbage: {exc}", file=sys.stderr)
+        return None
 
 
 def run_worker(endpoint: str, data_socket: str, parent_pid: int) -> int:

@@ -37,13 +37,15 @@ Not thread-safe: one thread (the worker's request loop) calls submit, cancel and
 from __future__ import annotations
 
 import codecs
+import concurrent.futures
 import ctypes
 import functools
 import itertools
+import os
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +209,13 @@ class GgufEngine:
         self._candidates = Candidates(lib, self._n_vocab)
         self._prompts: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self.weight_buffers: dict[str, float] = {}  # MiB of weights per llama.cpp buffer type
+        # Work beside the decode (see step's `during`): a thread that runs it, an eventfd that
+        # says the decode is done, the slots the decode holds, KV trims that wait for its end.
+        self._beside: concurrent.futures.ThreadPoolExecutor | None = None
+        self._decoded_fd = -1
+        self._in_decode: set[int] | None = None
+        self._trims: list[tuple[int, int]] = []
+        self._raised_beside: list[Exception] = []
         self.decoded_tokens = 0  # tokens decoded so far, prompt and generated (for tests)
         self.filler_tokens = 0  # throwaway tokens that joined a step's sequences (for tests)
 
@@ -525,13 +534,23 @@ class GgufEngine:
 
     # --- the step ---
 
-    def step(self, flush: Callable[[], None] | None = None) -> int:
+    def step(
+        self,
+        flush: Callable[[], None] | None = None,
+        during: Callable[[int], None] | None = None,
+    ) -> int:
         """Admit what fits, decode one batch, sample and stream; return the tokens decoded.
 
         A request whose whole prompt was cached gets its first token from the saved logits
         before the decode, and its next in this very decode; `flush` is called after those
         first tokens are emitted, so that they can leave before the decode runs.
+
+        With `during`, `during(fd)` runs on a thread of the engine's while this one decodes, and
+        must return once `fd` is readable (the decode is done). It may call `submit` and
+        `admit_cached`, and nothing else of the engine. (The decode stays on the caller's
+        thread: a crash in it is then the main thread's, whose stack the crash report shows.)
         """
+        self._apply_trims()
         self._admit()
         raised = self._first_from_saved()
         if raised is not None and flush is not None:
@@ -582,7 +601,12 @@ class GgufEngine:
             decoded.append((request, tokens))
         if n:
             batch.n_tokens = n
-            rc = lib.llama_decode(self._ctx, batch)
+            if during is None or not self._fillable:
+                rc = lib.llama_decode(self._ctx, batch)
+            else:
+                rc = self._decode_beside(during, {c.seq for c in plan} | set(fillers))
+            raised = (raised or []) + self._raised_beside
+            self._raised_beside = []
             self._drop_fillers(fillers)
             if rc != 0:
                 self._fail([r for r, _ in decoded], f"llama_decode returned {rc}")
@@ -636,6 +660,38 @@ class GgufEngine:
                 raised.append(exc)
         return raised
 
+    def admit_cached(self) -> bool:
+        """While a decode runs beside (see `step`), admit queued requests whose whole prompt a
+        slot outside the decode holds with its logits, oldest first, and give them their first
+        token now; return True if any was admitted. The others wait for the next step."""
+        if self._in_decode is None or not self._admit(beside=self._in_decode):
+            return False
+        self._raised_beside += self._first_from_saved() or []
+        return True
+
+    def _decode_beside(self, during: Callable[[int], None], slots: set[int]) -> int:
+        """Decode this step's batch here while `during` runs on the engine's other thread."""
+        if self._beside is None:
+            self._beside = concurrent.futures.ThreadPoolExecutor(1, "beside-decode")
+            self._decoded_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._in_decode = slots
+        beside = self._beside.submit(during, self._decoded_fd)
+        try:
+            return int(self._lib.llama_decode(self._ctx, self._batch))
+        finally:
+            os.eventfd_write(self._decoded_fd, 1)
+            try:
+                beside.result()  # nothing goes on while `during` still runs
+            finally:
+                os.eventfd_read(self._decoded_fd)
+                self._in_decode = None
+
+    def _apply_trims(self) -> None:
+        """Cut the KV that slots admitted beside the last decode no longer share."""
+        for index, keep in self._trims:
+            self._lib.llama_memory_seq_rm(self._mem, index, keep, -1)  # never fails: _fillable
+        self._trims.clear()
+
     def _fillers(self, plan: list[Chunk]) -> list[int]:
         """The slots outside `plan` that take a throwaway token so that it decodes in one pass."""
         if not self._fillable:
@@ -671,24 +727,34 @@ class GgufEngine:
         assert slot is not None and slot.logits is not None
         return sample(self._lib, request.sampler, request.grammar, self._candidates, slot.logits)
 
-    def _admit(self) -> None:
-        """Give queued requests free slots, oldest first, each the slot with its longest prefix."""
+    def _admit(self, beside: Collection[int] | None = None) -> bool:
+        """Give queued requests free slots, oldest first, each the slot with its longest prefix;
+        return True if any was admitted.
+
+        `beside`: a decode holding these slots runs; only a request whose whole prompt is cached
+        with its logits is admitted (the queue waits behind any other), and the KV it does not
+        share is cut when the decode is over (`_apply_trims`).
+        """
+        admitted = False
         while self._queue:
             free = [
                 SlotView(s.index, s.cached, s.last_used, s.logits_at)
                 for s in self._slots
-                if s.request is None
+                if s.request is None and (beside is None or s.index not in beside)
             ]
             request = self._queue[0]
             choice = choose_slot(request.prompt, free)
-            if choice is None:
-                return
+            if choice is None or (beside is not None and choice.reused < len(request.prompt)):
+                return admitted
             self._queue.popleft()
+            admitted = True
             slot = self._slots[choice.index]
             reused = choice.reused
             # Drop what the new prompt does not share; a cache that cannot cut a sequence in the
             # middle (recurrent models) drops the whole sequence.
-            if not self._lib.llama_memory_seq_rm(self._mem, slot.index, reused, -1):
+            if beside is not None:
+                self._trims.append((slot.index, reused))
+            elif not self._lib.llama_memory_seq_rm(self._mem, slot.index, reused, -1):
                 self._lib.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
                 reused = 0
             del slot.cached[reused:]
@@ -699,6 +765,7 @@ class GgufEngine:
             request.reused = request.next_prompt = reused
             request.from_saved = reused == len(request.prompt)
             self._running.append(request)
+        return admitted
 
     def _logits(self, index: int) -> np.ndarray[Any, Any]:
         """Return the last decode's logits at batch position `index` (a view, not a copy)."""
@@ -811,6 +878,9 @@ class GgufEngine:
         while self._queue:
             self.cancel(self._queue[0])
         self._closed = True
+        if self._beside is not None:
+            self._beside.shutdown()
+            os.close(self._decoded_fd)
         lib = self._lib
         lib.llama_batch_free(self._batch)
         lib.llama_free(self._ctx)

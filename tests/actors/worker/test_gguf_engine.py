@@ -10,6 +10,7 @@ attention rounds differently, so the engine is compared with itself there.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -359,6 +360,38 @@ def test_a_cached_prompts_first_token_leaves_before_the_decode_and_its_second_co
     drain(engine)
     assert finished(again).text == one_at_a_time(PROMPTS[0])
     assert finished(other).text == one_at_a_time(PROMPTS[1])
+
+
+def test_beside_a_decode_a_cached_prompt_starts_at_once_and_any_other_waits_for_the_step(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=3)
+    for prompt in PROMPTS[:2]:
+        submit(engine, prompt)
+    drain(engine)  # slots 0 and 1 hold these prompts, their logits and their answers' KV
+    running = submit(engine, PROMPTS[2])
+    engine.step()  # slot 2: its prompt; from here on each step decodes its next token
+    seen: dict[str, Any] = {}
+
+    def during(decoded_fd: int) -> None:  # on the engine's other thread, while it decodes
+        cached = submit(engine, PROMPTS[0])  # all of it in slot 0, outside the decode
+        fresh = submit(engine, PROMPTS[3])  # nothing of it cached: waits for the next step
+        seen["admitted"] = engine.admit_cached()
+        assert cached.request is not None and fresh.request is not None
+        seen["first_tokens"] = (cached.request.produced, fresh.request.produced)
+        seen["records"] = (cached, fresh)
+        select.select([decoded_fd], [], [])
+
+    engine.step(during=during)
+    assert seen["admitted"] is True
+    assert seen["first_tokens"] == (1, 0)  # the cached one's first token came during the decode
+    drain(engine)
+    cached, fresh = seen["records"]
+    assert finished(cached).prompt_tokens_reused == finished(cached).prompt_tokens
+    # Its slot's KV was cut back to the prompt after the decode: its text is the one alone.
+    assert finished(cached).text == one_at_a_time(PROMPTS[0])
+    assert finished(fresh).text == one_at_a_time(PROMPTS[3])
+    assert finished(running).text == one_at_a_time(PROMPTS[2])
 
 
 def test_saved_logits_never_outlive_the_kv_they_follow(
