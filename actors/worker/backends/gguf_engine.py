@@ -604,7 +604,7 @@ class GgufEngine:
             if during is None or not self._fillable:
                 rc = lib.llama_decode(self._ctx, batch)
             else:
-                rc = self._decode_beside(during, {c.seq for c in plan} | set(fillers))
+                rc = self._decode_beside(during, {c.seq for c in plan})
             raised = (raised or []) + self._raised_beside
             self._raised_beside = []
             self._drop_fillers(fillers)
@@ -663,7 +663,11 @@ class GgufEngine:
     def admit_cached(self) -> bool:
         """While a decode runs beside (see `step`), admit queued requests whose whole prompt a
         slot outside the decode holds with its logits, oldest first, and give them their first
-        token now; return True if any was admitted. The others wait for the next step."""
+        token now; return True if any was admitted. The others wait for the next step.
+
+        A gap filler of the decode counts as outside it: its throwaway token lies past the
+        prompt, and is cut after the decode with the rest the prompt does not share.
+        """
         if self._in_decode is None or not self._admit(beside=self._in_decode):
             return False
         self._raised_beside += self._first_from_saved() or []

@@ -394,6 +394,34 @@ def test_beside_a_decode_a_cached_prompt_starts_at_once_and_any_other_waits_for_
     assert finished(running).text == one_at_a_time(PROMPTS[2])
 
 
+def test_beside_a_decode_a_cached_prompt_may_take_a_slot_that_fills_a_gap_in_it(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=3)
+    for prompt in PROMPTS[:3]:
+        submit(engine, prompt)
+    drain(engine)  # slots 0, 1, 2
+    outer = [submit(engine, PROMPTS[0]), submit(engine, PROMPTS[2])]
+    engine.step()  # slots 0 and 2 run: from now on slot 1 fills the gap between them
+    seen: dict[str, Any] = {}
+
+    def during(decoded_fd: int) -> None:
+        middle = submit(engine, PROMPTS[1])  # all of it in slot 1, which holds a filler now
+        seen["admitted"] = engine.admit_cached()
+        seen["middle"] = middle
+        select.select([decoded_fd], [], [])
+
+    fillers = engine.filler_tokens
+    engine.step(during=during)
+    assert engine.filler_tokens > fillers and seen["admitted"] is True
+    drain(engine)
+    assert finished(seen["middle"]).text == one_at_a_time(PROMPTS[1])
+    assert [finished(r).text for r in outer] == [
+        one_at_a_time(PROMPTS[0]),
+        one_at_a_time(PROMPTS[2]),
+    ]
+
+
 def test_saved_logits_never_outlive_the_kv_they_follow(
     engine_for: MakeEngine, one_at_a_time: OneAtATime
 ) -> None:
