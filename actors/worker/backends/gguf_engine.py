@@ -676,8 +676,8 @@ class GgufEngine:
     def _decode_beside(self, during: Callable[[int], None], slots: set[int]) -> int:
         """Decode this step's batch here while `during` runs on the engine's other thread."""
         if self._beside is None:
-            self._beside = concurrent.futures.ThreadPoolExecutor(1, "beside-decode")
             self._decoded_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._beside = concurrent.futures.ThreadPoolExecutor(1, "beside-decode")
         self._in_decode = slots
         beside = self._beside.submit(during, self._decoded_fd)
         try:
@@ -686,6 +686,8 @@ class GgufEngine:
             os.eventfd_write(self._decoded_fd, 1)
             try:
                 beside.result()  # nothing goes on while `during` still runs
+            except Exception as exc:  # the step's bookkeeping must still follow its decode
+                self._raised_beside.append(exc)
             finally:
                 os.eventfd_read(self._decoded_fd)
                 self._in_decode = None

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -210,11 +211,88 @@ def test_a_data_link_that_closes_cancels_its_requests_and_frees_their_slots(
             reader = FrameReader()
             streaming: set[int] = set()
             while streaming != {1, 2}:  # both hold a slot and decode
-                streaming |= {m.request_id for m in reader.feed(raw.recv(65536)) if isinstance(m, Token)}
+                streaming |= {
+                    m.request_id for m in reader.feed(raw.recv(65536)) if isinstance(m, Token)
+                }
         started = time.monotonic()
         short = run_request(w, InferRequest(model="drop", prompt="b", params=greedy(4)))
         waited = time.monotonic() - started
     finally:
         w.stop()
     assert short.tokens_generated == 4
-    assert waited < long_alone / 2, f"short request took {waited:.2f} s, a long one {long_alone:.2f} s"
+    assert waited < long_alone / 2, (
+        f"short request took {waited:.2f} s, a long one {long_alone:.2f} s"
+    )
+
+
+GATED_DECODE = """
+    import os, time
+    import llama_cpp.llama_cpp as lib
+
+    _decode = lib.llama_decode
+    _gate = os.environ["MOC_TEST_DECODE_GATE"]
+
+    def gated(ctx, batch):  # while the file "hold" exists, a decode waits (saying so) before it runs
+        if os.path.exists(_gate + "/hold"):
+            open(_gate + "/inside", "w").close()
+            while os.path.exists(_gate + "/hold"):
+                time.sleep(0.002)
+        return _decode(ctx, batch)
+
+    lib.llama_decode = gated
+"""
+
+
+def test_during_a_decode_a_request_whose_prompt_is_cached_is_answered_before_it_ends(
+    small_gguf: Path, runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook, gate = tmp_path / "hook", tmp_path / "gate"
+    hook.mkdir()
+    gate.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(GATED_DECODE))
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("MOC_TEST_DECODE_GATE", str(gate))
+    worker = worker_for(small_gguf, runtime_dir, "gated", n_ctx=N_CTX, n_threads=1, parallel=2)
+    worker.start(timeout=120)
+    try:
+        first = run_request(worker, request(PROMPTS[0], 1))  # slot 0 keeps it, logits and all
+
+        async def main() -> tuple[InferResult, InferResult, int]:
+            b_tokens: list[str] = []
+            first_token = asyncio.Event()
+
+            async def stream_b() -> InferResult:
+                channel = worker.open_channel()
+                try:
+                    async for item in channel.stream(request(PROMPTS[1], 8)):
+                        if isinstance(item, InferResult):
+                            return item
+                        b_tokens.append(item)
+                        first_token.set()
+                finally:
+                    channel.close()
+                raise AssertionError("no result")
+
+            channel = worker.open_channel()  # open before: a new connection waits for the step
+            b = asyncio.create_task(stream_b())
+            await first_token.wait()
+            (gate / "hold").touch()  # B's next decode (slot 1) holds until we let it go
+            while not (gate / "inside").exists():
+                await asyncio.sleep(0.005)
+            try:
+                a = await asyncio.wait_for(channel.infer(request(PROMPTS[0], 1)), 10)
+            finally:
+                channel.close()
+            during = len(b_tokens)
+            (gate / "hold").unlink()
+            return a, await b, during
+
+        again, b_result, b_tokens_meanwhile = asyncio.run(main())
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (gate / "hold").unlink()
+        alone = run_request(worker, request(PROMPTS[1], 8)).text
+        worker.stop()
+    assert again.text == first.text and again.prompt_tokens_reused == again.prompt_tokens
+    assert b_tokens_meanwhile <= 2  # B stood still in its held decode while A was answered
+    assert b_result.text == alone and b_result.tokens_generated == 8

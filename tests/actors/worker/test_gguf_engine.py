@@ -11,6 +11,7 @@ attention rounds differently, so the engine is compared with itself there.
 from __future__ import annotations
 
 import select
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -362,8 +363,23 @@ def test_a_cached_prompts_first_token_leaves_before_the_decode_and_its_second_co
     assert finished(other).text == one_at_a_time(PROMPTS[1])
 
 
+def held_decode(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make llama_decode say when it is entered (first event) and wait for the second before
+    decoding: what runs beside it in between provably overlaps it."""
+    inside, go = threading.Event(), threading.Event()
+    decode = llama_cpp.llama_cpp.llama_decode
+
+    def held(ctx: Any, batch: Any) -> int:
+        inside.set()
+        assert go.wait(10)
+        return int(decode(ctx, batch))
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_decode", held)
+    return inside, go
+
+
 def test_beside_a_decode_a_cached_prompt_starts_at_once_and_any_other_waits_for_the_step(
-    engine_for: MakeEngine, one_at_a_time: OneAtATime
+    engine_for: MakeEngine, one_at_a_time: OneAtATime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = engine_for(parallel=3)
     for prompt in PROMPTS[:2]:
@@ -372,14 +388,17 @@ def test_beside_a_decode_a_cached_prompt_starts_at_once_and_any_other_waits_for_
     running = submit(engine, PROMPTS[2])
     engine.step()  # slot 2: its prompt; from here on each step decodes its next token
     seen: dict[str, Any] = {}
+    inside, admitted = held_decode(monkeypatch)
 
     def during(decoded_fd: int) -> None:  # on the engine's other thread, while it decodes
+        assert inside.wait(10)  # the main thread is in llama_decode now, and stays there
         cached = submit(engine, PROMPTS[0])  # all of it in slot 0, outside the decode
         fresh = submit(engine, PROMPTS[3])  # nothing of it cached: waits for the next step
         seen["admitted"] = engine.admit_cached()
         assert cached.request is not None and fresh.request is not None
         seen["first_tokens"] = (cached.request.produced, fresh.request.produced)
         seen["records"] = (cached, fresh)
+        admitted.set()
         select.select([decoded_fd], [], [])
 
     engine.step(during=during)
@@ -408,15 +427,37 @@ def test_beside_a_decode_a_cached_prompt_may_take_a_slot_that_fills_a_gap_in_it(
     def during(decoded_fd: int) -> None:
         middle = submit(engine, PROMPTS[1])  # all of it in slot 1, which holds a filler now
         seen["admitted"] = engine.admit_cached()
+        assert middle.request is not None and middle.request.slot is not None
+        seen["slot"] = middle.request.slot.index
         seen["middle"] = middle
         select.select([decoded_fd], [], [])
 
     fillers = engine.filler_tokens
     engine.step(during=during)
-    assert engine.filler_tokens > fillers and seen["admitted"] is True
+    assert engine.filler_tokens > fillers and seen["admitted"] is True and seen["slot"] == 1
     drain(engine)
     assert finished(seen["middle"]).text == one_at_a_time(PROMPTS[1])
     assert [finished(r).text for r in outer] == [
+        one_at_a_time(PROMPTS[0]),
+        one_at_a_time(PROMPTS[2]),
+    ]
+
+
+def test_an_error_beside_a_decode_surfaces_after_the_step_and_the_streams_go_on(
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
+) -> None:
+    engine = engine_for(parallel=2)
+    streams = [submit(engine, PROMPTS[0]), submit(engine, PROMPTS[2])]
+    engine.step()
+
+    def during(decoded_fd: int) -> None:
+        select.select([decoded_fd], [], [])
+        raise RuntimeError("a bug beside the decode")
+
+    with pytest.raises(RuntimeError, match="a bug beside the decode"):
+        engine.step(during=during)
+    drain(engine)  # the step's tokens were taken in: the next steps decode where they should
+    assert [finished(r).text for r in streams] == [
         one_at_a_time(PROMPTS[0]),
         one_at_a_time(PROMPTS[2]),
     ]
