@@ -103,7 +103,7 @@ class EngineDriver:
             return self.engine.admit_cached()
         except Exception as exc:
             print(f"moc worker: a request's answer failed: {exc!r}", file=sys.stderr)
-            return True
+            return True  # some may have been answered before it: let them leave
 
     def cancel(self, link: DataLink, rid: int) -> None:
         """Cancel one request; its Done ("cancelled") goes out from the engine's callback."""

@@ -162,6 +162,10 @@ def finished(record: Record) -> Finish:
     return record.finish
 
 
+def texts_of(records: list[Record]) -> list[str]:
+    return [finished(r).text for r in records]
+
+
 def test_greedy_outputs_of_requests_run_concurrently_equal_the_same_requests_run_one_at_a_time(
     engine_for: MakeEngine, one_at_a_time: OneAtATime
 ) -> None:
@@ -194,10 +198,8 @@ def test_with_flash_attention_off_concurrent_texts_equal_the_one_at_a_time_backe
     greedy = [submit(engine, p) for p in PROMPTS]
     seeded = [submit(engine, "The quick brown fox", s) for s in SEEDED]
     drain(engine)
-    assert [finished(r).text for r in greedy] == [backend_text(p) for p in PROMPTS]
-    assert [finished(r).text for r in seeded] == [
-        backend_text("The quick brown fox", s) for s in SEEDED
-    ]
+    assert texts_of(greedy) == [backend_text(p) for p in PROMPTS]
+    assert texts_of(seeded) == [backend_text("The quick brown fox", s) for s in SEEDED]
 
 
 def test_cancelling_one_sequence_leaves_the_others_outputs_unchanged(
@@ -331,10 +333,7 @@ def test_a_slot_that_fills_a_gap_in_a_step_keeps_its_cache_exactly(
         finished(r).tokens_generated - 1 for r in (*outer, again)
     )
     assert f.text == finished(first[1]).text == one_at_a_time(PROMPTS[1])
-    assert [finished(r).text for r in outer] == [
-        one_at_a_time(PROMPTS[0]),
-        one_at_a_time(PROMPTS[2]),
-    ]
+    assert texts_of(outer) == [one_at_a_time(p) for p in (PROMPTS[0], PROMPTS[2])]
 
 
 def test_a_cached_prompts_first_token_leaves_before_the_decode_and_its_second_comes_from_it(
@@ -437,10 +436,7 @@ def test_beside_a_decode_a_cached_prompt_may_take_a_slot_that_fills_a_gap_in_it(
     assert engine.filler_tokens > fillers and seen["admitted"] is True and seen["slot"] == 1
     drain(engine)
     assert finished(seen["middle"]).text == one_at_a_time(PROMPTS[1])
-    assert [finished(r).text for r in outer] == [
-        one_at_a_time(PROMPTS[0]),
-        one_at_a_time(PROMPTS[2]),
-    ]
+    assert texts_of(outer) == [one_at_a_time(p) for p in (PROMPTS[0], PROMPTS[2])]
 
 
 def test_an_error_beside_a_decode_surfaces_after_the_step_and_the_streams_go_on(
@@ -457,10 +453,7 @@ def test_an_error_beside_a_decode_surfaces_after_the_step_and_the_streams_go_on(
     with pytest.raises(RuntimeError, match="a bug beside the decode"):
         engine.step(during=during)
     drain(engine)  # the step's tokens were taken in: the next steps decode where they should
-    assert [finished(r).text for r in streams] == [
-        one_at_a_time(PROMPTS[0]),
-        one_at_a_time(PROMPTS[2]),
-    ]
+    assert texts_of(streams) == [one_at_a_time(p) for p in (PROMPTS[0], PROMPTS[2])]
 
 
 def test_saved_logits_never_outlive_the_kv_they_follow(
@@ -670,7 +663,7 @@ def test_a_callback_that_raises_ends_only_its_own_request(
     f = finished(broken)
     assert f.finish_reason == "cancelled" and "BrokenPipeError" in f.error
     assert f.tokens_generated == 4
-    assert [finished(r).text for r in others] == [one_at_a_time(p) for p in PROMPTS[1:3]]
+    assert texts_of(others) == [one_at_a_time(p) for p in PROMPTS[1:3]]
 
 
 def test_a_done_callback_that_raises_surfaces_from_step_and_the_others_go_on(
