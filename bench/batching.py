@@ -1,14 +1,17 @@
 """Serving under concurrency: the node against llama.cpp's own server, in one run (issue 15).
 
-On the ~51M generated model ("medium50m", f32), one server at a time on 127.0.0.1, each
-stopped before the next starts:
+On the ~51M generated model ("medium50m", f32), on 127.0.0.1:
 
-1. `moc-node run` (a real process, the model in its catalog), then `llama-server -np 8` (its own
-   defaults; context 8 x N_CTX so each slot has the node's context), then `llama_cpp.server`
-   (llama-cpp-python's own server, its defaults):
+1. `moc-node run` (a real process, the model in its catalog) and `llama-server -np 8` (its own
+   defaults; context 8 x N_CTX so each slot has the node's context), both up, then
+   `llama_cpp.server` (llama-cpp-python's own server, its defaults) alone:
    - aggregate tokens/s of 1, 4 and 8 concurrent 32-token streams (closed-loop clients, each
      sends its next request when the last ends; tokens summed over clients / wall time), with
-     the time to the first content token of every request (TTFT p50 at 1 and 8 streams);
+     the time to the first content token of every request (TTFT p50 at 1 and 8 streams). The
+     node and llama-server take turns in legs (node, server, server, node...): the host's speed
+     drifts within a minute, and measuring one server after the other let that drift decide
+     the 1-stream ratio (0.75-0.95 across runs of the same code); the idle one uses ~0.5% of a
+     CPU;
    - node and llama-server only: 8 chats interleaved (every first turn, then every second
      turn, one request at a time); each second turn repeats its first turn's prompt and answer
      (~80% of the context) and adds a line: second-turn TTFT / first-turn TTFT says whether a
@@ -139,10 +142,20 @@ def session_for(clients: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), connector=connector)
 
 
-async def streams(url: str, clients: int, rounds: int) -> dict[str, float]:
-    """`clients` closed-loop clients, `rounds` 32-token streams each: tokens/s, TTFT p50, and
-    how many streams ended short (llama_cpp.server by default ends a stream when another
-    request arrives: its `interrupt_requests`)."""
+@dataclasses.dataclass
+class Leg:
+    """Closed-loop streams against one server: every TTFT, the tokens, the streams that ended
+    short, the wall time."""
+
+    ttfts: list[float]
+    tokens: int
+    short: int
+    seconds: float
+
+
+async def streams(url: str, clients: int, rounds: int) -> Leg:
+    """`clients` closed-loop clients, `rounds` 32-token streams each (a stream ends short when
+    llama_cpp.server ends it because another request arrived: its `interrupt_requests`)."""
     ttfts: list[float] = []
     tokens = short = 0
     async with session_for(clients) as session:
@@ -160,12 +173,30 @@ async def streams(url: str, clients: int, rounds: int) -> dict[str, float]:
         began = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         wall = time.perf_counter() - began
+    return Leg(ttfts, tokens, short, wall)
+
+
+async def alternating(
+    urls: dict[str, str], clients: int, legs: int, per_leg: int
+) -> dict[str, Any]:
+    """Each server's streams at `clients` in `legs` legs of `per_leg` rounds, the servers taken
+    in turn (A B, B A, A B...): a 2-core host's speed drifts by 20% within a minute, and legs in
+    turn let that drift weigh on every server alike. Per server: tokens/s over its legs, TTFT
+    p50 of all its streams."""
+    done: dict[str, list[Leg]] = {name: [] for name in urls}
+    for leg in range(legs):
+        order = list(urls) if leg % 2 == 0 else list(reversed(urls))
+        for name in order:
+            done[name].append(await streams(urls[name], clients, per_leg))
     return {
-        "tok_s": tokens / wall,
-        "ttft_p50_ms": statistics.median(ttfts) * 1000,
-        "tokens": tokens,
-        "short": short,
-        "seconds": wall,
+        name: {
+            "tok_s": sum(g.tokens for g in got) / sum(g.seconds for g in got),
+            "ttft_p50_ms": statistics.median(t for g in got for t in g.ttfts) * 1000,
+            "tokens": sum(g.tokens for g in got),
+            "short": sum(g.short for g in got),
+            "seconds": sum(g.seconds for g in got),
+        }
+        for name, got in done.items()
     }
 
 
@@ -211,17 +242,22 @@ async def rps(url: str, seconds: float) -> dict[str, float]:
     return {"rps": phase.rps, "p99_ms": phase.pct(0.99), "silent": float(phase.silent)}
 
 
-async def measure(url: str, rounds: int, seconds: float, full: bool) -> dict[str, Any]:
-    """Every phase against one server; `full` adds the chats and the 1-token load."""
-    out: dict[str, Any] = {"streams": {}}
+async def measure(
+    urls: dict[str, str], legs: int, per_leg: int, seconds: float, full: bool
+) -> dict[str, dict[str, Any]]:
+    """Every phase against the servers in `urls` (all up): the streams in alternating legs, then
+    with `full` the chats and the 1-token load, one server after the other."""
+    out: dict[str, dict[str, Any]] = {name: {"streams": {}} for name in urls}
     for clients in LEVELS:
-        out["streams"][clients] = await streams(url, clients, rounds)
-        progress(f"{clients} streams: {out['streams'][clients]['tok_s']:.1f} tokens/s")
+        for name, got in (await alternating(urls, clients, legs, per_leg)).items():
+            out[name]["streams"][clients] = got
+            progress(f"{name}, {clients} streams: {got['tok_s']:.1f} tokens/s")
     if full:
-        out["chats"] = await chats(url)
-        progress(f"chats: second/first TTFT {out['chats']['ratio']:.3f}")
-        out["rps"] = await rps(url, seconds)
-        progress(f"1-token: {out['rps']['rps']:.0f} req/s")
+        for name, url in urls.items():
+            out[name]["chats"] = await chats(url)
+            progress(f"{name}, chats: second/first TTFT {out[name]['chats']['ratio']:.3f}")
+            out[name]["rps"] = await rps(url, seconds)
+            progress(f"{name}, 1-token: {out[name]['rps']['rps']:.0f} req/s")
     return out
 
 
@@ -319,7 +355,13 @@ def batched_bench(
     if done.returncode != 0:
         raise RuntimeError(f"llama-batched-bench failed ({done.returncode}): {done.stderr[-800:]}")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return {int(r["pl"]): float(r["speed_tg"]) for r in rows}
+    speeds = {int(r["pl"]): float(r["speed_tg"]) for r in rows}
+    if set(speeds) != set(npl):
+        raise RuntimeError(
+            f"llama-batched-bench printed rows for {sorted(speeds)}, not {sorted(npl)}:"
+            f" {done.stdout[-400:]!r} {done.stderr[-800:]!r}"
+        )
+    return speeds
 
 
 # ---- main ----
@@ -328,7 +370,10 @@ def batched_bench(
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from actors.gguf_synth import write_preset
 
-    rounds = args.rounds or (2 if args.quick else 6)
+    wanted = args.rounds or (2 if args.quick else 12)
+    legs = min(wanted, 2 if args.quick else 6)
+    per_leg = -(-wanted // legs)
+    rounds = legs * per_leg
     seconds = 4.0 if args.quick else 15.0
     version = llama_tools.installed_version()
     tools = llama_tools.build(version)
@@ -338,27 +383,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         workdir = Path(tmp)
         model = write_preset(workdir / "models" / f"{args.size}.gguf", args.size, seed=1)
 
-        progress(f"model written; starting the node with catalog keys {keys}")
-        proc, url = start_node(workdir, model, keys)
+        progress(f"model written; starting the node (catalog keys {keys}) and llama-server")
+        node, node_url = start_node(workdir, model, keys)
         try:
-            results["node"] = await measure(url, rounds, seconds, full=True)
+            server, server_url = start_llama_server(workdir, model, tools["llama-server"])
+            try:
+                settings = llama_server_settings(tools["llama-server"], workdir / "llama-server.log")
+                urls = {"node": node_url, "llama-server": server_url}
+                results.update(await measure(urls, legs, per_leg, seconds, full=True))
+            finally:
+                stop(server)
         finally:
-            stop(proc)
-
-        progress("starting llama-server")
-        proc, url = start_llama_server(workdir, model, tools["llama-server"])
-        try:
-            settings = llama_server_settings(tools["llama-server"], workdir / "llama-server.log")
-            results["llama-server"] = await measure(url, rounds, seconds, full=True)
-        finally:
-            stop(proc)
+            stop(node)
 
         why_not = peer_available()
         if why_not is None:
             progress("starting llama_cpp.server")
             proc, url = start_llama_cpp_server(workdir, model)
             try:
-                results["llama_cpp.server"] = await measure(url, rounds, seconds, full=False)
+                urls = {"llama_cpp.server": url}
+                results.update(await measure(urls, 1, rounds, seconds, full=False))
             finally:
                 stop(proc)
 
@@ -366,7 +410,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         npp = len(f"Client 0. {PROMPT}")
         ceiling = batched_bench(tools["llama-batched-bench"], model, LEVELS, STREAM_TOKENS, npp,
                                 SLOTS * N_CTX)
-    return report(results, ceiling, settings, keys, why_not, rounds, seconds, version, args.size)
+    return report(results, ceiling, settings, keys, why_not, (legs, per_leg), seconds, version,
+                  args.size)
 
 
 def report(
@@ -375,7 +420,7 @@ def report(
     settings: dict[str, Any],
     keys: dict[str, int],
     why_not: str | None,
-    rounds: int,
+    legs: tuple[int, int],
     seconds: float,
     version: str,
     size: str,
@@ -388,7 +433,8 @@ def report(
         return float(results[name]["streams"][n]["tok_s"])
 
     print(f"batching: model {size} (generated, f32), {os.cpu_count()} CPUs, {STREAM_TOKENS}-token "
-          f"streams, {rounds} per client per level; n_ctx {N_CTX} per sequence")
+          f"streams, {legs[0] * legs[1]} per client per level (node and llama-server in turn, "
+          f"{legs[0]} legs of {legs[1]}); n_ctx {N_CTX} per sequence")
     print(f"llama.cpp tools: llama-cpp-python {built.get('llama_cpp_python')}, "
           f"{str(built.get('llama_server_version', '?')).replace(chr(10), '; ')}")
     flags: Any = built.get("cmake_flags") or []
@@ -453,7 +499,8 @@ def report(
         "node_catalog_keys": keys,
         "llama_cpp_server_unavailable": why_not,
         "tools": built,
-        "rounds": rounds,
+        "rounds": legs[0] * legs[1],
+        "legs": legs[0],
     }
 
 

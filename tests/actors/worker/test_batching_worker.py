@@ -252,47 +252,57 @@ def test_during_a_decode_a_request_whose_prompt_is_cached_is_answered_before_it_
     (hook / "sitecustomize.py").write_text(textwrap.dedent(GATED_DECODE))
     monkeypatch.setenv("PYTHONPATH", str(hook))
     monkeypatch.setenv("MOC_TEST_DECODE_GATE", str(gate))
-    worker = worker_for(small_gguf, runtime_dir, "gated", n_ctx=N_CTX, n_threads=1, parallel=2)
+    worker = worker_for(small_gguf, runtime_dir, "gated", n_ctx=N_CTX, n_threads=1, parallel=3)
     worker.start(timeout=120)
     try:
         first = run_request(worker, request(PROMPTS[0], 1))  # slot 0 keeps it, logits and all
 
-        async def main() -> tuple[InferResult, InferResult, int]:
-            b_tokens: list[str] = []
-            first_token = asyncio.Event()
+        async def main() -> tuple[InferResult, list[InferResult], int]:
+            tokens: list[str] = []
+            started = [asyncio.Event(), asyncio.Event()]
 
-            async def stream_b() -> InferResult:
+            async def stream(prompt: str, started: asyncio.Event) -> InferResult:
                 channel = worker.open_channel()
                 try:
-                    async for item in channel.stream(request(PROMPTS[1], 8)):
+                    async for item in channel.stream(request(prompt, 8)):
                         if isinstance(item, InferResult):
                             return item
-                        b_tokens.append(item)
-                        first_token.set()
+                        tokens.append(item)
+                        started.set()
                 finally:
                     channel.close()
                 raise AssertionError("no result")
 
             channel = worker.open_channel()  # open before: a new connection waits for the step
-            b = asyncio.create_task(stream_b())
-            await first_token.wait()
-            (gate / "hold").touch()  # B's next decode (slot 1) holds until we let it go
+            streams = [
+                asyncio.create_task(stream(p, e))
+                for p, e in zip(PROMPTS[1:3], started, strict=True)
+            ]
+            for event in started:
+                await event.wait()
+            # The streams' next decode (slots 1 and 2: two tokens, so a thread works beside it)
+            # holds until we let it go.
+            (gate / "hold").touch()
             while not (gate / "inside").exists():
                 await asyncio.sleep(0.005)
+            held = len(tokens)
             try:
                 a = await asyncio.wait_for(channel.infer(request(PROMPTS[0], 1)), 10)
             finally:
                 channel.close()
-            during = len(b_tokens)
+            during = len(tokens) - held
             (gate / "hold").unlink()
-            return a, await b, during
+            return a, list(await asyncio.gather(*streams)), during
 
-        again, b_result, b_tokens_meanwhile = asyncio.run(main())
+        again, results, tokens_meanwhile = asyncio.run(main())
     finally:
         with contextlib.suppress(FileNotFoundError):
             (gate / "hold").unlink()
-        alone = run_request(worker, request(PROMPTS[1], 8)).text
+        alone = [run_request(worker, request(p, 8)).text for p in PROMPTS[1:3]]
         worker.stop()
     assert again.text == first.text and again.prompt_tokens_reused == again.prompt_tokens
-    assert b_tokens_meanwhile <= 2  # B stood still in its held decode while A was answered
-    assert b_result.text == alone and b_result.tokens_generated == 8
+    # The streams stood still in their held decode meanwhile: what came after we saw it held
+    # can only be the step before's tokens, one per stream, still on their way.
+    assert tokens_meanwhile <= 2
+    assert [r.text for r in results] == alone
+    assert all(r.tokens_generated == 8 for r in results)

@@ -380,12 +380,12 @@ def held_decode(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threa
 def test_beside_a_decode_a_cached_prompt_starts_at_once_and_any_other_waits_for_the_step(
     engine_for: MakeEngine, one_at_a_time: OneAtATime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = engine_for(parallel=3)
+    engine = engine_for(parallel=4)
     for prompt in PROMPTS[:2]:
         submit(engine, prompt)
     drain(engine)  # slots 0 and 1 hold these prompts, their logits and their answers' KV
-    running = submit(engine, PROMPTS[2])
-    engine.step()  # slot 2: its prompt; from here on each step decodes its next token
+    running = [submit(engine, PROMPTS[2]), submit(engine, PROMPTS[5])]
+    engine.step()  # slots 2 and 3: their prompts; from here on each step decodes two tokens
     seen: dict[str, Any] = {}
     inside, admitted = held_decode(monkeypatch)
 
@@ -409,7 +409,21 @@ def test_beside_a_decode_a_cached_prompt_starts_at_once_and_any_other_waits_for_
     # Its slot's KV was cut back to the prompt after the decode: its text is the one alone.
     assert finished(cached).text == one_at_a_time(PROMPTS[0])
     assert finished(fresh).text == one_at_a_time(PROMPTS[3])
-    assert finished(running).text == one_at_a_time(PROMPTS[2])
+    assert texts_of(running) == [one_at_a_time(p) for p in (PROMPTS[2], PROMPTS[5])]
+
+
+def test_a_step_of_one_token_decodes_without_the_thread_beside(engine_for: MakeEngine) -> None:
+    engine = engine_for(parallel=2)
+    record = submit(engine, PROMPTS[0])
+    engine.step()  # its prompt: more than one token, so `during` runs
+    calls: list[int] = []
+
+    def during(decoded_fd: int) -> None:
+        calls.append(decoded_fd)
+        select.select([decoded_fd], [], [])
+
+    engine.step(during=during)  # its next token alone
+    assert calls == [] and record.request is not None and record.request.produced == 2
 
 
 def test_beside_a_decode_a_cached_prompt_may_take_a_slot_that_fills_a_gap_in_it(
