@@ -169,6 +169,7 @@ def build_runtime(
             worker_factory=worker_factory,
             memory_watch=MemoryWatch(resources.gpu_poll_interval, resources.worker_memory_limit_mb),
             cpu_threads=resources.cpu_threads,
+            worker_nice=resources.worker_nice,
         )
     )
     gpu_proxies = [typed(ref, DeviceProxy) for ref in gpu_refs]

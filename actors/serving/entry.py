@@ -144,11 +144,13 @@ def worker_spec(
     cpu_repack: bool,
     node_parallel: int | None = None,
     n_threads: int = 0,
+    nice: int = 0,
 ) -> WorkerSpec:
     """Return what the worker process for `entry` is started with on its device.
 
     `node_parallel` is `[models] parallel`, for an entry that leaves it to the node;
-    `n_threads` its share of the CPU (0: the entry's own setting, else the physical cores).
+    `n_threads` its share of the CPU (0: the entry's own setting, else the physical cores);
+    `nice` how much lower than the node the worker runs.
     """
     load = LoadSpec(
         backend=entry.backend,
@@ -161,6 +163,7 @@ def worker_spec(
         cpu_repack=cpu_repack,
         parallel=slots_of(entry, node_parallel),
         n_threads=n_threads or entry.threads,
+        nice=nice,
     )
     return WorkerSpec(name=entry.name, load=load)
 

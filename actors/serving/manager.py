@@ -69,6 +69,7 @@ class ManagerDeps:
     worker_factory: WorkerFactory = worker_process
     memory_watch: MemoryWatch = MemoryWatch()
     cpu_threads: int = 0  # [resources] cpu_threads: 0 = the physical cores
+    worker_nice: int = 0  # [resources] worker_nice
 
 
 class ModelManager(LoopReplyActor):
@@ -240,6 +241,7 @@ class ModelManager(LoopReplyActor):
             cpu_repack=self._models_config.cpu_repack_for(entry),
             node_parallel=self._models_config.parallel,
             n_threads=self._reshare_cpu().get(entry.name, 0),
+            nice=self._deps.worker_nice,
         )
         slot.slots = spec.load.parallel
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)

@@ -278,6 +278,9 @@ class Worker:
         started = time.monotonic()
         try:
             check_model_file(spec)
+            # This thread's priority (Linux's nice is a thread's): the backend's threads, started
+            # from here, inherit it.
+            os.nice(spec.nice)
             import_backend_library(spec.backend)
             record_crashes(spec.backend)
             self.rss_before = rss_mb()

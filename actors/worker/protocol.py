@@ -85,7 +85,8 @@ class LoadSpec:
     llama.cpp repack CPU-resident GGUF weights (see `[models] cpu_repack` in
     actors/serving/config.py for why it is off by default). `parallel` > 1 serves that many
     requests at once on a GGUF model, each slot with its own `n_ctx` of KV cache (the batching
-    engine); 1 serves them one at a time.
+    engine); 1 serves them one at a time. The worker lowers its priority by `nice` before it
+    loads (its decode threads inherit it).
     """
 
     backend: Backend
@@ -99,6 +100,7 @@ class LoadSpec:
     n_threads: int = 0
     cpu_repack: bool = False
     parallel: int = 1
+    nice: int = 0
 
     @property
     def on_gpu(self) -> bool:

@@ -95,6 +95,7 @@ def test_environment_overrides_any_key() -> None:
         ("[server]\nrest_port = 'eighty'\n", "server.rest_port: expected an integer"),
         ("[resources]\ndevices = 'tpu'\n", "resources.devices: expected one of"),
         ("[resources]\neviction_threshold_pct = 150\n", "resources.eviction_threshold_pct"),
+        ("[resources]\nworker_nice = -5\n", "resources.worker_nice: must be in 0..19"),
         ("[models]\nkeep_alive = 'soon'\n", "models.keep_alive"),
         ("[[models.catalog]]\nname = 'a'\n", "models.catalog[0]"),
         (
@@ -111,6 +112,7 @@ def test_environment_overrides_any_key() -> None:
         "wrong-type",
         "bad-enum",
         "out-of-range",
+        "negative-nice",
         "bad-duration",
         "missing-field",
         "bad-backend",

@@ -54,6 +54,7 @@ class Rig:
         total_mb: float = ROOM_FOR_TWO_MB,
         parallel: int = 1,
         cpu_threads: int = 0,
+        worker_nice: int = 0,
     ) -> None:
         self.clock = FakeClock()
         self.workers = FakeWorkers(measured_mb=MEASURED_MB)
@@ -81,6 +82,7 @@ class Rig:
                 worker_factory=self.workers,
                 memory_watch=MemoryWatch(poll_s=3600.0),  # no measuring between requests
                 cpu_threads=cpu_threads,
+                worker_nice=worker_nice,
             )
         )
         self.manager = self.ref.proxy()
@@ -152,6 +154,13 @@ async def test_the_node_default_parallel_reaches_the_worker_of_a_gguf_model(make
     await rig.acquire("a")
     (worker,) = rig.workers.of("a")
     assert worker.spec.load.parallel == 4
+
+
+async def test_the_workers_run_at_the_configured_nice(make: Make) -> None:
+    rig = make(worker_nice=7, total_mb=10_000.0)
+    await rig.acquire("a")
+    (worker,) = rig.workers.of("a")
+    assert worker.spec.load.nice == 7
 
 
 async def test_models_on_the_cpu_share_its_threads_as_they_come_and_go(make: Make) -> None:

@@ -306,3 +306,26 @@ def test_during_a_decode_a_request_whose_prompt_is_cached_is_answered_before_it_
     assert tokens_meanwhile <= 2
     assert [r.text for r in results] == alone
     assert all(r.tokens_generated == 8 for r in results)
+
+
+def _nice_of(pid: int, tid: int) -> int:
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])  # field 19 of stat(5), counted after the ")" that ends the name
+
+
+def test_the_worker_and_the_threads_it_decodes_with_run_at_the_nice_it_was_given(
+    small_gguf: Path, runtime_dir: Path
+) -> None:
+    worker = worker_for(small_gguf, runtime_dir, "niced", n_ctx=N_CTX, n_threads=2, nice=3)
+    worker.start(timeout=120)
+    try:
+        pid = worker.pid
+        assert pid is not None
+        run_request(worker, request(PROMPTS[0], 4))  # the decode's threads exist from here on
+        nices = [_nice_of(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+        assert _nice_of(pid, pid) == 3
+        # The main thread and llama.cpp's other decode thread (n_threads 2); only the threads
+        # started before the load (ZeroMQ's, the orphan watchdog) keep the node's priority.
+        assert nices.count(3) >= 2, nices
+    finally:
+        worker.stop()
