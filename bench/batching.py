@@ -6,12 +6,13 @@ On the ~51M generated model ("medium50m", f32), on 127.0.0.1:
    defaults; context 8 x N_CTX so each slot has the node's context), both up, then
    `llama_cpp.server` (llama-cpp-python's own server, its defaults) alone:
    - aggregate tokens/s of 1, 4 and 8 concurrent 32-token streams (closed-loop clients, each
-     sends its next request when the last ends; tokens summed over clients / wall time), with
-     the time to the first content token of every request (TTFT p50 at 1 and 8 streams). The
+     sends its next request when the last ends; tokens summed over clients / wall time). The
      node and llama-server take turns in legs (node, server, server, node...): the host's speed
      drifts within a minute, and measuring one server after the other let that drift decide
      the 1-stream ratio (0.75-0.95 across runs of the same code); the idle one uses ~0.5% of a
-     CPU;
+     CPU. Time to the first content token (TTFT p50 at 1 and 8 streams) of the requests sent
+     while the other clients' streams ran; a leg's first round, where all clients send at
+     once, is reported on its own ("8 at once");
    - node and llama-server only: 8 chats interleaved (every first turn, then every second
      turn, one request at a time); each second turn repeats its first turn's prompt and answer
      (~80% of the context) and adds a line: second-turn TTFT / first-turn TTFT says whether a
@@ -144,9 +145,11 @@ def session_for(clients: int) -> aiohttp.ClientSession:
 
 @dataclasses.dataclass
 class Leg:
-    """Closed-loop streams against one server: every TTFT, the tokens, the streams that ended
-    short, the wall time."""
+    """Closed-loop streams against one server: the TTFTs of its first round (every client at
+    once) and of the later ones (each request while the others stream), the tokens, the streams
+    that ended short, the wall time."""
 
+    opening_ttfts: list[float]
     ttfts: list[float]
     tokens: int
     short: int
@@ -156,6 +159,7 @@ class Leg:
 async def streams(url: str, clients: int, rounds: int) -> Leg:
     """`clients` closed-loop clients, `rounds` 32-token streams each (a stream ends short when
     llama_cpp.server ends it because another request arrived: its `interrupt_requests`)."""
+    opening: list[float] = []
     ttfts: list[float] = []
     tokens = short = 0
     async with session_for(clients) as session:
@@ -164,16 +168,16 @@ async def streams(url: str, clients: int, rounds: int) -> Leg:
         async def client(i: int) -> None:
             nonlocal tokens, short
             prompt = f"Client {i}. {PROMPT}"  # its own prompt: no cache shared across clients
-            for _ in range(rounds):
+            for r in range(rounds):
                 ttft, produced, _text = await stream_once(session, url, prompt, STREAM_TOKENS)
-                ttfts.append(ttft)
+                (ttfts if r else opening).append(ttft)
                 tokens += produced
                 short += produced < STREAM_TOKENS
 
         began = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         wall = time.perf_counter() - began
-    return Leg(ttfts, tokens, short, wall)
+    return Leg(opening, ttfts, tokens, short, wall)
 
 
 async def alternating(
@@ -181,8 +185,9 @@ async def alternating(
 ) -> dict[str, Any]:
     """Each server's streams at `clients` in `legs` legs of `per_leg` rounds, the servers taken
     in turn (A B, B A, A B...): a 2-core host's speed drifts by 20% within a minute, and legs in
-    turn let that drift weigh on every server alike. Per server: tokens/s over its legs, TTFT
-    p50 of all its streams."""
+    turn let that drift weigh on every server alike. Per server: tokens/s over its legs; TTFT
+    p50 of the streams that started while the others ran (a leg's later rounds: the goal's "at
+    8 streams"), and of its legs' first rounds, where every client sends at once."""
     done: dict[str, list[Leg]] = {name: [] for name in urls}
     for leg in range(legs):
         order = list(urls) if leg % 2 == 0 else list(reversed(urls))
@@ -192,6 +197,8 @@ async def alternating(
         name: {
             "tok_s": sum(g.tokens for g in got) / sum(g.seconds for g in got),
             "ttft_p50_ms": statistics.median(t for g in got for t in g.ttfts) * 1000,
+            "opening_ttft_p50_ms": statistics.median(t for g in got for t in g.opening_ttfts)
+            * 1000,
             "tokens": sum(g.tokens for g in got),
             "short": sum(g.short for g in got),
             "seconds": sum(g.seconds for g in got),
@@ -370,9 +377,9 @@ def batched_bench(
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from actors.gguf_synth import write_preset
 
-    wanted = args.rounds or (2 if args.quick else 12)
-    legs = min(wanted, 2 if args.quick else 6)
-    per_leg = -(-wanted // legs)
+    wanted = args.rounds or (4 if args.quick else 12)
+    legs = 2 if args.quick else 3
+    per_leg = max(2, -(-wanted // legs))  # a first round, and at least one after it
     rounds = legs * per_leg
     seconds = 4.0 if args.quick else 15.0
     version = llama_tools.installed_version()
@@ -443,12 +450,13 @@ def report(
           f"{settings.get('n_threads')}, cache_prompt {settings.get('cache_prompt')}")
     print(f"node catalog keys added: {keys or 'none (the node has no parallel/n_threads yet)'}")
     print(f"\naggregate tokens/s{'':14}{'1':>9}{'4':>9}{'8':>9}{'8 vs 1':>9}"
-          f"{'TTFT1 ms':>10}{'TTFT8 ms':>10}{'short':>7}")
+          f"{'TTFT1 ms':>10}{'TTFT8 ms':>10}{'8 at once':>11}{'short':>7}")
     for name, got in results.items():
         s = got["streams"]
         print(f"{name:<32}{s[1]['tok_s']:9.1f}{s[4]['tok_s']:9.1f}{s[8]['tok_s']:9.1f}"
               f"{s[8]['tok_s'] / s[1]['tok_s']:8.2f}x{s[1]['ttft_p50_ms']:10.1f}"
-              f"{s[8]['ttft_p50_ms']:10.1f}{sum(v['short'] for v in s.values()):7d}")
+              f"{s[8]['ttft_p50_ms']:10.1f}{s[8]['opening_ttft_p50_ms']:11.1f}"
+              f"{sum(v['short'] for v in s.values()):7d}")
     print(f"{'llama-batched-bench decode only':<32}{ceiling.get(1, 0):9.1f}{ceiling.get(4, 0):9.1f}"
           f"{ceiling.get(8, 0):9.1f}")
     if why_not is not None:
@@ -485,6 +493,9 @@ def report(
         name: {
             "tok_s": {n: round(v["tok_s"], 1) for n, v in got["streams"].items()},
             "ttft_p50_ms": {n: round(v["ttft_p50_ms"], 1) for n, v in got["streams"].items()},
+            "opening_ttft_p50_ms": {
+                n: round(v["opening_ttft_p50_ms"], 1) for n, v in got["streams"].items()
+            },
             "short_streams": sum(v["short"] for v in got["streams"].values()),
             **({"chats": {k: round(v, 3) for k, v in got["chats"].items()}} if "chats" in got else {}),
             **({"rps": {k: round(v, 2) for k, v in got["rps"].items()}} if "rps" in got else {}),
