@@ -153,6 +153,7 @@ class _Slot:
     index: int  # also its llama.cpp sequence id
     cached: list[int]  # the tokens whose KV the sequence holds: positions 0..len-1
     last_used: int = 0
+    hits: int = 0  # requests that took it for its cache since it took the prompt it holds
     request: Request | None = None
     # The logits after cached[:logits_at] (the last prompt that finished prefill here), or 0.
     logits_at: int = 0
@@ -747,7 +748,7 @@ class GgufEngine:
         admitted = False
         while self._queue:
             free = [
-                SlotView(s.index, s.cached, s.last_used, s.logits_at)
+                SlotView(s.index, s.cached, s.last_used, s.logits_at, s.hits)
                 for s in self._slots
                 if s.request is None and (beside is None or s.index not in beside)
             ]
@@ -769,6 +770,7 @@ class GgufEngine:
             del slot.cached[reused:]
             slot.forget_logits_past(reused)
             slot.last_used = next(self._tick)
+            slot.hits = slot.hits + 1 if choice.hit else 0
             slot.request = request
             request.slot = slot
             request.reused = request.next_prompt = reused

@@ -18,14 +18,17 @@ class SlotView:
     cached: Sequence[int]  # the tokens whose KV this slot's sequence holds, in order
     last_used: int  # when it last took a request (any increasing count); 0: never
     logits_at: int = 0  # the slot kept the logits after cached[:logits_at]; 0: none
+    hits: int = 0  # requests that took it for its cache since it took the prompt it holds
 
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """The slot a prompt takes and how many of its leading tokens are already in its KV."""
+    """The slot a prompt takes, how many of its leading tokens are already in its KV, and
+    whether it was taken for them (a hit) or evicted for the prompt."""
 
     index: int
     reused: int
+    hit: bool = False
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -52,8 +55,12 @@ def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | Non
     """Pick the free slot for `prompt`; None if none is free.
 
     The slot sharing the longest prefix with `prompt` wins when that prefix is at least
-    SIMILARITY of the prompt (ties: least recently used, then lowest index); otherwise the least
-    recently used slot, whose cache is the least likely to be wanted again. At most
+    SIMILARITY of the prompt (ties: least recently used, then lowest index). Otherwise a slot is
+    evicted: an empty one first, then one whose cache no request has come back for (a one-off
+    prompt: a warm-up, a probe), then the least recently used. Plain LRU would evict the
+    conversations that keep coming back before the one-off that arrived last, and each evicted
+    conversation then evicts the next when it returns (a whole round of 8 streams re-decoded
+    its prompts after one warm-up request). At most
     len(prompt) - 1 tokens are reused (the last prompt token must be decoded again to get the
     logits of the first generated token), unless the slot kept the logits after exactly this
     prompt: then all of it is, and nothing is decoded.
@@ -72,9 +79,16 @@ def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | Non
     best = min(free, key=lambda s: (-reused[s.index], s.last_used, s.index))
     shared = reused[best.index]
     if shared > 0 and shared >= SIMILARITY * len(prompt):
-        return Choice(index=best.index, reused=shared)
-    oldest = min(free, key=lambda s: (s.last_used, s.index))
-    return Choice(index=oldest.index, reused=reused[oldest.index])
+        return Choice(index=best.index, reused=shared, hit=True)
+    evicted = min(free, key=lambda s: (_worth(s), s.last_used, s.index))
+    return Choice(index=evicted.index, reused=reused[evicted.index])
+
+
+def _worth(slot: SlotView) -> int:
+    """How much evicting a slot loses: 0 nothing, 1 a one-off's cache, 2 a reused one's."""
+    if not slot.cached:
+        return 0
+    return 2 if slot.hits else 1
 
 
 @dataclass(frozen=True, slots=True)

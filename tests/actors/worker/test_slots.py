@@ -49,7 +49,7 @@ CHOICES = [
         "the-longest-shared-prefix-wins",
         PROMPT,
         [SlotView(0, (1, 10), 1), SlotView(1, (1, 10, 11, 12), 5), SlotView(2, (1,), 0)],
-        Choice(1, 4),
+        Choice(1, 4, hit=True),
     ),
     (
         "a-tie-goes-to-the-least-recently-used",
@@ -67,7 +67,7 @@ CHOICES = [
         "a-cached-copy-of-the-whole-prompt-still-leaves-its-last-token-to-decode",
         PROMPT,
         [SlotView(0, PROMPT + (77, 78), 1)],
-        Choice(0, len(PROMPT) - 1),
+        Choice(0, len(PROMPT) - 1, hit=True),
     ),
     (
         # Found through the node: interleaved chats all share "Chat " with the warm slot, so
@@ -79,13 +79,31 @@ CHOICES = [
     ),
     ("a-one-token-prompt-reuses-nothing", (1,), [SlotView(0, (1, 2), 1)], Choice(0, 0)),
     ("an-empty-cache-reuses-nothing", PROMPT, [SlotView(0, (), 4)], Choice(0, 0)),
+    (
+        "a-one-off-prompt-is-evicted-before-a-conversation-that-came-back",
+        PROMPT,
+        [SlotView(0, (7, 8, 9), 1, hits=2), SlotView(1, (6, 6), 5, hits=0)],
+        Choice(1, 0),
+    ),
+    (
+        "an-empty-slot-is-taken-before-a-one-off",
+        PROMPT,
+        [SlotView(0, (6, 6), 1), SlotView(1, (), 5, hits=3)],
+        Choice(1, 0),
+    ),
+    (
+        "among-conversations-that-came-back-the-least-recently-used",
+        PROMPT,
+        [SlotView(0, (7, 8), 4, hits=1), SlotView(1, (6, 6), 2, hits=5)],
+        Choice(1, 0),
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     ("prompt", "free", "expected"), [c[1:] for c in CHOICES], ids=[c[0] for c in CHOICES]
 )
-def test_a_prompt_takes_the_slot_holding_most_of_it_else_the_least_recently_used(
+def test_a_prompt_takes_the_slot_holding_most_of_it_else_evicts_the_least_wanted(
     prompt: tuple[int, ...], free: list[SlotView], expected: Choice | None
 ) -> None:
     assert choose_slot(prompt, free) == expected
@@ -150,7 +168,7 @@ def test_a_budget_smaller_than_the_generating_sequences_is_refused() -> None:
 
 def test_a_slot_that_kept_the_logits_after_exactly_the_prompt_reuses_all_of_it() -> None:
     kept = SlotView(0, (*PROMPT, 20, 21), last_used=1, logits_at=len(PROMPT))
-    assert choose_slot(PROMPT, [kept]) == Choice(index=0, reused=len(PROMPT))
+    assert choose_slot(PROMPT, [kept]) == Choice(index=0, reused=len(PROMPT), hit=True)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +185,7 @@ def test_without_the_logits_of_exactly_the_prompt_its_last_token_is_decoded_agai
 ) -> None:
     slot = SlotView(0, cached, last_used=1, logits_at=logits_at)
     reused = min(len(PROMPT) - 1, common_prefix(PROMPT, cached))
-    assert choose_slot(PROMPT, [slot]) == Choice(index=0, reused=reused)
+    assert choose_slot(PROMPT, [slot]) == Choice(index=0, reused=reused, hit=True)
 
 
 FILLERS = [
