@@ -154,6 +154,7 @@ class _Slot:
     cached: list[int]  # the tokens whose KV the sequence holds: positions 0..len-1
     last_used: int = 0
     hits: int = 0  # requests that took it for its cache since it took the prompt it holds
+    evicted: tuple[int, ...] = ()  # the cache that prompt evicted from it
     request: Request | None = None
     # The logits after cached[:logits_at] (the last prompt that finished prefill here), or 0.
     logits_at: int = 0
@@ -748,7 +749,7 @@ class GgufEngine:
         admitted = False
         while self._queue:
             free = [
-                SlotView(s.index, s.cached, s.last_used, s.logits_at, s.hits)
+                SlotView(s.index, s.cached, s.last_used, s.logits_at, s.hits, s.evicted)
                 for s in self._slots
                 if s.request is None and (beside is None or s.index not in beside)
             ]
@@ -759,6 +760,10 @@ class GgufEngine:
             self._queue.popleft()
             admitted = True
             slot = self._slots[choice.index]
+            if choice.hit:
+                slot.hits += 1
+            else:
+                slot.hits, slot.evicted = 0, tuple(slot.cached)
             reused = choice.reused
             # Drop what the new prompt does not share; a cache that cannot cut a sequence in the
             # middle (recurrent models) drops the whole sequence.
@@ -770,7 +775,6 @@ class GgufEngine:
             del slot.cached[reused:]
             slot.forget_logits_past(reused)
             slot.last_used = next(self._tick)
-            slot.hits = slot.hits + 1 if choice.hit else 0
             slot.request = request
             request.slot = slot
             request.reused = request.next_prompt = reused

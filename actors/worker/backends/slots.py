@@ -19,6 +19,7 @@ class SlotView:
     last_used: int  # when it last took a request (any increasing count); 0: never
     logits_at: int = 0  # the slot kept the logits after cached[:logits_at]; 0: none
     hits: int = 0  # requests that took it for its cache since it took the prompt it holds
+    evicted: Sequence[int] = ()  # the cache that prompt evicted from it; (): none
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +56,15 @@ def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | Non
     """Pick the free slot for `prompt`; None if none is free.
 
     The slot sharing the longest prefix with `prompt` wins when that prefix is at least
-    SIMILARITY of the prompt (ties: least recently used, then lowest index). Otherwise a slot is
-    evicted: an empty one first, then one whose cache no request has come back for (a one-off
-    prompt: a warm-up, a probe), then the least recently used. Plain LRU would evict the
-    conversations that keep coming back before the one-off that arrived last, and each evicted
-    conversation then evicts the next when it returns (a whole round of 8 streams re-decoded
-    its prompts after one warm-up request). At most
-    len(prompt) - 1 tokens are reused (the last prompt token must be decoded again to get the
+    SIMILARITY of the prompt (ties: least recently used, then lowest index). Otherwise, when the
+    prompt comes back to a cache that was evicted by one no request has come back for since (a
+    one-off: a warm-up, a probe), it takes that slot back: taking the least recently used one
+    instead evicts a third conversation, which does the same when it returns (after one warm-up
+    request, most of a round of 8 streams re-decoded their prompts). Otherwise the least
+    recently used slot, whose cache is the least likely to be wanted again. (Evicting one-offs
+    first whatever their age fails the other way: each new conversation's first turn evicts
+    the one before, which never got the chance to come back.) At most len(prompt) - 1 tokens
+    are reused (the last prompt token must be decoded again to get the
     logits of the first generated token), unless the slot kept the logits after exactly this
     prompt: then all of it is, and nothing is decoded.
     """
@@ -80,15 +83,12 @@ def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | Non
     shared = reused[best.index]
     if shared > 0 and shared >= SIMILARITY * len(prompt):
         return Choice(index=best.index, reused=shared, hit=True)
-    evicted = min(free, key=lambda s: (_worth(s), s.last_used, s.index))
-    return Choice(index=evicted.index, reused=reused[evicted.index])
-
-
-def _worth(slot: SlotView) -> int:
-    """How much evicting a slot loses: 0 nothing, 1 a one-off's cache, 2 a reused one's."""
-    if not slot.cached:
-        return 0
-    return 2 if slot.hits else 1
+    lost = {s.index: common_prefix(prompt, s.evicted) for s in free if s.hits == 0}
+    back = max(lost, key=lambda i: (lost[i], -i), default=None)
+    if back is not None and lost[back] > 0 and lost[back] >= SIMILARITY * len(prompt):
+        return Choice(index=back, reused=reused[back])
+    oldest = min(free, key=lambda s: (s.last_used, s.index))
+    return Choice(index=oldest.index, reused=reused[oldest.index])
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,22 +80,23 @@ CHOICES = [
     ("a-one-token-prompt-reuses-nothing", (1,), [SlotView(0, (1, 2), 1)], Choice(0, 0)),
     ("an-empty-cache-reuses-nothing", PROMPT, [SlotView(0, (), 4)], Choice(0, 0)),
     (
-        "a-one-off-prompt-is-evicted-before-a-conversation-that-came-back",
+        "a-prompt-takes-back-the-slot-of-the-one-off-that-evicted-it",
         PROMPT,
-        [SlotView(0, (7, 8, 9), 1, hits=2), SlotView(1, (6, 6), 5, hits=0)],
+        [SlotView(0, (7, 8, 9), 1, hits=2), SlotView(1, (6, 6), 5, evicted=(*PROMPT, 30))],
         Choice(1, 0),
     ),
     (
-        "an-empty-slot-is-taken-before-a-one-off",
+        "not-once-a-request-came-back-for-the-one-off",
         PROMPT,
-        [SlotView(0, (6, 6), 1), SlotView(1, (), 5, hits=3)],
-        Choice(1, 0),
+        [SlotView(0, (7, 8, 9), 1, hits=2), SlotView(1, (6, 6), 5, hits=1, evicted=PROMPT)],
+        Choice(0, 0),
     ),
     (
-        "among-conversations-that-came-back-the-least-recently-used",
+        # New conversations evict a stale one, not each other before their second turns.
+        "a-new-prompt-evicts-the-least-recently-used-even-when-it-came-back-often",
         PROMPT,
-        [SlotView(0, (7, 8), 4, hits=1), SlotView(1, (6, 6), 2, hits=5)],
-        Choice(1, 0),
+        [SlotView(0, (7, 8, 9), 1, hits=5), SlotView(1, (6, 6), 5, evicted=(40, 41))],
+        Choice(0, 0),
     ),
 ]
 
