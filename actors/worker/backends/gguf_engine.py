@@ -547,13 +547,14 @@ class GgufEngine:
         before the decode, and its next in this very decode; `flush` is called after those
         first tokens are emitted, so that they can leave before the decode runs.
 
-        With `during`, `during(fd)` runs on a thread of the engine's while this one decodes a
-        batch of more than one token, and must return once `fd` is readable (the decode is done). It may call `submit` and
+        With `during`, `during(fd)` runs on a thread of the engine's while this one decodes
+        (unless the batch is one token and no request was just admitted), and must return once
+        `fd` is readable (the decode is done). It may call `submit` and
         `admit_cached`, and nothing else of the engine. (The decode stays on the caller's
         thread: a crash in it is then the main thread's, whose stack the crash report shows.)
         """
         self._apply_trims()
-        self._admit()
+        arrived = self._admit()
         raised = self._first_from_saved()
         if raised is not None and flush is not None:
             flush()
@@ -605,8 +606,10 @@ class GgufEngine:
             batch.n_tokens = n
             # A step of one token is the shortest decode: what arrives during it waits less
             # than a token's time, while the thread's two hand-offs would cost every such step
-            # ~2% (medium50m on 2 cores: 6.35 -> 6.50 ms a token).
-            if during is None or not self._fillable or n == 1:
+            # ~2% (medium50m on 2 cores: 6.35 -> 6.50 ms a token). Requests come in bursts,
+            # though: after an admission the thread stays, so the rest of a burst can start
+            # during the decode, not after it.
+            if during is None or not self._fillable or (n == 1 and not arrived):
                 rc = lib.llama_decode(self._ctx, batch)
             else:
                 rc = self._decode_beside(during, {c.seq for c in plan})

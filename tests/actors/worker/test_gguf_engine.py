@@ -442,6 +442,24 @@ def test_a_step_of_one_token_decodes_without_the_thread_beside(engine_for: MakeE
     assert calls == [] and record.request is not None and record.request.produced == 2
 
 
+def test_a_step_of_one_token_that_just_admitted_a_request_keeps_the_thread_beside(
+    engine_for: MakeEngine,
+) -> None:
+    # More of a burst may be on its way: they start during the decode, not after it.
+    engine = engine_for(parallel=2)
+    submit(engine, PROMPTS[0], GenerationParams(max_tokens=1, temperature=0.0))
+    drain(engine)  # slot 0 holds the prompt and its logits
+    again = submit(engine, PROMPTS[0])
+    calls: list[int] = []
+
+    def during(decoded_fd: int) -> None:
+        calls.append(decoded_fd)
+        select.select([decoded_fd], [], [])
+
+    engine.step(during=during)  # its first token from the saved logits; one token decoded
+    assert len(calls) == 1 and again.request is not None and again.request.produced == 2
+
+
 def test_beside_a_decode_a_cached_prompt_may_take_a_slot_that_fills_a_gap_in_it(
     engine_for: MakeEngine, one_at_a_time: OneAtATime
 ) -> None:
