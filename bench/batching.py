@@ -10,14 +10,17 @@ On the ~51M generated model ("medium50m", f32), on 127.0.0.1:
      node and llama-server take turns in legs (node, server, server, node...): the host's speed
      drifts within a minute, and measuring one server after the other let that drift decide
      the 1-stream ratio (0.75-0.95 across runs of the same code); the idle one uses ~0.5% of a
-     CPU. Time to the first content token (TTFT p50 at 1 and 8 streams) of the requests sent
-     while the other clients' streams ran; a leg's first round, where all clients send at
-     once, is reported on its own ("8 at once");
+     CPU. Time to the first content token (TTFT p50 at 1 and 8 streams) of a leg's later
+     rounds; its first round, every client sending at once right after the leg's warm-up
+     request, is reported on its own ("8 at once"). (Equal-length streams on cached prompts
+     end in the same step, so a later round arrives as a burst too.);
    - node and llama-server only: 8 chats interleaved (every first turn, then every second
      turn, one request at a time); each second turn repeats its first turn's prompt and answer
      (~80% of the context) and adds a line: second-turn TTFT / first-turn TTFT says whether a
      server reuses a conversation's cached prefix while others ran in between;
    - node and llama-server only: 1-token `/v1/completions` req/s at 16 clients;
+   - node and llama-server only: greedy texts of 8 prompts sent at once, 3 times, against the
+     same prompts sent alone: how many differ;
 2. `llama-batched-bench`, decode only, 1, 4 and 8 parallel sequences: the ceiling.
 
 llama.cpp's tools are built from the source the installed llama-cpp-python vendors
@@ -146,8 +149,8 @@ def session_for(clients: int) -> aiohttp.ClientSession:
 @dataclasses.dataclass
 class Leg:
     """Closed-loop streams against one server: the TTFTs of its first round (every client at
-    once) and of the later ones (each request while the others stream), the tokens, the streams
-    that ended short, the wall time."""
+    once, right after the warm-up) and of the later ones, the tokens, the streams that ended
+    short, the wall time."""
 
     opening_ttfts: list[float]
     ttfts: list[float]
@@ -186,8 +189,8 @@ async def alternating(
     """Each server's streams at `clients` in `legs` legs of `per_leg` rounds, the servers taken
     in turn (A B, B A, A B...): a 2-core host's speed drifts by 20% within a minute, and legs in
     turn let that drift weigh on every server alike. Per server: tokens/s over its legs; TTFT
-    p50 of the streams that started while the others ran (a leg's later rounds: the goal's "at
-    8 streams"), and of its legs' first rounds, where every client sends at once."""
+    p50 of its legs' later rounds (the goal's "at 8 streams"), and of their first rounds, sent
+    all at once right after each leg's warm-up request."""
     done: dict[str, list[Leg]] = {name: [] for name in urls}
     for leg in range(legs):
         order = list(urls) if leg % 2 == 0 else list(reversed(urls))
@@ -205,6 +208,37 @@ async def alternating(
         }
         for name, got in done.items()
     }
+
+
+TOGETHER_PROMPTS = (
+    "The quick brown fox",
+    "Hello",
+    "abc",
+    "The quick brown dog jumps",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, " * 2,
+    "zz",
+    "Lorem ipsum dolor sit amet",
+    "Once upon a time",
+)
+TOGETHER_TOKENS = 24
+TOGETHER_ROUNDS = 3
+
+
+async def together(url: str) -> dict[str, float]:
+    """Greedy texts of TOGETHER_PROMPTS sent one at a time, then all at once TOGETHER_ROUNDS
+    times: how many of the concurrent texts differ from the same prompt's alone (llama.cpp's
+    kernels are not batch-invariant, so a near-tie can flip)."""
+    async with session_for(len(TOGETHER_PROMPTS)) as session:
+        alone = [
+            (await stream_once(session, url, p, TOGETHER_TOKENS))[2] for p in TOGETHER_PROMPTS
+        ]
+        differed = 0
+        for _ in range(TOGETHER_ROUNDS):
+            texts = await asyncio.gather(
+                *(stream_once(session, url, p, TOGETHER_TOKENS) for p in TOGETHER_PROMPTS)
+            )
+            differed += sum(a != t[2] for a, t in zip(alone, texts, strict=True))
+    return {"differed": float(differed), "of": float(TOGETHER_ROUNDS * len(TOGETHER_PROMPTS))}
 
 
 def chat_prefix(chat: int) -> str:
@@ -265,6 +299,7 @@ async def measure(
             progress(f"{name}, chats: second/first TTFT {out[name]['chats']['ratio']:.3f}")
             out[name]["rps"] = await rps(url, seconds)
             progress(f"{name}, 1-token: {out[name]['rps']['rps']:.0f} req/s")
+            out[name]["together"] = await together(url)
     return out
 
 
@@ -380,7 +415,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     wanted = args.rounds or (4 if args.quick else 12)
     legs = 2 if args.quick else 3
     per_leg = max(2, -(-wanted // legs))  # a first round, and at least one after it
-    rounds = legs * per_leg
+    if legs * per_leg != wanted:
+        progress(f"--rounds {wanted}: {legs * per_leg} rounds ({legs} legs of {per_leg})")
     seconds = 4.0 if args.quick else 15.0
     version = llama_tools.installed_version()
     tools = llama_tools.build(version)
@@ -409,7 +445,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             proc, url = start_llama_cpp_server(workdir, model)
             try:
                 urls = {"llama_cpp.server": url}
-                results.update(await measure(urls, 1, rounds, seconds, full=False))
+                results.update(await measure(urls, 1, legs * per_leg, seconds, full=False))
             finally:
                 stop(proc)
 
@@ -417,7 +453,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         npp = len(f"Client 0. {PROMPT}")
         ceiling = batched_bench(tools["llama-batched-bench"], model, LEVELS, STREAM_TOKENS, npp,
                                 SLOTS * N_CTX)
-    return report(results, ceiling, settings, keys, why_not, (legs, per_leg), seconds, version,
+    return report(results, ceiling, settings, keys, why_not, legs, per_leg, seconds, version,
                   args.size)
 
 
@@ -427,7 +463,8 @@ def report(
     settings: dict[str, Any],
     keys: dict[str, int],
     why_not: str | None,
-    legs: tuple[int, int],
+    legs: int,
+    per_leg: int,
     seconds: float,
     version: str,
     size: str,
@@ -440,8 +477,8 @@ def report(
         return float(results[name]["streams"][n]["tok_s"])
 
     print(f"batching: model {size} (generated, f32), {os.cpu_count()} CPUs, {STREAM_TOKENS}-token "
-          f"streams, {legs[0] * legs[1]} per client per level (node and llama-server in turn, "
-          f"{legs[0]} legs of {legs[1]}); n_ctx {N_CTX} per sequence")
+          f"streams, {legs * per_leg} per client per level (node and llama-server in turn, "
+          f"{legs} legs of {per_leg}); n_ctx {N_CTX} per sequence")
     print(f"llama.cpp tools: llama-cpp-python {built.get('llama_cpp_python')}, "
           f"{str(built.get('llama_server_version', '?')).replace(chr(10), '; ')}")
     flags: Any = built.get("cmake_flags") or []
@@ -467,6 +504,11 @@ def report(
         c = results[name]["chats"]
         print(f"  {name:<14} first-turn TTFT {c['first_ttft_ms']:8.1f} ms, second-turn "
               f"{c['second_ttft_ms']:8.1f} ms: {c['ratio']:.3f}x")
+    print(f"greedy texts of {len(TOGETHER_PROMPTS)} prompts sent at once ({TOGETHER_ROUNDS} "
+          f"times) that differ from the same prompt alone:")
+    for name in ("node", "llama-server"):
+        t = results[name]["together"]
+        print(f"  {name:<14} {t['differed']:.0f} of {t['of']:.0f}")
     print(f"1-token req/s at {RPS_CLIENTS} clients ({seconds:g} s):")
     for name in ("node", "llama-server"):
         r = results[name]["rps"]
@@ -499,6 +541,7 @@ def report(
             "short_streams": sum(v["short"] for v in got["streams"].values()),
             **({"chats": {k: round(v, 3) for k, v in got["chats"].items()}} if "chats" in got else {}),
             **({"rps": {k: round(v, 2) for k, v in got["rps"].items()}} if "rps" in got else {}),
+            **({"together": got["together"]} if "together" in got else {}),
         }
         for name, got in results.items()
     }
@@ -510,8 +553,8 @@ def report(
         "node_catalog_keys": keys,
         "llama_cpp_server_unavailable": why_not,
         "tools": built,
-        "rounds": legs[0] * legs[1],
-        "legs": legs[0],
+        "rounds": legs * per_leg,
+        "legs": legs,
     }
 
 

@@ -90,9 +90,9 @@ class ResourcesConfig:
     worker_nice: int = 5
     """How much lower than the node the model workers run (nice, 0..19). Their decode threads
     keep every core busy on the CPU, and the node's event loop (requests, streams, health, gossip
-    probes) must not queue behind them: measured on 2 cores, time to the first token at 8
-    streams fell from 6-13 ms to 3-6 ms at 5, tokens/s unchanged within run-to-run noise.
-    0 = the node's own priority."""
+    probes) should not queue behind them: on 2 cores, 8 closed-loop streams with the worker
+    reniced by hand had TTFT p50 6.2-13.0 ms at 0 and 3.4-5.5 ms at 5, tokens/s unchanged within
+    run-to-run noise. 0 = the node's own priority."""
 
     def __post_init__(self) -> None:
         _require(

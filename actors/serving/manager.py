@@ -69,7 +69,7 @@ class ManagerDeps:
     worker_factory: WorkerFactory = worker_process
     memory_watch: MemoryWatch = MemoryWatch()
     cpu_threads: int = 0  # [resources] cpu_threads: 0 = the physical cores
-    worker_nice: int = 0  # [resources] worker_nice
+    worker_nice: int = 5  # [resources] worker_nice
 
 
 class ModelManager(LoopReplyActor):

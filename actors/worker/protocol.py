@@ -275,8 +275,8 @@ _BY_TYPE: dict[int, type[Any]] = {
 }
 _BY_CLASS: dict[type[Any], int] = {cls: num for num, cls in _BY_TYPE.items()}
 _FIELD_COUNT: dict[int, int] = {num: len(fields(cls)) for num, cls in _BY_TYPE.items()}
-# Fields a frame may leave off at its end: those with defaults (LoadSpec's `parallel`, added
-# later), so a frame from a peer one field older still decodes.
+# Fields a frame may leave off at its end: those with defaults (LoadSpec's `parallel` and
+# `nice`, added later), so a frame from a peer one field older still decodes.
 _REQUIRED_COUNT: dict[int, int] = {
     num: sum(f.default is MISSING and f.default_factory is MISSING for f in fields(cls))
     for num, cls in _BY_TYPE.items()

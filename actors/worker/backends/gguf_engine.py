@@ -153,7 +153,7 @@ class _Slot:
     index: int  # also its llama.cpp sequence id
     cached: list[int]  # the tokens whose KV the sequence holds: positions 0..len-1
     last_used: int = 0
-    hits: int = 0  # requests that took it for its cache since it took the prompt it holds
+    came_back: bool = False  # a request came back for the prompt it holds (see SlotView)
     evicted: tuple[int, ...] = ()  # the cache that prompt evicted from it
     request: Request | None = None
     # The logits after cached[:logits_at] (the last prompt that finished prefill here), or 0.
@@ -164,6 +164,12 @@ class _Slot:
         """Drop the saved logits when the KV they follow is cut below them."""
         if self.logits_at > n:
             self.logits_at, self.logits = 0, None
+
+    def emptied(self) -> None:
+        """Forget everything of the sequence, whose KV was just removed whole."""
+        self.cached.clear()
+        self.forget_logits_past(0)
+        self.came_back, self.evicted = False, ()
 
 
 class GgufEngine:
@@ -607,8 +613,8 @@ class GgufEngine:
             # A step of one token is the shortest decode: what arrives during it waits less
             # than a token's time, while the thread's two hand-offs would cost every such step
             # ~2% (medium50m on 2 cores: 6.35 -> 6.50 ms a token). Requests come in bursts,
-            # though: after an admission the thread stays, so the rest of a burst can start
-            # during the decode, not after it.
+            # though: after an admission the thread stays, so the rest of a burst whose prompts
+            # are cached gets its first tokens during the decode, not after it.
             if during is None or not self._fillable or (n == 1 and not arrived):
                 rc = lib.llama_decode(self._ctx, batch)
             else:
@@ -723,8 +729,7 @@ class GgufEngine:
             slot = self._slots[index]
             if not self._lib.llama_memory_seq_rm(self._mem, index, len(slot.cached), -1):
                 self._lib.llama_memory_seq_rm(self._mem, index, -1, -1)  # never left unsure
-                slot.cached.clear()
-                slot.forget_logits_past(0)
+                slot.emptied()
 
     def _save_logits(
         self, slot: _Slot, request: Request, outputs: list[tuple[Request, int]]
@@ -752,7 +757,7 @@ class GgufEngine:
         admitted = False
         while self._queue:
             free = [
-                SlotView(s.index, s.cached, s.last_used, s.logits_at, s.hits, s.evicted)
+                SlotView(s.index, s.cached, s.last_used, s.logits_at, s.came_back, s.evicted)
                 for s in self._slots
                 if s.request is None and (beside is None or s.index not in beside)
             ]
@@ -763,10 +768,10 @@ class GgufEngine:
             self._queue.popleft()
             admitted = True
             slot = self._slots[choice.index]
-            if choice.hit:
-                slot.hits += 1
+            if choice.came_back:
+                slot.came_back, slot.evicted = True, ()
             else:
-                slot.hits, slot.evicted = 0, tuple(slot.cached)
+                slot.came_back, slot.evicted = False, tuple(slot.cached)
             reused = choice.reused
             # Drop what the new prompt does not share; a cache that cannot cut a sequence in the
             # middle (recurrent models) drops the whole sequence.
@@ -879,8 +884,7 @@ class GgufEngine:
             slot = request.slot
             assert slot is not None
             self._lib.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
-            slot.cached.clear()
-            slot.forget_logits_past(0)
+            slot.emptied()
             self._finish(request, "cancelled", error)
 
     def set_threads(self, n_threads: int) -> None:

@@ -18,18 +18,21 @@ class SlotView:
     cached: Sequence[int]  # the tokens whose KV this slot's sequence holds, in order
     last_used: int  # when it last took a request (any increasing count); 0: never
     logits_at: int = 0  # the slot kept the logits after cached[:logits_at]; 0: none
-    hits: int = 0  # requests that took it for its cache since it took the prompt it holds
+    # A request came back for the prompt it holds: it was taken for its cache, or taken back
+    # (below) since that prompt took it.
+    came_back: bool = False
     evicted: Sequence[int] = ()  # the cache that prompt evicted from it; (): none
 
 
 @dataclass(frozen=True, slots=True)
 class Choice:
     """The slot a prompt takes, how many of its leading tokens are already in its KV, and
-    whether it was taken for them (a hit) or evicted for the prompt."""
+    whether the prompt came back to it (taken for its cache, or taken back) rather than
+    evicting it."""
 
     index: int
     reused: int
-    hit: bool = False
+    came_back: bool = False
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -57,14 +60,14 @@ def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | Non
 
     The slot sharing the longest prefix with `prompt` wins when that prefix is at least
     SIMILARITY of the prompt (ties: least recently used, then lowest index). Otherwise, when the
-    prompt comes back to a cache that was evicted by one no request has come back for since (a
-    one-off: a warm-up, a probe), it takes that slot back: taking the least recently used one
+    prompt comes back to a cache that a one-off evicted (a prompt no request has come back for
+    since: a warm-up, a probe), it takes that slot back: taking the least recently used one
     instead evicts a third conversation, which does the same when it returns (after one warm-up
-    request, most of a round of 8 streams re-decoded their prompts). Otherwise the least
-    recently used slot, whose cache is the least likely to be wanted again. (Evicting one-offs
-    first whatever their age fails the other way: each new conversation's first turn evicts
-    the one before, which never got the chance to come back.) At most len(prompt) - 1 tokens
-    are reused (the last prompt token must be decoded again to get the
+    request, most of a round of 8 streams re-decoded their prompts). Otherwise an empty slot,
+    else the least recently used one, whose cache is the least likely to be wanted again.
+    (Evicting one-offs first whatever their age fails the other way: each new conversation's
+    first turn evicts the one before, which never got the chance to come back.) At most
+    len(prompt) - 1 tokens are reused (the last prompt token must be decoded again to get the
     logits of the first generated token), unless the slot kept the logits after exactly this
     prompt: then all of it is, and nothing is decoded.
     """
@@ -82,13 +85,13 @@ def choose_slot(prompt: Sequence[int], free: Sequence[SlotView]) -> Choice | Non
     best = min(free, key=lambda s: (-reused[s.index], s.last_used, s.index))
     shared = reused[best.index]
     if shared > 0 and shared >= SIMILARITY * len(prompt):
-        return Choice(index=best.index, reused=shared, hit=True)
-    lost = {s.index: common_prefix(prompt, s.evicted) for s in free if s.hits == 0}
+        return Choice(index=best.index, reused=shared, came_back=True)
+    lost = {s.index: common_prefix(prompt, s.evicted) for s in free if not s.came_back}
     back = max(lost, key=lambda i: (lost[i], -i), default=None)
     if back is not None and lost[back] > 0 and lost[back] >= SIMILARITY * len(prompt):
-        return Choice(index=back, reused=reused[back])
-    oldest = min(free, key=lambda s: (s.last_used, s.index))
-    return Choice(index=oldest.index, reused=reused[oldest.index])
+        return Choice(index=back, reused=reused[back], came_back=True)
+    evicted = min(free, key=lambda s: (bool(s.cached), s.last_used, s.index))
+    return Choice(index=evicted.index, reused=reused[evicted.index])
 
 
 @dataclass(frozen=True, slots=True)

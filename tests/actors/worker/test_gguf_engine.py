@@ -28,6 +28,7 @@ from actors.worker.backends import BackendError, BadRequest
 from actors.worker.backends.gguf import open_llama
 from actors.worker.backends.gguf_engine import Finish, GgufEngine, Request
 from actors.worker.backends.sampling import MIN_P, TOP_K
+from actors.worker.backends.slots import common_prefix
 from actors.worker.native_crash import describe_cpu
 from actors.worker.protocol import LoadSpec
 
@@ -284,16 +285,21 @@ def test_prefix_reuse_decodes_only_the_remainder_and_gives_the_same_greedy_outpu
 
 
 def test_a_conversation_evicted_by_a_one_off_takes_its_slot_back_and_evicts_no_other(
-    engine_for: MakeEngine,
+    engine_for: MakeEngine, one_at_a_time: OneAtATime
 ) -> None:
     # Two conversations, each back once; a one-off prompt (a warm-up, a probe) evicts the first.
     # When it comes back it takes the one-off's slot, not the second's (the least recently
     # used), and the second still finds its whole prompt cached.
     engine = engine_for(parallel=2)
     one_token = GenerationParams(max_tokens=1, temperature=0.0)
-    for prompt in (PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]):
+    for prompt in (PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[2]):
         submit(engine, prompt, one_token)
         drain(engine)
+    back = submit(engine, PROMPTS[0])  # onto the one-off's KV, cut to what they share
+    drain(engine)
+    shared = common_prefix(engine.prompt_tokens(PROMPTS[0]), engine.prompt_tokens(PROMPTS[2]))
+    assert finished(back).prompt_tokens_reused == shared
+    assert finished(back).text == one_at_a_time(PROMPTS[0])
     second = submit(engine, PROMPTS[1], one_token)
     drain(engine)
     assert finished(second).prompt_tokens_reused == len(engine.prompt_tokens(PROMPTS[1]))

@@ -49,7 +49,7 @@ CHOICES = [
         "the-longest-shared-prefix-wins",
         PROMPT,
         [SlotView(0, (1, 10), 1), SlotView(1, (1, 10, 11, 12), 5), SlotView(2, (1,), 0)],
-        Choice(1, 4, hit=True),
+        Choice(1, 4, came_back=True),
     ),
     (
         "a-tie-goes-to-the-least-recently-used",
@@ -67,7 +67,7 @@ CHOICES = [
         "a-cached-copy-of-the-whole-prompt-still-leaves-its-last-token-to-decode",
         PROMPT,
         [SlotView(0, PROMPT + (77, 78), 1)],
-        Choice(0, len(PROMPT) - 1, hit=True),
+        Choice(0, len(PROMPT) - 1, came_back=True),
     ),
     (
         # Found through the node: interleaved chats all share "Chat " with the warm slot, so
@@ -82,21 +82,42 @@ CHOICES = [
     (
         "a-prompt-takes-back-the-slot-of-the-one-off-that-evicted-it",
         PROMPT,
-        [SlotView(0, (7, 8, 9), 1, hits=2), SlotView(1, (6, 6), 5, evicted=(*PROMPT, 30))],
-        Choice(1, 0),
+        [SlotView(0, (7, 8, 9), 1, came_back=True), SlotView(1, (6, 6), 5, evicted=(*PROMPT, 30))],
+        Choice(1, 0, came_back=True),
     ),
     (
         "not-once-a-request-came-back-for-the-one-off",
         PROMPT,
-        [SlotView(0, (7, 8, 9), 1, hits=2), SlotView(1, (6, 6), 5, hits=1, evicted=PROMPT)],
+        [
+            SlotView(0, (7, 8, 9), 1, came_back=True),
+            SlotView(1, (6, 6), 5, came_back=True, evicted=PROMPT),
+        ],
         Choice(0, 0),
     ),
     (
         # New conversations evict a stale one, not each other before their second turns.
         "a-new-prompt-evicts-the-least-recently-used-even-when-it-came-back-often",
         PROMPT,
-        [SlotView(0, (7, 8, 9), 1, hits=5), SlotView(1, (6, 6), 5, evicted=(40, 41))],
+        [SlotView(0, (7, 8, 9), 1, came_back=True), SlotView(1, (6, 6), 5, evicted=(40, 41))],
         Choice(0, 0),
+    ),
+    (
+        "not-for-a-few-tokens-of-what-the-one-off-evicted",
+        PROMPT,
+        [SlotView(0, (7, 8, 9), 1, came_back=True), SlotView(1, (6, 6), 5, evicted=(1, 10, 99))],
+        Choice(0, 0),
+    ),
+    (
+        "between-two-one-offs-the-one-that-evicted-more-of-it",
+        PROMPT,
+        [SlotView(0, (6,), 1, evicted=(1, 10, 11)), SlotView(1, (5,), 2, evicted=PROMPT)],
+        Choice(1, 0, came_back=True),
+    ),
+    (
+        "an-emptied-slot-before-the-least-recently-used",
+        PROMPT,
+        [SlotView(0, (7, 8, 9), 1, came_back=True), SlotView(1, (), 9)],
+        Choice(1, 0),
     ),
 ]
 
@@ -167,9 +188,30 @@ def test_a_budget_smaller_than_the_generating_sequences_is_refused() -> None:
         plan_step([Wants(0, True), Wants(1, True)], 1)
 
 
+def test_a_conversation_and_a_repeated_probe_settle_in_slots_of_their_own() -> None:
+    # Found by review: when a taken-back slot counted as a fresh eviction, the probe then took
+    # it back in turn, and the two evicted each other from one slot forever while the other
+    # slot's conversation sat unused.
+    a, b, probe = (1, 10, 11, 12), (2, 20, 21, 22), (3, 30, 31, 32)
+    slots = [SlotView(0, a, 3, True), SlotView(1, b, 4, True)]
+    clock = 5
+    for prompt in (probe, a, probe, a, probe, a):
+        choice = choose_slot(prompt, slots)
+        assert choice is not None
+        old = slots[choice.index]
+        slots[choice.index] = SlotView(
+            old.index, prompt, clock, 0, choice.came_back, () if choice.came_back else old.cached
+        )
+        clock += 1
+    # The probe evicted the least recently used conversation once (a took its slot back from
+    # it); from then on each of a and the probe finds its own cache.
+    assert {s.cached for s in slots} == {a, probe}
+    assert all(s.came_back for s in slots)
+
+
 def test_a_slot_that_kept_the_logits_after_exactly_the_prompt_reuses_all_of_it() -> None:
     kept = SlotView(0, (*PROMPT, 20, 21), last_used=1, logits_at=len(PROMPT))
-    assert choose_slot(PROMPT, [kept]) == Choice(index=0, reused=len(PROMPT), hit=True)
+    assert choose_slot(PROMPT, [kept]) == Choice(index=0, reused=len(PROMPT), came_back=True)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +228,7 @@ def test_without_the_logits_of_exactly_the_prompt_its_last_token_is_decoded_agai
 ) -> None:
     slot = SlotView(0, cached, last_used=1, logits_at=logits_at)
     reused = min(len(PROMPT) - 1, common_prefix(PROMPT, cached))
-    assert choose_slot(PROMPT, [slot]) == Choice(index=0, reused=reused, hit=True)
+    assert choose_slot(PROMPT, [slot]) == Choice(index=0, reused=reused, came_back=True)
 
 
 FILLERS = [
