@@ -210,35 +210,30 @@ async def alternating(
     }
 
 
-TOGETHER_PROMPTS = (
-    "The quick brown fox",
-    "Hello",
-    "abc",
-    "The quick brown dog jumps",
-    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, " * 2,
-    "zz",
-    "Lorem ipsum dolor sit amet",
-    "Once upon a time",
-)
 TOGETHER_TOKENS = 24
 TOGETHER_ROUNDS = 3
 
 
 async def together(url: str) -> dict[str, float]:
-    """Greedy texts of TOGETHER_PROMPTS sent one at a time, then all at once TOGETHER_ROUNDS
+    """Greedy texts of `together_prompts()` sent one at a time, then all at once TOGETHER_ROUNDS
     times: how many of the concurrent texts differ from the same prompt's alone (llama.cpp's
     kernels are not batch-invariant, so a near-tie can flip)."""
-    async with session_for(len(TOGETHER_PROMPTS)) as session:
-        alone = [
-            (await stream_once(session, url, p, TOGETHER_TOKENS))[2] for p in TOGETHER_PROMPTS
-        ]
+    prompts = together_prompts()
+    async with session_for(len(prompts)) as session:
+        alone = [(await stream_once(session, url, p, TOGETHER_TOKENS))[2] for p in prompts]
         differed = 0
         for _ in range(TOGETHER_ROUNDS):
             texts = await asyncio.gather(
-                *(stream_once(session, url, p, TOGETHER_TOKENS) for p in TOGETHER_PROMPTS)
+                *(stream_once(session, url, p, TOGETHER_TOKENS) for p in prompts)
             )
             differed += sum(a != t[2] for a, t in zip(alone, texts, strict=True))
-    return {"differed": float(differed), "of": float(TOGETHER_ROUNDS * len(TOGETHER_PROMPTS))}
+    return {"differed": float(differed), "of": float(TOGETHER_ROUNDS * len(prompts))}
+
+
+def together_prompts() -> list[str]:
+    """Eight prompts that share little: four short ones, the openings of four chats."""
+    short = ["Lorem ipsum dolor sit amet", "Once upon a time", "The quick brown fox", "zz"]
+    return short + [chat_prefix(chat)[:80] for chat in range(4)]
 
 
 def chat_prefix(chat: int) -> str:
@@ -504,7 +499,7 @@ def report(
         c = results[name]["chats"]
         print(f"  {name:<14} first-turn TTFT {c['first_ttft_ms']:8.1f} ms, second-turn "
               f"{c['second_ttft_ms']:8.1f} ms: {c['ratio']:.3f}x")
-    print(f"greedy texts of {len(TOGETHER_PROMPTS)} prompts sent at once ({TOGETHER_ROUNDS} "
+    print(f"greedy texts of {len(together_prompts())} prompts sent at once ({TOGETHER_ROUNDS} "
           f"times) that differ from the same prompt alone:")
     for name in ("node", "llama-server"):
         t = results[name]["together"]
