@@ -25,7 +25,7 @@ On the ~51M generated model ("medium50m", f32), on 127.0.0.1:
 
 llama.cpp's tools are built from the source the installed llama-cpp-python vendors
 (bench/llama_tools.py). The node is measured as its catalog configures it: the catalog keys
-`parallel` and `n_threads` are written only when `CatalogEntry` has them (`--node-parallel`,
+`parallel` and `threads` are written only when `CatalogEntry` has them (`--node-parallel`,
 `--node-threads`), so the same script measures the node before and after continuous batching.
 
     .venv/bin/python bench/batching.py --quick --json
@@ -307,11 +307,11 @@ def progress(text: str) -> None:
 
 
 def node_catalog_keys(parallel: int | None, threads: int | None) -> dict[str, int]:
-    """The catalog keys to write: `parallel` and `n_threads` where the node has them."""
+    """The catalog keys to write: `parallel` and `threads` where the node has them."""
     from actors.serving.config import CatalogEntry
 
     known = {f.name for f in dataclasses.fields(CatalogEntry)}
-    wanted = {"parallel": parallel, "n_threads": threads}
+    wanted = {"parallel": parallel, "threads": threads}
     missing = [k for k, v in wanted.items() if v is not None and k not in known]
     if missing:
         raise SystemExit(f"this node's catalog has no key {', '.join(missing)} (CatalogEntry)")
@@ -480,7 +480,7 @@ def report(
     print(f"  build flags: {' '.join(map(str, flags))}; CPU {built.get('cpu')}")
     print(f"  llama-server -np {SLOTS} -c {SLOTS * N_CTX}: chose n_threads "
           f"{settings.get('n_threads')}, cache_prompt {settings.get('cache_prompt')}")
-    print(f"node catalog keys added: {keys or 'none (the node has no parallel/n_threads yet)'}")
+    print(f"node catalog keys added: {keys or 'none (the node has no parallel/threads yet)'}")
     print(f"\naggregate tokens/s{'':14}{'1':>9}{'4':>9}{'8':>9}{'8 vs 1':>9}"
           f"{'TTFT1 ms':>10}{'TTFT8 ms':>10}{'8 at once':>11}{'short':>7}")
     for name, got in results.items():

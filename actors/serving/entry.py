@@ -53,10 +53,12 @@ def entry_for(
             if request.gpu_layers is not None
             else (base.gpu_layers if base else -1),
             pin=request.pin if request.pin is not None else (base.pin if base else False),
+            preload=base.preload if base is not None else False,
             lora=base.lora if base is not None and request.path is None else "",
             cpu_repack=base.cpu_repack if base is not None else None,
             n_ctx_max=base.n_ctx_max if base is not None else 0,
             parallel=base.parallel if base is not None else 0,  # the catalog's, never a client's
+            threads=base.threads if base is not None else 0,  # the catalog's, never a client's
         )
     except ValueError as exc:
         field_name, _, message = str(exc).partition(": ")

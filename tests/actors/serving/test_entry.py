@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -49,6 +50,36 @@ def test_a_request_by_name_alone_takes_the_catalog_entry(tiny_gguf: Path) -> Non
     base = CatalogEntry("m", str(tiny_gguf), n_ctx=64, pin=True, lora="/a.gguf")
     entry = entry_for(LoadRequest(name="m"), base, [tiny_gguf.parent])
     assert (entry.path, entry.n_ctx, entry.pin, entry.lora) == (str(tiny_gguf), 64, True, "/a.gguf")
+
+
+def test_every_field_of_the_catalog_entry_reaches_the_entry_loaded_by_name(
+    tiny_gguf: Path,
+) -> None:
+    # Found by measuring: `threads` was dropped here, so a catalog's `threads = 1` decoded with
+    # every core. Each field set to something other than its default must come through.
+    base = CatalogEntry(
+        "m",
+        str(tiny_gguf),
+        backend="gguf",
+        n_ctx=64,
+        n_ctx_max=128,
+        gpu_layers=3,
+        preload=True,
+        pin=True,
+        lora="/a.gguf",
+        cpu_repack=True,
+        parallel=4,
+        threads=1,
+    )
+    entry = entry_for(LoadRequest(name="m"), base, [tiny_gguf.parent])
+    differ = {
+        f.name
+        for f in dataclasses.fields(CatalogEntry)
+        if getattr(entry, f.name) != getattr(base, f.name)
+    }
+    assert differ == set()
+    spec = worker_spec(entry, device_kind="cpu", device_index=None, cpu_repack=False)
+    assert spec.load.n_threads == 1
 
 
 def test_the_requests_fields_win_over_the_catalogs(tiny_gguf: Path) -> None:
