@@ -54,7 +54,8 @@ def entry_for(
             else (base.gpu_layers if base else -1),
             pin=request.pin if request.pin is not None else (base.pin if base else False),
             preload=base.preload if base is not None else False,
-            lora=base.lora if base is not None and request.path is None else "",
+            # The catalog's adapter was made for the catalog's file: another file loads bare.
+            lora=base.lora if base is not None and _same_file(resolved, base.path) else "",
             cpu_repack=base.cpu_repack if base is not None else None,
             n_ctx_max=base.n_ctx_max if base is not None else 0,
             parallel=base.parallel if base is not None else 0,  # the catalog's, never a client's
@@ -64,6 +65,14 @@ def entry_for(
         field_name, _, message = str(exc).partition(": ")
         raise InvalidRequest(field_name, message) from None
     return fit_context(entry, asked=request.n_ctx is not None)
+
+
+def _same_file(resolved: Path, catalog_path: str) -> bool:
+    """Whether a request's resolved path is the catalog entry's own file."""
+    try:
+        return resolved == Path(catalog_path).resolve()
+    except OSError:
+        return False
 
 
 def fit_context(entry: CatalogEntry, *, asked: bool) -> CatalogEntry:

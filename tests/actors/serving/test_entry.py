@@ -82,11 +82,22 @@ def test_every_field_of_the_catalog_entry_reaches_the_entry_loaded_by_name(
     assert spec.load.n_threads == 1
 
 
-def test_the_requests_fields_win_over_the_catalogs(tiny_gguf: Path) -> None:
+def test_a_request_naming_the_catalogs_own_file_keeps_its_adapter(tiny_gguf: Path) -> None:
+    # A restart restores a model, and a reload after an unload reloads it, by name and path:
+    # the catalog's adapter must come back with it (found by review: it was dropped).
+    base = CatalogEntry("m", str(tiny_gguf), lora="/a.gguf")
+    for path in (str(tiny_gguf), tiny_gguf.name):
+        entry = entry_for(LoadRequest(name="m", path=path), base, [tiny_gguf.parent])
+        assert entry.lora == "/a.gguf"
+
+
+def test_the_requests_fields_win_over_the_catalogs(tiny_gguf: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.gguf"
+    other.write_bytes(tiny_gguf.read_bytes())
     base = CatalogEntry("m", str(tiny_gguf), n_ctx=64, pin=True, lora="/a.gguf")
-    request = LoadRequest(name="m", path=tiny_gguf.name, n_ctx=32, pin=False, gpu_layers=3)
-    entry = entry_for(request, base, [tiny_gguf.parent])
-    assert (entry.n_ctx, entry.pin, entry.gpu_layers) == (32, False, 3)
+    request = LoadRequest(name="m", path=str(other), n_ctx=32, pin=False, gpu_layers=3)
+    entry = entry_for(request, base, [tiny_gguf.parent, tmp_path])
+    assert (entry.path, entry.n_ctx, entry.pin, entry.gpu_layers) == (str(other), 32, False, 3)
     assert entry.lora == ""  # another file: the catalog's adapter was made for its own
 
 

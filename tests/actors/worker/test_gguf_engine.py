@@ -305,6 +305,25 @@ def test_a_conversation_evicted_by_a_one_off_takes_its_slot_back_and_evicts_no_o
     assert finished(second).prompt_tokens_reused == len(engine.prompt_tokens(PROMPTS[1]))
 
 
+def test_a_slot_taken_back_from_a_one_off_is_not_taken_back_by_it_in_turn(
+    engine_for: MakeEngine,
+) -> None:
+    # Found by review: a take-back counted as a fresh eviction, so the one-off, when it came
+    # again, took the slot back in turn, and the two evicted each other from one slot forever.
+    engine = engine_for(parallel=2)
+    one_token = GenerationParams(max_tokens=1, temperature=0.0)
+    # The one-off evicts the first conversation, which takes its slot back (the most recently
+    # used one now); the one-off again evicts the least recently used slot, the second's.
+    for prompt in (PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]):
+        submit(engine, prompt, one_token)
+        drain(engine)
+    submit(engine, PROMPTS[2], one_token)
+    drain(engine)
+    again = submit(engine, PROMPTS[0], one_token)
+    drain(engine)
+    assert finished(again).prompt_tokens_reused == len(engine.prompt_tokens(PROMPTS[0]))
+
+
 def test_the_same_prompt_again_decodes_none_of_it_and_samples_as_a_fresh_decode_does(
     engine_for: MakeEngine, one_at_a_time: OneAtATime
 ) -> None:

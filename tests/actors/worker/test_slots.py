@@ -96,7 +96,7 @@ CHOICES = [
     ),
     (
         # New conversations evict a stale one, not each other before their second turns.
-        "a-new-prompt-evicts-the-least-recently-used-even-when-it-came-back-often",
+        "a-new-prompt-evicts-the-least-recently-used-even-when-a-request-came-back-for-it",
         PROMPT,
         [SlotView(0, (7, 8, 9), 1, came_back=True), SlotView(1, (6, 6), 5, evicted=(40, 41))],
         Choice(0, 0),
