@@ -10,9 +10,10 @@ llama.cpp's own server drives its slots:
   each sequence that produced logits with its own sampler chain, streams its text, and frees the
   slot of a sequence that is done.
 - Each slot remembers the tokens whose KV its sequence holds; a new request takes the free slot
-  sharing the longest prefix with its prompt (ties: least recently used), drops the rest of that
-  sequence from the KV cache and decodes only its own remainder (llama.cpp server's
-  `cache_prompt`). The KV cache is not unified: each sequence has its own stream of `n_ctx`
+  sharing the longest prefix with its prompt (when that is at least half of it), drops the rest
+  of that sequence from the KV cache and decodes only its own remainder (llama.cpp server's
+  `cache_prompt`); else it takes back the slot a one-off evicted its cache from, else an empty
+  or the least recently used slot (`slots.choose_slot`). The KV cache is not unified: each sequence has its own stream of `n_ctx`
   cells, so a slot's prompt can never crowd out another's, and attention reads only its own.
 - llama.cpp decodes such a batch in one pass only over consecutive sequences listed in order,
   so the batch lists them by slot, and a slot in a gap between the step's sequences takes a
