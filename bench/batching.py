@@ -10,10 +10,12 @@ On the ~51M generated model ("medium50m", f32), on 127.0.0.1:
      node and llama-server take turns in legs (node, server, server, node...): the host's speed
      drifts within a minute, and measuring one server after the other let that drift decide
      the 1-stream ratio (0.75-0.95 across runs of the same code); the idle one uses ~0.5% of a
-     CPU. Time to the first content token (TTFT p50 at 1 and 8 streams) of a leg's later
-     rounds; its first round, every client sending at once right after the leg's warm-up
-     request, is reported on its own ("8 at once"). (Equal-length streams on cached prompts
-     end in the same step, so a later round arrives as a burst too.);
+     CPU. Time to the first content token: TTFT p50 at 1 stream of a leg's later rounds;
+     at 8 streams, node and llama-server only, of 8 clients whose arrivals are spread over
+     one stream's time (`spread`: each request joins 7 running streams, the goal's case),
+     in two legs each taken in turn. Streams that start together end in the same step, so
+     the legs' later rounds arrive as bursts of 8 ("8 in step") and their first rounds all
+     at once after a warm-up request ("8 at once"): both reported on their own;
    - node and llama-server only: 8 chats interleaved (every first turn, then every second
      turn, one request at a time); each second turn repeats its first turn's prompt and answer
      (~80% of the context) and adds a line: second-turn TTFT / first-turn TTFT says whether a
@@ -45,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +186,12 @@ async def streams(url: str, clients: int, rounds: int) -> Leg:
     return Leg(opening, ttfts, tokens, short, wall)
 
 
+def in_turn(names: Collection[str], legs: int) -> list[str]:
+    """The order of `legs` legs of every server: A B, B A, A B..."""
+    order = list(names)
+    return [name for leg in range(legs) for name in (order if leg % 2 == 0 else order[::-1])]
+
+
 async def alternating(
     urls: dict[str, str], clients: int, legs: int, per_leg: int
 ) -> dict[str, Any]:
@@ -192,10 +201,8 @@ async def alternating(
     p50 of its legs' later rounds (the goal's "at 8 streams"), and of their first rounds, sent
     all at once right after each leg's warm-up request."""
     done: dict[str, list[Leg]] = {name: [] for name in urls}
-    for leg in range(legs):
-        order = list(urls) if leg % 2 == 0 else list(reversed(urls))
-        for name in order:
-            done[name].append(await streams(urls[name], clients, per_leg))
+    for name in in_turn(urls, legs):
+        done[name].append(await streams(urls[name], clients, per_leg))
     return {
         name: {
             "tok_s": sum(g.tokens for g in got) / sum(g.seconds for g in got),
@@ -210,6 +217,42 @@ async def alternating(
     }
 
 
+async def spread(url: str, clients: int, rounds: int, period: float) -> list[float]:
+    """`clients` closed-loop clients whose first requests are spread evenly over `period` (one
+    32-token stream's time at this load), `rounds` streams each; return the TTFTs of the
+    requests after each client's first: each arrives while the other clients' streams decode.
+
+    Streams that start in the same step end in the same step, so closed-loop clients that begin
+    together stay in step, and every later round arrives as a burst of `clients` requests. Real
+    clients arrive one by one; once spread, streams of equal length stay spread."""
+    ttfts: list[float] = []
+    async with session_for(clients) as session:
+        await stream_once(session, url, PROMPT, 4)  # warm-up: connections, first-use costs
+
+        async def client(i: int) -> None:
+            prompt = f"Client {i}. {PROMPT}"
+            await asyncio.sleep(i * period / clients)  # the arrival offset: a load pattern
+            for r in range(rounds):
+                ttft, _produced, _text = await stream_once(session, url, prompt, STREAM_TOKENS)
+                if r:
+                    ttfts.append(ttft)
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    return ttfts
+
+
+async def spread_ttft(
+    urls: dict[str, str], periods: dict[str, float], legs: int
+) -> dict[str, float]:
+    """TTFT p50 at SLOTS streams whose arrivals are spread (`spread`), each server in `legs` legs
+    taken in turn as `alternating` takes them."""
+    got: dict[str, list[float]] = {name: [] for name in urls}
+    for name in in_turn(urls, legs):
+        got[name] += await spread(urls[name], SLOTS, SPREAD_ROUNDS, periods[name])
+    return {name: statistics.median(t) * 1000 for name, t in got.items()}
+
+
+SPREAD_ROUNDS = 6
 TOGETHER_TOKENS = 24
 TOGETHER_ROUNDS = 3
 
@@ -289,6 +332,12 @@ async def measure(
             out[name]["streams"][clients] = got
             progress(f"{name}, {clients} streams: {got['tok_s']:.1f} tokens/s")
     if full:
+        periods = {  # one 32-token stream's time at 8 streams, each server's own
+            name: out[name]["streams"][SLOTS]["seconds"] / (legs * per_leg) for name in urls
+        }
+        for name, ttft in (await spread_ttft(urls, periods, 2)).items():
+            out[name]["streams"][SLOTS]["spread_ttft_p50_ms"] = ttft
+            progress(f"{name}, {SLOTS} streams arriving spread: TTFT p50 {ttft:.1f} ms")
         for name, url in urls.items():
             out[name]["chats"] = await chats(url)
             progress(f"{name}, chats: second/first TTFT {out[name]['chats']['ratio']:.3f}")
@@ -482,13 +531,18 @@ def report(
           f"{settings.get('n_threads')}, cache_prompt {settings.get('cache_prompt')}")
     print(f"node catalog keys added: {keys or 'none (the node has no parallel/threads yet)'}")
     print(f"\naggregate tokens/s{'':14}{'1':>9}{'4':>9}{'8':>9}{'8 vs 1':>9}"
-          f"{'TTFT1 ms':>10}{'TTFT8 ms':>10}{'8 at once':>11}{'short':>7}")
+          f"{'TTFT1 ms':>10}{'TTFT8 ms':>10}{'8 in step':>11}{'8 at once':>11}{'short':>7}")
     for name, got in results.items():
         s = got["streams"]
+        spread_ms = s[8].get("spread_ttft_p50_ms")
         print(f"{name:<32}{s[1]['tok_s']:9.1f}{s[4]['tok_s']:9.1f}{s[8]['tok_s']:9.1f}"
               f"{s[8]['tok_s'] / s[1]['tok_s']:8.2f}x{s[1]['ttft_p50_ms']:10.1f}"
-              f"{s[8]['ttft_p50_ms']:10.1f}{s[8]['opening_ttft_p50_ms']:11.1f}"
+              f"{'-' if spread_ms is None else f'{spread_ms:.1f}':>10}"
+              f"{s[8]['ttft_p50_ms']:11.1f}{s[8]['opening_ttft_p50_ms']:11.1f}"
               f"{sum(v['short'] for v in s.values()):7d}")
+    print("  TTFT8: the 8 clients' arrivals spread over a stream's time (each request joins 7 "
+          "running streams);\n  8 in step: the legs' later rounds, whose streams end in the "
+          "same step (bursts of 8); 8 at once: their first rounds")
     print(f"{'llama-batched-bench decode only':<32}{ceiling.get(1, 0):9.1f}{ceiling.get(4, 0):9.1f}"
           f"{ceiling.get(8, 0):9.1f}")
     if why_not is not None:
@@ -514,7 +568,10 @@ def report(
         "ratio_1": tok("node", 1) / tok("llama-server", 1),
         "ratio_8": tok("node", 8) / tok("llama-server", 8),
         "scale_8_vs_1": tok("node", 8) / tok("node", 1),
-        "ttft_ratio_8_vs_1": node["streams"][8]["ttft_p50_ms"] / node["streams"][1]["ttft_p50_ms"],
+        "ttft_ratio_8_vs_1": node["streams"][8]["spread_ttft_p50_ms"]
+        / node["streams"][1]["ttft_p50_ms"],
+        "ttft_in_step_ratio_8_vs_1": node["streams"][8]["ttft_p50_ms"]
+        / node["streams"][1]["ttft_p50_ms"],
         "prefix_ttft_ratio": node["chats"]["ratio"],
         "rps_ratio_vs_llama_server": node["rps"]["rps"] / server["rps"]["rps"],
     }
@@ -525,6 +582,10 @@ def report(
         print(f"  {key:<28}{value:8.3f}   goal {sign} {goal:<5} {'met' if met else 'NOT met'}")
     print(f"  {'scale_8_vs_1':<28}{figures['scale_8_vs_1']:8.3f}   (llama-server "
           f"{tok('llama-server', 8) / tok('llama-server', 1):.2f}x)")
+    s1, s8 = server["streams"][1], server["streams"][8]
+    print(f"  {'ttft_in_step_ratio_8_vs_1':<28}{figures['ttft_in_step_ratio_8_vs_1']:8.3f}   "
+          f"(bursts of 8; llama-server {s8['ttft_p50_ms'] / s1['ttft_p50_ms']:.2f}x, spread "
+          f"{s8['spread_ttft_p50_ms'] / s1['ttft_p50_ms']:.2f}x)")
 
     raw: dict[str, Any] = {
         name: {
@@ -533,6 +594,11 @@ def report(
             "opening_ttft_p50_ms": {
                 n: round(v["opening_ttft_p50_ms"], 1) for n, v in got["streams"].items()
             },
+            **(
+                {"spread_ttft_p50_ms": round(got["streams"][8]["spread_ttft_p50_ms"], 1)}
+                if "spread_ttft_p50_ms" in got["streams"][8]
+                else {}
+            ),
             "short_streams": sum(v["short"] for v in got["streams"].values()),
             **({"chats": {k: round(v, 3) for k, v in got["chats"].items()}} if "chats" in got else {}),
             **({"rps": {k: round(v, 2) for k, v in got["rps"].items()}} if "rps" in got else {}),
