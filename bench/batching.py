@@ -7,7 +7,8 @@ On the ~51M generated model ("medium50m", f32), on 127.0.0.1:
    `llama_cpp.server` (llama-cpp-python's own server, its defaults) alone:
    - aggregate tokens/s of 1, 4 and 8 concurrent 32-token streams (closed-loop clients, each
      sends its next request when the last ends; tokens summed over clients / wall time). The
-     node and llama-server take turns in legs (node, server, server, node...): the host's speed
+     node and llama-server take turns in legs (node, server, server, node...; at 1 stream
+     ONE_STREAM_LEGS times as many, its legs being the shortest): the host's speed
      drifts within a minute, and measuring one server after the other let that drift decide
      the 1-stream ratio (0.75-0.95 across runs of the same code); the idle one uses ~0.5% of a
      CPU. Time to the first content token: TTFT p50 at 1 stream of a leg's later rounds;
@@ -83,6 +84,9 @@ PREFIX_CHARS = 400
 """First-turn prompt length; the vocabulary is bytes, so ~one token a character."""
 TURN_TOKENS = 8
 RPS_CLIENTS = 16
+ONE_STREAM_LEGS = 4
+"""One stream runs this many times the legs of the other levels: its legs are the shortest
+(~3 s a server in a full run), and its goal the thinnest margin; more legs, less noise."""
 
 GOALS = {
     "ratio_1": (">=", 0.9),
@@ -328,7 +332,8 @@ async def measure(
     with `full` the chats and the 1-token load, one server after the other."""
     out: dict[str, dict[str, Any]] = {name: {"streams": {}} for name in urls}
     for clients in LEVELS:
-        for name, got in (await alternating(urls, clients, legs, per_leg)).items():
+        level_legs = legs * ONE_STREAM_LEGS if clients == 1 else legs
+        for name, got in (await alternating(urls, clients, level_legs, per_leg)).items():
             out[name]["streams"][clients] = got
             progress(f"{name}, {clients} streams: {got['tok_s']:.1f} tokens/s")
     if full:
@@ -521,8 +526,9 @@ def report(
         return float(results[name]["streams"][n]["tok_s"])
 
     print(f"batching: model {size} (generated, f32), {os.cpu_count()} CPUs, {STREAM_TOKENS}-token "
-          f"streams, {legs * per_leg} per client per level (node and llama-server in turn, "
-          f"{legs} legs of {per_leg}); n_ctx {N_CTX} per sequence")
+          f"streams, {legs * per_leg} per client per level, {legs * per_leg * ONE_STREAM_LEGS} "
+          f"at 1 stream (node and llama-server in turn, legs of {per_leg}); n_ctx {N_CTX} per "
+          "sequence")
     print(f"llama.cpp tools: llama-cpp-python {built.get('llama_cpp_python')}, "
           f"{str(built.get('llama_server_version', '?')).replace(chr(10), '; ')}")
     flags: Any = built.get("cmake_flags") or []
