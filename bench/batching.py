@@ -24,7 +24,10 @@ On the ~51M generated model ("medium50m", f32), on 127.0.0.1:
    - node and llama-server only: 1-token `/v1/completions` req/s at 16 clients;
    - node and llama-server only: greedy texts of 8 prompts sent at once, 3 times, against the
      same prompts sent alone: how many differ;
-2. `llama-batched-bench`, decode only, 1, 4 and 8 parallel sequences: the ceiling.
+2. `llama-batched-bench`, decode only, 1, 4 and 8 parallel sequences: the ceiling;
+3. bench/sse_floor.py, an aiohttp server that answers a stream at once without a model: TTFT
+   p50 of 1-token requests alone and 8 at once, the floor of the harness (a burst of 8 costs
+   even a server that does nothing 2.5-3x its TTFT alone on 2 cores).
 
 llama.cpp's tools are built from the source the installed llama-cpp-python vendors
 (bench/llama_tools.py). The node is measured as its catalog configures it: the catalog keys
@@ -256,7 +259,23 @@ async def spread_ttft(
     return {name: statistics.median(t) * 1000 for name, t in got.items()}
 
 
+async def floor(url: str) -> dict[str, float]:
+    """TTFT p50 of 1-token requests to bench/sse_floor.py's do-nothing server, alone and
+    SLOTS at once, FLOOR_ROUNDS times each: what the harness and an aiohttp front cost."""
+    got: dict[str, float] = {}
+    async with session_for(SLOTS) as session:
+        await stream_once(session, url, PROMPT, 1)  # warm-up
+        for label, n in (("alone", 1), ("at_once", SLOTS)):
+            ttfts = []
+            for _ in range(FLOOR_ROUNDS):
+                sent = (stream_once(session, url, f"Client {i}. {PROMPT}", 1) for i in range(n))
+                ttfts += [ttft for ttft, _n, _text in await asyncio.gather(*sent)]
+            got[label] = statistics.median(ttfts) * 1000
+    return got
+
+
 SPREAD_ROUNDS = 6
+FLOOR_ROUNDS = 16
 TOGETHER_TOKENS = 24
 TOGETHER_ROUNDS = 3
 
@@ -411,6 +430,13 @@ def start_llama_cpp_server(workdir: Path, model: Path) -> tuple[subprocess.Popen
     return launch(argv, workdir / "llama_cpp.server.log", port, "/v1/models")
 
 
+def start_sse_floor(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """bench/sse_floor.py: an aiohttp server that answers a stream at once and does nothing."""
+    port = free_port()
+    argv = [sys.executable, str(BENCH / "sse_floor.py"), str(port)]
+    return launch(argv, workdir / "sse_floor.log", port, "/health")
+
+
 def launch(
     argv: list[str], log: Path, port: int, ready: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -488,6 +514,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             stop(node)
 
+        progress("the do-nothing server (bench/sse_floor.py)")
+        proc, url = start_sse_floor(workdir)
+        try:
+            floor_ms = await floor(url)
+        finally:
+            stop(proc)
+
         why_not = peer_available()
         if why_not is None:
             progress("starting llama_cpp.server")
@@ -502,13 +535,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         npp = len(f"Client 0. {PROMPT}")
         ceiling = batched_bench(tools["llama-batched-bench"], model, LEVELS, STREAM_TOKENS, npp,
                                 SLOTS * N_CTX)
-    return report(results, ceiling, settings, keys, why_not, legs, per_leg, seconds, version,
-                  args.size)
+    return report(results, ceiling, floor_ms, settings, keys, why_not, legs, per_leg, seconds,
+                  version, args.size)
 
 
 def report(
     results: dict[str, dict[str, Any]],
     ceiling: dict[int, float],
+    floor_ms: dict[str, float],
     settings: dict[str, Any],
     keys: dict[str, int],
     why_not: str | None,
@@ -549,6 +583,9 @@ def report(
     print("  TTFT8: the 8 clients' arrivals spread over a stream's time (each request joins 7 "
           "running streams);\n  8 in step: the legs' later rounds, whose streams end in the "
           "same step (bursts of 8); 8 at once: their first rounds")
+    print(f"  the floor (bench/sse_floor.py, an aiohttp server that answers at once, 1 token): "
+          f"TTFT p50 alone {floor_ms['alone']:.1f} ms, {SLOTS} at once {floor_ms['at_once']:.1f}"
+          f" ms ({floor_ms['at_once'] / floor_ms['alone']:.2f}x)")
     print(f"{'llama-batched-bench decode only':<32}{ceiling.get(1, 0):9.1f}{ceiling.get(4, 0):9.1f}"
           f"{ceiling.get(8, 0):9.1f}")
     if why_not is not None:
@@ -616,6 +653,7 @@ def report(
         **{k: round(v, 3) for k, v in figures.items()},
         "servers": raw,
         "batched_bench_tok_s": {n: round(v, 1) for n, v in ceiling.items()},
+        "floor_ttft_p50_ms": {k: round(v, 2) for k, v in floor_ms.items()},
         "llama_server_settings": settings,
         "node_catalog_keys": keys,
         "llama_cpp_server_unavailable": why_not,
