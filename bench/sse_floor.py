@@ -20,6 +20,8 @@ PIECE = b'data: {"choices":[{"text":"x","index":0,"finish_reason":null}]}\n\n'
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    """Stream `max_tokens` pieces, the usage (always: `stream_options` is not read) and
+    `[DONE]`, each written as soon as the last."""
     tokens = int((await request.json()).get("max_tokens") or 1)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
@@ -31,10 +33,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def health(_request: web.Request) -> web.Response:
+    """Say the server is up (what the bench waits for)."""
     return web.Response(text="ok")
 
 
 def main(argv: list[str]) -> int:
+    """Serve on 127.0.0.1 at the port `argv[0]` until stopped, with no access log."""
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/health", health)
