@@ -170,6 +170,7 @@ def build_runtime(
             memory_watch=MemoryWatch(resources.gpu_poll_interval, resources.worker_memory_limit_mb),
             cpu_threads=resources.cpu_threads,
             worker_nice=resources.worker_nice,
+            huge_pages=resources.huge_pages,
         )
     )
     gpu_proxies = [typed(ref, DeviceProxy) for ref in gpu_refs]

@@ -93,6 +93,15 @@ class ResourcesConfig:
     probes) should not queue behind them: on 2 cores, 8 closed-loop streams with the worker
     reniced by hand had TTFT p50 6.2-13.0 ms at 0 and 3.4-5.5 ms at 5, tokens/s unchanged within
     run-to-run noise. 0 = the node's own priority."""
+    huge_pages: bool = True
+    """Start model workers with glibc's `glibc.malloc.hugetlb=1` tunable, so that the memory
+    they allocate (the weights of a model read into memory on the CPU, its KV cache) asks the
+    kernel for transparent huge pages: under the `madvise` THP mode (Debian's and Ubuntu's
+    default) nothing gets them otherwise. A decode reads every weight once a token, and 2 MiB
+    pages take the TLB misses of 4 KiB ones off that read: 1 stream on a ~51M-parameter f32
+    model, 2 cores, +5.5-6.6% tokens/s (8 streams unchanged), RSS +0.7%. No effect where THP is
+    `never` (nothing to ask for) or `always` (already given), nor on a GPU's memory. A
+    `glibc.malloc.hugetlb` the node's own environment sets is kept."""
 
     def __post_init__(self) -> None:
         _require(

@@ -156,12 +156,14 @@ def worker_spec(
     node_parallel: int | None = None,
     n_threads: int = 0,
     nice: int = 0,
+    huge_pages: bool = False,
 ) -> WorkerSpec:
     """Return what the worker process for `entry` is started with on its device.
 
     `node_parallel` is `[models] parallel`, for an entry that leaves it to the node;
     `n_threads` its share of the CPU (0: the entry's own setting, else the physical cores);
-    `nice` how much lower than the node the worker runs.
+    `nice` how much lower than the node the worker runs; `huge_pages` whether it asks for
+    transparent huge pages (`[resources] huge_pages`).
     """
     load = LoadSpec(
         backend=entry.backend,
@@ -176,7 +178,7 @@ def worker_spec(
         n_threads=n_threads or entry.threads,
         nice=nice,
     )
-    return WorkerSpec(name=entry.name, load=load)
+    return WorkerSpec(name=entry.name, load=load, huge_pages=huge_pages)
 
 
 __all__ = ["backend_for", "entry_for", "fit_context", "need_mb", "slots_of", "worker_spec"]

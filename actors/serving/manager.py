@@ -70,6 +70,7 @@ class ManagerDeps:
     memory_watch: MemoryWatch = MemoryWatch()
     cpu_threads: int = 0  # [resources] cpu_threads: 0 = the physical cores
     worker_nice: int = 5  # [resources] worker_nice
+    huge_pages: bool = True  # [resources] huge_pages
 
 
 class ModelManager(LoopReplyActor):
@@ -242,6 +243,7 @@ class ModelManager(LoopReplyActor):
             node_parallel=self._models_config.parallel,
             n_threads=self._reshare_cpu().get(entry.name, 0),
             nice=self._deps.worker_nice,
+            huge_pages=self._deps.huge_pages,
         )
         slot.slots = spec.load.parallel
         slot.breaker = CircuitBreaker(self._deps.breaker, entry.name)

@@ -50,6 +50,16 @@ from actors.worker.protocol import (
 
 _POLL_S = 0.05  # how long one wait of the load lasts before the process is checked again
 _MAX_IPC_PATH = 100  # sun_path holds 108 bytes; leave room for the terminating NUL
+_HUGETLB = "glibc.malloc.hugetlb"  # glibc >= 2.35; an older glibc ignores it
+
+
+def with_huge_pages(tunables: str) -> str:
+    """Return glibc tunables (`GLIBC_TUNABLES`, colon-separated) with malloc asking for
+    transparent huge pages (`glibc.malloc.hugetlb=1`), unless they already say otherwise."""
+    kept = [t for t in tunables.split(":") if t]
+    if any(t.split("=", 1)[0] == _HUGETLB for t in kept):
+        return tunables
+    return ":".join([*kept, f"{_HUGETLB}=1"])
 
 
 def describe_exit(returncode: int) -> str:
@@ -172,6 +182,8 @@ class WorkerProcess:
         # The worker must import this very tree, installed or not.
         root = str(Path(actors.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        if self.spec.huge_pages:
+            env["GLIBC_TUNABLES"] = with_huge_pages(env.get("GLIBC_TUNABLES", ""))
         cmd = [
             sys.executable,
             "-m",

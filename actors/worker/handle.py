@@ -20,11 +20,14 @@ from actors.worker.protocol import Loaded, LoadSpec
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """One worker to start: the model it loads, and the name it answers to in messages and
-    file names (the model's name; the worker itself never hears it)."""
+    """One worker to start: the model it loads, the name it answers to in messages and file
+    names (the model's name; the worker itself never hears it), and whether its process starts
+    asking for transparent huge pages (`[resources] huge_pages`; a process's allocator reads
+    that at its start, so it cannot be a part of the load)."""
 
     name: str
     load: LoadSpec
+    huge_pages: bool = False
 
 
 class RequestChannel(Protocol):

@@ -52,7 +52,7 @@ from actors.worker.links import (
     DataLink,
     listen,
 )
-from actors.worker.memory import nvml_process_mb, nvml_used_mb, rss_mb
+from actors.worker.memory import huge_pages_mb, nvml_process_mb, nvml_used_mb, rss_mb
 from actors.worker.native_crash import install_native_handler
 from actors.worker.protocol import (
     PROTOCOL_VERSION,
@@ -304,6 +304,12 @@ class Worker:
                 gpu = None if after is None else max(0.0, after - gpu_before)
             self.gpu_mb = gpu  # None: NVML cannot say, so fall back to host RSS
         measured = self.memory_mb()
+        print(
+            f"moc worker: loaded in {seconds:.1f} s, {measured:.0f} MiB, of which "
+            f"{huge_pages_mb():.0f} MiB in transparent huge pages",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.driver is not None:
             model: LoadedModel | GgufEngine = self.driver.engine
             template = self.driver.engine.chat_template

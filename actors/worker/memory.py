@@ -14,6 +14,19 @@ _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
 _statm: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/statm), opened once
 
 
+def huge_pages_mb() -> float:
+    """Return how much of this process's memory is in transparent huge pages, in MiB (0 where
+    the kernel does not say: no /proc/self/smaps_rollup)."""
+    try:
+        with open("/proc/self/smaps_rollup", encoding="ascii") as rollup:
+            for line in rollup:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
 def rss_mb() -> float:
     """Return this process's resident set size in MiB.
 

@@ -96,6 +96,7 @@ def test_environment_overrides_any_key() -> None:
         ("[resources]\ndevices = 'tpu'\n", "resources.devices: expected one of"),
         ("[resources]\neviction_threshold_pct = 150\n", "resources.eviction_threshold_pct"),
         ("[resources]\nworker_nice = -5\n", "resources.worker_nice: must be in 0..19"),
+        ("[resources]\nhuge_pages = 'yes'\n", "resources.huge_pages"),
         ("[models]\nkeep_alive = 'soon'\n", "models.keep_alive"),
         ("[[models.catalog]]\nname = 'a'\n", "models.catalog[0]"),
         (
@@ -113,6 +114,7 @@ def test_environment_overrides_any_key() -> None:
         "bad-enum",
         "out-of-range",
         "negative-nice",
+        "huge-pages-not-bool",
         "bad-duration",
         "missing-field",
         "bad-backend",
@@ -189,8 +191,15 @@ def test_an_enabled_cluster_on_a_wildcard_bind_needs_advertise(tmp_path: Path) -
         ("[cluster]\nprofile = ['lan']\n", "cluster.profile: must be one of"),
         ("[cluster]\nmax_stream_bytes = 10\n", "cluster.max_stream_bytes: must be >="),
     ],
-    ids=["inf", "nan", "too-large-for-a-float", "cluster-inf", "cluster-too-large",
-         "profile-a-list", "stream-below-a-packet"],
+    ids=[
+        "inf",
+        "nan",
+        "too-large-for-a-float",
+        "cluster-inf",
+        "cluster-too-large",
+        "profile-a-list",
+        "stream-below-a-packet",
+    ],
 )
 def test_numbers_no_timer_can_use_are_refused_naming_the_key(
     tmp_path: Path, text: str, message: str

@@ -55,6 +55,7 @@ class Rig:
         parallel: int = 1,
         cpu_threads: int = 0,
         worker_nice: int = 0,
+        huge_pages: bool = True,
     ) -> None:
         self.clock = FakeClock()
         self.workers = FakeWorkers(measured_mb=MEASURED_MB)
@@ -83,6 +84,7 @@ class Rig:
                 memory_watch=MemoryWatch(poll_s=3600.0),  # no measuring between requests
                 cpu_threads=cpu_threads,
                 worker_nice=worker_nice,
+                huge_pages=huge_pages,
             )
         )
         self.manager = self.ref.proxy()
@@ -137,7 +139,9 @@ def make(rigs: list[Rig], tmp_path: Path, tiny_gguf: Path) -> Make:
     return start
 
 
-async def test_a_cold_model_is_loaded_on_first_acquire_and_served_through_its_lane(make: Make) -> None:
+async def test_a_cold_model_is_loaded_on_first_acquire_and_served_through_its_lane(
+    make: Make,
+) -> None:
     rig = make()
     lane = await rig.acquire("a")
     assert (await lane.infer(REQ)).text == "ok"
@@ -161,6 +165,14 @@ async def test_the_workers_run_at_the_configured_nice(make: Make) -> None:
     await rig.acquire("a")
     (worker,) = rig.workers.of("a")
     assert worker.spec.load.nice == 7
+
+
+@pytest.mark.parametrize("huge_pages", [True, False])
+async def test_the_workers_ask_for_huge_pages_as_configured(make: Make, huge_pages: bool) -> None:
+    rig = make(huge_pages=huge_pages, total_mb=10_000.0)
+    await rig.acquire("a")
+    (worker,) = rig.workers.of("a")
+    assert worker.spec.huge_pages is huge_pages
 
 
 async def test_models_on_the_cpu_share_its_threads_as_they_come_and_go(make: Make) -> None:
@@ -215,7 +227,9 @@ async def test_an_idle_model_expires_at_keep_alive_and_a_pinned_one_never(make: 
     assert rig.state("b") == "loaded" and rig.workers.of("a")[0].stopped
 
 
-async def test_with_keep_alive_zero_a_model_is_unloaded_as_soon_as_its_request_ends(make: Make) -> None:
+async def test_with_keep_alive_zero_a_model_is_unloaded_as_soon_as_its_request_ends(
+    make: Make,
+) -> None:
     rig = make(keep_alive="0")
     lane = await rig.acquire("a")
     await lane.infer(REQ)

@@ -329,3 +329,33 @@ def test_the_worker_and_the_threads_it_decodes_with_run_at_the_nice_it_was_given
         assert {_nice_of(pid, int(tid)) for tid in started} == {3}
     finally:
         worker.stop()
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent huge page mode: "always", "madvise", "never" ("" if unknown)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else ""
+
+
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_a_worker_asks_for_huge_pages_only_when_told_and_says_how_many_it_got(
+    small_gguf: Path, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch, huge_pages: bool
+) -> None:
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # the node's own: kept
+    worker = worker_for(small_gguf, runtime_dir, "thp", n_ctx=N_CTX, huge_pages=huge_pages)
+    worker.start(timeout=120)
+    try:
+        assert worker.log_path is not None
+        said = [ln for ln in worker.log_path.read_text().splitlines() if "huge pages" in ln]
+        assert run_request(worker, request(PROMPTS[0], 4)).tokens_generated == 4
+    finally:
+        worker.stop()
+    assert len(said) == 1, said
+    huge_mb = float(said[0].split(" MiB in transparent huge pages")[0].rsplit(" ", 1)[1])
+    # Under "madvise" (Debian's default) only a process that asks gets them; the ~10 MB of
+    # weights alone span whole 2 MiB pages. ("always" gives them to everyone, "never" to none.)
+    if _thp_mode() == "madvise":
+        assert (huge_mb > 0) is huge_pages, said[0]

@@ -22,7 +22,7 @@ import pytest
 from actors.errors import InvalidRequest, ModelLoadFailed, RequestTimeout, WorkerCrashed
 from actors.types import ChatMessage, GenerationParams, InferRequest, TensorData
 from actors.worker.backends.gguf import open_llama
-from actors.worker.client import WorkerProcess
+from actors.worker.client import WorkerProcess, with_huge_pages
 from actors.worker.protocol import Loaded
 from tests.actors.worker.workers import PROMPT, greedy, run_request, worker_for
 from tests.support import wait_until
@@ -426,3 +426,18 @@ def test_a_worker_told_a_new_thread_count_computes_with_it_and_keeps_serving(
     finally:
         w.stop()
     assert not w.set_threads(1)  # a stopped worker takes nothing
+
+
+@pytest.mark.parametrize(
+    ("tunables", "wanted"),
+    [
+        ("", "glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),  # the operator said no
+        ("a=1:glibc.malloc.hugetlb=2", "a=1:glibc.malloc.hugetlb=2"),
+    ],
+)
+def test_huge_pages_join_the_glibc_tunables_unless_they_already_set_them(
+    tunables: str, wanted: str
+) -> None:
+    assert with_huge_pages(tunables) == wanted

@@ -26,11 +26,17 @@ def greedy(max_tokens: int, stop: tuple[str, ...] = ()) -> GenerationParams:
 
 
 def worker_for(
-    path: Path, runtime_dir: Path, name: str = "w", backend: str = "gguf", **load: Any
+    path: Path,
+    runtime_dir: Path,
+    name: str = "w",
+    backend: str = "gguf",
+    *,
+    huge_pages: bool = False,
+    **load: Any,
 ) -> WorkerProcess:
     """Return an unstarted worker for the model at `path` (`load`: LoadSpec's other fields)."""
     spec = LoadSpec(backend, str(path), **load)  # type: ignore[arg-type]
-    return WorkerProcess(WorkerSpec(name, spec), runtime_dir=runtime_dir)
+    return WorkerProcess(WorkerSpec(name, spec, huge_pages), runtime_dir=runtime_dir)
 
 
 def start_worker(path: Path, runtime_dir: Path, name: str = "w", **load: Any) -> WorkerProcess:
