@@ -120,6 +120,7 @@ def medium_gguf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 N_CTX = 512
 RSS_JITTER_MB = 1.0  # run-to-run spread of a worker's RSS growth, seen on the tiny model
+HUGE_PAGE_MB = 2.0  # a worker that asks for huge pages grows its heap a 2 MiB page at a time
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "medium50m"])
@@ -135,7 +136,7 @@ def test_the_estimate_is_within_ten_percent_of_the_measured_working_size(
         {"tiny": "tiny_gguf", "small": "small_gguf"}.get(size, "medium_gguf")
     )
     estimate = estimate_gguf_memory(path, n_ctx=N_CTX)
-    worker = worker_for(path, runtime_dir, size, n_ctx=N_CTX)
+    worker = worker_for(path, runtime_dir, size, n_ctx=N_CTX, huge_pages=True)  # the default
     loaded = worker.start(timeout=120)
     try:
         prompt = "ab" * (N_CTX // 2 - 8)  # one token a byte: fills all but a few cells
@@ -152,8 +153,9 @@ def test_the_estimate_is_within_ten_percent_of_the_measured_working_size(
     assert measured is not None and measured >= loaded.measured_mb
     error = abs(estimate.total_mb - measured) / measured
     # Within 10%, or within RSS's own jitter: the same tiny worker measured 5.37 MiB in one run
-    # and 6.89-7.01 MiB in eight others (estimate 6.27), whatever the model.
-    assert error <= 0.10 or abs(estimate.total_mb - measured) <= RSS_JITTER_MB, (
+    # and 6.89-7.01 MiB in eight others (estimate 6.27), whatever the model; asking for huge
+    # pages, 7.0 or 8.9-9.0 MiB, as the kernel gives the heap's top a huge page or not.
+    assert error <= 0.10 or abs(estimate.total_mb - measured) <= RSS_JITTER_MB + HUGE_PAGE_MB, (
         f"{size}: estimate {estimate} vs measured {measured:.2f} MiB ({error:.1%})"
     )
 
@@ -168,7 +170,7 @@ def test_with_four_slots_the_estimate_counts_every_slots_kv_and_is_within_ten_pe
     need = need_mb(entry, on_gpu=False)
     kv_one = estimate_gguf_memory(path, n_ctx=N_CTX).kv_mb
     assert estimate_gguf_memory(path, n_ctx=N_CTX, parallel=4).kv_mb == 4 * kv_one
-    worker = worker_for(path, runtime_dir, size, n_ctx=N_CTX, parallel=4)
+    worker = worker_for(path, runtime_dir, size, n_ctx=N_CTX, parallel=4, huge_pages=True)
     worker.start(timeout=120)
     prompts = [chr(ord("a") + i) + "b" * (N_CTX - 20) for i in range(4)]  # distinct: no reuse
 
