@@ -99,7 +99,8 @@ class ResourcesConfig:
     kernel for transparent huge pages: under the `madvise` THP mode (Debian's and Ubuntu's
     default) nothing gets them otherwise. A decode reads every weight once a token, and 2 MiB
     pages take the TLB misses of 4 KiB ones off that read: 1 stream on a ~51M-parameter f32
-    model, 2 cores, +5.5-6.6% tokens/s (8 streams unchanged), RSS +0.7%; a worker's heap then
+    model, 2 cores, +2.8-6.6% tokens/s (four alternated pairs; 8 streams -0.1% and +10.3%),
+    RSS +0.7%; a worker's heap then
     grows a 2 MiB page at a time (a ~0.1M-parameter model's worker: 7.0 or 8.9 MiB). No effect
     where THP is `never` (nothing to ask for) or `always` (already given), nor on a GPU's
     memory. A `glibc.malloc.hugetlb` the node's own environment sets is kept."""
