@@ -103,7 +103,10 @@ class ResourcesConfig:
     RSS +0.7%; a worker's heap then
     grows a 2 MiB page at a time (a ~0.1M-parameter model's worker: 7.0 or 8.9 MiB). No effect
     where THP is `never` (nothing to ask for) or `always` (already given), nor on a GPU's
-    memory. A `glibc.malloc.hugetlb` the node's own environment sets is kept."""
+    memory. A `glibc.malloc.hugetlb` the node's own environment sets is kept. The kernel may
+    compact memory to find 2 MiB pages when a load touches its weights (a slower load on a
+    fragmented host), and glibc ignores the tunable in a process with file capabilities
+    (secure mode) or before 2.35: each worker's log says how much it got."""
 
     def __post_init__(self) -> None:
         _require(

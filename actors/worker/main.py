@@ -305,8 +305,8 @@ class Worker:
             self.gpu_mb = gpu  # None: NVML cannot say, so fall back to host RSS
         measured = self.memory_mb()
         print(
-            f"moc worker: loaded in {seconds:.1f} s, {measured:.0f} MiB, of which "
-            f"{huge_pages_mb():.0f} MiB in transparent huge pages",
+            f"moc worker: loaded in {seconds:.1f} s; the process holds "
+            f"{huge_pages_mb():.0f} MiB of host memory in transparent huge pages",
             file=sys.stderr,
             flush=True,
         )

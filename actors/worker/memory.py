@@ -1,7 +1,8 @@
-"""What the worker process measures of itself: its RSS, and through NVML its GPU memory.
+"""What the worker process measures of itself: its RSS, and through NVML its GPU memory;
+and how much of its memory is in transparent huge pages.
 
-Measured, not estimated: the worker reports these in Loaded and in every Done, and the node
-claims and watches memory from them.
+Measured, not estimated: the worker reports its memory in Loaded and in every Done, and the
+node claims and watches memory from them; the huge pages go to its log.
 """
 
 from __future__ import annotations

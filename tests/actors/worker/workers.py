@@ -36,7 +36,7 @@ def worker_for(
 ) -> WorkerProcess:
     """Return an unstarted worker for the model at `path` (`load`: LoadSpec's other fields)."""
     spec = LoadSpec(backend, str(path), **load)  # type: ignore[arg-type]
-    return WorkerProcess(WorkerSpec(name, spec, huge_pages), runtime_dir=runtime_dir)
+    return WorkerProcess(WorkerSpec(name, spec, huge_pages=huge_pages), runtime_dir=runtime_dir)
 
 
 def start_worker(path: Path, runtime_dir: Path, name: str = "w", **load: Any) -> WorkerProcess:
