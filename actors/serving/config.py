@@ -100,10 +100,9 @@ class ResourcesConfig:
     default) nothing gets them otherwise. A decode reads every weight once a token, and 2 MiB
     pages take the TLB misses of 4 KiB ones off that read: 1 stream on a ~51M-parameter f32
     model, 2 cores, +2.8-6.6% tokens/s (four alternated pairs; 8 streams -0.1% and +10.3%),
-    RSS +0.7%; a worker's heap then
-    grows a 2 MiB page at a time (a ~0.1M-parameter model's worker: 7.0 or 8.9 MiB). No effect
-    where THP is `never` (nothing to ask for) or `always` (already given), nor on a GPU's
-    memory. A `glibc.malloc.hugetlb` the node's own environment sets is kept. The kernel may
+    RSS +0.7%; a worker's heap then grows a 2 MiB page at a time (a ~0.1M-parameter model's
+    worker: 7.0 or 8.9 MiB). No effect where THP is `never` (nothing to ask for) or `always`
+    (already given), nor on a GPU's memory. A `glibc.malloc.hugetlb` the node's own environment sets is kept. The kernel may
     compact memory to find 2 MiB pages when a load touches its weights (a slower load on a
     fragmented host), and glibc ignores the tunable in a process with file capabilities
     (secure mode) or before 2.35: each worker's log says how much it got."""

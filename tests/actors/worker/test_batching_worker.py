@@ -361,7 +361,9 @@ def _asked_for_huge_pages(pid: int) -> bool:
 def test_a_worker_asks_for_huge_pages_only_when_told_and_says_how_many_it_got(
     small_gguf: Path, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch, huge_pages: bool
 ) -> None:
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # the node's own: joined
+    # A tunable of the node's own: the worker's must join it and still take effect (glibc
+    # rewrites the variable in place, so /proc/PID/environ cannot show the joined string).
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
     worker = worker_for(small_gguf, runtime_dir, "thp", n_ctx=N_CTX, huge_pages=huge_pages)
     worker.start(timeout=120)
     try:
